@@ -1,0 +1,136 @@
+// Exact attention, FlashAttention-2 style: one query tile per workgroup stays in workgroup memory
+// while K/V tiles stream through it; online softmax in the log2 domain; f32 accumulation.
+// `src/kernels/exact.rs` fills the double-brace slots from the plan's tiles: sizes become constants and
+// the per-thread micro-tiles are unrolled into named registers.
+
+struct Params {
+    l: u32,           // query rows in this dispatch
+    s: u32,           // key rows in this dispatch
+    group: u32,       // query heads per KV head
+    causal: u32,
+    q_offset: u32,    // global index of this dispatch's first query row (causal mask)
+    kv_offset: u32,   // global index of this dispatch's first key row
+    write_stats: u32, // 1 when the keys are split over dispatches: store (m, l) per row
+    scale_log2: f32,  // scale * log2(e): scores go straight to exp2
+}
+
+const E: u32 = {{E}}u;
+const EV: u32 = {{EV}}u;
+const BQ: u32 = {{BQ}}u;
+const BK: u32 = {{BK}}u;
+const TQ: u32 = {{TQ}}u;
+const TK: u32 = {{TK}}u;
+const WG: u32 = {{WG}}u;
+const KVW: u32 = {{KVW}}u;
+// Below every real score: marks masked entries and the "no key seen yet" running maximum.
+const NEG: f32 = -3.0e38;
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(2) var<storage, read> k: array<f32>;
+@group(0) @binding(3) var<storage, read> v: array<f32>;
+@group(0) @binding(4) var<storage, read_write> o: array<f32>;
+@group(0) @binding(5) var<storage, read_write> stats: array<f32>;
+{{IO_COUNTER_DECL}}
+
+var<workgroup> q_tile: array<f32, {{Q_TILE}}>;
+var<workgroup> kv_tile: array<f32, {{KV_TILE}}>;
+var<workgroup> p_tile: array<f32, {{P_TILE}}>;
+var<workgroup> row_m: array<f32, BQ>;
+var<workgroup> row_l: array<f32, BQ>;
+var<workgroup> row_alpha: array<f32, BQ>;
+
+@compute @workgroup_size({{WG}})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let head = wid.y;
+    let kv_head = head / params.group;
+    let q0 = wid.x * BQ;
+    let q_rows = min(BQ, params.l - q0);
+    let tq = lid / TK;
+    let tk = lid % TK;
+    let q_base = (head * params.l + q0) * E;
+    let k_base = kv_head * params.s * E;
+    let v_base = kv_head * params.s * EV;
+    var words_read = 0u;
+    var words_written = 0u;
+
+    for (var idx = lid; idx < BQ * E; idx += WG) {
+        var x = 0.0;
+        if (idx / E < q_rows) {
+            x = q[q_base + idx] * params.scale_log2;
+            words_read += 1u;
+        }
+        q_tile[idx] = x;
+    }
+    if (lid < BQ) {
+        row_m[lid] = NEG;
+        row_l[lid] = 0.0;
+    }
+{{O_DECL}}
+    // Causal (upper-left aligned): global key j is visible to global query i iff j <= i.
+    let last_q = params.q_offset + q0 + q_rows; // one past the last query row of this tile
+    var kv_end = params.s;
+    if (params.causal != 0u) {
+        kv_end = select(0u, min(params.s, last_q - params.kv_offset), last_q > params.kv_offset);
+    }
+    workgroupBarrier();
+
+    for (var j0 = 0u; j0 < kv_end; j0 += BK) {
+        let k_rows = min(BK, kv_end - j0);
+        for (var idx = lid; idx < BK * E; idx += WG) {
+            var x = 0.0;
+            if (idx / E < k_rows) {
+                x = k[k_base + j0 * E + idx];
+                words_read += 1u;
+            }
+            kv_tile[idx] = x;
+        }
+        workgroupBarrier();
+
+{{SCORES}}
+        workgroupBarrier();
+
+        if (lid < BQ) {
+            let row = lid * BK;
+            var m_tile = NEG;
+            for (var j = 0u; j < BK; j++) {
+                m_tile = max(m_tile, p_tile[row + j]);
+            }
+            let m_old = row_m[lid];
+            let m_new = max(m_old, m_tile);
+            var l_tile = 0.0;
+            for (var j = 0u; j < BK; j++) {
+                let s = p_tile[row + j];
+                let p = select(0.0, exp2(s - m_new), s > NEG);
+                p_tile[row + j] = p;
+                l_tile += p;
+            }
+            let alpha = exp2(m_old - m_new);
+            row_alpha[lid] = alpha;
+            row_l[lid] = row_l[lid] * alpha + l_tile;
+            row_m[lid] = m_new;
+        }
+        // K is no longer needed: V takes its place.
+        for (var idx = lid; idx < BK * EV; idx += WG) {
+            var x = 0.0;
+            if (idx / EV < k_rows) {
+                x = v[v_base + j0 * EV + idx];
+                words_read += 1u;
+            }
+            kv_tile[idx] = x;
+        }
+        workgroupBarrier();
+
+{{PV}}
+        workgroupBarrier();
+    }
+
+{{STORE}}
+    if (params.write_stats != 0u && lid < q_rows) {
+        let srow = (head * params.l + q0 + lid) * 2u;
+        stats[srow] = row_m[lid];
+        stats[srow + 1u] = row_l[lid];
+        words_written += 2u;
+    }
+{{IO_COUNTER_ADD}}
+}

@@ -1,0 +1,305 @@
+//! Adapter choice, one lazily created device per process, feature detection and the pipeline cache.
+//!
+//! The device is created with the adapter's own limits (not the WebGPU defaults), so the planner
+//! can use all the workgroup memory the hardware offers. After a device loss the next call to
+//! [`gpu`] builds a new one.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::error::Error;
+
+/// What the planner and the user need to know about the adapter.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub adapter: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    /// Words (4 bytes) of workgroup memory one workgroup may use: the "fast memory" M.
+    pub fast_memory_words: u64,
+    pub max_storage_buffer_binding_size: u64,
+    pub max_buffer_size: u64,
+    pub max_compute_invocations_per_workgroup: u32,
+    pub max_compute_workgroup_size_x: u32,
+    pub max_compute_workgroups_per_dimension: u32,
+    pub max_storage_buffers_per_shader_stage: u32,
+    pub min_storage_buffer_offset_alignment: u32,
+    pub shader_f16: bool,
+    pub subgroups: bool,
+    pub timestamp_queries: bool,
+    pub cooperative_matrix: bool,
+}
+
+/// The shared GPU: device, queue and compiled pipelines. All GPU work is serialized by `run_lock`.
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: DeviceInfo,
+    lost: Arc<AtomicBool>,
+    uncaptured: Arc<Mutex<Option<String>>>,
+    pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    run_lock: Mutex<()>,
+}
+
+static GPU: Mutex<Option<Arc<Gpu>>> = Mutex::new(None);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic in another thread must not poison the device for the whole process.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The process-wide device, created on first use (or again after a device loss).
+pub fn gpu() -> Result<Arc<Gpu>, Error> {
+    let mut slot = lock(&GPU);
+    if let Some(g) = slot.as_ref() {
+        if !g.lost.load(Ordering::SeqCst) {
+            return Ok(g.clone());
+        }
+    }
+    let g = Arc::new(Gpu::create()?);
+    *slot = Some(g.clone());
+    Ok(g)
+}
+
+fn backend_from_env() -> Result<wgpu::Backends, Error> {
+    match std::env::var("APPROX_ATTN_BACKEND") {
+        Err(_) => Ok(wgpu::Backends::all()),
+        Ok(s) => match s.to_ascii_lowercase().as_str() {
+            "" => Ok(wgpu::Backends::all()),
+            "vulkan" => Ok(wgpu::Backends::VULKAN),
+            "metal" => Ok(wgpu::Backends::METAL),
+            "dx12" => Ok(wgpu::Backends::DX12),
+            "gl" => Ok(wgpu::Backends::GL),
+            other => Err(Error::InvalidInput(format!(
+                "APPROX_ATTN_BACKEND={other:?} is not one of vulkan, metal, dx12, gl"
+            ))),
+        },
+    }
+}
+
+fn device_type_rank(t: wgpu::DeviceType) -> u32 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+fn backend_rank(b: wgpu::Backend) -> u32 {
+    // Prefer the native compute APIs over GL when one adapter shows up through several.
+    match b {
+        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
+        _ => 1,
+    }
+}
+
+const NO_DEVICE_HELP: &str = "approx_attn needs a GPU driver that wgpu can use (Vulkan, Metal, \
+DX12 or GL). On a machine without a GPU install a software Vulkan driver, e.g. on Debian/Ubuntu \
+`apt-get install mesa-vulkan-drivers libvulkan1` (lavapipe).";
+
+/// List every adapter wgpu can see: (name, backend, device type).
+pub fn list_adapters() -> Result<Vec<(String, String, String)>, Error> {
+    let backends = backend_from_env()?;
+    let instance = new_instance(backends);
+    let adapters = pollster::block_on(instance.enumerate_adapters(backends));
+    Ok(adapters
+        .iter()
+        .map(|a| {
+            let i = a.get_info();
+            (i.name, format!("{:?}", i.backend), format!("{:?}", i.device_type))
+        })
+        .collect())
+}
+
+fn new_instance(backends: wgpu::Backends) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = backends;
+    wgpu::Instance::new(desc)
+}
+
+impl Gpu {
+    fn create() -> Result<Gpu, Error> {
+        let backends = backend_from_env()?;
+        // GL only when asked for or when no native compute API has an adapter: probing it is slow
+        // and noisy on headless machines.
+        let native = backends & !wgpu::Backends::GL;
+        let mut instance = new_instance(native);
+        let mut adapters = pollster::block_on(instance.enumerate_adapters(native));
+        if adapters.is_empty() && backends.contains(wgpu::Backends::GL) {
+            instance = new_instance(wgpu::Backends::GL);
+            adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::GL));
+        }
+        if let Ok(want) = std::env::var("APPROX_ATTN_ADAPTER") {
+            let want_l = want.to_lowercase();
+            let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+            adapters.retain(|a| a.get_info().name.to_lowercase().contains(&want_l));
+            if adapters.is_empty() {
+                return Err(Error::NoDevice(format!(
+                    "no adapter name contains APPROX_ATTN_ADAPTER={want:?}; adapters seen: {names:?}"
+                )));
+            }
+        }
+        // Highest-performance first: discrete > integrated > virtual > other > CPU.
+        adapters.sort_by_key(|a| {
+            let i = a.get_info();
+            (device_type_rank(i.device_type), backend_rank(i.backend))
+        });
+        let adapter = adapters
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::NoDevice(format!("no GPU adapter found. {NO_DEVICE_HELP}")))?;
+
+        let ai = adapter.get_info();
+        let af = adapter.features();
+        let limits = adapter.limits();
+        let wanted = wgpu::Features::SHADER_F16
+            | wgpu::Features::SUBGROUP
+            | wgpu::Features::TIMESTAMP_QUERY
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+        let required_features = af & wanted;
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("approx_attn"),
+            required_features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::NoDevice(format!("could not open a device on {}: {e}", ai.name)))?;
+
+        let lost = Arc::new(AtomicBool::new(false));
+        let lost_cb = lost.clone();
+        device.set_device_lost_callback(move |_reason, _msg| lost_cb.store(true, Ordering::SeqCst));
+        // The default handler panics; keep the message and raise it as an exception instead.
+        let uncaptured = Arc::new(Mutex::new(None));
+        let unc = uncaptured.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            *lock(&unc) = Some(e.to_string());
+        }));
+
+        let info = DeviceInfo {
+            adapter: ai.name.clone(),
+            backend: format!("{:?}", ai.backend).to_lowercase(),
+            device_type: format!("{:?}", ai.device_type),
+            driver: format!("{} {}", ai.driver, ai.driver_info).trim().to_string(),
+            fast_memory_words: u64::from(limits.max_compute_workgroup_storage_size) / 4,
+            max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
+            max_buffer_size: limits.max_buffer_size,
+            max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
+            max_compute_workgroup_size_x: limits.max_compute_workgroup_size_x,
+            max_compute_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
+            max_storage_buffers_per_shader_stage: limits.max_storage_buffers_per_shader_stage,
+            min_storage_buffer_offset_alignment: limits.min_storage_buffer_offset_alignment,
+            shader_f16: af.contains(wgpu::Features::SHADER_F16),
+            subgroups: af.contains(wgpu::Features::SUBGROUP),
+            timestamp_queries: af.contains(wgpu::Features::TIMESTAMP_QUERY),
+            cooperative_matrix: af.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
+        };
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            lost,
+            uncaptured,
+            pipelines: Mutex::new(HashMap::new()),
+            run_lock: Mutex::new(()),
+        })
+    }
+
+    /// Serializes GPU work of all threads; error scopes are per thread and must not interleave.
+    pub fn exclusive(&self) -> MutexGuard<'_, ()> {
+        lock(&self.run_lock)
+    }
+
+    /// A compute pipeline for `source` (WGSL), compiled once per device and cached by `key`.
+    pub fn pipeline(
+        &self,
+        key: &str,
+        source: &str,
+        trusted: bool,
+    ) -> Result<Arc<wgpu::ComputePipeline>, Error> {
+        if let Some(p) = lock(&self.pipelines).get(key) {
+            return Ok(p.clone());
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let desc = wgpu::ShaderModuleDescriptor {
+            label: Some(key),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        };
+        let module = if trusted {
+            // SAFETY: the generated shaders guard every storage access by the bounds passed in
+            // their parameters; tests run with the checks on (trusted = false).
+            unsafe {
+                self.device
+                    .create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
+            }
+        } else {
+            self.device.create_shader_module(desc)
+        };
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(key),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &[],
+                    // Every kernel writes its workgroup memory before reading it.
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(format!("shader {key} failed to compile: {e}")));
+        }
+        let p = Arc::new(pipeline);
+        lock(&self.pipelines).insert(key.to_string(), p.clone());
+        Ok(p)
+    }
+
+    /// Runs `work` inside out-of-memory and validation error scopes and waits for the queue, turning
+    /// every failure (including device loss) into an [`Error`].
+    pub fn checked<T>(&self, work: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let val = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let result = work();
+        let val_err = pollster::block_on(val.pop());
+        let oom_err = pollster::block_on(oom.pop());
+        if let Some(e) = oom_err {
+            return Err(Error::OutOfMemory(format!("the GPU ran out of memory: {e}")));
+        }
+        if let Some(e) = val_err {
+            return Err(Error::Gpu(format!("wgpu validation error: {e}")));
+        }
+        if let Some(msg) = lock(&self.uncaptured).take() {
+            return Err(Error::Gpu(msg));
+        }
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(Error::DeviceLost(
+                "the GPU device was lost; the next call creates a new one".into(),
+            ));
+        }
+        result
+    }
+
+    /// Blocks until all submitted work is done.
+    pub fn wait(&self) -> Result<(), Error> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| {
+                self.lost.store(true, Ordering::SeqCst);
+                Error::DeviceLost(format!("waiting for the GPU failed: {e}"))
+            })
+    }
+
+    /// Marks the device lost so that the next [`gpu`] call creates a new one.
+    pub fn mark_lost(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,293 @@
+//! The exact kernel: WGSL generated from `shaders/exact.wgsl` and an [`ExactPlan`], and the host
+//! loop that cuts the problem into dispatches and merges split-KV partial results.
+
+use std::fmt::Write as _;
+
+use super::{
+    fill_template, io_counter_slots, read_mapped, readback_buffer, storage_buffer, uniform_buffer,
+    RunOptions, RunStats, Timer,
+};
+use crate::device::Gpu;
+use crate::error::Error;
+use crate::plan::{chunks, ExactPlan, ExactTiles, Problem};
+
+const TEMPLATE: &str = include_str!("../../shaders/exact.wgsl");
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    l: u32,
+    s: u32,
+    group: u32,
+    causal: u32,
+    q_offset: u32,
+    kv_offset: u32,
+    write_stats: u32,
+    scale_log2: f32,
+}
+
+/// The WGSL of the exact kernel for these tiles, micro-tiles unrolled into named registers.
+pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
+    let rq = t.rows_per_thread();
+    let rk = t.keys_per_thread();
+    let cv = t.out_cols_per_thread();
+    let mut o_decl = String::new();
+    for a in 0..rq {
+        for u in 0..cv {
+            let _ = writeln!(o_decl, "    var o_{a}_{u} = 0.0;");
+        }
+    }
+
+    let mut scores = String::from("        {\n");
+    for a in 0..rq {
+        for b in 0..rk {
+            let _ = writeln!(scores, "            var s_{a}_{b} = 0.0;");
+        }
+    }
+    scores.push_str("            for (var e = 0u; e < E; e++) {\n");
+    for a in 0..rq {
+        let _ = writeln!(scores, "                let q_{a} = q_tile[(tq + {}u) * E + e];", a * t.tq);
+    }
+    for b in 0..rk {
+        let _ = writeln!(scores, "                let k_{b} = kv_tile[(tk + {}u) * E + e];", b * t.tk);
+    }
+    for a in 0..rq {
+        for b in 0..rk {
+            let _ = writeln!(scores, "                s_{a}_{b} = fma(q_{a}, k_{b}, s_{a}_{b});");
+        }
+    }
+    scores.push_str("            }\n");
+    for a in 0..rq {
+        for b in 0..rk {
+            let _ = writeln!(
+                scores,
+                "            {{\n                let i = tq + {ia}u;\n                let j = tk + {jb}u;\n                \
+                 let ok = j < k_rows && (params.causal == 0u || params.kv_offset + j0 + j <= params.q_offset + q0 + i);\n                \
+                 p_tile[i * BK + j] = select(NEG, s_{a}_{b}, ok);\n            }}",
+                ia = a * t.tq,
+                jb = b * t.tk
+            );
+        }
+    }
+    scores.push_str("        }");
+
+    let mut pv = String::from("        {\n");
+    for a in 0..rq {
+        let _ = writeln!(pv, "            let alpha_{a} = row_alpha[tq + {}u];", a * t.tq);
+        for u in 0..cv {
+            let _ = writeln!(pv, "            o_{a}_{u} *= alpha_{a};");
+        }
+    }
+    pv.push_str("            for (var j = 0u; j < BK; j++) {\n");
+    for a in 0..rq {
+        let _ = writeln!(pv, "                let p_{a} = p_tile[(tq + {}u) * BK + j];", a * t.tq);
+    }
+    for u in 0..cv {
+        let _ = writeln!(pv, "                let v_{u} = kv_tile[j * EV + tk + {}u];", u * t.tk);
+    }
+    for a in 0..rq {
+        for u in 0..cv {
+            let _ = writeln!(pv, "                o_{a}_{u} = fma(p_{a}, v_{u}, o_{a}_{u});");
+        }
+    }
+    pv.push_str("            }\n        }");
+
+    let mut store = String::new();
+    for a in 0..rq {
+        for u in 0..cv {
+            let _ = writeln!(
+                store,
+                "    {{\n        let i = tq + {ia}u;\n        let c = tk + {cu}u;\n        \
+                 if (i < q_rows && c < EV) {{\n            let li = row_l[i];\n            \
+                 o[(head * params.l + q0 + i) * EV + c] = select(0.0, o_{a}_{u} / li, li > 0.0);\n            \
+                 words_written += 1u;\n        }}\n    }}",
+                ia = a * t.tq,
+                cu = u * t.tk
+            );
+        }
+    }
+
+    let [decl, add] = io_counter_slots(count_io, 6);
+    fill_template(
+        TEMPLATE,
+        &[
+            ("E", t.e.to_string()),
+            ("EV", t.ev.to_string()),
+            ("BQ", t.bq.to_string()),
+            ("BK", t.bk.to_string()),
+            ("TQ", t.tq.to_string()),
+            ("TK", t.tk.to_string()),
+            ("WG", t.threads().to_string()),
+            ("KVW", t.kv_width().to_string()),
+            ("Q_TILE", (t.bq * t.e).to_string()),
+            ("KV_TILE", (t.bk * t.kv_width() + t.tk).to_string()),
+            ("P_TILE", (t.bq * t.bk).to_string()),
+            ("O_DECL", o_decl),
+            ("SCORES", scores),
+            ("PV", pv),
+            ("STORE", store),
+            decl,
+            add,
+        ],
+    )
+}
+
+/// Copies rows `r0..r0+rc` of each of `heads` consecutive `(rows, width)` matrices starting at
+/// matrix `h0` into one contiguous block.
+fn gather(x: &[f32], h0: usize, heads: usize, rows: usize, r0: usize, rc: usize, width: usize) -> Vec<f32> {
+    if r0 == 0 && rc == rows {
+        return x[h0 * rows * width..(h0 + heads) * rows * width].to_vec();
+    }
+    let mut out = Vec::with_capacity(heads * rc * width);
+    for h in h0..h0 + heads {
+        let start = (h * rows + r0) * width;
+        out.extend_from_slice(&x[start..start + rc * width]);
+    }
+    out
+}
+
+/// Runs exact attention. `q`, `k`, `v` are contiguous `(units*group, l, e)`, `(units, s, e)`,
+/// `(units, s, ev)`; the result is `(units*group, l, ev)`.
+pub fn run(
+    gpu: &Gpu,
+    p: &Problem,
+    plan: &ExactPlan,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    opts: &RunOptions,
+) -> Result<(Vec<f32>, RunStats), Error> {
+    let t = &plan.tiles;
+    let c = &plan.chunking;
+    let key = format!("exact:{t:?}:{}:{}", opts.count_io, opts.trusted);
+    let pipeline = gpu.pipeline(&key, &shader_source(t, opts.count_io), opts.trusted)?;
+    let layout = pipeline.get_bind_group_layout(0);
+
+    let split_kv = c.kv_rows < p.s;
+    let max_q_words = c.units * p.group * c.q_rows * p.e;
+    let max_o_words = c.units * p.group * c.q_rows * p.ev;
+    let q_buf = storage_buffer(gpu, max_q_words, "q");
+    let k_buf = storage_buffer(gpu, c.units * c.kv_rows * p.e, "k");
+    let v_buf = storage_buffer(gpu, c.units * c.kv_rows * p.ev, "v");
+    let o_buf = storage_buffer(gpu, max_o_words, "o");
+    let stats_words = if split_kv { c.units * p.group * c.q_rows * 2 } else { 1 };
+    let stats_buf = storage_buffer(gpu, stats_words, "stats");
+    let counter = opts.count_io.then(|| storage_buffer(gpu, 2, "io_words"));
+    let o_read = readback_buffer(gpu, ((max_o_words + stats_words) * 4) as u64);
+    let counter_read = counter.as_ref().map(|_| readback_buffer(gpu, 8));
+    let timer = Timer::new(gpu);
+
+    let heads = p.query_heads();
+    let mut out = vec![0f32; heads * p.l * p.ev];
+    // Running softmax statistics (log2 domain) of the merged split-KV chunks, per output row.
+    let mut run_m = if split_kv { vec![f64::NEG_INFINITY; heads * p.l] } else { vec![] };
+    let mut run_l = if split_kv { vec![0f64; heads * p.l] } else { vec![] };
+    let mut stats = RunStats::default();
+
+    for ch in chunks(p, c) {
+        let qh0 = ch.unit0 * p.group;
+        let qh = ch.units * p.group;
+        let qc = gather(q, qh0, qh, p.l, ch.l0, ch.lc, p.e);
+        let kc = gather(k, ch.unit0, ch.units, p.s, ch.s0, ch.sc, p.e);
+        let vc = gather(v, ch.unit0, ch.units, p.s, ch.s0, ch.sc, p.ev);
+        let params = Params {
+            l: ch.lc as u32,
+            s: ch.sc as u32,
+            group: p.group as u32,
+            causal: u32::from(p.causal),
+            q_offset: ch.l0 as u32,
+            kv_offset: ch.s0 as u32,
+            write_stats: u32::from(split_kv),
+            scale_log2: p.scale * std::f32::consts::LOG2_E,
+        };
+        let o_words = qh * ch.lc * p.ev;
+        let s_words = if split_kv { qh * ch.lc * 2 } else { 0 };
+        let (o_chunk, st_chunk, counted, kernel_s) = gpu.checked(|| {
+            let params_buf = uniform_buffer(gpu, bytemuck::bytes_of(&params));
+            gpu.queue.write_buffer(&q_buf, 0, bytemuck::cast_slice(&qc));
+            gpu.queue.write_buffer(&k_buf, 0, bytemuck::cast_slice(&kc));
+            gpu.queue.write_buffer(&v_buf, 0, bytemuck::cast_slice(&vc));
+            let mut entries = vec![
+                wgpu::BindGroupEntry { binding: 0, resource: params_buf.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 1, resource: q_buf.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 2, resource: k_buf.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 3, resource: v_buf.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 4, resource: o_buf.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 5, resource: stats_buf.as_entire_binding() },
+            ];
+            if let Some(cb) = &counter {
+                gpu.queue.write_buffer(cb, 0, &[0u8; 8]);
+                entries.push(wgpu::BindGroupEntry { binding: 6, resource: cb.as_entire_binding() });
+            }
+            let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("exact"),
+                layout: &layout,
+                entries: &entries,
+            });
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            if let Some(tm) = &timer {
+                tm.start(&mut enc);
+            }
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                pass.set_pipeline(&pipeline);
+                pass.set_bind_group(0, &bind, &[]);
+                pass.dispatch_workgroups(ch.lc.div_ceil(t.bq) as u32, qh as u32, 1);
+            }
+            if let Some(tm) = &timer {
+                tm.stop(&mut enc);
+            }
+            enc.copy_buffer_to_buffer(&o_buf, 0, &o_read, 0, (o_words * 4) as u64);
+            if split_kv {
+                enc.copy_buffer_to_buffer(&stats_buf, 0, &o_read, (o_words * 4) as u64, (s_words * 4) as u64);
+            }
+            if let (Some(cb), Some(cr)) = (&counter, &counter_read) {
+                enc.copy_buffer_to_buffer(cb, 0, cr, 0, 8);
+            }
+            gpu.queue.submit([enc.finish()]);
+            let (o_chunk, st_chunk) = read_mapped(gpu, &o_read, ((o_words + s_words) * 4) as u64, |b| {
+                let f: &[f32] = bytemuck::cast_slice(b);
+                (f[..o_words].to_vec(), f[o_words..].to_vec())
+            })?;
+            let counted = match &counter_read {
+                Some(cr) => Some(read_mapped(gpu, cr, 8, |b| {
+                    let w: &[u32] = bytemuck::cast_slice(b);
+                    (u64::from(w[0]), u64::from(w[1]))
+                })?),
+                None => None,
+            };
+            let kernel_s = match &timer {
+                Some(tm) => Some(tm.seconds(gpu)?),
+                None => None,
+            };
+            Ok((o_chunk, st_chunk, counted, kernel_s))
+        })?;
+        stats.absorb(&RunStats { io_words_counted: counted, kernel_s, dispatches: 1 });
+
+        for h in 0..qh {
+            for r in 0..ch.lc {
+                let row = (qh0 + h) * p.l + ch.l0 + r;
+                let src = &o_chunk[(h * ch.lc + r) * p.ev..(h * ch.lc + r + 1) * p.ev];
+                let dst = &mut out[row * p.ev..(row + 1) * p.ev];
+                if !split_kv {
+                    dst.copy_from_slice(src);
+                    continue;
+                }
+                let (m_c, l_c) = (f64::from(st_chunk[(h * ch.lc + r) * 2]), f64::from(st_chunk[(h * ch.lc + r) * 2 + 1]));
+                if l_c <= 0.0 {
+                    continue;
+                }
+                let m_new = run_m[row].max(m_c);
+                let w_old = run_l[row] * (run_m[row] - m_new).exp2();
+                let w_new = l_c * (m_c - m_new).exp2();
+                let total = w_old + w_new;
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d = ((f64::from(*d) * w_old + f64::from(*s) * w_new) / total) as f32;
+                }
+                run_m[row] = m_new;
+                run_l[row] = total;
+            }
+        }
+    }
+    Ok((out, stats))
+}

@@ -1,0 +1,189 @@
+//! Kernel families: WGSL generation from a plan's tiles, pipelines and dispatch.
+
+pub mod exact;
+
+use std::sync::mpsc;
+
+use crate::device::Gpu;
+use crate::error::Error;
+
+/// What a run measured besides its output.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunStats {
+    /// Words read from / written to storage buffers, counted by the shaders with atomics
+    /// (only when I/O counting is on).
+    pub io_words_counted: Option<(u64, u64)>,
+    /// Sum of the kernels' GPU time from timestamp queries, where the adapter has them.
+    pub kernel_s: Option<f64>,
+    pub dispatches: usize,
+}
+
+impl RunStats {
+    pub fn absorb(&mut self, other: &RunStats) {
+        self.dispatches += other.dispatches;
+        self.kernel_s = match (self.kernel_s, other.kernel_s) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        self.io_words_counted = match (self.io_words_counted, other.io_words_counted) {
+            (Some(a), Some(b)) => Some((a.0 + b.0, a.1 + b.1)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+/// Options every kernel family takes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Compile the shaders with wgpu's bounds checks off (benchmarks only).
+    pub trusted: bool,
+    /// Compile the I/O-counting variant of the shaders.
+    pub count_io: bool,
+}
+
+pub(crate) fn storage_buffer(gpu: &Gpu, words: usize, label: &str) -> wgpu::Buffer {
+    gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: (words.max(1) * 4) as u64,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    })
+}
+
+pub(crate) fn uniform_buffer(gpu: &Gpu, bytes: &[u8]) -> wgpu::Buffer {
+    let buf = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("params"),
+        size: bytes.len() as u64,
+        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    gpu.queue.write_buffer(&buf, 0, bytes);
+    buf
+}
+
+/// A MAP_READ buffer of `bytes` bytes.
+pub(crate) fn readback_buffer(gpu: &Gpu, bytes: u64) -> wgpu::Buffer {
+    gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("readback"),
+        size: bytes.max(4),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
+}
+
+/// Maps a readback buffer after the queue finished and hands its bytes to `read`.
+pub(crate) fn read_mapped<T>(
+    gpu: &Gpu,
+    buf: &wgpu::Buffer,
+    bytes: u64,
+    read: impl FnOnce(&[u8]) -> T,
+) -> Result<T, Error> {
+    let (tx, rx) = mpsc::channel();
+    buf.slice(..bytes.max(4))
+        .map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+    gpu.wait()?;
+    match rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(Error::Gpu(format!("reading results back failed: {e}"))),
+        Err(_) => return Err(Error::DeviceLost("the GPU never returned the results".into())),
+    }
+    let out = {
+        let view = buf
+            .slice(..bytes.max(4))
+            .get_mapped_range()
+            .map_err(|e| Error::Gpu(format!("mapping results failed: {e}")))?;
+        read(&view[..bytes as usize])
+    };
+    buf.unmap();
+    Ok(out)
+}
+
+/// GPU time of the passes between two timestamps, where the adapter supports them.
+pub(crate) struct Timer {
+    set: wgpu::QuerySet,
+    resolve: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    period_ns: f64,
+}
+
+impl Timer {
+    pub fn new(gpu: &Gpu) -> Option<Timer> {
+        if !gpu
+            .device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS)
+        {
+            return None;
+        }
+        let set = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        });
+        let resolve = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamps"),
+            size: 16,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        Some(Timer {
+            set,
+            resolve,
+            readback: readback_buffer(gpu, 16),
+            period_ns: f64::from(gpu.queue.get_timestamp_period()),
+        })
+    }
+
+    pub fn start(&self, enc: &mut wgpu::CommandEncoder) {
+        enc.write_timestamp(&self.set, 0);
+    }
+
+    pub fn stop(&self, enc: &mut wgpu::CommandEncoder) {
+        enc.write_timestamp(&self.set, 1);
+        enc.resolve_query_set(&self.set, 0..2, &self.resolve, 0);
+        enc.copy_buffer_to_buffer(&self.resolve, 0, &self.readback, 0, 16);
+    }
+
+    /// Seconds between start and stop (after the submission finished).
+    pub fn seconds(&self, gpu: &Gpu) -> Result<f64, Error> {
+        read_mapped(gpu, &self.readback, 16, |b| {
+            let t: &[u64] = bytemuck::cast_slice(b);
+            t[1].saturating_sub(t[0]) as f64 * self.period_ns * 1e-9
+        })
+    }
+}
+
+/// Replaces every `{{NAME}}` slot of a WGSL template.
+pub(crate) fn fill_template(template: &str, slots: &[(&str, String)]) -> String {
+    let mut s = template.to_string();
+    for (name, value) in slots {
+        s = s.replace(&format!("{{{{{name}}}}}"), value);
+    }
+    debug_assert!(!s.contains("{{"), "unfilled slot in shader template");
+    s
+}
+
+/// The I/O counter's declaration and the per-thread add, or nothing when counting is off.
+pub(crate) fn io_counter_slots(count_io: bool, binding: u32) -> [(&'static str, String); 2] {
+    if count_io {
+        [
+            (
+                "IO_COUNTER_DECL",
+                format!(
+                    "@group(0) @binding({binding}) var<storage, read_write> io_words: array<atomic<u32>, 2>;"
+                ),
+            ),
+            (
+                "IO_COUNTER_ADD",
+                "    atomicAdd(&io_words[0], words_read);\n    atomicAdd(&io_words[1], words_written);"
+                    .to_string(),
+            ),
+        ]
+    } else {
+        [("IO_COUNTER_DECL", String::new()), ("IO_COUNTER_ADD", String::new())]
+    }
+}
