@@ -110,7 +110,11 @@ pub fn list_adapters() -> Result<Vec<(String, String, String)>, Error> {
         .iter()
         .map(|a| {
             let i = a.get_info();
-            (i.name, format!("{:?}", i.backend), format!("{:?}", i.device_type))
+            (
+                i.name,
+                format!("{:?}", i.backend),
+                format!("{:?}", i.device_type),
+            )
         })
         .collect())
 }
@@ -185,7 +189,9 @@ impl Gpu {
             adapter: ai.name.clone(),
             backend: format!("{:?}", ai.backend).to_lowercase(),
             device_type: format!("{:?}", ai.device_type),
-            driver: format!("{} {}", ai.driver, ai.driver_info).trim().to_string(),
+            driver: format!("{} {}", ai.driver, ai.driver_info)
+                .trim()
+                .to_string(),
             fast_memory_words: u64::from(limits.max_compute_workgroup_storage_size) / 4,
             max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
             max_buffer_size: limits.max_buffer_size,
@@ -271,7 +277,9 @@ impl Gpu {
         let val_err = pollster::block_on(val.pop());
         let oom_err = pollster::block_on(oom.pop());
         if let Some(e) = oom_err {
-            return Err(Error::OutOfMemory(format!("the GPU ran out of memory: {e}")));
+            return Err(Error::OutOfMemory(format!(
+                "the GPU ran out of memory: {e}"
+            )));
         }
         if let Some(e) = val_err {
             return Err(Error::Gpu(format!("wgpu validation error: {e}")));

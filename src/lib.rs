@@ -3,11 +3,13 @@
 //! Data flows one way: host arrays -> [`plan`] picks a plan for this adapter -> [`kernels`]
 //! dispatch it -> host arrays. [`plan`], [`io`] and [`poly`] never touch the GPU.
 
+pub mod cost;
 pub mod device;
 pub mod error;
 pub mod io;
 pub mod kernels;
 pub mod plan;
+pub mod poly;
 
 #[cfg(feature = "python")]
 mod python;
@@ -24,11 +26,9 @@ fn env_u64(name: &str) -> Result<Option<u64>, Error> {
     match std::env::var(name) {
         Err(_) => Ok(None),
         Ok(s) if s.trim().is_empty() => Ok(None),
-        Ok(s) => s
-            .trim()
-            .parse::<u64>()
-            .map(Some)
-            .map_err(|_| Error::InvalidInput(format!("{name}={s:?} is not a whole number of bytes"))),
+        Ok(s) => s.trim().parse::<u64>().map(Some).map_err(|_| {
+            Error::InvalidInput(format!("{name}={s:?} is not a whole number of bytes"))
+        }),
     }
 }
 
@@ -38,7 +38,9 @@ fn env_u64(name: &str) -> Result<Option<u64>, Error> {
 pub fn budget(info: &DeviceInfo) -> Result<Budget, Error> {
     let mut b = Budget {
         fast_memory_words: info.fast_memory_words,
-        max_binding_bytes: info.max_storage_buffer_binding_size.min(info.max_buffer_size),
+        max_binding_bytes: info
+            .max_storage_buffer_binding_size
+            .min(info.max_buffer_size),
         max_workgroups_per_dimension: info.max_compute_workgroups_per_dimension,
         max_invocations_per_workgroup: info
             .max_compute_invocations_per_workgroup
@@ -51,6 +53,41 @@ pub fn budget(info: &DeviceInfo) -> Result<Budget, Error> {
         b.max_binding_bytes = b.max_binding_bytes.min(bytes);
     }
     Ok(b)
+}
+
+/// Which method `attention` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Exact,
+    Poly,
+    /// Poly where it certifies `eps` and is predicted to be cheaper, exact otherwise.
+    Auto,
+}
+
+/// Options of the polynomial method.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PolyOptions {
+    /// Bound on max |O - O*| per output column, relative to that value column's range.
+    pub eps: f64,
+    /// Force this degree (the certificate is then whatever it certifies).
+    pub degree: Option<usize>,
+    pub check_finite: bool,
+}
+
+/// Highest degree the planner tries when choosing one from `eps`.
+pub const MAX_DEGREE: usize = 20;
+
+/// What the polynomial method certified.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Certificate {
+    pub degree: usize,
+    pub rank: usize,
+    pub beta: f64,
+    /// Certified max |P(x) e^-x - 1| on [-beta, beta].
+    pub poly_eps: f64,
+    /// Certified absolute bound on |O - O*| per output column (max over units).
+    pub error_bound_per_column: Vec<f64>,
+    pub schedule: plan::Schedule,
 }
 
 /// What ran and what it cost.
@@ -67,32 +104,307 @@ pub struct Report {
     pub stats: RunStats,
     pub elapsed_s: f64,
     pub plan: String,
+    pub certificate: Option<Certificate>,
+    /// Predicted seconds of (exact, poly) where computed.
+    pub predicted_exact_s: Option<f64>,
+    pub predicted_poly_s: Option<f64>,
+    /// Why `auto` chose what it chose.
+    pub reason: String,
 }
 
-/// Exact attention on the process's GPU. Arrays are contiguous, laid out as in [`Problem`].
-pub fn exact_attention(
+struct PolyCandidate {
+    plan: plan::PolyPlan,
+    poly: poly::Poly,
+    table: poly::FeatureTable,
+    cert: Certificate,
+}
+
+/// Degree, plan and certificate of the poly method for the pre-pass's beta.
+fn poly_candidate(
+    p: &Problem,
+    pre: &kernels::poly::Prepass,
+    popts: &PolyOptions,
+    budget: &Budget,
+) -> Result<PolyCandidate, Error> {
+    let beta = pre.beta(p.scale);
+    // eps bounds eps_P/(1-eps_P) * range, so the polynomial must certify eps/(1+eps).
+    let target = popts.eps / (1.0 + popts.eps);
+    let poly = match popts.degree {
+        Some(g) => poly::Poly::fit(beta, g),
+        None => poly::choose_degree(beta, target, MAX_DEGREE).ok_or_else(|| {
+            Error::TooLarge(format!(
+                "the polynomial method cannot certify eps={} at beta={beta:.4} with degree <= \
+                 {MAX_DEGREE} (beta = scale * max|q| * max|k - mean k|); use method='exact'",
+                popts.eps
+            ))
+        })?,
+    };
+    if poly.certified_eps >= 1.0 {
+        return Err(Error::TooLarge(format!(
+            "degree {} certifies nothing at beta={beta:.4} (relative error bound {:.3} >= 1); \
+             use a higher degree or method='exact'",
+            poly.degree, poly.certified_eps
+        )));
+    }
+    // Trailing zero coefficients (a lower-degree fit padded) need no features.
+    let g = poly.coeffs.iter().rposition(|&c| c != 0.0).unwrap_or(0);
+    let rank = poly::num_features(p.e, g);
+    let plan = plan::plan_poly(p, g, budget).map_err(|e| {
+        Error::TooLarge(format!(
+            "poly needs degree {g} (rank r = C(E+g, g) = {rank} for E={}) at beta={beta:.4} to \
+             certify eps={}; that does not fit: {e}",
+            p.e, popts.eps
+        ))
+    })?;
+    let table = poly::try_feature_table(p.e, g).map_err(Error::TooLarge)?;
+    let factor = poly.certified_eps / (1.0 - poly.certified_eps);
+    let error_bound_per_column = (0..p.ev)
+        .map(|c| {
+            (0..p.units)
+                .map(|u| factor * (pre.v_max[u * p.ev + c] - pre.v_min[u * p.ev + c]))
+                .fold(0.0, f64::max)
+        })
+        .collect();
+    let cert = Certificate {
+        degree: g,
+        rank: plan.r,
+        beta,
+        poly_eps: poly.certified_eps,
+        error_bound_per_column,
+        schedule: plan.schedule,
+    };
+    Ok(PolyCandidate {
+        plan,
+        poly,
+        table,
+        cert,
+    })
+}
+
+/// Per-adapter throughputs, measured once (a small exact and a small degree-2 poly run) and
+/// cached on disk; `APPROX_ATTN_RATES="exact_flops_per_s poly_flops_per_s"` overrides them.
+fn rates(gpu: &device::Gpu, budget: &Budget) -> Result<cost::Rates, Error> {
+    if let Ok(s) = std::env::var("APPROX_ATTN_RATES") {
+        let v: Vec<f64> = s
+            .split_whitespace()
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        if v.len() == 2 && v[0] > 0.0 && v[1] > 0.0 {
+            return Ok(cost::Rates {
+                exact_flops_per_s: v[0],
+                poly_flops_per_s: v[1],
+            });
+        }
+        return Err(Error::InvalidInput(format!(
+            "APPROX_ATTN_RATES={s:?} is not two positive numbers"
+        )));
+    }
+    let key = format!(
+        "{} {} {}",
+        gpu.info.adapter, gpu.info.driver, gpu.info.backend
+    );
+    if let Some(r) = cost::load_rates(&key) {
+        return Ok(r);
+    }
+    let p = Problem {
+        units: 1,
+        group: 1,
+        l: 1024,
+        s: 1024,
+        e: 32,
+        ev: 32,
+        causal: false,
+        scale: 0.05,
+    };
+    let n = p.l * p.e;
+    let x: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919 % 1000) as f32 / 1000.0) - 0.5)
+        .collect();
+    let opts = RunOptions::default();
+    let timed = |f: &mut dyn FnMut() -> Result<RunStats, Error>| -> Result<f64, Error> {
+        f()?; // warm-up: compiles the pipelines
+        let t = std::time::Instant::now();
+        let st = f()?;
+        Ok(st
+            .kernel_s
+            .unwrap_or_else(|| t.elapsed().as_secs_f64())
+            .max(1e-9))
+    };
+    let eplan = plan::plan_exact(&p, budget)?;
+    let te = timed(&mut || kernels::exact::run(gpu, &p, &eplan, &x, &x, &x, &opts).map(|r| r.1))?;
+    let popts = PolyOptions {
+        eps: 1e-2,
+        degree: Some(2),
+        check_finite: false,
+    };
+    let tp = timed(&mut || {
+        let mut st = RunStats::default();
+        let pre = kernels::poly::prepass(
+            gpu,
+            &p,
+            &eplan.chunking,
+            &x,
+            &x,
+            &x,
+            budget.fast_memory_words,
+            &opts,
+            &mut st,
+        )?;
+        let c = poly_candidate(&p, &pre, &popts, budget)?;
+        kernels::poly::run(
+            gpu, &p, &c.plan, &c.table, &c.poly, &pre, &x, &x, &x, &opts, &mut st,
+        )?;
+        Ok(st)
+    })?;
+    let pplan = plan::plan_poly(&p, 2, budget)?;
+    let r = cost::Rates {
+        exact_flops_per_s: cost::exact_flops(&p) / te,
+        poly_flops_per_s: cost::poly_flops(&p, &pplan) / tp,
+    };
+    cost::store_rates(&key, &r);
+    Ok(r)
+}
+
+/// Attention on the process's GPU. Arrays are contiguous, laid out as in [`Problem`].
+pub fn attention(
     p: &Problem,
     q: &[f32],
     k: &[f32],
     v: &[f32],
+    method: Method,
+    popts: &PolyOptions,
     opts: &RunOptions,
 ) -> Result<(Vec<f32>, Report), Error> {
     check_lengths(p, q, k, v)?;
+    if method == Method::Poly && p.causal {
+        return Err(Error::Unsupported(
+            "is_causal=True is not implemented for method='poly' yet; use method='exact' or 'auto'"
+                .into(),
+        ));
+    }
+    if !(popts.eps > 0.0 && popts.eps < 1.0) {
+        return Err(Error::InvalidInput(format!(
+            "eps must lie in (0, 1), got {}",
+            popts.eps
+        )));
+    }
     let gpu = device::gpu()?;
     let _guard = gpu.exclusive();
     let start = Instant::now();
     let budget = budget(&gpu.info)?;
-    let plan = plan::plan_exact(p, &budget)?;
-    let (out, stats) = if p.l == 0 || p.units == 0 {
-        (Vec::new(), RunStats::default())
-    } else {
-        kernels::exact::run(&gpu, p, &plan, q, k, v, opts)?
+    let exact_plan = plan::plan_exact(p, &budget)?;
+    let mut stats = RunStats::default();
+    let mut predicted_exact_s = None;
+    let mut predicted_poly_s = None;
+    let mut reason = String::new();
+
+    let mut candidate = None;
+    let mut pre = None;
+    if method != Method::Exact && p.l > 0 && !p.causal {
+        let pp = kernels::poly::prepass(
+            gpu.as_ref(),
+            p,
+            &exact_plan.chunking,
+            q,
+            k,
+            v,
+            budget.fast_memory_words,
+            opts,
+            &mut stats,
+        )?;
+        if popts.check_finite {
+            for (name, bad) in ["query", "key", "value"].iter().zip(pp.nonfinite) {
+                if bad > 0 {
+                    return Err(Error::InvalidInput(format!(
+                        "{name} contains {bad} NaN or Inf value(s)"
+                    )));
+                }
+            }
+        }
+        match poly_candidate(p, &pp, popts, &budget) {
+            Ok(c) => candidate = Some(c),
+            Err(e) if method == Method::Poly => return Err(e),
+            Err(e) => reason = format!("exact: poly is not applicable ({e})"),
+        }
+        pre = Some(pp);
+    } else if method == Method::Auto {
+        reason = if p.causal {
+            "exact: poly does not support is_causal yet".into()
+        } else {
+            "exact: empty query".into()
+        };
+    }
+    if let Some(c) = &candidate {
+        if method == Method::Auto {
+            let r = rates(gpu.as_ref(), &budget)?;
+            let te = cost::exact_flops(p) / r.exact_flops_per_s;
+            let tp = cost::poly_flops(p, &c.plan) / r.poly_flops_per_s;
+            predicted_exact_s = Some(te);
+            predicted_poly_s = Some(tp);
+            reason = if tp < te {
+                format!("poly: certifies eps at degree {} and is predicted faster ({tp:.3e} s vs {te:.3e} s)", c.cert.degree)
+            } else {
+                format!(
+                    "exact: predicted faster ({te:.3e} s vs poly {tp:.3e} s at degree {})",
+                    c.cert.degree
+                )
+            };
+        } else {
+            reason = "poly: requested".into();
+        }
+    }
+    let use_poly = match (&candidate, method) {
+        (Some(_), Method::Poly) => true,
+        (Some(_), Method::Auto) => predicted_poly_s < predicted_exact_s,
+        _ => false,
     };
-    let io = io::exact_io(p, &plan);
+    if method == Method::Exact {
+        reason = "exact: requested".into();
+    }
+
+    let (out, io, plan_text, certificate, name) = if p.l == 0 || p.units == 0 {
+        (
+            Vec::new(),
+            io::IoCount::default(),
+            "empty".to_string(),
+            None,
+            "exact",
+        )
+    } else if use_poly {
+        let c = candidate.expect("checked above");
+        let pre = pre.expect("pre-pass ran");
+        let out = kernels::poly::run(
+            gpu.as_ref(),
+            p,
+            &c.plan,
+            &c.table,
+            &c.poly,
+            &pre,
+            q,
+            k,
+            v,
+            opts,
+            &mut stats,
+        )?;
+        let io = io::poly_io(p, &c.plan, &exact_plan.chunking, budget.fast_memory_words);
+        (out, io, format!("{:?}", c.plan), Some(c.cert), "poly")
+    } else {
+        let (out, st) = kernels::exact::run(&gpu, p, &exact_plan, q, k, v, opts)?;
+        stats.absorb(&st);
+        let mut io = io::exact_io(p, &exact_plan);
+        if let Some(pre_cost) = pre
+            .as_ref()
+            .map(|_| io::prepass_io(p, &exact_plan.chunking, budget.fast_memory_words))
+        {
+            // auto paid for the pre-pass before choosing exact.
+            io.passes.splice(0..0, pre_cost.passes);
+        }
+        (out, io, format!("{exact_plan:?}"), None, "exact")
+    };
     Ok((
         out,
         Report {
-            method: "exact",
+            method: name,
             adapter: gpu.info.adapter.clone(),
             backend: gpu.info.backend.clone(),
             fast_memory_words: budget.fast_memory_words,
@@ -101,17 +413,41 @@ pub fn exact_attention(
             io_writes: io.writes(),
             stats,
             elapsed_s: start.elapsed().as_secs_f64(),
-            plan: format!("{plan:?}"),
+            plan: plan_text,
+            certificate,
+            predicted_exact_s,
+            predicted_poly_s,
+            reason,
         },
     ))
 }
 
+/// Exact attention; see [`attention`].
+pub fn exact_attention(
+    p: &Problem,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    opts: &RunOptions,
+) -> Result<(Vec<f32>, Report), Error> {
+    let popts = PolyOptions {
+        eps: 1e-3,
+        degree: None,
+        check_finite: false,
+    };
+    attention(p, q, k, v, Method::Exact, &popts, opts)
+}
+
 fn check_lengths(p: &Problem, q: &[f32], k: &[f32], v: &[f32]) -> Result<(), Error> {
     if p.s == 0 {
-        return Err(Error::InvalidInput("key/value sequence length S must be at least 1".into()));
+        return Err(Error::InvalidInput(
+            "key/value sequence length S must be at least 1".into(),
+        ));
     }
     if p.e == 0 || p.ev == 0 || p.group == 0 {
-        return Err(Error::InvalidInput("head dimensions must be at least 1".into()));
+        return Err(Error::InvalidInput(
+            "head dimensions must be at least 1".into(),
+        ));
     }
     let want = [
         ("query", q.len(), p.units * p.group * p.l * p.e),

@@ -102,11 +102,24 @@ pub fn exact_tiles(p: &Problem, budget: &Budget) -> Result<ExactTiles, Error> {
     let bq_cap = p.l.max(1).next_power_of_two().min(64);
     let bk_cap = p.s.max(1).next_power_of_two().min(64);
     let mut best: Option<ExactTiles> = None;
-    for bq in [64usize, 32, 16, 8, 4, 2, 1].into_iter().filter(|&b| b <= bq_cap) {
-        for bk in [64usize, 32, 16, 8, 4, 2, 1].into_iter().filter(|&b| b <= bk_cap) {
+    for bq in [64usize, 32, 16, 8, 4, 2, 1]
+        .into_iter()
+        .filter(|&b| b <= bq_cap)
+    {
+        for bk in [64usize, 32, 16, 8, 4, 2, 1]
+            .into_iter()
+            .filter(|&b| b <= bk_cap)
+        {
             let tq = bq.min(MAX_THREAD_SIDE);
             let tk = bk.min(MAX_THREAD_SIDE);
-            let t = ExactTiles { e: p.e, ev: p.ev, bq, bk, tq, tk };
+            let t = ExactTiles {
+                e: p.e,
+                ev: p.ev,
+                bq,
+                bk,
+                tq,
+                tk,
+            };
             if t.fast_memory_words() > budget.fast_memory_words
                 || t.threads() > budget.max_invocations_per_workgroup as usize
                 || t.rows_per_thread() * t.out_cols_per_thread() > MAX_OUT_ACCUMULATORS
@@ -129,7 +142,15 @@ pub fn exact_tiles(p: &Problem, budget: &Budget) -> Result<ExactTiles, Error> {
              this device offers {}",
             p.e,
             p.ev,
-            ExactTiles { e: p.e, ev: p.ev, bq: 1, bk: 1, tq: 1, tk: 1 }.fast_memory_words(),
+            ExactTiles {
+                e: p.e,
+                ev: p.ev,
+                bq: 1,
+                bk: 1,
+                tq: 1,
+                tk: 1
+            }
+            .fast_memory_words(),
             budget.fast_memory_words
         ))
     })
@@ -137,7 +158,11 @@ pub fn exact_tiles(p: &Problem, budget: &Budget) -> Result<ExactTiles, Error> {
 
 /// Cuts the problem so each binding (Q, K, V, O chunk) stays within `max_binding_bytes` and each
 /// grid dimension within the device's limit.
-pub fn chunking(p: &Problem, rows_per_workgroup: usize, budget: &Budget) -> Result<Chunking, Error> {
+pub fn chunking(
+    p: &Problem,
+    rows_per_workgroup: usize,
+    budget: &Budget,
+) -> Result<Chunking, Error> {
     let word = 4u64;
     let width = p.e.max(p.ev) as u64 + 2; // +2: the softmax statistics of split-KV chunks
     let max_words = budget.max_binding_bytes / word;
@@ -151,7 +176,10 @@ pub fn chunking(p: &Problem, rows_per_workgroup: usize, budget: &Budget) -> Resu
     }
     let kv_rows = (p.s as u64).min(max_rows) as usize;
     let grid_rows = max_grid * rows_per_workgroup as u64;
-    let q_rows = (p.l.max(1) as u64).min(max_rows / p.group as u64).min(grid_rows).max(1) as usize;
+    let q_rows = (p.l.max(1) as u64)
+        .min(max_rows / p.group as u64)
+        .min(grid_rows)
+        .max(1) as usize;
     if (p.group as u64) > max_rows {
         return Err(Error::TooLarge(format!(
             "{} query heads per KV head do not fit one storage binding of {} bytes",
@@ -166,7 +194,11 @@ pub fn chunking(p: &Problem, rows_per_workgroup: usize, budget: &Budget) -> Resu
         let by_grid = max_grid / p.group as u64;
         (p.units as u64).min(by_kv).min(by_q).min(by_grid).max(1) as usize
     };
-    Ok(Chunking { units, q_rows, kv_rows })
+    Ok(Chunking {
+        units,
+        q_rows,
+        kv_rows,
+    })
 }
 
 /// One dispatch's slice of the problem: KV units `unit0..unit0+units` (with their query heads),
@@ -225,7 +257,16 @@ mod tests {
     }
 
     fn problem(l: usize, s: usize, e: usize, ev: usize) -> Problem {
-        Problem { units: 2, group: 1, l, s, e, ev, causal: false, scale: 1.0 }
+        Problem {
+            units: 2,
+            group: 1,
+            l,
+            s,
+            e,
+            ev,
+            causal: false,
+            scale: 1.0,
+        }
     }
 
     #[test]
@@ -267,7 +308,16 @@ mod tests {
     fn chunking_respects_binding_limit() {
         let mut b = budget(4096);
         b.max_binding_bytes = 1 << 20; // 262,144 words
-        let p = Problem { units: 8, group: 2, l: 1000, s: 3000, e: 64, ev: 64, causal: false, scale: 1.0 };
+        let p = Problem {
+            units: 8,
+            group: 2,
+            l: 1000,
+            s: 3000,
+            e: 64,
+            ev: 64,
+            causal: false,
+            scale: 1.0,
+        };
         let c = chunking(&p, 32, &b).unwrap();
         let words = b.max_binding_bytes / 4;
         let w = 66u64;
@@ -283,8 +333,347 @@ mod tests {
 
     #[test]
     fn whole_problem_in_one_dispatch_when_it_fits() {
-        let p = Problem { units: 4, group: 2, l: 100, s: 200, e: 16, ev: 16, causal: true, scale: 1.0 };
+        let p = Problem {
+            units: 4,
+            group: 2,
+            l: 100,
+            s: 200,
+            e: 16,
+            ev: 16,
+            causal: true,
+            scale: 1.0,
+        };
         let c = chunking(&p, 16, &budget(4096)).unwrap();
-        assert_eq!(c, Chunking { units: 4, q_rows: 100, kv_rows: 200 });
+        assert_eq!(
+            c,
+            Chunking {
+                units: 4,
+                q_rows: 100,
+                kv_rows: 200
+            }
+        );
+    }
+}
+
+/// Schedules of the polynomial method (THEORY.md): A when S' = Phi_k(K)^T [V | 1] fits the fast
+/// memory (each pass keeps it resident), B when it is streamed in feature chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Schedule {
+    A,
+    B,
+}
+
+/// Indices of one feature packed 3 to a word (10 bits each; E <= 1023 with the sentinel E = "1").
+pub fn index_words(g: usize) -> usize {
+    g.div_ceil(3).max(1)
+}
+
+/// Pass 1: workgroup (split, chunk, unit) accumulates rows `chunk*rc..` of S' over its keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Pass1Tiles {
+    pub e: usize,
+    pub ev: usize,
+    pub g: usize,
+    pub r: usize,
+    /// Feature rows of S' per workgroup (resident in fast memory).
+    pub rc: usize,
+    /// Key rows per streamed tile.
+    pub bk: usize,
+    pub threads: usize,
+}
+
+impl Pass1Tiles {
+    pub fn chunks(&self) -> usize {
+        self.r.div_ceil(self.rc)
+    }
+    pub fn fast_memory_words(&self) -> u64 {
+        let (e, ev1) = (self.e, self.ev + 1);
+        (self.bk * (e + 1)
+            + self.bk * ev1
+            + self.rc * self.bk
+            + self.rc * ev1
+            + self.rc * index_words(self.g)
+            + e) as u64
+    }
+}
+
+/// Pass 2: workgroup holds `b` query rows and streams S' through in chunks of `rc` feature rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Pass2Tiles {
+    pub e: usize,
+    pub ev: usize,
+    pub g: usize,
+    pub r: usize,
+    pub b: usize,
+    pub rc: usize,
+    pub threads: usize,
+}
+
+impl Pass2Tiles {
+    pub fn chunks(&self) -> usize {
+        self.r.div_ceil(self.rc)
+    }
+    /// S' stays in fast memory for the workgroup's whole life (schedule A).
+    pub fn resident(&self) -> bool {
+        self.chunks() == 1
+    }
+    pub fn fast_memory_words(&self) -> u64 {
+        let (e, ev1) = (self.e, self.ev + 1);
+        (self.b * (e + 1)
+            + self.rc * ev1
+            + self.b * self.rc
+            + self.rc * index_words(self.g)
+            + self.rc
+            + self.b * ev1) as u64
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PolyPlan {
+    pub degree: usize,
+    pub r: usize,
+    pub schedule: Schedule,
+    pub pass1: Pass1Tiles,
+    /// Workgroups that split each unit's keys in pass 1 (their partial S' are summed afterwards).
+    pub splits: usize,
+    pub keys_per_split: usize,
+    pub pass2: Pass2Tiles,
+    /// Query blocks per head handled by distinct workgroups (< blocks: persistent workgroups).
+    pub pass2_workgroups: usize,
+    pub chunking: Chunking,
+}
+
+/// Threads per workgroup of the poly kernels (within every adapter's 256-invocation minimum).
+pub const POLY_THREADS: usize = 128;
+/// Aim for at least this many workgroups in flight per pass.
+const TARGET_WORKGROUPS: usize = 512;
+
+fn largest_fitting(limit: usize, fits: impl Fn(usize) -> bool) -> usize {
+    // Largest x in 1..=limit with fits(x) (fits is monotone decreasing); 0 when none.
+    let (mut lo, mut hi) = (0usize, limit);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
+
+/// Picks the poly plan: feature chunk sizes from the fast memory, schedule A when S' fits.
+pub fn plan_poly(p: &Problem, degree: usize, budget: &Budget) -> Result<PolyPlan, Error> {
+    let r64 = crate::poly::num_features(p.e, degree);
+    let too_large = |what: &str| {
+        Error::TooLarge(format!(
+            "poly with E={}, Ev={}, degree {degree} (rank r={r64}) does not fit this device: {what} \
+             (fast memory {} words)",
+            p.e, p.ev, budget.fast_memory_words
+        ))
+    };
+    if r64 > crate::poly::MAX_FEATURES || p.e > 1022 {
+        return Err(too_large("the rank exceeds the feature budget"));
+    }
+    let r = r64 as usize;
+    let m = budget.fast_memory_words;
+    let threads = POLY_THREADS.min(budget.max_invocations_per_workgroup as usize);
+
+    // Pass 1: key tile bk, then as many feature rows as fit (at least 1).
+    // Prefer all of S' resident (one chunk: keys read once) with the largest key tile; else the
+    // largest key tile that still leaves >= 16 feature rows.
+    let t1 = |bk, rc| Pass1Tiles {
+        e: p.e,
+        ev: p.ev,
+        g: degree,
+        r,
+        rc,
+        bk,
+        threads,
+    };
+    let key_tiles = [32usize, 16, 8, 4, 2, 1];
+    let rows_for = |bk| largest_fitting(r, |rc| t1(bk, rc).fast_memory_words() <= m);
+    let pass1 = key_tiles
+        .iter()
+        .find(|&&bk| rows_for(bk) == r)
+        .or_else(|| key_tiles.iter().find(|&&bk| rows_for(bk) >= r.min(16)))
+        .or_else(|| key_tiles.iter().find(|&&bk| rows_for(bk) > 0))
+        .map(|&bk| t1(bk, rows_for(bk)));
+    let pass1 = pass1.ok_or_else(|| too_large("no pass-1 tile fits"))?;
+
+    // Pass 2: schedule A keeps all of S' resident; otherwise the largest query block b whose
+    // feature chunk stays >= min(r, 16) rows (I/O ~ L*r*(Ev+1)/b).
+    let t2 = |b, rc| Pass2Tiles {
+        e: p.e,
+        ev: p.ev,
+        g: degree,
+        r,
+        b,
+        rc,
+        threads,
+    };
+    let mut pass2 = None;
+    for b in [64usize, 32, 16, 8, 4, 2, 1] {
+        if t2(b, r).fast_memory_words() <= m && pass1.chunks() == 1 {
+            pass2 = Some(t2(b, r));
+            break;
+        }
+    }
+    if pass2.is_none() {
+        for b in [64usize, 32, 16, 8, 4, 2, 1] {
+            let rc = largest_fitting(r, |rc| t2(b, rc).fast_memory_words() <= m);
+            if rc >= r.min(16) || (b == 1 && rc > 0) {
+                pass2 = Some(t2(b, rc));
+                break;
+            }
+        }
+    }
+    let pass2 = pass2.ok_or_else(|| too_large("no pass-2 tile fits"))?;
+    let schedule = if pass1.chunks() == 1 && pass2.resident() {
+        Schedule::A
+    } else {
+        Schedule::B
+    };
+
+    let mut chunking = chunking(p, pass2.b, budget)?;
+    // S' (r x (Ev+1) per unit) and its partial sums must fit a binding too.
+    let max_words = (budget.max_binding_bytes / 4) as usize;
+    let s_prime_words = r * (p.ev + 1);
+    if s_prime_words > max_words {
+        return Err(too_large(
+            "S' (r x (Ev+1) words) exceeds one storage binding",
+        ));
+    }
+    chunking.units = chunking.units.min(max_words / s_prime_words).max(1);
+    let units = chunking.units;
+    // Key splits: enough workgroups to fill the GPU, but the partial S' traffic (2 * splits * r *
+    // (Ev+1)) must stay below the key traffic it parallelizes.
+    let key_words = chunking.kv_rows * (p.e + p.ev + 1) * pass1.chunks();
+    let by_traffic = (key_words / (2 * r * (p.ev + 1))).max(1);
+    let by_parallelism = TARGET_WORKGROUPS.div_ceil(units * pass1.chunks());
+    let max_splits = chunking.kv_rows.div_ceil(pass1.bk).max(1);
+    let by_binding = (max_words / (units * s_prime_words)).max(1);
+    let splits = by_parallelism
+        .min(by_traffic)
+        .min(by_binding)
+        .clamp(1, max_splits);
+    let keys_per_split = chunking.kv_rows.div_ceil(splits);
+    let splits = chunking.kv_rows.div_ceil(keys_per_split).max(1);
+    let blocks = chunking.q_rows.div_ceil(pass2.b);
+    let pass2_workgroups = if pass2.resident() {
+        blocks
+            .min(TARGET_WORKGROUPS.div_ceil(units * p.group))
+            .max(1)
+    } else {
+        blocks
+    };
+    Ok(PolyPlan {
+        degree,
+        r,
+        schedule,
+        pass1,
+        splits,
+        keys_per_split,
+        pass2,
+        pass2_workgroups,
+        chunking,
+    })
+}
+
+/// Rows per pre-pass workgroup: a whole number of tiles, enough workgroups to fill the GPU.
+pub fn prepass_rows_per_block(rows: usize, units: usize, tile_rows: usize) -> usize {
+    let want_blocks = 512usize.div_ceil(units.max(1)).max(1);
+    rows.div_ceil(want_blocks).div_ceil(tile_rows).max(1) * tile_rows
+}
+
+/// Tile rows of the pre-pass for this width and fast memory.
+pub fn prepass_tile_rows(width: usize, fast_memory_words: u64) -> usize {
+    ((fast_memory_words as usize).saturating_sub(4 * width) / width).clamp(1, 256)
+}
+
+#[cfg(test)]
+mod poly_plan_tests {
+    use super::*;
+
+    fn budget(words: u64) -> Budget {
+        Budget {
+            fast_memory_words: words,
+            max_binding_bytes: 128 << 20,
+            max_workgroups_per_dimension: 65535,
+            max_invocations_per_workgroup: 256,
+        }
+    }
+
+    #[test]
+    fn small_rank_is_schedule_a_large_rank_is_b() {
+        let p = Problem {
+            units: 2,
+            group: 1,
+            l: 4096,
+            s: 4096,
+            e: 16,
+            ev: 16,
+            causal: false,
+            scale: 0.25,
+        };
+        let a = plan_poly(&p, 2, &budget(8192)).unwrap();
+        assert_eq!(a.schedule, Schedule::A, "{a:?}");
+        let p64 = Problem { e: 64, ev: 64, ..p };
+        let b = plan_poly(&p64, 2, &budget(8192)).unwrap();
+        assert_eq!(b.schedule, Schedule::B, "{b:?}");
+        assert!(b.pass1.chunks() > 1 && !b.pass2.resident());
+    }
+
+    #[test]
+    fn tiles_fit_fast_memory() {
+        for words in [4096u64, 8192, 12288] {
+            for (e, g) in [
+                (16usize, 1usize),
+                (16, 4),
+                (32, 2),
+                (64, 2),
+                (128, 2),
+                (256, 1),
+                (8, 6),
+            ] {
+                let p = Problem {
+                    units: 1,
+                    group: 1,
+                    l: 1000,
+                    s: 1000,
+                    e,
+                    ev: e,
+                    causal: false,
+                    scale: 1.0,
+                };
+                let plan = plan_poly(&p, g, &budget(words)).unwrap();
+                assert!(plan.pass1.fast_memory_words() <= words, "{plan:?}");
+                assert!(plan.pass2.fast_memory_words() <= words, "{plan:?}");
+                assert_eq!(plan.r as u64, crate::poly::num_features(e, g));
+                assert!(plan.splits * plan.keys_per_split >= 1000);
+            }
+        }
+    }
+
+    #[test]
+    fn smaller_fast_memory_forces_schedule_b() {
+        let p = Problem {
+            units: 1,
+            group: 1,
+            l: 512,
+            s: 512,
+            e: 16,
+            ev: 16,
+            causal: false,
+            scale: 0.25,
+        };
+        assert_eq!(
+            plan_poly(&p, 2, &budget(8192)).unwrap().schedule,
+            Schedule::A
+        );
+        assert_eq!(
+            plan_poly(&p, 2, &budget(1024)).unwrap().schedule,
+            Schedule::B
+        );
     }
 }

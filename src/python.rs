@@ -10,8 +10,18 @@ use pyo3::types::PyDict;
 use crate::error::Error;
 use crate::{device, Problem, Report, RunOptions};
 
-create_exception!(_core, NoDeviceError, PyRuntimeError, "No GPU adapter could be used.");
-create_exception!(_core, DeviceError, PyRuntimeError, "The GPU failed (validation, device loss).");
+create_exception!(
+    _core,
+    NoDeviceError,
+    PyRuntimeError,
+    "No GPU adapter could be used."
+);
+create_exception!(
+    _core,
+    DeviceError,
+    PyRuntimeError,
+    "The GPU failed (validation, device loss)."
+);
 
 fn to_py(e: Error) -> PyErr {
     match e {
@@ -32,7 +42,10 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
     d.set_item("io_words", r.io_words)?;
     d.set_item("io_reads", r.io_reads)?;
     d.set_item("io_writes", r.io_writes)?;
-    d.set_item("io_words_counted", r.stats.io_words_counted.map(|(a, b)| a + b))?;
+    d.set_item(
+        "io_words_counted",
+        r.stats.io_words_counted.map(|(a, b)| a + b),
+    )?;
     d.set_item("kernel_s", r.stats.kernel_s)?;
     d.set_item("dispatches", r.stats.dispatches)?;
     d.set_item("elapsed_s", r.elapsed_s)?;
@@ -61,8 +74,21 @@ fn exact<'py>(
     count_io: bool,
 ) -> PyResult<(Bound<'py, PyArray1<f32>>, Bound<'py, PyDict>)> {
     // Copy while holding the GIL: other Python threads may mutate the arrays once it is released.
-    let (q, k, v) = (q.as_array().to_vec(), k.as_array().to_vec(), v.as_array().to_vec());
-    let p = Problem { units, group, l, s, e, ev, causal, scale };
+    let (q, k, v) = (
+        q.as_array().to_vec(),
+        k.as_array().to_vec(),
+        v.as_array().to_vec(),
+    );
+    let p = Problem {
+        units,
+        group,
+        l,
+        s,
+        e,
+        ev,
+        causal,
+        scale,
+    };
     let opts = RunOptions { trusted, count_io };
     let (out, report) = py
         .detach(|| crate::exact_attention(&p, &q, &k, &v, &opts))
@@ -80,11 +106,23 @@ fn device_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("device_type", &i.device_type)?;
     d.set_item("driver", &i.driver)?;
     d.set_item("fast_memory_words", i.fast_memory_words)?;
-    d.set_item("max_storage_buffer_binding_size", i.max_storage_buffer_binding_size)?;
+    d.set_item(
+        "max_storage_buffer_binding_size",
+        i.max_storage_buffer_binding_size,
+    )?;
     d.set_item("max_buffer_size", i.max_buffer_size)?;
-    d.set_item("max_compute_invocations_per_workgroup", i.max_compute_invocations_per_workgroup)?;
-    d.set_item("max_compute_workgroups_per_dimension", i.max_compute_workgroups_per_dimension)?;
-    d.set_item("max_storage_buffers_per_shader_stage", i.max_storage_buffers_per_shader_stage)?;
+    d.set_item(
+        "max_compute_invocations_per_workgroup",
+        i.max_compute_invocations_per_workgroup,
+    )?;
+    d.set_item(
+        "max_compute_workgroups_per_dimension",
+        i.max_compute_workgroups_per_dimension,
+    )?;
+    d.set_item(
+        "max_storage_buffers_per_shader_stage",
+        i.max_storage_buffers_per_shader_stage,
+    )?;
     d.set_item("shader_f16", i.shader_f16)?;
     d.set_item("subgroups", i.subgroups)?;
     d.set_item("timestamp_queries", i.timestamp_queries)?;

@@ -3,7 +3,9 @@
 use approx_attn::{exact_attention, Problem, RunOptions};
 
 fn lcg(seed: &mut u64) -> f32 {
-    *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
 }
 
@@ -18,7 +20,10 @@ fn reference(p: &Problem, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f64> {
                         f64::NEG_INFINITY
                     } else {
                         (0..p.e)
-                            .map(|c| f64::from(q[(h * p.l + i) * p.e + c]) * f64::from(k[(u * p.s + j) * p.e + c]))
+                            .map(|c| {
+                                f64::from(q[(h * p.l + i) * p.e + c])
+                                    * f64::from(k[(u * p.s + j) * p.e + c])
+                            })
                             .sum::<f64>()
                             * f64::from(p.scale)
                     }
@@ -28,8 +33,10 @@ fn reference(p: &Problem, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f64> {
             let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
             let z: f64 = w.iter().sum();
             for c in 0..p.ev {
-                out[(h * p.l + i) * p.ev + c] =
-                    (0..p.s).map(|j| w[j] * f64::from(v[(u * p.s + j) * p.ev + c])).sum::<f64>() / z;
+                out[(h * p.l + i) * p.ev + c] = (0..p.s)
+                    .map(|j| w[j] * f64::from(v[(u * p.s + j) * p.ev + c]))
+                    .sum::<f64>()
+                    / z;
             }
         }
     }
@@ -38,17 +45,38 @@ fn reference(p: &Problem, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f64> {
 
 fn check(p: Problem, count_io: bool) {
     let mut seed = 7u64;
-    let q: Vec<f32> = (0..p.units * p.group * p.l * p.e).map(|_| lcg(&mut seed)).collect();
+    let q: Vec<f32> = (0..p.units * p.group * p.l * p.e)
+        .map(|_| lcg(&mut seed))
+        .collect();
     let k: Vec<f32> = (0..p.units * p.s * p.e).map(|_| lcg(&mut seed)).collect();
     let v: Vec<f32> = (0..p.units * p.s * p.ev).map(|_| lcg(&mut seed)).collect();
-    let (out, report) = exact_attention(&p, &q, &k, &v, &RunOptions { trusted: false, count_io }).unwrap();
+    let (out, report) = exact_attention(
+        &p,
+        &q,
+        &k,
+        &v,
+        &RunOptions {
+            trusted: false,
+            count_io,
+        },
+    )
+    .unwrap();
     let want = reference(&p, &q, &k, &v);
-    let err = out.iter().zip(&want).map(|(a, b)| (f64::from(*a) - b).abs()).fold(0.0, f64::max);
+    let err = out
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (f64::from(*a) - b).abs())
+        .fold(0.0, f64::max);
     // Values lie in [-1, 1]: f32 accumulation over S terms stays within a few 1e-6.
     assert!(err < 5e-6, "{p:?}: max error {err}, plan {}", report.plan);
     if count_io {
         let (r, w) = report.stats.io_words_counted.unwrap();
-        assert_eq!((r, w), (report.io_reads, report.io_writes), "{p:?} {}", report.plan);
+        assert_eq!(
+            (r, w),
+            (report.io_reads, report.io_writes),
+            "{p:?} {}",
+            report.plan
+        );
     }
 }
 
@@ -61,6 +89,18 @@ fn exact_matches_reference() {
         (100, 300, 64, 32, true, 1),
         (33, 50, 256, 256, false, 1),
     ] {
-        check(Problem { units: 2, group, l, s, e, ev, causal, scale: 1.0 / (e as f32).sqrt() }, true);
+        check(
+            Problem {
+                units: 2,
+                group,
+                l,
+                s,
+                e,
+                ev,
+                causal,
+                scale: 1.0 / (e as f32).sqrt(),
+            },
+            true,
+        );
     }
 }

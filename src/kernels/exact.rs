@@ -46,14 +46,25 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
     }
     scores.push_str("            for (var e = 0u; e < E; e++) {\n");
     for a in 0..rq {
-        let _ = writeln!(scores, "                let q_{a} = q_tile[(tq + {}u) * E + e];", a * t.tq);
+        let _ = writeln!(
+            scores,
+            "                let q_{a} = q_tile[(tq + {}u) * E + e];",
+            a * t.tq
+        );
     }
     for b in 0..rk {
-        let _ = writeln!(scores, "                let k_{b} = kv_tile[(tk + {}u) * E + e];", b * t.tk);
+        let _ = writeln!(
+            scores,
+            "                let k_{b} = kv_tile[(tk + {}u) * E + e];",
+            b * t.tk
+        );
     }
     for a in 0..rq {
         for b in 0..rk {
-            let _ = writeln!(scores, "                s_{a}_{b} = fma(q_{a}, k_{b}, s_{a}_{b});");
+            let _ = writeln!(
+                scores,
+                "                s_{a}_{b} = fma(q_{a}, k_{b}, s_{a}_{b});"
+            );
         }
     }
     scores.push_str("            }\n");
@@ -73,21 +84,36 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
 
     let mut pv = String::from("        {\n");
     for a in 0..rq {
-        let _ = writeln!(pv, "            let alpha_{a} = row_alpha[tq + {}u];", a * t.tq);
+        let _ = writeln!(
+            pv,
+            "            let alpha_{a} = row_alpha[tq + {}u];",
+            a * t.tq
+        );
         for u in 0..cv {
             let _ = writeln!(pv, "            o_{a}_{u} *= alpha_{a};");
         }
     }
     pv.push_str("            for (var j = 0u; j < BK; j++) {\n");
     for a in 0..rq {
-        let _ = writeln!(pv, "                let p_{a} = p_tile[(tq + {}u) * BK + j];", a * t.tq);
+        let _ = writeln!(
+            pv,
+            "                let p_{a} = p_tile[(tq + {}u) * BK + j];",
+            a * t.tq
+        );
     }
     for u in 0..cv {
-        let _ = writeln!(pv, "                let v_{u} = kv_tile[j * EV + tk + {}u];", u * t.tk);
+        let _ = writeln!(
+            pv,
+            "                let v_{u} = kv_tile[j * EV + tk + {}u];",
+            u * t.tk
+        );
     }
     for a in 0..rq {
         for u in 0..cv {
-            let _ = writeln!(pv, "                o_{a}_{u} = fma(p_{a}, v_{u}, o_{a}_{u});");
+            let _ = writeln!(
+                pv,
+                "                o_{a}_{u} = fma(p_{a}, v_{u}, o_{a}_{u});"
+            );
         }
     }
     pv.push_str("            }\n        }");
@@ -134,7 +160,15 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
 
 /// Copies rows `r0..r0+rc` of each of `heads` consecutive `(rows, width)` matrices starting at
 /// matrix `h0` into one contiguous block.
-fn gather(x: &[f32], h0: usize, heads: usize, rows: usize, r0: usize, rc: usize, width: usize) -> Vec<f32> {
+pub(crate) fn gather(
+    x: &[f32],
+    h0: usize,
+    heads: usize,
+    rows: usize,
+    r0: usize,
+    rc: usize,
+    width: usize,
+) -> Vec<f32> {
     if r0 == 0 && rc == rows {
         return x[h0 * rows * width..(h0 + heads) * rows * width].to_vec();
     }
@@ -170,7 +204,11 @@ pub fn run(
     let k_buf = storage_buffer(gpu, c.units * c.kv_rows * p.e, "k");
     let v_buf = storage_buffer(gpu, c.units * c.kv_rows * p.ev, "v");
     let o_buf = storage_buffer(gpu, max_o_words, "o");
-    let stats_words = if split_kv { c.units * p.group * c.q_rows * 2 } else { 1 };
+    let stats_words = if split_kv {
+        c.units * p.group * c.q_rows * 2
+    } else {
+        1
+    };
     let stats_buf = storage_buffer(gpu, stats_words, "stats");
     let counter = opts.count_io.then(|| storage_buffer(gpu, 2, "io_words"));
     let o_read = readback_buffer(gpu, ((max_o_words + stats_words) * 4) as u64);
@@ -180,8 +218,16 @@ pub fn run(
     let heads = p.query_heads();
     let mut out = vec![0f32; heads * p.l * p.ev];
     // Running softmax statistics (log2 domain) of the merged split-KV chunks, per output row.
-    let mut run_m = if split_kv { vec![f64::NEG_INFINITY; heads * p.l] } else { vec![] };
-    let mut run_l = if split_kv { vec![0f64; heads * p.l] } else { vec![] };
+    let mut run_m = if split_kv {
+        vec![f64::NEG_INFINITY; heads * p.l]
+    } else {
+        vec![]
+    };
+    let mut run_l = if split_kv {
+        vec![0f64; heads * p.l]
+    } else {
+        vec![]
+    };
     let mut stats = RunStats::default();
 
     for ch in chunks(p, c) {
@@ -208,16 +254,37 @@ pub fn run(
             gpu.queue.write_buffer(&k_buf, 0, bytemuck::cast_slice(&kc));
             gpu.queue.write_buffer(&v_buf, 0, bytemuck::cast_slice(&vc));
             let mut entries = vec![
-                wgpu::BindGroupEntry { binding: 0, resource: params_buf.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 1, resource: q_buf.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 2, resource: k_buf.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 3, resource: v_buf.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 4, resource: o_buf.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 5, resource: stats_buf.as_entire_binding() },
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: params_buf.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: q_buf.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 2,
+                    resource: k_buf.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 3,
+                    resource: v_buf.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 4,
+                    resource: o_buf.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 5,
+                    resource: stats_buf.as_entire_binding(),
+                },
             ];
             if let Some(cb) = &counter {
                 gpu.queue.write_buffer(cb, 0, &[0u8; 8]);
-                entries.push(wgpu::BindGroupEntry { binding: 6, resource: cb.as_entire_binding() });
+                entries.push(wgpu::BindGroupEntry {
+                    binding: 6,
+                    resource: cb.as_entire_binding(),
+                });
             }
             let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some("exact"),
@@ -239,16 +306,23 @@ pub fn run(
             }
             enc.copy_buffer_to_buffer(&o_buf, 0, &o_read, 0, (o_words * 4) as u64);
             if split_kv {
-                enc.copy_buffer_to_buffer(&stats_buf, 0, &o_read, (o_words * 4) as u64, (s_words * 4) as u64);
+                enc.copy_buffer_to_buffer(
+                    &stats_buf,
+                    0,
+                    &o_read,
+                    (o_words * 4) as u64,
+                    (s_words * 4) as u64,
+                );
             }
             if let (Some(cb), Some(cr)) = (&counter, &counter_read) {
                 enc.copy_buffer_to_buffer(cb, 0, cr, 0, 8);
             }
             gpu.queue.submit([enc.finish()]);
-            let (o_chunk, st_chunk) = read_mapped(gpu, &o_read, ((o_words + s_words) * 4) as u64, |b| {
-                let f: &[f32] = bytemuck::cast_slice(b);
-                (f[..o_words].to_vec(), f[o_words..].to_vec())
-            })?;
+            let (o_chunk, st_chunk) =
+                read_mapped(gpu, &o_read, ((o_words + s_words) * 4) as u64, |b| {
+                    let f: &[f32] = bytemuck::cast_slice(b);
+                    (f[..o_words].to_vec(), f[o_words..].to_vec())
+                })?;
             let counted = match &counter_read {
                 Some(cr) => Some(read_mapped(gpu, cr, 8, |b| {
                     let w: &[u32] = bytemuck::cast_slice(b);
@@ -262,7 +336,11 @@ pub fn run(
             };
             Ok((o_chunk, st_chunk, counted, kernel_s))
         })?;
-        stats.absorb(&RunStats { io_words_counted: counted, kernel_s, dispatches: 1 });
+        stats.absorb(&RunStats {
+            io_words_counted: counted,
+            kernel_s,
+            dispatches: 1,
+        });
 
         for h in 0..qh {
             for r in 0..ch.lc {
@@ -273,7 +351,10 @@ pub fn run(
                     dst.copy_from_slice(src);
                     continue;
                 }
-                let (m_c, l_c) = (f64::from(st_chunk[(h * ch.lc + r) * 2]), f64::from(st_chunk[(h * ch.lc + r) * 2 + 1]));
+                let (m_c, l_c) = (
+                    f64::from(st_chunk[(h * ch.lc + r) * 2]),
+                    f64::from(st_chunk[(h * ch.lc + r) * 2 + 1]),
+                );
                 if l_c <= 0.0 {
                     continue;
                 }

@@ -1,6 +1,7 @@
 //! Kernel families: WGSL generation from a plan's tiles, pipelines and dispatch.
 
 pub mod exact;
+pub mod poly;
 
 use std::sync::mpsc;
 
@@ -89,7 +90,11 @@ pub(crate) fn read_mapped<T>(
     match rx.recv() {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(Error::Gpu(format!("reading results back failed: {e}"))),
-        Err(_) => return Err(Error::DeviceLost("the GPU never returned the results".into())),
+        Err(_) => {
+            return Err(Error::DeviceLost(
+                "the GPU never returned the results".into(),
+            ))
+        }
     }
     let out = {
         let view = buf
@@ -112,11 +117,9 @@ pub(crate) struct Timer {
 
 impl Timer {
     pub fn new(gpu: &Gpu) -> Option<Timer> {
-        if !gpu
-            .device
-            .features()
-            .contains(wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS)
-        {
+        if !gpu.device.features().contains(
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
+        ) {
             return None;
         }
         let set = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
@@ -184,6 +187,9 @@ pub(crate) fn io_counter_slots(count_io: bool, binding: u32) -> [(&'static str, 
             ),
         ]
     } else {
-        [("IO_COUNTER_DECL", String::new()), ("IO_COUNTER_ADD", String::new())]
+        [
+            ("IO_COUNTER_DECL", String::new()),
+            ("IO_COUNTER_ADD", String::new()),
+        ]
     }
 }

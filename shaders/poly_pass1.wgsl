@@ -1,0 +1,131 @@
+// Poly pass 1: S'[f, :] = sum_j phi_k(k_j - mu)[f] * [v_j | 1] for the feature rows f of this
+// workgroup's chunk, over this workgroup's share of the keys. Features are built in workgroup
+// memory from the key tile and never written to storage; the partial S' of each key split is.
+
+struct Params {
+    s: u32,              // key rows per unit in this dispatch
+    keys_per_split: u32,
+    splits: u32,
+    _pad: u32,
+}
+
+const E: u32 = {{E}}u;
+const E1: u32 = E + 1u;     // key row plus the constant 1 that pads lower-degree monomials
+const EV: u32 = {{EV}}u;
+const EV1: u32 = EV + 1u;   // value row plus the ones column that yields the normaliser
+const R: u32 = {{R}}u;      // features in total
+const RC: u32 = {{RC}}u;    // feature rows per workgroup
+const BK: u32 = {{BK}}u;
+const G: u32 = {{G}}u;
+const IW: u32 = {{IW}}u;    // index words per feature (3 indices of 10 bits per word)
+const WG: u32 = {{WG}}u;
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> k: array<f32>;
+@group(0) @binding(2) var<storage, read> v: array<f32>;
+@group(0) @binding(3) var<storage, read> mu: array<f32>;
+@group(0) @binding(4) var<storage, read> feat_idx: array<u32>;
+@group(0) @binding(5) var<storage, read_write> partial: array<f32>;
+{{IO_COUNTER_DECL}}
+
+var<workgroup> k_tile: array<f32, {{K_TILE}}>;
+var<workgroup> v_tile: array<f32, {{V_TILE}}>;
+var<workgroup> phi: array<f32, {{PHI}}>;
+var<workgroup> acc: array<f32, {{ACC}}>;
+var<workgroup> idx_t: array<u32, {{IDX}}>;
+var<workgroup> mu_t: array<f32, E>;
+
+fn feature_index(f: u32, t: u32) -> u32 {
+    return (idx_t[f * IW + t / 3u] >> (10u * (t % 3u))) & 1023u;
+}
+
+@compute @workgroup_size({{WG}})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let split = wid.x;
+    let f0 = wid.y * RC;
+    let unit = wid.z;
+    let rows_f = min(RC, R - f0);
+    let j_begin = split * params.keys_per_split;
+    let j_end = min(params.s, j_begin + params.keys_per_split);
+    var words_read = 0u;
+    var words_written = 0u;
+
+    for (var i = lid; i < E; i += WG) {
+        mu_t[i] = mu[unit * E + i];
+        words_read += 1u;
+    }
+    for (var i = lid; i < RC * IW; i += WG) {
+        var w = 0u;
+        if (i / IW < rows_f) {
+            w = feat_idx[f0 * IW + i];
+            words_read += 1u;
+        }
+        idx_t[i] = w;
+    }
+    for (var i = lid; i < RC * EV1; i += WG) {
+        acc[i] = 0.0;
+    }
+    workgroupBarrier();
+
+    for (var j0 = j_begin; j0 < j_end; j0 += BK) {
+        let kr = min(BK, j_end - j0);
+        for (var i = lid; i < BK * E1; i += WG) {
+            let r = i / E1;
+            let c = i % E1;
+            var x = 1.0;
+            if (c < E) {
+                x = 0.0;
+                if (r < kr) {
+                    x = k[(unit * params.s + j0 + r) * E + c] - mu_t[c];
+                    words_read += 1u;
+                }
+            }
+            k_tile[i] = x;
+        }
+        for (var i = lid; i < BK * EV1; i += WG) {
+            let r = i / EV1;
+            let c = i % EV1;
+            var x = 0.0;
+            if (r < kr) {
+                if (c < EV) {
+                    x = v[(unit * params.s + j0 + r) * EV + c];
+                    words_read += 1u;
+                } else {
+                    x = 1.0;
+                }
+            }
+            v_tile[i] = x;
+        }
+        workgroupBarrier();
+        for (var i = lid; i < RC * BK; i += WG) {
+            let f = i / BK;
+            let j = i % BK;
+            var p = 0.0;
+            if (f < rows_f) {
+                p = 1.0;
+                for (var t = 0u; t < G; t++) {
+                    p *= k_tile[j * E1 + feature_index(f, t)];
+                }
+            }
+            phi[i] = p;
+        }
+        workgroupBarrier();
+        for (var i = lid; i < RC * EV1; i += WG) {
+            let f = i / EV1;
+            let c = i % EV1;
+            var a = acc[i];
+            for (var j = 0u; j < BK; j++) {
+                a = fma(phi[f * BK + j], v_tile[j * EV1 + c], a);
+            }
+            acc[i] = a;
+        }
+        workgroupBarrier();
+    }
+
+    let o = ((unit * params.splits + split) * R + f0) * EV1;
+    for (var i = lid; i < rows_f * EV1; i += WG) {
+        partial[o + i] = acc[i];
+        words_written += 1u;
+    }
+{{IO_COUNTER_ADD}}
+}

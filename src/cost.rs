@@ -1,0 +1,119 @@
+//! Predicted cost of each method, for `method="auto"`: FLOP counts from the plans, divided by
+//! per-adapter throughputs measured once by a calibration run and cached on disk.
+
+use crate::plan::{PolyPlan, Problem};
+
+/// Query-key pairs the exact kernel evaluates (the causal mask hides j > i).
+pub fn visible_pairs(p: &Problem) -> f64 {
+    let (l, s) = (p.l as f64, p.s as f64);
+    if !p.causal {
+        return l * s;
+    }
+    // sum_{i<L} min(i+1, S)
+    let full = l.min(s);
+    full * (full + 1.0) / 2.0 + (l - full).max(0.0) * s
+}
+
+/// Floating-point operations of exact attention (two products of E and Ev per pair).
+pub fn exact_flops(p: &Problem) -> f64 {
+    p.query_heads() as f64 * visible_pairs(p) * 2.0 * (p.e + p.ev) as f64
+}
+
+/// Floating-point operations of the polynomial method: pre-pass, features (g multiplies per
+/// feature per row), the two products with S' and the reduction of the key splits.
+pub fn poly_flops(p: &Problem, plan: &PolyPlan) -> f64 {
+    let (r, g, ev1) = (plan.r as f64, plan.degree as f64, (p.ev + 1) as f64);
+    let heads = p.query_heads() as f64;
+    let units = p.units as f64;
+    let (l, s) = (p.l as f64, p.s as f64);
+    let prepass = 2.0 * (heads * l * p.e as f64 + units * s * (2 * p.e + p.ev) as f64);
+    let pass1 = units * s * r * (g + 2.0 * ev1);
+    let reduce = units * plan.splits as f64 * r * ev1;
+    let pass2 = heads * l * r * (g + 2.0 * ev1);
+    prepass + pass1 + reduce + pass2
+}
+
+/// Effective throughputs (FLOP/s) of the two kernel families on one adapter.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rates {
+    pub exact_flops_per_s: f64,
+    pub poly_flops_per_s: f64,
+}
+
+fn cache_path(adapter_key: &str) -> Option<std::path::PathBuf> {
+    let base = std::env::var_os("APPROX_ATTN_CACHE_DIR")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(|d| std::path::PathBuf::from(d).join("approx_attn"))
+        })
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/approx_attn"))
+        })?;
+    let name: String = adapter_key
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    Some(base.join(format!("rates-{name}.txt")))
+}
+
+pub fn load_rates(adapter_key: &str) -> Option<Rates> {
+    let text = std::fs::read_to_string(cache_path(adapter_key)?).ok()?;
+    let mut it = text.split_whitespace().map(|t| t.parse::<f64>());
+    match (it.next(), it.next()) {
+        (Some(Ok(a)), Some(Ok(b))) if a > 0.0 && b > 0.0 => Some(Rates {
+            exact_flops_per_s: a,
+            poly_flops_per_s: b,
+        }),
+        _ => None,
+    }
+}
+
+pub fn store_rates(adapter_key: &str, rates: &Rates) {
+    // A cache miss only costs a re-calibration, so write failures are ignored.
+    if let Some(path) = cache_path(adapter_key) {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = std::fs::write(
+            path,
+            format!("{} {}\n", rates.exact_flops_per_s, rates.poly_flops_per_s),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_pairs() {
+        let p = Problem {
+            units: 1,
+            group: 1,
+            l: 4,
+            s: 3,
+            e: 1,
+            ev: 1,
+            causal: true,
+            scale: 1.0,
+        };
+        // rows see 1, 2, 3, 3 keys
+        assert_eq!(visible_pairs(&p), 9.0);
+        assert_eq!(visible_pairs(&Problem { causal: false, ..p }), 12.0);
+        assert_eq!(exact_flops(&p), 9.0 * 4.0);
+    }
+
+    #[test]
+    fn rates_round_trip() {
+        let dir = std::env::temp_dir().join(format!("aa-rates-{}", std::process::id()));
+        std::env::set_var("APPROX_ATTN_CACHE_DIR", &dir);
+        let r = Rates {
+            exact_flops_per_s: 1.5e9,
+            poly_flops_per_s: 2.5e9,
+        };
+        store_rates("Test GPU (1)", &r);
+        assert_eq!(load_rates("Test GPU (1)"), Some(r));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,562 @@
+//! The polynomial (Alman-Song) method on the GPU: pre-pass statistics, pass 1 (S' per key split
+//! and feature chunk), the reduction of the splits, and pass 2 (O = D^-1 Phi_q(Q) S').
+
+use super::{
+    fill_template, io_counter_slots, read_mapped, readback_buffer, storage_buffer, uniform_buffer,
+    RunOptions, RunStats, Timer,
+};
+use crate::device::Gpu;
+use crate::error::Error;
+use crate::plan::{
+    index_words, prepass_rows_per_block, prepass_tile_rows, Pass1Tiles, Pass2Tiles, PolyPlan,
+    Problem,
+};
+use crate::poly::{FeatureTable, Poly};
+
+const PREPASS: &str = include_str!("../../shaders/prepass.wgsl");
+const PASS1: &str = include_str!("../../shaders/poly_pass1.wgsl");
+const REDUCE: &str = include_str!("../../shaders/poly_reduce.wgsl");
+const PASS2: &str = include_str!("../../shaders/poly_pass2.wgsl");
+
+/// Threads of the pre-pass and reduction kernels.
+pub const AUX_THREADS: usize = 128;
+
+pub fn prepass_source(width: usize, tile_rows: usize, count_io: bool) -> String {
+    let [decl, add] = io_counter_slots(count_io, 4);
+    fill_template(
+        PREPASS,
+        &[
+            ("W", width.to_string()),
+            ("TR", tile_rows.to_string()),
+            ("WG", AUX_THREADS.to_string()),
+            ("TILE", (tile_rows * width).to_string()),
+            decl,
+            add,
+        ],
+    )
+}
+
+pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
+    let iw = index_words(t.g);
+    let [decl, add] = io_counter_slots(count_io, 6);
+    fill_template(
+        PASS1,
+        &[
+            ("E", t.e.to_string()),
+            ("EV", t.ev.to_string()),
+            ("R", t.r.to_string()),
+            ("RC", t.rc.to_string()),
+            ("BK", t.bk.to_string()),
+            ("G", t.g.to_string()),
+            ("IW", iw.to_string()),
+            ("WG", t.threads.to_string()),
+            ("K_TILE", (t.bk * (t.e + 1)).to_string()),
+            ("V_TILE", (t.bk * (t.ev + 1)).to_string()),
+            ("PHI", (t.rc * t.bk).to_string()),
+            ("ACC", (t.rc * (t.ev + 1)).to_string()),
+            ("IDX", (t.rc * iw).to_string()),
+            decl,
+            add,
+        ],
+    )
+}
+
+pub fn reduce_source(count_io: bool) -> String {
+    let [decl, add] = io_counter_slots(count_io, 3);
+    fill_template(REDUCE, &[("WG", AUX_THREADS.to_string()), decl, add])
+}
+
+pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
+    let iw = index_words(t.g);
+    let [decl, add] = io_counter_slots(count_io, 6);
+    fill_template(
+        PASS2,
+        &[
+            ("E", t.e.to_string()),
+            ("EV", t.ev.to_string()),
+            ("R", t.r.to_string()),
+            ("RC", t.rc.to_string()),
+            ("NCHUNK", t.chunks().to_string()),
+            ("B", t.b.to_string()),
+            ("G", t.g.to_string()),
+            ("IW", iw.to_string()),
+            ("WG", t.threads.to_string()),
+            ("Q_TILE", (t.b * (t.e + 1)).to_string()),
+            ("S_TILE", (t.rc * (t.ev + 1)).to_string()),
+            ("PHI", (t.b * t.rc).to_string()),
+            ("IDX", (t.rc * iw).to_string()),
+            ("O_ACC", (t.b * (t.ev + 1)).to_string()),
+            decl,
+            add,
+        ],
+    )
+}
+
+/// Packs a feature table's indices three to a u32 (10 bits each), `index_words(g)` words per row.
+pub fn pack_indices(table: &FeatureTable) -> Vec<u32> {
+    let iw = index_words(table.g);
+    let mut out = vec![0u32; table.r * iw];
+    for f in 0..table.r {
+        for t in 0..table.g {
+            out[f * iw + t / 3] |= table.indices[f * table.g + t] << (10 * (t % 3));
+        }
+    }
+    out
+}
+
+/// Statistics of a `(units, rows, width)` array, reduced over all rows of each unit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowStats {
+    pub col_sum: Vec<f64>,
+    pub col_min: Vec<f64>,
+    pub col_max: Vec<f64>,
+    pub max_norm2: f64,
+    pub nonfinite: u64,
+}
+
+impl RowStats {
+    fn new(width: usize) -> RowStats {
+        RowStats {
+            col_sum: vec![0.0; width],
+            col_min: vec![f64::INFINITY; width],
+            col_max: vec![f64::NEG_INFINITY; width],
+            max_norm2: 0.0,
+            nonfinite: 0,
+        }
+    }
+
+    fn absorb(&mut self, block: &[f32], width: usize) {
+        for c in 0..width {
+            self.col_sum[c] += f64::from(block[c]);
+            self.col_min[c] = self.col_min[c].min(f64::from(block[width + c]));
+            self.col_max[c] = self.col_max[c].max(f64::from(block[2 * width + c]));
+        }
+        let n2 = f64::from(block[3 * width]);
+        self.max_norm2 = if n2.is_nan() {
+            f64::INFINITY
+        } else {
+            self.max_norm2.max(n2)
+        };
+        self.nonfinite += block[3 * width + 1] as u64;
+    }
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct PrepassShape {
+    pub units: usize,
+    pub rows: usize,
+    pub width: usize,
+    pub units_per_dispatch: usize,
+    pub rows_per_dispatch: usize,
+}
+
+/// Runs the pre-pass over `x` (optionally centred on `mu`, `(units, width)`), one RowStats per unit.
+pub(crate) fn row_stats(
+    gpu: &Gpu,
+    x: &[f32],
+    mu: Option<&[f32]>,
+    sh: PrepassShape,
+    fast_memory_words: u64,
+    opts: &RunOptions,
+    stats: &mut RunStats,
+) -> Result<Vec<RowStats>, Error> {
+    let w = sh.width;
+    let tile_rows = prepass_tile_rows(w, fast_memory_words);
+    let key = format!("prepass:{w}:{tile_rows}:{}:{}", opts.count_io, opts.trusted);
+    let pipeline = gpu.pipeline(
+        &key,
+        &prepass_source(w, tile_rows, opts.count_io),
+        opts.trusted,
+    )?;
+    let layout = pipeline.get_bind_group_layout(0);
+    let mut result = vec![RowStats::new(w); sh.units];
+    for u0 in (0..sh.units).step_by(sh.units_per_dispatch) {
+        let nu = sh.units_per_dispatch.min(sh.units - u0);
+        for r0 in (0..sh.rows).step_by(sh.rows_per_dispatch) {
+            let nr = sh.rows_per_dispatch.min(sh.rows - r0);
+            let rows_per_block = prepass_rows_per_block(nr, nu, tile_rows);
+            let blocks = nr.div_ceil(rows_per_block);
+            let xc = super::exact::gather(x, u0, nu, sh.rows, r0, nr, w);
+            let mu_c: Vec<f32> = match mu {
+                Some(m) => m[u0 * w..(u0 + nu) * w].to_vec(),
+                None => vec![0.0; nu * w],
+            };
+            let out_words = nu * blocks * (3 * w + 2);
+            let params: [u32; 4] = [
+                nr as u32,
+                rows_per_block as u32,
+                blocks as u32,
+                u32::from(mu.is_some()),
+            ];
+            let (blocks_out, counted, kernel_s) = gpu.checked(|| {
+                let x_buf = storage_buffer(gpu, xc.len(), "prepass x");
+                let mu_buf = storage_buffer(gpu, mu_c.len(), "prepass mu");
+                let out_buf = storage_buffer(gpu, out_words, "prepass out");
+                gpu.queue.write_buffer(&x_buf, 0, bytemuck::cast_slice(&xc));
+                gpu.queue
+                    .write_buffer(&mu_buf, 0, bytemuck::cast_slice(&mu_c));
+                let params_buf = uniform_buffer(gpu, bytemuck::cast_slice(&params));
+                let bufs = [&params_buf, &x_buf, &mu_buf, &out_buf];
+                dispatch_one(
+                    gpu,
+                    &pipeline,
+                    &layout,
+                    &bufs,
+                    opts,
+                    (blocks as u32, nu as u32, 1),
+                    &out_buf,
+                    out_words,
+                )
+            })?;
+            stats.absorb(&RunStats {
+                io_words_counted: counted,
+                kernel_s,
+                dispatches: 1,
+            });
+            for u in 0..nu {
+                for b in 0..blocks {
+                    let o = (u * blocks + b) * (3 * w + 2);
+                    result[u0 + u].absorb(&blocks_out[o..o + 3 * w + 2], w);
+                }
+            }
+        }
+    }
+    Ok(result)
+}
+
+/// Binds `bufs` in order (plus the I/O counter when on), dispatches once, and reads `out` back.
+#[allow(clippy::too_many_arguments)]
+fn dispatch_one(
+    gpu: &Gpu,
+    pipeline: &wgpu::ComputePipeline,
+    layout: &wgpu::BindGroupLayout,
+    bufs: &[&wgpu::Buffer],
+    opts: &RunOptions,
+    grid: (u32, u32, u32),
+    out: &wgpu::Buffer,
+    out_words: usize,
+) -> Result<(Vec<f32>, Option<(u64, u64)>, Option<f64>), Error> {
+    let (counted, kernel_s) = dispatch_no_read(gpu, pipeline, layout, bufs, opts, grid)?;
+    let read = readback_buffer(gpu, (out_words * 4) as u64);
+    let mut enc = gpu.device.create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(out, 0, &read, 0, (out_words * 4) as u64);
+    gpu.queue.submit([enc.finish()]);
+    let data = read_mapped(gpu, &read, (out_words * 4) as u64, |b| {
+        bytemuck::cast_slice::<u8, f32>(b).to_vec()
+    })?;
+    Ok((data, counted, kernel_s))
+}
+
+/// Binds `bufs` in order (plus the I/O counter when on), dispatches once and waits; returns the
+/// counted words and the GPU time.
+fn dispatch_no_read(
+    gpu: &Gpu,
+    pipeline: &wgpu::ComputePipeline,
+    layout: &wgpu::BindGroupLayout,
+    bufs: &[&wgpu::Buffer],
+    opts: &RunOptions,
+    grid: (u32, u32, u32),
+) -> Result<(Option<(u64, u64)>, Option<f64>), Error> {
+    let counter = opts.count_io.then(|| storage_buffer(gpu, 2, "io_words"));
+    let mut entries: Vec<wgpu::BindGroupEntry> = bufs
+        .iter()
+        .enumerate()
+        .map(|(i, b)| wgpu::BindGroupEntry {
+            binding: i as u32,
+            resource: b.as_entire_binding(),
+        })
+        .collect();
+    if let Some(cb) = &counter {
+        gpu.queue.write_buffer(cb, 0, &[0u8; 8]);
+        entries.push(wgpu::BindGroupEntry {
+            binding: bufs.len() as u32,
+            resource: cb.as_entire_binding(),
+        });
+    }
+    let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout,
+        entries: &entries,
+    });
+    let timer = Timer::new(gpu);
+    let counter_read = counter.as_ref().map(|_| readback_buffer(gpu, 8));
+    let mut enc = gpu.device.create_command_encoder(&Default::default());
+    if let Some(tm) = &timer {
+        tm.start(&mut enc);
+    }
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &bind, &[]);
+        pass.dispatch_workgroups(grid.0, grid.1, grid.2);
+    }
+    if let Some(tm) = &timer {
+        tm.stop(&mut enc);
+    }
+    if let (Some(cb), Some(cr)) = (&counter, &counter_read) {
+        enc.copy_buffer_to_buffer(cb, 0, cr, 0, 8);
+    }
+    gpu.queue.submit([enc.finish()]);
+    gpu.wait()?;
+    let counted = match &counter_read {
+        Some(cr) => Some(read_mapped(gpu, cr, 8, |b| {
+            let w: &[u32] = bytemuck::cast_slice(b);
+            (u64::from(w[0]), u64::from(w[1]))
+        })?),
+        None => None,
+    };
+    let kernel_s = match &timer {
+        Some(tm) => Some(tm.seconds(gpu)?),
+        None => None,
+    };
+    Ok((counted, kernel_s))
+}
+
+/// What the pre-pass found, per KV unit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prepass {
+    /// Key mean per unit, `(units, e)`.
+    pub mu: Vec<f32>,
+    /// max_i ||q_i|| over the unit's query heads.
+    pub q_max_norm: Vec<f64>,
+    /// max_j ||k_j - mu||.
+    pub k_max_norm: Vec<f64>,
+    /// Value column min and max, `(units, ev)`.
+    pub v_min: Vec<f64>,
+    pub v_max: Vec<f64>,
+    /// Non-finite entries in query, key, value.
+    pub nonfinite: [u64; 3],
+}
+
+impl Prepass {
+    /// beta = scale * max||q|| * max||k - mu||, the largest over all units.
+    pub fn beta(&self, scale: f32) -> f64 {
+        self.q_max_norm
+            .iter()
+            .zip(&self.k_max_norm)
+            .map(|(q, k)| f64::from(scale.abs()) * q * k)
+            .fold(0.0, f64::max)
+    }
+}
+
+/// The pre-pass: Q and V once, K twice (its mean first, then the norms around it).
+pub fn prepass(
+    gpu: &Gpu,
+    p: &Problem,
+    plan_chunk: &crate::plan::Chunking,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    fast_memory_words: u64,
+    opts: &RunOptions,
+    stats: &mut RunStats,
+) -> Result<Prepass, Error> {
+    let kv_shape = |width| PrepassShape {
+        units: p.units,
+        rows: p.s,
+        width,
+        units_per_dispatch: plan_chunk.units,
+        rows_per_dispatch: plan_chunk.kv_rows,
+    };
+    let q_shape = PrepassShape {
+        units: p.units * p.group,
+        rows: p.l,
+        width: p.e,
+        units_per_dispatch: plan_chunk.units * p.group,
+        rows_per_dispatch: plan_chunk.q_rows,
+    };
+    let ks = row_stats(gpu, k, None, kv_shape(p.e), fast_memory_words, opts, stats)?;
+    let mu: Vec<f32> = ks
+        .iter()
+        .flat_map(|s| s.col_sum.iter().map(|x| (x / p.s as f64) as f32))
+        .collect();
+    let kc = row_stats(
+        gpu,
+        k,
+        Some(&mu),
+        kv_shape(p.e),
+        fast_memory_words,
+        opts,
+        stats,
+    )?;
+    let vs = row_stats(gpu, v, None, kv_shape(p.ev), fast_memory_words, opts, stats)?;
+    let qs = if p.l > 0 {
+        row_stats(gpu, q, None, q_shape, fast_memory_words, opts, stats)?
+    } else {
+        vec![RowStats::new(p.e); p.units * p.group]
+    };
+    let q_max_norm = (0..p.units)
+        .map(|u| {
+            qs[u * p.group..(u + 1) * p.group]
+                .iter()
+                .map(|s| s.max_norm2.sqrt())
+                .fold(0.0, f64::max)
+        })
+        .collect();
+    Ok(Prepass {
+        mu,
+        q_max_norm,
+        k_max_norm: kc.iter().map(|s| s.max_norm2.sqrt()).collect(),
+        v_min: vs.iter().flat_map(|s| s.col_min.clone()).collect(),
+        v_max: vs.iter().flat_map(|s| s.col_max.clone()).collect(),
+        nonfinite: [
+            qs.iter().map(|s| s.nonfinite).sum(),
+            ks.iter().map(|s| s.nonfinite).sum(),
+            vs.iter().map(|s| s.nonfinite).sum(),
+        ],
+    })
+}
+
+/// Passes 1 and 2 for a planned degree. `weights` are the per-feature query weights (f64 -> f32).
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    gpu: &Gpu,
+    p: &Problem,
+    plan: &PolyPlan,
+    table: &FeatureTable,
+    poly: &Poly,
+    pre: &Prepass,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    opts: &RunOptions,
+    stats: &mut RunStats,
+) -> Result<Vec<f32>, Error> {
+    let c = &plan.chunking;
+    let ev1 = p.ev + 1;
+    let r = plan.r;
+    let idx = pack_indices(table);
+    let weights: Vec<f32> = crate::poly::query_weights(table, poly, f64::from(p.scale))
+        .into_iter()
+        .map(|w| w as f32)
+        .collect();
+    let p1 = gpu.pipeline(
+        &format!("pass1:{:?}:{}:{}", plan.pass1, opts.count_io, opts.trusted),
+        &pass1_source(&plan.pass1, opts.count_io),
+        opts.trusted,
+    )?;
+    let red = gpu.pipeline(
+        &format!("reduce:{}:{}", opts.count_io, opts.trusted),
+        &reduce_source(opts.count_io),
+        opts.trusted,
+    )?;
+    let p2 = gpu.pipeline(
+        &format!("pass2:{:?}:{}:{}", plan.pass2, opts.count_io, opts.trusted),
+        &pass2_source(&plan.pass2, opts.count_io),
+        opts.trusted,
+    )?;
+    let (l1, lr, l2) = (
+        p1.get_bind_group_layout(0),
+        red.get_bind_group_layout(0),
+        p2.get_bind_group_layout(0),
+    );
+
+    let heads = p.query_heads();
+    let mut out = vec![0f32; heads * p.l * p.ev];
+    gpu.checked(|| {
+        let idx_buf = storage_buffer(gpu, idx.len(), "feature indices");
+        let w_buf = storage_buffer(gpu, weights.len(), "feature weights");
+        gpu.queue
+            .write_buffer(&idx_buf, 0, bytemuck::cast_slice(&idx));
+        gpu.queue
+            .write_buffer(&w_buf, 0, bytemuck::cast_slice(&weights));
+        let sp_buf = storage_buffer(gpu, c.units * r * ev1, "S'");
+        let partial_buf = storage_buffer(gpu, c.units * plan.splits * r * ev1, "partial S'");
+        for u0 in (0..p.units).step_by(c.units) {
+            let nu = c.units.min(p.units - u0);
+            let mu_buf = storage_buffer(gpu, nu * p.e, "mu");
+            gpu.queue.write_buffer(
+                &mu_buf,
+                0,
+                bytemuck::cast_slice(&pre.mu[u0 * p.e..(u0 + nu) * p.e]),
+            );
+            // Pass 1 and the reduction, one key chunk at a time (S' is a sum over keys).
+            for (ci, s0) in (0..p.s).step_by(c.kv_rows).enumerate() {
+                let sc = c.kv_rows.min(p.s - s0);
+                let kc = super::exact::gather(k, u0, nu, p.s, s0, sc, p.e);
+                let vc = super::exact::gather(v, u0, nu, p.s, s0, sc, p.ev);
+                let k_buf = storage_buffer(gpu, kc.len(), "k");
+                let v_buf = storage_buffer(gpu, vc.len(), "v");
+                gpu.queue.write_buffer(&k_buf, 0, bytemuck::cast_slice(&kc));
+                gpu.queue.write_buffer(&v_buf, 0, bytemuck::cast_slice(&vc));
+                let keys_per_split = plan.keys_per_split.min(sc);
+                let splits = sc.div_ceil(keys_per_split);
+                let prm = uniform_buffer(
+                    gpu,
+                    bytemuck::cast_slice(&[sc as u32, keys_per_split as u32, splits as u32, 0]),
+                );
+                let (counted, t) = dispatch_no_read(
+                    gpu,
+                    &p1,
+                    &l1,
+                    &[&prm, &k_buf, &v_buf, &mu_buf, &idx_buf, &partial_buf],
+                    opts,
+                    (splits as u32, plan.pass1.chunks() as u32, nu as u32),
+                )?;
+                stats.absorb(&RunStats {
+                    io_words_counted: counted,
+                    kernel_s: t,
+                    dispatches: 1,
+                });
+                let words = r * ev1;
+                let prm = uniform_buffer(
+                    gpu,
+                    bytemuck::cast_slice(&[splits as u32, u32::from(ci > 0), words as u32, 0]),
+                );
+                let (counted, t) = dispatch_no_read(
+                    gpu,
+                    &red,
+                    &lr,
+                    &[&prm, &partial_buf, &sp_buf],
+                    opts,
+                    (words.div_ceil(AUX_THREADS) as u32, nu as u32, 1),
+                )?;
+                stats.absorb(&RunStats {
+                    io_words_counted: counted,
+                    kernel_s: t,
+                    dispatches: 1,
+                });
+            }
+            // Pass 2, one query chunk at a time.
+            for l0 in (0..p.l).step_by(c.q_rows) {
+                let lc = c.q_rows.min(p.l - l0);
+                let qh = nu * p.group;
+                let qc = super::exact::gather(q, u0 * p.group, qh, p.l, l0, lc, p.e);
+                let q_buf = storage_buffer(gpu, qc.len(), "q");
+                gpu.queue.write_buffer(&q_buf, 0, bytemuck::cast_slice(&qc));
+                let o_words = qh * lc * p.ev;
+                let o_buf = storage_buffer(gpu, o_words, "o");
+                let blocks = lc.div_ceil(plan.pass2.b);
+                let wgs = plan.pass2_workgroups.min(blocks);
+                let prm = uniform_buffer(
+                    gpu,
+                    bytemuck::cast_slice(&[lc as u32, blocks as u32, p.group as u32, 0]),
+                );
+                let (oc, counted, t) = dispatch_one(
+                    gpu,
+                    &p2,
+                    &l2,
+                    &[&prm, &q_buf, &sp_buf, &idx_buf, &w_buf, &o_buf],
+                    opts,
+                    (wgs as u32, qh as u32, 1),
+                    &o_buf,
+                    o_words,
+                )?;
+                stats.absorb(&RunStats {
+                    io_words_counted: counted,
+                    kernel_s: t,
+                    dispatches: 1,
+                });
+                for h in 0..qh {
+                    for row in 0..lc {
+                        let dst = ((u0 * p.group + h) * p.l + l0 + row) * p.ev;
+                        out[dst..dst + p.ev]
+                            .copy_from_slice(&oc[(h * lc + row) * p.ev..(h * lc + row + 1) * p.ev]);
+                    }
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
