@@ -45,7 +45,16 @@ pub fn budget(info: &DeviceInfo) -> Result<Budget, Error> {
         max_invocations_per_workgroup: info
             .max_compute_invocations_per_workgroup
             .min(info.max_compute_workgroup_size_x),
+        // Mesa's llvmpipe stops loops after 65,535 iterations per invocation; keep a margin.
+        max_loop_iterations: if info.adapter.contains("llvmpipe") {
+            60_000
+        } else {
+            u64::MAX
+        },
     };
+    if let Some(n) = env_u64("APPROX_ATTN_MAX_LOOP_ITERATIONS")? {
+        b.max_loop_iterations = n;
+    }
     if let Some(bytes) = env_u64("APPROX_ATTN_FAST_MEMORY_BYTES")? {
         b.fast_memory_words = b.fast_memory_words.min(bytes / 4);
     }
@@ -127,6 +136,12 @@ fn poly_candidate(
     budget: &Budget,
 ) -> Result<PolyCandidate, Error> {
     let beta = pre.beta(p.scale);
+    if !beta.is_finite() {
+        return Err(Error::InvalidInput(format!(
+            "the polynomial method needs finite scores, but beta = scale * max|q| * max|k - mean k| \
+             is {beta} (non-finite or overflowing inputs)"
+        )));
+    }
     // eps bounds eps_P/(1-eps_P) * range, so the polynomial must certify eps/(1+eps).
     let target = popts.eps / (1.0 + popts.eps);
     let poly = match popts.degree {
@@ -239,17 +254,8 @@ fn rates(gpu: &device::Gpu, budget: &Budget) -> Result<cost::Rates, Error> {
     };
     let tp = timed(&mut || {
         let mut st = RunStats::default();
-        let pre = kernels::poly::prepass(
-            gpu,
-            &p,
-            &eplan.chunking,
-            &x,
-            &x,
-            &x,
-            budget.fast_memory_words,
-            &opts,
-            &mut st,
-        )?;
+        let pre =
+            kernels::poly::prepass(gpu, &p, &eplan.chunking, &x, &x, &x, budget, &opts, &mut st)?;
         let c = poly_candidate(&p, &pre, &popts, budget)?;
         kernels::poly::run(
             gpu, &p, &c.plan, &c.table, &c.poly, &pre, &x, &x, &x, &opts, &mut st,
@@ -308,7 +314,7 @@ pub fn attention(
             q,
             k,
             v,
-            budget.fast_memory_words,
+            &budget,
             opts,
             &mut stats,
         )?;
@@ -386,7 +392,7 @@ pub fn attention(
             opts,
             &mut stats,
         )?;
-        let io = io::poly_io(p, &c.plan, &exact_plan.chunking, budget.fast_memory_words);
+        let io = io::poly_io(p, &c.plan, &exact_plan.chunking, &budget);
         (out, io, format!("{:?}", c.plan), Some(c.cert), "poly")
     } else {
         let (out, st) = kernels::exact::run(&gpu, p, &exact_plan, q, k, v, opts)?;
@@ -394,7 +400,7 @@ pub fn attention(
         let mut io = io::exact_io(p, &exact_plan);
         if let Some(pre_cost) = pre
             .as_ref()
-            .map(|_| io::prepass_io(p, &exact_plan.chunking, budget.fast_memory_words))
+            .map(|_| io::prepass_io(p, &exact_plan.chunking, &budget))
         {
             // auto paid for the pre-pass before choosing exact.
             io.passes.splice(0..0, pre_cost.passes);
@@ -462,4 +468,86 @@ fn check_lengths(p: &Problem, q: &[f32], k: &[f32], v: &[f32]) -> Result<(), Err
         }
     }
     Ok(())
+}
+
+/// The plan that would run and the words it moves, without touching the GPU when
+/// `fast_memory_words` is given (then the model has no binding limit: one dispatch).
+#[derive(Clone, Debug)]
+pub struct IoEstimate {
+    pub method: &'static str,
+    pub schedule: Option<plan::Schedule>,
+    pub degree: Option<usize>,
+    pub rank: Option<usize>,
+    pub fast_memory_words: u64,
+    pub io: io::IoCount,
+}
+
+pub fn io_cost(
+    p: &Problem,
+    method: Method,
+    degree: Option<usize>,
+    eps: Option<f64>,
+    beta: Option<f64>,
+    fast_memory_words: Option<u64>,
+) -> Result<IoEstimate, Error> {
+    let budget = match fast_memory_words {
+        Some(m) => Budget {
+            fast_memory_words: m,
+            max_binding_bytes: u64::MAX / 8,
+            max_workgroups_per_dimension: u32::MAX,
+            max_invocations_per_workgroup: 256,
+            max_loop_iterations: u64::MAX,
+        },
+        None => budget(&device::gpu()?.info)?,
+    };
+    let exact_plan = plan::plan_exact(p, &budget)?;
+    match method {
+        Method::Exact => Ok(IoEstimate {
+            method: "exact",
+            schedule: None,
+            degree: None,
+            rank: None,
+            fast_memory_words: budget.fast_memory_words,
+            io: io::exact_io(p, &exact_plan),
+        }),
+        Method::Poly | Method::Auto => {
+            if p.causal {
+                return Err(Error::Unsupported(
+                    "is_causal=True is not implemented for method='poly' yet".into(),
+                ));
+            }
+            let g = match (degree, eps, beta) {
+                (Some(g), _, _) => g,
+                (None, Some(eps), Some(beta)) => {
+                    if !(eps > 0.0 && eps < 1.0) || !(beta >= 0.0 && beta.is_finite()) {
+                        return Err(Error::InvalidInput(format!(
+                            "need 0 < eps < 1 and finite beta >= 0, got eps={eps}, beta={beta}"
+                        )));
+                    }
+                    let poly = poly::choose_degree(beta, eps / (1.0 + eps), MAX_DEGREE)
+                        .ok_or_else(|| {
+                            Error::TooLarge(format!(
+                                "no degree <= {MAX_DEGREE} certifies eps={eps} at beta={beta}"
+                            ))
+                        })?;
+                    poly.coeffs.iter().rposition(|&c| c != 0.0).unwrap_or(0)
+                }
+                _ => {
+                    return Err(Error::InvalidInput(
+                        "method='poly' needs degree=, or eps= and beta= to choose the degree"
+                            .into(),
+                    ))
+                }
+            };
+            let plan = plan::plan_poly(p, g, &budget)?;
+            Ok(IoEstimate {
+                method: "poly",
+                schedule: Some(plan.schedule),
+                degree: Some(g),
+                rank: Some(plan.r),
+                fast_memory_words: budget.fast_memory_words,
+                io: io::poly_io(p, &plan, &exact_plan.chunking, &budget),
+            })
+        }
+    }
 }

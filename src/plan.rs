@@ -33,6 +33,10 @@ pub struct Budget {
     pub max_binding_bytes: u64,
     pub max_workgroups_per_dimension: u32,
     pub max_invocations_per_workgroup: u32,
+    /// Loop iterations one shader invocation may run in total. Unlimited on GPUs; Mesa's llvmpipe
+    /// (lavapipe) silently stops every loop of an invocation after 65,535 iterations in total
+    /// (LP_MAX_TGSI_LOOP_ITERATIONS), so plans there are cut to stay below it.
+    pub max_loop_iterations: u64,
 }
 
 /// Tiles of the exact (FlashAttention-2 style) kernel.
@@ -100,7 +104,9 @@ const MAX_THREAD_SIDE: usize = 8;
 /// memory and the register limits, then the largest key tile.
 pub fn exact_tiles(p: &Problem, budget: &Budget) -> Result<ExactTiles, Error> {
     let bq_cap = p.l.max(1).next_power_of_two().min(64);
-    let bk_cap = p.s.max(1).next_power_of_two().min(64);
+    // Key tiles of at least 8 keep tk = 8 so wide values (Ev up to 256) stay within the register
+    // cap; padded keys are masked.
+    let bk_cap = p.s.max(1).next_power_of_two().clamp(8, 64);
     let mut best: Option<ExactTiles> = None;
     for bq in [64usize, 32, 16, 8, 4, 2, 1]
         .into_iter()
@@ -154,6 +160,22 @@ pub fn exact_tiles(p: &Problem, budget: &Budget) -> Result<ExactTiles, Error> {
             budget.fast_memory_words
         ))
     })
+}
+
+fn cdiv(a: usize, b: usize) -> u64 {
+    a.div_ceil(b.max(1)) as u64
+}
+
+/// Loop iterations one invocation of the exact kernel runs for `keys` keys (see exact.wgsl).
+pub fn exact_loop_iterations(t: &ExactTiles, keys: usize) -> u64 {
+    let wg = t.threads();
+    let per_tile = 1
+        + cdiv(t.bk * t.e, wg)
+        + t.e as u64
+        + 2 * t.bk as u64
+        + cdiv(t.bk * t.ev, wg)
+        + t.bk as u64;
+    cdiv(t.bq * t.e, wg) + cdiv(keys, t.bk) * per_tile
 }
 
 /// Cuts the problem so each binding (Q, K, V, O chunk) stays within `max_binding_bytes` and each
@@ -239,7 +261,21 @@ pub fn chunks(p: &Problem, c: &Chunking) -> Vec<Chunk> {
 
 pub fn plan_exact(p: &Problem, budget: &Budget) -> Result<ExactPlan, Error> {
     let tiles = exact_tiles(p, budget)?;
-    let chunking = chunking(p, tiles.bq, budget)?;
+    let mut chunking = chunking(p, tiles.bq, budget)?;
+    // Drivers with a loop budget get fewer keys per dispatch (merged like any split-KV chunk).
+    let fits = |keys| exact_loop_iterations(&tiles, keys) <= budget.max_loop_iterations;
+    if !fits(chunking.kv_rows) {
+        let keys = largest_fitting(chunking.kv_rows, |k| fits(k));
+        if keys < tiles.bk {
+            return Err(Error::TooLarge(format!(
+                "exact attention with E={} and Ev={} needs more loop iterations per shader \
+                 invocation than this driver runs ({})",
+                p.e, p.ev, budget.max_loop_iterations
+            )));
+        }
+        chunking.kv_rows = keys / tiles.bk * tiles.bk;
+        chunking.units = 1;
+    }
     Ok(ExactPlan { tiles, chunking })
 }
 
@@ -253,6 +289,7 @@ mod tests {
             max_binding_bytes: 128 << 20,
             max_workgroups_per_dimension: 65535,
             max_invocations_per_workgroup: 256,
+            max_loop_iterations: u64::MAX,
         }
     }
 
@@ -428,6 +465,40 @@ impl Pass2Tiles {
     }
 }
 
+impl Pass1Tiles {
+    /// Loop iterations of one pass-1 invocation over `keys` keys (see poly_pass1.wgsl).
+    pub fn loop_iterations(&self, keys: usize) -> u64 {
+        let (wg, e1, ev1) = (self.threads, self.e + 1, self.ev + 1);
+        let init =
+            cdiv(self.e, wg) + cdiv(self.rc * index_words(self.g), wg) + cdiv(self.rc * ev1, wg);
+        let per_tile = 1
+            + cdiv(self.bk * e1, wg)
+            + cdiv(self.bk * ev1, wg)
+            + cdiv(self.rc * self.bk, wg) * (1 + self.g as u64)
+            + cdiv(self.rc * ev1, wg) * (1 + self.bk as u64);
+        init + cdiv(keys, self.bk) * per_tile + cdiv(self.rc * ev1, wg)
+    }
+}
+
+impl Pass2Tiles {
+    /// Loop iterations of one pass-2 invocation over `blocks` query blocks (see poly_pass2.wgsl).
+    pub fn loop_iterations(&self, blocks: usize) -> u64 {
+        let (wg, e1, ev1) = (self.threads, self.e + 1, self.ev + 1);
+        let load =
+            cdiv(self.rc * ev1, wg) + cdiv(self.rc * index_words(self.g), wg) + cdiv(self.rc, wg);
+        let per_chunk = 1
+            + if self.resident() { 0 } else { load }
+            + cdiv(self.b * self.rc, wg) * (1 + self.g as u64)
+            + cdiv(self.b * ev1, wg) * (1 + self.rc as u64);
+        let per_block = 1
+            + cdiv(self.b * e1, wg)
+            + cdiv(self.b * ev1, wg)
+            + self.chunks() as u64 * per_chunk
+            + cdiv(self.b * self.ev, wg);
+        (if self.resident() { load } else { 0 }) + blocks as u64 * per_block
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PolyPlan {
     pub degree: usize,
@@ -480,8 +551,8 @@ pub fn plan_poly(p: &Problem, degree: usize, budget: &Budget) -> Result<PolyPlan
     let threads = POLY_THREADS.min(budget.max_invocations_per_workgroup as usize);
 
     // Pass 1: key tile bk, then as many feature rows as fit (at least 1).
-    // Prefer all of S' resident (one chunk: keys read once) with the largest key tile; else the
-    // largest key tile that still leaves >= 16 feature rows.
+    // Pass 1 re-reads K and V once per chunk of rc feature rows: pick the key tile whose chunks
+    // cost the fewest words (a larger tile within 10% of the best wins: fewer barriers).
     let t1 = |bk, rc| Pass1Tiles {
         e: p.e,
         ev: p.ev,
@@ -491,18 +562,23 @@ pub fn plan_poly(p: &Problem, degree: usize, budget: &Budget) -> Result<PolyPlan
         bk,
         threads,
     };
-    let key_tiles = [32usize, 16, 8, 4, 2, 1];
     let rows_for = |bk| largest_fitting(r, |rc| t1(bk, rc).fast_memory_words() <= m);
-    let pass1 = key_tiles
+    let key_tiles = [32usize, 16, 8, 4, 2, 1];
+    let best_chunks = key_tiles
         .iter()
-        .find(|&&bk| rows_for(bk) == r)
-        .or_else(|| key_tiles.iter().find(|&&bk| rows_for(bk) >= r.min(16)))
-        .or_else(|| key_tiles.iter().find(|&&bk| rows_for(bk) > 0))
-        .map(|&bk| t1(bk, rows_for(bk)));
+        .filter(|&&bk| rows_for(bk) > 0)
+        .map(|&bk| r.div_ceil(rows_for(bk)))
+        .min();
+    let pass1 = best_chunks.and_then(|best| {
+        key_tiles
+            .iter()
+            .find(|&&bk| rows_for(bk) > 0 && r.div_ceil(rows_for(bk)) * 10 <= best * 11)
+            .map(|&bk| t1(bk, rows_for(bk)))
+    });
     let pass1 = pass1.ok_or_else(|| too_large("no pass-1 tile fits"))?;
 
-    // Pass 2: schedule A keeps all of S' resident; otherwise the largest query block b whose
-    // feature chunk stays >= min(r, 16) rows (I/O ~ L*r*(Ev+1)/b).
+    // Pass 2: schedule A keeps all of S' resident; otherwise the largest query block b (pass-2
+    // I/O ~ L*r*(Ev+3)/b) whose S' chunk still has >= min(r, 16) feature rows.
     let t2 = |b, rc| Pass2Tiles {
         e: p.e,
         ev: p.ev,
@@ -512,23 +588,28 @@ pub fn plan_poly(p: &Problem, degree: usize, budget: &Budget) -> Result<PolyPlan
         rc,
         threads,
     };
-    let mut pass2 = None;
-    for b in [64usize, 32, 16, 8, 4, 2, 1] {
-        if t2(b, r).fast_memory_words() <= m && pass1.chunks() == 1 {
-            pass2 = Some(t2(b, r));
-            break;
-        }
-    }
-    if pass2.is_none() {
-        for b in [64usize, 32, 16, 8, 4, 2, 1] {
-            let rc = largest_fitting(r, |rc| t2(b, rc).fast_memory_words() <= m);
-            if rc >= r.min(16) || (b == 1 && rc > 0) {
-                pass2 = Some(t2(b, rc));
-                break;
-            }
-        }
-    }
-    let pass2 = pass2.ok_or_else(|| too_large("no pass-2 tile fits"))?;
+    let iters_ok = |t: Pass2Tiles| t.loop_iterations(1) <= budget.max_loop_iterations;
+    let resident_b = if pass1.chunks() == 1 {
+        largest_fitting(64, |b| {
+            t2(b, r).fast_memory_words() <= m && iters_ok(t2(b, r))
+        })
+    } else {
+        0
+    };
+    let pass2 = if resident_b > 0 {
+        Some(t2(resident_b, r))
+    } else {
+        let min_rows = r.min(16);
+        let b = largest_fitting(64, |b| {
+            t2(b, min_rows).fast_memory_words() <= m && iters_ok(t2(b, min_rows))
+        });
+        let b = if b > 0 { b } else { 1 };
+        let rc = largest_fitting(r, |rc| t2(b, rc).fast_memory_words() <= m);
+        (rc > 0 && iters_ok(t2(b, rc))).then(|| t2(b, rc))
+    };
+    let pass2 = pass2.ok_or_else(|| {
+        too_large("no pass-2 tile fits the fast memory and the driver's loop budget")
+    })?;
     let schedule = if pass1.chunks() == 1 && pass2.resident() {
         Schedule::A
     } else {
@@ -581,9 +662,25 @@ pub fn plan_poly(p: &Problem, degree: usize, budget: &Budget) -> Result<PolyPlan
 }
 
 /// Rows per pre-pass workgroup: a whole number of tiles, enough workgroups to fill the GPU.
-pub fn prepass_rows_per_block(rows: usize, units: usize, tile_rows: usize) -> usize {
+pub fn prepass_rows_per_block(rows: usize, units: usize, width: usize, budget: &Budget) -> usize {
+    let tile_rows = prepass_tile_rows(width, budget.fast_memory_words);
     let want_blocks = 512usize.div_ceil(units.max(1)).max(1);
-    rows.div_ceil(want_blocks).div_ceil(tile_rows).max(1) * tile_rows
+    let mut tiles = rows.div_ceil(want_blocks).div_ceil(tile_rows).max(1);
+    while tiles > 1 && prepass_loop_iterations(width, tile_rows, tiles) > budget.max_loop_iterations
+    {
+        tiles /= 2;
+    }
+    tiles * tile_rows
+}
+
+/// Loop iterations of one pre-pass invocation over `tiles` tiles (see prepass.wgsl).
+pub fn prepass_loop_iterations(width: usize, tile_rows: usize, tiles: usize) -> u64 {
+    let wg = POLY_THREADS;
+    let per_tile = 1
+        + cdiv(tile_rows * width, wg)
+        + cdiv(width, wg) * (1 + tile_rows as u64)
+        + cdiv(tile_rows, wg) * (1 + width as u64);
+    2 * cdiv(width, wg) + tiles as u64 * per_tile
 }
 
 /// Tile rows of the pre-pass for this width and fast memory.
@@ -601,6 +698,7 @@ mod poly_plan_tests {
             max_binding_bytes: 128 << 20,
             max_workgroups_per_dimension: 65535,
             max_invocations_per_workgroup: 256,
+            max_loop_iterations: u64::MAX,
         }
     }
 

@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::error::Error;
-use crate::{device, Problem, Report, RunOptions};
+use crate::{device, Method, PolyOptions, Problem, Report, RunOptions};
 
 create_exception!(
     _core,
@@ -50,14 +50,25 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
     d.set_item("dispatches", r.stats.dispatches)?;
     d.set_item("elapsed_s", r.elapsed_s)?;
     d.set_item("plan", &r.plan)?;
+    d.set_item("predicted_exact_s", r.predicted_exact_s)?;
+    d.set_item("predicted_poly_s", r.predicted_poly_s)?;
+    d.set_item("reason", &r.reason)?;
+    if let Some(c) = &r.certificate {
+        d.set_item("degree", c.degree)?;
+        d.set_item("rank", c.rank)?;
+        d.set_item("beta", c.beta)?;
+        d.set_item("poly_eps", c.poly_eps)?;
+        d.set_item("error_bound_per_column", c.error_bound_per_column.clone())?;
+        d.set_item("schedule", format!("{:?}", c.schedule))?;
+    }
     Ok(d)
 }
 
-/// Exact attention on flattened contiguous float32 arrays; returns (flat output, report dict).
+/// Attention on flattened contiguous float32 arrays; returns (flat output, report dict).
 #[pyfunction]
-#[pyo3(signature = (q, k, v, units, group, l, s, e, ev, causal, scale, trusted=false, count_io=false))]
+#[pyo3(signature = (q, k, v, units, group, l, s, e, ev, causal, scale, method, eps, degree, check_finite, trusted=false, count_io=false))]
 #[allow(clippy::too_many_arguments)]
-fn exact<'py>(
+fn attention<'py>(
     py: Python<'py>,
     q: PyReadonlyArray1<'py, f32>,
     k: PyReadonlyArray1<'py, f32>,
@@ -70,9 +81,19 @@ fn exact<'py>(
     ev: usize,
     causal: bool,
     scale: f32,
+    method: &str,
+    eps: f64,
+    degree: Option<usize>,
+    check_finite: bool,
     trusted: bool,
     count_io: bool,
 ) -> PyResult<(Bound<'py, PyArray1<f32>>, Bound<'py, PyDict>)> {
+    let method = match method {
+        "exact" => Method::Exact,
+        "poly" => Method::Poly,
+        "auto" => Method::Auto,
+        other => return Err(PyValueError::new_err(format!("unknown method {other:?}"))),
+    };
     // Copy while holding the GIL: other Python threads may mutate the arrays once it is released.
     let (q, k, v) = (
         q.as_array().to_vec(),
@@ -89,11 +110,125 @@ fn exact<'py>(
         causal,
         scale,
     };
+    let popts = PolyOptions {
+        eps,
+        degree,
+        check_finite,
+    };
     let opts = RunOptions { trusted, count_io };
     let (out, report) = py
-        .detach(|| crate::exact_attention(&p, &q, &k, &v, &opts))
+        .detach(|| crate::attention(&p, &q, &k, &v, method, &popts, &opts))
         .map_err(to_py)?;
     Ok((PyArray1::from_vec(py, out), report_dict(py, &report)?))
+}
+
+/// The words the plan for this problem would move; see `approx_attn.io_cost`.
+#[pyfunction]
+#[pyo3(signature = (units, group, l, s, e, ev, causal, method, degree=None, eps=None, beta=None, fast_memory_words=None))]
+#[allow(clippy::too_many_arguments)]
+fn io_cost<'py>(
+    py: Python<'py>,
+    units: usize,
+    group: usize,
+    l: usize,
+    s: usize,
+    e: usize,
+    ev: usize,
+    causal: bool,
+    method: &str,
+    degree: Option<usize>,
+    eps: Option<f64>,
+    beta: Option<f64>,
+    fast_memory_words: Option<u64>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let method = match method {
+        "exact" => Method::Exact,
+        "poly" => Method::Poly,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "method must be 'exact' or 'poly', got {other:?}"
+            )))
+        }
+    };
+    let p = Problem {
+        units,
+        group,
+        l,
+        s,
+        e,
+        ev,
+        causal,
+        scale: 1.0,
+    };
+    let est = py
+        .detach(|| crate::io_cost(&p, method, degree, eps, beta, fast_memory_words))
+        .map_err(to_py)?;
+    let d = PyDict::new(py);
+    d.set_item("method", est.method)?;
+    d.set_item("schedule", est.schedule.map(|s| format!("{s:?}")))?;
+    d.set_item("degree", est.degree)?;
+    d.set_item("rank", est.rank)?;
+    d.set_item("fast_memory_words", est.fast_memory_words)?;
+    let passes: Vec<(String, u64, u64)> = est
+        .io
+        .passes
+        .iter()
+        .map(|p| (p.name.to_string(), p.reads, p.writes))
+        .collect();
+    d.set_item("passes", passes)?;
+    d.set_item("reads", est.io.reads())?;
+    d.set_item("writes", est.io.writes())?;
+    d.set_item("total", est.io.total())?;
+    Ok(d)
+}
+
+/// Closed forms in words (see `io::closed_form`): (exact_tiled, poly_a, poly_b, poly_materialized,
+/// poly_lower_bound, exact_lower_bound).
+#[pyfunction]
+fn io_closed_form(l: f64, s: f64, d: f64, r: f64, m: f64) -> (f64, f64, f64, f64, f64, f64) {
+    use crate::io::closed_form as cf;
+    (
+        cf::exact_tiled(l, s, d, m),
+        cf::poly_a(l, s, d),
+        cf::poly_b(l, s, d, r, m),
+        cf::poly_materialized(l.max(s), d, r, m),
+        cf::poly_lower_bound(l, s, d, r, m),
+        cf::exact_lower_bound(l, s, d, m),
+    )
+}
+
+/// C(e+g, g), the number of features of degree <= g in e variables.
+#[pyfunction]
+fn num_features(e: usize, g: usize) -> u64 {
+    crate::poly::num_features(e, g)
+}
+
+/// (degree, coefficients, certified eps) of the best fit of exp on [-beta, beta].
+#[pyfunction]
+#[pyo3(signature = (beta, degree=None, eps=None))]
+fn fit_polynomial(
+    beta: f64,
+    degree: Option<usize>,
+    eps: Option<f64>,
+) -> PyResult<(usize, Vec<f64>, f64)> {
+    if !(beta >= 0.0 && beta.is_finite()) {
+        return Err(PyValueError::new_err(format!(
+            "beta must be finite and >= 0, got {beta}"
+        )));
+    }
+    let poly = match (degree, eps) {
+        (Some(g), _) => crate::poly::Poly::fit(beta, g),
+        (None, Some(eps)) => {
+            crate::poly::choose_degree(beta, eps, crate::MAX_DEGREE).ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "no degree <= {} certifies {eps} at beta={beta}",
+                    crate::MAX_DEGREE
+                ))
+            })?
+        }
+        (None, None) => return Err(PyValueError::new_err("give degree= or eps=")),
+    };
+    Ok((poly.degree, poly.coeffs.clone(), poly.certified_eps))
 }
 
 #[pyfunction]
@@ -146,9 +281,13 @@ fn _destroy_device(py: Python<'_>) -> PyResult<()> {
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(exact, m)?)?;
+    m.add_function(wrap_pyfunction!(attention, m)?)?;
     m.add_function(wrap_pyfunction!(device_info, m)?)?;
     m.add_function(wrap_pyfunction!(list_adapters, m)?)?;
+    m.add_function(wrap_pyfunction!(io_cost, m)?)?;
+    m.add_function(wrap_pyfunction!(io_closed_form, m)?)?;
+    m.add_function(wrap_pyfunction!(num_features, m)?)?;
+    m.add_function(wrap_pyfunction!(fit_polynomial, m)?)?;
     m.add_function(wrap_pyfunction!(_destroy_device, m)?)?;
     m.add("NoDeviceError", m.py().get_type::<NoDeviceError>())?;
     m.add("DeviceError", m.py().get_type::<DeviceError>())?;

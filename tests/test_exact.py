@@ -5,39 +5,42 @@ inputs, upper-left causal masks with L != S, grouped-query heads, float16/float6
 views, explicit scales, reduced workgroup-memory and binding budgets, the `Report`, shader-counted
 I/O and concurrent callers.
 
-Tolerance (float32 GPU arithmetic, u = 2^-24, inputs standard normal):
+Tolerance (float32 GPU arithmetic, u = 2^-24, standard normal inputs, smax = max |s_ij|):
   * each softmax weight w_j = exp(s_j - m) / l gets a relative error d_j from
-    - rounding q * (scale * log2 e) and the subtraction s_j - m before exp2, plus exp2 itself:
-      at most about ln2 * (2|s_j| + |s_j - m|) u + 2u  <=  2 smax u + 2u (smax = max |s_ij|);
-    - the E-term fma chain of the dot product: with probabilistic rounding (Higham & Mary 2019) the
-      error grows like sqrt(E) u times the partial sums, which are O(1) for unit-variance inputs
-      scaled by 1/sqrt(E): about sqrt(E) u;
-  * perturbing the weights moves the output by sum_j w_j d_j (v_j - o) <= max_j |d_j| * range(V);
-  * accumulating l and o over S keys (positive weights, online rescaling) and dividing adds a few u
-    times max |v| <= range(V) (a constant).
-  Hence |gpu - ref| <= tol32 = u * range(V) * (8 + 2 smax + sqrt(E)).  Measured errors on lavapipe
-  are 0.3-5 u * range(V), i.e. 5-20x below tol32; for E = 256 tol32 is about 2e-6 * range(V), tighter
-  than the 4e-6 * range(V) rule of thumb.  `test_tolerance_has_teeth` checks that dropping a
-  single key of 1000, or shifting the causal diagonal by one, exceeds it.
-  float64 inputs are rounded to float32 first: scores move by <= 2u * A (A = max scale*|q||k|^T) and
-  values by u |v|, adding u * (2 A range(V) + max|v|).
-  float16 outputs add the float16 rounding of the result, elementwise 2^-11 |ref| + 2^-25
-  (half an ulp, the second term for subnormals), on top of tol32.
+    - the subtraction s_j - m before exp2: u |s_j - m| <= 2 smax u (rounding scale * log2 e
+      scales all scores alike and mostly cancels in the softmax; exp2 adds a few u);
+    - the E-term fma chain of the dot product: with probabilistic rounding (Higham & Mary 2019)
+      the error grows like sqrt(E) u times the partial sums, which are O(1) for unit-variance
+      inputs scaled by 1/sqrt(E): about sqrt(E) u;
+  * perturbing the weights moves the output by sum_j w_j d_j (v_j - o) <= max_j |d_j| range(V);
+  * accumulating l and o over S keys (positive weights, online rescaling), exp2 and the final
+    division add a few u times max |v| <= range(V): the constant 8.
+  Hence |gpu - ref| <= tol32 = u * range(V) * (8 + 2 smax + sqrt(E)).  On lavapipe the measured
+  errors of this suite stay below 0.12 tol32 (0.3-5 u range(V)); for E = 256 tol32 is about
+  2e-6 range(V), tighter than a 4e-6 range(V) rule of thumb.  `test_tolerance_has_teeth` checks
+  that dropping one key of 1000, or shifting the causal diagonal by one, exceeds it tenfold.
+  float64 inputs are rounded to float32 first: scores move by <= 2u A (A = max scale |q| |k|^T)
+  and values by u |v|, adding u (2 A range(V) + max |v|).
+  float16 outputs add the rounding of the result, elementwise 2^-11 |ref| + 2^-25 (half an ulp;
+  the second term for subnormals), on top of tol32.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import math
 import re
 from typing import Any
 
+import approx_attn
 import numpy as np
 import pytest
-
-import approx_attn
 from approx_attn.reference import exact_attention
+
+# The exact method explicitly: "auto" may pick the approximate polynomial method.
+attention = functools.partial(approx_attn.attention, method="exact")
 
 U32 = 2.0**-24  # float32 unit roundoff (round to nearest)
 U16 = 2.0**-11  # float16 unit roundoff
@@ -100,7 +103,7 @@ def check_attention(
     what: str = "",
 ) -> approx_attn.Report:
     """Runs the GPU and compares with the float64 reference under the dtype's tolerance."""
-    out, rep = approx_attn.attention(
+    out, rep = attention(
         q, k, v, scale=scale, is_causal=is_causal, enable_gqa=enable_gqa, return_report=True
     )
     lead = q.shape[:-2]
@@ -227,7 +230,7 @@ def test_scale_zero_is_mean_of_values() -> None:
     # Independent of the reference: with scale 0 every weight is 1/S.
     rng = np.random.default_rng(5)
     q, k, v = randn(rng, (7, 16)), randn(rng, (64, 16)), randn(rng, (64, 4))
-    out = approx_attn.attention(q, k, v, scale=0.0)
+    out = attention(q, k, v, scale=0.0)
     want = np.broadcast_to(v.astype(np.float64).mean(axis=0), out.shape)
     assert_close(out, want, U32 * float(v.max() - v.min()) * 8.0, "scale=0")
 
@@ -237,7 +240,7 @@ def test_grouped_query_heads(case: Case) -> None:
     q, k, v = case.inputs(seed=3)
     check_attention(q, k, v, is_causal=case.causal, enable_gqa=True, what=case_id(case))
     # Independently of the reference's np.repeat: query head h must use kv head h // group.
-    out = approx_attn.attention(q, k, v, is_causal=case.causal, enable_gqa=True)
+    out = attention(q, k, v, is_causal=case.causal, enable_gqa=True)
     hq, hk = q.shape[-3], k.shape[-3]
     for h in range(hq):
         kh, vh = k[..., h // (hq // hk), :, :], v[..., h // (hq // hk), :, :]
@@ -251,10 +254,10 @@ def test_causal_is_upper_left_aligned(L: int, S: int) -> None:
     # Row i sees keys 0..i (PyTorch's upper-left alignment, not bottom-right as in kv-caching).
     rng = np.random.default_rng(L + S)
     q, k, v = randn(rng, (L, 16)), randn(rng, (S, 16)), randn(rng, (S, 8))
-    out = approx_attn.attention(q, k, v, is_causal=True)
+    out = attention(q, k, v, is_causal=True)
     tol = tolerance32(q, k, v, None)
     assert_close(out[0], v[0].astype(np.float64), tol, "row 0 sees only key 0")
-    for i in {1, min(L, S) - 1, L - 1}:
+    for i in sorted({min(1, L - 1), min(L, S) - 1, L - 1}):
         ref = exact_attention(q[i : i + 1], k[: i + 1], v[: i + 1])
         assert_close(out[i : i + 1], ref, tol, f"row {i} sees keys 0..{i}")
 
@@ -264,17 +267,17 @@ def test_tolerance_has_teeth() -> None:
     # causal diagonal shifted by one.
     rng = np.random.default_rng(9)
     q, k, v = randn(rng, (64, 64)), randn(rng, (1000, 64)), randn(rng, (1000, 64))
-    out = approx_attn.attention(q, k, v)
+    out = attention(q, k, v)
     tol = tolerance32(q, k, v, None)
     dropped = exact_attention(q, k[:-1], v[:-1])
     assert np.abs(out - dropped).max() > 10 * tol
-    out_c = approx_attn.attention(q, k, v, is_causal=True)
+    out_c = attention(q, k, v, is_causal=True)
     s = (q.astype(np.float64) @ k.T.astype(np.float64)) / 8.0
     s = np.where(np.triu(np.ones(s.shape, dtype=bool), k=0), -np.inf, s)  # diagonal excluded too
     s[0, 0] = 0.0  # row 0 would have no key at all
     w = np.exp(s - s.max(axis=1, keepdims=True))
     shifted = (w / w.sum(axis=1, keepdims=True)) @ v
-    assert np.abs(out_c - shifted)[1:].min(axis=1).max() > 10 * tol
+    assert np.abs(out_c - shifted).max() > 10 * tol
 
 
 NONCONTIG_LAYOUTS = ["transposed-BLHE", "transposed-2d", "step-slices", "fortran", "negative"]
@@ -283,8 +286,9 @@ NONCONTIG_LAYOUTS = ["transposed-BLHE", "transposed-2d", "step-slices", "fortran
 def layout_inputs(kind: str, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
     """Query, key, value as non-contiguous views of the given kind."""
     if kind == "transposed-BLHE":  # (B, L, H, E) storage viewed as (B, H, L, E)
-        return tuple(randn(rng, (2, n, 3, d)).transpose(0, 2, 1, 3) for n, d in ((64, 16),
-                     (70, 16), (70, 8)))
+        return tuple(
+            randn(rng, (2, n, 3, d)).transpose(0, 2, 1, 3) for n, d in ((64, 16), (70, 16), (70, 8))
+        )
     if kind == "transposed-2d":
         return randn(rng, (16, 64)).T, randn(rng, (16, 70)).T, randn(rng, (8, 70)).T
     if kind == "step-slices":
@@ -294,8 +298,9 @@ def layout_inputs(kind: str, rng: np.random.Generator) -> tuple[np.ndarray, ...]
             randn(rng, (4, 70, 10))[::2, :, 1:9],
         )
     if kind == "fortran":
-        return tuple(np.asfortranarray(randn(rng, s)) for s in ((2, 64, 16), (2, 70, 16),
-                                                                  (2, 70, 8)))
+        return tuple(
+            np.asfortranarray(randn(rng, s)) for s in ((2, 64, 16), (2, 70, 16), (2, 70, 8))
+        )
     if kind == "negative":
         return randn(rng, (64, 16))[::-1], randn(rng, (70, 16))[:, ::-1], randn(rng, (70, 8))[::-1]
     raise AssertionError(kind)
@@ -309,8 +314,8 @@ def test_non_contiguous_inputs(kind: str, causal: bool) -> None:
     assert not (q.flags.c_contiguous and k.flags.c_contiguous and v.flags.c_contiguous)
     check_attention(q, k, v, is_causal=causal, what=kind)
     # The strided result must equal the contiguous one bit for bit: same float32 inputs.
-    want = approx_attn.attention(*(np.ascontiguousarray(x) for x in (q, k, v)), is_causal=causal)
-    np.testing.assert_array_equal(approx_attn.attention(q, k, v, is_causal=causal), want)
+    want = attention(*(np.ascontiguousarray(x) for x in (q, k, v)), is_causal=causal)
+    np.testing.assert_array_equal(attention(q, k, v, is_causal=causal), want)
 
 
 def plan_fields(plan: str) -> dict[str, int]:
@@ -343,8 +348,9 @@ def test_webgpu_default_workgroup_budget(case: Case, monkeypatch: pytest.MonkeyP
     assert tile_words(plan_fields(rep.plan)) <= 4096, rep.plan
 
 
-def expected_dispatches(lead: tuple[int, ...], L: int, S: int, group: int, p: dict[str, int],
-                        causal: bool) -> int:
+def expected_dispatches(
+    lead: tuple[int, ...], L: int, S: int, group: int, p: dict[str, int], causal: bool
+) -> int:
     """Dispatch count of a chunking (mirrors plan::chunks, skipping fully masked key blocks)."""
     units = math.prod(lead) // group if lead else 1
     n = 0
@@ -361,7 +367,7 @@ BINDING_CASES = [
     same((4, 4), 32, 40, 64, 64),  # only along heads
     Case((1, 4), (1, 2), 300, 500, 16, 100, gqa=True, causal=True),
     same((), 100, 130, 256, 256, causal=True),
-    same((2,), 1000, 7, 3, 3),
+    same((2,), 5000, 7, 3, 3),  # only along query rows
 ]
 
 
@@ -386,7 +392,7 @@ def test_small_storage_bindings_split_the_problem(
 def test_binding_split_covers_all_three_axes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("APPROX_ATTN_MAX_BINDING_BYTES", "65536")
     q, k, v = same((1, 3), 600, 700, 64, 64).inputs(seed=23)
-    _, rep = approx_attn.attention(q, k, v, return_report=True)
+    _, rep = attention(q, k, v, return_report=True)
     p = plan_fields(rep.plan)
     assert p["units"] < 3 and p["q_rows"] < 600 and p["kv_rows"] < 700, rep.plan
 
@@ -396,7 +402,7 @@ def test_report(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(1)
     L, S, E, Ev, heads = 64, 100, 16, 8, 2
     q, k, v = randn(rng, (heads, L, E)), randn(rng, (heads, S, E)), randn(rng, (heads, S, Ev))
-    out, rep = approx_attn.attention(q, k, v, return_report=True)
+    out, rep = attention(q, k, v, return_report=True)
     assert isinstance(rep, approx_attn.Report)
     with pytest.raises(dataclasses.FrozenInstanceError):
         rep.io_words = 0  # type: ignore[misc]
@@ -411,22 +417,24 @@ def test_report(monkeypatch: pytest.MonkeyPatch) -> None:
     assert rep.elapsed_s > 0 and rep.dispatches == 1
     assert rep.kernel_s is None or rep.kernel_s > 0
     assert rep.io_words_counted is None  # counting is off by default
-    np.testing.assert_array_equal(out, approx_attn.attention(q, k, v))
+    np.testing.assert_array_equal(out, attention(q, k, v))
 
 
 COUNT_IO_CASES = [
-    (same((2,), 64, 100, 16, 8), {}),
-    (same((), 1000, 1000, 64, 32, causal=True), {}),
-    (Case((1, 4), (1, 2), 300, 500, 16, 100, gqa=True, causal=True),
-     {"APPROX_ATTN_MAX_BINDING_BYTES": "65536"}),
-    (same((), 64, 200, 256, 256), {"APPROX_ATTN_FAST_MEMORY_BYTES": "16384"}),
+    pytest.param(same((2,), 64, 100, 16, 8), {}, id="plain"),
+    pytest.param(same((), 1000, 1000, 64, 32, causal=True), {}, id="causal"),
+    pytest.param(
+        Case((1, 4), (1, 2), 300, 500, 16, 100, gqa=True, causal=True),
+        {"APPROX_ATTN_MAX_BINDING_BYTES": "65536"},
+        id="gqa-causal-split-bindings",
+    ),
+    pytest.param(
+        same((), 64, 200, 256, 256), {"APPROX_ATTN_FAST_MEMORY_BYTES": "16384"}, id="E256-16KiB"
+    ),
 ]
 
 
-@pytest.mark.parametrize(
-    ("case", "env"), COUNT_IO_CASES, ids=[case_id(c) + "".join(
-        "-" + k.split("_")[-2].lower() for k in e) for c, e in COUNT_IO_CASES]
-)
+@pytest.mark.parametrize(("case", "env"), COUNT_IO_CASES)
 def test_counted_io_equals_planned_io(
     case: Case, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -441,13 +449,11 @@ def test_counted_io_equals_planned_io(
 
 def test_concurrent_threads() -> None:
     # The GIL is released during the GPU call; results must not mix between callers.
-    problems = [
-        same((2,), 64, 100, 16, 8, causal=c).inputs(seed=100 + i) for i, c in enumerate([0, 1] * 4)
-    ]
     causal = [False, True] * 4
+    problems = [same((2,), 64, 100, 16, 8).inputs(seed=100 + i) for i in range(len(causal))]
 
     def run(i: int) -> np.ndarray:
-        return approx_attn.attention(*problems[i], is_causal=causal[i])
+        return attention(*problems[i], is_causal=causal[i])
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         outs = list(pool.map(run, range(len(problems))))

@@ -17,6 +17,8 @@ from ._core import DeviceError, NoDeviceError
 
 __all__ = [
     "attention",
+    "io_cost",
+    "io_lower_bound",
     "Report",
     "device_info",
     "list_adapters",
@@ -24,7 +26,7 @@ __all__ = [
     "DeviceError",
 ]
 
-_METHODS = ("auto", "exact")
+_METHODS = ("auto", "exact", "poly")
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
 
@@ -48,6 +50,21 @@ class Report:
     """Words counted by the shaders themselves (only with APPROX_ATTN_COUNT_IO=1)."""
     dispatches: int
     plan: str
+    reason: str
+    """Why this method ran (for ``auto``: the certificate and the predicted costs)."""
+    predicted_cost: dict[str, float] | None = None
+    """Predicted seconds per method (``auto`` only), from plan FLOP counts and measured rates."""
+    degree: int | None = None
+    rank: int | None = None
+    beta: float | None = None
+    """scale * max|q| * max|k - mean(k)|: every score lies in [-beta, beta]."""
+    poly_eps: float | None = None
+    """Certified max |P(x) e^-x - 1| on [-beta, beta]."""
+    error_bound: float | None = None
+    """Certified bound on max |O - O*| over all output entries (poly only)."""
+    error_bound_per_column: tuple[float, ...] | None = None
+    """Certified bound on max |O - O*| per output column: poly_eps/(1-poly_eps) * value range."""
+    schedule: str | None = None
 
 
 def device_info() -> dict[str, Any]:
@@ -64,7 +81,7 @@ def _as_float_array(x: Any, name: str) -> np.ndarray:
     arr = np.asarray(x)
     if arr.dtype not in _FLOAT_DTYPES:
         raise TypeError(
-            f"{name} must be a floating-point array (float16 or float32), got dtype {arr.dtype}"
+            f"{name} must be a floating-point array (float16, float32 or float64), got dtype {arr.dtype}"
         )
     if arr.ndim < 2:
         raise ValueError(
@@ -117,7 +134,14 @@ def attention(
     if not (isinstance(eps, (int, float)) and 0.0 < eps < 1.0):
         raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
     if degree is not None:
-        raise ValueError("degree= applies to method='poly' only")
+        if method != "poly":
+            raise ValueError("degree= applies to method='poly' only")
+        if not isinstance(degree, (int, np.integer)) or isinstance(degree, bool) or degree < 0:
+            raise ValueError(f"degree must be a non-negative integer, got {degree!r}")
+    if method == "poly" and is_causal:
+        raise NotImplementedError(
+            "is_causal=True is not implemented for method='poly' yet; use 'exact' or 'auto'"
+        )
     if not (q.ndim == k.ndim == v.ndim):
         raise ValueError(
             "query, key and value must have the same number of dimensions, got shapes "
@@ -177,7 +201,7 @@ def attention(
                 method="exact", adapter=info["adapter"], backend=info["backend"],
                 fast_memory_words=info["fast_memory_words"], io_words=0, io_reads=0,
                 io_writes=0, elapsed_s=0.0, kernel_s=None, io_words_counted=None,
-                dispatches=0, plan="empty",
+                dispatches=0, plan="empty", reason="empty query: nothing to compute",
             )
         return out
 
@@ -185,13 +209,22 @@ def attention(
     qf = np.ascontiguousarray(q, dtype=np.float32).reshape(-1)
     kf = np.ascontiguousarray(k, dtype=np.float32).reshape(-1)
     vf = np.ascontiguousarray(v, dtype=np.float32).reshape(-1)
-    flat, rep = _core.exact(
-        qf, kf, vf, units, group, L, S, E, Ev, bool(is_causal), scale, False, _count_io()
+    flat, rep = _core.attention(
+        qf, kf, vf, units, group, L, S, E, Ev, bool(is_causal), scale, method, float(eps),
+        None if degree is None else int(degree), bool(check_finite), False, _count_io(),
     )
     out = flat.reshape(out_shape).astype(out_dtype, copy=False)
     if not return_report:
         return out
-    return out, Report(
+    return out, _report(rep)
+
+
+def _report(rep: dict[str, Any]) -> Report:
+    predicted = None
+    if rep.get("predicted_exact_s") is not None:
+        predicted = {"exact": rep["predicted_exact_s"], "poly": rep["predicted_poly_s"]}
+    per_col = rep.get("error_bound_per_column")
+    return Report(
         method=rep["method"],
         adapter=rep["adapter"],
         backend=rep["backend"],
@@ -204,4 +237,73 @@ def attention(
         io_words_counted=rep["io_words_counted"],
         dispatches=rep["dispatches"],
         plan=rep["plan"],
+        reason=rep["reason"],
+        predicted_cost=predicted,
+        degree=rep.get("degree"),
+        rank=rep.get("rank"),
+        beta=rep.get("beta"),
+        poly_eps=rep.get("poly_eps"),
+        error_bound=max(per_col) if per_col else None,
+        error_bound_per_column=tuple(per_col) if per_col else None,
+        schedule=rep.get("schedule"),
     )
+
+
+def io_cost(
+    L: int,
+    S: int,
+    E: int,
+    Ev: int | None = None,
+    *,
+    method: str,
+    degree: int | None = None,
+    eps: float | None = None,
+    beta: float | None = None,
+    fast_memory_words: int | None = None,
+    is_causal: bool = False,
+    heads: int = 1,
+) -> dict[str, Any]:
+    """Words the plan that would run moves between storage buffers and workgroup memory.
+
+    Returns ``{"method", "schedule", "degree", "rank", "fast_memory_words", "passes": [(name,
+    reads, writes), ...], "reads", "writes", "total"}``. ``fast_memory_words`` defaults to the
+    current adapter's (and its binding limits); any value may be given to study other GPUs (then
+    the model is one dispatch). For ``method="poly"`` give ``degree``, or ``eps`` and ``beta``.
+    """
+    for name, val in (("L", L), ("S", S), ("E", E), ("heads", heads)):
+        if not isinstance(val, (int, np.integer)) or val < (0 if name == "L" else 1):
+            raise ValueError(f"{name} must be a positive integer, got {val!r}")
+    Ev = E if Ev is None else Ev
+    if method not in ("exact", "poly"):
+        raise ValueError(f"method must be 'exact' or 'poly', got {method!r}")
+    if fast_memory_words is not None and fast_memory_words < 1:
+        raise ValueError(f"fast_memory_words must be positive, got {fast_memory_words}")
+    return dict(
+        _core.io_cost(
+            int(heads), 1, int(L), int(S), int(E), int(Ev), bool(is_causal), method,
+            degree, eps, beta, fast_memory_words,
+        )
+    )
+
+
+def io_lower_bound(
+    L: int,
+    S: int,
+    E: int,
+    *,
+    method: str = "poly",
+    degree: int | None = None,
+    fast_memory_words: int | None = None,
+) -> float:
+    """Reconstructed I/O lower bound in words (see README): for ``poly`` with rank
+    r = C(E+degree, degree), Ω(n·d + min(n·r·d²/M, n·r·d/√M)) with the segment-argument
+    constants; for ``exact``, Ω(min(n²d²/M, n²d/√M)) (Saha & Ye 2024)."""
+    if fast_memory_words is None:
+        fast_memory_words = device_info()["fast_memory_words"]
+    m = float(fast_memory_words)
+    if method == "exact":
+        return _core.io_closed_form(L, S, E, 1.0, m)[5]
+    if degree is None:
+        raise ValueError("io_lower_bound(method='poly') needs degree=")
+    r = float(_core.num_features(E, degree))
+    return _core.io_closed_form(L, S, E, r, m)[4]

@@ -45,3 +45,43 @@ def exact_attention(
     w = np.exp(s)
     w /= w.sum(axis=-1, keepdims=True)
     return np.matmul(w, v)
+
+
+def poly_attention(
+    query: np.ndarray,
+    key: np.ndarray,
+    value: np.ndarray,
+    coeffs: np.ndarray,
+    *,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> np.ndarray:
+    """The polynomial method in float64: keys centred on their mean (per batch and head), then
+    O = sum_j P(scale q.(k_j - mu)) v_j / sum_j P(scale q.(k_j - mu)) with P = sum_k coeffs[k] x^k.
+
+    Twin of the GPU's poly kernels (same P, same centring); the features are not materialized
+    because <phi_q(q), phi_k(k)> = P(scale q.k) exactly.
+    """
+    q = np.asarray(query, dtype=np.float64)
+    k, v = _expand_gqa(q, np.asarray(key, dtype=np.float64), np.asarray(value, dtype=np.float64),
+                       enable_gqa)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    k = k - k.mean(axis=-2, keepdims=True)
+    x = np.matmul(q, np.swapaxes(k, -1, -2)) * scale
+    w = np.polynomial.polynomial.polyval(x, np.asarray(coeffs, dtype=np.float64))
+    return np.matmul(w, v) / w.sum(axis=-1, keepdims=True)
+
+
+def beta(query: np.ndarray, key: np.ndarray, *, scale: float | None = None) -> float:
+    """scale * max_i |q_i| * max_j |k_j - mean(k)|, the largest over batches and heads."""
+    q = np.asarray(query, dtype=np.float64)
+    k = np.asarray(key, dtype=np.float64)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    qn = np.linalg.norm(q, axis=-1).max(axis=-1)
+    kn = np.linalg.norm(k - k.mean(axis=-2, keepdims=True), axis=-1).max(axis=-1)
+    if qn.shape != kn.shape:  # grouped-query heads: every query head of a group sees its KV head
+        group = qn.shape[-1] // kn.shape[-1]
+        kn = np.repeat(kn, group, axis=-1)
+    return float(abs(scale) * np.max(qn * kn))

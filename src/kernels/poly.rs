@@ -8,8 +8,8 @@ use super::{
 use crate::device::Gpu;
 use crate::error::Error;
 use crate::plan::{
-    index_words, prepass_rows_per_block, prepass_tile_rows, Pass1Tiles, Pass2Tiles, PolyPlan,
-    Problem,
+    index_words, prepass_rows_per_block, prepass_tile_rows, Budget, Pass1Tiles, Pass2Tiles,
+    PolyPlan, Problem,
 };
 use crate::poly::{FeatureTable, Poly};
 
@@ -156,12 +156,12 @@ pub(crate) fn row_stats(
     x: &[f32],
     mu: Option<&[f32]>,
     sh: PrepassShape,
-    fast_memory_words: u64,
+    budget: &Budget,
     opts: &RunOptions,
     stats: &mut RunStats,
 ) -> Result<Vec<RowStats>, Error> {
     let w = sh.width;
-    let tile_rows = prepass_tile_rows(w, fast_memory_words);
+    let tile_rows = prepass_tile_rows(w, budget.fast_memory_words);
     let key = format!("prepass:{w}:{tile_rows}:{}:{}", opts.count_io, opts.trusted);
     let pipeline = gpu.pipeline(
         &key,
@@ -174,7 +174,7 @@ pub(crate) fn row_stats(
         let nu = sh.units_per_dispatch.min(sh.units - u0);
         for r0 in (0..sh.rows).step_by(sh.rows_per_dispatch) {
             let nr = sh.rows_per_dispatch.min(sh.rows - r0);
-            let rows_per_block = prepass_rows_per_block(nr, nu, tile_rows);
+            let rows_per_block = prepass_rows_per_block(nr, nu, w, budget);
             let blocks = nr.div_ceil(rows_per_block);
             let xc = super::exact::gather(x, u0, nu, sh.rows, r0, nr, w);
             let mu_c: Vec<f32> = match mu {
@@ -347,7 +347,7 @@ pub fn prepass(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    fast_memory_words: u64,
+    budget: &Budget,
     opts: &RunOptions,
     stats: &mut RunStats,
 ) -> Result<Prepass, Error> {
@@ -365,23 +365,15 @@ pub fn prepass(
         units_per_dispatch: plan_chunk.units * p.group,
         rows_per_dispatch: plan_chunk.q_rows,
     };
-    let ks = row_stats(gpu, k, None, kv_shape(p.e), fast_memory_words, opts, stats)?;
+    let ks = row_stats(gpu, k, None, kv_shape(p.e), budget, opts, stats)?;
     let mu: Vec<f32> = ks
         .iter()
         .flat_map(|s| s.col_sum.iter().map(|x| (x / p.s as f64) as f32))
         .collect();
-    let kc = row_stats(
-        gpu,
-        k,
-        Some(&mu),
-        kv_shape(p.e),
-        fast_memory_words,
-        opts,
-        stats,
-    )?;
-    let vs = row_stats(gpu, v, None, kv_shape(p.ev), fast_memory_words, opts, stats)?;
+    let kc = row_stats(gpu, k, Some(&mu), kv_shape(p.e), budget, opts, stats)?;
+    let vs = row_stats(gpu, v, None, kv_shape(p.ev), budget, opts, stats)?;
     let qs = if p.l > 0 {
-        row_stats(gpu, q, None, q_shape, fast_memory_words, opts, stats)?
+        row_stats(gpu, q, None, q_shape, budget, opts, stats)?
     } else {
         vec![RowStats::new(p.e); p.units * p.group]
     };
