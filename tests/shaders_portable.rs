@@ -1,0 +1,102 @@
+//! Every generated shader parses and validates with naga and translates to SPIR-V (Vulkan), MSL
+//! (Metal), HLSL (DX12) and GLSL (GL), so the paths we cannot run here are at least compiled.
+
+use approx_attn::kernels::{exact, poly};
+use approx_attn::plan::{plan_exact, plan_poly, Budget, Problem};
+
+fn check(name: &str, src: &str) {
+    let module = naga::front::wgsl::parse_str(src)
+        .unwrap_or_else(|e| panic!("{name}: WGSL parse error:\n{}", e.emit_to_string(src)));
+    let info = naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::empty(),
+    )
+    .validate(&module)
+    .unwrap_or_else(|e| panic!("{name}: validation error: {e:?}"));
+
+    naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
+        .unwrap_or_else(|e| panic!("{name}: SPIR-V: {e}"));
+    naga::back::msl::write_string(
+        &module,
+        &info,
+        &naga::back::msl::Options::default(),
+        &naga::back::msl::PipelineOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{name}: MSL: {e}"));
+    let mut hlsl = String::new();
+    naga::back::hlsl::Writer::new(
+        &mut hlsl,
+        &naga::back::hlsl::Options::default(),
+        &naga::back::hlsl::PipelineOptions::default(),
+    )
+    .write(&module, &info, None)
+    .unwrap_or_else(|e| panic!("{name}: HLSL: {e}"));
+    let mut glsl = String::new();
+    let glsl_options = naga::back::glsl::Options {
+        version: naga::back::glsl::Version::Desktop(430),
+        ..Default::default()
+    };
+    let pipeline = naga::back::glsl::PipelineOptions {
+        shader_stage: naga::ShaderStage::Compute,
+        entry_point: "main".into(),
+        multiview: None,
+    };
+    naga::back::glsl::Writer::new(
+        &mut glsl,
+        &module,
+        &info,
+        &glsl_options,
+        &pipeline,
+        naga::proc::BoundsCheckPolicies::default(),
+    )
+    .and_then(|mut w| w.write())
+    .unwrap_or_else(|e| panic!("{name}: GLSL: {e}"));
+}
+
+fn budget(words: u64) -> Budget {
+    Budget {
+        fast_memory_words: words,
+        max_binding_bytes: 128 << 20,
+        max_workgroups_per_dimension: 65535,
+        max_invocations_per_workgroup: 256,
+        max_loop_iterations: u64::MAX,
+    }
+}
+
+#[test]
+fn every_kernel_translates_to_every_backend() {
+    // The WebGPU default (16 KiB), Apple/lavapipe (32 KiB) and NVIDIA (48 KiB) budgets.
+    for words in [4096u64, 8192, 12288] {
+        for (e, ev) in [(1usize, 1usize), (3, 7), (64, 64), (256, 256)] {
+            let p = Problem {
+                units: 1,
+                group: 1,
+                l: 300,
+                s: 500,
+                e,
+                ev,
+                causal: false,
+                scale: 0.1,
+            };
+            for count_io in [false, true] {
+                let t = plan_exact(&p, &budget(words)).unwrap().tiles;
+                check(&format!("exact {t:?}"), &exact::shader_source(&t, count_io));
+                for g in [1usize, 2] {
+                    if let Ok(plan) = plan_poly(&p, g, &budget(words)) {
+                        check(
+                            &format!("pass1 {:?}", plan.pass1),
+                            &poly::pass1_source(&plan.pass1, count_io),
+                        );
+                        check(
+                            &format!("pass2 {:?}", plan.pass2),
+                            &poly::pass2_source(&plan.pass2, count_io),
+                        );
+                    }
+                }
+                let rows = approx_attn::plan::prepass_tile_rows(e, words);
+                check("prepass", &poly::prepass_source(e, rows, count_io));
+                check("reduce", &poly::reduce_source(count_io));
+            }
+        }
+    }
+}
