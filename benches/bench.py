@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark harness for approx_attn: our exact and certified-polynomial attention against
 NumPy, PyTorch SDPA (CPU, CUDA bf16/fp32) and a materialized degree-2 Taylor reference.
 
@@ -30,9 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import approx_attn
+import numpy as np
 from approx_attn import reference
 
 try:  # optional: the harness must run where torch is absent
@@ -104,7 +102,7 @@ def make_inputs(n: int, E: int, heads: int, beta_target: float, seed: int) -> di
 
 def float64_reference(q: Array, k: Array, v: Array, scale: float) -> Array:
     """Exact attention in float64, head by head and in query blocks so memory stays bounded."""
-    _, H, n, E = q.shape
+    _, H, n, _ = q.shape
     out = np.empty((1, H, n, v.shape[-1]), dtype=np.float64)
     block = max(1, (1 << 24) // k.shape[2])  # ~128 MiB per n-wide float64 score block
     for h in range(H):
@@ -266,14 +264,14 @@ def bench_torch_cuda(
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
     with torch.inference_mode():
-        qd, kd, vd = (torch.from_numpy(inp[x]).to(dev, dtype) for x in "qkv")
+        dev_in = [torch.from_numpy(inp[x]).to(dev, dtype) for x in "qkv"]
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
 
         def on_device() -> tuple[Any, tuple[float, float]]:
             t0 = time.perf_counter()
             start.record()
-            o = fn(qd, kd, vd)
+            o = fn(*dev_in)
             end.record()
             end.synchronize()
             return o, (start.elapsed_time(end) * 1e-3, time.perf_counter() - t0)
@@ -281,7 +279,8 @@ def bench_torch_cuda(
         o, runs = repeat(on_device, args.warmup, args.repeats)
         peak = int(torch.cuda.max_memory_allocated())
         out = o.float().cpu().numpy()
-        del o, qd, kd, vd  # the end-to-end runs upload their own copies
+        del o
+        dev_in.clear()  # the end-to-end runs upload their own copies
 
         def numpy_to_numpy() -> tuple[None, float]:
             t0 = time.perf_counter()
@@ -359,10 +358,14 @@ def run_one(
             return {"status": "oom", "note": str(e).splitlines()[0][:300]}, None
         tb = traceback.format_exc(limit=3)
         return {"status": f"error: {type(e).__name__}: {e}"[:500], "traceback": tb}, None
-    finally:
-        gc.collect()
-        if torch is not None and torch.cuda.is_available():
-            torch.cuda.empty_cache()  # release the caching allocator's pool for the next method
+
+
+def release_memory() -> None:
+    """Called after the exception (and its frames holding tensors) is gone, so the caching
+    allocator's pool really goes back before the next method, ours included, allocates."""
+    gc.collect()
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,7 +407,10 @@ def versions() -> dict[str, Any]:
         v["torch_cuda"] = torch.version.cuda
         if torch.cuda.is_available():
             v["cuda_device"] = torch.cuda.get_device_name(0)
-            v["torch_allow_tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+            try:  # fp32 SDPA is the large-n error reference: say whether TF32 was allowed
+                v["torch_allow_tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)
+            except AttributeError:
+                pass
     try:
         v["matplotlib"] = importlib.metadata.version("matplotlib")
     except importlib.metadata.PackageNotFoundError:
@@ -466,12 +472,18 @@ def run(args: Any) -> int:
                     "batch": 1,
                     "causal": False,
                     "input_beta": inp["beta"],
+                    "kernel_s": None,
+                    "wall_s": None,
+                    "max_abs_error": None,
+                    "error_against": "n/a",
+                    "error_bound": None,
                 }
                 if m.max_n is not None and n > m.max_n:
                     rec.update(status="skipped", note=f"n > {m.max_n}")
                     meas = None
                 else:
                     status, meas = run_one(m, inp, args)
+                    release_memory()
                     rec.update(status)
                 if meas is not None:
                     rec.update(
@@ -482,6 +494,8 @@ def run(args: Any) -> int:
                         error_bound=meas.error_bound,
                         **meas.info,
                     )
+                    if meas.info.get("poly_eps") is not None:  # did the certificate hold?
+                        rec["certified"] = meas.info["poly_eps"] <= args.eps / (1.0 + args.eps)
                     if m.name == SDPA_FP32 and ref is None and meas.out is not None:
                         ref, against = meas.out, SDPA_FP32
                         rec.update(max_abs_error=None, error_against="n/a (is the reference)")
@@ -616,11 +630,28 @@ def plot(doc: dict[str, Any], png: Path, metric: str) -> None:
             for r in recs:  # mark OOMs where they happened
                 if r["status"] == "oom" and med:
                     ax.plot([r["n"]], [max(med)], "x", color=colors[nm], ms=8)
+            if nm == "ours_auto":  # auto's choice differs per point: label each
+                for n, t, r in pts:
+                    tag = r.get("ran_method") or "?"
+                    tag += f"{r['degree']}" if r.get("degree") else ""
+                    ax.annotate(
+                        tag,
+                        (n, t["median"]),
+                        xytext=(3, -9),
+                        textcoords="offset points",
+                        fontsize=6,
+                        color=colors[nm],
+                    )
         c = cross.get(str(E))
         if c and c.get("n"):
             ax.axvline(c["n"], color="k", lw=1, alpha=0.6)
             ax.annotate(
-                f"{c['poly']} faster than\n{c['baseline']}\nfrom n≈{c['n']:.0f}",
+                f"{c['poly']} faster than\n{c['baseline']}\n"
+                + (
+                    f"from n≈{c['n']:.0f}"
+                    if c["kind"] == "interpolated"
+                    else f"at every n measured (≥{c['n']})"
+                ),
                 xy=(c["n"], 0.97),
                 xycoords=("data", "axes fraction"),
                 va="top",
@@ -648,9 +679,9 @@ def plot(doc: dict[str, Any], png: Path, metric: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(
-        f"approx_attn on {doc.get('adapter')} ({doc.get('backend')}), "
-        f"{doc.get('date', '')[:10]}; bars: min-max over repeats",
-        fontsize=10,
+        f"approx_attn on {doc.get('adapter')} ({doc.get('backend')})\n"
+        f"{doc.get('date', '')[:10]}; bars: min-max over repeats; x: OOM",
+        fontsize=9,
     )
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -666,15 +697,16 @@ def print_table(doc: dict[str, Any]) -> None:
     """A short text summary on stdout; the JSON holds everything."""
     print(
         f"{'method':26} {'n':>7} {'E':>4} {'kernel_s':>10} {'wall_s':>10} "
-        f"{'max_err':>9} {'bound':>9}  status"
+        f"{'max_err':>9} {'bound':>9} {'ran':>7}  status"
     )
     for r in doc["records"]:
         err = r.get("max_abs_error")
         bnd = r.get("error_bound")
+        ran = (r.get("ran_method") or "-") + (f"{r['degree']}" if r.get("degree") else "")
         print(
             f"{r['method']:26} {r['n']:>7} {r['E']:>4} {fmt_t(r.get('kernel_s')):>10} "
             f"{fmt_t(r.get('wall_s')):>10} {'-' if err is None else f'{err:.2e}':>9} "
-            f"{'-' if bnd is None else f'{bnd:.2e}':>9}  {r['status']}"
+            f"{'-' if bnd is None else f'{bnd:.2e}':>9} {ran:>7}  {r['status']}"
         )
 
 

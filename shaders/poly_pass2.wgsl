@@ -6,7 +6,7 @@ struct Params {
     l: u32,       // query rows per head in this dispatch
     blocks: u32,  // query blocks per head
     group: u32,   // query heads per KV head
-    _pad: u32,
+    chunks: u32,  // S' chunks; a uniform rather than a constant so drivers do not unroll the loop
 }
 
 const E: u32 = {{E}}u;
@@ -15,7 +15,7 @@ const EV: u32 = {{EV}}u;
 const EV1: u32 = EV + 1u;
 const R: u32 = {{R}}u;
 const RC: u32 = {{RC}}u;
-const NCHUNK: u32 = {{NCHUNK}}u;
+const RESIDENT: bool = {{RESIDENT}}; // one chunk: S' loaded once per workgroup
 const B: u32 = {{B}}u;
 const G: u32 = {{G}}u;
 const IW: u32 = {{IW}}u;
@@ -81,7 +81,7 @@ fn main(
     let unit = head / params.group;
     var words_read = 0u;
     var words_written = 0u;
-    if (NCHUNK == 1u) {
+    if (RESIDENT) {
         words_read += load_chunk(unit, 0u, lid);
     }
     for (var qb = wid.x; qb < params.blocks; qb += nwg.x) {
@@ -103,8 +103,8 @@ fn main(
         for (var i = lid; i < B * EV1; i += WG) {
             o_acc[i] = 0.0;
         }
-        for (var ch = 0u; ch < NCHUNK; ch++) {
-            if (NCHUNK > 1u) {
+        for (var ch = 0u; ch < params.chunks; ch++) {
+            if (!RESIDENT) {
                 workgroupBarrier();
                 words_read += load_chunk(unit, ch * RC, lid);
             }

@@ -70,7 +70,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{info['fast_memory_words']} words\n")
     rng = np.random.default_rng(0)
     workloads = [
-        ("bounded scores (beta = 1), where the polynomial method pays", args.heads, args.n, 16, 1.0),
+        ("bounded scores (beta = 0.5), where the polynomial method pays", args.heads, args.n, 16, 0.5),
         ("softmax-like scores (standard normal, beta ~ 10), where it does not", args.heads,
          args.n // 2, 64, None),
     ]

@@ -76,7 +76,7 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
             ("EV", t.ev.to_string()),
             ("R", t.r.to_string()),
             ("RC", t.rc.to_string()),
-            ("NCHUNK", t.chunks().to_string()),
+            ("RESIDENT", t.resident().to_string()),
             ("B", t.b.to_string()),
             ("G", t.g.to_string()),
             ("IW", iw.to_string()),
@@ -522,7 +522,12 @@ pub fn run(
                 let wgs = plan.pass2_workgroups.min(blocks);
                 let prm = uniform_buffer(
                     gpu,
-                    bytemuck::cast_slice(&[lc as u32, blocks as u32, p.group as u32, 0]),
+                    bytemuck::cast_slice(&[
+                        lc as u32,
+                        blocks as u32,
+                        p.group as u32,
+                        plan.pass2.chunks() as u32,
+                    ]),
                 );
                 let (oc, counted, t) = dispatch_one(
                     gpu,
