@@ -519,7 +519,7 @@ pub fn io_cost(
             let g = match (degree, eps, beta) {
                 (Some(g), _, _) => g,
                 (None, Some(eps), Some(beta)) => {
-                    if !(eps > 0.0 && eps < 1.0) || !(beta >= 0.0 && beta.is_finite()) {
+                    if !(eps > 0.0 && eps < 1.0 && beta >= 0.0 && beta.is_finite()) {
                         return Err(Error::InvalidInput(format!(
                             "need 0 < eps < 1 and finite beta >= 0, got eps={eps}, beta={beta}"
                         )));

@@ -265,7 +265,7 @@ pub fn plan_exact(p: &Problem, budget: &Budget) -> Result<ExactPlan, Error> {
     // Drivers with a loop budget get fewer keys per dispatch (merged like any split-KV chunk).
     let fits = |keys| exact_loop_iterations(&tiles, keys) <= budget.max_loop_iterations;
     if !fits(chunking.kv_rows) {
-        let keys = largest_fitting(chunking.kv_rows, |k| fits(k));
+        let keys = largest_fitting(chunking.kv_rows, fits);
         if keys < tiles.bk {
             return Err(Error::TooLarge(format!(
                 "exact attention with E={} and Ev={} needs more loop iterations per shader \

@@ -16,14 +16,14 @@ from . import _core
 from ._core import DeviceError, NoDeviceError
 
 __all__ = [
+    "DeviceError",
+    "NoDeviceError",
+    "Report",
     "attention",
+    "device_info",
     "io_cost",
     "io_lower_bound",
-    "Report",
-    "device_info",
     "list_adapters",
-    "NoDeviceError",
-    "DeviceError",
 ]
 
 _METHODS = ("auto", "exact", "poly")
@@ -198,10 +198,19 @@ def attention(
         if return_report:
             info = device_info()
             return out, Report(
-                method="exact", adapter=info["adapter"], backend=info["backend"],
-                fast_memory_words=info["fast_memory_words"], io_words=0, io_reads=0,
-                io_writes=0, elapsed_s=0.0, kernel_s=None, io_words_counted=None,
-                dispatches=0, plan="empty", reason="empty query: nothing to compute",
+                method="exact",
+                adapter=info["adapter"],
+                backend=info["backend"],
+                fast_memory_words=info["fast_memory_words"],
+                io_words=0,
+                io_reads=0,
+                io_writes=0,
+                elapsed_s=0.0,
+                kernel_s=None,
+                io_words_counted=None,
+                dispatches=0,
+                plan="empty",
+                reason="empty query: nothing to compute",
             )
         return out
 
@@ -210,8 +219,23 @@ def attention(
     kf = np.ascontiguousarray(k, dtype=np.float32).reshape(-1)
     vf = np.ascontiguousarray(v, dtype=np.float32).reshape(-1)
     flat, rep = _core.attention(
-        qf, kf, vf, units, group, L, S, E, Ev, bool(is_causal), scale, method, float(eps),
-        None if degree is None else int(degree), bool(check_finite), False, _count_io(),
+        qf,
+        kf,
+        vf,
+        units,
+        group,
+        L,
+        S,
+        E,
+        Ev,
+        bool(is_causal),
+        scale,
+        method,
+        float(eps),
+        None if degree is None else int(degree),
+        bool(check_finite),
+        False,
+        _count_io(),
     )
     out = flat.reshape(out_shape).astype(out_dtype, copy=False)
     if not return_report:
@@ -280,8 +304,18 @@ def io_cost(
         raise ValueError(f"fast_memory_words must be positive, got {fast_memory_words}")
     return dict(
         _core.io_cost(
-            int(heads), 1, int(L), int(S), int(E), int(Ev), bool(is_causal), method,
-            degree, eps, beta, fast_memory_words,
+            int(heads),
+            1,
+            int(L),
+            int(S),
+            int(E),
+            int(Ev),
+            bool(is_causal),
+            method,
+            degree,
+            eps,
+            beta,
+            fast_memory_words,
         )
     )
 

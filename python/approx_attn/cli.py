@@ -32,15 +32,24 @@ def cmd_devices(_: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     q, k, v = (np.load(p) for p in (args.q, args.k, args.v))
     out, rep = attention(
-        q, k, v, is_causal=args.causal, method=args.method, eps=args.eps, degree=args.degree,
-        enable_gqa=args.gqa, return_report=True,
+        q,
+        k,
+        v,
+        is_causal=args.causal,
+        method=args.method,
+        eps=args.eps,
+        degree=args.degree,
+        enable_gqa=args.gqa,
+        return_report=True,
     )
     np.save(args.output, out)
     print(f"wrote {args.output} {out.shape} {out.dtype}")
     print(f"method {rep.method} ({rep.reason}); {rep.elapsed_s:.3f} s; io_words {rep.io_words:,}")
     if rep.error_bound is not None:
-        print(f"certified max |O - O*| <= {rep.error_bound:.3e} (degree {rep.degree}, "
-              f"rank {rep.rank}, beta {rep.beta:.3f})")
+        print(
+            f"certified max |O - O*| <= {rep.error_bound:.3e} (degree {rep.degree}, "
+            f"rank {rep.rank}, beta {rep.beta:.3f})"
+        )
     return 0
 
 
@@ -66,13 +75,26 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     info = device_info()
-    print(f"approx_attn demo on {info['adapter']} ({info['backend']}), fast memory "
-          f"{info['fast_memory_words']} words\n")
+    print(
+        f"approx_attn demo on {info['adapter']} ({info['backend']}), fast memory "
+        f"{info['fast_memory_words']} words\n"
+    )
     rng = np.random.default_rng(0)
     workloads = [
-        ("bounded scores (beta = 0.5), where the polynomial method pays", args.heads, args.n, 16, 0.5),
-        ("softmax-like scores (standard normal, beta ~ 10), where it does not", args.heads,
-         args.n // 2, 64, None),
+        (
+            "bounded scores (beta = 0.5), where the polynomial method pays",
+            args.heads,
+            args.n,
+            16,
+            0.5,
+        ),
+        (
+            "softmax-like scores (standard normal, beta ~ 10), where it does not",
+            args.heads,
+            args.n // 2,
+            64,
+            None,
+        ),
     ]
     for title, heads, n, e, beta in workloads:
         q, k, v = _scaled_inputs(rng, heads, n, e, beta)
@@ -92,21 +114,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 continue
             err = float(np.abs(out - ref).max())
             bound = "-" if rep.error_bound is None else f"{rep.error_bound:.2e}"
-            detail = rep.reason if method == "auto" else (
-                f"degree {rep.degree}, rank {rep.rank}, beta {rep.beta:.2f}, schedule "
-                f"{rep.schedule}" if rep.method == "poly" else "FlashAttention-2 tiling")
+            detail = (
+                rep.reason
+                if method == "auto"
+                else (
+                    f"degree {rep.degree}, rank {rep.rank}, beta {rep.beta:.2f}, schedule "
+                    f"{rep.schedule}"
+                    if rep.method == "poly"
+                    else "FlashAttention-2 tiling"
+                )
+            )
             kernel = "-" if rep.kernel_s is None else f"{rep.kernel_s:.3f}"
-            rows.append([f"{method}->{rep.method}" if method == "auto" else method,
-                         f"{wall:.3f}", kernel, f"{err:.2e}", bound, f"{rep.io_words:,}",
-                         detail[:90]])
-        print(f"{title}\n{heads} heads, L = S = {n}, E = Ev = {e}, eps = {args.eps}, "
-              f"value range {vrange:.2f}")
-        print(_table(rows, ["method", "time s", "kernel s", "max |O-O*|", "certified",
-                            "I/O words", "notes"]))
+            rows.append(
+                [
+                    f"{method}->{rep.method}" if method == "auto" else method,
+                    f"{wall:.3f}",
+                    kernel,
+                    f"{err:.2e}",
+                    bound,
+                    f"{rep.io_words:,}",
+                    detail[:90],
+                ]
+            )
+        print(
+            f"{title}\n{heads} heads, L = S = {n}, E = Ev = {e}, eps = {args.eps}, "
+            f"value range {vrange:.2f}"
+        )
+        print(
+            _table(
+                rows,
+                ["method", "time s", "kernel s", "max |O-O*|", "certified", "I/O words", "notes"],
+            )
+        )
         print()
-    print("max |O-O*|: measured against float64 NumPy. certified: the poly method's bound "
-          "eps_P/(1-eps_P) * value range. I/O words: 4-byte words the plan moves between "
-          "storage buffers and workgroup memory.")
+    print(
+        "max |O-O*|: measured against float64 NumPy. certified: the poly method's bound "
+        "eps_P/(1-eps_P) * value range. I/O words: 4-byte words the plan moves between "
+        "storage buffers and workgroup memory."
+    )
     return 0
 
 
@@ -117,10 +162,12 @@ def cmd_io(args: argparse.Namespace) -> int:
     ns = [2**p for p in range(args.min_log2, args.max_log2 + 1)]
     ms = [kib * KIB // 4 for kib in args.fast_memory_kib]
     e, g = args.E, args.degree
-    print(f"I/O words (4 bytes) between storage buffers and workgroup memory: E = Ev = {e}, "
-          f"poly degree {g} (rank {_core.num_features(e, g):,}), L = S = n, one head.\n"
-          "planned = counted from the plan that would run (src/io.rs); LB = reconstructed lower "
-          "bound.\n")
+    print(
+        f"I/O words (4 bytes) between storage buffers and workgroup memory: E = Ev = {e}, "
+        f"poly degree {g} (rank {_core.num_features(e, g):,}), L = S = n, one head.\n"
+        "planned = counted from the plan that would run (src/io.rs); LB = reconstructed lower "
+        "bound.\n"
+    )
     results: dict[int, dict[str, list[float]]] = {}
     for m in ms:
         rows = []
@@ -132,13 +179,20 @@ def cmd_io(args: argparse.Namespace) -> int:
             res["exact"].append(ex)
             res["poly"].append(po["total"])
             res["lb"].append(lb)
-            rows.append([f"2^{int(math.log2(n))}", f"{ex:.3e}", f"{po['total']:.3e}",
-                         po["schedule"], f"{lb:.3e}", f"{ex / po['total']:.1f}x",
-                         f"{po['total'] / lb:.1f}"])
+            rows.append(
+                [
+                    f"2^{int(math.log2(n))}",
+                    f"{ex:.3e}",
+                    f"{po['total']:.3e}",
+                    po["schedule"],
+                    f"{lb:.3e}",
+                    f"{ex / po['total']:.1f}x",
+                    f"{po['total'] / lb:.1f}",
+                ]
+            )
         results[m] = res
         print(f"M = {m * 4 // KIB} KiB ({m} words)")
-        print(_table(rows, ["n", "exact", "poly", "sched", "lower bound", "exact/poly",
-                            "poly/LB"]))
+        print(_table(rows, ["n", "exact", "poly", "sched", "lower bound", "exact/poly", "poly/LB"]))
         print()
     measured = _measured_io(args) if args.measure else []
     if args.plot:
@@ -165,8 +219,12 @@ def _measured_io(args: argparse.Namespace) -> list[tuple[str, int, int]]:
     return out
 
 
-def _plot_io(args: argparse.Namespace, ns: list[int], results: dict[int, Any],
-             measured: list[tuple[str, int, int]]) -> None:
+def _plot_io(
+    args: argparse.Namespace,
+    ns: list[int],
+    results: dict[int, Any],
+    measured: list[tuple[str, int, int]],
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,8 +240,13 @@ def _plot_io(args: argparse.Namespace, ns: list[int], results: dict[int, Any],
     for method, marker in (("exact", "s"), ("poly", "o")):
         pts = [(n, w) for m_, n, w in measured if m_ == method]
         if pts:
-            ax.loglog(*zip(*pts), marker, color="crimson", ms=6,
-                      label=f"{method}: counted on {device_info()['adapter'][:24]}")
+            ax.loglog(
+                *zip(*pts),
+                marker,
+                color="crimson",
+                ms=6,
+                label=f"{method}: counted on {device_info()['adapter'][:24]}",
+            )
     ax.set_xlabel("sequence length n (L = S)")
     ax.set_ylabel("words moved (slow <-> fast memory)")
     ax.set_title(f"I/O of exact vs polynomial attention, E = {args.E} (dotted: lower bound)")
@@ -224,8 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     io.add_argument("--max-log2", type=int, default=24)
     io.add_argument("--fast-memory-kib", type=int, nargs="+", default=[16, 32, 48, 64, 228])
     io.add_argument("--plot", default="io.png", help="PNG path ('' for none)")
-    io.add_argument("--no-measure", dest="measure", action="store_false",
-                    help="skip the counted series from real runs")
+    io.add_argument(
+        "--no-measure",
+        dest="measure",
+        action="store_false",
+        help="skip the counted series from real runs",
+    )
     io.add_argument("--measure-max-log2", type=int, default=11)
     io.set_defaults(fn=cmd_io)
 

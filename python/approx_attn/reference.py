@@ -34,8 +34,9 @@ def exact_attention(
 ) -> np.ndarray:
     """softmax(scale * Q K^T) V in float64."""
     q = np.asarray(query, dtype=np.float64)
-    k, v = _expand_gqa(q, np.asarray(key, dtype=np.float64), np.asarray(value, dtype=np.float64),
-                       enable_gqa)
+    k, v = _expand_gqa(
+        q, np.asarray(key, dtype=np.float64), np.asarray(value, dtype=np.float64), enable_gqa
+    )
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     s = np.matmul(q, np.swapaxes(k, -1, -2)) * scale
@@ -63,8 +64,9 @@ def poly_attention(
     because <phi_q(q), phi_k(k)> = P(scale q.k) exactly.
     """
     q = np.asarray(query, dtype=np.float64)
-    k, v = _expand_gqa(q, np.asarray(key, dtype=np.float64), np.asarray(value, dtype=np.float64),
-                       enable_gqa)
+    k, v = _expand_gqa(
+        q, np.asarray(key, dtype=np.float64), np.asarray(value, dtype=np.float64), enable_gqa
+    )
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     k = k - k.mean(axis=-2, keepdims=True)

@@ -188,7 +188,7 @@ pub(crate) fn row_stats(
                 blocks as u32,
                 u32::from(mu.is_some()),
             ];
-            let (blocks_out, counted, kernel_s) = gpu.checked(|| {
+            let (blocks_out, (counted, kernel_s)) = gpu.checked(|| {
                 let x_buf = storage_buffer(gpu, xc.len(), "prepass x");
                 let mu_buf = storage_buffer(gpu, mu_c.len(), "prepass mu");
                 let out_buf = storage_buffer(gpu, out_words, "prepass out");
@@ -224,6 +224,9 @@ pub(crate) fn row_stats(
     Ok(result)
 }
 
+/// Words counted by the shaders (when counting) and GPU seconds (where timestamps exist).
+type Measured = (Option<(u64, u64)>, Option<f64>);
+
 /// Binds `bufs` in order (plus the I/O counter when on), dispatches once, and reads `out` back.
 #[allow(clippy::too_many_arguments)]
 fn dispatch_one(
@@ -235,7 +238,7 @@ fn dispatch_one(
     grid: (u32, u32, u32),
     out: &wgpu::Buffer,
     out_words: usize,
-) -> Result<(Vec<f32>, Option<(u64, u64)>, Option<f64>), Error> {
+) -> Result<(Vec<f32>, Measured), Error> {
     let (counted, kernel_s) = dispatch_no_read(gpu, pipeline, layout, bufs, opts, grid)?;
     let read = readback_buffer(gpu, (out_words * 4) as u64);
     let mut enc = gpu.device.create_command_encoder(&Default::default());
@@ -244,7 +247,7 @@ fn dispatch_one(
     let data = read_mapped(gpu, &read, (out_words * 4) as u64, |b| {
         bytemuck::cast_slice::<u8, f32>(b).to_vec()
     })?;
-    Ok((data, counted, kernel_s))
+    Ok((data, (counted, kernel_s)))
 }
 
 /// Binds `bufs` in order (plus the I/O counter when on), dispatches once and waits; returns the
@@ -256,7 +259,7 @@ fn dispatch_no_read(
     bufs: &[&wgpu::Buffer],
     opts: &RunOptions,
     grid: (u32, u32, u32),
-) -> Result<(Option<(u64, u64)>, Option<f64>), Error> {
+) -> Result<Measured, Error> {
     let counter = opts.count_io.then(|| storage_buffer(gpu, 2, "io_words"));
     let mut entries: Vec<wgpu::BindGroupEntry> = bufs
         .iter()
@@ -340,6 +343,7 @@ impl Prepass {
 }
 
 /// The pre-pass: Q and V once, K twice (its mean first, then the norms around it).
+#[allow(clippy::too_many_arguments)]
 pub fn prepass(
     gpu: &Gpu,
     p: &Problem,
@@ -529,7 +533,7 @@ pub fn run(
                         plan.pass2.chunks() as u32,
                     ]),
                 );
-                let (oc, counted, t) = dispatch_one(
+                let (oc, (counted, t)) = dispatch_one(
                     gpu,
                     &p2,
                     &l2,

@@ -1,0 +1,53 @@
+"""Type stubs of the PyO3 extension (src/python.rs). Use the wrappers in approx_attn instead."""
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+class NoDeviceError(RuntimeError): ...
+class DeviceError(RuntimeError): ...
+
+def attention(
+    q: npt.NDArray[np.float32],
+    k: npt.NDArray[np.float32],
+    v: npt.NDArray[np.float32],
+    units: int,
+    group: int,
+    l: int,
+    s: int,
+    e: int,
+    ev: int,
+    causal: bool,
+    scale: float,
+    method: str,
+    eps: float,
+    degree: int | None,
+    check_finite: bool,
+    trusted: bool = False,
+    count_io: bool = False,
+) -> tuple[npt.NDArray[np.float32], dict[str, Any]]: ...
+def io_cost(
+    units: int,
+    group: int,
+    l: int,
+    s: int,
+    e: int,
+    ev: int,
+    causal: bool,
+    method: str,
+    degree: int | None = None,
+    eps: float | None = None,
+    beta: float | None = None,
+    fast_memory_words: int | None = None,
+) -> dict[str, Any]: ...
+def io_closed_form(
+    l: float, s: float, d: float, r: float, m: float
+) -> tuple[float, float, float, float, float, float]: ...
+def num_features(e: int, g: int) -> int: ...
+def fit_polynomial(
+    beta: float, degree: int | None = None, eps: float | None = None
+) -> tuple[int, list[float], float]: ...
+def device_info() -> dict[str, Any]: ...
+def list_adapters() -> list[tuple[str, str, str]]: ...
+def _destroy_device() -> None: ...
