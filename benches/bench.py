@@ -402,6 +402,7 @@ def versions() -> dict[str, Any]:
         v["approx_attn"] = importlib.metadata.version("approx_attn")
     except importlib.metadata.PackageNotFoundError:
         v["approx_attn"] = getattr(approx_attn, "__version__", None)
+    v["approx_attn_path"] = str(Path(approx_attn.__file__).parent)  # which build ran
     if torch is not None:
         v["torch"] = torch.__version__
         v["torch_cuda"] = torch.version.cuda
@@ -463,6 +464,9 @@ def run(args: Any) -> int:
                 against = "float64 reference"
             for m in methods:
                 progress.start(f"{m.name} n={n} E={E}")
+                # a hang inside a GPU call cannot be caught here: say what was running
+                doc["running"] = {"method": m.name, "n": n, "E": E}
+                write_json(out_path, doc)
                 rec: dict[str, Any] = {
                     "method": m.name,
                     "family": m.family,
@@ -512,6 +516,7 @@ def run(args: Any) -> int:
             del inp, ref
             gc.collect()
         doc["complete"] = True
+        doc.pop("running", None)
     except KeyboardInterrupt:
         doc["interrupted"] = True
         print("\ninterrupted: writing what is done", file=sys.stderr)

@@ -161,14 +161,29 @@ fn poly_candidate(
             poly.degree, poly.certified_eps
         )));
     }
+    // The kernels sum the monomials in float32: cancellation grows like e^(2 beta). Refuse when
+    // the rounding (~2g u32 times the monomial condition) could rival the certified error.
+    let f32_rel_error = 2.0 * poly.degree.max(1) as f64 * f64::from(f32::EPSILON / 2.0)
+        * poly::monomial_condition(&poly);
+    if f32_rel_error > 0.1 * popts.eps.max(poly.certified_eps) {
+        return Err(Error::TooLarge(format!(
+            "at beta={beta:.4} the degree-{} polynomial loses too much precision in float32 \
+             (relative rounding up to {f32_rel_error:.1e}); use method='exact'",
+            poly.degree
+        )));
+    }
     // Trailing zero coefficients (a lower-degree fit padded) need no features.
     let g = poly.coeffs.iter().rposition(|&c| c != 0.0).unwrap_or(0);
     let rank = poly::num_features(p.e, g);
     let plan = plan::plan_poly(p, g, budget).map_err(|e| {
+        let why = match popts.degree {
+            Some(_) => "as requested".to_string(),
+            None => format!("to certify eps={}", popts.eps),
+        };
         Error::TooLarge(format!(
-            "poly needs degree {g} (rank r = C(E+g, g) = {rank} for E={}) at beta={beta:.4} to \
-             certify eps={}; that does not fit: {e}",
-            p.e, popts.eps
+            "poly needs degree {g} (rank r = C(E+g, g) = {rank} for E={}) at beta={beta:.4} {why}; \
+             that does not fit: {e}",
+            p.e
         ))
     })?;
     let table = poly::try_feature_table(p.e, g).map_err(Error::TooLarge)?;
