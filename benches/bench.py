@@ -335,12 +335,16 @@ def build_methods(args: Any) -> tuple[list[Method], dict[str, str]]:
     else:
         unavailable["torch_cpu_sdpa_fp32"] = "torch not installed"
     methods.append(Method("numpy_exact_fp32", "numpy", bench_numpy, args.numpy_max_n))
-    methods.append(Method("ours_exact", "ours", lambda i, a: bench_ours(i, "exact", None, a)))
+    methods.append(
+        Method("ours_exact", "ours", lambda i, a: bench_ours(i, "exact", None, a), args.exact_max_n)
+    )
     for d in args.degree:
         methods.append(
             Method(f"ours_poly_d{d}", "ours", lambda i, a, d=d: bench_ours(i, "poly", d, a))
         )
-    methods.append(Method("ours_auto", "ours", lambda i, a: bench_ours(i, "auto", None, a)))
+    methods.append(
+        Method("ours_auto", "ours", lambda i, a: bench_ours(i, "auto", None, a), args.exact_max_n)
+    )
     keep = [m for m in methods if any(fnmatch.fnmatch(m.name, p) for p in args.methods)]
     return keep, unavailable
 
@@ -755,6 +759,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--numpy-max-n", type=int, default=4096)
+    p.add_argument(
+        "--exact-max-n",
+        type=int,
+        default=None,
+        help="skip ours_exact (and ours_auto, which may run exact) above this n",
+    )
     p.add_argument("--torch-cpu-max-n", type=int, default=8192)
     p.add_argument(
         "--ref-max-n",

@@ -1,6 +1,9 @@
 // Poly pass 1: S'[f, :] = sum_j phi_k(k_j - mu)[f] * [v_j | 1] for the feature rows f of this
 // workgroup's chunk, over this workgroup's share of the keys. Features are built in workgroup
 // memory from the key tile and never written to storage; the partial S' of each key split is.
+// Thread (tf, tc) keeps rows tf + TF*a and value columns 4*(tc + TC*u) + 0..3 of the chunk in
+// named registers for the whole key loop (`src/kernels/poly.rs` unrolls the micro-tile), and the
+// ones column of its rows as the row sums of phi.
 
 struct Params {
     s: u32,              // key rows per unit in this dispatch
@@ -14,11 +17,14 @@ const E1: u32 = E + 1u;     // key row plus the constant 1 that pads lower-degre
 const EV: u32 = {{EV}}u;
 const EV1: u32 = EV + 1u;   // value row plus the ones column that yields the normaliser
 const R: u32 = {{R}}u;      // features in total
-const RC: u32 = {{RC}}u;    // feature rows per workgroup
+const RC: u32 = {{RC}}u;    // feature rows per workgroup (TF x rows per thread)
 const BK: u32 = {{BK}}u;
 const G: u32 = {{G}}u;
 const IW: u32 = {{IW}}u;    // index words per feature (3 indices of 10 bits per word)
-const WG: u32 = {{WG}}u;
+const TF: u32 = {{TF}}u;    // thread grid TF x TC
+const TC: u32 = {{TC}}u;
+const CW: u32 = {{CW}}u;    // vec4 per V tile row: EV columns padded to whole thread columns
+const WG: u32 = TF * TC;
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> k: array<f32>;
@@ -29,9 +35,8 @@ const WG: u32 = {{WG}}u;
 {{IO_COUNTER_DECL}}
 
 var<workgroup> k_tile: array<f32, {{K_TILE}}>;
-var<workgroup> v_tile: array<f32, {{V_TILE}}>;
-var<workgroup> phi: array<f32, {{PHI}}>;
-var<workgroup> acc: array<f32, {{ACC}}>;
+var<workgroup> v_tile: array<vec4<f32>, {{V_TILE}}>;
+var<workgroup> phi: array<f32, {{PHI}}>; // phi[j * RC + f]: a thread's rows are TF apart
 var<workgroup> idx_t: array<u32, {{IDX}}>;
 var<workgroup> mu_t: array<f32, E>;
 
@@ -47,6 +52,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let rows_f = min(RC, R - f0);
     let j_begin = split * params.keys_per_split;
     let j_end = min(params.s, j_begin + params.keys_per_split);
+    let tf = lid / TC;
+    let tc = lid % TC;
     var words_read = 0u;
     var words_written = 0u;
 
@@ -62,11 +69,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         idx_t[i] = w;
     }
-    for (var i = lid; i < RC * EV1; i += WG) {
-        acc[i] = 0.0;
+    // The padding columns of the V tile are never loaded: zero them once.
+    for (var i = lid; i < BK * CW; i += WG) {
+        v_tile[i] = vec4<f32>();
     }
     workgroupBarrier();
-
+{{ACC_DECL}}
     for (var j0 = j_begin; j0 < j_end; j0 += BK) {
         let kr = min(BK, j_end - j0);
         for (var i = lid; i < BK * E1; i += WG) {
@@ -82,24 +90,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             }
             k_tile[i] = x;
         }
-        for (var i = lid; i < BK * EV1; i += WG) {
-            let r = i / EV1;
-            let c = i % EV1;
+        for (var i = lid; i < BK * EV; i += WG) {
+            let r = i / EV;
+            let c = i % EV;
             var x = 0.0;
             if (r < kr) {
-                if (c < EV) {
-                    x = v[(unit * params.s + j0 + r) * EV + c];
-                    words_read += 1u;
-                } else {
-                    x = 1.0;
-                }
+                x = v[(unit * params.s + j0 + r) * EV + c];
+                words_read += 1u;
             }
-            v_tile[i] = x;
+            v_tile[r * CW + c / 4u][c % 4u] = x;
         }
         workgroupBarrier();
         for (var i = lid; i < RC * BK; i += WG) {
-            let f = i / BK;
-            let j = i % BK;
+            let j = i / RC;
+            let f = i % RC;
             var p = 0.0;
             if (f < rows_f) {
                 p = 1.0;
@@ -110,22 +114,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             phi[i] = p;
         }
         workgroupBarrier();
-        for (var i = lid; i < RC * EV1; i += WG) {
-            let f = i / EV1;
-            let c = i % EV1;
-            var a = acc[i];
-            for (var j = 0u; j < BK; j++) {
-                a = fma(phi[f * BK + j], v_tile[j * EV1 + c], a);
-            }
-            acc[i] = a;
-        }
+        // Keys past kr are padding (phi of the zero key is not zero): the loop stops at kr.
+{{PRODUCT}}
         workgroupBarrier();
     }
 
     let o = ((unit * params.splits + split) * R + f0) * EV1;
-    for (var i = lid; i < rows_f * EV1; i += WG) {
-        partial[o + i] = acc[i];
-        words_written += 1u;
-    }
+{{STORE}}
 {{IO_COUNTER_ADD}}
 }

@@ -1,6 +1,8 @@
-// Poly pass 2: O = D^-1 Phi_q(Q) S'. A workgroup keeps a block of B query rows (and their
-// accumulators) in workgroup memory and streams S' through in chunks of RC feature rows; with a
-// single chunk (schedule A) S' is loaded once and the workgroup loops over many query blocks.
+// Poly pass 2: O = D^-1 Phi_q(Q) S'. A workgroup keeps a block of B query rows in workgroup
+// memory and streams S' through in chunks of RC feature rows; with a single chunk (schedule A)
+// S' is loaded once and the workgroup loops over many query blocks. Thread (tr, tc) keeps rows
+// tr + TR*a and value columns 4*(tc + TC*u) + 0..3 of the block's output, and the normaliser D
+// of its rows, in named registers across all chunks (`src/kernels/poly.rs` unrolls them).
 
 struct Params {
     l: u32,       // query rows per head in this dispatch
@@ -16,10 +18,13 @@ const EV1: u32 = EV + 1u;
 const R: u32 = {{R}}u;
 const RC: u32 = {{RC}}u;
 const RESIDENT: bool = {{RESIDENT}}; // one chunk: S' loaded once per workgroup
-const B: u32 = {{B}}u;
+const B: u32 = {{B}}u;      // query rows per block (TR x rows per thread)
 const G: u32 = {{G}}u;
 const IW: u32 = {{IW}}u;
-const WG: u32 = {{WG}}u;
+const TR: u32 = {{TR}}u;    // thread grid TR x TC
+const TC: u32 = {{TC}}u;
+const CW: u32 = {{CW}}u;    // vec4 per S' tile row: EV columns padded to whole thread columns
+const WG: u32 = TR * TC;
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
@@ -30,11 +35,11 @@ const WG: u32 = {{WG}}u;
 {{IO_COUNTER_DECL}}
 
 var<workgroup> q_tile: array<f32, {{Q_TILE}}>;
-var<workgroup> s_tile: array<f32, {{S_TILE}}>;
-var<workgroup> phi: array<f32, {{PHI}}>;
+var<workgroup> s_tile: array<vec4<f32>, {{S_TILE}}>; // value columns of the chunk
+var<workgroup> s_d: array<f32, RC>;                   // its normaliser column
+var<workgroup> phi: array<f32, {{PHI}}>;              // phi[f * B + r]: a thread's rows are TR apart
 var<workgroup> idx_t: array<u32, {{IDX}}>;
 var<workgroup> w_t: array<f32, RC>;
-var<workgroup> o_acc: array<f32, {{O_ACC}}>;
 
 fn feature_index(f: u32, t: u32) -> u32 {
     return (idx_t[f * IW + t / 3u] >> (10u * (t % 3u))) & 1023u;
@@ -45,12 +50,18 @@ fn load_chunk(unit: u32, f0: u32, lid: u32) -> u32 {
     var words = 0u;
     let rows_f = min(RC, R - f0);
     for (var i = lid; i < RC * EV1; i += WG) {
+        let f = i / EV1;
+        let c = i % EV1;
         var x = 0.0;
-        if (i / EV1 < rows_f) {
+        if (f < rows_f) {
             x = s_prime[(unit * R + f0) * EV1 + i];
             words += 1u;
         }
-        s_tile[i] = x;
+        if (c < EV) {
+            s_tile[f * CW + c / 4u][c % 4u] = x;
+        } else {
+            s_d[f] = x;
+        }
     }
     for (var i = lid; i < RC * IW; i += WG) {
         var w = 0u;
@@ -79,8 +90,15 @@ fn main(
 ) {
     let head = wid.y;
     let unit = head / params.group;
+    let tr = lid / TC;
+    let tc = lid % TC;
     var words_read = 0u;
     var words_written = 0u;
+    // The padding columns of the S' tile are never loaded: zero them once.
+    for (var i = lid; i < RC * CW; i += WG) {
+        s_tile[i] = vec4<f32>();
+    }
+    workgroupBarrier();
     if (RESIDENT) {
         words_read += load_chunk(unit, 0u, lid);
     }
@@ -100,9 +118,7 @@ fn main(
             }
             q_tile[i] = x;
         }
-        for (var i = lid; i < B * EV1; i += WG) {
-            o_acc[i] = 0.0;
-        }
+{{ACC_DECL}}
         for (var ch = 0u; ch < params.chunks; ch++) {
             if (!RESIDENT) {
                 workgroupBarrier();
@@ -110,8 +126,8 @@ fn main(
             }
             workgroupBarrier();
             for (var i = lid; i < B * RC; i += WG) {
-                let r = i / RC;
-                let f = i % RC;
+                let f = i / B;
+                let r = i % B;
                 var p = w_t[f];
                 for (var t = 0u; t < G; t++) {
                     p *= q_tile[r * E1 + feature_index(f, t)];
@@ -119,26 +135,12 @@ fn main(
                 phi[i] = p;
             }
             workgroupBarrier();
-            for (var i = lid; i < B * EV1; i += WG) {
-                let r = i / EV1;
-                let c = i % EV1;
-                var a = o_acc[i];
-                for (var f = 0u; f < RC; f++) {
-                    a = fma(phi[r * RC + f], s_tile[f * EV1 + c], a);
-                }
-                o_acc[i] = a;
-            }
+            // Feature rows past R are zero: the loop stops at the chunk's last real row.
+            let rows_f = min(RC, R - ch * RC);
+{{PRODUCT}}
         }
-        workgroupBarrier();
-        for (var i = lid; i < B * EV; i += WG) {
-            let r = i / EV;
-            let c = i % EV;
-            if (r < rows) {
-                o[(head * params.l + q0 + r) * EV + c] = o_acc[r * EV1 + c] / o_acc[r * EV1 + EV];
-                words_written += 1u;
-            }
-        }
-        workgroupBarrier();
+        // The outputs are in registers: the next block rewrites the tiles only after barriers.
+{{STORE}}
     }
 {{IO_COUNTER_ADD}}
 }

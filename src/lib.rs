@@ -161,17 +161,6 @@ fn poly_candidate(
             poly.degree, poly.certified_eps
         )));
     }
-    // The kernels sum the monomials in float32: cancellation grows like e^(2 beta). Refuse when
-    // the rounding (~2g u32 times the monomial condition) could rival the certified error.
-    let f32_rel_error = 2.0 * poly.degree.max(1) as f64 * f64::from(f32::EPSILON / 2.0)
-        * poly::monomial_condition(&poly);
-    if f32_rel_error > 0.1 * popts.eps.max(poly.certified_eps) {
-        return Err(Error::TooLarge(format!(
-            "at beta={beta:.4} the degree-{} polynomial loses too much precision in float32 \
-             (relative rounding up to {f32_rel_error:.1e}); use method='exact'",
-            poly.degree
-        )));
-    }
     // Trailing zero coefficients (a lower-degree fit padded) need no features.
     let g = poly.coeffs.iter().rposition(|&c| c != 0.0).unwrap_or(0);
     let rank = poly::num_features(p.e, g);
@@ -186,6 +175,19 @@ fn poly_candidate(
             p.e
         ))
     })?;
+    // The kernels sum the monomials in float32: cancellation grows like e^(2 beta). Refuse when
+    // the rounding (~2g u32 times the monomial condition) could rival the certified error.
+    let f32_rel_error = 2.0
+        * poly.degree.max(1) as f64
+        * f64::from(f32::EPSILON / 2.0)
+        * poly::monomial_condition(&poly);
+    if f32_rel_error > 0.1 * popts.eps.max(poly.certified_eps) {
+        return Err(Error::TooLarge(format!(
+            "the polynomial method cannot certify its result in float32 at beta={beta:.4}: the \
+             degree-{g} polynomial (rank {rank}) cancels, relative rounding up to \
+             {f32_rel_error:.1e}; use method='exact'"
+        )));
+    }
     let table = poly::try_feature_table(p.e, g).map_err(Error::TooLarge)?;
     let factor = poly.certified_eps / (1.0 - poly.certified_eps);
     let error_bound_per_column = (0..p.ev)

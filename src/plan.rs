@@ -2,6 +2,8 @@
 //!
 //! Nothing here touches the GPU, so every choice is unit-tested in plain Rust.
 
+use std::cmp::Reverse;
+
 use crate::error::Error;
 
 /// One attention problem, already flattened: `units` = batch x KV heads; each unit has `group`
@@ -405,45 +407,77 @@ pub fn index_words(g: usize) -> usize {
     g.div_ceil(3).max(1)
 }
 
+/// Thread columns and vec4 column groups per thread that cover `ev` value columns: at most
+/// `MAX_THREAD_SIDE` thread columns (more only for very wide values), as few padded columns as
+/// possible. Both poly passes tile their (rows x value columns) products this way.
+fn value_columns(ev: usize) -> (usize, usize) {
+    let groups = ev.div_ceil(4).max(1);
+    let per_thread = groups
+        .div_ceil(MAX_THREAD_SIDE)
+        .min(MAX_OUT_ACCUMULATORS / 4);
+    (groups.div_ceil(per_thread), per_thread)
+}
+
 /// Pass 1: workgroup (split, chunk, unit) accumulates rows `chunk*rc..` of S' over its keys.
+/// Thread (a, b) of the `tf x tc` grid keeps rows a, a+tf, ... and value column groups b,
+/// b+tc, ... of the chunk in registers (see `value_columns`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Pass1Tiles {
     pub e: usize,
     pub ev: usize,
     pub g: usize,
     pub r: usize,
-    /// Feature rows of S' per workgroup (resident in fast memory).
+    /// Feature rows of S' per workgroup (a multiple of `tf`; rows past r are zero).
     pub rc: usize,
     /// Key rows per streamed tile.
     pub bk: usize,
-    pub threads: usize,
+    pub tf: usize,
+    pub tc: usize,
 }
 
 impl Pass1Tiles {
     pub fn chunks(&self) -> usize {
         self.r.div_ceil(self.rc)
     }
+    pub fn threads(&self) -> usize {
+        self.tf * self.tc
+    }
+    pub fn rows_per_thread(&self) -> usize {
+        self.rc / self.tf
+    }
+    /// vec4 value column groups per thread.
+    pub fn groups_per_thread(&self) -> usize {
+        self.ev.div_ceil(4).div_ceil(self.tc)
+    }
+    /// Value columns of the V tile, padded to whole groups of every thread column.
+    pub fn padded_ev(&self) -> usize {
+        4 * self.tc * self.groups_per_thread()
+    }
+    /// Workgroup memory words the kernel declares (K tile, padded V tile, features, index words,
+    /// mu); the S' chunk itself lives in registers.
     pub fn fast_memory_words(&self) -> u64 {
-        let (e, ev1) = (self.e, self.ev + 1);
-        (self.bk * (e + 1)
-            + self.bk * ev1
+        (self.bk * (self.e + 1)
+            + self.bk * self.padded_ev()
             + self.rc * self.bk
-            + self.rc * ev1
             + self.rc * index_words(self.g)
-            + e) as u64
+            + self.e) as u64
     }
 }
 
 /// Pass 2: workgroup holds `b` query rows and streams S' through in chunks of `rc` feature rows.
+/// Thread (a, b) of the `tr x tc` grid keeps output rows a, a+tr, ... and value column groups b,
+/// b+tc, ... (and its rows' normalisers) in registers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Pass2Tiles {
     pub e: usize,
     pub ev: usize,
     pub g: usize,
     pub r: usize,
+    /// Query rows per block (a multiple of `tr`).
     pub b: usize,
     pub rc: usize,
-    pub threads: usize,
+    pub tr: usize,
+    pub tc: usize,
 }
 
 impl Pass2Tiles {
@@ -454,48 +488,60 @@ impl Pass2Tiles {
     pub fn resident(&self) -> bool {
         self.chunks() == 1
     }
+    pub fn threads(&self) -> usize {
+        self.tr * self.tc
+    }
+    pub fn rows_per_thread(&self) -> usize {
+        self.b / self.tr
+    }
+    pub fn groups_per_thread(&self) -> usize {
+        self.ev.div_ceil(4).div_ceil(self.tc)
+    }
+    pub fn padded_ev(&self) -> usize {
+        4 * self.tc * self.groups_per_thread()
+    }
+    /// Workgroup memory words the kernel declares (Q tile, padded S' chunk and its normaliser
+    /// column, features, index words, weights); the outputs live in registers.
     pub fn fast_memory_words(&self) -> u64 {
-        let (e, ev1) = (self.e, self.ev + 1);
-        (self.b * (e + 1)
-            + self.rc * ev1
+        (self.b * (self.e + 1)
+            + self.rc * (self.padded_ev() + 1)
             + self.b * self.rc
             + self.rc * index_words(self.g)
-            + self.rc
-            + self.b * ev1) as u64
+            + self.rc) as u64
     }
 }
 
 impl Pass1Tiles {
-    /// Loop iterations of one pass-1 invocation over `keys` keys (see poly_pass1.wgsl).
+    /// Loop iterations of one pass-1 invocation over `keys` keys (see poly_pass1.wgsl; the
+    /// micro-tile is unrolled, so only the key loop of the product counts).
     pub fn loop_iterations(&self, keys: usize) -> u64 {
-        let (wg, e1, ev1) = (self.threads, self.e + 1, self.ev + 1);
-        let init =
-            cdiv(self.e, wg) + cdiv(self.rc * index_words(self.g), wg) + cdiv(self.rc * ev1, wg);
+        let (wg, e1) = (self.threads(), self.e + 1);
+        let init = cdiv(self.e, wg)
+            + cdiv(self.rc * index_words(self.g), wg)
+            + cdiv(self.bk * self.padded_ev() / 4, wg);
         let per_tile = 1
             + cdiv(self.bk * e1, wg)
-            + cdiv(self.bk * ev1, wg)
+            + cdiv(self.bk * self.ev, wg)
             + cdiv(self.rc * self.bk, wg) * (1 + self.g as u64)
-            + cdiv(self.rc * ev1, wg) * (1 + self.bk as u64);
-        init + cdiv(keys, self.bk) * per_tile + cdiv(self.rc * ev1, wg)
+            + self.bk as u64;
+        init + cdiv(keys, self.bk) * per_tile
     }
 }
 
 impl Pass2Tiles {
     /// Loop iterations of one pass-2 invocation over `blocks` query blocks (see poly_pass2.wgsl).
     pub fn loop_iterations(&self, blocks: usize) -> u64 {
-        let (wg, e1, ev1) = (self.threads, self.e + 1, self.ev + 1);
+        let (wg, e1, ev1) = (self.threads(), self.e + 1, self.ev + 1);
         let load =
             cdiv(self.rc * ev1, wg) + cdiv(self.rc * index_words(self.g), wg) + cdiv(self.rc, wg);
         let per_chunk = 1
             + if self.resident() { 0 } else { load }
             + cdiv(self.b * self.rc, wg) * (1 + self.g as u64)
-            + cdiv(self.b * ev1, wg) * (1 + self.rc as u64);
-        let per_block = 1
-            + cdiv(self.b * e1, wg)
-            + cdiv(self.b * ev1, wg)
-            + self.chunks() as u64 * per_chunk
-            + cdiv(self.b * self.ev, wg);
-        (if self.resident() { load } else { 0 }) + blocks as u64 * per_block
+            + self.rc as u64;
+        let per_block = 1 + cdiv(self.b * e1, wg) + self.chunks() as u64 * per_chunk;
+        cdiv(self.rc * self.padded_ev() / 4, wg)
+            + (if self.resident() { load } else { 0 })
+            + blocks as u64 * per_block
     }
 }
 
@@ -514,8 +560,10 @@ pub struct PolyPlan {
     pub chunking: Chunking,
 }
 
-/// Threads per workgroup of the poly kernels (within every adapter's 256-invocation minimum).
+/// Threads per workgroup of the pre-pass, and the count the poly passes prefer.
 pub const POLY_THREADS: usize = 128;
+/// Most threads per workgroup of the poly passes (every adapter's invocation minimum).
+const MAX_POLY_THREADS: usize = 256;
 /// Aim for at least this many workgroups in flight per pass.
 const TARGET_WORKGROUPS: usize = 512;
 
@@ -548,64 +596,106 @@ pub fn plan_poly(p: &Problem, degree: usize, budget: &Budget) -> Result<PolyPlan
     }
     let r = r64 as usize;
     let m = budget.fast_memory_words;
-    let threads = POLY_THREADS.min(budget.max_invocations_per_workgroup as usize);
+    let max_threads = MAX_POLY_THREADS.min(budget.max_invocations_per_workgroup as usize);
+    // Both passes tile (rows x value columns) products over a grid of `rows x tc` threads; the
+    // registers of a thread bound the rows it owns.
+    let (tc, groups) = value_columns(p.ev);
+    let max_rows_per_thread = MAX_OUT_ACCUMULATORS / (4 * groups);
+    let thread_rows: Vec<usize> = (0..=8)
+        .map(|i| 1usize << i)
+        .filter(|&t| t * tc <= max_threads)
+        .collect();
+    // Ties go to POLY_THREADS threads, then to the nearer larger count.
+    let thread_rank = |threads: usize| {
+        (
+            threads.max(POLY_THREADS) / threads.min(POLY_THREADS),
+            Reverse(threads),
+        )
+    };
+    // Fewer than two warps of 32 threads only where nothing larger fits.
+    let enough_threads = |threads: usize| Reverse(threads.min(64));
 
-    // Pass 1: key tile bk, then as many feature rows as fit (at least 1).
-    // Pass 1 re-reads K and V once per chunk of rc feature rows: pick the key tile whose chunks
-    // cost the fewest words (a larger tile within 10% of the best wins: fewer barriers).
-    let t1 = |bk, rc| Pass1Tiles {
+    // Pass 1 re-reads K and V once per chunk of rc feature rows: for each key tile and thread
+    // grid, the fewest chunks the registers and fast memory allow, rows balanced over them. The
+    // fewest chunks win (a larger key tile within 10% of the best wins: fewer barriers), then
+    // enough threads, then the fewest padded rows.
+    let t1 = |bk, tf, rc| Pass1Tiles {
         e: p.e,
         ev: p.ev,
         g: degree,
         r,
         rc,
         bk,
-        threads,
+        tf,
+        tc,
     };
-    let rows_for = |bk| largest_fitting(r, |rc| t1(bk, rc).fast_memory_words() <= m);
-    let key_tiles = [32usize, 16, 8, 4, 2, 1];
-    let best_chunks = key_tiles
-        .iter()
-        .filter(|&&bk| rows_for(bk) > 0)
-        .map(|&bk| r.div_ceil(rows_for(bk)))
-        .min();
-    let pass1 = best_chunks.and_then(|best| {
-        key_tiles
+    let mut candidates = Vec::new();
+    for bk in [32usize, 16, 8, 4, 2, 1] {
+        for &tf in &thread_rows {
+            let rows = largest_fitting(max_rows_per_thread, |a| {
+                t1(bk, tf, tf * a).fast_memory_words() <= m
+            });
+            if rows > 0 {
+                let chunks = r.div_ceil(tf * rows);
+                candidates.push(t1(bk, tf, tf * r.div_ceil(chunks).div_ceil(tf)));
+            }
+        }
+    }
+    let best = candidates.iter().map(Pass1Tiles::chunks).min();
+    let pass1 = best.and_then(|best| {
+        candidates
             .iter()
-            .find(|&&bk| rows_for(bk) > 0 && r.div_ceil(rows_for(bk)) * 10 <= best * 11)
-            .map(|&bk| t1(bk, rows_for(bk)))
+            .filter(|t| t.chunks() * 10 <= best * 11)
+            .min_by_key(|t| {
+                (
+                    Reverse(t.bk),
+                    t.chunks(),
+                    enough_threads(t.threads()),
+                    t.chunks() * t.rc,
+                    thread_rank(t.threads()),
+                )
+            })
+            .copied()
     });
     let pass1 = pass1.ok_or_else(|| too_large("no pass-1 tile fits"))?;
 
     // Pass 2: schedule A keeps all of S' resident; otherwise the largest query block b (pass-2
-    // I/O ~ L*r*(Ev+3)/b) whose S' chunk still has >= min(r, 16) feature rows.
-    let t2 = |b, rc| Pass2Tiles {
+    // I/O ~ L*r*(Ev+3)/b) whose S' chunk still has >= min(r, 16) feature rows. Blocks are
+    // whole micro-tiles, b = tr * (rows per thread) <= 64, of enough threads where one fits.
+    let t2 = |b, tr, rc| Pass2Tiles {
         e: p.e,
         ev: p.ev,
         g: degree,
         r,
         b,
         rc,
-        threads,
+        tr,
+        tc,
     };
     let iters_ok = |t: Pass2Tiles| t.loop_iterations(1) <= budget.max_loop_iterations;
-    let resident_b = if pass1.chunks() == 1 {
-        largest_fitting(64, |b| {
-            t2(b, r).fast_memory_words() <= m && iters_ok(t2(b, r))
-        })
-    } else {
-        0
+    let blocks: Vec<(usize, usize)> = thread_rows
+        .iter()
+        .flat_map(|&tr| (1..=max_rows_per_thread).map(move |a| (tr * a, tr)))
+        .filter(|&(b, _)| b <= 64)
+        .collect();
+    let largest_block = |rc: usize| {
+        blocks
+            .iter()
+            .filter(|&&(b, tr)| t2(b, tr, rc).fast_memory_words() <= m && iters_ok(t2(b, tr, rc)))
+            .min_by_key(|&&(b, tr)| (enough_threads(tr * tc), Reverse(b), thread_rank(tr * tc)))
+            .copied()
     };
-    let pass2 = if resident_b > 0 {
-        Some(t2(resident_b, r))
+    let resident = if pass1.chunks() == 1 {
+        largest_block(r)
     } else {
-        let min_rows = r.min(16);
-        let b = largest_fitting(64, |b| {
-            t2(b, min_rows).fast_memory_words() <= m && iters_ok(t2(b, min_rows))
-        });
-        let b = if b > 0 { b } else { 1 };
-        let rc = largest_fitting(r, |rc| t2(b, rc).fast_memory_words() <= m);
-        (rc > 0 && iters_ok(t2(b, rc))).then(|| t2(b, rc))
+        None
+    };
+    let pass2 = if let Some((b, tr)) = resident {
+        Some(t2(b, tr, r))
+    } else {
+        let (b, tr) = largest_block(r.min(16)).unwrap_or((1, 1));
+        let rc = largest_fitting(r, |rc| t2(b, tr, rc).fast_memory_words() <= m);
+        (rc > 0 && iters_ok(t2(b, tr, rc))).then(|| t2(b, tr, rc))
     };
     let pass2 = pass2.ok_or_else(|| {
         too_large("no pass-2 tile fits the fast memory and the driver's loop budget")
@@ -634,16 +724,34 @@ pub fn plan_poly(p: &Problem, degree: usize, budget: &Budget) -> Result<PolyPlan
     let by_parallelism = TARGET_WORKGROUPS.div_ceil(units * pass1.chunks());
     let max_splits = chunking.kv_rows.div_ceil(pass1.bk).max(1);
     let by_binding = (max_words / (units * s_prime_words)).max(1);
+    // Drivers with a loop budget (llvmpipe) need enough splits for each one's keys to fit it.
+    let keys_fit = largest_fitting(chunking.kv_rows, |k| {
+        pass1.loop_iterations(k) <= budget.max_loop_iterations
+    });
+    let by_loops = chunking.kv_rows.div_ceil(keys_fit.max(1));
     let splits = by_parallelism
         .min(by_traffic)
         .min(by_binding)
+        .max(by_loops)
         .clamp(1, max_splits);
     let keys_per_split = chunking.kv_rows.div_ceil(splits);
     let splits = chunking.kv_rows.div_ceil(keys_per_split).max(1);
+    if pass1.loop_iterations(keys_per_split) > budget.max_loop_iterations
+        || units * splits * s_prime_words > max_words
+    {
+        return Err(too_large(
+            "pass 1 needs more key splits than the driver's loop budget and the bindings allow",
+        ));
+    }
     let blocks = chunking.q_rows.div_ceil(pass2.b);
     let pass2_workgroups = if pass2.resident() {
+        // Persistent workgroups loop over query blocks: as many as the loop budget needs.
+        let per_workgroup = largest_fitting(blocks, |n| {
+            pass2.loop_iterations(n) <= budget.max_loop_iterations
+        });
         blocks
             .min(TARGET_WORKGROUPS.div_ceil(units * p.group))
+            .max(blocks.div_ceil(per_workgroup.max(1)))
             .max(1)
     } else {
         blocks
@@ -685,7 +793,13 @@ pub fn prepass_loop_iterations(width: usize, tile_rows: usize, tiles: usize) -> 
 
 /// Tile rows of the pre-pass for this width and fast memory.
 pub fn prepass_tile_rows(width: usize, fast_memory_words: u64) -> usize {
-    ((fast_memory_words as usize).saturating_sub(4 * width) / width).clamp(1, 256)
+    let fixed = prepass_fast_memory_words(width, 0) as usize;
+    ((fast_memory_words as usize).saturating_sub(fixed) / width).clamp(1, 256)
+}
+
+/// Workgroup memory of the pre-pass: the tile, column sums/min/max, mu, and two atomics.
+pub fn prepass_fast_memory_words(width: usize, tile_rows: usize) -> u64 {
+    (tile_rows * width + 4 * width + 2) as u64
 }
 
 #[cfg(test)]
@@ -773,5 +887,91 @@ mod poly_plan_tests {
             plan_poly(&p, 2, &budget(1024)).unwrap().schedule,
             Schedule::B
         );
+    }
+
+    #[test]
+    fn thread_grids_tile_both_passes_within_the_limits() {
+        let mut planned = 0;
+        for max_threads in [64u32, 256] {
+            for words in [1024u64, 4096, 8192, 12288] {
+                for (e, ev, g) in [
+                    (8usize, 5usize, 2usize),
+                    (3, 7, 4),
+                    (16, 16, 2),
+                    (64, 64, 2),
+                    (128, 32, 2),
+                    (64, 100, 1),
+                    (256, 256, 1),
+                    (16, 1000, 1),
+                ] {
+                    let mut b = budget(words);
+                    b.max_invocations_per_workgroup = max_threads;
+                    let p = Problem {
+                        units: 1,
+                        group: 1,
+                        l: 1000,
+                        s: 1000,
+                        e,
+                        ev,
+                        causal: false,
+                        scale: 1.0,
+                    };
+                    let Ok(plan) = plan_poly(&p, g, &b) else {
+                        continue;
+                    };
+                    planned += 1;
+                    let (t1, t2) = (plan.pass1, plan.pass2);
+                    assert!(t1.threads() <= max_threads as usize, "{t1:?}");
+                    assert!(t2.threads() <= max_threads as usize, "{t2:?}");
+                    assert_eq!(t1.rc % t1.tf, 0, "{t1:?}");
+                    assert_eq!(t2.b % t2.tr, 0, "{t2:?}");
+                    assert!(t1.padded_ev() >= ev && t2.padded_ev() >= ev);
+                    // Value columns wasted on padding: less than one column group per thread.
+                    assert!(t1.padded_ev() < ev.next_multiple_of(4) + 4 * t1.groups_per_thread());
+                    let acc1 = t1.rows_per_thread() * 4 * t1.groups_per_thread();
+                    let acc2 = t2.rows_per_thread() * 4 * t2.groups_per_thread();
+                    assert!(acc1 <= MAX_OUT_ACCUMULATORS && acc2 <= MAX_OUT_ACCUMULATORS);
+                    assert!(t1.fast_memory_words() <= words && t2.fast_memory_words() <= words);
+                }
+            }
+        }
+        assert!(planned >= 40, "{planned}");
+    }
+
+    #[test]
+    fn long_sequences_stay_within_the_loop_budget() {
+        // Many query heads (persistent pass-2 workgroups loop over many blocks) and long keys
+        // over few splits: both exceed llvmpipe's budget unless the planner adds workgroups.
+        for (e, units, group, l, s) in [
+            (16usize, 8usize, 64usize, 1 << 16, 1 << 10),
+            (64, 8, 1, 1024, 1 << 17),
+        ] {
+            let p = Problem {
+                units,
+                group,
+                l,
+                s,
+                e,
+                ev: e,
+                causal: false,
+                scale: 0.1,
+            };
+            let iterations = |limit| {
+                let mut b = budget(8192);
+                b.max_binding_bytes = 1 << 30;
+                b.max_loop_iterations = limit;
+                let plan = plan_poly(&p, 2, &b).unwrap();
+                let blocks = plan.chunking.q_rows.div_ceil(plan.pass2.b);
+                let per_workgroup = blocks.div_ceil(plan.pass2_workgroups);
+                (
+                    plan.pass1.loop_iterations(plan.keys_per_split),
+                    plan.pass2.loop_iterations(per_workgroup),
+                )
+            };
+            let (it1, it2) = iterations(60_000);
+            assert!(it1 <= 60_000 && it2 <= 60_000, "{it1} {it2}");
+            let (it1, it2) = iterations(u64::MAX);
+            assert!(it1.max(it2) > 60_000, "{it1} {it2}");
+        }
     }
 }

@@ -4,9 +4,26 @@
 use approx_attn::kernels::{exact, poly};
 use approx_attn::plan::{plan_exact, plan_poly, Budget, Problem};
 
-fn check(name: &str, src: &str) {
+/// Words of workgroup memory the shader declares (what the planner must have budgeted).
+fn workgroup_words(module: &naga::Module) -> u64 {
+    let mut layouter = naga::proc::Layouter::default();
+    layouter.update(module.to_ctx()).unwrap();
+    module
+        .global_variables
+        .iter()
+        .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+        .map(|(_, g)| u64::from(layouter[g.ty].size) / 4)
+        .sum()
+}
+
+fn check(name: &str, src: &str, planned_words: u64) {
     let module = naga::front::wgsl::parse_str(src)
         .unwrap_or_else(|e| panic!("{name}: WGSL parse error:\n{}", e.emit_to_string(src)));
+    assert_eq!(
+        workgroup_words(&module),
+        planned_words,
+        "{name}: workgroup memory differs from the plan"
+    );
     let info = naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),
         naga::valid::Capabilities::empty(),
@@ -80,22 +97,43 @@ fn every_kernel_translates_to_every_backend() {
             };
             for count_io in [false, true] {
                 let t = plan_exact(&p, &budget(words)).unwrap().tiles;
-                check(&format!("exact {t:?}"), &exact::shader_source(&t, count_io));
+                assert!(t.fast_memory_words() <= words);
+                check(
+                    &format!("exact {t:?}"),
+                    &exact::shader_source(&t, count_io),
+                    t.fast_memory_words(),
+                );
                 for g in [1usize, 2] {
                     if let Ok(plan) = plan_poly(&p, g, &budget(words)) {
+                        let (t1, t2) = (plan.pass1, plan.pass2);
+                        assert!(t1.fast_memory_words() <= words);
+                        assert!(t2.fast_memory_words() <= words);
+                        let name1 = format!("pass1 {t1:?}");
                         check(
-                            &format!("pass1 {:?}", plan.pass1),
-                            &poly::pass1_source(&plan.pass1, count_io),
+                            &name1,
+                            &poly::pass1_source(&t1, count_io),
+                            t1.fast_memory_words(),
                         );
+                        let name2 = format!("pass2 {t2:?}");
                         check(
-                            &format!("pass2 {:?}", plan.pass2),
-                            &poly::pass2_source(&plan.pass2, count_io),
+                            &name2,
+                            &poly::pass2_source(&t2, count_io),
+                            t2.fast_memory_words(),
                         );
                     }
                 }
                 let rows = approx_attn::plan::prepass_tile_rows(e, words);
-                check("prepass", &poly::prepass_source(e, rows, count_io));
-                check("reduce", &poly::reduce_source(count_io));
+                let pre_words = approx_attn::plan::prepass_fast_memory_words(e, rows);
+                assert!(
+                    pre_words <= words,
+                    "pre-pass needs {pre_words} words of {words}"
+                );
+                check(
+                    "prepass",
+                    &poly::prepass_source(e, rows, count_io),
+                    pre_words,
+                );
+                check("reduce", &poly::reduce_source(count_io), 0);
             }
         }
     }

@@ -1,6 +1,8 @@
 //! The polynomial (Alman-Song) method on the GPU: pre-pass statistics, pass 1 (S' per key split
 //! and feature chunk), the reduction of the splits, and pass 2 (O = D^-1 Phi_q(Q) S').
 
+use std::fmt::Write as _;
+
 use super::{
     fill_template, io_counter_slots, read_mapped, readback_buffer, storage_buffer, uniform_buffer,
     RunOptions, RunStats, Timer,
@@ -36,8 +38,103 @@ pub fn prepass_source(width: usize, tile_rows: usize, count_io: bool) -> String 
     )
 }
 
+/// Named registers of one thread's micro-tile: `acc_a_u` (4 value columns each) and `d_a` (the
+/// normaliser column) for each of its `rows` rows and `groups` column groups.
+fn accumulator_decls(rows: usize, groups: usize, indent: &str) -> String {
+    let mut s = String::new();
+    for a in 0..rows {
+        for u in 0..groups {
+            let _ = writeln!(s, "{indent}var acc_{a}_{u} = vec4<f32>();");
+        }
+        let _ = writeln!(s, "{indent}var d_{a} = 0.0;");
+    }
+    s.trim_end().to_string()
+}
+
+/// The unrolled body of a micro-tile product step: one feature load per row (`phi_at(a)`), one
+/// vec4 load per column group (`tile_at(u)`), the FMAs, and `d_update(a)` for the normaliser.
+fn product_step(
+    s: &mut String,
+    indent: &str,
+    (rows, groups): (usize, usize),
+    phi_at: impl Fn(usize) -> String,
+    tile_at: impl Fn(usize) -> String,
+    d_update: impl Fn(usize) -> String,
+) {
+    for a in 0..rows {
+        let _ = writeln!(s, "{indent}let p_{a} = {};", phi_at(a));
+    }
+    for u in 0..groups {
+        let _ = writeln!(s, "{indent}let x_{u} = {};", tile_at(u));
+    }
+    for a in 0..rows {
+        for u in 0..groups {
+            let _ = writeln!(
+                s,
+                "{indent}acc_{a}_{u} = fma(vec4<f32>(p_{a}), x_{u}, acc_{a}_{u});"
+            );
+        }
+        let _ = writeln!(s, "{indent}{};", d_update(a));
+    }
+}
+
+/// Stores row `a` of a micro-tile: component k of `acc_a_u` is value column 4*(tc + TC*u) + k,
+/// stored as `value(register)` at `dest(column)` where the column is < EV.
+fn store_row(
+    s: &mut String,
+    indent: &str,
+    (a, groups, tc): (usize, usize, usize),
+    dest: impl Fn(&str) -> String,
+    value: impl Fn(&str) -> String,
+) {
+    for u in 0..groups {
+        let _ = writeln!(s, "{indent}let c_{u} = 4u * (tc + {}u);", u * tc);
+        for (k, comp) in ["x", "y", "z", "w"].iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "{indent}if (c_{u} + {k}u < EV) {{\n{indent}    {} = {};\n{indent}    words_written += 1u;\n{indent}}}",
+                dest(&format!("c_{u} + {k}u")),
+                value(&format!("acc_{a}_{u}.{comp}"))
+            );
+        }
+    }
+}
+
+/// Pass 1 for these tiles, the (rc x Ev+1) micro-tiles unrolled into named registers.
 pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
     let iw = index_words(t.g);
+    debug_assert_eq!(t.rc % t.tf, 0, "{t:?}: rows are whole micro-tiles");
+    let (rf, cu) = (t.rows_per_thread(), t.groups_per_thread());
+    let mut product = String::from("        for (var j = 0u; j < kr; j++) {\n");
+    product_step(
+        &mut product,
+        "            ",
+        (rf, cu),
+        |a| format!("phi[j * RC + tf + {}u]", a * t.tf),
+        |u| format!("v_tile[j * CW + tc + {}u]", u * t.tc),
+        |a| format!("d_{a} += p_{a}"),
+    );
+    product.push_str("        }");
+    let mut store = String::new();
+    for a in 0..rf {
+        let _ = writeln!(
+            store,
+            "    {{\n        let f = tf + {}u;\n        if (f < rows_f) {{",
+            a * t.tf
+        );
+        store_row(
+            &mut store,
+            "            ",
+            (a, cu, t.tc),
+            |c| format!("partial[o + f * EV1 + {c}]"),
+            str::to_string,
+        );
+        let _ = writeln!(
+            store,
+            "            if (tc == 0u) {{\n                partial[o + f * EV1 + EV] = d_{a};\n                \
+             words_written += 1u;\n            }}\n        }}\n    }}"
+        );
+    }
     let [decl, add] = io_counter_slots(count_io, 6);
     fill_template(
         PASS1,
@@ -49,12 +146,17 @@ pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
             ("BK", t.bk.to_string()),
             ("G", t.g.to_string()),
             ("IW", iw.to_string()),
-            ("WG", t.threads.to_string()),
+            ("TF", t.tf.to_string()),
+            ("TC", t.tc.to_string()),
+            ("CW", (t.padded_ev() / 4).to_string()),
+            ("WG", t.threads().to_string()),
             ("K_TILE", (t.bk * (t.e + 1)).to_string()),
-            ("V_TILE", (t.bk * (t.ev + 1)).to_string()),
+            ("V_TILE", (t.bk * t.padded_ev() / 4).to_string()),
             ("PHI", (t.rc * t.bk).to_string()),
-            ("ACC", (t.rc * (t.ev + 1)).to_string()),
             ("IDX", (t.rc * iw).to_string()),
+            ("ACC_DECL", accumulator_decls(rf, cu, "    ")),
+            ("PRODUCT", product),
+            ("STORE", store.trim_end().to_string()),
             decl,
             add,
         ],
@@ -66,8 +168,40 @@ pub fn reduce_source(count_io: bool) -> String {
     fill_template(REDUCE, &[("WG", AUX_THREADS.to_string()), decl, add])
 }
 
+/// Pass 2 for these tiles, the (b x Ev+1) output micro-tiles unrolled into named registers.
 pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
     let iw = index_words(t.g);
+    debug_assert_eq!(t.b % t.tr, 0, "{t:?}: rows are whole micro-tiles");
+    let (rb, cu) = (t.rows_per_thread(), t.groups_per_thread());
+    let mut product = String::from(
+        "            for (var f = 0u; f < rows_f; f++) {\n                let sd = s_d[f];\n",
+    );
+    product_step(
+        &mut product,
+        "                ",
+        (rb, cu),
+        |a| format!("phi[f * B + tr + {}u]", a * t.tr),
+        |u| format!("s_tile[f * CW + tc + {}u]", u * t.tc),
+        |a| format!("d_{a} = fma(p_{a}, sd, d_{a})"),
+    );
+    product.push_str("            }");
+    let mut store = String::new();
+    for a in 0..rb {
+        let _ = writeln!(
+            store,
+            "        {{\n            let r = tr + {}u;\n            if (r < rows) {{\n                \
+             let row = (head * params.l + q0 + r) * EV;",
+            a * t.tr
+        );
+        store_row(
+            &mut store,
+            "                ",
+            (a, cu, t.tc),
+            |c| format!("o[row + {c}]"),
+            |x| format!("{x} / d_{a}"),
+        );
+        store.push_str("            }\n        }\n");
+    }
     let [decl, add] = io_counter_slots(count_io, 6);
     fill_template(
         PASS2,
@@ -80,12 +214,17 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
             ("B", t.b.to_string()),
             ("G", t.g.to_string()),
             ("IW", iw.to_string()),
-            ("WG", t.threads.to_string()),
+            ("TR", t.tr.to_string()),
+            ("TC", t.tc.to_string()),
+            ("CW", (t.padded_ev() / 4).to_string()),
+            ("WG", t.threads().to_string()),
             ("Q_TILE", (t.b * (t.e + 1)).to_string()),
-            ("S_TILE", (t.rc * (t.ev + 1)).to_string()),
+            ("S_TILE", (t.rc * t.padded_ev() / 4).to_string()),
             ("PHI", (t.b * t.rc).to_string()),
             ("IDX", (t.rc * iw).to_string()),
-            ("O_ACC", (t.b * (t.ev + 1)).to_string()),
+            ("ACC_DECL", accumulator_decls(rb, cu, "        ")),
+            ("PRODUCT", product),
+            ("STORE", store.trim_end().to_string()),
             decl,
             add,
         ],
