@@ -784,6 +784,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="kernel",
         help="time plotted and used for the crossover",
     )
+    p.add_argument(
+        "--trusted",
+        action="store_true",
+        help="compile our shaders without wgpu's runtime checks (APPROX_ATTN_TRUSTED_SHADERS=1)",
+    )
     p.add_argument("--seed", type=int, default=0)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     p.add_argument("--out", default=f"benches/results/bench-{stamp}.json")
@@ -799,6 +804,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.trusted:
+        os.environ["APPROX_ATTN_TRUSTED_SHADERS"] = "1"
     if args.plot_only:
         doc = json.loads(Path(args.plot_only).read_text())
         png = Path(args.png) if args.png else Path(args.plot_only).with_suffix(".png")

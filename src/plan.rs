@@ -564,8 +564,9 @@ pub struct PolyPlan {
 pub const POLY_THREADS: usize = 128;
 /// Most threads per workgroup of the poly passes (every adapter's invocation minimum).
 const MAX_POLY_THREADS: usize = 256;
-/// Aim for at least this many workgroups in flight per pass.
-const TARGET_WORKGROUPS: usize = 512;
+/// Aim for at least this many workgroups per pass: an H100 (132 SMs) ran pass 1 latency-bound
+/// with 512 (E = 128: one key split, 528 workgroups each streaming 262,144 keys).
+const TARGET_WORKGROUPS: usize = 4096;
 
 fn largest_fitting(limit: usize, fits: impl Fn(usize) -> bool) -> usize {
     // Largest x in 1..=limit with fits(x) (fits is monotone decreasing); 0 when none.
@@ -718,9 +719,9 @@ pub fn plan_poly(p: &Problem, degree: usize, budget: &Budget) -> Result<PolyPlan
     chunking.units = chunking.units.min(max_words / s_prime_words).max(1);
     let units = chunking.units;
     // Key splits: enough workgroups to fill the GPU, but the partial S' traffic (2 * splits * r *
-    // (Ev+1)) must stay below the key traffic it parallelizes.
+    // (Ev+1)) must stay below an eighth of the key traffic it parallelizes.
     let key_words = chunking.kv_rows * (p.e + p.ev + 1) * pass1.chunks();
-    let by_traffic = (key_words / (2 * r * (p.ev + 1))).max(1);
+    let by_traffic = (key_words / (16 * r * (p.ev + 1))).max(1);
     let by_parallelism = TARGET_WORKGROUPS.div_ceil(units * pass1.chunks());
     let max_splits = chunking.kv_rows.div_ceil(pass1.bk).max(1);
     let by_binding = (max_words / (units * s_prime_words)).max(1);
@@ -749,8 +750,13 @@ pub fn plan_poly(p: &Problem, degree: usize, budget: &Budget) -> Result<PolyPlan
         let per_workgroup = largest_fitting(blocks, |n| {
             pass2.loop_iterations(n) <= budget.max_loop_iterations
         });
+        // Each one reloads S' (with its index words and weights): keep that below an eighth of
+        // the query traffic so schedule A stays near 4 n d words.
+        let reload_words = r * (p.ev + 1 + index_words(degree) + 1);
+        let by_traffic = (chunking.q_rows * p.e / (8 * reload_words)).max(1);
         blocks
             .min(TARGET_WORKGROUPS.div_ceil(units * p.group))
+            .min(by_traffic)
             .max(blocks.div_ceil(per_workgroup.max(1)))
             .max(1)
     } else {
@@ -772,7 +778,7 @@ pub fn plan_poly(p: &Problem, degree: usize, budget: &Budget) -> Result<PolyPlan
 /// Rows per pre-pass workgroup: a whole number of tiles, enough workgroups to fill the GPU.
 pub fn prepass_rows_per_block(rows: usize, units: usize, width: usize, budget: &Budget) -> usize {
     let tile_rows = prepass_tile_rows(width, budget.fast_memory_words);
-    let want_blocks = 512usize.div_ceil(units.max(1)).max(1);
+    let want_blocks = TARGET_WORKGROUPS.div_ceil(units.max(1)).max(1);
     let mut tiles = rows.div_ceil(want_blocks).div_ceil(tile_rows).max(1);
     while tiles > 1 && prepass_loop_iterations(width, tile_rows, tiles) > budget.max_loop_iterations
     {
@@ -943,8 +949,8 @@ mod poly_plan_tests {
         // Many query heads (persistent pass-2 workgroups loop over many blocks) and long keys
         // over few splits: both exceed llvmpipe's budget unless the planner adds workgroups.
         for (e, units, group, l, s) in [
-            (16usize, 8usize, 64usize, 1 << 16, 1 << 10),
-            (64, 8, 1, 1024, 1 << 17),
+            (16usize, 8usize, 64usize, 1 << 18, 1 << 10),
+            (64, 8, 1, 1024, 1 << 20),
         ] {
             let p = Problem {
                 units,
@@ -958,7 +964,7 @@ mod poly_plan_tests {
             };
             let iterations = |limit| {
                 let mut b = budget(8192);
-                b.max_binding_bytes = 1 << 30;
+                b.max_binding_bytes = 1 << 40;
                 b.max_loop_iterations = limit;
                 let plan = plan_poly(&p, 2, &b).unwrap();
                 let blocks = plan.chunking.q_rows.div_ceil(plan.pass2.b);

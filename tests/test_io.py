@@ -31,7 +31,7 @@ KEYS = {
 # Stated in src/io.rs (poly_stays_within_a_constant_of_the_lower_bound): the planned count stays
 # below 32x the reconstructed lower bound.
 LOWER_BOUND_CONSTANT = 32.0
-TARGET_WORKGROUPS = 512  # src/plan.rs: pass-2 workgroups per problem (schedule A) at most
+TARGET_WORKGROUPS = 4096  # src/plan.rs: pass-2 workgroups per problem (schedule A) at most
 
 
 def passes(cost: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -186,20 +186,19 @@ def test_schedule_a_reads_inputs_once_plus_state() -> None:
     reads, writes = p1r + rdr + p2r, p1w + rdw + p2w
     assert reads >= 3 * nd and writes >= nd
     # The state traffic is bounded by the planner's rules: partial S' traffic (2 splits r ev1)
-    # below the K/V traffic it parallelizes (n (2d + 1)), <= 512 pass-2 loads of S'.
+    # below the K/V traffic it parallelizes (n (2d + 1)), <= TARGET_WORKGROUPS pass-2 loads of S'.
     state = reads + writes - 4 * nd
     assert state <= splits * (d + r * iw) + n * (2 * d + 1) + r * ev1 + loads * r * (ev1 + iw + 1)
-    # It is a constant (<= 512 workgroups each way), so the overhead over the trivial 4 n d falls
-    # like 1/n: 0.89 at n = 2^16 (a quarter of the trivial count is about what 512 partial S' and
-    # 512 S' loads cost there), 0.25 at 2^18, 0.06 at 2^20.
+    # The planner keeps the partial S' traffic below an eighth of the K/V traffic and the S'
+    # reloads of pass 2 below an eighth of the Q traffic, so the overhead over the trivial 4 n d
+    # stays below (2/8 + 1/8) / 4 ~ 0.094 plus the index words: measured 0.097 at 2^16..2^20.
     overhead = {}
     for e in (16, 18, 20):
         m = 1 << e
         c = passes(approx_attn.io_cost(m, m, d, method="poly", degree=g, fast_memory_words=M))
         words = sum(sum(c[name]) for name in ("pass1", "reduce", "pass2"))
         overhead[e] = (words - 4 * m * d) / (4 * m * d)
-    assert overhead[16] < 1.0 and overhead[18] < 0.5 and overhead[20] < 0.1, overhead
-    assert overhead[16] > overhead[18] > overhead[20] > 0, overhead
+    assert all(0 < o < 0.1 for o in overhead.values()), overhead
 
 
 def slope(f: Any, n0: int) -> float:

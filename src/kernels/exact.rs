@@ -336,11 +336,7 @@ pub fn run(
             };
             Ok((o_chunk, st_chunk, counted, kernel_s))
         })?;
-        stats.absorb(&RunStats {
-            io_words_counted: counted,
-            kernel_s,
-            dispatches: 1,
-        });
+        stats.absorb(&RunStats::dispatch("exact", counted, kernel_s));
 
         for h in 0..qh {
             for r in 0..ch.lc {

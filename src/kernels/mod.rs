@@ -17,11 +17,33 @@ pub struct RunStats {
     /// Sum of the kernels' GPU time from timestamp queries, where the adapter has them.
     pub kernel_s: Option<f64>,
     pub dispatches: usize,
+    /// GPU seconds per pass name (timestamps), summed over dispatches.
+    pub pass_s: Vec<(&'static str, f64)>,
 }
 
 impl RunStats {
+    /// The stats of one dispatch of pass `name`.
+    pub fn dispatch(
+        name: &'static str,
+        counted: Option<(u64, u64)>,
+        kernel_s: Option<f64>,
+    ) -> Self {
+        RunStats {
+            io_words_counted: counted,
+            kernel_s,
+            dispatches: 1,
+            pass_s: kernel_s.map(|t| vec![(name, t)]).unwrap_or_default(),
+        }
+    }
+
     pub fn absorb(&mut self, other: &RunStats) {
         self.dispatches += other.dispatches;
+        for (name, t) in &other.pass_s {
+            match self.pass_s.iter_mut().find(|(n, _)| n == name) {
+                Some((_, acc)) => *acc += t,
+                None => self.pass_s.push((name, *t)),
+            }
+        }
         self.kernel_s = match (self.kernel_s, other.kernel_s) {
             (Some(a), Some(b)) => Some(a + b),
             (a, b) => a.or(b),

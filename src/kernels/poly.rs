@@ -347,11 +347,7 @@ pub(crate) fn row_stats(
                     out_words,
                 )
             })?;
-            stats.absorb(&RunStats {
-                io_words_counted: counted,
-                kernel_s,
-                dispatches: 1,
-            });
+            stats.absorb(&RunStats::dispatch("prepass", counted, kernel_s));
             for u in 0..nu {
                 for b in 0..blocks {
                     let o = (u * blocks + b) * (3 * w + 2);
@@ -628,11 +624,7 @@ pub fn run(
                     opts,
                     (splits as u32, plan.pass1.chunks() as u32, nu as u32),
                 )?;
-                stats.absorb(&RunStats {
-                    io_words_counted: counted,
-                    kernel_s: t,
-                    dispatches: 1,
-                });
+                stats.absorb(&RunStats::dispatch("pass1", counted, t));
                 let words = r * ev1;
                 let prm = uniform_buffer(
                     gpu,
@@ -646,11 +638,7 @@ pub fn run(
                     opts,
                     (words.div_ceil(AUX_THREADS) as u32, nu as u32, 1),
                 )?;
-                stats.absorb(&RunStats {
-                    io_words_counted: counted,
-                    kernel_s: t,
-                    dispatches: 1,
-                });
+                stats.absorb(&RunStats::dispatch("reduce", counted, t));
             }
             // Pass 2, one query chunk at a time.
             for l0 in (0..p.l).step_by(c.q_rows) {
@@ -682,11 +670,7 @@ pub fn run(
                     &o_buf,
                     o_words,
                 )?;
-                stats.absorb(&RunStats {
-                    io_words_counted: counted,
-                    kernel_s: t,
-                    dispatches: 1,
-                });
+                stats.absorb(&RunStats::dispatch("pass2", counted, t));
                 for h in 0..qh {
                     for row in 0..lc {
                         let dst = ((u0 * p.group + h) * p.l + l0 + row) * p.ev;
