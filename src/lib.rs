@@ -231,9 +231,13 @@ fn rates(gpu: &device::Gpu, budget: &Budget) -> Result<cost::Rates, Error> {
             "APPROX_ATTN_RATES={s:?} is not two positive numbers"
         )));
     }
+    // Rates belong to these kernels on this adapter: a change of any shader re-calibrates.
     let key = format!(
-        "{} {} {}",
-        gpu.info.adapter, gpu.info.driver, gpu.info.backend
+        "{} {} {} {:016x}",
+        gpu.info.adapter,
+        gpu.info.driver,
+        gpu.info.backend,
+        kernels::shader_fingerprint()
     );
     if let Some(r) = cost::load_rates(&key) {
         return Ok(r);

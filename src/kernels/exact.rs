@@ -11,7 +11,7 @@ use crate::device::Gpu;
 use crate::error::Error;
 use crate::plan::{chunks, ExactPlan, ExactTiles, Problem};
 
-const TEMPLATE: &str = include_str!("../../shaders/exact.wgsl");
+pub(crate) const TEMPLATE: &str = include_str!("../../shaders/exact.wgsl");
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]

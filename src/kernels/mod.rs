@@ -182,6 +182,22 @@ impl Timer {
     }
 }
 
+/// FNV-1a hash of every shader template, so cached measurements go stale with the kernels.
+pub fn shader_fingerprint() -> u64 {
+    [
+        exact::TEMPLATE,
+        poly::PREPASS,
+        poly::PASS1,
+        poly::REDUCE,
+        poly::PASS2,
+    ]
+    .iter()
+    .flat_map(|t| t.bytes())
+    .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
 /// Replaces every `{{NAME}}` slot of a WGSL template.
 pub(crate) fn fill_template(template: &str, slots: &[(&str, String)]) -> String {
     let mut s = template.to_string();

@@ -15,10 +15,10 @@ use crate::plan::{
 };
 use crate::poly::{FeatureTable, Poly};
 
-const PREPASS: &str = include_str!("../../shaders/prepass.wgsl");
-const PASS1: &str = include_str!("../../shaders/poly_pass1.wgsl");
-const REDUCE: &str = include_str!("../../shaders/poly_reduce.wgsl");
-const PASS2: &str = include_str!("../../shaders/poly_pass2.wgsl");
+pub(crate) const PREPASS: &str = include_str!("../../shaders/prepass.wgsl");
+pub(crate) const PASS1: &str = include_str!("../../shaders/poly_pass1.wgsl");
+pub(crate) const REDUCE: &str = include_str!("../../shaders/poly_reduce.wgsl");
+pub(crate) const PASS2: &str = include_str!("../../shaders/poly_pass2.wgsl");
 
 /// Threads of the pre-pass and reduction kernels.
 pub const AUX_THREADS: usize = 128;
