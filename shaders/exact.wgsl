@@ -22,6 +22,11 @@ const TQ: u32 = {{TQ}}u;
 const TK: u32 = {{TK}}u;
 const WG: u32 = {{WG}}u;
 const KVW: u32 = {{KVW}}u;
+// Row strides of the Q, K and P tiles, one word longer than a row: threads of a warp read
+// different rows of the same column, which would all fall into one memory bank otherwise.
+const QS: u32 = E + 1u;
+const KS: u32 = E + 1u;
+const PS: u32 = BK + 1u;
 // Below every real score: marks masked entries and the "no key seen yet" running maximum.
 const NEG: f32 = -3.0e38;
 
@@ -60,7 +65,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             x = q[q_base + idx] * params.scale_log2;
             words_read += 1u;
         }
-        q_tile[idx] = x;
+        q_tile[(idx / E) * QS + idx % E] = x;
     }
     if (lid < BQ) {
         row_m[lid] = NEG;
@@ -83,7 +88,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 x = k[k_base + j0 * E + idx];
                 words_read += 1u;
             }
-            kv_tile[idx] = x;
+            kv_tile[(idx / E) * KS + idx % E] = x;
         }
         workgroupBarrier();
 
@@ -91,7 +96,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         workgroupBarrier();
 
         if (lid < BQ) {
-            let row = lid * BK;
+            let row = lid * PS;
             var m_tile = NEG;
             for (var j = 0u; j < BK; j++) {
                 m_tile = max(m_tile, p_tile[row + j]);

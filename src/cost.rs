@@ -40,7 +40,7 @@ pub struct Rates {
     pub poly_flops_per_s: f64,
 }
 
-fn cache_path(adapter_key: &str) -> Option<std::path::PathBuf> {
+pub(crate) fn cache_path(kind: &str, adapter_key: &str) -> Option<std::path::PathBuf> {
     let base = std::env::var_os("APPROX_ATTN_CACHE_DIR")
         .map(std::path::PathBuf::from)
         .or_else(|| {
@@ -54,11 +54,11 @@ fn cache_path(adapter_key: &str) -> Option<std::path::PathBuf> {
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
-    Some(base.join(format!("rates-{name}.txt")))
+    Some(base.join(format!("{kind}-{name}.txt")))
 }
 
 pub fn load_rates(adapter_key: &str) -> Option<Rates> {
-    let text = std::fs::read_to_string(cache_path(adapter_key)?).ok()?;
+    let text = std::fs::read_to_string(cache_path("rates", adapter_key)?).ok()?;
     let mut it = text.split_whitespace().map(|t| t.parse::<f64>());
     match (it.next(), it.next()) {
         (Some(Ok(a)), Some(Ok(b))) if a > 0.0 && b > 0.0 => Some(Rates {
@@ -71,7 +71,7 @@ pub fn load_rates(adapter_key: &str) -> Option<Rates> {
 
 pub fn store_rates(adapter_key: &str, rates: &Rates) {
     // A cache miss only costs a re-calibration, so write failures are ignored.
-    if let Some(path) = cache_path(adapter_key) {
+    if let Some(path) = cache_path("rates", adapter_key) {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
@@ -79,6 +79,28 @@ pub fn store_rates(adapter_key: &str, rates: &Rates) {
             path,
             format!("{} {}\n", rates.exact_flops_per_s, rates.poly_flops_per_s),
         );
+    }
+}
+
+/// Tuned numbers for a shape class (a line "<class> <n1> <n2> ..." of a cache file).
+pub fn load_tuned(kind: &str, adapter_key: &str, class: &str) -> Option<Vec<usize>> {
+    let text = std::fs::read_to_string(cache_path(kind, adapter_key)?).ok()?;
+    text.lines().rev().find_map(|line| {
+        let rest = line.strip_prefix(class)?.strip_prefix(' ')?;
+        rest.split_whitespace().map(|t| t.parse().ok()).collect()
+    })
+}
+
+pub fn store_tuned(kind: &str, adapter_key: &str, class: &str, values: &[usize]) {
+    // A cache miss only costs a re-tune, so write failures are ignored.
+    if let Some(path) = cache_path(kind, adapter_key) {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let line: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+        let mut text = std::fs::read_to_string(&path).unwrap_or_default();
+        text.push_str(&format!("{class} {}\n", line.join(" ")));
+        let _ = std::fs::write(path, text);
     }
 }
 
@@ -114,6 +136,13 @@ mod tests {
         };
         store_rates("Test GPU (1)", &r);
         assert_eq!(load_rates("Test GPU (1)"), Some(r));
+        store_tuned("tiles", "Test GPU (1)", "64 64 0", &[64, 32, 8, 8]);
+        store_tuned("tiles", "Test GPU (1)", "64 64 0", &[32, 32, 16, 8]);
+        assert_eq!(
+            load_tuned("tiles", "Test GPU (1)", "64 64 0"),
+            Some(vec![32, 32, 16, 8])
+        );
+        assert_eq!(load_tuned("tiles", "Test GPU (1)", "64 64 1"), None);
         let _ = std::fs::remove_dir_all(dir);
     }
 }

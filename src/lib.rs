@@ -213,6 +213,107 @@ fn poly_candidate(
     })
 }
 
+/// Key of cached measurements: these kernels on this adapter (a change of any shader re-measures).
+fn adapter_key(gpu: &device::Gpu) -> String {
+    format!(
+        "{} {} {} {:016x}",
+        gpu.info.adapter,
+        gpu.info.driver,
+        gpu.info.backend,
+        kernels::shader_fingerprint()
+    )
+}
+
+fn autotune_on() -> bool {
+    std::env::var("APPROX_ATTN_AUTOTUNE").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// The exact plan, with tiles measured on this adapter for the shape class (E, Ev, causal) when
+/// a tuned entry is cached or `APPROX_ATTN_AUTOTUNE=1` asks to time the candidates now (off by
+/// default, and in tests); otherwise the planner's default.
+fn exact_plan_for(
+    gpu: &device::Gpu,
+    p: &Problem,
+    budget: &Budget,
+) -> Result<plan::ExactPlan, Error> {
+    let default = plan::plan_exact(p, budget)?;
+    // Tiny problems get tiles capped by L and S; the fast memory may be capped for tests.
+    if p.l < 64 || p.s < 64 {
+        return Ok(default);
+    }
+    let key = adapter_key(gpu);
+    let class = format!(
+        "{} {} {} {}",
+        p.e,
+        p.ev,
+        u8::from(p.causal),
+        budget.fast_memory_words
+    );
+    let tuned = match cost::load_tuned("exact-tiles", &key, &class) {
+        Some(v) if v.len() == 4 => v,
+        _ if autotune_on() => {
+            let t = autotune_exact(gpu, p, budget)?;
+            let v = vec![t.bq, t.bk, t.tq, t.tk];
+            cost::store_tuned("exact-tiles", &key, &class, &v);
+            v
+        }
+        _ => return Ok(default),
+    };
+    let t = plan::ExactTiles {
+        e: p.e,
+        ev: p.ev,
+        bq: tuned[0],
+        bk: tuned[1],
+        tq: tuned[2],
+        tk: tuned[3],
+    };
+    if !plan::exact_tiles_fit(&t, budget) {
+        return Ok(default);
+    }
+    plan::plan_exact_with(p, budget, t)
+}
+
+/// Times every candidate tile shape on a problem of this shape class and returns the fastest.
+fn autotune_exact(
+    gpu: &device::Gpu,
+    p: &Problem,
+    budget: &Budget,
+) -> Result<plan::ExactTiles, Error> {
+    // Big enough to fill a GPU; small on CPU drivers, where each candidate also compiles slowly.
+    let n = if gpu.info.device_type == "Cpu" {
+        512
+    } else {
+        2048
+    };
+    let class = Problem {
+        units: 8,
+        group: 1,
+        l: n,
+        s: n,
+        ..*p
+    };
+    let x = |w: usize| -> Vec<f32> {
+        (0..class.units * n * w)
+            .map(|i| ((i * 7919 % 1000) as f32 / 1000.0) - 0.5)
+            .collect()
+    };
+    let (q, k, v) = (x(p.e), x(p.e), x(p.ev));
+    let opts = RunOptions::default();
+    let mut best: Option<(f64, plan::ExactTiles)> = None;
+    for t in plan::exact_candidates(&class, budget) {
+        let plan = plan::plan_exact_with(&class, budget, t)?;
+        kernels::exact::run(gpu, &class, &plan, &q, &k, &v, &opts)?; // compile and warm up
+        let start = Instant::now();
+        let (_, st) = kernels::exact::run(gpu, &class, &plan, &q, &k, &v, &opts)?;
+        let secs = st.kernel_s.unwrap_or_else(|| start.elapsed().as_secs_f64());
+        if best.is_none_or(|(b, _)| secs < b) {
+            best = Some((secs, t));
+        }
+    }
+    best.map(|(_, t)| t)
+        .ok_or_else(|| Error::TooLarge("no exact tiles fit this device".into()))
+}
+
 /// Per-adapter throughputs, measured once (a small exact and a small degree-2 poly run) and
 /// cached on disk; `APPROX_ATTN_RATES="exact_flops_per_s poly_flops_per_s"` overrides them.
 fn rates(gpu: &device::Gpu, budget: &Budget) -> Result<cost::Rates, Error> {
@@ -231,14 +332,7 @@ fn rates(gpu: &device::Gpu, budget: &Budget) -> Result<cost::Rates, Error> {
             "APPROX_ATTN_RATES={s:?} is not two positive numbers"
         )));
     }
-    // Rates belong to these kernels on this adapter: a change of any shader re-calibrates.
-    let key = format!(
-        "{} {} {} {:016x}",
-        gpu.info.adapter,
-        gpu.info.driver,
-        gpu.info.backend,
-        kernels::shader_fingerprint()
-    );
+    let key = adapter_key(gpu);
     if let Some(r) = cost::load_rates(&key) {
         return Ok(r);
     }
@@ -319,7 +413,7 @@ pub fn attention(
     let _guard = gpu.exclusive();
     let start = Instant::now();
     let budget = budget(&gpu.info)?;
-    let exact_plan = plan::plan_exact(p, &budget)?;
+    let exact_plan = exact_plan_for(&gpu, p, &budget)?;
     let mut stats = RunStats::default();
     let mut predicted_exact_s = None;
     let mut predicted_poly_s = None;

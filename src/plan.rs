@@ -69,14 +69,19 @@ impl ExactTiles {
     pub fn out_cols_per_thread(&self) -> usize {
         self.ev.div_ceil(self.tk)
     }
-    /// Width of the shared K/V tile row; V reuses K's memory after the scores are formed.
+    /// Width of the shared K/V tile row (K rows padded by one word); V reuses K's memory after
+    /// the scores are formed.
     pub fn kv_width(&self) -> usize {
-        self.e.max(self.ev)
+        (self.e + 1).max(self.ev)
     }
-    /// Workgroup memory words the kernel declares (Q tile, K/V tile + padding, P tile, 3 row stats).
+    /// Workgroup memory words the kernel declares (Q, K/V and P tiles with rows padded by one word
+    /// against bank conflicts, K/V tail padding, 3 row stats).
     pub fn fast_memory_words(&self) -> u64 {
-        (self.bq * self.e + self.bk * self.kv_width() + self.tk + self.bq * self.bk + 3 * self.bq)
-            as u64
+        (self.bq * (self.e + 1)
+            + self.bk * self.kv_width()
+            + self.tk
+            + self.bq * (self.bk + 1)
+            + 3 * self.bq) as u64
     }
 }
 
@@ -128,11 +133,7 @@ pub fn exact_tiles(p: &Problem, budget: &Budget) -> Result<ExactTiles, Error> {
                 tq,
                 tk,
             };
-            if t.fast_memory_words() > budget.fast_memory_words
-                || t.threads() > budget.max_invocations_per_workgroup as usize
-                || t.rows_per_thread() * t.out_cols_per_thread() > MAX_OUT_ACCUMULATORS
-                || t.rows_per_thread() * t.keys_per_thread() > MAX_SCORE_ACCUMULATORS
-            {
+            if !exact_tiles_fit(&t, budget) {
                 continue;
             }
             let better = match best {
@@ -261,8 +262,57 @@ pub fn chunks(p: &Problem, c: &Chunking) -> Vec<Chunk> {
     out
 }
 
+/// Whether these tiles fit the fast memory, the workgroup size and the register caps.
+pub fn exact_tiles_fit(t: &ExactTiles, budget: &Budget) -> bool {
+    t.bq % t.tq == 0
+        && t.bk % t.tk == 0
+        && t.fast_memory_words() <= budget.fast_memory_words
+        && t.threads() <= budget.max_invocations_per_workgroup as usize
+        && t.rows_per_thread() * t.out_cols_per_thread() <= MAX_OUT_ACCUMULATORS
+        && t.rows_per_thread() * t.keys_per_thread() <= MAX_SCORE_ACCUMULATORS
+}
+
+/// The candidates an autotune times: the default choice plus other tile and thread-grid shapes
+/// (8 or 16 threads per side) that fit.
+pub fn exact_candidates(p: &Problem, budget: &Budget) -> Vec<ExactTiles> {
+    let mut out = Vec::new();
+    if let Ok(t) = exact_tiles(p, budget) {
+        out.push(t);
+    }
+    for bq in [64usize, 32, 16] {
+        for bk in [64usize, 32, 16] {
+            for side_q in [8usize, 16] {
+                for side_k in [8usize, 16] {
+                    let (tq, tk) = (bq.min(side_q), bk.min(side_k));
+                    let t = ExactTiles {
+                        e: p.e,
+                        ev: p.ev,
+                        bq,
+                        bk,
+                        tq,
+                        tk,
+                    };
+                    if exact_tiles_fit(&t, budget) && !out.contains(&t) {
+                        out.push(t);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 pub fn plan_exact(p: &Problem, budget: &Budget) -> Result<ExactPlan, Error> {
-    let tiles = exact_tiles(p, budget)?;
+    plan_exact_with(p, budget, exact_tiles(p, budget)?)
+}
+
+/// The exact plan for given tiles (e.g. from an autotune): dispatch cuts for bindings, grid and
+/// the driver's loop budget.
+pub fn plan_exact_with(
+    p: &Problem,
+    budget: &Budget,
+    tiles: ExactTiles,
+) -> Result<ExactPlan, Error> {
     let mut chunking = chunking(p, tiles.bq, budget)?;
     // Drivers with a loop budget get fewer keys per dispatch (merged like any split-KV chunk).
     let fits = |keys| exact_loop_iterations(&tiles, keys) <= budget.max_loop_iterations;

@@ -104,3 +104,40 @@ fn exact_matches_reference() {
         );
     }
 }
+
+/// Every tile shape the autotune may pick computes the same attention.
+#[test]
+fn every_autotune_candidate_matches_reference() {
+    let gpu = approx_attn::device::gpu().unwrap();
+    let budget = approx_attn::budget(&gpu.info).unwrap();
+    let p = Problem {
+        units: 2,
+        group: 1,
+        l: 70,
+        s: 90,
+        e: 24,
+        ev: 40,
+        causal: true,
+        scale: 0.2,
+    };
+    let mut seed = 5u64;
+    let q: Vec<f32> = (0..p.units * p.l * p.e).map(|_| lcg(&mut seed)).collect();
+    let k: Vec<f32> = (0..p.units * p.s * p.e).map(|_| lcg(&mut seed)).collect();
+    let v: Vec<f32> = (0..p.units * p.s * p.ev).map(|_| lcg(&mut seed)).collect();
+    let want = reference(&p, &q, &k, &v);
+    let candidates = approx_attn::plan::exact_candidates(&p, &budget);
+    assert!(candidates.len() > 4, "{candidates:?}");
+    for t in candidates {
+        let plan = approx_attn::plan::plan_exact_with(&p, &budget, t).unwrap();
+        let (out, _) =
+            approx_attn::kernels::exact::run(&gpu, &p, &plan, &q, &k, &v, &RunOptions::default())
+                .unwrap();
+        let err = out
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (f64::from(*a) - b).abs())
+            .fold(0.0, f64::max);
+        // Same float32 tolerance as above: values in [-1, 1], a few 1e-6.
+        assert!(err < 5e-6, "{t:?}: max error {err}");
+    }
+}

@@ -48,14 +48,14 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
     for a in 0..rq {
         let _ = writeln!(
             scores,
-            "                let q_{a} = q_tile[(tq + {}u) * E + e];",
+            "                let q_{a} = q_tile[(tq + {}u) * QS + e];",
             a * t.tq
         );
     }
     for b in 0..rk {
         let _ = writeln!(
             scores,
-            "                let k_{b} = kv_tile[(tk + {}u) * E + e];",
+            "                let k_{b} = kv_tile[(tk + {}u) * KS + e];",
             b * t.tk
         );
     }
@@ -74,7 +74,7 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
                 scores,
                 "            {{\n                let i = tq + {ia}u;\n                let j = tk + {jb}u;\n                \
                  let ok = j < k_rows && (params.causal == 0u || params.kv_offset + j0 + j <= params.q_offset + q0 + i);\n                \
-                 p_tile[i * BK + j] = select(NEG, s_{a}_{b}, ok);\n            }}",
+                 p_tile[i * PS + j] = select(NEG, s_{a}_{b}, ok);\n            }}",
                 ia = a * t.tq,
                 jb = b * t.tk
             );
@@ -97,7 +97,7 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
     for a in 0..rq {
         let _ = writeln!(
             pv,
-            "                let p_{a} = p_tile[(tq + {}u) * BK + j];",
+            "                let p_{a} = p_tile[(tq + {}u) * PS + j];",
             a * t.tq
         );
     }
@@ -145,9 +145,9 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
             ("TK", t.tk.to_string()),
             ("WG", t.threads().to_string()),
             ("KVW", t.kv_width().to_string()),
-            ("Q_TILE", (t.bq * t.e).to_string()),
+            ("Q_TILE", (t.bq * (t.e + 1)).to_string()),
             ("KV_TILE", (t.bk * t.kv_width() + t.tk).to_string()),
-            ("P_TILE", (t.bq * t.bk).to_string()),
+            ("P_TILE", (t.bq * (t.bk + 1)).to_string()),
             ("O_DECL", o_decl),
             ("SCORES", scores),
             ("PV", pv),
