@@ -224,13 +224,18 @@ fn adapter_key(gpu: &device::Gpu) -> String {
     )
 }
 
-fn autotune_on() -> bool {
-    std::env::var("APPROX_ATTN_AUTOTUNE").is_ok_and(|v| !v.is_empty() && v != "0")
+/// `APPROX_ATTN_AUTOTUNE=1|0` forces it; by default GPUs tune (under a second per shape class)
+/// and CPU drivers do not (each candidate compiles for seconds there).
+fn autotune_on(gpu: &device::Gpu) -> bool {
+    match std::env::var("APPROX_ATTN_AUTOTUNE") {
+        Ok(v) => !v.is_empty() && v != "0",
+        Err(_) => gpu.info.device_type != "Cpu",
+    }
 }
 
-/// The exact plan, with tiles measured on this adapter for the shape class (E, Ev, causal) when
-/// a tuned entry is cached or `APPROX_ATTN_AUTOTUNE=1` asks to time the candidates now (off by
-/// default, and in tests); otherwise the planner's default.
+/// The exact plan, with tiles measured on this adapter for the shape class (E, Ev, causal, fast
+/// memory) when a tuned entry is cached or the autotune times the candidates now (see
+/// [`autotune_on`]; the tests turn it off); otherwise the planner's default.
 fn exact_plan_for(
     gpu: &device::Gpu,
     p: &Problem,
@@ -251,7 +256,7 @@ fn exact_plan_for(
     );
     let tuned = match cost::load_tuned("exact-tiles", &key, &class) {
         Some(v) if v.len() == 4 => v,
-        _ if autotune_on() => {
+        _ if autotune_on(gpu) => {
             let t = autotune_exact(gpu, p, budget)?;
             let v = vec![t.bq, t.bk, t.tq, t.tk];
             cost::store_tuned("exact-tiles", &key, &class, &v);
