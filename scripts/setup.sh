@@ -5,8 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 have_vulkan_driver() {
-    ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1 &&
-        { ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1'; }
+    # Any ICD manifest plus the loader; `grep` without -q so pipefail sees no SIGPIPE.
+    local f
+    for f in /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json; do
+        if [ -e "$f" ]; then
+            ldconfig -p 2>/dev/null | grep 'libvulkan\.so\.1' >/dev/null && return 0
+        fi
+    done
+    return 1
 }
 if ! have_vulkan_driver; then
     echo "setup: no Vulkan driver found; installing Mesa's software driver (lavapipe)" >&2

@@ -242,13 +242,7 @@ mod tests {
     use crate::plan::{plan_exact, Budget};
 
     fn budget() -> Budget {
-        Budget {
-            fast_memory_words: 8192,
-            max_binding_bytes: 128 << 20,
-            max_workgroups_per_dimension: 65535,
-            max_invocations_per_workgroup: 256,
-            max_loop_iterations: u64::MAX,
-        }
+        Budget::with_binding(8192, 128 << 20)
     }
 
     #[test]
@@ -297,13 +291,7 @@ mod poly_tests {
     use crate::plan::{plan_exact, plan_poly, Schedule};
 
     fn budget(m: u64) -> Budget {
-        Budget {
-            fast_memory_words: m,
-            max_binding_bytes: u64::MAX / 8,
-            max_workgroups_per_dimension: u32::MAX,
-            max_invocations_per_workgroup: 256,
-            max_loop_iterations: u64::MAX,
-        }
+        Budget::model(m)
     }
 
     fn problem(n: usize, d: usize) -> Problem {

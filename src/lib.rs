@@ -611,13 +611,7 @@ pub fn io_cost(
     fast_memory_words: Option<u64>,
 ) -> Result<IoEstimate, Error> {
     let budget = match fast_memory_words {
-        Some(m) => Budget {
-            fast_memory_words: m,
-            max_binding_bytes: u64::MAX / 8,
-            max_workgroups_per_dimension: u32::MAX,
-            max_invocations_per_workgroup: 256,
-            max_loop_iterations: u64::MAX,
-        },
+        Some(m) => Budget::model(m),
         None => budget(&device::gpu()?.info)?,
     };
     let exact_plan = plan::plan_exact(p, &budget)?;

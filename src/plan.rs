@@ -41,6 +41,29 @@ pub struct Budget {
     pub max_loop_iterations: u64,
 }
 
+impl Budget {
+    /// The I/O model's budget: only the fast memory is limited (one dispatch, any grid), with the
+    /// WebGPU minimum of 256 invocations per workgroup. For `io_cost` studies and tests.
+    pub fn model(fast_memory_words: u64) -> Budget {
+        Budget {
+            fast_memory_words,
+            max_binding_bytes: u64::MAX / 8,
+            max_workgroups_per_dimension: u32::MAX,
+            max_invocations_per_workgroup: 256,
+            max_loop_iterations: u64::MAX,
+        }
+    }
+
+    /// [`Budget::model`] with a storage binding limit and the WebGPU grid limit.
+    pub fn with_binding(fast_memory_words: u64, max_binding_bytes: u64) -> Budget {
+        Budget {
+            max_binding_bytes,
+            max_workgroups_per_dimension: 65535,
+            ..Budget::model(fast_memory_words)
+        }
+    }
+}
+
 /// Tiles of the exact (FlashAttention-2 style) kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ExactTiles {
@@ -336,13 +359,7 @@ mod tests {
     use super::*;
 
     fn budget(words: u64) -> Budget {
-        Budget {
-            fast_memory_words: words,
-            max_binding_bytes: 128 << 20,
-            max_workgroups_per_dimension: 65535,
-            max_invocations_per_workgroup: 256,
-            max_loop_iterations: u64::MAX,
-        }
+        Budget::with_binding(words, 128 << 20)
     }
 
     fn problem(l: usize, s: usize, e: usize, ev: usize) -> Problem {
@@ -863,13 +880,7 @@ mod poly_plan_tests {
     use super::*;
 
     fn budget(words: u64) -> Budget {
-        Budget {
-            fast_memory_words: words,
-            max_binding_bytes: 128 << 20,
-            max_workgroups_per_dimension: 65535,
-            max_invocations_per_workgroup: 256,
-            max_loop_iterations: u64::MAX,
-        }
+        Budget::with_binding(words, 128 << 20)
     }
 
     #[test]

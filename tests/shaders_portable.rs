@@ -71,13 +71,7 @@ fn check(name: &str, src: &str, planned_words: u64) {
 }
 
 fn budget(words: u64) -> Budget {
-    Budget {
-        fast_memory_words: words,
-        max_binding_bytes: 128 << 20,
-        max_workgroups_per_dimension: 65535,
-        max_invocations_per_workgroup: 256,
-        max_loop_iterations: u64::MAX,
-    }
+    Budget::with_binding(words, 128 << 20)
 }
 
 #[test]
