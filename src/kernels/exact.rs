@@ -1,6 +1,7 @@
 //! The exact kernel: WGSL generated from `shaders/exact.wgsl` and an [`ExactPlan`], and the host
 //! loop that cuts the problem into dispatches and merges split-KV partial results.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use super::{
@@ -168,16 +169,17 @@ pub(crate) fn gather(
     r0: usize,
     rc: usize,
     width: usize,
-) -> Vec<f32> {
+) -> Cow<'_, [f32]> {
+    // Whole rows of consecutive heads are already contiguous: no copy.
     if r0 == 0 && rc == rows {
-        return x[h0 * rows * width..(h0 + heads) * rows * width].to_vec();
+        return Cow::Borrowed(&x[h0 * rows * width..(h0 + heads) * rows * width]);
     }
     let mut out = Vec::with_capacity(heads * rc * width);
     for h in h0..h0 + heads {
         let start = (h * rows + r0) * width;
         out.extend_from_slice(&x[start..start + rc * width]);
     }
-    out
+    Cow::Owned(out)
 }
 
 /// Runs exact attention. `q`, `k`, `v` are contiguous `(units*group, l, e)`, `(units, s, e)`,
