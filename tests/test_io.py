@@ -286,3 +286,19 @@ def test_bad_sizes_and_causal_poly() -> None:
         )
     with pytest.raises(ValueError, match="degree"):
         approx_attn.io_lower_bound(100, 100, 16, method="poly")
+
+
+def test_io_cost_with_grouped_query_heads_matches_a_gqa_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 4 query heads sharing 2 KV heads: the planned words equal what the shaders count.
+    monkeypatch.setenv("APPROX_ATTN_COUNT_IO", "1")
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((4, 96, 16)).astype(np.float32)
+    k = rng.standard_normal((2, 80, 16)).astype(np.float32)
+    v = rng.standard_normal((2, 80, 16)).astype(np.float32)
+    _, rep = approx_attn.attention(q, k, v, method="exact", enable_gqa=True, return_report=True)
+    cost = approx_attn.io_cost(96, 80, 16, method="exact", heads=4, kv_heads=2)
+    assert rep.io_words_counted == rep.io_words == cost["total"]
+    with pytest.raises(ValueError, match="kv_heads=3 must divide heads=4"):
+        approx_attn.io_cost(96, 80, 16, method="exact", heads=4, kv_heads=3)

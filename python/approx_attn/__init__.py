@@ -294,6 +294,7 @@ def io_cost(
     fast_memory_words: int | None = None,
     is_causal: bool = False,
     heads: int = 1,
+    kv_heads: int | None = None,
 ) -> dict[str, Any]:
     """Words the plan that would run moves between storage buffers and workgroup memory.
 
@@ -301,19 +302,24 @@ def io_cost(
     reads, writes), ...], "reads", "writes", "total"}``. ``fast_memory_words`` defaults to the
     current adapter's (and its binding limits); any value may be given to study other GPUs (then
     the model is one dispatch). For ``method="poly"`` give ``degree``, or ``eps`` and ``beta``.
+    ``heads`` counts query heads; ``kv_heads`` (default: ``heads``) the key/value heads they
+    share, as with ``enable_gqa``.
     """
-    for name, val in (("L", L), ("S", S), ("E", E), ("heads", heads)):
+    kv_heads = heads if kv_heads is None else kv_heads
+    for name, val in (("L", L), ("S", S), ("E", E), ("heads", heads), ("kv_heads", kv_heads)):
         if not isinstance(val, (int, np.integer)) or val < (0 if name == "L" else 1):
             raise ValueError(f"{name} must be a positive integer, got {val!r}")
     Ev = E if Ev is None else Ev
+    if heads % kv_heads != 0:
+        raise ValueError(f"kv_heads={kv_heads} must divide heads={heads}")
     if method not in ("exact", "poly"):
         raise ValueError(f"method must be 'exact' or 'poly', got {method!r}")
     if fast_memory_words is not None and fast_memory_words < 1:
         raise ValueError(f"fast_memory_words must be positive, got {fast_memory_words}")
     return dict(
         _core.io_cost(
-            int(heads),
-            1,
+            int(kv_heads),
+            int(heads // kv_heads),
             int(L),
             int(S),
             int(E),
