@@ -42,6 +42,7 @@ from typing import Any
 import approx_attn
 import numpy as np
 import pytest
+from _helpers import assert_close
 from approx_attn import _core
 from approx_attn.reference import beta as ref_beta
 from approx_attn.reference import exact_attention, poly_attention
@@ -136,20 +137,6 @@ def column_errors(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """max |out - ref| per output column, over all rows, batches and heads."""
     err = np.abs(out.astype(np.float64) - ref)
     return np.nan_to_num(err, nan=np.inf).reshape(-1, out.shape[-1]).max(axis=0)
-
-
-def assert_close(out: np.ndarray, ref: np.ndarray, tol: np.ndarray | float, what: str) -> None:
-    assert out.shape == ref.shape, f"{what}: shape {out.shape} != {ref.shape}"
-    err = np.abs(out.astype(np.float64) - ref)
-    tol_arr = np.broadcast_to(np.asarray(tol, dtype=np.float64), err.shape)
-    excess = err - tol_arr
-    if not (excess <= 0).all():  # also catches NaN
-        i = np.unravel_index(int(np.nanargmax(np.where(np.isnan(err), np.inf, excess))), err.shape)
-        raise AssertionError(
-            f"{what}: {int(np.count_nonzero(~(excess <= 0)))} of {err.size} entries off; worst at "
-            f"{tuple(int(x) for x in i)}: got {out[i]!r}, want {ref[i]!r}, |err| {err[i]:.3e} > "
-            f"tol {tol_arr[i]:.3e} (max err {np.nanmax(err):.3e})"
-        )
 
 
 def poly(q: np.ndarray, k: np.ndarray, v: np.ndarray, **kw: Any) -> tuple[np.ndarray, Any]:
