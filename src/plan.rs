@@ -485,6 +485,11 @@ fn value_columns(ev: usize) -> (usize, usize) {
     (groups.div_ceil(per_thread), per_thread)
 }
 
+/// vec4 groups of the Ev value columns each of `tc` thread columns owns (both poly passes).
+fn vec4_groups_per_thread(ev: usize, tc: usize) -> usize {
+    ev.div_ceil(4).div_ceil(tc)
+}
+
 /// Pass 1: workgroup (split, chunk, unit) accumulates rows `chunk*rc..` of S' over its keys.
 /// Thread (a, b) of the `tf x tc` grid keeps rows a, a+tf, ... and value column groups b,
 /// b+tc, ... of the chunk in registers (see `value_columns`).
@@ -514,7 +519,7 @@ impl Pass1Tiles {
     }
     /// vec4 value column groups per thread.
     pub fn groups_per_thread(&self) -> usize {
-        self.ev.div_ceil(4).div_ceil(self.tc)
+        vec4_groups_per_thread(self.ev, self.tc)
     }
     /// Value columns of the V tile, padded to whole groups of every thread column.
     pub fn padded_ev(&self) -> usize {
@@ -562,8 +567,9 @@ impl Pass2Tiles {
         self.b / self.tr
     }
     pub fn groups_per_thread(&self) -> usize {
-        self.ev.div_ceil(4).div_ceil(self.tc)
+        vec4_groups_per_thread(self.ev, self.tc)
     }
+    /// Value columns of the S' chunk, padded to whole groups of every thread column.
     pub fn padded_ev(&self) -> usize {
         4 * self.tc * self.groups_per_thread()
     }
