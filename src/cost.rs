@@ -1,6 +1,10 @@
 //! Predicted cost of each method, for `method="auto"`: FLOP counts from the plans, divided by
 //! per-adapter throughputs measured once by a calibration run and cached on disk.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
 use crate::plan::{PolyPlan, Problem};
 
 /// Query-key pairs the exact kernel evaluates (the causal mask hides j > i).
@@ -40,15 +44,14 @@ pub struct Rates {
     pub poly_flops_per_s: f64,
 }
 
-pub(crate) fn cache_path(kind: &str, adapter_key: &str) -> Option<std::path::PathBuf> {
+pub(crate) fn cache_path(kind: &str, adapter_key: &str) -> Option<PathBuf> {
     let base = std::env::var_os("APPROX_ATTN_CACHE_DIR")
-        .map(std::path::PathBuf::from)
+        .map(PathBuf::from)
         .or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(|d| std::path::PathBuf::from(d).join("approx_attn"))
+            std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("approx_attn"))
         })
         .or_else(|| {
-            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/approx_attn"))
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/approx_attn"))
         })?;
     let name: String = adapter_key
         .chars()
@@ -57,8 +60,33 @@ pub(crate) fn cache_path(kind: &str, adapter_key: &str) -> Option<std::path::Pat
     Some(base.join(format!("{kind}-{name}.txt")))
 }
 
+/// Cache files as read or written by this process: `auto` and the tuned tiles consult them on
+/// every call, and the disk is read once per file.
+static FILES: Mutex<Option<HashMap<PathBuf, Option<String>>>> = Mutex::new(None);
+
+fn read_cache(path: &Path) -> Option<String> {
+    let mut files = FILES.lock().unwrap_or_else(|e| e.into_inner());
+    files
+        .get_or_insert_with(HashMap::new)
+        .entry(path.to_path_buf())
+        .or_insert_with(|| std::fs::read_to_string(path).ok())
+        .clone()
+}
+
+fn write_cache(path: PathBuf, text: String) {
+    // A cache miss only costs a re-measurement, so write failures are ignored.
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let _ = std::fs::write(&path, &text);
+    let mut files = FILES.lock().unwrap_or_else(|e| e.into_inner());
+    files
+        .get_or_insert_with(HashMap::new)
+        .insert(path, Some(text));
+}
+
 pub fn load_rates(adapter_key: &str) -> Option<Rates> {
-    let text = std::fs::read_to_string(cache_path("rates", adapter_key)?).ok()?;
+    let text = read_cache(&cache_path("rates", adapter_key)?)?;
     let mut it = text.split_whitespace().map(|t| t.parse::<f64>());
     match (it.next(), it.next()) {
         (Some(Ok(a)), Some(Ok(b))) if a > 0.0 && b > 0.0 => Some(Rates {
@@ -70,21 +98,15 @@ pub fn load_rates(adapter_key: &str) -> Option<Rates> {
 }
 
 pub fn store_rates(adapter_key: &str, rates: &Rates) {
-    // A cache miss only costs a re-calibration, so write failures are ignored.
     if let Some(path) = cache_path("rates", adapter_key) {
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        let _ = std::fs::write(
-            path,
-            format!("{} {}\n", rates.exact_flops_per_s, rates.poly_flops_per_s),
-        );
+        let line = format!("{} {}\n", rates.exact_flops_per_s, rates.poly_flops_per_s);
+        write_cache(path, line);
     }
 }
 
 /// Tuned numbers for a shape class (a line "<class> <n1> <n2> ..." of a cache file).
 pub fn load_tuned(kind: &str, adapter_key: &str, class: &str) -> Option<Vec<usize>> {
-    let text = std::fs::read_to_string(cache_path(kind, adapter_key)?).ok()?;
+    let text = read_cache(&cache_path(kind, adapter_key)?)?;
     text.lines().rev().find_map(|line| {
         let rest = line.strip_prefix(class)?.strip_prefix(' ')?;
         rest.split_whitespace().map(|t| t.parse().ok()).collect()
@@ -92,15 +114,11 @@ pub fn load_tuned(kind: &str, adapter_key: &str, class: &str) -> Option<Vec<usiz
 }
 
 pub fn store_tuned(kind: &str, adapter_key: &str, class: &str, values: &[usize]) {
-    // A cache miss only costs a re-tune, so write failures are ignored.
     if let Some(path) = cache_path(kind, adapter_key) {
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
         let line: Vec<String> = values.iter().map(|v| v.to_string()).collect();
-        let mut text = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut text = read_cache(&path).unwrap_or_default();
         text.push_str(&format!("{class} {}\n", line.join(" ")));
-        let _ = std::fs::write(path, text);
+        write_cache(path, text);
     }
 }
 
