@@ -160,10 +160,18 @@ def repeat(fn: Callable[[], tuple[Any, Any]], warmup: int, repeats: int) -> tupl
     return out, times
 
 
-def bench_ours(inp: dict[str, Any], method: str, degree: int | None, args: Any) -> Measured:
+def bench_ours(
+    inp: dict[str, Any],
+    method: str,
+    degree: int | None,
+    args: Any,
+    tensor_cores: bool | None = None,
+) -> Measured:
     kw: dict[str, Any] = {"method": method, "eps": args.eps, "return_report": True}
     if degree is not None:
         kw["degree"] = degree
+    if tensor_cores is not None:
+        kw["tensor_cores"] = tensor_cores
     q, k, v = inp["q"], inp["k"], inp["v"]
 
     def once() -> tuple[Array, tuple[Any, float]]:
@@ -184,6 +192,8 @@ def bench_ours(inp: dict[str, Any], method: str, degree: int | None, args: Any) 
         "dispatches": rep.dispatches,
         "plan": rep.plan,
         "schedule": rep.schedule,
+        "f16_rounding": rep.f16_rounding,
+        "pass_s": dict(rep.pass_s),
         "reason": rep.reason,
         "gpu_call_s": spread([r.elapsed_s for r, _ in runs]),
     }
@@ -342,6 +352,21 @@ def build_methods(args: Any) -> tuple[list[Method], dict[str, str]]:
         methods.append(
             Method(f"ours_poly_d{d}", "ours", lambda i, a, d=d: bench_ours(i, "poly", d, a))
         )
+    coop_on = os.environ.get("APPROX_ATTN_EXPERIMENTAL_COOP") == "1"
+    if approx_attn.device_info().get("coop_f16") and coop_on:
+        for d in args.degree:
+            methods.append(
+                Method(
+                    f"ours_poly_tc_d{d}",
+                    "ours",
+                    lambda i, a, d=d: bench_ours(i, "poly", d, a, tensor_cores=True),
+                )
+            )
+    else:
+        for d in args.degree:
+            unavailable[f"ours_poly_tc_d{d}"] = (
+                "needs 16x16 f16 cooperative matrices and APPROX_ATTN_EXPERIMENTAL_COOP=1"
+            )
     methods.append(
         Method("ours_auto", "ours", lambda i, a: bench_ours(i, "auto", None, a), args.exact_max_n)
     )

@@ -30,6 +30,11 @@ pub struct DeviceInfo {
     pub subgroups: bool,
     pub timestamp_queries: bool,
     pub cooperative_matrix: bool,
+    /// The adapter offers 16x16x16 cooperative matrices with f16 operands and f32 accumulators,
+    /// one subgroup size, and f16 in shaders: the tensor-core path of the poly passes can run.
+    pub coop_f16: bool,
+    /// Subgroup size when the adapter has exactly one (0 otherwise).
+    pub subgroup_size: u32,
 }
 
 /// The shared GPU: device, queue and compiled pipelines. All GPU work is serialized by `run_lock`.
@@ -164,12 +169,37 @@ impl Gpu {
             | wgpu::Features::SUBGROUP
             | wgpu::Features::TIMESTAMP_QUERY
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
-        let required_features = af & wanted;
+        let wanted_coop = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
+            | wgpu::Features::SHADER_F16
+            | wgpu::Features::SUBGROUP;
+        let subgroup_size = if ai.subgroup_min_size == ai.subgroup_max_size {
+            ai.subgroup_min_size
+        } else {
+            0
+        };
+        let coop_f16 = af.contains(wanted_coop)
+            && subgroup_size > 0
+            && adapter.cooperative_matrix_properties().iter().any(|c| {
+                (c.m_size, c.n_size, c.k_size) == (16, 16, 16)
+                    && c.ab_type == wgpu::wgt::CooperativeScalarType::F16
+                    && c.cr_type == wgpu::wgt::CooperativeScalarType::F32
+            })
+            && std::env::var("APPROX_ATTN_NO_COOP").map_or(true, |v| v.is_empty() || v == "0");
+        let mut required_features = af & wanted;
+        if coop_f16 {
+            required_features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("approx_attn"),
             required_features,
             required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            experimental_features: if coop_f16 {
+                // SAFETY: only the cooperative-matrix feature is experimental here; its shaders
+                // are validated by naga and checked against the f32 path in the tests.
+                unsafe { wgpu::ExperimentalFeatures::enabled() }
+            } else {
+                wgpu::ExperimentalFeatures::disabled()
+            },
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
@@ -204,6 +234,8 @@ impl Gpu {
             subgroups: af.contains(wgpu::Features::SUBGROUP),
             timestamp_queries: af.contains(wgpu::Features::TIMESTAMP_QUERY),
             cooperative_matrix: af.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
+            coop_f16,
+            subgroup_size,
         };
         Ok(Gpu {
             device,

@@ -134,7 +134,11 @@ pub fn poly_io(
         (p.ev + 1) as u64,
         index_words(plan.degree) as u64,
     );
-    let chunks = plan.pass1.chunks() as u64;
+    // The coop passes also read the value normalisation (2 Ev words) once per workgroup.
+    let (chunks, vnorm) = match &plan.coop {
+        Some(t) => (t.chunks1() as u64, 2 * p.ev as u64),
+        None => (plan.pass1.chunks() as u64, 0),
+    };
     let (mut p1r, mut p1w, mut rdr, mut rdw, mut p2r, mut p2w) =
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     for u0 in (0..p.units).step_by(c.units) {
@@ -143,7 +147,7 @@ pub fn poly_io(
             let sc = c.kv_rows.min(p.s - s0);
             let splits = sc.div_ceil(plan.keys_per_split.min(sc)) as u64;
             p1r += nu
-                * (splits * chunks * p.e as u64
+                * (splits * chunks * (p.e as u64 + vnorm)
                     + splits * r * iw
                     + chunks * sc as u64 * (p.e + p.ev) as u64);
             p1w += nu * splits * r * ev1;
@@ -153,13 +157,15 @@ pub fn poly_io(
         for l0 in (0..p.l).step_by(c.q_rows) {
             let lc = c.q_rows.min(p.l - l0);
             let heads = nu * p.group as u64;
-            let blocks = lc.div_ceil(plan.pass2.b);
-            let loads = if plan.pass2.resident() {
-                plan.pass2_workgroups.min(blocks)
-            } else {
-                blocks
-            } as u64;
-            p2r += heads * (lc as u64 * p.e as u64 + loads * r * (ev1 + iw + 1));
+            let (b, resident) = match &plan.coop {
+                Some(t) => (t.b2(), false),
+                None => (plan.pass2.b, plan.pass2.resident()),
+            };
+            let blocks = lc.div_ceil(b);
+            let workgroups = plan.pass2_workgroups.min(blocks) as u64;
+            let loads = if resident { workgroups } else { blocks as u64 };
+            p2r +=
+                heads * (lc as u64 * p.e as u64 + loads * r * (ev1 + iw + 1) + workgroups * vnorm);
             p2w += heads * (lc * p.ev) as u64;
         }
     }

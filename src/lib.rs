@@ -81,6 +81,11 @@ pub struct PolyOptions {
     /// Force this degree (the certificate is then whatever it certifies).
     pub degree: Option<usize>,
     pub check_finite: bool,
+    /// Tensor cores (cooperative matrices, f16 operands, f32 accumulators) for the two poly
+    /// passes: `Some(true)` requires them (the certificate adds their f16 rounding bound),
+    /// `Some(false)` and `None` keep the f32 path. `None` stays on f32 because the coop kernels
+    /// measured slower than the f32 ones on the H100 (see the README).
+    pub tensor_cores: Option<bool>,
 }
 
 /// Highest degree the planner tries when choosing one from `eps`.
@@ -94,8 +99,12 @@ pub struct Certificate {
     pub beta: f64,
     /// Certified max |P(x) e^-x - 1| on [-beta, beta].
     pub poly_eps: f64,
-    /// Certified absolute bound on |O - O*| per output column (max over units).
+    /// Certified absolute bound on |O - O*| per output column (max over units), the f16
+    /// rounding bound included.
     pub error_bound_per_column: Vec<f64>,
+    /// Bound on the f16 rounding of the tensor-core passes, relative to each value column's
+    /// range; None on the f32 path.
+    pub f16_rounding: Option<f64>,
     pub schedule: plan::Schedule,
 }
 
@@ -128,12 +137,20 @@ struct PolyCandidate {
     cert: Certificate,
 }
 
-/// Degree, plan and certificate of the poly method for the pre-pass's beta.
+/// The tensor-core poly passes are off unless APPROX_ATTN_EXPERIMENTAL_COOP=1: they return wrong
+/// values for some shapes (measured on the H100; the cause is not found yet).
+fn experimental_coop() -> bool {
+    std::env::var("APPROX_ATTN_EXPERIMENTAL_COOP").is_ok_and(|v| v == "1")
+}
+
+/// Degree, plan and certificate of the poly method for the pre-pass's beta; `coop_sg` is the
+/// subgroup size where the adapter runs the tensor-core passes.
 fn poly_candidate(
     p: &Problem,
     pre: &kernels::poly::Prepass,
     popts: &PolyOptions,
     budget: &Budget,
+    coop_sg: Option<usize>,
 ) -> Result<PolyCandidate, Error> {
     let beta = pre.beta(p.scale);
     if !beta.is_finite() {
@@ -142,17 +159,77 @@ fn poly_candidate(
              is {beta} (non-finite or overflowing inputs)"
         )));
     }
-    // eps bounds eps_P/(1-eps_P) * range, so the polynomial must certify eps/(1+eps).
-    let target = popts.eps / (1.0 + popts.eps);
-    let poly = match popts.degree {
-        Some(g) => poly::Poly::fit(beta, g),
-        None => poly::choose_degree(beta, target, MAX_DEGREE).ok_or_else(|| {
-            Error::TooLarge(format!(
-                "the polynomial method cannot certify eps={} at beta={beta:.4} with degree <= \
-                 {MAX_DEGREE} (beta = scale * max|q| * max|k - mean k|); use method='exact'",
-                popts.eps
-            ))
-        })?,
+    let coop_sg =
+        match (popts.tensor_cores, coop_sg) {
+            (Some(false), _) => None,
+            (Some(true), None) => {
+                return Err(Error::Unsupported(
+                    "tensor_cores=True needs 16x16 f16 cooperative matrices, f16 shaders and one \
+                 subgroup size; this adapter lacks them (see device_info())"
+                        .into(),
+                ))
+            }
+            (Some(true), Some(_)) if !experimental_coop() => return Err(Error::Unsupported(
+                "tensor_cores=True is experimental and off: the cooperative-matrix kernels give \
+                 wrong results for some shapes on the H100 (see the README); developers may set \
+                 APPROX_ATTN_EXPERIMENTAL_COOP=1"
+                    .into(),
+            )),
+            (_, sg) => sg,
+        };
+    // The coop passes scale keys by the largest key norm of all units and queries by its inverse.
+    let fold_max = |x: &[f64]| x.iter().copied().fold(0.0, f64::max);
+    let beta_scaled =
+        f64::from(p.scale.abs()) * fold_max(&pre.q_max_norm) * fold_max(&pre.k_max_norm);
+    // eps bounds (eps_P/(1-eps_P) + f16 rounding) * range: the polynomial must certify
+    // (eps - f16)/(1 + eps - f16), f16 estimated from a first fit (it barely depends on the degree).
+    let choose = |f16: f64| {
+        let room = popts.eps - f16;
+        let target = room / (1.0 + room);
+        match popts.degree {
+            Some(g) => Some(poly::Poly::fit(beta, g)),
+            None if room > 0.0 => poly::choose_degree(beta, target, MAX_DEGREE),
+            None => None,
+        }
+    };
+    let cannot = || {
+        Error::TooLarge(format!(
+            "the polynomial method cannot certify eps={} at beta={beta:.4} with degree <= \
+             {MAX_DEGREE} (beta = scale * max|q| * max|k - mean k|); use method='exact'",
+            popts.eps
+        ))
+    };
+    let f32_poly = choose(0.0).ok_or_else(cannot)?;
+    let f16_of = |poly: &poly::Poly| {
+        let g = poly.coeffs.iter().rposition(|&c| c != 0.0).unwrap_or(0);
+        let r = poly::num_features(p.e, g) as usize;
+        (
+            poly::f16_rounding_factor(poly, p.e, r, beta_scaled),
+            poly::query_feature_sum(poly, p.e, beta_scaled),
+        )
+    };
+    let mut coop = coop_sg.and_then(|sg| {
+        let (f16, q_sum) = f16_of(&f32_poly);
+        let fits = q_sum < poly::F16_MAX && f16.is_finite();
+        let wanted = popts.tensor_cores == Some(true);
+        (fits && wanted).then_some(sg)
+    });
+    if popts.tensor_cores == Some(true) && coop.is_none() && coop_sg.is_some() {
+        return Err(Error::TooLarge(format!(
+            "tensor_cores=True: the query features would overflow f16 at beta={beta:.4}; use \
+             tensor_cores=None or False"
+        )));
+    }
+    let poly = match coop {
+        Some(_) => match choose(f16_of(&f32_poly).0) {
+            Some(poly) => poly,
+            None if popts.tensor_cores == Some(true) => return Err(cannot()),
+            None => {
+                coop = None;
+                f32_poly
+            }
+        },
+        None => f32_poly,
     };
     if poly.certified_eps >= 1.0 {
         return Err(Error::TooLarge(format!(
@@ -164,7 +241,18 @@ fn poly_candidate(
     // Trailing zero coefficients (a lower-degree fit padded) need no features.
     let g = poly.coeffs.iter().rposition(|&c| c != 0.0).unwrap_or(0);
     let rank = poly::num_features(p.e, g);
-    let plan = plan::plan_poly(p, g, budget).map_err(|e| {
+    let planned = match coop {
+        Some(sg) => plan::plan_poly_coop(p, g, budget, sg).or_else(|e| {
+            if popts.tensor_cores == Some(true) {
+                Err(e)
+            } else {
+                coop = None;
+                plan::plan_poly(p, g, budget)
+            }
+        }),
+        None => plan::plan_poly(p, g, budget),
+    };
+    let plan = planned.map_err(|e| {
         let why = match popts.degree {
             Some(_) => "as requested".to_string(),
             None => format!("to certify eps={}", popts.eps),
@@ -189,7 +277,16 @@ fn poly_candidate(
         )));
     }
     let table = poly::try_feature_table(p.e, g).map_err(Error::TooLarge)?;
-    let factor = poly.certified_eps / (1.0 - poly.certified_eps);
+    let f16_rounding = coop.map(|_| f16_of(&poly).0);
+    let factor = poly.certified_eps / (1.0 - poly.certified_eps) + f16_rounding.unwrap_or(0.0);
+    if popts.degree.is_none() && factor > popts.eps {
+        return Err(Error::TooLarge(format!(
+            "tensor_cores=True cannot certify eps={} at beta={beta:.4}: f16 rounding up to {:.2e} \
+             of the value range; use tensor_cores=False",
+            popts.eps,
+            f16_rounding.unwrap_or(0.0)
+        )));
+    }
     let error_bound_per_column = (0..p.ev)
         .map(|c| {
             (0..p.units)
@@ -203,6 +300,7 @@ fn poly_candidate(
         beta,
         poly_eps: poly.certified_eps,
         error_bound_per_column,
+        f16_rounding,
         schedule: plan.schedule,
     };
     Ok(PolyCandidate {
@@ -371,12 +469,14 @@ fn rates(gpu: &device::Gpu, budget: &Budget) -> Result<cost::Rates, Error> {
         eps: 1e-2,
         degree: Some(2),
         check_finite: false,
+        tensor_cores: None,
     };
     let tp = timed(&mut || {
         let mut st = RunStats::default();
         let pre =
             kernels::poly::prepass(gpu, &p, &eplan.chunking, &x, &x, &x, budget, &opts, &mut st)?;
-        let c = poly_candidate(&p, &pre, &popts, budget)?;
+        let coop_sg = gpu.info.coop_f16.then_some(gpu.info.subgroup_size as usize);
+        let c = poly_candidate(&p, &pre, &popts, budget, coop_sg)?;
         kernels::poly::run(
             gpu, &p, &c.plan, &c.table, &c.poly, &pre, &x, &x, &x, &opts, &mut st,
         )?;
@@ -447,7 +547,8 @@ pub fn attention(
                 }
             }
         }
-        match poly_candidate(p, &pp, popts, &budget) {
+        let coop_sg = gpu.info.coop_f16.then_some(gpu.info.subgroup_size as usize);
+        match poly_candidate(p, &pp, popts, &budget, coop_sg) {
             Ok(c) => candidate = Some(c),
             Err(e) if method == Method::Poly => return Err(e),
             Err(e) => reason = format!("exact: poly is not applicable ({e})"),
@@ -560,6 +661,7 @@ pub fn exact_attention(
         eps: 1e-3,
         degree: None,
         check_finite: false,
+        tensor_cores: Some(false),
     };
     attention(p, q, k, v, Method::Exact, &popts, opts)
 }

@@ -584,6 +584,175 @@ impl Pass2Tiles {
     }
 }
 
+/// Side of the cooperative (tensor-core) matrices: 16 x 16 x 16 products, f16 operands, f32
+/// accumulators.
+pub const COOP: usize = 16;
+/// Most 16 x 16 accumulators a subgroup keeps (8 registers each at 32 lanes).
+const MAX_COOP_ACCUMULATORS: usize = 16;
+
+/// Both poly passes on cooperative matrices. A workgroup is `subgroups` subgroups of `sg` lanes;
+/// subgroup s owns `rt` consecutive 16-row tiles of the output (pass 1: feature rows of S', pass 2:
+/// query rows) across all 16-column tiles of the values. f16 operands live in workgroup memory
+/// (rows padded by 8 halves), the accumulators in registers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CoopTiles {
+    pub e: usize,
+    pub ev: usize,
+    pub g: usize,
+    pub r: usize,
+    pub sg: usize,
+    /// Subgroups per workgroup in pass 1 and pass 2.
+    pub subgroups: usize,
+    pub subgroups2: usize,
+    /// Row tiles per subgroup in pass 1 and pass 2.
+    pub rt1: usize,
+    pub rt2: usize,
+    /// Keys per pass-1 tile (a multiple of 16).
+    pub bk: usize,
+    /// Feature rows per pass-2 chunk of S' (a multiple of 16).
+    pub rc2: usize,
+}
+
+impl CoopTiles {
+    pub fn threads(&self) -> usize {
+        self.sg * self.subgroups
+    }
+    pub fn threads2(&self) -> usize {
+        self.sg * self.subgroups2
+    }
+    pub fn col_tiles(&self) -> usize {
+        self.ev.div_ceil(COOP)
+    }
+    pub fn padded_ev(&self) -> usize {
+        COOP * self.col_tiles()
+    }
+    /// Feature rows of S' per pass-1 workgroup.
+    pub fn rc1(&self) -> usize {
+        self.subgroups * self.rt1 * COOP
+    }
+    /// Query rows per pass-2 block.
+    pub fn b2(&self) -> usize {
+        self.subgroups2 * self.rt2 * COOP
+    }
+    pub fn chunks1(&self) -> usize {
+        self.r.div_ceil(self.rc1())
+    }
+    pub fn chunks2(&self) -> usize {
+        self.r.div_ceil(self.rc2)
+    }
+    /// Words of workgroup memory pass 1 declares: centred keys transposed (f32, E+1 rows of bk+1),
+    /// the value tile and the features (f16), index words, mu, the value normalisation, the
+    /// row-sum partials and one 16 x 16 f32 staging tile per subgroup.
+    pub fn pass1_words(&self) -> u64 {
+        ((self.e + 1) * (self.bk + 1)
+            + self.bk * (self.padded_ev() + 8) / 2
+            + self.bk * (self.rc1() + 8) / 2
+            + self.rc1() * index_words(self.g)
+            + self.e
+            + 2 * self.ev
+            + self.threads()
+            + self.subgroups * COOP * COOP) as u64
+    }
+    /// Words of workgroup memory pass 2 declares: the query block (f32), its features and the S'
+    /// chunk (f16), the chunk's normaliser column, index words and weights, the normaliser
+    /// partials, the value normalisation and the staging tiles.
+    pub fn pass2_words(&self) -> u64 {
+        (self.b2() * (self.e + 1)
+            + self.rc2 * (self.b2() + 8) / 2
+            + self.rc2 * (self.padded_ev() + 8) / 2
+            + self.rc2 * (2 + self.g.max(1))
+            + self.threads2()
+            + self.b2()
+            + 2 * self.ev
+            + self.subgroups2 * COOP * COOP) as u64
+    }
+}
+
+/// Cooperative-matrix tiles for subgroups of `sg` lanes, or None where they do not fit: the
+/// largest pass-1 feature chunk (fewest re-reads of K and V) and pass-2 query block that the fast
+/// memory and registers allow, with at most one output row per lane of a subgroup (the feature
+/// build gives each thread fixed rows).
+pub fn plan_coop(p: &Problem, degree: usize, budget: &Budget, sg: usize) -> Option<CoopTiles> {
+    let r64 = crate::poly::num_features(p.e, degree);
+    if sg < COOP || !sg.is_power_of_two() || r64 > crate::poly::MAX_FEATURES || p.e > 1022 {
+        return None;
+    }
+    let m = budget.fast_memory_words;
+    let max_threads = MAX_POLY_THREADS.min(budget.max_invocations_per_workgroup as usize);
+    let base = CoopTiles {
+        e: p.e,
+        ev: p.ev,
+        g: degree,
+        r: r64 as usize,
+        sg,
+        subgroups: 1,
+        subgroups2: 1,
+        rt1: 1,
+        rt2: 1,
+        bk: COOP,
+        rc2: COOP,
+    };
+    let ct = base.col_tiles();
+    let mut best: Option<CoopTiles> = None;
+    for subgroups in [1usize, 2, 4, 8] {
+        for rt in [1usize, 2, 4] {
+            if subgroups * sg > max_threads || rt * COOP > sg || rt * ct > MAX_COOP_ACCUMULATORS {
+                continue;
+            }
+            for bk in [64usize, 32, 16] {
+                let t1 = CoopTiles {
+                    subgroups,
+                    rt1: rt,
+                    bk,
+                    ..base
+                };
+                if t1.pass1_words() > m {
+                    continue;
+                }
+                // Fewest chunks, then the larger key tile, then fewer threads (more workgroups).
+                let key = |t: &CoopTiles| (t.chunks1(), Reverse(t.bk), t.threads());
+                if best.is_none_or(|b| key(&t1) < key(&b)) {
+                    best = Some(t1);
+                }
+            }
+        }
+    }
+    let mut tiles = best?;
+    // Pass 2: the largest query block whose S' chunk keeps at least 64 feature rows (fewer
+    // barriers per block), else the largest chunk.
+    let mut fitted = Vec::new();
+    for subgroups2 in [8usize, 4, 2, 1] {
+        for rt2 in [4usize, 2, 1] {
+            if subgroups2 * sg > max_threads || rt2 * COOP > sg || rt2 * ct > MAX_COOP_ACCUMULATORS
+            {
+                continue;
+            }
+            let t = CoopTiles {
+                subgroups2,
+                rt2,
+                ..tiles
+            };
+            let rc2 = COOP
+                * largest_fitting(t.r.div_ceil(COOP), |c| {
+                    CoopTiles { rc2: COOP * c, ..t }.pass2_words() <= m
+                });
+            if rc2 > 0 {
+                fitted.push(CoopTiles { rc2, ..t });
+            }
+        }
+    }
+    // Largest block first (ties: fewer threads).
+    fitted.sort_by_key(|t| (Reverse(t.b2()), t.threads2()));
+    let enough = 64.min(COOP * tiles.r.div_ceil(COOP));
+    let pass2 = fitted
+        .iter()
+        .find(|t| t.rc2 >= enough)
+        .or_else(|| fitted.iter().max_by_key(|t| t.rc2))
+        .copied()?;
+    tiles = pass2;
+    Some(tiles)
+}
+
 impl Pass1Tiles {
     /// Loop iterations of one pass-1 invocation over `keys` keys (see poly_pass1.wgsl; the
     /// micro-tile is unrolled, so only the key loop of the product counts).
@@ -631,6 +800,9 @@ pub struct PolyPlan {
     /// Query blocks per head handled by distinct workgroups (< blocks: persistent workgroups).
     pub pass2_workgroups: usize,
     pub chunking: Chunking,
+    /// Run both passes on cooperative matrices with these tiles (f16 operands) instead of the
+    /// f32 tiles above.
+    pub coop: Option<CoopTiles>,
 }
 
 /// Threads per workgroup of the pre-pass, and the count the poly passes prefer.
@@ -791,32 +963,14 @@ pub fn plan_poly(p: &Problem, degree: usize, budget: &Budget) -> Result<PolyPlan
     }
     chunking.units = chunking.units.min(max_words / s_prime_words).max(1);
     let units = chunking.units;
-    // Key splits: enough workgroups to fill the GPU, but the partial S' traffic (2 * splits * r *
-    // (Ev+1)) must stay below an eighth of the key traffic it parallelizes.
-    let key_words = chunking.kv_rows * (p.e + p.ev + 1) * pass1.chunks();
-    let by_traffic = (key_words / (16 * r * (p.ev + 1))).max(1);
-    let by_parallelism = TARGET_WORKGROUPS.div_ceil(units * pass1.chunks());
-    let max_splits = chunking.kv_rows.div_ceil(pass1.bk).max(1);
-    let by_binding = (max_words / (units * s_prime_words)).max(1);
-    // Drivers with a loop budget (llvmpipe) need enough splits for each one's keys to fit it.
-    let keys_fit = largest_fitting(chunking.kv_rows, |k| {
-        pass1.loop_iterations(k) <= budget.max_loop_iterations
-    });
-    let by_loops = chunking.kv_rows.div_ceil(keys_fit.max(1));
-    let splits = by_parallelism
-        .min(by_traffic)
-        .min(by_binding)
-        .max(by_loops)
-        .clamp(1, max_splits);
-    let keys_per_split = chunking.kv_rows.div_ceil(splits);
-    let splits = chunking.kv_rows.div_ceil(keys_per_split).max(1);
-    if pass1.loop_iterations(keys_per_split) > budget.max_loop_iterations
-        || units * splits * s_prime_words > max_words
-    {
-        return Err(too_large(
-            "pass 1 needs more key splits than the driver's loop budget and the bindings allow",
-        ));
-    }
+    let (splits, keys_per_split) = key_splits(
+        p,
+        &chunking,
+        (r, pass1.chunks(), pass1.bk),
+        |k| pass1.loop_iterations(k),
+        budget,
+    )
+    .map_err(|e| too_large(&e))?;
     let blocks = chunking.q_rows.div_ceil(pass2.b);
     let pass2_workgroups = if pass2.resident() {
         // Persistent workgroups loop over query blocks: as many as the loop budget needs.
@@ -845,7 +999,85 @@ pub fn plan_poly(p: &Problem, degree: usize, budget: &Budget) -> Result<PolyPlan
         pass2,
         pass2_workgroups,
         chunking,
+        coop: None,
     })
+}
+
+/// Key splits of pass 1 and the keys of each: enough workgroups to fill the GPU, but the partial
+/// S' traffic (2 * splits * r * (Ev+1)) must stay below an eighth of the key traffic it
+/// parallelizes; `loop_iterations(keys)` is one invocation's count (llvmpipe's budget).
+fn key_splits(
+    p: &Problem,
+    chunking: &Chunking,
+    (r, chunks, bk): (usize, usize, usize),
+    loop_iterations: impl Fn(usize) -> u64,
+    budget: &Budget,
+) -> Result<(usize, usize), String> {
+    let max_words = (budget.max_binding_bytes / 4) as usize;
+    let s_prime_words = r * (p.ev + 1);
+    let units = chunking.units;
+    let key_words = chunking.kv_rows * (p.e + p.ev + 1) * chunks;
+    let by_traffic = (key_words / (16 * r * (p.ev + 1))).max(1);
+    let by_parallelism = TARGET_WORKGROUPS.div_ceil(units * chunks);
+    let max_splits = chunking.kv_rows.div_ceil(bk).max(1);
+    let by_binding = (max_words / (units * s_prime_words)).max(1);
+    // Drivers with a loop budget (llvmpipe) need enough splits for each one's keys to fit it.
+    let keys_fit = largest_fitting(chunking.kv_rows, |k| {
+        loop_iterations(k) <= budget.max_loop_iterations
+    });
+    let by_loops = chunking.kv_rows.div_ceil(keys_fit.max(1));
+    let splits = by_parallelism
+        .min(by_traffic)
+        .min(by_binding)
+        .max(by_loops)
+        .clamp(1, max_splits);
+    let keys_per_split = chunking.kv_rows.div_ceil(splits);
+    let splits = chunking.kv_rows.div_ceil(keys_per_split).max(1);
+    if loop_iterations(keys_per_split) > budget.max_loop_iterations
+        || units * splits * s_prime_words > max_words
+    {
+        return Err(
+            "pass 1 needs more key splits than the driver's loop budget and the bindings allow"
+                .into(),
+        );
+    }
+    Ok((splits, keys_per_split))
+}
+
+/// [`plan_poly`] on cooperative matrices (subgroups of `sg` lanes): the same chunking, with the
+/// key splits and query blocks of the coop tiles. Errors where the coop tiles do not fit.
+pub fn plan_poly_coop(
+    p: &Problem,
+    degree: usize,
+    budget: &Budget,
+    sg: usize,
+) -> Result<PolyPlan, Error> {
+    let mut plan = plan_poly(p, degree, budget)?;
+    let t = plan_coop(p, degree, budget, sg).ok_or_else(|| {
+        Error::TooLarge(format!(
+            "no cooperative-matrix tile fits E={}, Ev={}, degree {degree} in {} words of fast \
+             memory with subgroups of {sg}",
+            p.e, p.ev, budget.fast_memory_words
+        ))
+    })?;
+    let (splits, keys_per_split) = key_splits(
+        p,
+        &plan.chunking,
+        (plan.r, t.chunks1(), t.bk),
+        |_| 0,
+        budget,
+    )
+    .map_err(Error::TooLarge)?;
+    plan.splits = splits;
+    plan.keys_per_split = keys_per_split;
+    plan.pass2_workgroups = plan
+        .chunking
+        .q_rows
+        .div_ceil(t.b2())
+        .min(budget.max_workgroups_per_dimension as usize);
+    plan.schedule = Schedule::B;
+    plan.coop = Some(t);
+    Ok(plan)
 }
 
 /// Rows per pre-pass workgroup: a whole number of tiles, enough workgroups to fill the GPU.

@@ -266,6 +266,42 @@ pub fn monomial_condition(poly: &Poly) -> f64 {
     num / (1.0 - poly.certified_eps) * (1.0 + 1e-12)
 }
 
+/// Unit roundoff of f16 (2^-11) and half its subnormal spacing (2^-25): an f16 rounding of x
+/// errs by at most `F16_U * |x| + F16_TINY`.
+pub const F16_U: f64 = 1.0 / 2048.0;
+pub const F16_TINY: f64 = 1.0 / 33_554_432.0;
+/// Largest finite f16.
+pub const F16_MAX: f64 = 65504.0;
+
+/// Sum of the absolute query features of the tensor-core passes, `sum_f |w_f phi_f(q')|`, bounded
+/// by `Pabs(sqrt(E) * beta_scaled)` (the 1-norm of q' is at most sqrt(E) times its 2-norm), where
+/// `beta_scaled = scale * max|q| * max|k - mu|` over all units of a dispatch.
+pub fn query_feature_sum(poly: &Poly, e: usize, beta_scaled: f64) -> f64 {
+    let abs_c: Vec<f64> = poly.coeffs.iter().map(|v| v.abs()).collect();
+    horner(&abs_c, (e as f64).sqrt() * beta_scaled)
+}
+
+/// Bound on the extra output error of the tensor-core passes, in units of each value column's
+/// range. Their f16 operands are phi(k') and v' (both in [-1, 1]), S'' = S'/keys (in [-1, 1]) and
+/// w phi(q'); each rounding errs by at most `F16_U` relative plus `F16_TINY` absolute, and the
+/// products accumulate in f32 (its rounding is left to the f32 check, as on the f32 path).
+/// - Relative parts: `((1 + u)^4 - 1) * sum_j sum_f |w_f phi_f(q) phi_f(k_j)|`, at most
+///   `((1 + u)^4 - 1) * keys * Pabs(beta)`, against the normaliser D >= keys * e^-beta * (1 - eps_P):
+///   `((1 + u)^4 - 1) * monomial_condition`.
+/// - Absolute parts: `F16_TINY * keys * (r + 3 * query_feature_sum)` against the same D.
+///
+/// The normaliser D itself is summed in f32 from unrounded features.
+pub fn f16_rounding_factor(poly: &Poly, e: usize, r: usize, beta_scaled: f64) -> f64 {
+    if poly.certified_eps.is_nan() || poly.certified_eps >= 1.0 {
+        return f64::INFINITY;
+    }
+    let relative = ((1.0 + F16_U).powi(4) - 1.0) * monomial_condition(poly);
+    let absolute =
+        F16_TINY * (r as f64 + 3.0 * query_feature_sum(poly, e, beta_scaled)) * poly.beta.exp()
+            / (1.0 - poly.certified_eps);
+    relative + absolute
+}
+
 /// Number of monomials of degree <= g in e variables: C(e+g, g), saturating at `u64::MAX`.
 pub fn num_features(e: usize, g: usize) -> u64 {
     let k = e.min(g) as u128;

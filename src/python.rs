@@ -60,6 +60,7 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
         d.set_item("beta", c.beta)?;
         d.set_item("poly_eps", c.poly_eps)?;
         d.set_item("error_bound_per_column", c.error_bound_per_column.clone())?;
+        d.set_item("f16_rounding", c.f16_rounding)?;
         d.set_item("schedule", format!("{:?}", c.schedule))?;
     }
     Ok(d)
@@ -67,7 +68,7 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
 
 /// Attention on flattened contiguous float32 arrays; returns (flat output, report dict).
 #[pyfunction]
-#[pyo3(signature = (q, k, v, units, group, l, s, e, ev, causal, scale, method, eps, degree, check_finite, trusted=false, count_io=false))]
+#[pyo3(signature = (q, k, v, units, group, l, s, e, ev, causal, scale, method, eps, degree, check_finite, trusted=false, count_io=false, tensor_cores=None))]
 #[allow(clippy::too_many_arguments)]
 fn attention<'py>(
     py: Python<'py>,
@@ -88,6 +89,7 @@ fn attention<'py>(
     check_finite: bool,
     trusted: bool,
     count_io: bool,
+    tensor_cores: Option<bool>,
 ) -> PyResult<(Bound<'py, PyArray1<f32>>, Bound<'py, PyDict>)> {
     let method = match method {
         "exact" => Method::Exact,
@@ -115,6 +117,7 @@ fn attention<'py>(
         eps,
         degree,
         check_finite,
+        tensor_cores,
     };
     let opts = RunOptions { trusted, count_io };
     let (out, report) = py
@@ -263,6 +266,8 @@ fn device_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("subgroups", i.subgroups)?;
     d.set_item("timestamp_queries", i.timestamp_queries)?;
     d.set_item("cooperative_matrix", i.cooperative_matrix)?;
+    d.set_item("coop_f16", i.coop_f16)?;
+    d.set_item("subgroup_size", i.subgroup_size)?;
     Ok(d)
 }
 

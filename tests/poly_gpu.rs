@@ -12,6 +12,7 @@ fn check(p: Problem, degree: usize, want_schedule: &str) {
         eps: 1e-2,
         degree: Some(degree),
         check_finite: true,
+        tensor_cores: Some(false),
     };
     let (out, rep) = attention(
         &p,

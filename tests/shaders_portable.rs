@@ -132,3 +132,82 @@ fn every_kernel_translates_to_every_backend() {
         }
     }
 }
+
+/// The cooperative-matrix passes: naga validates them with the capabilities they need, they
+/// declare the workgroup memory the planner budgeted, and they translate to SPIR-V with wgpu's
+/// bounds checks on and off (naga 30 panics on some cooperative loads it cannot index).
+fn check_coop(name: &str, src: &str, planned_words: u64) {
+    let module = naga::front::wgsl::parse_str(src)
+        .unwrap_or_else(|e| panic!("{name}: WGSL parse error:\n{}", e.emit_to_string(src)));
+    assert_eq!(
+        workgroup_words(&module),
+        planned_words,
+        "{name}: workgroup memory differs from the plan"
+    );
+    use naga::valid::Capabilities as C;
+    let info = naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        C::COOPERATIVE_MATRIX | C::SHADER_FLOAT16 | C::SUBGROUP,
+    )
+    .validate(&module)
+    .unwrap_or_else(|e| panic!("{name}: validation error: {e:?}"));
+    let unchecked = naga::proc::BoundsCheckPolicies {
+        index: naga::proc::BoundsCheckPolicy::Unchecked,
+        buffer: naga::proc::BoundsCheckPolicy::Unchecked,
+        image_load: naga::proc::BoundsCheckPolicy::Unchecked,
+        binding_array: naga::proc::BoundsCheckPolicy::Unchecked,
+    };
+    for policies in [naga::proc::BoundsCheckPolicies::default(), unchecked] {
+        let options = naga::back::spv::Options {
+            lang_version: (1, 3),
+            bounds_check_policies: policies,
+            ..Default::default()
+        };
+        naga::back::spv::write_vec(&module, &info, &options, None)
+            .unwrap_or_else(|e| panic!("{name}: SPIR-V: {e}"));
+    }
+}
+
+#[test]
+fn coop_kernels_validate_and_translate_to_spirv() {
+    let mut planned = 0;
+    for words in [8192u64, 12288, 16384] {
+        for sg in [16usize, 32, 64] {
+            for (e, ev) in [(1usize, 1usize), (16, 16), (64, 64), (128, 128), (32, 200)] {
+                let p = Problem {
+                    units: 1,
+                    group: 1,
+                    l: 300,
+                    s: 500,
+                    e,
+                    ev,
+                    causal: false,
+                    scale: 0.1,
+                };
+                for g in [0usize, 1, 2, 3] {
+                    let Some(t) = approx_attn::plan::plan_coop(&p, g, &budget(words), sg) else {
+                        continue;
+                    };
+                    planned += 1;
+                    assert!(
+                        t.pass1_words() <= words && t.pass2_words() <= words,
+                        "{t:?}"
+                    );
+                    for count_io in [false, true] {
+                        check_coop(
+                            &format!("coop pass1 {t:?}"),
+                            &poly::coop_pass1_source(&t, count_io),
+                            t.pass1_words(),
+                        );
+                        check_coop(
+                            &format!("coop pass2 {t:?}"),
+                            &poly::coop_pass2_source(&t, count_io),
+                            t.pass2_words(),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert!(planned > 100, "only {planned} coop plans");
+}

@@ -36,6 +36,7 @@ Two separate questions, two separate tolerances:
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Any
 
@@ -122,6 +123,40 @@ def kernel_tolerance(
     return ops * U32 * (np.matmul(a, np.abs(v64)) + np.abs(o) * a.sum(axis=-1, keepdims=True)) / d
 
 
+def f16_tolerance(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    coeffs: list[float],
+    *,
+    scale: float,
+    rank: int,
+) -> np.ndarray:
+    """Elementwise bound on what the tensor-core passes' f16 operands add (`f16_rounding_factor`
+    in src/poly.rs, per element): their operands phi(k'), v' = (v - vmin)/range, S'/S and
+    w phi(q') each round with relative error <= u16 plus absolute <= 2^-25 (subnormals), so
+        tol16_ic = range_c (((1 + u16)^4 - 1) sum_j A_ij + 2^-25 S (r + 3 Qsum_i)) / D_i
+    with A_ij as in `kernel_tolerance` and Qsum_i = sum_m |c_m| (|s| kscale ||q_i||_1)^m the
+    query features' absolute sum (kscale: the largest centred key norm over all heads)."""
+    q64 = np.asarray(q, dtype=np.float64)
+    k64 = expand_kv(q64, np.asarray(k, dtype=np.float64))
+    kc = k64 - k64.mean(axis=-2, keepdims=True)
+    c = np.asarray(coeffs, dtype=np.float64)
+    y = abs(scale) * np.matmul(np.abs(q64), np.swapaxes(np.abs(kc), -1, -2))
+    a_sum = np.polynomial.polynomial.polyval(y, np.abs(c)).sum(axis=-1, keepdims=True)
+    x = scale * np.matmul(q64, np.swapaxes(kc, -1, -2))
+    d = np.polynomial.polynomial.polyval(x, c).sum(axis=-1, keepdims=True)
+    kscale = np.linalg.norm(kc, axis=-1).max()
+    q_sum = np.polynomial.polynomial.polyval(
+        abs(scale) * kscale * np.abs(q64).sum(axis=-1, keepdims=True), np.abs(c)
+    )
+    S = k64.shape[-2]
+    per_row = (
+        ((1.0 + U16) ** 4 - 1.0) * a_sum + F16_SUBNORMAL_HALF_SPACING * S * (rank + 3.0 * q_sum)
+    ) / d
+    return per_row * column_ranges(v)
+
+
 def value_range(v: np.ndarray) -> float:
     v64 = np.asarray(v, dtype=np.float64)
     return float(v64.max() - v64.min())
@@ -141,6 +176,8 @@ def column_errors(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 def poly(q: np.ndarray, k: np.ndarray, v: np.ndarray, **kw: Any) -> tuple[np.ndarray, Any]:
     kw.setdefault("method", "poly")
+    # The f32 path unless a test asks for tensor cores (section 3 tests them).
+    kw.setdefault("tensor_cores", False)
     out, rep = approx_attn.attention(q, k, v, return_report=True, **kw)
     assert out.dtype == q.dtype and out.shape == q.shape[:-1] + (v.shape[-1],)
     return out, rep
@@ -187,7 +224,7 @@ def check_certificate(
     ranges = column_ranges(v)
     bound = np.asarray(rep.error_bound_per_column, dtype=np.float64)
     assert bound.shape == (v.shape[-1],)
-    factor = rep.poly_eps / (1.0 - rep.poly_eps)
+    factor = rep.poly_eps / (1.0 - rep.poly_eps) + (rep.f16_rounding or 0.0)
     np.testing.assert_allclose(bound, factor * ranges, rtol=1e-12, atol=0.0, err_msg=what)
     assert rep.error_bound == pytest.approx(bound.max(), rel=1e-15, abs=0.0)
     if eps is not None:
@@ -196,6 +233,8 @@ def check_certificate(
     _, coeffs, _ = _core.fit_polynomial(rep.beta, degree=rep.degree)
     tol = kernel_tolerance(q, k, v, coeffs, scale=scale, rank=rep.rank)
     tol += 8.0 * U32 * (1.0 + rep.beta) * value_range(v)
+    if rep.f16_rounding is not None:
+        tol += f16_tolerance(q, k, v, coeffs, scale=scale, rank=rep.rank)
     ref = exact_attention(q, k, v, scale=scale, enable_gqa=enable_gqa)
     assert_close(out, ref, bound + tol, f"{what}: certificate")
     return column_errors(out, ref), bound
@@ -606,3 +645,111 @@ def test_counted_io_equals_planned_io(
     assert rep.io_words == rep.io_reads + rep.io_writes
     # Counting must not change the result.
     check_against_twin(out, rep, q, k, v, scale=scale, enable_gqa=True, what="counted")
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Tensor cores (cooperative matrices, f16 operands, f32 accumulators)
+
+# The coop kernels are experimental (wrong values for some shapes on the H100, README): their
+# tests run where the adapter has them and APPROX_ATTN_EXPERIMENTAL_COOP=1.
+COOP = bool(approx_attn.device_info().get("coop_f16"))
+EXPERIMENTAL_COOP = os.environ.get("APPROX_ATTN_EXPERIMENTAL_COOP") == "1"
+needs_coop = pytest.mark.skipif(
+    not (COOP and EXPERIMENTAL_COOP),
+    reason="needs 16x16 f16 cooperative matrices and APPROX_ATTN_EXPERIMENTAL_COOP=1",
+)
+
+# (lead, L, S, E, Ev, g): lengths that are not multiples of 16, Ev not a multiple of 16, several
+# feature chunks, degrees 1 to 3.
+COOP_CASES = [
+    ((), 300, 1000, 16, 16, 2),
+    ((2,), 700, 1500, 64, 64, 2),
+    ((), 257, 333, 7, 33, 2),
+    ((2,), 400, 900, 128, 128, 1),
+    ((), 500, 800, 32, 24, 3),
+]
+
+
+@needs_coop
+@pytest.mark.parametrize(
+    ("lead", "L", "S", "E", "Ev", "g"),
+    COOP_CASES,
+    ids=[f"E{c[3]}-Ev{c[4]}-g{c[5]}" for c in COOP_CASES],
+)
+def test_tensor_cores_match_twin_f32_path_and_certificate(
+    lead: tuple[int, ...], L: int, S: int, E: int, Ev: int, g: int
+) -> None:
+    scale = f32_scale(E)
+    q, k, v = random_problem(7 * E + g, lead, lead, L, S, E, Ev, 0.5, scale)
+    out, rep = poly(q, k, v, degree=g, scale=scale, tensor_cores=True)
+    assert rep.f16_rounding is not None and "CoopTiles" in rep.plan, rep.plan
+    _, coeffs, _ = _core.fit_polynomial(rep.beta, degree=g)
+    tol16 = f16_tolerance(q, k, v, coeffs, scale=scale, rank=rep.rank)
+    tol32 = check_against_twin(out, rep, q, k, v, scale=scale, what="coop", extra_tol=tol16)
+    ref32, rep32 = poly(q, k, v, degree=g, scale=scale, tensor_cores=False)
+    assert rep32.f16_rounding is None
+    assert_close(out, ref32, 2.0 * tol32 + tol16, "coop vs f32 path")
+    check_certificate(out, rep, q, k, v, scale=scale, eps=None, what="coop")
+    # The f16 bound is a worst case, far above degree g - 1's distance at this beta (and above
+    # one skipped 16-key product step at S = 1000), so the teeth are a kernel that skipped a
+    # sixteenth of the keys (a key split, say): it lands outside.
+    twin = poly_attention(q, k, v, coeffs, scale=scale)
+    cut = S - S // 16
+    skipped = poly_attention(q, k[..., :cut, :], v[..., :cut, :], coeffs, scale=scale)
+    assert (np.abs(skipped - twin) / (tol32 + tol16)).max() > 1
+    # tol16 is the certificate's f16 term, elementwise.
+    assert tol16.max() <= rep.f16_rounding * column_ranges(v).max() * (1 + 1e-9)
+
+
+@needs_coop
+def test_tensor_cores_with_grouped_query_heads() -> None:
+    E, scale = 64, f32_scale(64)
+    rng = np.random.default_rng(71)
+    q, k = randn(rng, (4, 600, E)), randn(rng, (2, 900, E))
+    v = randn(rng, (2, 900, 48))
+    q, k = scaled_qk(q, k, 0.5, scale)
+    out, rep = poly(q, k, v, degree=2, scale=scale, enable_gqa=True, tensor_cores=True)
+    assert rep.f16_rounding is not None
+    _, coeffs, _ = _core.fit_polynomial(rep.beta, degree=2)
+    tol16 = f16_tolerance(q, k, v, coeffs, scale=scale, rank=rep.rank)
+    check_against_twin(
+        out, rep, q, k, v, scale=scale, enable_gqa=True, what="coop gqa", extra_tol=tol16
+    )
+
+
+@needs_coop
+def test_tensor_cores_with_eps_leave_room_for_the_f16_bound() -> None:
+    eps = 1e-2
+    c = case_random(3, 16, 0.3, eps)
+    q, k, v, scale = c["q"], c["k"], c["v"], c["scale"]
+    # The f16 bound (~3e-3 of the range here) leaves no room for eps = 1e-3.
+    with pytest.raises(ValueError, match="cannot certify"):
+        poly(q, k, v, eps=1e-3, scale=scale, tensor_cores=True)
+    out, rep = poly(q, k, v, eps=eps, scale=scale, tensor_cores=True)
+    assert rep.f16_rounding is not None
+    check_certificate(out, rep, q, k, v, scale=scale, eps=eps, what=f"tensor cores eps={eps}")
+    _, rep32 = poly(q, k, v, eps=eps, scale=scale, tensor_cores=None)
+    assert rep32.f16_rounding is None  # the default is the f32 path
+
+
+@pytest.mark.skipif(COOP and EXPERIMENTAL_COOP, reason="the coop kernels are on")
+def test_tensor_cores_required_without_them_is_not_implemented() -> None:
+    q, k, v = random_problem(72, (), (), 64, 64, 16, 16, 0.5, f32_scale(16))
+    with pytest.raises(NotImplementedError, match="tensor_cores=True"):
+        poly(q, k, v, degree=2, tensor_cores=True)
+    # None falls back to the f32 path.
+    _, rep = poly(q, k, v, degree=2, tensor_cores=None)
+    assert rep.f16_rounding is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "poly", "tensor_cores": "yes"}, "tensor_cores must be"),
+        ({"method": "exact", "tensor_cores": True}, "applies to method='poly' and 'auto'"),
+    ],
+)
+def test_bad_tensor_cores_argument(kwargs: dict[str, Any], match: str) -> None:
+    q, k, v = random_problem(73, (), (), 8, 8, 4, 4, 0.5, f32_scale(4))
+    with pytest.raises(ValueError, match=match):
+        approx_attn.attention(q, k, v, **kwargs)

@@ -63,7 +63,10 @@ class Report:
     error_bound: float | None = None
     """Certified bound on max |O - O*| over all output entries (poly only)."""
     error_bound_per_column: tuple[float, ...] | None = None
-    """Certified bound on max |O - O*| per output column: poly_eps/(1-poly_eps) * value range."""
+    """Certified bound on max |O - O*| per output column: (poly_eps/(1-poly_eps) + f16_rounding)
+    * value range."""
+    f16_rounding: float | None = None
+    """Bound on the tensor-core passes' f16 rounding relative to the value range (None: f32 path)."""
     schedule: str | None = None
     pass_s: tuple[tuple[str, float], ...] = ()
     """GPU seconds per pass (timestamps, where the adapter has them)."""
@@ -121,6 +124,7 @@ def attention(
     eps: float = 1e-3,
     degree: int | None = None,
     check_finite: bool = True,
+    tensor_cores: bool | None = None,
     return_report: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, Report]:
     """softmax(scale * query @ key^T) @ value, computed on the GPU.
@@ -132,6 +136,11 @@ def attention(
     dtype.
     ``is_causal`` masks key j for query i when j > i (upper-left aligned, as in PyTorch).
     ``method``: "exact" or "auto".
+    ``tensor_cores`` (poly only, experimental): ``True`` runs both poly passes on cooperative
+    matrices (f16 operands, f32 accumulation); the certificate then adds their f16 rounding bound
+    and the degree is chosen for what is left of eps. It raises NotImplementedError where the
+    adapter has none, and unless APPROX_ATTN_EXPERIMENTAL_COOP=1 (the kernels still give wrong
+    values for some shapes). ``None`` (default) and ``False`` use the portable f32 path.
     """
     q = _as_float_array(query, "query")
     k = _as_float_array(key, "key")
@@ -145,6 +154,10 @@ def attention(
             raise ValueError("degree= applies to method='poly' only")
         if not isinstance(degree, (int, np.integer)) or isinstance(degree, bool) or degree < 0:
             raise ValueError(f"degree must be a non-negative integer, got {degree!r}")
+    if tensor_cores not in (None, True, False):
+        raise ValueError(f"tensor_cores must be None, True or False, got {tensor_cores!r}")
+    if tensor_cores is not None and method == "exact":
+        raise ValueError("tensor_cores= applies to method='poly' and 'auto' only")
     if method == "poly" and is_causal:
         raise NotImplementedError(
             "is_causal=True is not implemented for method='poly' yet; use 'exact' or 'auto'"
@@ -243,6 +256,7 @@ def attention(
         bool(check_finite),
         _trusted(),
         _count_io(),
+        tensor_cores,
     )
     out = flat.reshape(out_shape).astype(out_dtype, copy=False)
     if not return_report:
@@ -276,6 +290,7 @@ def _report(rep: dict[str, Any]) -> Report:
         poly_eps=rep.get("poly_eps"),
         error_bound=max(per_col) if per_col else None,
         error_bound_per_column=tuple(per_col) if per_col else None,
+        f16_rounding=rep.get("f16_rounding"),
         schedule=rep.get("schedule"),
         pass_s=tuple((str(n), float(t)) for n, t in rep.get("pass_s", [])),
     )

@@ -26,6 +26,7 @@ def attention(
     check_finite: bool,
     trusted: bool = False,
     count_io: bool = False,
+    tensor_cores: bool | None = None,
 ) -> tuple[npt.NDArray[np.float32], dict[str, Any]]: ...
 def io_cost(
     units: int,

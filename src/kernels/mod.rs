@@ -64,7 +64,7 @@ pub struct RunOptions {
     pub count_io: bool,
 }
 
-pub(crate) fn storage_buffer(gpu: &Gpu, words: usize, label: &str) -> wgpu::Buffer {
+pub fn storage_buffer(gpu: &Gpu, words: usize, label: &str) -> wgpu::Buffer {
     gpu.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
         size: (words.max(1) * 4) as u64,
@@ -75,7 +75,7 @@ pub(crate) fn storage_buffer(gpu: &Gpu, words: usize, label: &str) -> wgpu::Buff
     })
 }
 
-pub(crate) fn uniform_buffer(gpu: &Gpu, bytes: &[u8]) -> wgpu::Buffer {
+pub fn uniform_buffer(gpu: &Gpu, bytes: &[u8]) -> wgpu::Buffer {
     let buf = gpu.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("params"),
         size: bytes.len() as u64,
@@ -84,6 +84,18 @@ pub(crate) fn uniform_buffer(gpu: &Gpu, bytes: &[u8]) -> wgpu::Buffer {
     });
     gpu.queue.write_buffer(&buf, 0, bytes);
     buf
+}
+
+/// Copies `words` f32 of a storage buffer back to the host.
+pub fn read_f32(gpu: &Gpu, buf: &wgpu::Buffer, words: usize) -> Result<Vec<f32>, Error> {
+    let bytes = (words * 4) as u64;
+    let read = readback_buffer(gpu, bytes);
+    let mut enc = gpu.device.create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(buf, 0, &read, 0, bytes);
+    gpu.queue.submit([enc.finish()]);
+    read_mapped(gpu, &read, bytes, |b| {
+        bytemuck::cast_slice::<u8, f32>(b).to_vec()
+    })
 }
 
 /// A MAP_READ buffer of `bytes` bytes.
@@ -190,6 +202,8 @@ pub fn shader_fingerprint() -> u64 {
         poly::PASS1,
         poly::REDUCE,
         poly::PASS2,
+        poly::COOP_PASS1,
+        poly::COOP_PASS2,
     ]
     .iter()
     .flat_map(|t| t.bytes())

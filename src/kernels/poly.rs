@@ -4,14 +4,14 @@
 use std::fmt::Write as _;
 
 use super::{
-    fill_template, io_counter_slots, read_mapped, readback_buffer, storage_buffer, uniform_buffer,
-    RunOptions, RunStats, Timer,
+    fill_template, io_counter_slots, read_f32, read_mapped, readback_buffer, storage_buffer,
+    uniform_buffer, RunOptions, RunStats, Timer,
 };
 use crate::device::Gpu;
 use crate::error::Error;
 use crate::plan::{
-    index_words, prepass_rows_per_block, prepass_tile_rows, Budget, Pass1Tiles, Pass2Tiles,
-    PolyPlan, Problem,
+    index_words, prepass_rows_per_block, prepass_tile_rows, Budget, CoopTiles, Pass1Tiles,
+    Pass2Tiles, PolyPlan, Problem,
 };
 use crate::poly::{FeatureTable, Poly};
 
@@ -19,6 +19,8 @@ pub(crate) const PREPASS: &str = include_str!("../../shaders/prepass.wgsl");
 pub(crate) const PASS1: &str = include_str!("../../shaders/poly_pass1.wgsl");
 pub(crate) const REDUCE: &str = include_str!("../../shaders/poly_reduce.wgsl");
 pub(crate) const PASS2: &str = include_str!("../../shaders/poly_pass2.wgsl");
+pub(crate) const COOP_PASS1: &str = include_str!("../../shaders/poly_coop_pass1.wgsl");
+pub(crate) const COOP_PASS2: &str = include_str!("../../shaders/poly_coop_pass2.wgsl");
 
 /// Threads of the pre-pass and reduction kernels.
 pub const AUX_THREADS: usize = 128;
@@ -231,6 +233,194 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
     )
 }
 
+/// Zeroed 16 x 16 accumulators `acc_a_c` of a subgroup's `rows` row tiles and `cols` column tiles.
+fn coop_accumulators(rows: usize, cols: usize, indent: &str) -> String {
+    let mut s = String::new();
+    for a in 0..rows {
+        for c in 0..cols {
+            let _ = writeln!(s, "{indent}var acc_{a}_{c} = coop_mat16x16<f32, C>();");
+        }
+    }
+    s.trim_end().to_string()
+}
+
+/// One 16-deep step of the subgroup's products: its row tiles of `a_tile` (stride `a_stride`)
+/// times every column tile of `b_tile` (stride `b_stride`), both in workgroup memory at depth kk.
+fn coop_mma(
+    (rows, cols): (usize, usize),
+    (a_tile, a_stride): (&str, &str),
+    (b_tile, b_stride): (&str, &str),
+    indent: &str,
+) -> String {
+    let mut s = String::new();
+    // The A tiles are stored depth-major (column-major): element (row, kk) at kk * stride + row.
+    for a in 0..rows {
+        let _ = writeln!(
+            s,
+            "{indent}let a_{a} = coopLoad<coop_mat16x16<f16, A>>(&{a_tile}[kk * {a_stride} + (sg * RT + {a}u) * 16u], {a_stride});"
+        );
+    }
+    for c in 0..cols {
+        let _ = writeln!(
+            s,
+            "{indent}let b_{c} = coopLoadT<coop_mat16x16<f16, B>>(&{b_tile}[kk * {b_stride} + {}u], {b_stride});",
+            16 * c
+        );
+        for a in 0..rows {
+            let _ = writeln!(
+                s,
+                "{indent}acc_{a}_{c} = coopMultiplyAdd(a_{a}, b_{c}, acc_{a}_{c});"
+            );
+        }
+    }
+    s.trim_end().to_string()
+}
+
+/// Writes each accumulator through the subgroup's staging tile: `store(row, col, value)` is the
+/// guarded write of one element (row: the tile row, col: the value column).
+fn coop_store(
+    (rows, cols): (usize, usize),
+    indent: &str,
+    store: impl Fn(&str) -> String,
+) -> String {
+    let mut s = String::new();
+    for a in 0..rows {
+        for c in 0..cols {
+            let _ = write!(
+                s,
+                "{indent}coopStoreT(acc_{a}_{c}, &stage[sg * 256u], 16u);\n\
+                 {indent}workgroupBarrier();\n\
+                 {indent}for (var i = lane; i < 256u; i += SG) {{\n\
+                 {indent}    let row = (sg * RT + {a}u) * 16u + i / 16u;\n\
+                 {indent}    let col = {}u + i % 16u;\n\
+                 {}\
+                 {indent}}}\n\
+                 {indent}workgroupBarrier();\n",
+                16 * c,
+                store(&format!("{indent}    ")),
+            );
+        }
+    }
+    s.trim_end().to_string()
+}
+
+/// The product of a feature's `g` factors, `factor(t)` naming factor t; `one` when g = 0.
+fn feature_product(g: usize, factor: impl Fn(usize) -> String, one: &str) -> String {
+    if g == 0 {
+        return one.to_string();
+    }
+    (0..g).map(factor).collect::<Vec<_>>().join(" * ")
+}
+
+/// Pass 1 on cooperative matrices for these tiles.
+pub fn coop_pass1_source(t: &CoopTiles, count_io: bool) -> String {
+    let iw = index_words(t.g);
+    let (rt, ct) = (t.rt1, t.col_tiles());
+    let index_decl: String = (0..t.g)
+        .map(|i| format!("    let i_{i} = feature_index(fb, {i}u);\n"))
+        .collect();
+    let store = coop_store((rt, ct), "    ", |ind| {
+        format!(
+            "{ind}if (row < rows_f && col < EV) {{\n\
+             {ind}    partial[o + row * EV1 + col] = stage[sg * 256u + i];\n\
+             {ind}    words_written += 1u;\n\
+             {ind}}}\n"
+        )
+    });
+    let [decl, add] = io_counter_slots(count_io, 7);
+    fill_template(
+        COOP_PASS1,
+        &[
+            ("E", t.e.to_string()),
+            ("EV", t.ev.to_string()),
+            ("EVP", t.padded_ev().to_string()),
+            ("R", t.r.to_string()),
+            ("RC", t.rc1().to_string()),
+            ("BK", t.bk.to_string()),
+            ("G", t.g.to_string()),
+            ("IW", iw.to_string()),
+            ("WG", t.threads().to_string()),
+            ("SG", t.sg.to_string()),
+            ("RT", rt.to_string()),
+            ("K_TILE", ((t.e + 1) * (t.bk + 1)).to_string()),
+            ("V_TILE", (t.bk * (t.padded_ev() + 8)).to_string()),
+            ("PHI", (t.bk * (t.rc1() + 8)).to_string()),
+            ("IDX", (t.rc1() * iw).to_string()),
+            ("VN", (2 * t.ev).to_string()),
+            ("STAGE", (t.subgroups * 256).to_string()),
+            ("INDEX_DECL", index_decl.trim_end().to_string()),
+            (
+                "FEATURE",
+                feature_product(t.g, |i| format!("k_t[i_{i} * KS + j]"), "k_t[E * KS + j]"),
+            ),
+            ("ACC_DECL", coop_accumulators(rt, ct, "    ")),
+            (
+                "MMA",
+                coop_mma((rt, ct), ("phi", "FS"), ("v_t", "VS"), "            "),
+            ),
+            ("STORE", store),
+            decl,
+            add,
+        ],
+    )
+}
+
+/// Pass 2 on cooperative matrices for these tiles.
+pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
+    let iw = index_words(t.g);
+    let (rt, ct) = (t.rt2, t.col_tiles());
+    let store = coop_store((rt, ct), "        ", |ind| {
+        format!(
+            "{ind}if (row < rows && col < EV) {{\n\
+             {ind}    o[(head * params.l + q0 + row) * EV + col] =\n\
+             {ind}        vn_t[col] + vn_t[EV + col] * (stage[sg * 256u + i] * d_t[WG + row]);\n\
+             {ind}    words_written += 1u;\n\
+             {ind}}}\n"
+        )
+    });
+    let feature = format!(
+        "w_t[f] * {}",
+        feature_product(
+            t.g,
+            |i| format!("q_t[rb * E1 + feature_index(f, {i}u)]"),
+            "1.0"
+        )
+    );
+    let [decl, add] = io_counter_slots(count_io, 7);
+    fill_template(
+        COOP_PASS2,
+        &[
+            ("E", t.e.to_string()),
+            ("EV", t.ev.to_string()),
+            ("EVP", t.padded_ev().to_string()),
+            ("R", t.r.to_string()),
+            ("RC", t.rc2.to_string()),
+            ("BQ", t.b2().to_string()),
+            ("G", t.g.to_string()),
+            ("IW", iw.to_string()),
+            ("WG", t.threads2().to_string()),
+            ("SG", t.sg.to_string()),
+            ("RT", rt.to_string()),
+            ("Q_TILE", (t.b2() * (t.e + 1)).to_string()),
+            ("PHI", (t.rc2 * (t.b2() + 8)).to_string()),
+            ("S_TILE", (t.rc2 * (t.padded_ev() + 8)).to_string()),
+            ("IDX", (t.rc2 * t.g.max(1)).to_string()),
+            ("D_T", (t.threads2() + t.b2()).to_string()),
+            ("VN", (2 * t.ev).to_string()),
+            ("STAGE", (t.subgroups2 * 256).to_string()),
+            ("FEATURE", feature),
+            ("ACC_DECL", coop_accumulators(rt, ct, "        ")),
+            (
+                "MMA",
+                coop_mma((rt, ct), ("phi", "FS"), ("s_t", "SS"), "                "),
+            ),
+            ("STORE", store),
+            decl,
+            add,
+        ],
+    )
+}
+
 /// Packs a feature table's indices three to a u32 (10 bits each), `index_words(g)` words per row.
 pub fn pack_indices(table: &FeatureTable) -> Vec<u32> {
     let iw = index_words(table.g);
@@ -375,14 +565,7 @@ fn dispatch_one(
     out_words: usize,
 ) -> Result<(Vec<f32>, Measured), Error> {
     let (counted, kernel_s) = dispatch_no_read(gpu, pipeline, layout, bufs, opts, grid)?;
-    let read = readback_buffer(gpu, (out_words * 4) as u64);
-    let mut enc = gpu.device.create_command_encoder(&Default::default());
-    enc.copy_buffer_to_buffer(out, 0, &read, 0, (out_words * 4) as u64);
-    gpu.queue.submit([enc.finish()]);
-    let data = read_mapped(gpu, &read, (out_words * 4) as u64, |b| {
-        bytemuck::cast_slice::<u8, f32>(b).to_vec()
-    })?;
-    Ok((data, (counted, kernel_s)))
+    Ok((read_f32(gpu, out, out_words)?, (counted, kernel_s)))
 }
 
 /// Binds `bufs` in order (plus the I/O counter when on), dispatches once and waits; returns the
@@ -561,9 +744,24 @@ pub fn run(
         .into_iter()
         .map(|w| w as f32)
         .collect();
+    let coop = plan.coop;
+    let (src1, src2, key1, key2) = match &coop {
+        Some(t) => (
+            coop_pass1_source(t, opts.count_io),
+            coop_pass2_source(t, opts.count_io),
+            format!("coop1:{t:?}"),
+            format!("coop2:{t:?}"),
+        ),
+        None => (
+            pass1_source(&plan.pass1, opts.count_io),
+            pass2_source(&plan.pass2, opts.count_io),
+            format!("pass1:{:?}", plan.pass1),
+            format!("pass2:{:?}", plan.pass2),
+        ),
+    };
     let p1 = gpu.pipeline(
-        &format!("pass1:{:?}:{}:{}", plan.pass1, opts.count_io, opts.trusted),
-        &pass1_source(&plan.pass1, opts.count_io),
+        &format!("{key1}:{}:{}", opts.count_io, opts.trusted),
+        &src1,
         opts.trusted,
     )?;
     let red = gpu.pipeline(
@@ -572,10 +770,36 @@ pub fn run(
         opts.trusted,
     )?;
     let p2 = gpu.pipeline(
-        &format!("pass2:{:?}:{}:{}", plan.pass2, opts.count_io, opts.trusted),
-        &pass2_source(&plan.pass2, opts.count_io),
+        &format!("{key2}:{}:{}", opts.count_io, opts.trusted),
+        &src2,
         opts.trusted,
     )?;
+    // The coop passes scale keys into [-1, 1] (queries by the inverse) and values into [0, 1].
+    let k_scale = pre.k_max_norm.iter().copied().fold(0.0, f64::max);
+    let k_scale = if k_scale > 0.0 && k_scale.is_finite() {
+        k_scale as f32
+    } else {
+        1.0
+    };
+    let value_norm = |u0: usize, nu: usize, invert: bool| -> Vec<f32> {
+        let mut out = Vec::with_capacity(nu * 2 * p.ev);
+        for u in u0..u0 + nu {
+            let (lo, hi) = (
+                &pre.v_min[u * p.ev..(u + 1) * p.ev],
+                &pre.v_max[u * p.ev..(u + 1) * p.ev],
+            );
+            out.extend(lo.iter().map(|&x| x as f32));
+            out.extend(lo.iter().zip(hi).map(|(&a, &b)| {
+                let range = if b > a { (b - a) as f32 } else { 1.0 };
+                if invert {
+                    1.0 / range
+                } else {
+                    range
+                }
+            }));
+        }
+        out
+    };
     let (l1, lr, l2) = (
         p1.get_bind_group_layout(0),
         red.get_bind_group_layout(0),
@@ -596,6 +820,14 @@ pub fn run(
         for u0 in (0..p.units).step_by(c.units) {
             let nu = c.units.min(p.units - u0);
             let mu_buf = storage_buffer(gpu, nu * p.e, "mu");
+            let vnorm1 = value_norm(u0, nu, true);
+            let vnorm2 = value_norm(u0, nu, false);
+            let vn1_buf = storage_buffer(gpu, vnorm1.len(), "value normalisation");
+            let vn2_buf = storage_buffer(gpu, vnorm2.len(), "value normalisation");
+            gpu.queue
+                .write_buffer(&vn1_buf, 0, bytemuck::cast_slice(&vnorm1));
+            gpu.queue
+                .write_buffer(&vn2_buf, 0, bytemuck::cast_slice(&vnorm2));
             gpu.queue.write_buffer(
                 &mu_buf,
                 0,
@@ -614,15 +846,38 @@ pub fn run(
                 let splits = sc.div_ceil(keys_per_split);
                 let prm = uniform_buffer(
                     gpu,
-                    bytemuck::cast_slice(&[sc as u32, keys_per_split as u32, splits as u32, 0]),
+                    bytemuck::cast_slice(&[
+                        sc as u32,
+                        keys_per_split as u32,
+                        splits as u32,
+                        (1.0 / k_scale).to_bits(),
+                    ]),
                 );
+                let (bufs, chunks1) = match &coop {
+                    Some(t) => (
+                        vec![
+                            &prm,
+                            &k_buf,
+                            &v_buf,
+                            &mu_buf,
+                            &idx_buf,
+                            &vn1_buf,
+                            &partial_buf,
+                        ],
+                        t.chunks1(),
+                    ),
+                    None => (
+                        vec![&prm, &k_buf, &v_buf, &mu_buf, &idx_buf, &partial_buf],
+                        plan.pass1.chunks(),
+                    ),
+                };
                 let (counted, t) = dispatch_no_read(
                     gpu,
                     &p1,
                     &l1,
-                    &[&prm, &k_buf, &v_buf, &mu_buf, &idx_buf, &partial_buf],
+                    &bufs,
                     opts,
-                    (splits as u32, plan.pass1.chunks() as u32, nu as u32),
+                    (splits as u32, chunks1 as u32, nu as u32),
                 )?;
                 stats.absorb(&RunStats::dispatch("pass1", counted, t));
                 let words = r * ev1;
@@ -649,7 +904,11 @@ pub fn run(
                 gpu.queue.write_buffer(&q_buf, 0, bytemuck::cast_slice(&qc));
                 let o_words = qh * lc * p.ev;
                 let o_buf = storage_buffer(gpu, o_words, "o");
-                let blocks = lc.div_ceil(plan.pass2.b);
+                let (b, chunks2) = match &coop {
+                    Some(t) => (t.b2(), t.chunks2()),
+                    None => (plan.pass2.b, plan.pass2.chunks()),
+                };
+                let blocks = lc.div_ceil(b);
                 let wgs = plan.pass2_workgroups.min(blocks);
                 let prm = uniform_buffer(
                     gpu,
@@ -657,14 +916,22 @@ pub fn run(
                         lc as u32,
                         blocks as u32,
                         p.group as u32,
-                        plan.pass2.chunks() as u32,
+                        chunks2 as u32,
+                        k_scale.to_bits(),
+                        (p.s as f32).to_bits(),
+                        0,
+                        0,
                     ]),
                 );
+                let bufs = match &coop {
+                    Some(_) => vec![&prm, &q_buf, &sp_buf, &idx_buf, &w_buf, &vn2_buf, &o_buf],
+                    None => vec![&prm, &q_buf, &sp_buf, &idx_buf, &w_buf, &o_buf],
+                };
                 let (oc, (counted, t)) = dispatch_one(
                     gpu,
                     &p2,
                     &l2,
-                    &[&prm, &q_buf, &sp_buf, &idx_buf, &w_buf, &o_buf],
+                    &bufs,
                     opts,
                     (wgs as u32, qh as u32, 1),
                     &o_buf,

@@ -1,0 +1,167 @@
+// Poly pass 2 on cooperative matrices (tensor cores): O = vmin + vrange * (Phi(Q') S'') / D for a
+// block of BQ query rows, S' streamed through in chunks of RC feature rows. Q' = Q * k_scale undoes
+// pass 1's key scaling (each monomial has the same degree in q and k); S'' = S' / keys keeps the
+// f16 operand at most 1 and the output multiplies it back. D = Phi(Q') z, with z the normaliser
+// column of S', is summed in f32 by the threads that build the features.
+// Subgroup s owns the query rows 16 * (s * RT + a) + 0..15 of every 16-column value tile in the
+// named accumulators acc_a_c (`src/kernels/poly.rs` unrolls them).
+enable f16;
+enable wgpu_cooperative_matrix;
+
+struct Params {
+    l: u32,       // query rows per head in this dispatch
+    blocks: u32,  // query blocks per head
+    group: u32,   // query heads per KV head
+    chunks: u32,  // S' chunks
+    k_scale: f32,
+    keys: f32,    // key rows per unit (S'' = S' / keys)
+    _pad0: u32,
+    _pad1: u32,
+}
+
+const E: u32 = {{E}}u;
+const E1: u32 = E + 1u;
+const EV: u32 = {{EV}}u;
+const EV1: u32 = EV + 1u;
+const R: u32 = {{R}}u;
+const RC: u32 = {{RC}}u;    // feature rows per chunk, a multiple of 16
+const BQ: u32 = {{BQ}}u;      // query rows per block: SUBGROUPS * RT * 16
+const G: u32 = {{G}}u;
+const IW: u32 = {{IW}}u;
+const WG: u32 = {{WG}}u;
+const SG: u32 = {{SG}}u;
+const RT: u32 = {{RT}}u;
+const TPR: u32 = WG / BQ;    // threads per query row in the feature build
+const FS: u32 = BQ + 8u;    // row stride of the (feature-major) feature tile, in halves
+const SS: u32 = {{EVP}}u + 8u;
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(2) var<storage, read> s_prime: array<f32>;
+@group(0) @binding(3) var<storage, read> feat_idx: array<u32>;
+@group(0) @binding(4) var<storage, read> feat_w: array<f32>;
+@group(0) @binding(5) var<storage, read> vnorm: array<f32>; // per unit: vmin, then vrange
+@group(0) @binding(6) var<storage, read_write> o: array<f32>;
+{{IO_COUNTER_DECL}}
+
+var<workgroup> q_t: array<f32, {{Q_TILE}}>;  // q_t[r * E1 + c]
+var<workgroup> phi: array<f16, {{PHI}}>;     // phi[f * FS + r]: lanes write consecutive r
+var<workgroup> s_t: array<f16, {{S_TILE}}>;  // s_t[f * SS + c]
+var<workgroup> s_d: array<f32, RC>;          // the chunk's normaliser column
+var<workgroup> idx_t: array<u32, {{IDX}}>;      // idx_t[f * G + t]: unpacked feature indices
+var<workgroup> w_t: array<f32, RC>;
+var<workgroup> d_t: array<f32, {{D_T}}>;     // normaliser partials, then the row sums
+var<workgroup> vn_t: array<f32, {{VN}}>;
+var<workgroup> stage: array<f32, {{STAGE}}>;
+
+fn feature_index(f: u32, t: u32) -> u32 {
+    return idx_t[f * G + t];
+}
+
+@compute @workgroup_size({{WG}})
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let head = wid.y;
+    let unit = head / params.group;
+    var words_read = 0u;
+    var words_written = 0u;
+    for (var i = lid; i < 2u * EV; i += WG) {
+        vn_t[i] = vnorm[unit * 2u * EV + i];
+        words_read += 1u;
+    }
+    // The padding columns of the S' tile are never loaded: zero them once.
+    for (var i = lid; i < RC * SS; i += WG) {
+        s_t[i] = f16(0.0);
+    }
+    let inv_keys = 1.0 / params.keys;
+    // This thread builds the features of query row rb, chunk rows fb, fb + TPR, ...
+    let rb = lid % BQ;
+    let fb = lid / BQ;
+    for (var qb = wid.x; qb < params.blocks; qb += nwg.x) {
+        let q0 = qb * BQ;
+        let rows = min(BQ, params.l - q0);
+        for (var i = lid; i < BQ * E1; i += WG) {
+            let r = i / E1;
+            let c = i % E1;
+            var x = 1.0;
+            if (c < E) {
+                x = 0.0;
+                if (r < rows) {
+                    x = q[(head * params.l + q0 + r) * E + c] * params.k_scale;
+                    words_read += 1u;
+                }
+            }
+            q_t[i] = x;
+        }
+        var d = 0.0;
+{{ACC_DECL}}
+        for (var ch = 0u; ch < params.chunks; ch++) {
+            let f0 = ch * RC;
+            let rows_f = min(RC, R - f0);
+            // The previous chunk's products are done before its tiles are overwritten.
+            workgroupBarrier();
+            for (var i = lid; i < RC * EV1; i += WG) {
+                let f = i / EV1;
+                let c = i % EV1;
+                var x = 0.0;
+                if (f < rows_f) {
+                    x = s_prime[(unit * R + f0) * EV1 + i];
+                    words_read += 1u;
+                }
+                if (c < EV) {
+                    s_t[f * SS + c] = f16(x * inv_keys);
+                } else {
+                    s_d[f] = x;
+                }
+            }
+            // Index words unpacked once per chunk: the feature build reads them for every row.
+            for (var i = lid; i < RC * IW; i += WG) {
+                let f = i / IW;
+                var w = 0u;
+                if (f < rows_f) {
+                    w = feat_idx[f0 * IW + i];
+                    words_read += 1u;
+                }
+                for (var t = 3u * (i % IW); t < min(G, 3u * (i % IW) + 3u); t++) {
+                    idx_t[f * G + t] = (w >> (10u * (t % 3u))) & 1023u;
+                }
+            }
+            for (var i = lid; i < RC; i += WG) {
+                var w = 0.0;
+                if (i < rows_f) {
+                    w = feat_w[f0 + i];
+                    words_read += 1u;
+                }
+                w_t[i] = w;
+            }
+            workgroupBarrier();
+            // Feature rows past R have weight 0 and zero S' rows.
+            for (var f = fb; f < RC; f += TPR) {
+                let p = {{FEATURE}};
+                d = fma(p, s_d[f], d);
+                phi[f * FS + rb] = f16(p);
+            }
+            workgroupBarrier();
+            for (var kk = 0u; kk < RC; kk += 16u) {
+{{MMA}}
+            }
+        }
+        d_t[lid] = d;
+        workgroupBarrier();
+        if (lid < BQ) {
+            var z = 0.0;
+            for (var h = 0u; h < TPR; h++) {
+                z += d_t[h * BQ + lid];
+            }
+            d_t[WG + lid] = params.keys / z;
+        }
+        workgroupBarrier();
+{{STORE}}
+    }
+{{IO_COUNTER_ADD}}
+}
