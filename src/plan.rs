@@ -1280,3 +1280,66 @@ mod poly_plan_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod coop_tests {
+    use super::*;
+
+    fn problem(e: usize, ev: usize) -> Problem {
+        Problem {
+            units: 8,
+            group: 1,
+            l: 262_144,
+            s: 262_144,
+            e,
+            ev,
+            causal: false,
+            scale: 0.125,
+        }
+    }
+
+    #[test]
+    fn coop_tiles_fit_fast_memory_registers_and_lanes() {
+        for words in [8192u64, 12288, 16384] {
+            for sg in [16usize, 32, 64] {
+                for (e, ev) in [(16, 16), (64, 64), (128, 128), (7, 33)] {
+                    for g in 1..=3 {
+                        let Some(t) = plan_coop(&problem(e, ev), g, &Budget::model(words), sg)
+                        else {
+                            continue;
+                        };
+                        assert!(
+                            t.pass1_words() <= words && t.pass2_words() <= words,
+                            "{t:?}"
+                        );
+                        // Each lane builds whole feature rows (pass 1) and query rows (pass 2).
+                        assert!(
+                            t.rc1() <= t.threads() && t.threads() % t.rc1() == 0,
+                            "{t:?}"
+                        );
+                        assert!(
+                            t.b2() <= t.threads2() && t.threads2() % t.b2() == 0,
+                            "{t:?}"
+                        );
+                        assert!(t.rt1 * t.col_tiles() <= MAX_COOP_ACCUMULATORS);
+                        assert!(t.rt2 * t.col_tiles() <= MAX_COOP_ACCUMULATORS);
+                        assert!(t.bk % COOP == 0 && t.rc2 % COOP == 0 && t.rc2 > 0);
+                        assert!(t.threads().max(t.threads2()) <= MAX_POLY_THREADS);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn coop_needs_subgroups_of_at_least_16_and_h100_plan_is_one_chunk_of_256_rows() {
+        let p = problem(64, 64);
+        assert!(plan_coop(&p, 2, &Budget::model(12288), 8).is_none());
+        let t = plan_coop(&p, 2, &Budget::model(12288), 32).unwrap();
+        // 48 KiB, warps of 32: 8 subgroups of two 16-row tiles, 9 chunks of r = 2145.
+        assert_eq!((t.rc1(), t.chunks1(), t.bk), (256, 9, 32));
+        let plan = plan_poly_coop(&p, 2, &Budget::model(12288), 32).unwrap();
+        assert_eq!(plan.coop, Some(t));
+        assert_eq!(plan.pass2_workgroups, p.l.div_ceil(t.b2()));
+    }
+}

@@ -1155,3 +1155,24 @@ mod tests {
         assert_eq!(certify(&taylor_coeffs(3), 800.0), f64::INFINITY);
     }
 }
+
+#[cfg(test)]
+mod f16_tests {
+    use super::*;
+
+    #[test]
+    fn f16_factor_is_four_roundings_of_the_condition_plus_subnormals() {
+        let poly = Poly::fit(0.5, 2);
+        let kappa = monomial_condition(&poly);
+        let f = f16_rounding_factor(&poly, 64, 2145, 0.5);
+        let relative = ((1.0 + F16_U).powi(4) - 1.0) * kappa;
+        assert!(f > relative && f < relative * 1.05, "{f} vs {relative}");
+        // More features, larger queries: a larger subnormal term.
+        assert!(f16_rounding_factor(&poly, 64, 100_000, 0.5) > f);
+        assert!(f16_rounding_factor(&poly, 64, 2145, 2.0) > f);
+        // Nothing certified, nothing bounded.
+        let bad = Poly::fit(50.0, 1);
+        assert!(bad.certified_eps >= 1.0);
+        assert_eq!(f16_rounding_factor(&bad, 64, 10, 50.0), f64::INFINITY);
+    }
+}
