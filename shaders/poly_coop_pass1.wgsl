@@ -41,14 +41,18 @@ const VS: u32 = {{EVP}}u + 8u;
 @group(0) @binding(6) var<storage, read_write> partial: array<f32>;
 {{IO_COUNTER_DECL}}
 
-var<workgroup> k_t: array<f32, {{K_TILE}}>;  // k_t[c * KS + j]: column c of key j, centred, scaled
-var<workgroup> v_t: array<f16, {{V_TILE}}>;  // v_t[j * VS + c]
+// Every workgroup variable is a whole number of 16-byte units: NVIDIA's driver packs them (in an
+// order of its own) and a cooperative load or store from an address that is not 16-byte aligned
+// returns garbage (measured on the H100: E = 7, 9, 15 or Ev = 33 broke before the padding).
+var<workgroup> stage: array<f32, {{STAGE}}>;
+var<workgroup> zero_t: array<f32, 256>;        // initialises the accumulators // one 16 x 16 tile per subgroup
 var<workgroup> phi: array<f16, {{PHI}}>;     // phi[j * FS + f]: lanes write consecutive f
+var<workgroup> v_t: array<f16, {{V_TILE}}>;  // v_t[j * VS + c]
+var<workgroup> k_t: array<f32, {{K_TILE}}>;  // k_t[c * KS + j]: column c of key j, centred, scaled
 var<workgroup> idx_t: array<u32, {{IDX}}>;
-var<workgroup> mu_t: array<f32, E>;
+var<workgroup> mu_t: array<f32, {{MU}}>;
 var<workgroup> vn_t: array<f32, {{VN}}>;
 var<workgroup> zsum_t: array<f32, WG>;
-var<workgroup> stage: array<f32, {{STAGE}}>; // one 16 x 16 tile per subgroup
 
 fn feature_index(f: u32, t: u32) -> u32 {
     return (idx_t[f * IW + t / 3u] >> (10u * (t % 3u))) & 1023u;
@@ -89,6 +93,9 @@ fn main(
     // The padding columns of the value tile are never loaded: zero them once.
     for (var i = lid; i < BK * VS; i += WG) {
         v_t[i] = f16(0.0);
+    }
+    for (var i = lid; i < 256u; i += WG) {
+        zero_t[i] = 0.0;
     }
     workgroupBarrier();
     // This thread builds feature row fb for keys jb, jb + TPR, ...

@@ -44,15 +44,19 @@ const SS: u32 = {{EVP}}u + 8u;
 @group(0) @binding(6) var<storage, read_write> o: array<f32>;
 {{IO_COUNTER_DECL}}
 
-var<workgroup> q_t: array<f32, {{Q_TILE}}>;  // q_t[r * E1 + c]
+// Every workgroup variable is a whole number of 16-byte units: NVIDIA's driver packs them (in an
+// order of its own) and a cooperative load or store from an address that is not 16-byte aligned
+// returns garbage (measured on the H100: E = 7, 9, 15 or Ev = 33 broke before the padding).
+var<workgroup> stage: array<f32, {{STAGE}}>;
+var<workgroup> zero_t: array<f32, 256>;        // initialises the accumulators
 var<workgroup> phi: array<f16, {{PHI}}>;     // phi[f * FS + r]: lanes write consecutive r
 var<workgroup> s_t: array<f16, {{S_TILE}}>;  // s_t[f * SS + c]
+var<workgroup> q_t: array<f32, {{Q_TILE}}>;  // q_t[r * E1 + c]
 var<workgroup> s_d: array<f32, RC>;          // the chunk's normaliser column
 var<workgroup> idx_t: array<u32, {{IDX}}>;      // idx_t[f * G + t]: unpacked feature indices
 var<workgroup> w_t: array<f32, RC>;
 var<workgroup> d_t: array<f32, {{D_T}}>;     // normaliser partials, then the row sums
 var<workgroup> vn_t: array<f32, {{VN}}>;
-var<workgroup> stage: array<f32, {{STAGE}}>;
 
 fn feature_index(f: u32, t: u32) -> u32 {
     return idx_t[f * G + t];
@@ -78,6 +82,10 @@ fn main(
     for (var i = lid; i < RC * SS; i += WG) {
         s_t[i] = f16(0.0);
     }
+    for (var i = lid; i < 256u; i += WG) {
+        zero_t[i] = 0.0;
+    }
+    workgroupBarrier();
     let inv_keys = 1.0 / params.keys;
     // This thread builds the features of query row rb, chunk rows fb, fb + TPR, ...
     let rb = lid % BQ;

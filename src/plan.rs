@@ -644,14 +644,14 @@ impl CoopTiles {
     /// the value tile and the features (f16), index words, mu, the value normalisation, the
     /// row-sum partials and one 16 x 16 f32 staging tile per subgroup.
     pub fn pass1_words(&self) -> u64 {
-        ((self.e + 1) * (self.bk + 1)
+        (align4((self.e + 1) * (self.bk + 1))
             + self.bk * (self.padded_ev() + 8) / 2
             + self.bk * (self.rc1() + 8) / 2
-            + self.rc1() * index_words(self.g)
-            + self.e
-            + 2 * self.ev
+            + align4(self.rc1() * index_words(self.g))
+            + align4(self.e)
+            + align4(2 * self.ev)
             + self.threads()
-            + self.subgroups * COOP * COOP) as u64
+            + (self.subgroups + 1) * COOP * COOP) as u64
     }
     /// Words of workgroup memory pass 2 declares: the query block (f32), its features and the S'
     /// chunk (f16), the chunk's normaliser column, index words and weights, the normaliser
@@ -660,12 +660,18 @@ impl CoopTiles {
         (self.b2() * (self.e + 1)
             + self.rc2 * (self.b2() + 8) / 2
             + self.rc2 * (self.padded_ev() + 8) / 2
-            + self.rc2 * (2 + self.g.max(1))
+            + 2 * self.rc2
+            + align4(self.rc2 * self.g.max(1))
             + self.threads2()
             + self.b2()
-            + 2 * self.ev
-            + self.subgroups2 * COOP * COOP) as u64
+            + align4(2 * self.ev)
+            + (self.subgroups2 + 1) * COOP * COOP) as u64
     }
+}
+
+/// `words` rounded up to a whole number of 16-byte units (the coop kernels' workgroup variables).
+pub fn align4(words: usize) -> usize {
+    words.next_multiple_of(4)
 }
 
 /// Cooperative-matrix tiles for subgroups of `sg` lanes, or None where they do not fit: the

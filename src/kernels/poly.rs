@@ -10,7 +10,7 @@ use super::{
 use crate::device::Gpu;
 use crate::error::Error;
 use crate::plan::{
-    index_words, prepass_rows_per_block, prepass_tile_rows, Budget, CoopTiles, Pass1Tiles,
+    align4, index_words, prepass_rows_per_block, prepass_tile_rows, Budget, CoopTiles, Pass1Tiles,
     Pass2Tiles, PolyPlan, Problem,
 };
 use crate::poly::{FeatureTable, Poly};
@@ -233,12 +233,17 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
     )
 }
 
-/// Zeroed 16 x 16 accumulators `acc_a_c` of a subgroup's `rows` row tiles and `cols` column tiles.
+/// Zeroed 16 x 16 accumulators `acc_a_c` of a subgroup's `rows` row tiles and `cols` column tiles,
+/// loaded from a zeroed workgroup tile: naga writes `coop_mat16x16<f32, C>()` as OpConstantNull,
+/// which gave garbage on the H100's driver.
 fn coop_accumulators(rows: usize, cols: usize, indent: &str) -> String {
     let mut s = String::new();
     for a in 0..rows {
         for c in 0..cols {
-            let _ = writeln!(s, "{indent}var acc_{a}_{c} = coop_mat16x16<f32, C>();");
+            let _ = writeln!(
+                s,
+                "{indent}var acc_{a}_{c} = coopLoadT<coop_mat16x16<f32, C>>(&zero_t[0], 16u);"
+            );
         }
     }
     s.trim_end().to_string()
@@ -342,11 +347,12 @@ pub fn coop_pass1_source(t: &CoopTiles, count_io: bool) -> String {
             ("WG", t.threads().to_string()),
             ("SG", t.sg.to_string()),
             ("RT", rt.to_string()),
-            ("K_TILE", ((t.e + 1) * (t.bk + 1)).to_string()),
+            ("K_TILE", align4((t.e + 1) * (t.bk + 1)).to_string()),
             ("V_TILE", (t.bk * (t.padded_ev() + 8)).to_string()),
             ("PHI", (t.bk * (t.rc1() + 8)).to_string()),
-            ("IDX", (t.rc1() * iw).to_string()),
-            ("VN", (2 * t.ev).to_string()),
+            ("IDX", align4(t.rc1() * iw).to_string()),
+            ("MU", align4(t.e).to_string()),
+            ("VN", align4(2 * t.ev).to_string()),
             ("STAGE", (t.subgroups * 256).to_string()),
             ("INDEX_DECL", index_decl.trim_end().to_string()),
             (
@@ -404,9 +410,9 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
             ("Q_TILE", (t.b2() * (t.e + 1)).to_string()),
             ("PHI", (t.rc2 * (t.b2() + 8)).to_string()),
             ("S_TILE", (t.rc2 * (t.padded_ev() + 8)).to_string()),
-            ("IDX", (t.rc2 * t.g.max(1)).to_string()),
+            ("IDX", align4(t.rc2 * t.g.max(1)).to_string()),
             ("D_T", (t.threads2() + t.b2()).to_string()),
-            ("VN", (2 * t.ev).to_string()),
+            ("VN", align4(2 * t.ev).to_string()),
             ("STAGE", (t.subgroups2 * 256).to_string()),
             ("FEATURE", feature),
             ("ACC_DECL", coop_accumulators(rt, ct, "        ")),
