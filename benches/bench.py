@@ -350,10 +350,13 @@ def build_methods(args: Any) -> tuple[list[Method], dict[str, str]]:
     )
     for d in args.degree:
         methods.append(
-            Method(f"ours_poly_d{d}", "ours", lambda i, a, d=d: bench_ours(i, "poly", d, a))
+            Method(
+                f"ours_poly_d{d}",
+                "ours",
+                lambda i, a, d=d: bench_ours(i, "poly", d, a, tensor_cores=False),
+            )
         )
-    coop_on = os.environ.get("APPROX_ATTN_EXPERIMENTAL_COOP") == "1"
-    if approx_attn.device_info().get("coop_f16") and coop_on:
+    if approx_attn.device_info().get("coop_f16"):
         for d in args.degree:
             methods.append(
                 Method(
@@ -364,9 +367,7 @@ def build_methods(args: Any) -> tuple[list[Method], dict[str, str]]:
             )
     else:
         for d in args.degree:
-            unavailable[f"ours_poly_tc_d{d}"] = (
-                "needs 16x16 f16 cooperative matrices and APPROX_ATTN_EXPERIMENTAL_COOP=1"
-            )
+            unavailable[f"ours_poly_tc_d{d}"] = "no 16x16 f16 cooperative matrices"
     methods.append(
         Method("ours_auto", "ours", lambda i, a: bench_ours(i, "auto", None, a), args.exact_max_n)
     )

@@ -1,8 +1,9 @@
 // Poly pass 2 on cooperative matrices (tensor cores): O = vmin + vrange * (Phi(Q') S'') / D for a
-// block of BQ query rows, S' streamed through in chunks of RC feature rows. Q' = Q * k_scale undoes
-// pass 1's key scaling (each monomial has the same degree in q and k); S'' = S' / keys keeps the
-// f16 operand at most 1 and the output multiplies it back. D = Phi(Q') z, with z the normaliser
-// column of S', is summed in f32 by the threads that build the features.
+// block of BQ query rows, over S' in chunks of RC feature rows. Q' = Q * k_scale undoes pass 1's
+// key scaling (each monomial has the same degree in q and k); S'' = S' / keys (f16, packed by
+// poly_coop_pack.wgsl, at most 1) is read by the cooperative loads straight from storage, and the
+// output multiplies keys back. D = Phi(Q') z, with z the normaliser column of S', is summed in f32
+// by the threads that build the features.
 // Subgroup s owns the query rows 16 * (s * RT + a) + 0..15 of every 16-column value tile in the
 // named accumulators acc_a_c (`src/kernels/poly.rs` unrolls them).
 enable f16;
@@ -33,15 +34,17 @@ const SG: u32 = {{SG}}u;
 const RT: u32 = {{RT}}u;
 const TPR: u32 = WG / BQ;    // threads per query row in the feature build
 const FS: u32 = BQ + 8u;    // row stride of the (feature-major) feature tile, in halves
-const SS: u32 = {{EVP}}u + 8u;
+const EVP: u32 = {{EVP}}u;  // value columns padded to 16: the row stride of S''
+const RP: u32 = {{RP}}u;    // feature rows of S'' per unit, padded to whole chunks
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> s_prime: array<f32>;
-@group(0) @binding(3) var<storage, read> feat_idx: array<u32>;
-@group(0) @binding(4) var<storage, read> feat_w: array<f32>;
-@group(0) @binding(5) var<storage, read> vnorm: array<f32>; // per unit: vmin, then vrange
-@group(0) @binding(6) var<storage, read_write> o: array<f32>;
+@group(0) @binding(2) var<storage, read> s16: array<f16>; // S'' rows of EVP, RP rows per unit
+@group(0) @binding(3) var<storage, read> z: array<f32>;   // normaliser column, RP per unit
+@group(0) @binding(4) var<storage, read> feat_idx: array<u32>;
+@group(0) @binding(5) var<storage, read> feat_w: array<f32>;
+@group(0) @binding(6) var<storage, read> vnorm: array<f32>; // per unit: vmin, then vrange
+@group(0) @binding(7) var<storage, read_write> o: array<f32>;
 {{IO_COUNTER_DECL}}
 
 // Every workgroup variable is a whole number of 16-byte units: NVIDIA's driver packs them (in an
@@ -50,7 +53,6 @@ const SS: u32 = {{EVP}}u + 8u;
 var<workgroup> stage: array<f32, {{STAGE}}>;
 var<workgroup> zero_t: array<f32, 256>;        // initialises the accumulators
 var<workgroup> phi: array<f16, {{PHI}}>;     // phi[f * FS + r]: lanes write consecutive r
-var<workgroup> s_t: array<f16, {{S_TILE}}>;  // s_t[f * SS + c]
 var<workgroup> q_t: array<f32, {{Q_TILE}}>;  // q_t[r * E1 + c]
 var<workgroup> s_d: array<f32, RC>;          // the chunk's normaliser column
 var<workgroup> idx_t: array<u32, {{IDX}}>;      // idx_t[f * G + t]: unpacked feature indices
@@ -78,15 +80,10 @@ fn main(
         vn_t[i] = vnorm[unit * 2u * EV + i];
         words_read += 1u;
     }
-    // The padding columns of the S' tile are never loaded: zero them once.
-    for (var i = lid; i < RC * SS; i += WG) {
-        s_t[i] = f16(0.0);
-    }
     for (var i = lid; i < 256u; i += WG) {
         zero_t[i] = 0.0;
     }
     workgroupBarrier();
-    let inv_keys = 1.0 / params.keys;
     // This thread builds the features of query row rb, chunk rows fb, fb + TPR, ...
     let rb = lid % BQ;
     let fb = lid / BQ;
@@ -113,19 +110,9 @@ fn main(
             let rows_f = min(RC, R - f0);
             // The previous chunk's products are done before its tiles are overwritten.
             workgroupBarrier();
-            for (var i = lid; i < RC * EV1; i += WG) {
-                let f = i / EV1;
-                let c = i % EV1;
-                var x = 0.0;
-                if (f < rows_f) {
-                    x = s_prime[(unit * R + f0) * EV1 + i];
-                    words_read += 1u;
-                }
-                if (c < EV) {
-                    s_t[f * SS + c] = f16(x * inv_keys);
-                } else {
-                    s_d[f] = x;
-                }
+            for (var i = lid; i < RC; i += WG) {
+                s_d[i] = z[unit * RP + f0 + i];
+                words_read += 1u;
             }
             // Index words unpacked once per chunk: the feature build reads them for every row.
             for (var i = lid; i < RC * IW; i += WG) {
@@ -148,15 +135,19 @@ fn main(
                 w_t[i] = w;
             }
             workgroupBarrier();
-            // Feature rows past R have weight 0 and zero S' rows.
+            // Feature rows past R have weight 0 and zero S'' rows.
             for (var f = fb; f < RC; f += TPR) {
                 let p = {{FEATURE}};
                 d = fma(p, s_d[f], d);
                 phi[f * FS + rb] = f16(p);
             }
             workgroupBarrier();
+            let sbase = (unit * RP + f0) * EVP;
             for (var kk = 0u; kk < RC; kk += 16u) {
 {{MMA}}
+            }
+            if (lid == 0u) {
+                words_read += RC * EVP / 2u * {{SUBGROUPS}}u; // each subgroup loads the chunk
             }
         }
         d_t[lid] = d;

@@ -141,6 +141,7 @@ pub fn poly_io(
     };
     let (mut p1r, mut p1w, mut rdr, mut rdw, mut p2r, mut p2w) =
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut pkr, mut pkw) = (0u64, 0u64);
     for u0 in (0..p.units).step_by(c.units) {
         let nu = c.units.min(p.units - u0) as u64;
         for (ci, s0) in (0..p.s).step_by(c.kv_rows).enumerate() {
@@ -154,6 +155,15 @@ pub fn poly_io(
             rdr += nu * r * ev1 * (splits + u64::from(ci > 0));
             rdw += nu * r * ev1;
         }
+        // Coop: S' is packed to f16 S'' (RP rows of EVP halves) and its f32 normaliser column.
+        let packed = plan.coop.map(|t| {
+            let (rp, half_row) = (t.rp() as u64, (t.padded_ev() / 2) as u64);
+            pkr += nu * r * ev1;
+            pkw += nu * rp * (half_row + 1);
+            // Per block: every subgroup loads all of S''; z for every padded row; indices and
+            // weights for the real rows.
+            t.subgroups2 as u64 * rp * half_row + rp + r * (iw + 1)
+        });
         for l0 in (0..p.l).step_by(c.q_rows) {
             let lc = c.q_rows.min(p.l - l0);
             let heads = nu * p.group as u64;
@@ -164,8 +174,8 @@ pub fn poly_io(
             let blocks = lc.div_ceil(b);
             let workgroups = plan.pass2_workgroups.min(blocks) as u64;
             let loads = if resident { workgroups } else { blocks as u64 };
-            p2r +=
-                heads * (lc as u64 * p.e as u64 + loads * r * (ev1 + iw + 1) + workgroups * vnorm);
+            let per_load = packed.unwrap_or(r * (ev1 + iw + 1));
+            p2r += heads * (lc as u64 * p.e as u64 + loads * per_load + workgroups * vnorm);
             p2w += heads * (lc * p.ev) as u64;
         }
     }
@@ -187,6 +197,16 @@ pub fn poly_io(
             writes: p2w,
         },
     ]);
+    if plan.coop.is_some() {
+        io.passes.insert(
+            io.passes.len() - 1,
+            PassIo {
+                name: "pack",
+                reads: pkr,
+                writes: pkw,
+            },
+        );
+    }
     io
 }
 

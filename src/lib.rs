@@ -82,9 +82,9 @@ pub struct PolyOptions {
     pub degree: Option<usize>,
     pub check_finite: bool,
     /// Tensor cores (cooperative matrices, f16 operands, f32 accumulators) for the two poly
-    /// passes: `Some(true)` requires them (the certificate adds their f16 rounding bound),
-    /// `Some(false)` and `None` keep the f32 path. `None` stays on f32 because the coop kernels
-    /// measured slower than the f32 ones on the H100 (see the README).
+    /// passes: `Some(true)` requires them, `Some(false)` keeps the f32 path, `None` uses them
+    /// where the adapter has them and their f16 rounding bound is at most half of eps. With them
+    /// the certificate adds that bound and the degree is chosen for what is left of eps.
     pub tensor_cores: Option<bool>,
 }
 
@@ -137,12 +137,6 @@ struct PolyCandidate {
     cert: Certificate,
 }
 
-/// The tensor-core poly passes are off unless APPROX_ATTN_EXPERIMENTAL_COOP=1: they return wrong
-/// values for some shapes (measured on the H100; the cause is not found yet).
-fn experimental_coop() -> bool {
-    std::env::var("APPROX_ATTN_EXPERIMENTAL_COOP").is_ok_and(|v| v == "1")
-}
-
 /// Degree, plan and certificate of the poly method for the pre-pass's beta; `coop_sg` is the
 /// subgroup size where the adapter runs the tensor-core passes.
 fn poly_candidate(
@@ -159,24 +153,17 @@ fn poly_candidate(
              is {beta} (non-finite or overflowing inputs)"
         )));
     }
-    let coop_sg =
-        match (popts.tensor_cores, coop_sg) {
-            (Some(false), _) => None,
-            (Some(true), None) => {
-                return Err(Error::Unsupported(
-                    "tensor_cores=True needs 16x16 f16 cooperative matrices, f16 shaders and one \
+    let coop_sg = match (popts.tensor_cores, coop_sg) {
+        (Some(false), _) => None,
+        (Some(true), None) => {
+            return Err(Error::Unsupported(
+                "tensor_cores=True needs 16x16 f16 cooperative matrices, f16 shaders and one \
                  subgroup size; this adapter lacks them (see device_info())"
-                        .into(),
-                ))
-            }
-            (Some(true), Some(_)) if !experimental_coop() => return Err(Error::Unsupported(
-                "tensor_cores=True is experimental and off: the cooperative-matrix kernels give \
-                 wrong results for some shapes on the H100 (see the README); developers may set \
-                 APPROX_ATTN_EXPERIMENTAL_COOP=1"
                     .into(),
-            )),
-            (_, sg) => sg,
-        };
+            ))
+        }
+        (_, sg) => sg,
+    };
     // The coop passes scale keys by the largest key norm of all units and queries by its inverse.
     let fold_max = |x: &[f64]| x.iter().copied().fold(0.0, f64::max);
     let beta_scaled =
@@ -211,7 +198,7 @@ fn poly_candidate(
     let mut coop = coop_sg.and_then(|sg| {
         let (f16, q_sum) = f16_of(&f32_poly);
         let fits = q_sum < poly::F16_MAX && f16.is_finite();
-        let wanted = popts.tensor_cores == Some(true);
+        let wanted = popts.tensor_cores == Some(true) || f16 <= 0.5 * popts.eps;
         (fits && wanted).then_some(sg)
     });
     if popts.tensor_cores == Some(true) && coop.is_none() && coop_sg.is_some() {
@@ -280,6 +267,14 @@ fn poly_candidate(
     let f16_rounding = coop.map(|_| f16_of(&poly).0);
     let factor = poly.certified_eps / (1.0 - poly.certified_eps) + f16_rounding.unwrap_or(0.0);
     if popts.degree.is_none() && factor > popts.eps {
+        if popts.tensor_cores.is_none() {
+            // The f16 bound grew with the refit: the f32 path certifies eps on its own.
+            let f32_only = PolyOptions {
+                tensor_cores: Some(false),
+                ..*popts
+            };
+            return poly_candidate(p, pre, &f32_only, budget, None);
+        }
         return Err(Error::TooLarge(format!(
             "tensor_cores=True cannot certify eps={} at beta={beta:.4}: f16 rounding up to {:.2e} \
              of the value range; use tensor_cores=False",

@@ -640,6 +640,10 @@ impl CoopTiles {
     pub fn chunks2(&self) -> usize {
         self.r.div_ceil(self.rc2)
     }
+    /// Feature rows of the packed S'' per unit: whole pass-2 chunks.
+    pub fn rp(&self) -> usize {
+        self.chunks2() * self.rc2
+    }
     /// Words of workgroup memory pass 1 declares: centred keys transposed (f32, E+1 rows of bk+1),
     /// the value tile and the features (f16), index words, mu, the value normalisation, the
     /// row-sum partials and one 16 x 16 f32 staging tile per subgroup.
@@ -653,13 +657,12 @@ impl CoopTiles {
             + self.threads()
             + (self.subgroups + 1) * COOP * COOP) as u64
     }
-    /// Words of workgroup memory pass 2 declares: the query block (f32), its features and the S'
-    /// chunk (f16), the chunk's normaliser column, index words and weights, the normaliser
-    /// partials, the value normalisation and the staging tiles.
+    /// Words of workgroup memory pass 2 declares: the query block (f32), its features (f16), the
+    /// chunk's normaliser column and weights, its unpacked indices, the normaliser partials, the
+    /// value normalisation, the staging tiles and the zero tile (S'' is read from storage).
     pub fn pass2_words(&self) -> u64 {
         (self.b2() * (self.e + 1)
             + self.rc2 * (self.b2() + 8) / 2
-            + self.rc2 * (self.padded_ev() + 8) / 2
             + 2 * self.rc2
             + align4(self.rc2 * self.g.max(1))
             + self.threads2()
@@ -724,8 +727,9 @@ pub fn plan_coop(p: &Problem, degree: usize, budget: &Budget, sg: usize) -> Opti
         }
     }
     let mut tiles = best?;
-    // Pass 2: the largest query block whose S' chunk keeps at least 64 feature rows (fewer
-    // barriers per block), else the largest chunk.
+    // Pass 2: chunks of at most 64 feature rows (on the H100, 64 beat 128 and 176 by 2-4x:
+    // smaller tiles, more workgroups per SM), then the most threads, then the largest block.
+    let chunk_cap = 64.min(COOP * tiles.r.div_ceil(COOP));
     let mut fitted = Vec::new();
     for subgroups2 in [8usize, 4, 2, 1] {
         for rt2 in [4usize, 2, 1] {
@@ -739,7 +743,7 @@ pub fn plan_coop(p: &Problem, degree: usize, budget: &Budget, sg: usize) -> Opti
                 ..tiles
             };
             let rc2 = COOP
-                * largest_fitting(t.r.div_ceil(COOP), |c| {
+                * largest_fitting(chunk_cap / COOP, |c| {
                     CoopTiles { rc2: COOP * c, ..t }.pass2_words() <= m
                 });
             if rc2 > 0 {
@@ -747,15 +751,36 @@ pub fn plan_coop(p: &Problem, degree: usize, budget: &Budget, sg: usize) -> Opti
             }
         }
     }
-    // Largest block first (ties: fewer threads).
-    fitted.sort_by_key(|t| (Reverse(t.b2()), t.threads2()));
-    let enough = 64.min(COOP * tiles.r.div_ceil(COOP));
     let pass2 = fitted
         .iter()
-        .find(|t| t.rc2 >= enough)
-        .or_else(|| fitted.iter().max_by_key(|t| t.rc2))
+        .max_by_key(|t| (t.rc2 == chunk_cap, t.threads2(), t.b2()))
         .copied()?;
     tiles = pass2;
+    // Measurement hook: APPROX_ATTN_COOP_TILES="subgroups,rt1,bk,subgroups2,rt2,rc2" replaces the
+    // choice when it fits (the planner's choice otherwise).
+    if let Ok(spec) = std::env::var("APPROX_ATTN_COOP_TILES") {
+        let v: Vec<usize> = spec
+            .split(',')
+            .filter_map(|x| x.trim().parse().ok())
+            .collect();
+        if let [subgroups, rt1, bk, subgroups2, rt2, rc2] = v[..] {
+            let t = CoopTiles {
+                subgroups,
+                rt1,
+                bk,
+                subgroups2,
+                rt2,
+                rc2,
+                ..tiles
+            };
+            let lanes_ok = rt1 * COOP <= sg && rt2 * COOP <= sg;
+            let sizes_ok = bk % COOP == 0 && rc2 % COOP == 0 && rc2 > 0 && bk > 0;
+            let threads_ok = t.threads().max(t.threads2()) <= max_threads;
+            if lanes_ok && sizes_ok && threads_ok && t.pass1_words() <= m && t.pass2_words() <= m {
+                tiles = t;
+            }
+        }
+    }
     Some(tiles)
 }
 

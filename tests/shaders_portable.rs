@@ -204,6 +204,11 @@ fn coop_kernels_validate_and_translate_to_spirv() {
                             &poly::coop_pass2_source(&t, count_io),
                             t.pass2_words(),
                         );
+                        check_coop(
+                            &format!("coop pack {t:?}"),
+                            &poly::coop_pack_source(&t, count_io),
+                            0,
+                        );
                     }
                 }
             }

@@ -136,11 +136,11 @@ def attention(
     dtype.
     ``is_causal`` masks key j for query i when j > i (upper-left aligned, as in PyTorch).
     ``method``: "exact" or "auto".
-    ``tensor_cores`` (poly only, experimental): ``True`` runs both poly passes on cooperative
-    matrices (f16 operands, f32 accumulation); the certificate then adds their f16 rounding bound
-    and the degree is chosen for what is left of eps. It raises NotImplementedError where the
-    adapter has none, and unless APPROX_ATTN_EXPERIMENTAL_COOP=1 (the kernels still give wrong
-    values for some shapes). ``None`` (default) and ``False`` use the portable f32 path.
+    ``tensor_cores`` (poly and auto): run both poly passes on cooperative matrices (f16
+    operands, f32 accumulation); the certificate then adds their f16 rounding bound
+    (``Report.f16_rounding``) and the degree is chosen for what is left of eps. ``None`` (default)
+    uses them where the adapter has them and that bound is at most eps/2; ``True`` requires them
+    (NotImplementedError where the adapter has none); ``False`` keeps the portable f32 path.
     """
     q = _as_float_array(query, "query")
     k = _as_float_array(key, "key")

@@ -294,11 +294,9 @@ pub fn run(
                 entries: &entries,
             });
             let mut enc = gpu.device.create_command_encoder(&Default::default());
-            if let Some(tm) = &timer {
-                tm.start(&mut enc);
-            }
             {
-                let mut pass = enc.begin_compute_pass(&Default::default());
+                let mut pass =
+                    enc.begin_compute_pass(&timer.as_ref().map(Timer::pass).unwrap_or_default());
                 pass.set_pipeline(&pipeline);
                 pass.set_bind_group(0, &bind, &[]);
                 pass.dispatch_workgroups(ch.lc.div_ceil(t.bq) as u32, qh as u32, 1);

@@ -141,7 +141,8 @@ pub(crate) fn read_mapped<T>(
     Ok(out)
 }
 
-/// GPU time of the passes between two timestamps, where the adapter supports them.
+/// GPU time of one compute pass, from timestamps written at its beginning and end (inside the
+/// pass, so uploads queued before it are not counted), where the adapter supports them.
 pub(crate) struct Timer {
     set: wgpu::QuerySet,
     resolve: wgpu::Buffer,
@@ -151,9 +152,11 @@ pub(crate) struct Timer {
 
 impl Timer {
     pub fn new(gpu: &Gpu) -> Option<Timer> {
-        if !gpu.device.features().contains(
-            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
-        ) {
+        if !gpu
+            .device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+        {
             return None;
         }
         let set = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
@@ -175,12 +178,20 @@ impl Timer {
         })
     }
 
-    pub fn start(&self, enc: &mut wgpu::CommandEncoder) {
-        enc.write_timestamp(&self.set, 0);
+    /// The descriptor of the timed compute pass.
+    pub fn pass(&self) -> wgpu::ComputePassDescriptor<'_> {
+        wgpu::ComputePassDescriptor {
+            label: None,
+            timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                query_set: &self.set,
+                beginning_of_pass_write_index: Some(0),
+                end_of_pass_write_index: Some(1),
+            }),
+        }
     }
 
+    /// After the pass: copies the timestamps out for [`Timer::seconds`].
     pub fn stop(&self, enc: &mut wgpu::CommandEncoder) {
-        enc.write_timestamp(&self.set, 1);
         enc.resolve_query_set(&self.set, 0..2, &self.resolve, 0);
         enc.copy_buffer_to_buffer(&self.resolve, 0, &self.readback, 0, 16);
     }
@@ -204,6 +215,7 @@ pub fn shader_fingerprint() -> u64 {
         poly::PASS2,
         poly::COOP_PASS1,
         poly::COOP_PASS2,
+        poly::COOP_PACK,
     ]
     .iter()
     .flat_map(|t| t.bytes())

@@ -21,6 +21,7 @@ pub(crate) const REDUCE: &str = include_str!("../../shaders/poly_reduce.wgsl");
 pub(crate) const PASS2: &str = include_str!("../../shaders/poly_pass2.wgsl");
 pub(crate) const COOP_PASS1: &str = include_str!("../../shaders/poly_coop_pass1.wgsl");
 pub(crate) const COOP_PASS2: &str = include_str!("../../shaders/poly_coop_pass2.wgsl");
+pub(crate) const COOP_PACK: &str = include_str!("../../shaders/poly_coop_pack.wgsl");
 
 /// Threads of the pre-pass and reduction kernels.
 pub const AUX_THREADS: usize = 128;
@@ -249,12 +250,12 @@ fn coop_accumulators(rows: usize, cols: usize, indent: &str) -> String {
     s.trim_end().to_string()
 }
 
-/// One 16-deep step of the subgroup's products: its row tiles of `a_tile` (stride `a_stride`)
-/// times every column tile of `b_tile` (stride `b_stride`), both in workgroup memory at depth kk.
+/// One 16-deep step of the subgroup's products: its row tiles of `a_tile` (workgroup memory,
+/// stride `a_stride`) times every column tile `b_at(c)` (stride `b_stride`) at depth kk.
 fn coop_mma(
     (rows, cols): (usize, usize),
     (a_tile, a_stride): (&str, &str),
-    (b_tile, b_stride): (&str, &str),
+    (b_at, b_stride): (impl Fn(usize) -> String, &str),
     indent: &str,
 ) -> String {
     let mut s = String::new();
@@ -268,8 +269,8 @@ fn coop_mma(
     for c in 0..cols {
         let _ = writeln!(
             s,
-            "{indent}let b_{c} = coopLoadT<coop_mat16x16<f16, B>>(&{b_tile}[kk * {b_stride} + {}u], {b_stride});",
-            16 * c
+            "{indent}let b_{c} = coopLoadT<coop_mat16x16<f16, B>>(&{}, {b_stride});",
+            b_at(c)
         );
         for a in 0..rows {
             let _ = writeln!(
@@ -362,7 +363,12 @@ pub fn coop_pass1_source(t: &CoopTiles, count_io: bool) -> String {
             ("ACC_DECL", coop_accumulators(rt, ct, "    ")),
             (
                 "MMA",
-                coop_mma((rt, ct), ("phi", "FS"), ("v_t", "VS"), "            "),
+                coop_mma(
+                    (rt, ct),
+                    ("phi", "FS"),
+                    (|c| format!("v_t[kk * VS + {}u]", 16 * c), "VS"),
+                    "            ",
+                ),
             ),
             ("STORE", store),
             decl,
@@ -392,7 +398,7 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
             "1.0"
         )
     );
-    let [decl, add] = io_counter_slots(count_io, 7);
+    let [decl, add] = io_counter_slots(count_io, 8);
     fill_template(
         COOP_PASS2,
         &[
@@ -409,7 +415,8 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
             ("RT", rt.to_string()),
             ("Q_TILE", (t.b2() * (t.e + 1)).to_string()),
             ("PHI", (t.rc2 * (t.b2() + 8)).to_string()),
-            ("S_TILE", (t.rc2 * (t.padded_ev() + 8)).to_string()),
+            ("RP", t.rp().to_string()),
+            ("SUBGROUPS", t.subgroups2.to_string()),
             ("IDX", align4(t.rc2 * t.g.max(1)).to_string()),
             ("D_T", (t.threads2() + t.b2()).to_string()),
             ("VN", align4(2 * t.ev).to_string()),
@@ -418,9 +425,31 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
             ("ACC_DECL", coop_accumulators(rt, ct, "        ")),
             (
                 "MMA",
-                coop_mma((rt, ct), ("phi", "FS"), ("s_t", "SS"), "                "),
+                coop_mma(
+                    (rt, ct),
+                    ("phi", "FS"),
+                    (|c| format!("s16[sbase + kk * EVP + {}u]", 16 * c), "EVP"),
+                    "                ",
+                ),
             ),
             ("STORE", store),
+            decl,
+            add,
+        ],
+    )
+}
+
+/// Packs S' into the f16 S'' (and its f32 normaliser column) that coop pass 2 reads.
+pub fn coop_pack_source(t: &CoopTiles, count_io: bool) -> String {
+    let [decl, add] = io_counter_slots(count_io, 4);
+    fill_template(
+        COOP_PACK,
+        &[
+            ("R", t.r.to_string()),
+            ("RP", t.rp().to_string()),
+            ("EV", t.ev.to_string()),
+            ("EVP", t.padded_ev().to_string()),
+            ("WG", AUX_THREADS.to_string()),
             decl,
             add,
         ],
@@ -608,11 +637,8 @@ fn dispatch_no_read(
     let timer = Timer::new(gpu);
     let counter_read = counter.as_ref().map(|_| readback_buffer(gpu, 8));
     let mut enc = gpu.device.create_command_encoder(&Default::default());
-    if let Some(tm) = &timer {
-        tm.start(&mut enc);
-    }
     {
-        let mut pass = enc.begin_compute_pass(&Default::default());
+        let mut pass = enc.begin_compute_pass(&timer.as_ref().map(Timer::pass).unwrap_or_default());
         pass.set_pipeline(pipeline);
         pass.set_bind_group(0, &bind, &[]);
         pass.dispatch_workgroups(grid.0, grid.1, grid.2);
@@ -775,6 +801,14 @@ pub fn run(
         &reduce_source(opts.count_io),
         opts.trusted,
     )?;
+    let pack = match &coop {
+        Some(t) => Some(gpu.pipeline(
+            &format!("coop_pack:{t:?}:{}:{}", opts.count_io, opts.trusted),
+            &coop_pack_source(t, opts.count_io),
+            opts.trusted,
+        )?),
+        None => None,
+    };
     let p2 = gpu.pipeline(
         &format!("{key2}:{}:{}", opts.count_io, opts.trusted),
         &src2,
@@ -901,6 +935,30 @@ pub fn run(
                 )?;
                 stats.absorb(&RunStats::dispatch("reduce", counted, t));
             }
+            // Coop pass 2 reads S'' = S' / keys in f16 and the normaliser column z.
+            let (s16_buf, z_buf) = match (&coop, &pack) {
+                (Some(t), Some(pack)) => {
+                    let s16 = storage_buffer(gpu, (nu * t.rp() * t.padded_ev()).div_ceil(2), "S''");
+                    let z = storage_buffer(gpu, nu * t.rp(), "z");
+                    let inv_keys = 1.0 / p.s as f32;
+                    let prm = uniform_buffer(gpu, bytemuck::cast_slice(&[inv_keys, 0.0, 0.0, 0.0]));
+                    let (counted, t_s) = dispatch_no_read(
+                        gpu,
+                        pack,
+                        &pack.get_bind_group_layout(0),
+                        &[&prm, &sp_buf, &s16, &z],
+                        opts,
+                        (
+                            (t.rp() * t.padded_ev()).div_ceil(AUX_THREADS) as u32,
+                            nu as u32,
+                            1,
+                        ),
+                    )?;
+                    stats.absorb(&RunStats::dispatch("pack", counted, t_s));
+                    (Some(s16), Some(z))
+                }
+                _ => (None, None),
+            };
             // Pass 2, one query chunk at a time.
             for l0 in (0..p.l).step_by(c.q_rows) {
                 let lc = c.q_rows.min(p.l - l0);
@@ -929,9 +987,11 @@ pub fn run(
                         0,
                     ]),
                 );
-                let bufs = match &coop {
-                    Some(_) => vec![&prm, &q_buf, &sp_buf, &idx_buf, &w_buf, &vn2_buf, &o_buf],
-                    None => vec![&prm, &q_buf, &sp_buf, &idx_buf, &w_buf, &o_buf],
+                let bufs = match (&s16_buf, &z_buf) {
+                    (Some(s16), Some(z)) => {
+                        vec![&prm, &q_buf, s16, z, &idx_buf, &w_buf, &vn2_buf, &o_buf]
+                    }
+                    _ => vec![&prm, &q_buf, &sp_buf, &idx_buf, &w_buf, &o_buf],
                 };
                 let (oc, (counted, t)) = dispatch_one(
                     gpu,
