@@ -104,33 +104,17 @@ fn main(
 {{INDEX_DECL}}
     var zsum = 0.0;
 {{ACC_DECL}}
+    // The next key tile is loaded into registers while this one is multiplied (one barrier per
+    // tile hides the global-load latency). Keys past the split's end are zero columns, the
+    // constant 1 included: their features are all zero.
+{{PREFETCH_DECL}}
+{{PREFETCH_LOAD_FIRST}}
     for (var j0 = j_begin; j0 < j_end; j0 += BK) {
-        let kr = min(BK, j_end - j0);
-        // Keys past kr are zero columns, the constant 1 included: their features are all zero.
-        for (var i = lid; i < BK * E1; i += WG) {
-            let r = i / E1;
-            let c = i % E1;
-            var x = 0.0;
-            if (r < kr) {
-                x = 1.0;
-                if (c < E) {
-                    x = (k[(unit * params.s + j0 + r) * E + c] - mu_t[c]) * params.k_inv_scale;
-                    words_read += 1u;
-                }
-            }
-            k_t[c * KS + r] = x;
-        }
-        for (var i = lid; i < BK * EV; i += WG) {
-            let r = i / EV;
-            let c = i % EV;
-            var x = 0.0;
-            if (r < kr) {
-                x = (v[(unit * params.s + j0 + r) * EV + c] - vn_t[c]) * vn_t[EV + c];
-                words_read += 1u;
-            }
-            v_t[r * VS + c] = f16(x);
-        }
+{{PREFETCH_STORE}}
         workgroupBarrier();
+        if (j0 + BK < j_end) {
+{{PREFETCH_LOAD_NEXT}}
+        }
         for (var j = jb; j < BK; j += TPR) {
             let p = {{FEATURE}};
             zsum += p;

@@ -318,6 +318,85 @@ fn feature_product(g: usize, factor: impl Fn(usize) -> String, one: &str) -> Str
     (0..g).map(factor).collect::<Vec<_>>().join(" * ")
 }
 
+/// Registers that carry one key tile of coop pass 1 from storage to workgroup memory: element u
+/// of each thread is tile element `lid + WG * u` (of BK x (E+1) keys, BK x Ev values).
+struct Prefetch {
+    decl: String,
+    first: String,
+    next: String,
+    store: String,
+}
+
+fn coop_prefetch(t: &CoopTiles) -> Prefetch {
+    let wg = t.threads();
+    let (nk, nv) = ((t.bk * (t.e + 1)).div_ceil(wg), (t.bk * t.ev).div_ceil(wg));
+    let mut decl = String::new();
+    for u in 0..nk {
+        let _ = writeln!(
+            decl,
+            "    let ki_{u} = lid + {}u;\n    let krow_{u} = ki_{u} / E1;\n    let kcol_{u} = ki_{u} % E1;\n    var kx_{u} = 0.0;",
+            wg * u
+        );
+    }
+    for u in 0..nv {
+        let _ = writeln!(
+            decl,
+            "    let vi_{u} = lid + {}u;\n    let vrow_{u} = vi_{u} / EV;\n    let vcol_{u} = vi_{u} % EV;\n    var vx_{u} = 0.0;",
+            wg * u
+        );
+    }
+    let load = |j0: &str, ind: &str| {
+        let mut s = format!("{ind}{{\n{ind}    let kr = min(BK, j_end - ({j0}));\n");
+        for u in 0..nk {
+            let _ = write!(
+                s,
+                "{ind}    kx_{u} = 0.0;\n\
+                 {ind}    if (ki_{u} < BK * E1 && krow_{u} < kr) {{\n\
+                 {ind}        kx_{u} = 1.0;\n\
+                 {ind}        if (kcol_{u} < E) {{\n\
+                 {ind}            kx_{u} = (k[(unit * params.s + {j0} + krow_{u}) * E + kcol_{u}] - mu_t[kcol_{u}]) * params.k_inv_scale;\n\
+                 {ind}            words_read += 1u;\n\
+                 {ind}        }}\n\
+                 {ind}    }}\n"
+            );
+        }
+        for u in 0..nv {
+            let _ = write!(
+                s,
+                "{ind}    vx_{u} = 0.0;\n\
+                 {ind}    if (vi_{u} < BK * EV && vrow_{u} < kr) {{\n\
+                 {ind}        vx_{u} = (v[(unit * params.s + {j0} + vrow_{u}) * EV + vcol_{u}] - vn_t[vcol_{u}]) * vn_t[EV + vcol_{u}];\n\
+                 {ind}        words_read += 1u;\n\
+                 {ind}    }}\n"
+            );
+        }
+        s.push_str(&format!("{ind}}}"));
+        s
+    };
+    let mut store = String::new();
+    for u in 0..nk {
+        let _ = writeln!(
+            store,
+            "        if (ki_{u} < BK * E1) {{\n            k_t[kcol_{u} * KS + krow_{u}] = kx_{u};\n        }}"
+        );
+    }
+    for u in 0..nv {
+        let _ = writeln!(
+            store,
+            "        if (vi_{u} < BK * EV) {{\n            v_t[vrow_{u} * VS + vcol_{u}] = f16(vx_{u});\n        }}"
+        );
+    }
+    Prefetch {
+        decl: decl.trim_end().to_string(),
+        first: format!(
+            "    if (j_begin < j_end) {{\n{}\n    }}",
+            load("j_begin", "        ")
+        ),
+        next: load("j0 + BK", "            "),
+        store: store.trim_end().to_string(),
+    }
+}
+
 /// Pass 1 on cooperative matrices for these tiles.
 pub fn coop_pass1_source(t: &CoopTiles, count_io: bool) -> String {
     let iw = index_words(t.g);
@@ -333,6 +412,7 @@ pub fn coop_pass1_source(t: &CoopTiles, count_io: bool) -> String {
              {ind}}}\n"
         )
     });
+    let pre = coop_prefetch(t);
     let [decl, add] = io_counter_slots(count_io, 7);
     fill_template(
         COOP_PASS1,
@@ -356,6 +436,10 @@ pub fn coop_pass1_source(t: &CoopTiles, count_io: bool) -> String {
             ("VN", align4(2 * t.ev).to_string()),
             ("STAGE", (t.subgroups * 256).to_string()),
             ("INDEX_DECL", index_decl.trim_end().to_string()),
+            ("PREFETCH_DECL", pre.decl),
+            ("PREFETCH_LOAD_FIRST", pre.first),
+            ("PREFETCH_LOAD_NEXT", pre.next),
+            ("PREFETCH_STORE", pre.store),
             (
                 "FEATURE",
                 feature_product(t.g, |i| format!("k_t[i_{i} * KS + j]"), "k_t[E * KS + j]"),
