@@ -1,8 +1,8 @@
 // Poly pass 2 on cooperative matrices (tensor cores): O = vmin + vrange * (Phi(Q') S'') / D for a
 // block of BQ query rows, over S' in chunks of RC feature rows. Q' = Q * k_scale undoes pass 1's
 // key scaling (each monomial has the same degree in q and k); S'' = S' / keys (f16, packed by
-// poly_coop_pack.wgsl, at most 1) is read by the cooperative loads straight from storage, and the
-// output multiplies keys back. D = Phi(Q') z, with z the normaliser column of S', is summed in f32
+// poly_coop_pack.wgsl, at most 1) is staged through workgroup memory chunk by chunk, the next
+// chunk loaded into registers while this one is multiplied; the output multiplies keys back. D = Phi(Q') z, with z the normaliser column of S', is summed in f32
 // by the threads that build the features.
 // Subgroup s owns the query rows 16 * (s * RT + a) + 0..15 of every 16-column value tile in the
 // named accumulators acc_a_c (`src/kernels/poly.rs` unrolls them).
@@ -36,10 +36,11 @@ const TPR: u32 = WG / BQ;    // threads per query row in the feature build
 const FS: u32 = BQ + 8u;    // row stride of the (feature-major) feature tile, in halves
 const EVP: u32 = {{EVP}}u;  // value columns padded to 16: the row stride of S''
 const RP: u32 = {{RP}}u;    // feature rows of S'' per unit, padded to whole chunks
+const SS: u32 = EVP + 8u;   // row stride of the S'' chunk in workgroup memory, in halves
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> s16: array<f16>; // S'' rows of EVP, RP rows per unit
+@group(0) @binding(2) var<storage, read> s16: array<vec4<f16>>; // S'' rows of EVP, RP per unit
 @group(0) @binding(3) var<storage, read> z: array<f32>;   // normaliser column, RP per unit
 @group(0) @binding(4) var<storage, read> feat_idx: array<u32>;
 @group(0) @binding(5) var<storage, read> feat_w: array<f32>;
@@ -53,6 +54,7 @@ const RP: u32 = {{RP}}u;    // feature rows of S'' per unit, padded to whole chu
 var<workgroup> stage: array<f32, {{STAGE}}>;
 var<workgroup> zero_t: array<f32, 256>;        // initialises the accumulators
 var<workgroup> phi: array<f16, {{PHI}}>;     // phi[f * FS + r]: lanes write consecutive r
+var<workgroup> s_t: array<f16, {{S_TILE}}>;  // s_t[f * SS + c]: this chunk of S''
 var<workgroup> q_t: array<f32, {{Q_TILE}}>;  // q_t[r * E1 + c]
 var<workgroup> s_d: array<f32, RC>;          // the chunk's normaliser column
 var<workgroup> idx_t: array<u32, {{IDX}}>;      // idx_t[f * G + t]: unpacked feature indices
@@ -105,11 +107,13 @@ fn main(
         }
         var d = 0.0;
 {{ACC_DECL}}
+{{S_LOAD_FIRST}}
         for (var ch = 0u; ch < params.chunks; ch++) {
             let f0 = ch * RC;
             let rows_f = min(RC, R - f0);
             // The previous chunk's products are done before its tiles are overwritten.
             workgroupBarrier();
+{{S_STORE}}
             for (var i = lid; i < RC; i += WG) {
                 s_d[i] = z[unit * RP + f0 + i];
                 words_read += 1u;
@@ -135,6 +139,9 @@ fn main(
                 w_t[i] = w;
             }
             workgroupBarrier();
+            if (ch + 1u < params.chunks) {
+{{S_LOAD_NEXT}}
+            }
             // Feature rows past R have weight 0 and zero S'' rows.
             for (var f = fb; f < RC; f += TPR) {
                 let p = {{FEATURE}};
@@ -142,12 +149,8 @@ fn main(
                 phi[f * FS + rb] = f16(p);
             }
             workgroupBarrier();
-            let sbase = (unit * RP + f0) * EVP;
             for (var kk = 0u; kk < RC; kk += 16u) {
 {{MMA}}
-            }
-            if (lid == 0u) {
-                words_read += RC * EVP / 2u * {{SUBGROUPS}}u; // each subgroup loads the chunk
             }
         }
         d_t[lid] = d;

@@ -160,9 +160,9 @@ pub fn poly_io(
             let (rp, half_row) = (t.rp() as u64, (t.padded_ev() / 2) as u64);
             pkr += nu * r * ev1;
             pkw += nu * rp * (half_row + 1);
-            // Per block: every subgroup loads all of S''; z for every padded row; indices and
-            // weights for the real rows.
-            t.subgroups2 as u64 * rp * half_row + rp + r * (iw + 1)
+            // Per block: all of S'' (through workgroup memory), z for every padded row, indices
+            // and weights for the real rows.
+            rp * half_row + rp + r * (iw + 1)
         });
         for l0 in (0..p.l).step_by(c.q_rows) {
             let lc = c.q_rows.min(p.l - l0);

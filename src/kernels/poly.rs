@@ -461,6 +461,46 @@ pub fn coop_pass1_source(t: &CoopTiles, count_io: bool) -> String {
     )
 }
 
+/// Registers that carry one S'' chunk of coop pass 2 (vec4 of halves; element u of a thread is
+/// vec4 `lid + WG * u` of the chunk's RC x EVP halves) and their stores into `s_t`.
+fn coop_chunk_prefetch(t: &CoopTiles) -> (String, String, String, String) {
+    let wg = t.threads2();
+    let n4 = (t.rc2 * t.padded_ev() / 4).div_ceil(wg);
+    let mut decl = String::new();
+    for u in 0..n4 {
+        let _ = writeln!(
+            decl,
+            "        let si_{u} = lid + {}u;\n        var sx_{u} = vec4<f16>();",
+            wg * u
+        );
+    }
+    let load = |f0: &str, ind: &str| {
+        let mut s = String::new();
+        for u in 0..n4 {
+            let _ = writeln!(
+                s,
+                "{ind}if (si_{u} < RC * EVP / 4u) {{\n{ind}    sx_{u} = s16[(unit * RP + {f0}) * EVP / 4u + si_{u}];\n{ind}    words_read += 2u;\n{ind}}}"
+            );
+        }
+        s.trim_end().to_string()
+    };
+    let mut store = String::new();
+    for u in 0..n4 {
+        let _ = writeln!(
+            store,
+            "            if (si_{u} < RC * EVP / 4u) {{\n                let so = (si_{u} * 4u) / EVP * SS + (si_{u} * 4u) % EVP;\n                \
+             s_t[so] = sx_{u}.x;\n                s_t[so + 1u] = sx_{u}.y;\n                \
+             s_t[so + 2u] = sx_{u}.z;\n                s_t[so + 3u] = sx_{u}.w;\n            }}"
+        );
+    }
+    (
+        decl.trim_end().to_string(),
+        load("0u", "        "),
+        load("f0 + RC", "                "),
+        store.trim_end().to_string(),
+    )
+}
+
 /// Pass 2 on cooperative matrices for these tiles.
 pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
     let iw = index_words(t.g);
@@ -482,6 +522,7 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
             "1.0"
         )
     );
+    let (s_decl, s_first, s_next, s_store) = coop_chunk_prefetch(t);
     let [decl, add] = io_counter_slots(count_io, 8);
     fill_template(
         COOP_PASS2,
@@ -500,7 +541,10 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
             ("Q_TILE", (t.b2() * (t.e + 1)).to_string()),
             ("PHI", (t.rc2 * (t.b2() + 8)).to_string()),
             ("RP", t.rp().to_string()),
-            ("SUBGROUPS", t.subgroups2.to_string()),
+            ("S_TILE", (t.rc2 * (t.padded_ev() + 8)).to_string()),
+            ("S_LOAD_FIRST", format!("{s_decl}\n{s_first}")),
+            ("S_LOAD_NEXT", s_next),
+            ("S_STORE", s_store),
             ("IDX", align4(t.rc2 * t.g.max(1)).to_string()),
             ("D_T", (t.threads2() + t.b2()).to_string()),
             ("VN", align4(2 * t.ev).to_string()),
@@ -512,7 +556,7 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
                 coop_mma(
                     (rt, ct),
                     ("phi", "FS"),
-                    (|c| format!("s16[sbase + kk * EVP + {}u]", 16 * c), "EVP"),
+                    (|c| format!("s_t[kk * SS + {}u]", 16 * c), "SS"),
                     "                ",
                 ),
             ),
