@@ -149,8 +149,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print()
     print(
         "max |O-O*|: measured against float64 NumPy. certified: the poly method's bound "
-        "eps_P/(1-eps_P) * value range. I/O words: 4-byte words the plan moves between "
-        "storage buffers and workgroup memory."
+        "(eps_P/(1-eps_P), plus the f16 rounding bound where tensor cores ran) * value range. "
+        "I/O words: 4-byte words the plan moves between storage buffers and workgroup memory."
     )
     return 0
 
