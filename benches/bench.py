@@ -604,11 +604,14 @@ def crossover_for(poly: dict[int, float], base: dict[int, float]) -> dict[str, A
 
 
 def crossovers(doc: dict[str, Any], metric: str) -> dict[str, Any]:
-    """Per E: where ours_poly (first --degree) overtakes CUDA SDPA bf16, else our exact."""
+    """Per E: where ours_poly (first --degree; on tensor cores where they ran) overtakes CUDA
+    SDPA bf16, else our exact."""
     degrees = doc["args"].get("degree") or [2]
-    poly_name = f"ours_poly_d{degrees[0]}"
     result = {}
     for E in sorted({r["E"] for r in doc["records"]}):
+        poly_name = f"ours_poly_tc_d{degrees[0]}"
+        if not series(doc, poly_name, E, metric):
+            poly_name = f"ours_poly_d{degrees[0]}"
         base_name = SDPA_BF16 if series(doc, SDPA_BF16, E, metric) else "ours_exact"
         c = crossover_for(series(doc, poly_name, E, metric), series(doc, base_name, E, metric))
         if c is not None:
