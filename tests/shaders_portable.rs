@@ -16,7 +16,8 @@ fn workgroup_words(module: &naga::Module) -> u64 {
         .sum()
 }
 
-fn check(name: &str, src: &str, planned_words: u64) {
+/// Parses `src` and checks that it declares exactly the planned workgroup memory.
+fn parse_planned(name: &str, src: &str, planned_words: u64) -> naga::Module {
     let module = naga::front::wgsl::parse_str(src)
         .unwrap_or_else(|e| panic!("{name}: WGSL parse error:\n{}", e.emit_to_string(src)));
     assert_eq!(
@@ -24,6 +25,11 @@ fn check(name: &str, src: &str, planned_words: u64) {
         planned_words,
         "{name}: workgroup memory differs from the plan"
     );
+    module
+}
+
+fn check(name: &str, src: &str, planned_words: u64) {
+    let module = parse_planned(name, src, planned_words);
     let info = naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),
         naga::valid::Capabilities::empty(),
@@ -137,13 +143,7 @@ fn every_kernel_translates_to_every_backend() {
 /// declare the workgroup memory the planner budgeted, and they translate to SPIR-V with wgpu's
 /// bounds checks on and off (naga 30 panics on some cooperative loads it cannot index).
 fn check_coop(name: &str, src: &str, planned_words: u64) {
-    let module = naga::front::wgsl::parse_str(src)
-        .unwrap_or_else(|e| panic!("{name}: WGSL parse error:\n{}", e.emit_to_string(src)));
-    assert_eq!(
-        workgroup_words(&module),
-        planned_words,
-        "{name}: workgroup memory differs from the plan"
-    );
+    let module = parse_planned(name, src, planned_words);
     use naga::valid::Capabilities as C;
     let info = naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),

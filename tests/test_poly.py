@@ -97,6 +97,24 @@ def expand_kv(q: np.ndarray, kv: np.ndarray) -> np.ndarray:
     return kv
 
 
+def poly_terms(
+    q: np.ndarray, k: np.ndarray, coeffs: list[float], scale: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(q64, centred k64, A, P) in float64: A_ij = sum_a |w_a q^a k^a| and P_ij = P(x_ij)."""
+    q64 = np.asarray(q, dtype=np.float64)
+    k64 = expand_kv(q64, np.asarray(k, dtype=np.float64))
+    kc = k64 - k64.mean(axis=-2, keepdims=True)
+    c = np.asarray(coeffs, dtype=np.float64)
+    y = abs(scale) * np.matmul(np.abs(q64), np.swapaxes(np.abs(kc), -1, -2))
+    x = scale * np.matmul(q64, np.swapaxes(kc, -1, -2))
+    return (
+        q64,
+        kc,
+        np.polynomial.polynomial.polyval(y, np.abs(c)),
+        np.polynomial.polynomial.polyval(x, c),
+    )
+
+
 def kernel_tolerance(
     q: np.ndarray,
     k: np.ndarray,
@@ -107,17 +125,11 @@ def kernel_tolerance(
     rank: int,
 ) -> np.ndarray:
     """Elementwise tol of the module docstring (1.), shape of the output."""
-    q64 = np.asarray(q, dtype=np.float64)
-    k64 = expand_kv(q64, np.asarray(k, dtype=np.float64))
+    q64, kc, a, p = poly_terms(q, k, coeffs, scale)
     v64 = expand_kv(q64, np.asarray(v, dtype=np.float64))
-    kc = k64 - k64.mean(axis=-2, keepdims=True)
-    y = abs(scale) * np.matmul(np.abs(q64), np.swapaxes(np.abs(kc), -1, -2))
-    c = np.asarray(coeffs, dtype=np.float64)
-    a = np.polynomial.polynomial.polyval(y, np.abs(c))  # sum_a |w_a q^a k^a| per (i, j)
-    x = scale * np.matmul(q64, np.swapaxes(kc, -1, -2))
-    d = np.polynomial.polynomial.polyval(x, c).sum(axis=-1, keepdims=True)  # normaliser D_i
-    o = np.matmul(np.polynomial.polynomial.polyval(x, c), v64) / d
-    g, S = len(c) - 1, k64.shape[-2]
+    d = p.sum(axis=-1, keepdims=True)  # normaliser D_i
+    o = np.matmul(p, v64) / d
+    g, S = len(coeffs) - 1, kc.shape[-2]
     ops = 2 * g + 4 + LAMBDA * (math.sqrt(S) + math.sqrt(rank))
     return ops * U32 * (np.matmul(a, np.abs(v64)) + np.abs(o) * a.sum(axis=-1, keepdims=True)) / d
 
@@ -137,19 +149,15 @@ def f16_tolerance(
         tol16_ic = range_c (((1 + u16)^4 - 1) sum_j A_ij + 2^-25 S (r + 3 Qsum_i)) / D_i
     with A_ij as in `kernel_tolerance` and Qsum_i = sum_m |c_m| (|s| kscale ||q_i||_1)^m the
     query features' absolute sum (kscale: the largest centred key norm over all heads)."""
-    q64 = np.asarray(q, dtype=np.float64)
-    k64 = expand_kv(q64, np.asarray(k, dtype=np.float64))
-    kc = k64 - k64.mean(axis=-2, keepdims=True)
-    c = np.asarray(coeffs, dtype=np.float64)
-    y = abs(scale) * np.matmul(np.abs(q64), np.swapaxes(np.abs(kc), -1, -2))
-    a_sum = np.polynomial.polynomial.polyval(y, np.abs(c)).sum(axis=-1, keepdims=True)
-    x = scale * np.matmul(q64, np.swapaxes(kc, -1, -2))
-    d = np.polynomial.polynomial.polyval(x, c).sum(axis=-1, keepdims=True)
+    q64, kc, a, p = poly_terms(q, k, coeffs, scale)
+    a_sum = a.sum(axis=-1, keepdims=True)
+    d = p.sum(axis=-1, keepdims=True)
     kscale = np.linalg.norm(kc, axis=-1).max()
     q_sum = np.polynomial.polynomial.polyval(
-        abs(scale) * kscale * np.abs(q64).sum(axis=-1, keepdims=True), np.abs(c)
+        abs(scale) * kscale * np.abs(q64).sum(axis=-1, keepdims=True),
+        np.abs(np.asarray(coeffs, dtype=np.float64)),
     )
-    S = k64.shape[-2]
+    S = kc.shape[-2]
     per_row = (
         ((1.0 + U16) ** 4 - 1.0) * a_sum + F16_SUBNORMAL_HALF_SPACING * S * (rank + 3.0 * q_sum)
     ) / d
