@@ -412,6 +412,115 @@ fn autotune_exact(
         .ok_or_else(|| Error::TooLarge("no exact tiles fit this device".into()))
 }
 
+/// The coop poly plan with tiles measured on this adapter for the shape class (E, Ev, degree,
+/// fast memory, subgroup size) when a tuned entry is cached or the autotune times the candidates
+/// now (see [`autotune_on`]); the planner's tiles otherwise.
+fn tune_coop_plan(
+    gpu: &device::Gpu,
+    p: &Problem,
+    c: &mut PolyCandidate,
+    budget: &Budget,
+) -> Result<(), Error> {
+    let Some(t0) = c.plan.coop else {
+        return Ok(());
+    };
+    let key = adapter_key(gpu);
+    let class = format!(
+        "{} {} {} {} {}",
+        p.e, p.ev, c.cert.degree, budget.fast_memory_words, t0.sg
+    );
+    let tuned = match cost::load_tuned("coop-tiles", &key, &class) {
+        Some(v) if v.len() == 6 => v,
+        _ if autotune_on(gpu) => {
+            let t = autotune_coop(gpu, p, c, budget)?;
+            let v = vec![t.subgroups, t.rt1, t.bk, t.subgroups2, t.rt2, t.rc2];
+            cost::store_tuned("coop-tiles", &key, &class, &v);
+            v
+        }
+        _ => return Ok(()),
+    };
+    let t = plan::CoopTiles {
+        subgroups: tuned[0],
+        rt1: tuned[1],
+        bk: tuned[2],
+        subgroups2: tuned[3],
+        rt2: tuned[4],
+        rc2: tuned[5],
+        ..t0
+    };
+    if plan::coop_tiles_fit(&t, budget) {
+        c.plan = plan::plan_poly_coop_with(p, c.cert.degree, budget, t)?;
+    }
+    Ok(())
+}
+
+/// Times the pass-1 and pass-2 candidates of [`plan::coop_candidates`] on an 8-head 16384²
+/// problem of this shape class, each pass on its own timestamps, and returns the fastest of each.
+fn autotune_coop(
+    gpu: &device::Gpu,
+    p: &Problem,
+    c: &PolyCandidate,
+    budget: &Budget,
+) -> Result<plan::CoopTiles, Error> {
+    let t0 = c.plan.coop.expect("a coop plan");
+    let n = 16384;
+    let class = Problem {
+        units: 8,
+        group: 1,
+        l: n,
+        s: n,
+        causal: false,
+        ..*p
+    };
+    let x = |w: usize| -> Vec<f32> {
+        (0..class.units * n * w)
+            .map(|i| (((i * 7919 % 1000) as f32 / 1000.0) - 0.5) * 0.1)
+            .collect()
+    };
+    let (q, k, v) = (x(p.e), x(p.e), x(p.ev));
+    let opts = RunOptions::default();
+    let chunking = plan::plan_exact(&class, budget)?.chunking;
+    let mut st = RunStats::default();
+    let pre = kernels::poly::prepass(gpu, &class, &chunking, &q, &k, &v, budget, &opts, &mut st)?;
+    let time = |t: plan::CoopTiles, pass: &str| -> Result<f64, Error> {
+        let plan = plan::plan_poly_coop_with(&class, c.cert.degree, budget, t)?;
+        let mut best = f64::INFINITY;
+        for _ in 0..2 {
+            let mut st = RunStats::default();
+            let start = Instant::now();
+            kernels::poly::run(
+                gpu, &class, &plan, &c.table, &c.poly, &pre, &q, &k, &v, &opts, &mut st,
+            )?;
+            let secs = st
+                .pass_s
+                .iter()
+                .find(|(name, _)| *name == pass)
+                .map_or_else(|| start.elapsed().as_secs_f64(), |(_, s)| *s);
+            best = best.min(secs);
+        }
+        Ok(best)
+    };
+    let (cands1, cands2) = plan::coop_candidates(&t0, budget);
+    let fastest = |cands: Vec<plan::CoopTiles>, pass: &str| -> Result<plan::CoopTiles, Error> {
+        let mut best = (f64::INFINITY, t0);
+        for t in cands {
+            let secs = time(t, pass)?;
+            if secs < best.0 {
+                best = (secs, t);
+            }
+        }
+        Ok(best.1)
+    };
+    let t1 = fastest(cands1, "pass1")?;
+    let t2 = fastest(cands2, "pass2")?;
+    Ok(plan::CoopTiles {
+        subgroups2: t2.subgroups2,
+        rt2: t2.rt2,
+        rc2: t2.rc2,
+        ..t1
+    })
+}
+
 /// Per-adapter throughputs, measured once (a small exact and a small degree-2 poly run) and
 /// cached on disk; `APPROX_ATTN_RATES="exact_flops_per_s poly_flops_per_s"` overrides them.
 fn rates(gpu: &device::Gpu, budget: &Budget) -> Result<cost::Rates, Error> {
@@ -544,7 +653,10 @@ pub fn attention(
         }
         let coop_sg = gpu.info.coop_f16.then_some(gpu.info.subgroup_size as usize);
         match poly_candidate(p, &pp, popts, &budget, coop_sg) {
-            Ok(c) => candidate = Some(c),
+            Ok(mut c) => {
+                tune_coop_plan(gpu.as_ref(), p, &mut c, &budget)?;
+                candidate = Some(c);
+            }
             Err(e) if method == Method::Poly => return Err(e),
             Err(e) => reason = format!("exact: poly is not applicable ({e})"),
         }

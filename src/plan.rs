@@ -757,31 +757,6 @@ pub fn plan_coop(p: &Problem, degree: usize, budget: &Budget, sg: usize) -> Opti
         .max_by_key(|t| (t.rc2 == chunk_cap, t.threads2(), t.b2()))
         .copied()?;
     tiles = pass2;
-    // Measurement hook: APPROX_ATTN_COOP_TILES="subgroups,rt1,bk,subgroups2,rt2,rc2" replaces the
-    // choice when it fits (the planner's choice otherwise).
-    if let Ok(spec) = std::env::var("APPROX_ATTN_COOP_TILES") {
-        let v: Vec<usize> = spec
-            .split(',')
-            .filter_map(|x| x.trim().parse().ok())
-            .collect();
-        if let [subgroups, rt1, bk, subgroups2, rt2, rc2] = v[..] {
-            let t = CoopTiles {
-                subgroups,
-                rt1,
-                bk,
-                subgroups2,
-                rt2,
-                rc2,
-                ..tiles
-            };
-            let lanes_ok = rt1 * COOP <= sg && rt2 * COOP <= sg;
-            let sizes_ok = bk % COOP == 0 && rc2 % COOP == 0 && rc2 > 0 && bk > 0;
-            let threads_ok = t.threads().max(t.threads2()) <= max_threads;
-            if lanes_ok && sizes_ok && threads_ok && t.pass1_words() <= m && t.pass2_words() <= m {
-                tiles = t;
-            }
-        }
-    }
     Some(tiles)
 }
 
@@ -1084,7 +1059,6 @@ pub fn plan_poly_coop(
     budget: &Budget,
     sg: usize,
 ) -> Result<PolyPlan, Error> {
-    let mut plan = plan_poly(p, degree, budget)?;
     let t = plan_coop(p, degree, budget, sg).ok_or_else(|| {
         Error::TooLarge(format!(
             "no cooperative-matrix tile fits E={}, Ev={}, degree {degree} in {} words of fast \
@@ -1092,6 +1066,73 @@ pub fn plan_poly_coop(
             p.e, p.ev, budget.fast_memory_words
         ))
     })?;
+    plan_poly_coop_with(p, degree, budget, t)
+}
+
+/// Whether coop tiles are well formed for their subgroup size and fit the budget.
+pub fn coop_tiles_fit(t: &CoopTiles, budget: &Budget) -> bool {
+    let max_threads = MAX_POLY_THREADS.min(budget.max_invocations_per_workgroup as usize);
+    let m = budget.fast_memory_words;
+    let lanes = t.rt1 * COOP <= t.sg && t.rt2 * COOP <= t.sg;
+    let registers = (t.rt1.max(t.rt2)) * t.col_tiles() <= MAX_COOP_ACCUMULATORS;
+    let sizes = t.bk % COOP == 0 && t.rc2 % COOP == 0 && t.bk > 0 && t.rc2 > 0;
+    let shape = t.subgroups > 0 && t.subgroups2 > 0 && t.rt1 > 0 && t.rt2 > 0;
+    shape
+        && lanes
+        && registers
+        && sizes
+        && t.threads().max(t.threads2()) <= max_threads
+        && t.pass1_words() <= m
+        && t.pass2_words() <= m
+}
+
+/// Autotune candidates around the planner's coop tiles: pass-1 variants (pass 2 as planned) and
+/// pass-2 variants (pass 1 as planned), each list starting with the planner's choice. The passes
+/// are independent kernels, so each is tuned on its own time.
+pub fn coop_candidates(t: &CoopTiles, budget: &Budget) -> (Vec<CoopTiles>, Vec<CoopTiles>) {
+    let mut pass1 = vec![*t];
+    for subgroups in [2usize, 4, 8] {
+        for rt1 in [1usize, 2, 4] {
+            for bk in [16usize, 32, 64] {
+                let c = CoopTiles {
+                    subgroups,
+                    rt1,
+                    bk,
+                    ..*t
+                };
+                if coop_tiles_fit(&c, budget) && !pass1.contains(&c) {
+                    pass1.push(c);
+                }
+            }
+        }
+    }
+    let mut pass2 = vec![*t];
+    for subgroups2 in [2usize, 4, 8] {
+        for rt2 in [1usize, 2, 4] {
+            for rc2 in [32usize, 48, 64, 96] {
+                let c = CoopTiles {
+                    subgroups2,
+                    rt2,
+                    rc2: rc2.min(COOP * t.r.div_ceil(COOP)),
+                    ..*t
+                };
+                if coop_tiles_fit(&c, budget) && !pass2.contains(&c) {
+                    pass2.push(c);
+                }
+            }
+        }
+    }
+    (pass1, pass2)
+}
+
+/// [`plan_poly_coop`] with these coop tiles.
+pub fn plan_poly_coop_with(
+    p: &Problem,
+    degree: usize,
+    budget: &Budget,
+    t: CoopTiles,
+) -> Result<PolyPlan, Error> {
+    let mut plan = plan_poly(p, degree, budget)?;
     let (splits, keys_per_split) = key_splits(
         p,
         &plan.chunking,
@@ -1360,6 +1401,28 @@ mod coop_tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn coop_autotune_candidates_fit_and_start_with_the_planners_choice() {
+        let budget = Budget::model(12288);
+        for (e, ev) in [(64, 64), (128, 128), (7, 33)] {
+            let t = plan_coop(&problem(e, ev), 2, &budget, 32).unwrap();
+            assert!(coop_tiles_fit(&t, &budget));
+            let (c1, c2) = coop_candidates(&t, &budget);
+            assert_eq!((c1[0], c2[0]), (t, t));
+            assert!(c1.len() > 1 && c2.len() > 1, "{} {}", c1.len(), c2.len());
+            for c in c1.iter().chain(&c2) {
+                assert!(coop_tiles_fit(c, &budget), "{c:?}");
+            }
+            // Pass-1 candidates keep pass 2 as planned and the other way round.
+            assert!(c1
+                .iter()
+                .all(|c| (c.subgroups2, c.rt2, c.rc2) == (t.subgroups2, t.rt2, t.rc2)));
+            assert!(c2
+                .iter()
+                .all(|c| (c.subgroups, c.rt1, c.bk) == (t.subgroups, t.rt1, t.bk)));
         }
     }
 
