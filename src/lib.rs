@@ -481,7 +481,10 @@ fn autotune_coop(
     let opts = RunOptions::default();
     let chunking = plan::plan_exact(&class, budget)?.chunking;
     let mut st = RunStats::default();
-    let pre = kernels::poly::prepass(gpu, &class, &chunking, &q, &k, &v, budget, &opts, &mut st)?;
+    let uploads = kernels::poly::Uploads::default();
+    let pre = kernels::poly::prepass(
+        gpu, &class, &chunking, &q, &k, &v, budget, &opts, &uploads, &mut st,
+    )?;
     let time = |t: plan::CoopTiles, pass: &str| -> Result<f64, Error> {
         let plan = plan::plan_poly_coop_with(&class, c.cert.degree, budget, t)?;
         let mut best = f64::INFINITY;
@@ -489,7 +492,7 @@ fn autotune_coop(
             let mut st = RunStats::default();
             let start = Instant::now();
             kernels::poly::run(
-                gpu, &class, &plan, &c.table, &c.poly, &pre, &q, &k, &v, &opts, &mut st,
+                gpu, &class, &plan, &c.table, &c.poly, &pre, &q, &k, &v, &opts, &uploads, &mut st,
             )?;
             let secs = st
                 .pass_s
@@ -577,12 +580,23 @@ fn rates(gpu: &device::Gpu, budget: &Budget) -> Result<cost::Rates, Error> {
     };
     let tp = timed(&mut || {
         let mut st = RunStats::default();
-        let pre =
-            kernels::poly::prepass(gpu, &p, &eplan.chunking, &x, &x, &x, budget, &opts, &mut st)?;
+        let uploads = kernels::poly::Uploads::default();
+        let pre = kernels::poly::prepass(
+            gpu,
+            &p,
+            &eplan.chunking,
+            &x,
+            &x,
+            &x,
+            budget,
+            &opts,
+            &uploads,
+            &mut st,
+        )?;
         let coop_sg = gpu.info.coop_f16.then_some(gpu.info.subgroup_size as usize);
         let c = poly_candidate(&p, &pre, &popts, budget, coop_sg)?;
         kernels::poly::run(
-            gpu, &p, &c.plan, &c.table, &c.poly, &pre, &x, &x, &x, &opts, &mut st,
+            gpu, &p, &c.plan, &c.table, &c.poly, &pre, &x, &x, &x, &opts, &uploads, &mut st,
         )?;
         Ok(st)
     })?;
@@ -628,6 +642,8 @@ pub fn attention(
     let mut predicted_poly_s = None;
     let mut reason = String::new();
 
+    // K, V and Q go to the GPU once for the pre-pass and both poly passes.
+    let uploads = kernels::poly::Uploads::default();
     let mut candidate = None;
     let mut pre = None;
     if method != Method::Exact && p.l > 0 && !p.causal {
@@ -640,6 +656,7 @@ pub fn attention(
             v,
             &budget,
             opts,
+            &uploads,
             &mut stats,
         )?;
         if popts.check_finite {
@@ -718,11 +735,13 @@ pub fn attention(
             k,
             v,
             opts,
+            &uploads,
             &mut stats,
         )?;
         let io = io::poly_io(p, &c.plan, &exact_plan.chunking, &budget);
         (out, io, format!("{:?}", c.plan), Some(c.cert), "poly")
     } else {
+        uploads.clear();
         let (out, st) = kernels::exact::run(&gpu, p, &exact_plan, q, k, v, opts)?;
         stats.absorb(&st);
         let mut io = io::exact_io(p, &exact_plan);

@@ -1,7 +1,11 @@
 //! The polynomial (Alman-Song) method on the GPU: pre-pass statistics, pass 1 (S' per key split
 //! and feature chunk), the reduction of the splits, and pass 2 (O = D^-1 Phi_q(Q) S').
 
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::rc::Rc;
 
 use super::{
     fill_template, io_counter_slots, read_f32, read_mapped, readback_buffer, storage_buffer,
@@ -596,6 +600,39 @@ pub fn pack_indices(table: &FeatureTable) -> Vec<u32> {
     out
 }
 
+/// The caller's input arrays uploaded once per attention call: the pre-pass and both passes bind
+/// the same storage buffer wherever they take the same rows of an input (a borrowed slice of it;
+/// the inputs live and stay unchanged for the whole call). Copies gathered for a chunk are
+/// uploaded on their own.
+#[derive(Default)]
+pub struct Uploads {
+    buffers: RefCell<HashMap<(usize, usize), Rc<wgpu::Buffer>>>,
+}
+
+impl Uploads {
+    /// Frees the uploaded inputs (before a kernel that uploads its own).
+    pub fn clear(&self) {
+        self.buffers.borrow_mut().clear();
+    }
+
+    pub(crate) fn buffer(&self, gpu: &Gpu, data: Cow<'_, [f32]>, label: &str) -> Rc<wgpu::Buffer> {
+        let upload = || {
+            let buf = storage_buffer(gpu, data.len(), label);
+            gpu.queue.write_buffer(&buf, 0, bytemuck::cast_slice(&data));
+            Rc::new(buf)
+        };
+        match &data {
+            Cow::Borrowed(rows) => self
+                .buffers
+                .borrow_mut()
+                .entry((rows.as_ptr() as usize, rows.len()))
+                .or_insert_with(upload)
+                .clone(),
+            Cow::Owned(_) => upload(),
+        }
+    }
+}
+
 /// Statistics of a `(units, rows, width)` array, reduced over all rows of each unit.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RowStats {
@@ -643,6 +680,7 @@ pub(crate) struct PrepassShape {
 }
 
 /// Runs the pre-pass over `x` (optionally centred on `mu`, `(units, width)`), one RowStats per unit.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn row_stats(
     gpu: &Gpu,
     x: &[f32],
@@ -650,6 +688,7 @@ pub(crate) fn row_stats(
     sh: PrepassShape,
     budget: &Budget,
     opts: &RunOptions,
+    uploads: &Uploads,
     stats: &mut RunStats,
 ) -> Result<Vec<RowStats>, Error> {
     let w = sh.width;
@@ -681,14 +720,13 @@ pub(crate) fn row_stats(
                 u32::from(mu.is_some()),
             ];
             let (blocks_out, (counted, kernel_s)) = gpu.checked(|| {
-                let x_buf = storage_buffer(gpu, xc.len(), "prepass x");
+                let x_buf = uploads.buffer(gpu, xc, "prepass x");
                 let mu_buf = storage_buffer(gpu, mu_c.len(), "prepass mu");
                 let out_buf = storage_buffer(gpu, out_words, "prepass out");
-                gpu.queue.write_buffer(&x_buf, 0, bytemuck::cast_slice(&xc));
                 gpu.queue
                     .write_buffer(&mu_buf, 0, bytemuck::cast_slice(&mu_c));
                 let params_buf = uniform_buffer(gpu, bytemuck::cast_slice(&params));
-                let bufs = [&params_buf, &x_buf, &mu_buf, &out_buf];
+                let bufs = [&params_buf, &*x_buf, &mu_buf, &out_buf];
                 dispatch_one(
                     gpu,
                     &pipeline,
@@ -831,6 +869,7 @@ pub fn prepass(
     v: &[f32],
     budget: &Budget,
     opts: &RunOptions,
+    uploads: &Uploads,
     stats: &mut RunStats,
 ) -> Result<Prepass, Error> {
     let kv_shape = |width| PrepassShape {
@@ -847,15 +886,24 @@ pub fn prepass(
         units_per_dispatch: plan_chunk.units * p.group,
         rows_per_dispatch: plan_chunk.q_rows,
     };
-    let ks = row_stats(gpu, k, None, kv_shape(p.e), budget, opts, stats)?;
+    let ks = row_stats(gpu, k, None, kv_shape(p.e), budget, opts, uploads, stats)?;
     let mu: Vec<f32> = ks
         .iter()
         .flat_map(|s| s.col_sum.iter().map(|x| (x / p.s as f64) as f32))
         .collect();
-    let kc = row_stats(gpu, k, Some(&mu), kv_shape(p.e), budget, opts, stats)?;
-    let vs = row_stats(gpu, v, None, kv_shape(p.ev), budget, opts, stats)?;
+    let kc = row_stats(
+        gpu,
+        k,
+        Some(&mu),
+        kv_shape(p.e),
+        budget,
+        opts,
+        uploads,
+        stats,
+    )?;
+    let vs = row_stats(gpu, v, None, kv_shape(p.ev), budget, opts, uploads, stats)?;
     let qs = if p.l > 0 {
-        row_stats(gpu, q, None, q_shape, budget, opts, stats)?
+        row_stats(gpu, q, None, q_shape, budget, opts, uploads, stats)?
     } else {
         vec![RowStats::new(p.e); p.units * p.group]
     };
@@ -894,6 +942,7 @@ pub fn run(
     k: &[f32],
     v: &[f32],
     opts: &RunOptions,
+    uploads: &Uploads,
     stats: &mut RunStats,
 ) -> Result<Vec<f32>, Error> {
     let c = &plan.chunking;
@@ -1006,10 +1055,8 @@ pub fn run(
                 let sc = c.kv_rows.min(p.s - s0);
                 let kc = super::exact::gather(k, u0, nu, p.s, s0, sc, p.e);
                 let vc = super::exact::gather(v, u0, nu, p.s, s0, sc, p.ev);
-                let k_buf = storage_buffer(gpu, kc.len(), "k");
-                let v_buf = storage_buffer(gpu, vc.len(), "v");
-                gpu.queue.write_buffer(&k_buf, 0, bytemuck::cast_slice(&kc));
-                gpu.queue.write_buffer(&v_buf, 0, bytemuck::cast_slice(&vc));
+                let k_buf = uploads.buffer(gpu, kc, "k");
+                let v_buf = uploads.buffer(gpu, vc, "v");
                 let keys_per_split = plan.keys_per_split.min(sc);
                 let splits = sc.div_ceil(keys_per_split);
                 let prm = uniform_buffer(
@@ -1092,8 +1139,7 @@ pub fn run(
                 let lc = c.q_rows.min(p.l - l0);
                 let qh = nu * p.group;
                 let qc = super::exact::gather(q, u0 * p.group, qh, p.l, l0, lc, p.e);
-                let q_buf = storage_buffer(gpu, qc.len(), "q");
-                gpu.queue.write_buffer(&q_buf, 0, bytemuck::cast_slice(&qc));
+                let q_buf = uploads.buffer(gpu, qc, "q");
                 let o_words = qh * lc * p.ev;
                 let o_buf = storage_buffer(gpu, o_words, "o");
                 let (b, chunks2) = match &coop {
