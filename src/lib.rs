@@ -188,17 +188,14 @@ fn poly_candidate(
     };
     let f32_poly = choose(0.0).ok_or_else(cannot)?;
     let f16_of = |poly: &poly::Poly| {
-        let g = poly.coeffs.iter().rposition(|&c| c != 0.0).unwrap_or(0);
-        let r = poly::num_features(p.e, g) as usize;
-        (
-            poly::f16_rounding_factor(poly, p.e, r, beta_scaled),
-            poly::query_feature_sum(poly, p.e, beta_scaled),
-        )
+        let r = poly::num_features(p.e, poly.feature_degree()) as usize;
+        poly::f16_rounding_factor(poly, p.e, r, beta_scaled)
     };
+    let f16_est = f16_of(&f32_poly);
     let mut coop = coop_sg.and_then(|sg| {
-        let (f16, q_sum) = f16_of(&f32_poly);
-        let fits = q_sum < poly::F16_MAX && f16.is_finite();
-        let wanted = popts.tensor_cores == Some(true) || f16 <= 0.5 * popts.eps;
+        let q_sum = poly::query_feature_sum(&f32_poly, p.e, beta_scaled);
+        let fits = q_sum < poly::F16_MAX && f16_est.is_finite();
+        let wanted = popts.tensor_cores == Some(true) || f16_est <= 0.5 * popts.eps;
         (fits && wanted).then_some(sg)
     });
     if popts.tensor_cores == Some(true) && coop.is_none() && coop_sg.is_some() {
@@ -208,7 +205,7 @@ fn poly_candidate(
         )));
     }
     let poly = match coop {
-        Some(_) => match choose(f16_of(&f32_poly).0) {
+        Some(_) => match choose(f16_est) {
             Some(poly) => poly,
             None if popts.tensor_cores == Some(true) => return Err(cannot()),
             None => {
@@ -225,8 +222,7 @@ fn poly_candidate(
             poly.degree, poly.certified_eps
         )));
     }
-    // Trailing zero coefficients (a lower-degree fit padded) need no features.
-    let g = poly.coeffs.iter().rposition(|&c| c != 0.0).unwrap_or(0);
+    let g = poly.feature_degree();
     let rank = poly::num_features(p.e, g);
     let planned = match coop {
         Some(sg) => plan::plan_poly_coop(p, g, budget, sg).or_else(|e| {
@@ -264,7 +260,7 @@ fn poly_candidate(
         )));
     }
     let table = poly::try_feature_table(p.e, g).map_err(Error::TooLarge)?;
-    let f16_rounding = coop.map(|_| f16_of(&poly).0);
+    let f16_rounding = coop.map(|_| f16_of(&poly));
     let factor = poly.certified_eps / (1.0 - poly.certified_eps) + f16_rounding.unwrap_or(0.0);
     if popts.degree.is_none() && factor > popts.eps {
         if popts.tensor_cores.is_none() {
@@ -872,7 +868,7 @@ pub fn io_cost(
                                 "no degree <= {MAX_DEGREE} certifies eps={eps} at beta={beta}"
                             ))
                         })?;
-                    poly.coeffs.iter().rposition(|&c| c != 0.0).unwrap_or(0)
+                    poly.feature_degree()
                 }
                 _ => {
                     return Err(Error::InvalidInput(

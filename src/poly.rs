@@ -68,6 +68,12 @@ pub enum FitKind {
 }
 
 impl Poly {
+    /// Degree of the features the kernels need: trailing zero coefficients (a lower-degree fit
+    /// padded) need none.
+    pub fn feature_degree(&self) -> usize {
+        self.coeffs.iter().rposition(|&c| c != 0.0).unwrap_or(0)
+    }
+
     /// Best fit of the given degree on [-beta, beta]: among Taylor, Chebyshev, minimax (and the best
     /// fit of degree `degree - 1`, zero-padded) the one with the smallest certified error.
     /// `beta == 0` gives `P = 1` with `certified_eps == 0`. Once a lower degree certifies below
