@@ -322,8 +322,8 @@ fn feature_product(g: usize, factor: impl Fn(usize) -> String, one: &str) -> Str
     (0..g).map(factor).collect::<Vec<_>>().join(" * ")
 }
 
-/// Registers that carry one key tile of coop pass 1 from storage to workgroup memory: element u
-/// of each thread is tile element `lid + WG * u` (of BK x (E+1) keys, BK x Ev values).
+/// Generated code that carries the next tile of a coop pass from storage to workgroup memory in
+/// registers: their declarations, the loads of the first and of the next tile, and the stores.
 struct Prefetch {
     decl: String,
     first: String,
@@ -331,6 +331,8 @@ struct Prefetch {
     store: String,
 }
 
+/// Pass 1's key tile: element u of each thread is tile element `lid + WG * u` (of BK x (E+1)
+/// keys, BK x Ev values).
 fn coop_prefetch(t: &CoopTiles) -> Prefetch {
     let wg = t.threads();
     let (nk, nv) = ((t.bk * (t.e + 1)).div_ceil(wg), (t.bk * t.ev).div_ceil(wg));
@@ -401,6 +403,26 @@ fn coop_prefetch(t: &CoopTiles) -> Prefetch {
     }
 }
 
+/// Template slots both coop passes share; `(threads, subgroups, rt)` are the pass's own.
+fn coop_common_slots(
+    t: &CoopTiles,
+    (threads, subgroups, rt): (usize, usize, usize),
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("E", t.e.to_string()),
+        ("EV", t.ev.to_string()),
+        ("EVP", t.padded_ev().to_string()),
+        ("R", t.r.to_string()),
+        ("G", t.g.to_string()),
+        ("IW", index_words(t.g).to_string()),
+        ("WG", threads.to_string()),
+        ("SG", t.sg.to_string()),
+        ("RT", rt.to_string()),
+        ("VN", align4(2 * t.ev).to_string()),
+        ("STAGE", (subgroups * 256).to_string()),
+    ]
+}
+
 /// Pass 1 on cooperative matrices for these tiles.
 pub fn coop_pass1_source(t: &CoopTiles, count_io: bool) -> String {
     let iw = index_words(t.g);
@@ -418,56 +440,44 @@ pub fn coop_pass1_source(t: &CoopTiles, count_io: bool) -> String {
     });
     let pre = coop_prefetch(t);
     let [decl, add] = io_counter_slots(count_io, 7);
-    fill_template(
-        COOP_PASS1,
-        &[
-            ("E", t.e.to_string()),
-            ("EV", t.ev.to_string()),
-            ("EVP", t.padded_ev().to_string()),
-            ("R", t.r.to_string()),
-            ("RC", t.rc1().to_string()),
-            ("BK", t.bk.to_string()),
-            ("G", t.g.to_string()),
-            ("IW", iw.to_string()),
-            ("WG", t.threads().to_string()),
-            ("SG", t.sg.to_string()),
-            ("RT", rt.to_string()),
-            ("K_TILE", align4((t.e + 1) * (t.bk + 1)).to_string()),
-            ("V_TILE", (t.bk * (t.padded_ev() + 8)).to_string()),
-            ("PHI", (t.bk * (t.rc1() + 8)).to_string()),
-            ("IDX", align4(t.rc1() * iw).to_string()),
-            ("MU", align4(t.e).to_string()),
-            ("VN", align4(2 * t.ev).to_string()),
-            ("STAGE", (t.subgroups * 256).to_string()),
-            ("INDEX_DECL", index_decl.trim_end().to_string()),
-            ("PREFETCH_DECL", pre.decl),
-            ("PREFETCH_LOAD_FIRST", pre.first),
-            ("PREFETCH_LOAD_NEXT", pre.next),
-            ("PREFETCH_STORE", pre.store),
-            (
-                "FEATURE",
-                feature_product(t.g, |i| format!("k_t[i_{i} * KS + j]"), "k_t[E * KS + j]"),
+    let mut slots = coop_common_slots(t, (t.threads(), t.subgroups, rt));
+    slots.extend([
+        ("RC", t.rc1().to_string()),
+        ("BK", t.bk.to_string()),
+        ("K_TILE", align4((t.e + 1) * (t.bk + 1)).to_string()),
+        ("V_TILE", (t.bk * (t.padded_ev() + 8)).to_string()),
+        ("PHI", (t.bk * (t.rc1() + 8)).to_string()),
+        ("IDX", align4(t.rc1() * iw).to_string()),
+        ("MU", align4(t.e).to_string()),
+        ("INDEX_DECL", index_decl.trim_end().to_string()),
+        ("PREFETCH_DECL", pre.decl),
+        ("PREFETCH_LOAD_FIRST", pre.first),
+        ("PREFETCH_LOAD_NEXT", pre.next),
+        ("PREFETCH_STORE", pre.store),
+        (
+            "FEATURE",
+            feature_product(t.g, |i| format!("k_t[i_{i} * KS + j]"), "k_t[E * KS + j]"),
+        ),
+        ("ACC_DECL", coop_accumulators(rt, ct, "    ")),
+        (
+            "MMA",
+            coop_mma(
+                (rt, ct),
+                ("phi", "FS"),
+                (|c| format!("v_t[kk * VS + {}u]", 16 * c), "VS"),
+                "            ",
             ),
-            ("ACC_DECL", coop_accumulators(rt, ct, "    ")),
-            (
-                "MMA",
-                coop_mma(
-                    (rt, ct),
-                    ("phi", "FS"),
-                    (|c| format!("v_t[kk * VS + {}u]", 16 * c), "VS"),
-                    "            ",
-                ),
-            ),
-            ("STORE", store),
-            decl,
-            add,
-        ],
-    )
+        ),
+        ("STORE", store),
+        decl,
+        add,
+    ]);
+    fill_template(COOP_PASS1, &slots)
 }
 
-/// Registers that carry one S'' chunk of coop pass 2 (vec4 of halves; element u of a thread is
-/// vec4 `lid + WG * u` of the chunk's RC x EVP halves) and their stores into `s_t`.
-fn coop_chunk_prefetch(t: &CoopTiles) -> (String, String, String, String) {
+/// Pass 2's S'' chunk (vec4 of halves; element u of a thread is vec4 `lid + WG * u` of the
+/// chunk's RC x EVP halves) and its stores into `s_t`.
+fn coop_chunk_prefetch(t: &CoopTiles) -> Prefetch {
     let wg = t.threads2();
     let n4 = (t.rc2 * t.padded_ev() / 4).div_ceil(wg);
     let mut decl = String::new();
@@ -497,17 +507,16 @@ fn coop_chunk_prefetch(t: &CoopTiles) -> (String, String, String, String) {
              s_t[so + 2u] = sx_{u}.z;\n                s_t[so + 3u] = sx_{u}.w;\n            }}"
         );
     }
-    (
-        decl.trim_end().to_string(),
-        load("0u", "        "),
-        load("f0 + RC", "                "),
-        store.trim_end().to_string(),
-    )
+    Prefetch {
+        decl: decl.trim_end().to_string(),
+        first: load("0u", "        "),
+        next: load("f0 + RC", "                "),
+        store: store.trim_end().to_string(),
+    }
 }
 
 /// Pass 2 on cooperative matrices for these tiles.
 pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
-    let iw = index_words(t.g);
     let (rt, ct) = (t.rt2, t.col_tiles());
     let store = coop_store((rt, ct), "        ", |ind| {
         format!(
@@ -526,49 +535,37 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
             "1.0"
         )
     );
-    let (s_decl, s_first, s_next, s_store) = coop_chunk_prefetch(t);
+    let pre = coop_chunk_prefetch(t);
     let [decl, add] = io_counter_slots(count_io, 8);
-    fill_template(
-        COOP_PASS2,
-        &[
-            ("E", t.e.to_string()),
-            ("EV", t.ev.to_string()),
-            ("EVP", t.padded_ev().to_string()),
-            ("R", t.r.to_string()),
-            ("RC", t.rc2.to_string()),
-            ("BQ", t.b2().to_string()),
-            ("G", t.g.to_string()),
-            ("IW", iw.to_string()),
-            ("WG", t.threads2().to_string()),
-            ("SG", t.sg.to_string()),
-            ("RT", rt.to_string()),
-            ("Q_TILE", (t.b2() * (t.e + 1)).to_string()),
-            ("PHI", (t.rc2 * (t.b2() + 8)).to_string()),
-            ("RP", t.rp().to_string()),
-            ("S_TILE", (t.rc2 * (t.padded_ev() + 8)).to_string()),
-            ("S_LOAD_FIRST", format!("{s_decl}\n{s_first}")),
-            ("S_LOAD_NEXT", s_next),
-            ("S_STORE", s_store),
-            ("IDX", align4(t.rc2 * t.g.max(1)).to_string()),
-            ("D_T", (t.threads2() + t.b2()).to_string()),
-            ("VN", align4(2 * t.ev).to_string()),
-            ("STAGE", (t.subgroups2 * 256).to_string()),
-            ("FEATURE", feature),
-            ("ACC_DECL", coop_accumulators(rt, ct, "        ")),
-            (
-                "MMA",
-                coop_mma(
-                    (rt, ct),
-                    ("phi", "FS"),
-                    (|c| format!("s_t[kk * SS + {}u]", 16 * c), "SS"),
-                    "                ",
-                ),
+    let mut slots = coop_common_slots(t, (t.threads2(), t.subgroups2, rt));
+    slots.extend([
+        ("RC", t.rc2.to_string()),
+        ("BQ", t.b2().to_string()),
+        ("Q_TILE", (t.b2() * (t.e + 1)).to_string()),
+        ("PHI", (t.rc2 * (t.b2() + 8)).to_string()),
+        ("RP", t.rp().to_string()),
+        ("S_TILE", (t.rc2 * (t.padded_ev() + 8)).to_string()),
+        ("S_LOAD_FIRST", format!("{}\n{}", pre.decl, pre.first)),
+        ("S_LOAD_NEXT", pre.next),
+        ("S_STORE", pre.store),
+        ("IDX", align4(t.rc2 * t.g.max(1)).to_string()),
+        ("D_T", (t.threads2() + t.b2()).to_string()),
+        ("FEATURE", feature),
+        ("ACC_DECL", coop_accumulators(rt, ct, "        ")),
+        (
+            "MMA",
+            coop_mma(
+                (rt, ct),
+                ("phi", "FS"),
+                (|c| format!("s_t[kk * SS + {}u]", 16 * c), "SS"),
+                "                ",
             ),
-            ("STORE", store),
-            decl,
-            add,
-        ],
-    )
+        ),
+        ("STORE", store),
+        decl,
+        add,
+    ]);
+    fill_template(COOP_PASS2, &slots)
 }
 
 /// Packs S' into the f16 S'' (and its f32 normaliser column) that coop pass 2 reads.
@@ -998,7 +995,8 @@ pub fn run(
     } else {
         1.0
     };
-    let value_norm = |u0: usize, nu: usize, invert: bool| -> Vec<f32> {
+    // Per unit: vmin, then 1/range (pass 1) or range (pass 2) of each value column.
+    let value_norm = |u0: usize, nu: usize, invert: bool| -> wgpu::Buffer {
         let mut out = Vec::with_capacity(nu * 2 * p.ev);
         for u in u0..u0 + nu {
             let (lo, hi) = (
@@ -1015,7 +1013,9 @@ pub fn run(
                 }
             }));
         }
-        out
+        let buf = storage_buffer(gpu, out.len(), "value normalisation");
+        gpu.queue.write_buffer(&buf, 0, bytemuck::cast_slice(&out));
+        buf
     };
     let (l1, lr, l2) = (
         p1.get_bind_group_layout(0),
@@ -1037,14 +1037,7 @@ pub fn run(
         for u0 in (0..p.units).step_by(c.units) {
             let nu = c.units.min(p.units - u0);
             let mu_buf = storage_buffer(gpu, nu * p.e, "mu");
-            let vnorm1 = value_norm(u0, nu, true);
-            let vnorm2 = value_norm(u0, nu, false);
-            let vn1_buf = storage_buffer(gpu, vnorm1.len(), "value normalisation");
-            let vn2_buf = storage_buffer(gpu, vnorm2.len(), "value normalisation");
-            gpu.queue
-                .write_buffer(&vn1_buf, 0, bytemuck::cast_slice(&vnorm1));
-            gpu.queue
-                .write_buffer(&vn2_buf, 0, bytemuck::cast_slice(&vnorm2));
+            let vn_bufs = coop.map(|_| (value_norm(u0, nu, true), value_norm(u0, nu, false)));
             gpu.queue.write_buffer(
                 &mu_buf,
                 0,
@@ -1068,20 +1061,12 @@ pub fn run(
                         (1.0 / k_scale).to_bits(),
                     ]),
                 );
-                let (bufs, chunks1) = match &coop {
-                    Some(t) => (
-                        vec![
-                            &prm,
-                            &k_buf,
-                            &v_buf,
-                            &mu_buf,
-                            &idx_buf,
-                            &vn1_buf,
-                            &partial_buf,
-                        ],
+                let (bufs, chunks1) = match (&coop, &vn_bufs) {
+                    (Some(t), Some((vn1, _))) => (
+                        vec![&prm, &k_buf, &v_buf, &mu_buf, &idx_buf, vn1, &partial_buf],
                         t.chunks1(),
                     ),
-                    None => (
+                    _ => (
                         vec![&prm, &k_buf, &v_buf, &mu_buf, &idx_buf, &partial_buf],
                         plan.pass1.chunks(),
                     ),
@@ -1161,9 +1146,9 @@ pub fn run(
                         0,
                     ]),
                 );
-                let bufs = match (&s16_buf, &z_buf) {
-                    (Some(s16), Some(z)) => {
-                        vec![&prm, &q_buf, s16, z, &idx_buf, &w_buf, &vn2_buf, &o_buf]
+                let bufs = match (&s16_buf, &z_buf, &vn_bufs) {
+                    (Some(s16), Some(z), Some((_, vn2))) => {
+                        vec![&prm, &q_buf, s16, z, &idx_buf, &w_buf, vn2, &o_buf]
                     }
                     _ => vec![&prm, &q_buf, &sp_buf, &idx_buf, &w_buf, &o_buf],
                 };
