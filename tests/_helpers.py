@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 
 def assert_close(out: np.ndarray, ref: np.ndarray, tol: np.ndarray | float, what: str = "") -> None:
@@ -18,3 +19,14 @@ def assert_close(out: np.ndarray, ref: np.ndarray, tol: np.ndarray | float, what
             f"{tuple(int(x) for x in i)}: got {out[i]!r}, want {ref[i]!r}, |err| {err[i]:.3e} > "
             f"tol {tol_arr[i]:.3e} (max err {np.nanmax(err):.3e})"
         )
+
+
+def count_io_with_fast_memory(
+    monkeypatch: pytest.MonkeyPatch, fast_memory_bytes: str | None
+) -> None:
+    """Shader I/O counting on, with this fast-memory cap (None: the adapter's own)."""
+    monkeypatch.setenv("APPROX_ATTN_COUNT_IO", "1")
+    if fast_memory_bytes is None:
+        monkeypatch.delenv("APPROX_ATTN_FAST_MEMORY_BYTES", raising=False)
+    else:
+        monkeypatch.setenv("APPROX_ATTN_FAST_MEMORY_BYTES", fast_memory_bytes)

@@ -76,6 +76,20 @@ fn check(name: &str, src: &str, planned_words: u64) {
     .unwrap_or_else(|e| panic!("{name}: GLSL: {e}"));
 }
 
+/// One head, L = 300, S = 500: lengths that are not multiples of any tile.
+fn problem(e: usize, ev: usize) -> Problem {
+    Problem {
+        units: 1,
+        group: 1,
+        l: 300,
+        s: 500,
+        e,
+        ev,
+        causal: false,
+        scale: 0.1,
+    }
+}
+
 fn budget(words: u64) -> Budget {
     Budget::with_binding(words, 128 << 20)
 }
@@ -85,16 +99,7 @@ fn every_kernel_translates_to_every_backend() {
     // The WebGPU default (16 KiB), Apple/lavapipe (32 KiB) and NVIDIA (48 KiB) budgets.
     for words in [4096u64, 8192, 12288] {
         for (e, ev) in [(1usize, 1usize), (3, 7), (64, 64), (256, 256)] {
-            let p = Problem {
-                units: 1,
-                group: 1,
-                l: 300,
-                s: 500,
-                e,
-                ev,
-                causal: false,
-                scale: 0.1,
-            };
+            let p = problem(e, ev);
             for count_io in [false, true] {
                 let t = plan_exact(&p, &budget(words)).unwrap().tiles;
                 assert!(t.fast_memory_words() <= words);
@@ -174,16 +179,7 @@ fn coop_kernels_validate_and_translate_to_spirv() {
     for words in [8192u64, 12288, 16384] {
         for sg in [16usize, 32, 64] {
             for (e, ev) in [(1usize, 1usize), (16, 16), (64, 64), (128, 128), (32, 200)] {
-                let p = Problem {
-                    units: 1,
-                    group: 1,
-                    l: 300,
-                    s: 500,
-                    e,
-                    ev,
-                    causal: false,
-                    scale: 0.1,
-                };
+                let p = problem(e, ev);
                 for g in [0usize, 1, 2, 3] {
                     let Some(t) = approx_attn::plan::plan_coop(&p, g, &budget(words), sg) else {
                         continue;

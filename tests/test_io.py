@@ -14,6 +14,7 @@ from typing import Any
 import approx_attn
 import numpy as np
 import pytest
+from _helpers import count_io_with_fast_memory
 from approx_attn import _core
 from approx_attn.reference import beta as ref_beta
 
@@ -121,11 +122,7 @@ def test_planned_equals_counted(
     schedule: str | None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("APPROX_ATTN_COUNT_IO", "1")
-    if fast_memory_bytes is None:
-        monkeypatch.delenv("APPROX_ATTN_FAST_MEMORY_BYTES", raising=False)
-    else:
-        monkeypatch.setenv("APPROX_ATTN_FAST_MEMORY_BYTES", fast_memory_bytes)
+    count_io_with_fast_memory(monkeypatch, fast_memory_bytes)
     B, H, L, S, E, Ev = 2, 3, 130, 90, 16, 8
     rng = np.random.default_rng(7)
     q = rng.standard_normal((B, H, L, E), dtype=np.float32)

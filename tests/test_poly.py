@@ -42,7 +42,7 @@ from typing import Any
 import approx_attn
 import numpy as np
 import pytest
-from _helpers import assert_close
+from _helpers import assert_close, count_io_with_fast_memory
 from approx_attn import _core
 from approx_attn.reference import beta as ref_beta
 from approx_attn.reference import exact_attention, poly_attention
@@ -633,11 +633,7 @@ def test_nan_input_with_poly_names_the_array(name: str) -> None:
 def test_counted_io_equals_planned_io(
     fast_memory_bytes: str | None, schedule: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("APPROX_ATTN_COUNT_IO", "1")
-    if fast_memory_bytes is None:
-        monkeypatch.delenv("APPROX_ATTN_FAST_MEMORY_BYTES", raising=False)
-    else:
-        monkeypatch.setenv("APPROX_ATTN_FAST_MEMORY_BYTES", fast_memory_bytes)
+    count_io_with_fast_memory(monkeypatch, fast_memory_bytes)
     E, scale = 16, f32_scale(16)
     # Grouped heads and L != S so that every term of the count is exercised.
     rng = np.random.default_rng(121)
