@@ -632,7 +632,13 @@ pub fn attention(
     let _guard = gpu.exclusive();
     let start = Instant::now();
     let budget = budget(&gpu.info)?;
-    let exact_plan = exact_plan_for(&gpu, p, &budget)?;
+    // method='poly' uses the exact plan only for the pre-pass chunking: the planner's tiles do,
+    // without timing the exact kernel's candidates.
+    let exact_plan = if method == Method::Poly {
+        plan::plan_exact(p, &budget)?
+    } else {
+        exact_plan_for(&gpu, p, &budget)?
+    };
     let mut stats = RunStats::default();
     let mut predicted_exact_s = None;
     let mut predicted_poly_s = None;
