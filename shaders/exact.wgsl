@@ -41,9 +41,9 @@ const NEG: f32 = -3.0e38;
 var<workgroup> q_tile: array<f32, {{Q_TILE}}>;
 var<workgroup> kv_tile: array<f32, {{KV_TILE}}>;
 var<workgroup> p_tile: array<f32, {{P_TILE}}>;
-var<workgroup> row_m: array<f32, BQ>;
-var<workgroup> row_l: array<f32, BQ>;
-var<workgroup> row_alpha: array<f32, BQ>;
+// part[i * TK + tk]: thread tk's partial maximum of row i's tile scores; at the end its partial
+// row sum.
+var<workgroup> part: array<f32, {{PART}}>;
 
 @compute @workgroup_size({{WG}})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -67,10 +67,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         q_tile[(idx / E) * QS + idx % E] = x;
     }
-    if (lid < BQ) {
-        row_m[lid] = NEG;
-        row_l[lid] = 0.0;
-    }
+    // Every thread keeps the running maximum m and its own partial sum l of its rows (the TK
+    // threads of a row hold the same m), and the output accumulators.
 {{O_DECL}}
     // Causal (upper-left aligned): global key j is visible to global query i iff j <= i.
     let last_q = params.q_offset + q0 + q_rows; // one past the last query row of this tile
@@ -78,51 +76,27 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (params.causal != 0u) {
         kv_end = select(0u, min(params.s, last_q - params.kv_offset), last_q > params.kv_offset);
     }
-    workgroupBarrier();
+    // The next K tile and this V tile are loaded into registers while the current tile is
+    // multiplied: global-load latency overlaps the arithmetic.
+{{PREFETCH_DECL}}
+    if (kv_end > 0u) {
+{{K_LOAD_FIRST}}
+    }
 
     for (var j0 = 0u; j0 < kv_end; j0 += BK) {
         let k_rows = min(BK, kv_end - j0);
-        for (var idx = lid; idx < BK * E; idx += WG) {
-            var x = 0.0;
-            if (idx / E < k_rows) {
-                x = k[k_base + j0 * E + idx];
-                words_read += 1u;
-            }
-            kv_tile[(idx / E) * KS + idx % E] = x;
-        }
+{{K_STORE}}
         workgroupBarrier();
+{{V_LOAD}}
 
 {{SCORES}}
         workgroupBarrier();
 
-        if (lid < BQ) {
-            let row = lid * PS;
-            var m_tile = NEG;
-            for (var j = 0u; j < BK; j++) {
-                m_tile = max(m_tile, p_tile[row + j]);
-            }
-            let m_old = row_m[lid];
-            let m_new = max(m_old, m_tile);
-            var l_tile = 0.0;
-            for (var j = 0u; j < BK; j++) {
-                let s = p_tile[row + j];
-                let p = select(0.0, exp2(s - m_new), s > NEG);
-                p_tile[row + j] = p;
-                l_tile += p;
-            }
-            let alpha = exp2(m_old - m_new);
-            row_alpha[lid] = alpha;
-            row_l[lid] = row_l[lid] * alpha + l_tile;
-            row_m[lid] = m_new;
-        }
-        // K is no longer needed: V takes its place.
-        for (var idx = lid; idx < BK * EV; idx += WG) {
-            var x = 0.0;
-            if (idx / EV < k_rows) {
-                x = v[v_base + j0 * EV + idx];
-                words_read += 1u;
-            }
-            kv_tile[idx] = x;
+{{SOFTMAX}}
+        // Every thread is past the scores: V takes K's place.
+{{V_STORE}}
+        if (j0 + BK < kv_end) {
+{{K_LOAD_NEXT}}
         }
         workgroupBarrier();
 
@@ -131,11 +105,5 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
 
 {{STORE}}
-    if (params.write_stats != 0u && lid < q_rows) {
-        let srow = (head * params.l + q0 + lid) * 2u;
-        stats[srow] = row_m[lid];
-        stats[srow + 1u] = row_l[lid];
-        words_written += 2u;
-    }
 {{IO_COUNTER_ADD}}
 }

@@ -98,13 +98,13 @@ impl ExactTiles {
         (self.e + 1).max(self.ev)
     }
     /// Workgroup memory words the kernel declares (Q, K/V and P tiles with rows padded by one word
-    /// against bank conflicts, K/V tail padding, 3 row stats).
+    /// against bank conflicts, K/V tail padding, and one partial row statistic per thread).
     pub fn fast_memory_words(&self) -> u64 {
         (self.bq * (self.e + 1)
             + self.bk * self.kv_width()
             + self.tk
             + self.bq * (self.bk + 1)
-            + 3 * self.bq) as u64
+            + self.bq * self.tk) as u64
     }
 }
 
@@ -195,13 +195,9 @@ fn cdiv(a: usize, b: usize) -> u64 {
 /// Loop iterations one invocation of the exact kernel runs for `keys` keys (see exact.wgsl).
 pub fn exact_loop_iterations(t: &ExactTiles, keys: usize) -> u64 {
     let wg = t.threads();
-    let per_tile = 1
-        + cdiv(t.bk * t.e, wg)
-        + t.e as u64
-        + 2 * t.bk as u64
-        + cdiv(t.bk * t.ev, wg)
-        + t.bk as u64;
-    cdiv(t.bq * t.e, wg) + cdiv(keys, t.bk) * per_tile
+    let row_reductions = (t.rows_per_thread() * t.tk) as u64;
+    let per_tile = 1 + t.e as u64 + row_reductions + t.bk as u64;
+    cdiv(t.bq * t.e, wg) + cdiv(keys, t.bk) * per_tile + row_reductions
 }
 
 /// Cuts the problem so each binding (Q, K, V, O chunk) stays within `max_binding_bytes` and each

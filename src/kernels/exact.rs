@@ -32,31 +32,82 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
     let rq = t.rows_per_thread();
     let rk = t.keys_per_thread();
     let cv = t.out_cols_per_thread();
+    let wg = t.threads();
+    let row = |a: usize| format!("(tq + {}u)", a * t.tq);
+
     let mut o_decl = String::new();
     for a in 0..rq {
+        let _ = writeln!(o_decl, "    var m_{a} = NEG;\n    var l_{a} = 0.0;");
         for u in 0..cv {
             let _ = writeln!(o_decl, "    var o_{a}_{u} = 0.0;");
         }
     }
 
-    let mut scores = String::from("        {\n");
+    // Element u of a thread's prefetch is tile element lid + WG * u (row-major, unpadded).
+    let (nk, nv) = ((t.bk * t.e).div_ceil(wg), (t.bk * t.ev).div_ceil(wg));
+    let mut pre_decl = String::new();
+    for u in 0..nk {
+        let _ = writeln!(pre_decl, "    var kx_{u} = 0.0;");
+    }
+    for u in 0..nv {
+        let _ = writeln!(pre_decl, "    var vx_{u} = 0.0;");
+    }
+    let k_load = |j0: &str, ind: &str| {
+        let mut s = format!("{ind}let kr = min(BK, kv_end - ({j0}));\n");
+        for u in 0..nk {
+            let _ = writeln!(
+                s,
+                "{ind}kx_{u} = 0.0;\n{ind}if (lid + {o}u < kr * E) {{\n{ind}    \
+                 kx_{u} = k[k_base + ({j0}) * E + lid + {o}u];\n{ind}    words_read += 1u;\n{ind}}}",
+                o = wg * u
+            );
+        }
+        s.trim_end().to_string()
+    };
+    let mut k_store = String::new();
+    let mut v_load = String::new();
+    let mut v_store = String::new();
+    for u in 0..nk {
+        let _ = writeln!(
+            k_store,
+            "        if (lid + {o}u < BK * E) {{\n            let idx = lid + {o}u;\n            \
+             kv_tile[(idx / E) * KS + idx % E] = kx_{u};\n        }}",
+            o = wg * u
+        );
+    }
+    for u in 0..nv {
+        let _ = writeln!(
+            v_load,
+            "        vx_{u} = 0.0;\n        if (lid + {o}u < k_rows * EV) {{\n            \
+             vx_{u} = v[v_base + j0 * EV + lid + {o}u];\n            words_read += 1u;\n        }}",
+            o = wg * u
+        );
+        let _ = writeln!(
+            v_store,
+            "        if (lid + {o}u < BK * EV) {{\n            kv_tile[lid + {o}u] = vx_{u};\n        }}",
+            o = wg * u
+        );
+    }
+
+    // Scores stay in registers, masked entries at NEG; each thread posts its partial row maxima.
+    let mut scores = String::new();
     for a in 0..rq {
         for b in 0..rk {
-            let _ = writeln!(scores, "            var s_{a}_{b} = 0.0;");
+            let _ = writeln!(scores, "        var s_{a}_{b} = 0.0;");
         }
     }
-    scores.push_str("            for (var e = 0u; e < E; e++) {\n");
+    scores.push_str("        for (var e = 0u; e < E; e++) {\n");
     for a in 0..rq {
         let _ = writeln!(
             scores,
-            "                let q_{a} = q_tile[(tq + {}u) * QS + e];",
-            a * t.tq
+            "            let q_{a} = q_tile[{} * QS + e];",
+            row(a)
         );
     }
     for b in 0..rk {
         let _ = writeln!(
             scores,
-            "                let k_{b} = kv_tile[(tk + {}u) * KS + e];",
+            "            let k_{b} = kv_tile[(tk + {}u) * KS + e];",
             b * t.tk
         );
     }
@@ -64,74 +115,104 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
         for b in 0..rk {
             let _ = writeln!(
                 scores,
-                "                s_{a}_{b} = fma(q_{a}, k_{b}, s_{a}_{b});"
+                "            s_{a}_{b} = fma(q_{a}, k_{b}, s_{a}_{b});"
             );
         }
     }
-    scores.push_str("            }\n");
+    scores.push_str("        }\n");
     for a in 0..rq {
         for b in 0..rk {
             let _ = writeln!(
                 scores,
-                "            {{\n                let i = tq + {ia}u;\n                let j = tk + {jb}u;\n                \
-                 let ok = j < k_rows && (params.causal == 0u || params.kv_offset + j0 + j <= params.q_offset + q0 + i);\n                \
-                 p_tile[i * PS + j] = select(NEG, s_{a}_{b}, ok);\n            }}",
-                ia = a * t.tq,
+                "        s_{a}_{b} = select(NEG, s_{a}_{b}, tk + {jb}u < k_rows && (params.causal == 0u || \
+                 params.kv_offset + j0 + tk + {jb}u <= params.q_offset + q0 + {i}));",
+                jb = b * t.tk,
+                i = row(a)
+            );
+        }
+        let mx = (1..rk).fold(format!("s_{a}_0"), |acc, b| {
+            format!("max({acc}, s_{a}_{b})")
+        });
+        let _ = writeln!(scores, "        part[{} * TK + tk] = {mx};", row(a));
+    }
+
+    // Online softmax on the thread's own scores: the row maximum from the posted partials, the
+    // rescale of its accumulators, P for the P V product.
+    let mut softmax = String::new();
+    for a in 0..rq {
+        let _ = writeln!(
+            softmax,
+            "        {{\n            var mx = m_{a};\n            for (var t = 0u; t < TK; t++) {{\n                \
+             mx = max(mx, part[{r} * TK + t]);\n            }}\n            \
+             let alpha = exp2(m_{a} - mx);\n            m_{a} = mx;",
+            r = row(a)
+        );
+        for b in 0..rk {
+            let _ = writeln!(
+                softmax,
+                "            let p_{b} = select(0.0, exp2(s_{a}_{b} - mx), s_{a}_{b} > NEG);\n            \
+                 p_tile[{r} * PS + tk + {jb}u] = p_{b};",
+                r = row(a),
                 jb = b * t.tk
             );
         }
-    }
-    scores.push_str("        }");
-
-    let mut pv = String::from("        {\n");
-    for a in 0..rq {
-        let _ = writeln!(
-            pv,
-            "            let alpha_{a} = row_alpha[tq + {}u];",
-            a * t.tq
-        );
+        let sum = (0..rk)
+            .map(|b| format!("p_{b}"))
+            .collect::<Vec<_>>()
+            .join(" + ");
+        let _ = writeln!(softmax, "            l_{a} = l_{a} * alpha + ({sum});");
         for u in 0..cv {
-            let _ = writeln!(pv, "            o_{a}_{u} *= alpha_{a};");
+            let _ = writeln!(softmax, "            o_{a}_{u} *= alpha;");
         }
+        softmax.push_str("        }\n");
     }
-    pv.push_str("            for (var j = 0u; j < BK; j++) {\n");
+
+    let mut pv = String::from("        for (var j = 0u; j < BK; j++) {\n");
     for a in 0..rq {
-        let _ = writeln!(
-            pv,
-            "                let p_{a} = p_tile[(tq + {}u) * PS + j];",
-            a * t.tq
-        );
+        let _ = writeln!(pv, "            let p_{a} = p_tile[{} * PS + j];", row(a));
     }
     for u in 0..cv {
         let _ = writeln!(
             pv,
-            "                let v_{u} = kv_tile[j * EV + tk + {}u];",
+            "            let v_{u} = kv_tile[j * EV + tk + {}u];",
             u * t.tk
         );
     }
     for a in 0..rq {
         for u in 0..cv {
-            let _ = writeln!(
-                pv,
-                "                o_{a}_{u} = fma(p_{a}, v_{u}, o_{a}_{u});"
-            );
+            let _ = writeln!(pv, "            o_{a}_{u} = fma(p_{a}, v_{u}, o_{a}_{u});");
         }
     }
-    pv.push_str("            }\n        }");
+    pv.push_str("        }");
 
+    // Row sums: the TK partial sums of each row, added after one barrier.
     let mut store = String::new();
     for a in 0..rq {
+        let _ = writeln!(store, "    part[{} * TK + tk] = l_{a};", row(a));
+    }
+    store.push_str("    workgroupBarrier();\n");
+    for a in 0..rq {
+        let _ = writeln!(
+            store,
+            "    {{\n        let i = {r};\n        var li = 0.0;\n        for (var t = 0u; t < TK; t++) {{\n            \
+             li += part[i * TK + t];\n        }}",
+            r = row(a)
+        );
         for u in 0..cv {
             let _ = writeln!(
                 store,
-                "    {{\n        let i = tq + {ia}u;\n        let c = tk + {cu}u;\n        \
-                 if (i < q_rows && c < EV) {{\n            let li = row_l[i];\n            \
-                 o[(head * params.l + q0 + i) * EV + c] = select(0.0, o_{a}_{u} / li, li > 0.0);\n            \
-                 words_written += 1u;\n        }}\n    }}",
-                ia = a * t.tq,
+                "        if (i < q_rows && tk + {cu}u < EV) {{\n            \
+                 o[(head * params.l + q0 + i) * EV + tk + {cu}u] = select(0.0, o_{a}_{u} / li, li > 0.0);\n            \
+                 words_written += 1u;\n        }}",
                 cu = u * t.tk
             );
         }
+        let _ = writeln!(
+            store,
+            "        if (params.write_stats != 0u && tk == 0u && i < q_rows) {{\n            \
+             let srow = (head * params.l + q0 + i) * 2u;\n            stats[srow] = m_{a};\n            \
+             stats[srow + 1u] = li;\n            words_written += 2u;\n        }}\n    }}"
+        );
     }
 
     let [decl, add] = io_counter_slots(count_io, 6);
@@ -144,15 +225,23 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
             ("BK", t.bk.to_string()),
             ("TQ", t.tq.to_string()),
             ("TK", t.tk.to_string()),
-            ("WG", t.threads().to_string()),
+            ("WG", wg.to_string()),
             ("KVW", t.kv_width().to_string()),
             ("Q_TILE", (t.bq * (t.e + 1)).to_string()),
             ("KV_TILE", (t.bk * t.kv_width() + t.tk).to_string()),
             ("P_TILE", (t.bq * (t.bk + 1)).to_string()),
-            ("O_DECL", o_decl),
-            ("SCORES", scores),
+            ("PART", (t.bq * t.tk).to_string()),
+            ("O_DECL", o_decl.trim_end().to_string()),
+            ("PREFETCH_DECL", pre_decl.trim_end().to_string()),
+            ("K_LOAD_FIRST", k_load("0u", "        ")),
+            ("K_LOAD_NEXT", k_load("j0 + BK", "            ")),
+            ("K_STORE", k_store.trim_end().to_string()),
+            ("V_LOAD", v_load.trim_end().to_string()),
+            ("V_STORE", v_store.trim_end().to_string()),
+            ("SCORES", scores.trim_end().to_string()),
+            ("SOFTMAX", softmax.trim_end().to_string()),
             ("PV", pv),
-            ("STORE", store),
+            ("STORE", store.trim_end().to_string()),
             decl,
             add,
         ],
