@@ -33,8 +33,8 @@ const FS: u32 = RC + 8u;    // row stride of the (key-major) feature tile, in ha
 const VS: u32 = {{EVP}}u + 8u;
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> k: array<f32>;
-@group(0) @binding(2) var<storage, read> v: array<f32>;
+@group(0) @binding(1) var<storage, read> k: array<{{KV_TYPE}}>;
+@group(0) @binding(2) var<storage, read> v: array<{{KV_TYPE}}>;
 @group(0) @binding(3) var<storage, read> mu: array<f32>;
 @group(0) @binding(4) var<storage, read> feat_idx: array<u32>;
 @group(0) @binding(5) var<storage, read> vnorm: array<f32>; // per unit: vmin, then 1 / vrange

@@ -2,8 +2,9 @@
 // block of BQ query rows, over S' in chunks of RC feature rows. Q' = Q * k_scale undoes pass 1's
 // key scaling (each monomial has the same degree in q and k); S'' = S' / keys (f16, packed by
 // poly_coop_pack.wgsl, at most 1) is staged through workgroup memory chunk by chunk, the next
-// chunk loaded into registers while this one is multiplied; the output multiplies keys back. D = Phi(Q') z, with z the normaliser column of S', is summed in f32
-// by the threads that build the features.
+// chunk (and its slice of the feature table) loaded into registers while this one is multiplied;
+// the output multiplies keys back. D = Phi(Q') z, with z the normaliser column of S', is summed in
+// f32 by the threads that build the features.
 // Subgroup s owns the query rows 16 * (s * RT + a) + 0..15 of every 16-column value tile in the
 // named accumulators acc_a_c (`src/kernels/poly.rs` unrolls them).
 enable f16;
@@ -56,14 +57,13 @@ var<workgroup> zero_t: array<f32, 256>;        // initialises the accumulators
 var<workgroup> phi: array<f16, {{PHI}}>;     // phi[f * FS + r]: lanes write consecutive r
 var<workgroup> s_t: array<f16, {{S_TILE}}>;  // s_t[f * SS + c]: this chunk of S''
 var<workgroup> q_t: array<f32, {{Q_TILE}}>;  // q_t[r * E1 + c]
-var<workgroup> s_d: array<f32, RC>;          // the chunk's normaliser column
-var<workgroup> idx_t: array<u32, {{IDX}}>;      // idx_t[f * G + t]: unpacked feature indices
-var<workgroup> w_t: array<f32, RC>;
+var<workgroup> wz_t: array<vec2<f32>, RC>;  // the chunk's feature weights and normaliser column
+var<workgroup> idx_t: array<u32, {{IDX}}>;      // the chunk's index words, IW per feature
 var<workgroup> d_t: array<f32, {{D_T}}>;     // normaliser partials, then the row sums
 var<workgroup> vn_t: array<f32, {{VN}}>;
 
 fn feature_index(f: u32, t: u32) -> u32 {
-    return idx_t[f * G + t];
+    return (idx_t[f * IW + t / 3u] >> (10u * (t % 3u))) & 1023u;
 }
 
 @compute @workgroup_size({{WG}})
@@ -108,44 +108,23 @@ fn main(
         var d = 0.0;
 {{ACC_DECL}}
 {{S_LOAD_FIRST}}
+{{TABLE_LOAD_FIRST}}
         for (var ch = 0u; ch < params.chunks; ch++) {
             let f0 = ch * RC;
-            let rows_f = min(RC, R - f0);
             // The previous chunk's products are done before its tiles are overwritten.
             workgroupBarrier();
 {{S_STORE}}
-            for (var i = lid; i < RC; i += WG) {
-                s_d[i] = z[unit * RP + f0 + i];
-                words_read += 1u;
-            }
-            // Index words unpacked once per chunk: the feature build reads them for every row.
-            for (var i = lid; i < RC * IW; i += WG) {
-                let f = i / IW;
-                var w = 0u;
-                if (f < rows_f) {
-                    w = feat_idx[f0 * IW + i];
-                    words_read += 1u;
-                }
-                for (var t = 3u * (i % IW); t < min(G, 3u * (i % IW) + 3u); t++) {
-                    idx_t[f * G + t] = (w >> (10u * (t % 3u))) & 1023u;
-                }
-            }
-            for (var i = lid; i < RC; i += WG) {
-                var w = 0.0;
-                if (i < rows_f) {
-                    w = feat_w[f0 + i];
-                    words_read += 1u;
-                }
-                w_t[i] = w;
-            }
+{{TABLE_STORE}}
             workgroupBarrier();
             if (ch + 1u < params.chunks) {
 {{S_LOAD_NEXT}}
+{{TABLE_LOAD_NEXT}}
             }
             // Feature rows past R have weight 0 and zero S'' rows.
             for (var f = fb; f < RC; f += TPR) {
+                let wz = wz_t[f];
                 let p = {{FEATURE}};
-                d = fma(p, s_d[f], d);
+                d = fma(p, wz.y, d);
                 phi[f * FS + rb] = f16(p);
             }
             workgroupBarrier();

@@ -654,14 +654,14 @@ impl CoopTiles {
             + (self.subgroups + 1) * COOP * COOP) as u64
     }
     /// Words of workgroup memory pass 2 declares: the query block (f32), its features and the S''
-    /// chunk (f16), the chunk's normaliser column and weights, its unpacked indices, the
+    /// chunk (f16), the chunk's normaliser column and weights, its index words, the
     /// normaliser partials, the value normalisation, the staging tiles and the zero tile.
     pub fn pass2_words(&self) -> u64 {
         (self.b2() * (self.e + 1)
             + self.rc2 * (self.b2() + 8) / 2
             + self.rc2 * (self.padded_ev() + 8) / 2
             + 2 * self.rc2
-            + align4(self.rc2 * self.g.max(1))
+            + align4(self.rc2 * index_words(self.g))
             + self.threads2()
             + self.b2()
             + align4(2 * self.ev)

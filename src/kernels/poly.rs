@@ -331,9 +331,17 @@ struct Prefetch {
     store: String,
 }
 
+/// Whether pass 1 reads keys and values as vec4 (both widths multiples of 4).
+fn coop_vec4(t: &CoopTiles) -> bool {
+    t.e % 4 == 0 && t.ev % 4 == 0
+}
+
 /// Pass 1's key tile: element u of each thread is tile element `lid + WG * u` (of BK x (E+1)
 /// keys, BK x Ev values).
 fn coop_prefetch(t: &CoopTiles) -> Prefetch {
+    if coop_vec4(t) {
+        return coop_prefetch_vec4(t);
+    }
     let wg = t.threads();
     let (nk, nv) = ((t.bk * (t.e + 1)).div_ceil(wg), (t.bk * t.ev).div_ceil(wg));
     let mut decl = String::new();
@@ -403,6 +411,100 @@ fn coop_prefetch(t: &CoopTiles) -> Prefetch {
     }
 }
 
+/// Pass 1's key tile read as vec4: element u of each thread is vec4 `lid + WG * u` of the BK x E
+/// keys and of the BK x Ev values. A thread's columns are the same in every tile, so their mean
+/// and value normalisation stay in registers; the constant-1 row is written per tile.
+fn coop_prefetch_vec4(t: &CoopTiles) -> Prefetch {
+    let wg = t.threads();
+    let (e4, ev4) = (t.e / 4, t.ev / 4);
+    let (nk, nv) = ((t.bk * e4).div_ceil(wg), (t.bk * ev4).div_ceil(wg));
+    let lanes = |name: &str, base: &str, at: &str| {
+        format!(
+            "vec4<f32>({name}[{base}4u * {at}], {name}[{base}4u * {at} + 1u], {name}[{base}4u * {at} + 2u], {name}[{base}4u * {at} + 3u])"
+        )
+    };
+    let mut decl = String::from("    var kr_t = 0u; // keys of the tile held in registers\n");
+    for u in 0..nk {
+        let _ = writeln!(
+            decl,
+            "    let ki_{u} = lid + {o}u;\n    let krow_{u} = ki_{u} / {e4}u;\n    let kc_{u} = ki_{u} % {e4}u;\n    \
+             let kmu_{u} = {mu};\n    var kx_{u} = vec4<f32>();",
+            o = wg * u,
+            mu = lanes("mu_t", "", &format!("kc_{u}"))
+        );
+    }
+    for u in 0..nv {
+        let _ = writeln!(
+            decl,
+            "    let vi_{u} = lid + {o}u;\n    let vrow_{u} = vi_{u} / {ev4}u;\n    let vc_{u} = vi_{u} % {ev4}u;\n    \
+             let vmin_{u} = {lo};\n    let vinv_{u} = {inv};\n    var vx_{u} = vec4<f32>();",
+            o = wg * u,
+            lo = lanes("vn_t", "", &format!("vc_{u}")),
+            inv = lanes("vn_t", "EV + ", &format!("vc_{u}"))
+        );
+    }
+    let load = |j0: &str, ind: &str| {
+        let mut s = format!("{ind}{{\n{ind}    kr_t = min(BK, j_end - ({j0}));\n");
+        for u in 0..nk {
+            let _ = write!(
+                s,
+                "{ind}    kx_{u} = vec4<f32>();\n\
+                 {ind}    if (ki_{u} < BK * {e4}u && krow_{u} < kr_t) {{\n\
+                 {ind}        kx_{u} = (k[(unit * params.s + {j0} + krow_{u}) * {e4}u + kc_{u}] - kmu_{u}) * params.k_inv_scale;\n\
+                 {ind}        words_read += 4u;\n\
+                 {ind}    }}\n"
+            );
+        }
+        for u in 0..nv {
+            let _ = write!(
+                s,
+                "{ind}    vx_{u} = vec4<f32>();\n\
+                 {ind}    if (vi_{u} < BK * {ev4}u && vrow_{u} < kr_t) {{\n\
+                 {ind}        vx_{u} = (v[(unit * params.s + {j0} + vrow_{u}) * {ev4}u + vc_{u}] - vmin_{u}) * vinv_{u};\n\
+                 {ind}        words_read += 4u;\n\
+                 {ind}    }}\n"
+            );
+        }
+        s.push_str(&format!("{ind}}}"));
+        s
+    };
+    let mut store = String::from(
+        "        for (var j = lid; j < BK; j += WG) {\n            k_t[E * KS + j] = select(0.0, 1.0, j < kr_t);\n        }\n",
+    );
+    for u in 0..nk {
+        let _ = write!(
+            store,
+            "        if (ki_{u} < BK * {e4}u) {{\n            let c = 4u * kc_{u};\n"
+        );
+        for (l, x) in ["x", "y", "z", "w"].iter().enumerate() {
+            let _ = writeln!(
+                store,
+                "            k_t[(c + {l}u) * KS + krow_{u}] = kx_{u}.{x};"
+            );
+        }
+        store.push_str("        }\n");
+    }
+    for u in 0..nv {
+        let _ = write!(
+            store,
+            "        if (vi_{u} < BK * {ev4}u) {{\n            let c = vrow_{u} * VS + 4u * vc_{u};\n"
+        );
+        for (l, x) in ["x", "y", "z", "w"].iter().enumerate() {
+            let _ = writeln!(store, "            v_t[c + {l}u] = f16(vx_{u}.{x});");
+        }
+        store.push_str("        }\n");
+    }
+    Prefetch {
+        decl: decl.trim_end().to_string(),
+        first: format!(
+            "    if (j_begin < j_end) {{\n{}\n    }}",
+            load("j_begin", "        ")
+        ),
+        next: load("j0 + BK", "            "),
+        store: store.trim_end().to_string(),
+    }
+}
+
 /// Template slots both coop passes share; `(threads, subgroups, rt)` are the pass's own.
 fn coop_common_slots(
     t: &CoopTiles,
@@ -444,6 +546,10 @@ pub fn coop_pass1_source(t: &CoopTiles, count_io: bool) -> String {
     slots.extend([
         ("RC", t.rc1().to_string()),
         ("BK", t.bk.to_string()),
+        (
+            "KV_TYPE",
+            if coop_vec4(t) { "vec4<f32>" } else { "f32" }.to_string(),
+        ),
         ("K_TILE", align4((t.e + 1) * (t.bk + 1)).to_string()),
         ("V_TILE", (t.bk * (t.padded_ev() + 8)).to_string()),
         ("PHI", (t.bk * (t.rc1() + 8)).to_string()),
@@ -515,6 +621,68 @@ fn coop_chunk_prefetch(t: &CoopTiles) -> Prefetch {
     }
 }
 
+/// Pass 2's feature table for the next chunk (index words, weights, normaliser column) in
+/// registers, and its stores into `idx_t` and `wz_t`.
+fn coop_table_prefetch(t: &CoopTiles) -> Prefetch {
+    let wg = t.threads2();
+    let ni = (t.rc2 * index_words(t.g)).div_ceil(wg);
+    let nw = t.rc2.div_ceil(wg);
+    let mut decl = String::new();
+    for u in 0..ni {
+        let _ = writeln!(decl, "        var tix_{u} = 0u;");
+    }
+    for u in 0..nw {
+        let _ = writeln!(decl, "        var twz_{u} = vec2<f32>();");
+    }
+    let load = |f0: &str, ind: &str| {
+        let mut s = format!("{ind}{{\n{ind}    let rows_f = min(RC, R - ({f0}));\n");
+        for u in 0..ni {
+            let _ = writeln!(
+                s,
+                "{ind}    tix_{u} = 0u;\n{ind}    if (lid + {o}u < RC * IW && (lid + {o}u) / IW < rows_f) {{\n\
+                 {ind}        tix_{u} = feat_idx[({f0}) * IW + lid + {o}u];\n{ind}        words_read += 1u;\n{ind}    }}",
+                o = wg * u
+            );
+        }
+        for u in 0..nw {
+            let _ = writeln!(
+                s,
+                "{ind}    if (lid + {o}u < RC) {{\n\
+                 {ind}        twz_{u} = vec2<f32>(0.0, z[unit * RP + ({f0}) + lid + {o}u]);\n\
+                 {ind}        words_read += 1u;\n\
+                 {ind}        if (lid + {o}u < rows_f) {{\n\
+                 {ind}            twz_{u}.x = feat_w[({f0}) + lid + {o}u];\n\
+                 {ind}            words_read += 1u;\n\
+                 {ind}        }}\n{ind}    }}",
+                o = wg * u
+            );
+        }
+        s.push_str(&format!("{ind}}}"));
+        s
+    };
+    let mut store = String::new();
+    for u in 0..ni {
+        let _ = writeln!(
+            store,
+            "            if (lid + {o}u < RC * IW) {{\n                idx_t[lid + {o}u] = tix_{u};\n            }}",
+            o = wg * u
+        );
+    }
+    for u in 0..nw {
+        let _ = writeln!(
+            store,
+            "            if (lid + {o}u < RC) {{\n                wz_t[lid + {o}u] = twz_{u};\n            }}",
+            o = wg * u
+        );
+    }
+    Prefetch {
+        decl: decl.trim_end().to_string(),
+        first: load("0u", "        "),
+        next: load("f0 + RC", "                "),
+        store: store.trim_end().to_string(),
+    }
+}
+
 /// Pass 2 on cooperative matrices for these tiles.
 pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
     let (rt, ct) = (t.rt2, t.col_tiles());
@@ -528,7 +696,7 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
         )
     });
     let feature = format!(
-        "w_t[f] * {}",
+        "wz.x * {}",
         feature_product(
             t.g,
             |i| format!("q_t[rb * E1 + feature_index(f, {i}u)]"),
@@ -536,6 +704,7 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
         )
     );
     let pre = coop_chunk_prefetch(t);
+    let table = coop_table_prefetch(t);
     let [decl, add] = io_counter_slots(count_io, 8);
     let mut slots = coop_common_slots(t, (t.threads2(), t.subgroups2, rt));
     slots.extend([
@@ -548,7 +717,13 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
         ("S_LOAD_FIRST", format!("{}\n{}", pre.decl, pre.first)),
         ("S_LOAD_NEXT", pre.next),
         ("S_STORE", pre.store),
-        ("IDX", align4(t.rc2 * t.g.max(1)).to_string()),
+        (
+            "TABLE_LOAD_FIRST",
+            format!("{}\n{}", table.decl, table.first),
+        ),
+        ("TABLE_LOAD_NEXT", table.next),
+        ("TABLE_STORE", table.store),
+        ("IDX", align4(t.rc2 * index_words(t.g)).to_string()),
         ("D_T", (t.threads2() + t.b2()).to_string()),
         ("FEATURE", feature),
         ("ACC_DECL", coop_accumulators(rt, ct, "        ")),
