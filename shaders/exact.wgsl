@@ -21,25 +21,30 @@ const BK: u32 = {{BK}}u;
 const TQ: u32 = {{TQ}}u;
 const TK: u32 = {{TK}}u;
 const WG: u32 = {{WG}}u;
-const KVW: u32 = {{KVW}}u;
-// Row strides of the Q, K and P tiles, one word longer than a row: threads of a warp read
-// different rows of the same column, which would all fall into one memory bank otherwise.
-const QS: u32 = E + 1u;
-const KS: u32 = E + 1u;
+// Tiles hold elements of type T: vec4 (loads of 16 bytes) when E and Ev are multiples of 4, else
+// f32. EW and EVW are the row widths of Q/K and V in elements.
+alias T = {{ELEM}};
+const LANES: u32 = {{LANES}}u;
+const EW: u32 = E / LANES;
+const EVW: u32 = EV / LANES;
+// Row strides of the Q and K tiles, one element longer than a row: the threads of a warp read
+// different rows, which would all start in one memory bank otherwise. P rows: one word longer.
+const QS: u32 = EW + 1u;
+const KS: u32 = EW + 1u;
 const PS: u32 = BK + 1u;
 // Below every real score: marks masked entries and the "no key seen yet" running maximum.
 const NEG: f32 = -3.0e38;
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> k: array<f32>;
-@group(0) @binding(3) var<storage, read> v: array<f32>;
+@group(0) @binding(1) var<storage, read> q: array<T>;
+@group(0) @binding(2) var<storage, read> k: array<T>;
+@group(0) @binding(3) var<storage, read> v: array<T>;
 @group(0) @binding(4) var<storage, read_write> o: array<f32>;
 @group(0) @binding(5) var<storage, read_write> stats: array<f32>;
 {{IO_COUNTER_DECL}}
 
-var<workgroup> q_tile: array<f32, {{Q_TILE}}>;
-var<workgroup> kv_tile: array<f32, {{KV_TILE}}>;
+var<workgroup> q_tile: array<T, {{Q_TILE}}>;
+var<workgroup> kv_tile: array<T, {{KV_TILE}}>;
 var<workgroup> p_tile: array<f32, {{P_TILE}}>;
 // part[i * TK + tk]: thread tk's partial maximum of row i's tile scores; at the end its partial
 // row sum.
@@ -53,19 +58,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let q_rows = min(BQ, params.l - q0);
     let tq = lid / TK;
     let tk = lid % TK;
-    let q_base = (head * params.l + q0) * E;
-    let k_base = kv_head * params.s * E;
-    let v_base = kv_head * params.s * EV;
+    let q_base = (head * params.l + q0) * EW;
+    let k_base = kv_head * params.s * EW;
+    let v_base = kv_head * params.s * EVW;
     var words_read = 0u;
     var words_written = 0u;
 
-    for (var idx = lid; idx < BQ * E; idx += WG) {
-        var x = 0.0;
-        if (idx / E < q_rows) {
+    for (var idx = lid; idx < BQ * EW; idx += WG) {
+        var x = T();
+        if (idx / EW < q_rows) {
             x = q[q_base + idx] * params.scale_log2;
-            words_read += 1u;
+            words_read += LANES;
         }
-        q_tile[(idx / E) * QS + idx % E] = x;
+        q_tile[(idx / EW) * QS + idx % EW] = x;
     }
     // Every thread keeps the running maximum m and its own partial sum l of its rows (the TK
     // threads of a row hold the same m), and the output accumulators.

@@ -89,20 +89,33 @@ impl ExactTiles {
     pub fn keys_per_thread(&self) -> usize {
         self.bk / self.tk
     }
+    /// Floats per tile element: 4 (vec4 loads) when both widths are multiples of 4, else 1.
+    pub fn lanes(&self) -> usize {
+        if self.e % 4 == 0 && self.ev % 4 == 0 {
+            4
+        } else {
+            1
+        }
+    }
+    /// Output columns of one thread (whole tile elements).
     pub fn out_cols_per_thread(&self) -> usize {
-        self.ev.div_ceil(self.tk)
+        self.lanes() * (self.ev / self.lanes()).div_ceil(self.tk)
     }
-    /// Width of the shared K/V tile row (K rows padded by one word); V reuses K's memory after
-    /// the scores are formed.
+    /// Row stride of the Q and K tiles in tile elements: one element longer than a row, so the
+    /// rows that the threads of a warp read start in different memory banks.
+    pub fn row_stride(&self) -> usize {
+        self.e / self.lanes() + 1
+    }
+    /// Width of the shared K/V tile row in tile elements; V reuses K's memory after the scores are
+    /// formed.
     pub fn kv_width(&self) -> usize {
-        (self.e + 1).max(self.ev)
+        self.row_stride().max(self.ev / self.lanes())
     }
-    /// Workgroup memory words the kernel declares (Q, K/V and P tiles with rows padded by one word
-    /// against bank conflicts, K/V tail padding, and one partial row statistic per thread).
+    /// Workgroup memory words the kernel declares: Q and K/V tiles (rows padded against bank
+    /// conflicts, K/V tail padding of one element per thread column), the P tile (rows padded by
+    /// a word) and one partial row statistic per thread.
     pub fn fast_memory_words(&self) -> u64 {
-        (self.bq * (self.e + 1)
-            + self.bk * self.kv_width()
-            + self.tk
+        (self.lanes() * (self.bq * self.row_stride() + self.bk * self.kv_width() + self.tk)
             + self.bq * (self.bk + 1)
             + self.bq * self.tk) as u64
     }

@@ -203,10 +203,13 @@ def test_unknown_backend_in_list_adapters(monkeypatch: pytest.MonkeyPatch) -> No
 @pytest.mark.parametrize(("e", "ev"), [(16, 16), (3, 64), (256, 256)])
 def test_fast_memory_too_small(e: int, ev: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # 64 bytes = 16 words; the smallest tile (1 query row, 1 key row) needs a Q row and a K/V row
-    # (Q and K rows padded by a word against bank conflicts): (E + 1) + max(E + 1, Ev), plus
-    # 1 (tail padding) + 2 (score row padded) + 1 (the one thread's partial row statistic) words.
+    # (Q and K rows padded by one tile element against bank conflicts) plus one element of K/V
+    # tail padding, in elements of `lanes` floats (vec4 where E and Ev are multiples of 4), then
+    # 2 words (score row padded) + 1 (the one thread's partial row statistic).
     monkeypatch.setenv("APPROX_ATTN_FAST_MEMORY_BYTES", "64")
-    need = (e + 1) + max(e + 1, ev) + 4
+    lanes = 4 if e % 4 == 0 and ev % 4 == 0 else 1
+    row = e // lanes + 1
+    need = lanes * (row + max(row, ev // lanes) + 1) + 3
     with pytest.raises(ValueError) as info:
         attention(*qkv((4, e), (5, e), (5, ev)))
     msg = str(info.value)

@@ -27,38 +27,49 @@ struct Params {
     scale_log2: f32,
 }
 
-/// The WGSL of the exact kernel for these tiles, micro-tiles unrolled into named registers.
+/// The WGSL of the exact kernel for these tiles, micro-tiles unrolled into named registers. Tile
+/// elements are vec4 where both widths allow (`ExactTiles::lanes`): 16-byte loads from workgroup
+/// memory, four multiply-adds per loaded pair.
 pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
     let rq = t.rows_per_thread();
     let rk = t.keys_per_thread();
-    let cv = t.out_cols_per_thread();
+    let lanes = t.lanes();
+    let cv = t.out_cols_per_thread() / lanes;
     let wg = t.threads();
+    let elem = if lanes == 4 { "vec4<f32>" } else { "f32" };
+    let comps: &[&str] = if lanes == 4 {
+        &[".x", ".y", ".z", ".w"]
+    } else {
+        &[""]
+    };
     let row = |a: usize| format!("(tq + {}u)", a * t.tq);
 
     let mut o_decl = String::new();
     for a in 0..rq {
         let _ = writeln!(o_decl, "    var m_{a} = NEG;\n    var l_{a} = 0.0;");
         for u in 0..cv {
-            let _ = writeln!(o_decl, "    var o_{a}_{u} = 0.0;");
+            let _ = writeln!(o_decl, "    var o_{a}_{u} = T();");
         }
     }
 
     // Element u of a thread's prefetch is tile element lid + WG * u (row-major, unpadded).
-    let (nk, nv) = ((t.bk * t.e).div_ceil(wg), (t.bk * t.ev).div_ceil(wg));
+    let ew = t.e / lanes;
+    let evw = t.ev / lanes;
+    let (nk, nv) = ((t.bk * ew).div_ceil(wg), (t.bk * evw).div_ceil(wg));
     let mut pre_decl = String::new();
     for u in 0..nk {
-        let _ = writeln!(pre_decl, "    var kx_{u} = 0.0;");
+        let _ = writeln!(pre_decl, "    var kx_{u} = T();");
     }
     for u in 0..nv {
-        let _ = writeln!(pre_decl, "    var vx_{u} = 0.0;");
+        let _ = writeln!(pre_decl, "    var vx_{u} = T();");
     }
     let k_load = |j0: &str, ind: &str| {
         let mut s = format!("{ind}let kr = min(BK, kv_end - ({j0}));\n");
         for u in 0..nk {
             let _ = writeln!(
                 s,
-                "{ind}kx_{u} = 0.0;\n{ind}if (lid + {o}u < kr * E) {{\n{ind}    \
-                 kx_{u} = k[k_base + ({j0}) * E + lid + {o}u];\n{ind}    words_read += 1u;\n{ind}}}",
+                "{ind}kx_{u} = T();\n{ind}if (lid + {o}u < kr * EW) {{\n{ind}    \
+                 kx_{u} = k[k_base + ({j0}) * EW + lid + {o}u];\n{ind}    words_read += LANES;\n{ind}}}",
                 o = wg * u
             );
         }
@@ -70,21 +81,21 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
     for u in 0..nk {
         let _ = writeln!(
             k_store,
-            "        if (lid + {o}u < BK * E) {{\n            let idx = lid + {o}u;\n            \
-             kv_tile[(idx / E) * KS + idx % E] = kx_{u};\n        }}",
+            "        if (lid + {o}u < BK * EW) {{\n            let idx = lid + {o}u;\n            \
+             kv_tile[(idx / EW) * KS + idx % EW] = kx_{u};\n        }}",
             o = wg * u
         );
     }
     for u in 0..nv {
         let _ = writeln!(
             v_load,
-            "        vx_{u} = 0.0;\n        if (lid + {o}u < k_rows * EV) {{\n            \
-             vx_{u} = v[v_base + j0 * EV + lid + {o}u];\n            words_read += 1u;\n        }}",
+            "        vx_{u} = T();\n        if (lid + {o}u < k_rows * EVW) {{\n            \
+             vx_{u} = v[v_base + j0 * EVW + lid + {o}u];\n            words_read += LANES;\n        }}",
             o = wg * u
         );
         let _ = writeln!(
             v_store,
-            "        if (lid + {o}u < BK * EV) {{\n            kv_tile[lid + {o}u] = vx_{u};\n        }}",
+            "        if (lid + {o}u < BK * EVW) {{\n            kv_tile[lid + {o}u] = vx_{u};\n        }}",
             o = wg * u
         );
     }
@@ -96,7 +107,7 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
             let _ = writeln!(scores, "        var s_{a}_{b} = 0.0;");
         }
     }
-    scores.push_str("        for (var e = 0u; e < E; e++) {\n");
+    scores.push_str("        for (var e = 0u; e < EW; e++) {\n");
     for a in 0..rq {
         let _ = writeln!(
             scores,
@@ -111,12 +122,14 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
             b * t.tk
         );
     }
-    for a in 0..rq {
-        for b in 0..rk {
-            let _ = writeln!(
-                scores,
-                "            s_{a}_{b} = fma(q_{a}, k_{b}, s_{a}_{b});"
-            );
+    for c in comps {
+        for a in 0..rq {
+            for b in 0..rk {
+                let _ = writeln!(
+                    scores,
+                    "            s_{a}_{b} = fma(q_{a}{c}, k_{b}{c}, s_{a}_{b});"
+                );
+            }
         }
     }
     scores.push_str("        }\n");
@@ -167,14 +180,19 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
         softmax.push_str("        }\n");
     }
 
+    // Element columns of a thread: tk + u * TK (consecutive threads read consecutive elements).
     let mut pv = String::from("        for (var j = 0u; j < BK; j++) {\n");
     for a in 0..rq {
-        let _ = writeln!(pv, "            let p_{a} = p_tile[{} * PS + j];", row(a));
+        let _ = writeln!(
+            pv,
+            "            let p_{a} = T(p_tile[{} * PS + j]);",
+            row(a)
+        );
     }
     for u in 0..cv {
         let _ = writeln!(
             pv,
-            "            let v_{u} = kv_tile[j * EV + tk + {}u];",
+            "            let v_{u} = kv_tile[j * EVW + tk + {}u];",
             u * t.tk
         );
     }
@@ -201,11 +219,18 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
         for u in 0..cv {
             let _ = writeln!(
                 store,
-                "        if (i < q_rows && tk + {cu}u < EV) {{\n            \
-                 o[(head * params.l + q0 + i) * EV + tk + {cu}u] = select(0.0, o_{a}_{u} / li, li > 0.0);\n            \
-                 words_written += 1u;\n        }}",
+                "        if (i < q_rows && tk + {cu}u < EVW) {{",
                 cu = u * t.tk
             );
+            for (l, c) in comps.iter().enumerate() {
+                let _ = writeln!(
+                    store,
+                    "            o[(head * params.l + q0 + i) * EV + LANES * (tk + {cu}u) + {l}u] = \
+                     select(0.0, o_{a}_{u}{c} / li, li > 0.0);",
+                    cu = u * t.tk
+                );
+            }
+            let _ = writeln!(store, "            words_written += LANES;\n        }}");
         }
         let _ = writeln!(
             store,
@@ -226,8 +251,9 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
             ("TQ", t.tq.to_string()),
             ("TK", t.tk.to_string()),
             ("WG", wg.to_string()),
-            ("KVW", t.kv_width().to_string()),
-            ("Q_TILE", (t.bq * (t.e + 1)).to_string()),
+            ("ELEM", elem.to_string()),
+            ("LANES", lanes.to_string()),
+            ("Q_TILE", (t.bq * t.row_stride()).to_string()),
             ("KV_TILE", (t.bk * t.kv_width() + t.tk).to_string()),
             ("P_TILE", (t.bq * (t.bk + 1)).to_string()),
             ("PART", (t.bq * t.tk).to_string()),
