@@ -33,7 +33,9 @@ const IW: u32 = {{IW}}u;
 const WG: u32 = {{WG}}u;
 const SG: u32 = {{SG}}u;
 const RT: u32 = {{RT}}u;
-const TPR: u32 = WG / BQ;    // threads per query row in the feature build
+const HB: u32 = BQ / 2u;     // each feature-building thread takes query rows r and r + HB
+const TPR: u32 = WG / HB;    // threads per query row pair in the feature build
+const DS: u32 = TPR * BQ;    // d_t: TPR partials per row, then the row sums
 const FS: u32 = BQ + 8u;    // row stride of the (feature-major) feature tile, in halves
 const EVP: u32 = {{EVP}}u;  // value columns padded to 16: the row stride of S''
 const RP: u32 = {{RP}}u;    // feature rows of S'' per unit, padded to whole chunks
@@ -58,12 +60,12 @@ var<workgroup> phi: array<f16, {{PHI}}>;     // phi[f * FS + r]: lanes write con
 var<workgroup> s_t: array<f16, {{S_TILE}}>;  // s_t[f * SS + c]: this chunk of S''
 var<workgroup> q_t: array<f32, {{Q_TILE}}>;  // q_t[r * E1 + c]
 var<workgroup> wz_t: array<vec2<f32>, RC>;  // the chunk's feature weights and normaliser column
-var<workgroup> idx_t: array<u32, {{IDX}}>;      // the chunk's index words, IW per feature
+var<workgroup> idx_t: array<u32, {{IDX}}>;      // idx_t[f * G + t]: unpacked feature indices
 var<workgroup> d_t: array<f32, {{D_T}}>;     // normaliser partials, then the row sums
 var<workgroup> vn_t: array<f32, {{VN}}>;
 
 fn feature_index(f: u32, t: u32) -> u32 {
-    return (idx_t[f * IW + t / 3u] >> (10u * (t % 3u))) & 1023u;
+    return idx_t[f * G + t];
 }
 
 @compute @workgroup_size({{WG}})
@@ -86,9 +88,10 @@ fn main(
         zero_t[i] = 0.0;
     }
     workgroupBarrier();
-    // This thread builds the features of query row rb, chunk rows fb, fb + TPR, ...
-    let rb = lid % BQ;
-    let fb = lid / BQ;
+    // This thread builds the features of query rows rb and rb + HB, chunk rows fb, fb + TPR, ...:
+    // one read of the feature's indices and weight serves both rows.
+    let rb = lid % HB;
+    let fb = lid / HB;
     for (var qb = wid.x; qb < params.blocks; qb += nwg.x) {
         let q0 = qb * BQ;
         let rows = min(BQ, params.l - q0);
@@ -105,7 +108,8 @@ fn main(
             }
             q_t[i] = x;
         }
-        var d = 0.0;
+        var d0 = 0.0;
+        var d1 = 0.0;
 {{ACC_DECL}}
 {{S_LOAD_FIRST}}
 {{TABLE_LOAD_FIRST}}
@@ -123,23 +127,28 @@ fn main(
             // Feature rows past R have weight 0 and zero S'' rows.
             for (var f = fb; f < RC; f += TPR) {
                 let wz = wz_t[f];
-                let p = {{FEATURE}};
-                d = fma(p, wz.y, d);
-                phi[f * FS + rb] = f16(p);
+{{FEATURE_INDEX}}
+                let p0 = {{FEATURE0}};
+                let p1 = {{FEATURE1}};
+                d0 = fma(p0, wz.y, d0);
+                d1 = fma(p1, wz.y, d1);
+                phi[f * FS + rb] = f16(p0);
+                phi[f * FS + rb + HB] = f16(p1);
             }
             workgroupBarrier();
             for (var kk = 0u; kk < RC; kk += 16u) {
 {{MMA}}
             }
         }
-        d_t[lid] = d;
+        d_t[fb * BQ + rb] = d0;
+        d_t[fb * BQ + rb + HB] = d1;
         workgroupBarrier();
         if (lid < BQ) {
             var z = 0.0;
             for (var h = 0u; h < TPR; h++) {
                 z += d_t[h * BQ + lid];
             }
-            d_t[WG + lid] = params.keys / z;
+            d_t[DS + lid] = params.keys / z;
         }
         workgroupBarrier();
 {{STORE}}

@@ -1,6 +1,8 @@
 // Pre-pass of the poly method: one read of a (units, rows, W) array per call, giving per workgroup
 // block the column sums, column min/max, the largest squared row norm of x - mu, and the number of
 // non-finite entries. The host reduces the blocks: key mean, beta, value ranges, finiteness.
+// Every thread works on every tile: thread (rl, c0) keeps the partial statistics of columns
+// c0, c0 + CL, ... over rows rl, rl + RL, ... of the tile; each row's norm is one thread's sum.
 
 struct Params {
     rows: u32,           // rows per unit
@@ -12,6 +14,9 @@ struct Params {
 const W: u32 = {{W}}u;
 const TR: u32 = {{TR}}u; // rows per tile in workgroup memory
 const WG: u32 = {{WG}}u;
+const TS: u32 = W + 1u;  // tile row stride: a column's rows fall into different memory banks
+const CL: u32 = min(W, WG); // column lanes
+const RL: u32 = WG / CL;    // row lanes
 const OUT: u32 = 3u * W + 2u;
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -21,9 +26,10 @@ const OUT: u32 = 3u * W + 2u;
 {{IO_COUNTER_DECL}}
 
 var<workgroup> tile: array<f32, {{TILE}}>;
-var<workgroup> col_sum: array<f32, W>;
-var<workgroup> col_min: array<f32, W>;
-var<workgroup> col_max: array<f32, W>;
+// Partial column statistics, [rl * W + c]: each entry belongs to one thread until the end.
+var<workgroup> p_sum: array<f32, RL * W>;
+var<workgroup> p_min: array<f32, RL * W>;
+var<workgroup> p_max: array<f32, RL * W>;
 var<workgroup> mu_t: array<f32, W>;
 var<workgroup> max_norm2: atomic<u32>;
 var<workgroup> bad: atomic<u32>;
@@ -33,12 +39,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let unit = wid.y;
     let r_begin = wid.x * params.rows_per_block;
     let r_end = min(params.rows, r_begin + params.rows_per_block);
+    let c0 = lid % CL;
+    let rl = lid / CL;
     var words_read = 0u;
     var words_written = 0u;
+    for (var i = lid; i < RL * W; i += WG) {
+        p_sum[i] = 0.0;
+        p_min[i] = 3.4028235e38;
+        p_max[i] = -3.4028235e38;
+    }
     for (var c = lid; c < W; c += WG) {
-        col_sum[c] = 0.0;
-        col_min[c] = 3.4028235e38;
-        col_max[c] = -3.4028235e38;
         var m = 0.0;
         if (params.use_mu != 0u) {
             m = mu[unit * W + c];
@@ -62,30 +72,41 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             if (!(abs(val) <= 3.4028235e38)) {
                 my_bad += 1u;
             }
-            tile[i] = val;
+            tile[(i / W) * TS + i % W] = val;
         }
         workgroupBarrier();
-        for (var c = lid; c < W; c += WG) {
-            var s = col_sum[c];
-            var lo = col_min[c];
-            var hi = col_max[c];
-            for (var r = 0u; r < rows; r++) {
-                let val = tile[r * W + c];
-                s += val;
-                lo = min(lo, val);
-                hi = max(hi, val);
+        if (rl < RL) {
+            for (var c = c0; c < W; c += CL) {
+                var s = p_sum[rl * W + c];
+                var lo = p_min[rl * W + c];
+                var hi = p_max[rl * W + c];
+                for (var r = rl; r < rows; r += RL) {
+                    let val = tile[r * TS + c];
+                    s += val;
+                    lo = min(lo, val);
+                    hi = max(hi, val);
+                }
+                p_sum[rl * W + c] = s;
+                p_min[rl * W + c] = lo;
+                p_max[rl * W + c] = hi;
             }
-            col_sum[c] = s;
-            col_min[c] = lo;
-            col_max[c] = hi;
         }
         for (var r = lid; r < rows; r += WG) {
-            var n2 = 0.0;
-            for (var c = 0u; c < W; c++) {
-                let d = tile[r * W + c] - mu_t[c];
-                n2 = fma(d, d, n2);
+            // Two accumulators halve the dependent chain.
+            var n2a = 0.0;
+            var n2b = 0.0;
+            var c = 0u;
+            for (; c + 1u < W; c += 2u) {
+                let da = tile[r * TS + c] - mu_t[c];
+                let db = tile[r * TS + c + 1u] - mu_t[c + 1u];
+                n2a = fma(da, da, n2a);
+                n2b = fma(db, db, n2b);
             }
-            my_norm2 = max(my_norm2, n2);
+            if (c < W) {
+                let da = tile[r * TS + c] - mu_t[c];
+                n2a = fma(da, da, n2a);
+            }
+            my_norm2 = max(my_norm2, n2a + n2b);
         }
         workgroupBarrier();
     }
@@ -95,9 +116,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     workgroupBarrier();
     let o = (unit * params.blocks + wid.x) * OUT;
     for (var c = lid; c < W; c += WG) {
-        out[o + c] = col_sum[c];
-        out[o + W + c] = col_min[c];
-        out[o + 2u * W + c] = col_max[c];
+        var s = 0.0;
+        var lo = 3.4028235e38;
+        var hi = -3.4028235e38;
+        for (var r = 0u; r < RL; r++) {
+            s += p_sum[r * W + c];
+            lo = min(lo, p_min[r * W + c]);
+            hi = max(hi, p_max[r * W + c]);
+        }
+        out[o + c] = s;
+        out[o + W + c] = lo;
+        out[o + 2u * W + c] = hi;
         words_written += 3u;
     }
     if (lid == 0u) {

@@ -305,7 +305,7 @@ pub fn exact_tiles_fit(t: &ExactTiles, budget: &Budget) -> bool {
 }
 
 /// The candidates an autotune times: the default choice plus other tile and thread-grid shapes
-/// (8 or 16 threads per side) that fit.
+/// (4, 8 or 16 threads per side, at least 64 threads) that fit.
 pub fn exact_candidates(p: &Problem, budget: &Budget) -> Vec<ExactTiles> {
     let mut out = Vec::new();
     if let Ok(t) = exact_tiles(p, budget) {
@@ -313,9 +313,12 @@ pub fn exact_candidates(p: &Problem, budget: &Budget) -> Vec<ExactTiles> {
     }
     for bq in [64usize, 32, 16] {
         for bk in [64usize, 32, 16] {
-            for side_q in [8usize, 16] {
-                for side_k in [8usize, 16] {
+            for side_q in [4usize, 8, 16] {
+                for side_k in [4usize, 8, 16] {
                     let (tq, tk) = (bq.min(side_q), bk.min(side_k));
+                    if tq * tk < 64 {
+                        continue;
+                    }
                     let t = ExactTiles {
                         e: p.e,
                         ev: p.ev,
@@ -667,15 +670,15 @@ impl CoopTiles {
             + (self.subgroups + 1) * COOP * COOP) as u64
     }
     /// Words of workgroup memory pass 2 declares: the query block (f32), its features and the S''
-    /// chunk (f16), the chunk's normaliser column and weights, its index words, the
+    /// chunk (f16), the chunk's normaliser column and weights, its unpacked indices, the
     /// normaliser partials, the value normalisation, the staging tiles and the zero tile.
     pub fn pass2_words(&self) -> u64 {
         (self.b2() * (self.e + 1)
             + self.rc2 * (self.b2() + 8) / 2
             + self.rc2 * (self.padded_ev() + 8) / 2
             + 2 * self.rc2
-            + align4(self.rc2 * index_words(self.g))
-            + self.threads2()
+            + align4(self.rc2 * self.g.max(1))
+            + 2 * self.threads2()
             + self.b2()
             + align4(2 * self.ev)
             + (self.subgroups2 + 1) * COOP * COOP) as u64
@@ -1174,25 +1177,33 @@ pub fn prepass_rows_per_block(rows: usize, units: usize, width: usize, budget: &
     tiles * tile_rows
 }
 
+/// Row lanes of the pre-pass: threads that share a column, each over its own rows.
+pub fn prepass_row_lanes(width: usize) -> usize {
+    POLY_THREADS / width.clamp(1, POLY_THREADS)
+}
+
 /// Loop iterations of one pre-pass invocation over `tiles` tiles (see prepass.wgsl).
 pub fn prepass_loop_iterations(width: usize, tile_rows: usize, tiles: usize) -> u64 {
     let wg = POLY_THREADS;
+    let rl = prepass_row_lanes(width);
+    let cl = width.clamp(1, wg);
     let per_tile = 1
         + cdiv(tile_rows * width, wg)
-        + cdiv(width, wg) * (1 + tile_rows as u64)
-        + cdiv(tile_rows, wg) * (1 + width as u64);
-    2 * cdiv(width, wg) + tiles as u64 * per_tile
+        + cdiv(width, cl) * (1 + cdiv(tile_rows, rl))
+        + cdiv(tile_rows, wg) * (1 + cdiv(width, 2));
+    cdiv(rl * width, wg) + cdiv(width, wg) * (2 + rl as u64) + tiles as u64 * per_tile
 }
 
 /// Tile rows of the pre-pass for this width and fast memory.
 pub fn prepass_tile_rows(width: usize, fast_memory_words: u64) -> usize {
     let fixed = prepass_fast_memory_words(width, 0) as usize;
-    ((fast_memory_words as usize).saturating_sub(fixed) / width).clamp(1, 256)
+    ((fast_memory_words as usize).saturating_sub(fixed) / (width + 1)).clamp(1, 256)
 }
 
-/// Workgroup memory of the pre-pass: the tile, column sums/min/max, mu, and two atomics.
+/// Workgroup memory of the pre-pass: the tile (rows padded by a word), the partial column
+/// sums/min/max of every row lane, mu, and two atomics.
 pub fn prepass_fast_memory_words(width: usize, tile_rows: usize) -> u64 {
-    (tile_rows * width + 4 * width + 2) as u64
+    (tile_rows * (width + 1) + 3 * prepass_row_lanes(width) * width + width + 2) as u64
 }
 
 #[cfg(test)]

@@ -38,7 +38,7 @@ pub fn prepass_source(width: usize, tile_rows: usize, count_io: bool) -> String 
             ("W", width.to_string()),
             ("TR", tile_rows.to_string()),
             ("WG", AUX_THREADS.to_string()),
-            ("TILE", (tile_rows * width).to_string()),
+            ("TILE", (tile_rows * (width + 1)).to_string()),
             decl,
             add,
         ],
@@ -622,7 +622,8 @@ fn coop_chunk_prefetch(t: &CoopTiles) -> Prefetch {
 }
 
 /// Pass 2's feature table for the next chunk (index words, weights, normaliser column) in
-/// registers, and its stores into `idx_t` and `wz_t`.
+/// registers, and its stores into `idx_t` (unpacked: the feature build reads them for every
+/// row) and `wz_t`.
 fn coop_table_prefetch(t: &CoopTiles) -> Prefetch {
     let wg = t.threads2();
     let ni = (t.rc2 * index_words(t.g)).div_ceil(wg);
@@ -664,7 +665,9 @@ fn coop_table_prefetch(t: &CoopTiles) -> Prefetch {
     for u in 0..ni {
         let _ = writeln!(
             store,
-            "            if (lid + {o}u < RC * IW) {{\n                idx_t[lid + {o}u] = tix_{u};\n            }}",
+            "            if (lid + {o}u < RC * IW) {{\n                let i = lid + {o}u;\n                \
+             for (var t = 3u * (i % IW); t < min(G, 3u * (i % IW) + 3u); t++) {{\n                    \
+             idx_t[(i / IW) * G + t] = (tix_{u} >> (10u * (t % 3u))) & 1023u;\n                }}\n            }}",
             o = wg * u
         );
     }
@@ -690,19 +693,20 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
         format!(
             "{ind}if (row < rows && col < EV) {{\n\
              {ind}    o[(head * params.l + q0 + row) * EV + col] =\n\
-             {ind}        vn_t[col] + vn_t[EV + col] * (stage[sg * 256u + i] * d_t[WG + row]);\n\
+             {ind}        vn_t[col] + vn_t[EV + col] * (stage[sg * 256u + i] * d_t[DS + row]);\n\
              {ind}    words_written += 1u;\n\
              {ind}}}\n"
         )
     });
-    let feature = format!(
-        "wz.x * {}",
-        feature_product(
-            t.g,
-            |i| format!("q_t[rb * E1 + feature_index(f, {i}u)]"),
-            "1.0"
+    let feature = |row: &str| {
+        format!(
+            "wz.x * {}",
+            feature_product(t.g, |i| format!("q_t[{row} * E1 + fi_{i}]"), "1.0")
         )
-    );
+    };
+    let feature_index: String = (0..t.g)
+        .map(|i| format!("                let fi_{i} = feature_index(f, {i}u);\n"))
+        .collect();
     let pre = coop_chunk_prefetch(t);
     let table = coop_table_prefetch(t);
     let [decl, add] = io_counter_slots(count_io, 8);
@@ -723,9 +727,11 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
         ),
         ("TABLE_LOAD_NEXT", table.next),
         ("TABLE_STORE", table.store),
-        ("IDX", align4(t.rc2 * index_words(t.g)).to_string()),
-        ("D_T", (t.threads2() + t.b2()).to_string()),
-        ("FEATURE", feature),
+        ("IDX", align4(t.rc2 * t.g.max(1)).to_string()),
+        ("D_T", (2 * t.threads2() + t.b2()).to_string()),
+        ("FEATURE_INDEX", feature_index.trim_end().to_string()),
+        ("FEATURE0", feature("rb")),
+        ("FEATURE1", feature("(rb + HB)")),
         ("ACC_DECL", coop_accumulators(rt, ct, "        ")),
         (
             "MMA",
