@@ -33,8 +33,9 @@ const IW: u32 = {{IW}}u;
 const WG: u32 = {{WG}}u;
 const SG: u32 = {{SG}}u;
 const RT: u32 = {{RT}}u;
-const HB: u32 = BQ / 2u;     // each feature-building thread takes query rows r and r + HB
-const TPR: u32 = WG / HB;    // threads per query row pair in the feature build
+const RPT: u32 = {{RPT}}u;    // query rows per feature-building thread: r, r + HB, ...
+const HB: u32 = BQ / RPT;
+const TPR: u32 = WG / HB;    // threads per query row group in the feature build
 const DS: u32 = TPR * BQ;    // d_t: TPR partials per row, then the row sums
 const FS: u32 = BQ + 8u;    // row stride of the (feature-major) feature tile, in halves
 const EVP: u32 = {{EVP}}u;  // value columns padded to 16: the row stride of S''
@@ -88,8 +89,8 @@ fn main(
         zero_t[i] = 0.0;
     }
     workgroupBarrier();
-    // This thread builds the features of query rows rb and rb + HB, chunk rows fb, fb + TPR, ...:
-    // one read of the feature's indices and weight serves both rows.
+    // This thread builds the features of query rows rb, rb + HB, ..., chunk rows fb, fb + TPR,
+    // ...: one read of the feature's indices and weight serves RPT rows.
     let rb = lid % HB;
     let fb = lid / HB;
     for (var qb = wid.x; qb < params.blocks; qb += nwg.x) {
@@ -108,8 +109,7 @@ fn main(
             }
             q_t[i] = x;
         }
-        var d0 = 0.0;
-        var d1 = 0.0;
+{{D_DECL}}
 {{ACC_DECL}}
 {{S_LOAD_FIRST}}
 {{TABLE_LOAD_FIRST}}
@@ -128,20 +128,14 @@ fn main(
             for (var f = fb; f < RC; f += TPR) {
                 let wz = wz_t[f];
 {{FEATURE_INDEX}}
-                let p0 = {{FEATURE0}};
-                let p1 = {{FEATURE1}};
-                d0 = fma(p0, wz.y, d0);
-                d1 = fma(p1, wz.y, d1);
-                phi[f * FS + rb] = f16(p0);
-                phi[f * FS + rb + HB] = f16(p1);
+{{FEATURE}}
             }
             workgroupBarrier();
             for (var kk = 0u; kk < RC; kk += 16u) {
 {{MMA}}
             }
         }
-        d_t[fb * BQ + rb] = d0;
-        d_t[fb * BQ + rb + HB] = d1;
+{{D_STORE}}
         workgroupBarrier();
         if (lid < BQ) {
             var z = 0.0;

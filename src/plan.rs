@@ -678,7 +678,7 @@ impl CoopTiles {
             + self.rc2 * (self.padded_ev() + 8) / 2
             + 2 * self.rc2
             + align4(self.rc2 * self.g.max(1))
-            + 2 * self.threads2()
+            + crate::kernels::poly::COOP_PASS2_ROWS_PER_THREAD * self.threads2()
             + self.b2()
             + align4(2 * self.ev)
             + (self.subgroups2 + 1) * COOP * COOP) as u64
@@ -1194,10 +1194,15 @@ pub fn prepass_loop_iterations(width: usize, tile_rows: usize, tiles: usize) -> 
     cdiv(rl * width, wg) + cdiv(width, wg) * (2 + rl as u64) + tiles as u64 * per_tile
 }
 
+/// Most rows of a pre-pass tile: small tiles leave room for more workgroups per core, which hide
+/// the load latency of this streaming kernel.
+const PREPASS_MAX_TILE_ROWS: usize = 32;
+
 /// Tile rows of the pre-pass for this width and fast memory.
 pub fn prepass_tile_rows(width: usize, fast_memory_words: u64) -> usize {
     let fixed = prepass_fast_memory_words(width, 0) as usize;
-    ((fast_memory_words as usize).saturating_sub(fixed) / (width + 1)).clamp(1, 256)
+    ((fast_memory_words as usize).saturating_sub(fixed) / (width + 1))
+        .clamp(1, PREPASS_MAX_TILE_ROWS)
 }
 
 /// Workgroup memory of the pre-pass: the tile (rows padded by a word), the partial column
