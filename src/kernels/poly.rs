@@ -687,9 +687,10 @@ fn coop_table_prefetch(t: &CoopTiles) -> Prefetch {
 }
 
 /// Query rows per feature-building thread in coop pass 2: the feature's indices and weight are
-/// read once for all of them (measured on the H100, n = 65,536, E = 64: 1 row 5.8 ms, 2 rows 4.4
-/// ms).
-pub const COOP_PASS2_ROWS_PER_THREAD: usize = 4;
+/// read once for all of them. Measured on the H100 (pass 2, n = 65,536, E = 64): 1 row 5.8 ms,
+/// 2 rows 4.4-5.0 ms, 4 rows 4.7 ms, 8 rows 4.6 ms (n = 32,768, E = 128: 19.2 ms with 4, 18.7 with
+/// 8).
+pub const COOP_PASS2_ROWS_PER_THREAD: usize = 8;
 
 /// Pass 2 on cooperative matrices for these tiles.
 pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
