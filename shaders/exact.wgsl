@@ -28,10 +28,12 @@ const LANES: u32 = {{LANES}}u;
 const EW: u32 = E / LANES;
 const EVW: u32 = EV / LANES;
 // Row strides of the Q and K tiles, one element longer than a row: the threads of a warp read
-// different rows, which would all start in one memory bank otherwise. P rows: one word longer.
+// different rows, which would all start in one memory bank otherwise. P rows (elements of type
+// TP: vec4 of four keys where the tiles are vec4 and BK allows): one element longer.
 const QS: u32 = EW + 1u;
 const KS: u32 = EW + 1u;
-const PS: u32 = BK + 1u;
+alias TP = {{P_ELEM}};
+const PS: u32 = {{PS}}u;
 // Below every real score: marks masked entries and the "no key seen yet" running maximum.
 const NEG: f32 = -3.0e38;
 
@@ -45,7 +47,7 @@ const NEG: f32 = -3.0e38;
 
 var<workgroup> q_tile: array<T, {{Q_TILE}}>;
 var<workgroup> kv_tile: array<T, {{KV_TILE}}>;
-var<workgroup> p_tile: array<f32, {{P_TILE}}>;
+var<workgroup> p_tile: array<TP, {{P_TILE}}>;
 // part[i * TK + tk]: thread tk's partial maximum of row i's tile scores; at the end its partial
 // row sum.
 var<workgroup> part: array<f32, {{PART}}>;

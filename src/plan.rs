@@ -111,12 +111,25 @@ impl ExactTiles {
     pub fn kv_width(&self) -> usize {
         self.row_stride().max(self.ev / self.lanes())
     }
+    /// Floats per element of the P tile: vec4 (four keys per load in the P V product) where the
+    /// tiles are vec4 and the key tile is a multiple of 4.
+    pub fn p_lanes(&self) -> usize {
+        if self.lanes() == 4 && self.bk % 4 == 0 {
+            4
+        } else {
+            1
+        }
+    }
+    /// Row stride of the P tile in its elements, one element longer than a row.
+    pub fn p_row_stride(&self) -> usize {
+        self.bk / self.p_lanes() + 1
+    }
     /// Workgroup memory words the kernel declares: Q and K/V tiles (rows padded against bank
     /// conflicts, K/V tail padding of one element per thread column), the P tile (rows padded by
-    /// a word) and one partial row statistic per thread.
+    /// one element) and one partial row statistic per row and thread column.
     pub fn fast_memory_words(&self) -> u64 {
         (self.lanes() * (self.bq * self.row_stride() + self.bk * self.kv_width() + self.tk)
-            + self.bq * (self.bk + 1)
+            + self.p_lanes() * self.bq * self.p_row_stride()
             + self.bq * self.tk) as u64
     }
 }

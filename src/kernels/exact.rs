@@ -43,6 +43,7 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
         &[""]
     };
     let row = |a: usize| format!("(tq + {}u)", a * t.tq);
+    let p4 = t.p_lanes() == 4;
 
     let mut o_decl = String::new();
     for a in 0..rq {
@@ -161,12 +162,19 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
             r = row(a)
         );
         for b in 0..rk {
+            let target = if p4 {
+                format!(
+                    "p_tile[{r} * PS + (tk + {jb}u) / 4u][(tk + {jb}u) % 4u]",
+                    r = row(a),
+                    jb = b * t.tk
+                )
+            } else {
+                format!("p_tile[{r} * PS + tk + {jb}u]", r = row(a), jb = b * t.tk)
+            };
             let _ = writeln!(
                 softmax,
                 "            let p_{b} = select(0.0, exp2(s_{a}_{b} - mx), s_{a}_{b} > NEG);\n            \
-                 p_tile[{r} * PS + tk + {jb}u] = p_{b};",
-                r = row(a),
-                jb = b * t.tk
+                 {target} = p_{b};"
             );
         }
         let sum = (0..rk)
@@ -181,24 +189,31 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
     }
 
     // Element columns of a thread: tk + u * TK (consecutive threads read consecutive elements).
-    let mut pv = String::from("        for (var j = 0u; j < BK; j++) {\n");
+    // With a vec4 P tile, one load brings the probabilities of four keys.
+    let (p_step, p_comps): (usize, &[&str]) = if p4 {
+        (4, &[".x", ".y", ".z", ".w"])
+    } else {
+        (1, &[""])
+    };
+    let mut pv = format!("        for (var jp = 0u; jp < BK / {p_step}u; jp++) {{\n");
     for a in 0..rq {
-        let _ = writeln!(
-            pv,
-            "            let p_{a} = T(p_tile[{} * PS + j]);",
-            row(a)
-        );
+        let _ = writeln!(pv, "            let p_{a} = p_tile[{} * PS + jp];", row(a));
     }
-    for u in 0..cv {
-        let _ = writeln!(
-            pv,
-            "            let v_{u} = kv_tile[j * EVW + tk + {}u];",
-            u * t.tk
-        );
-    }
-    for a in 0..rq {
+    for (l, pc) in p_comps.iter().enumerate() {
         for u in 0..cv {
-            let _ = writeln!(pv, "            o_{a}_{u} = fma(p_{a}, v_{u}, o_{a}_{u});");
+            let _ = writeln!(
+                pv,
+                "            let v_{l}_{u} = kv_tile[({p_step}u * jp + {l}u) * EVW + tk + {}u];",
+                u * t.tk
+            );
+        }
+        for a in 0..rq {
+            for u in 0..cv {
+                let _ = writeln!(
+                    pv,
+                    "            o_{a}_{u} = fma(T(p_{a}{pc}), v_{l}_{u}, o_{a}_{u});"
+                );
+            }
         }
     }
     pv.push_str("        }");
@@ -255,7 +270,9 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
             ("LANES", lanes.to_string()),
             ("Q_TILE", (t.bq * t.row_stride()).to_string()),
             ("KV_TILE", (t.bk * t.kv_width() + t.tk).to_string()),
-            ("P_TILE", (t.bq * (t.bk + 1)).to_string()),
+            ("P_ELEM", if p4 { "vec4<f32>" } else { "f32" }.to_string()),
+            ("PS", t.p_row_stride().to_string()),
+            ("P_TILE", (t.bq * t.p_row_stride()).to_string()),
             ("PART", (t.bq * t.tk).to_string()),
             ("O_DECL", o_decl.trim_end().to_string()),
             ("PREFETCH_DECL", pre_decl.trim_end().to_string()),
