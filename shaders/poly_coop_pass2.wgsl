@@ -23,6 +23,9 @@ struct Params {
 
 const E: u32 = {{E}}u;
 const E1: u32 = E + 1u;
+// Row stride of the query tile: QS = 32 / HB (mod 32) puts the HB rows and 32 / HB consecutive
+// feature indices that a 32-wide subgroup reads at once into 32 different memory banks.
+const QS: u32 = {{QS}}u;
 const EV: u32 = {{EV}}u;
 const EV1: u32 = EV + 1u;
 const R: u32 = {{R}}u;
@@ -59,7 +62,7 @@ var<workgroup> stage: array<f32, {{STAGE}}>;
 var<workgroup> zero_t: array<f32, 256>;        // initialises the accumulators
 var<workgroup> phi: array<f16, {{PHI}}>;     // phi[f * FS + r]: lanes write consecutive r
 var<workgroup> s_t: array<f16, {{S_TILE}}>;  // s_t[f * SS + c]: this chunk of S''
-var<workgroup> q_t: array<f32, {{Q_TILE}}>;  // q_t[r * E1 + c]
+var<workgroup> q_t: array<f32, {{Q_TILE}}>;  // q_t[r * QS + c]
 var<workgroup> wz_t: array<vec2<f32>, RC>;  // the chunk's feature weights and normaliser column
 var<workgroup> idx_t: array<u32, {{IDX}}>;      // idx_t[f * G + t]: unpacked feature indices
 var<workgroup> d_t: array<f32, {{D_T}}>;     // normaliser partials, then the row sums
@@ -107,7 +110,7 @@ fn main(
                     words_read += 1u;
                 }
             }
-            q_t[i] = x;
+            q_t[r * QS + c] = x;
         }
 {{D_DECL}}
 {{ACC_DECL}}

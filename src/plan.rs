@@ -682,11 +682,19 @@ impl CoopTiles {
             + self.threads()
             + (self.subgroups + 1) * COOP * COOP) as u64
     }
+    /// Row stride of pass 2's query tile: at least E + 1, and 32 / HB modulo 32, where HB query
+    /// rows times 32 / HB features (consecutive indices) make one 32-wide subgroup's read.
+    pub fn q_stride2(&self) -> usize {
+        let hb = (self.b2() / crate::kernels::poly::COOP_PASS2_ROWS_PER_THREAD).clamp(1, 32);
+        let want = (32 / hb) % 32;
+        let min = self.e + 1;
+        min + (want + 32 - min % 32) % 32
+    }
     /// Words of workgroup memory pass 2 declares: the query block (f32), its features and the S''
     /// chunk (f16), the chunk's normaliser column and weights, its unpacked indices, the
     /// normaliser partials, the value normalisation, the staging tiles and the zero tile.
     pub fn pass2_words(&self) -> u64 {
-        (self.b2() * (self.e + 1)
+        (self.b2() * self.q_stride2()
             + self.rc2 * (self.b2() + 8) / 2
             + self.rc2 * (self.padded_ev() + 8) / 2
             + 2 * self.rc2

@@ -707,7 +707,7 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
     let feature = |row: &str| {
         format!(
             "wz.x * {}",
-            feature_product(t.g, |i| format!("q_t[{row} * E1 + fi_{i}]"), "1.0")
+            feature_product(t.g, |i| format!("q_t[{row} * QS + fi_{i}]"), "1.0")
         )
     };
     let rpt = COOP_PASS2_ROWS_PER_THREAD;
@@ -733,7 +733,8 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
     slots.extend([
         ("RC", t.rc2.to_string()),
         ("BQ", t.b2().to_string()),
-        ("Q_TILE", (t.b2() * (t.e + 1)).to_string()),
+        ("QS", t.q_stride2().to_string()),
+        ("Q_TILE", (t.b2() * t.q_stride2()).to_string()),
         ("PHI", (t.rc2 * (t.b2() + 8)).to_string()),
         ("RP", t.rp().to_string()),
         ("S_TILE", (t.rc2 * (t.padded_ev() + 8)).to_string()),
