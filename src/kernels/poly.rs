@@ -331,6 +331,20 @@ struct Prefetch {
     store: String,
 }
 
+/// Pass 1's prefetch from its declarations, its tile load (code for the tile at key `j0`) and its
+/// stores.
+fn pass1_prefetch(decl: &str, load: impl Fn(&str, &str) -> String, store: &str) -> Prefetch {
+    Prefetch {
+        decl: decl.trim_end().to_string(),
+        first: format!(
+            "    if (j_begin < j_end) {{\n{}\n    }}",
+            load("j_begin", "        ")
+        ),
+        next: load("j0 + BK", "            "),
+        store: store.trim_end().to_string(),
+    }
+}
+
 /// Whether pass 1 reads keys and values as vec4 (both widths multiples of 4).
 fn coop_vec4(t: &CoopTiles) -> bool {
     t.e % 4 == 0 && t.ev % 4 == 0
@@ -400,15 +414,7 @@ fn coop_prefetch(t: &CoopTiles) -> Prefetch {
             "        if (vi_{u} < BK * EV) {{\n            v_t[vrow_{u} * VS + vcol_{u}] = f16(vx_{u});\n        }}"
         );
     }
-    Prefetch {
-        decl: decl.trim_end().to_string(),
-        first: format!(
-            "    if (j_begin < j_end) {{\n{}\n    }}",
-            load("j_begin", "        ")
-        ),
-        next: load("j0 + BK", "            "),
-        store: store.trim_end().to_string(),
-    }
+    pass1_prefetch(&decl, load, &store)
 }
 
 /// Pass 1's key tile read as vec4: element u of each thread is vec4 `lid + WG * u` of the BK x E
@@ -494,15 +500,7 @@ fn coop_prefetch_vec4(t: &CoopTiles) -> Prefetch {
         }
         store.push_str("        }\n");
     }
-    Prefetch {
-        decl: decl.trim_end().to_string(),
-        first: format!(
-            "    if (j_begin < j_end) {{\n{}\n    }}",
-            load("j_begin", "        ")
-        ),
-        next: load("j0 + BK", "            "),
-        store: store.trim_end().to_string(),
-    }
+    pass1_prefetch(&decl, load, &store)
 }
 
 /// Template slots both coop passes share; `(threads, subgroups, rt)` are the pass's own.
