@@ -58,14 +58,14 @@ const SS: u32 = EVP + 8u;   // row stride of the S'' chunk in workgroup memory, 
 // Every workgroup variable is a whole number of 16-byte units: NVIDIA's driver packs them (in an
 // order of its own) and a cooperative load or store from an address that is not 16-byte aligned
 // returns garbage (measured on the H100: E = 7, 9, 15 or Ev = 33 broke before the padding).
-var<workgroup> stage: array<f32, {{STAGE}}>;
+{{STAGE_DECL}}
 var<workgroup> zero_t: array<f32, 256>;        // initialises the accumulators
 var<workgroup> phi: array<f16, {{PHI}}>;     // phi[f * FS + r]: lanes write consecutive r
 var<workgroup> s_t: array<f16, {{S_TILE}}>;  // s_t[f * SS + c]: this chunk of S''
 var<workgroup> q_t: array<f32, {{Q_TILE}}>;  // q_t[r * QS + c]
 var<workgroup> wz_t: array<vec2<f32>, RC>;  // the chunk's feature weights and normaliser column
 var<workgroup> idx_t: array<u32, {{IDX}}>;      // idx_t[f * G + t]: unpacked feature indices
-var<workgroup> d_t: array<f32, {{D_T}}>;     // normaliser partials, then the row sums
+{{D_T_DECL}}
 var<workgroup> vn_t: array<f32, {{VN}}>;
 
 fn feature_index(f: u32, t: u32) -> u32 {

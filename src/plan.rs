@@ -691,18 +691,35 @@ impl CoopTiles {
         min + (want + 32 - min % 32) % 32
     }
     /// Words of workgroup memory pass 2 declares: the query block (f32), its features and the S''
-    /// chunk (f16), the chunk's normaliser column and weights, its unpacked indices, the
-    /// normaliser partials, the value normalisation, the staging tiles and the zero tile.
+    /// chunk (f16), the chunk's normaliser column and weights, its unpacked indices, the value
+    /// normalisation, the zero tile, and the staging tiles and normaliser partials unless they
+    /// fit in the query block's memory.
     pub fn pass2_words(&self) -> u64 {
+        let tail = if self.pass2_tail_in_query_tile() {
+            0
+        } else {
+            self.pass2_tail_words()
+        };
         (self.b2() * self.q_stride2()
             + self.rc2 * (self.b2() + 8) / 2
             + self.rc2 * (self.padded_ev() + 8) / 2
             + 2 * self.rc2
             + align4(self.rc2 * self.g.max(1))
+            + tail
+            + align4(2 * self.ev)
+            + COOP * COOP) as u64
+    }
+    /// Words pass 2 needs only after its last chunk: the output staging tiles (one per subgroup)
+    /// and the normaliser partials and row sums.
+    pub fn pass2_tail_words(&self) -> usize {
+        self.subgroups2 * COOP * COOP
             + crate::kernels::poly::COOP_PASS2_ROWS_PER_THREAD * self.threads2()
             + self.b2()
-            + align4(2 * self.ev)
-            + (self.subgroups2 + 1) * COOP * COOP) as u64
+    }
+    /// Whether that tail lives in the query tile, which is dead after the last chunk's features
+    /// (frees workgroup memory for more workgroups per core).
+    pub fn pass2_tail_in_query_tile(&self) -> bool {
+        self.b2() * self.q_stride2() >= self.pass2_tail_words()
     }
 }
 

@@ -721,6 +721,24 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
         );
         let _ = writeln!(d_store, "        d_t[fb * BQ + {row}] = d_{h};");
     }
+    // After the last chunk the query tile is dead: the staging tiles and the normaliser partials
+    // take its memory where they fit (once every thread is past the feature build).
+    let tail_in_q = t.pass2_tail_in_query_tile();
+    let (stage_decl, d_t_decl) = if tail_in_q {
+        d_store.insert_str(0, "        workgroupBarrier();\n");
+        (
+            "const STAGE0: u32 = 0u; // the staging tiles and d_t live in q_t".to_string(),
+            format!("const DT0: u32 = {}u;", t.subgroups2 * 256),
+        )
+    } else {
+        (
+            format!("var<workgroup> stage: array<f32, {}>;", t.subgroups2 * 256),
+            format!(
+                "var<workgroup> d_t: array<f32, {}>;     // normaliser partials, then the row sums",
+                rpt * t.threads2() + t.b2()
+            ),
+        )
+    };
     let feature_index: String = (0..t.g)
         .map(|i| format!("                let fi_{i} = feature_index(f, {i}u);\n"))
         .collect();
@@ -746,7 +764,8 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
         ("TABLE_LOAD_NEXT", table.next),
         ("TABLE_STORE", table.store),
         ("IDX", align4(t.rc2 * t.g.max(1)).to_string()),
-        ("D_T", (rpt * t.threads2() + t.b2()).to_string()),
+        ("STAGE_DECL", stage_decl),
+        ("D_T_DECL", d_t_decl),
         ("FEATURE_INDEX", feature_index.trim_end().to_string()),
         ("RPT", rpt.to_string()),
         ("D_DECL", d_decl.trim_end().to_string()),
@@ -766,7 +785,13 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
         decl,
         add,
     ]);
-    fill_template(COOP_PASS2, &slots)
+    let src = fill_template(COOP_PASS2, &slots);
+    if tail_in_q {
+        src.replace("stage[", "q_t[STAGE0 + ")
+            .replace("d_t[", "q_t[DT0 + ")
+    } else {
+        src
+    }
 }
 
 /// Packs S' into the f16 S'' (and its f32 normaliser column) that coop pass 2 reads.
