@@ -1,0 +1,67 @@
+"""Per-pass GPU times of one configuration (a profiling aid, not a benchmark).
+
+    python benches/passes.py poly 65536 64 --tensor-cores
+    python benches/passes.py exact 65536 64
+
+Runs one warm-up call and three timed calls of 8 heads, n x n, head dimension E (inputs scaled to
+beta = 0.6), and prints the median kernel time and the median of each pass's GPU timestamps with
+the plan. Where PyTorch with CUDA is present, a CUDA context is created first: on the H100 the
+driver dropped the SM clock to idle within seconds in processes without one, even while our Vulkan
+kernels ran (see README, Clocks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import numpy as np
+from approx_attn import _core
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("method", choices=["exact", "poly"])
+    p.add_argument("n", type=int)
+    p.add_argument("E", type=int)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--tensor-cores", action="store_true", help="require the coop poly passes")
+    args = p.parse_args()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.zeros(1, device="cuda")  # holds the clock up (see the docstring)
+    except ImportError:
+        pass
+    h, n, e = args.heads, args.n, args.E
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((h, n, e), dtype=np.float32) for _ in range(3))
+    kc = k[0] - k[0].mean(axis=0)
+    norms = np.linalg.norm(q[0], axis=-1).max() * np.linalg.norm(kc, axis=-1).max()
+    f = np.float32(np.sqrt(0.6 / (norms / np.sqrt(e))))
+    q *= f
+    k *= f
+
+    def call() -> dict:
+        _, rep = _core.attention(
+            q.reshape(-1), k.reshape(-1), v.reshape(-1), h, 1, n, n, e, e, False,
+            1 / np.sqrt(e), args.method, 1e-2, 2 if args.method == "poly" else None, False,
+            True, False, True if args.tensor_cores else None,
+        )  # fmt: skip
+        return rep
+
+    call()
+    reps = [call() for _ in range(3)]
+    passes: dict[str, list[float]] = {}
+    for rep in reps:
+        for name, secs in rep["pass_s"]:
+            passes.setdefault(name, []).append(secs)
+    kernel = statistics.median(r["kernel_s"] for r in reps)
+    per_pass = " ".join(f"{a}={statistics.median(b) * 1e3:.2f}ms" for a, b in passes.items())
+    print(f"{args.method} n={n} E={e}: kernel {kernel:.4f} s; {per_pass}")
+    print(f"plan: {reps[-1]['plan']}")
+
+
+if __name__ == "__main__":
+    main()
