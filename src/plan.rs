@@ -1468,6 +1468,28 @@ mod coop_tests {
     }
 
     #[test]
+    fn pass2_query_stride_spreads_one_subgroup_read_over_32_banks() {
+        let budget = Budget::model(12288);
+        let rpt = crate::kernels::poly::COOP_PASS2_ROWS_PER_THREAD;
+        for (e, ev) in [(16, 16), (64, 64), (128, 128), (7, 33), (32, 24)] {
+            let t = plan_coop(&problem(e, ev), 2, &budget, 32).unwrap();
+            for c in coop_candidates(&t, &budget).1 {
+                let qs = c.q_stride2();
+                assert!(qs > c.e && qs < c.e + 1 + 32, "{c:?}");
+                // One 32-wide read: HB rows times 32 / HB consecutive feature indices.
+                let hb = c.b2() / rpt;
+                assert!((1..=32).contains(&hb) && 32 % hb == 0, "{c:?}");
+                let mut banks: Vec<usize> = (0..hb)
+                    .flat_map(|r| (0..32 / hb).map(move |k| (r * qs + k) % 32))
+                    .collect();
+                banks.sort_unstable();
+                banks.dedup();
+                assert_eq!(banks.len(), 32, "{c:?}");
+            }
+        }
+    }
+
+    #[test]
     fn coop_autotune_candidates_fit_and_start_with_the_planners_choice() {
         let budget = Budget::model(12288);
         for (e, ev) in [(64, 64), (128, 128), (7, 33)] {
