@@ -39,7 +39,12 @@ const RT: u32 = {{RT}}u;
 const RPT: u32 = {{RPT}}u;    // query rows per feature-building thread: r, r + HB, ...
 const HB: u32 = BQ / RPT;
 const TPR: u32 = WG / HB;    // threads per query row group in the feature build
-const DS: u32 = TPR * BQ;    // d_t: TPR partials per row, then the row sums
+// After the last chunk the query tile is dead and holds the output staging tiles (one per
+// subgroup, from STAGE0) and the normaliser partials (TPR per row, from DT0), then the row sums
+// (from DT0 + DS).
+const STAGE0: u32 = 0u;
+const DT0: u32 = {{DT0}}u;
+const DS: u32 = TPR * BQ;
 const FS: u32 = BQ + 8u;    // row stride of the (feature-major) feature tile, in halves
 const EVP: u32 = {{EVP}}u;  // value columns padded to 16: the row stride of S''
 const RP: u32 = {{RP}}u;    // feature rows of S'' per unit, padded to whole chunks
@@ -58,14 +63,12 @@ const SS: u32 = EVP + 8u;   // row stride of the S'' chunk in workgroup memory, 
 // Every workgroup variable is a whole number of 16-byte units: NVIDIA's driver packs them (in an
 // order of its own) and a cooperative load or store from an address that is not 16-byte aligned
 // returns garbage (measured on the H100: E = 7, 9, 15 or Ev = 33 broke before the padding).
-{{STAGE_DECL}}
 var<workgroup> zero_t: array<f32, 256>;        // initialises the accumulators
 var<workgroup> phi: array<f16, {{PHI}}>;     // phi[f * FS + r]: lanes write consecutive r
 var<workgroup> s_t: array<f16, {{S_TILE}}>;  // s_t[f * SS + c]: this chunk of S''
-var<workgroup> q_t: array<f32, {{Q_TILE}}>;  // q_t[r * QS + c]
+var<workgroup> q_t: array<f32, {{Q_TILE}}>;  // q_t[r * QS + c], then the tail above
 var<workgroup> wz_t: array<vec2<f32>, RC>;  // the chunk's feature weights and normaliser column
 var<workgroup> idx_t: array<u32, {{IDX}}>;      // idx_t[f * G + t]: unpacked feature indices
-{{D_T_DECL}}
 var<workgroup> vn_t: array<f32, {{VN}}>;
 
 fn feature_index(f: u32, t: u32) -> u32 {
@@ -143,9 +146,9 @@ fn main(
         if (lid < BQ) {
             var z = 0.0;
             for (var h = 0u; h < TPR; h++) {
-                z += d_t[h * BQ + lid];
+                z += q_t[DT0 + h * BQ + lid];
             }
-            d_t[DS + lid] = params.keys / z;
+            q_t[DT0 + DS + lid] = params.keys / z;
         }
         workgroupBarrier();
 {{STORE}}

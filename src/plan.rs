@@ -690,22 +690,15 @@ impl CoopTiles {
         let min = self.e + 1;
         min + (want + 32 - min % 32) % 32
     }
-    /// Words of workgroup memory pass 2 declares: the query block (f32), its features and the S''
-    /// chunk (f16), the chunk's normaliser column and weights, its unpacked indices, the value
-    /// normalisation, the zero tile, and the staging tiles and normaliser partials unless they
-    /// fit in the query block's memory.
+    /// Words of workgroup memory pass 2 declares: the query block (f32; later the staging tiles
+    /// and normaliser partials), its features and the S'' chunk (f16), the chunk's normaliser
+    /// column and weights, its unpacked indices, the value normalisation and the zero tile.
     pub fn pass2_words(&self) -> u64 {
-        let tail = if self.pass2_tail_in_query_tile() {
-            0
-        } else {
-            self.pass2_tail_words()
-        };
-        (self.b2() * self.q_stride2()
+        (self.pass2_query_tile_words()
             + self.rc2 * (self.b2() + 8) / 2
             + self.rc2 * (self.padded_ev() + 8) / 2
             + 2 * self.rc2
             + align4(self.rc2 * self.g.max(1))
-            + tail
             + align4(2 * self.ev)
             + COOP * COOP) as u64
     }
@@ -716,10 +709,10 @@ impl CoopTiles {
             + crate::kernels::poly::COOP_PASS2_ROWS_PER_THREAD * self.threads2()
             + self.b2()
     }
-    /// Whether that tail lives in the query tile, which is dead after the last chunk's features
-    /// (frees workgroup memory for more workgroups per core).
-    pub fn pass2_tail_in_query_tile(&self) -> bool {
-        self.b2() * self.q_stride2() >= self.pass2_tail_words()
+    /// Words of pass 2's query tile. The tail lives in it once the last chunk's features are
+    /// built, so it is at least the tail (frees workgroup memory for more workgroups per core).
+    pub fn pass2_query_tile_words(&self) -> usize {
+        (self.b2() * self.q_stride2()).max(self.pass2_tail_words())
     }
 }
 

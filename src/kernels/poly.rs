@@ -286,10 +286,12 @@ fn coop_mma(
     s.trim_end().to_string()
 }
 
-/// Writes each accumulator through the subgroup's staging tile: `store(row, col, value)` is the
-/// guarded write of one element (row: the tile row, col: the value column).
+/// Writes each accumulator through the subgroup's staging tile, which starts at `stage_at`
+/// (an array and index prefix, e.g. "stage["): `store(indent)` is the guarded write of one element
+/// (row: the tile row, col: the value column).
 fn coop_store(
     (rows, cols): (usize, usize),
+    stage_at: &str,
     indent: &str,
     store: impl Fn(&str) -> String,
 ) -> String {
@@ -298,7 +300,7 @@ fn coop_store(
         for c in 0..cols {
             let _ = write!(
                 s,
-                "{indent}coopStoreT(acc_{a}_{c}, &stage[sg * 256u], 16u);\n\
+                "{indent}coopStoreT(acc_{a}_{c}, &{stage_at}sg * 256u], 16u);\n\
                  {indent}workgroupBarrier();\n\
                  {indent}for (var i = lane; i < 256u; i += SG) {{\n\
                  {indent}    let row = (sg * RT + {a}u) * 16u + i / 16u;\n\
@@ -503,11 +505,8 @@ fn coop_prefetch_vec4(t: &CoopTiles) -> Prefetch {
     pass1_prefetch(&decl, load, &store)
 }
 
-/// Template slots both coop passes share; `(threads, subgroups, rt)` are the pass's own.
-fn coop_common_slots(
-    t: &CoopTiles,
-    (threads, subgroups, rt): (usize, usize, usize),
-) -> Vec<(&'static str, String)> {
+/// Template slots both coop passes share; `(threads, rt)` are the pass's own.
+fn coop_common_slots(t: &CoopTiles, (threads, rt): (usize, usize)) -> Vec<(&'static str, String)> {
     vec![
         ("E", t.e.to_string()),
         ("EV", t.ev.to_string()),
@@ -519,7 +518,6 @@ fn coop_common_slots(
         ("SG", t.sg.to_string()),
         ("RT", rt.to_string()),
         ("VN", align4(2 * t.ev).to_string()),
-        ("STAGE", (subgroups * 256).to_string()),
     ]
 }
 
@@ -530,7 +528,7 @@ pub fn coop_pass1_source(t: &CoopTiles, count_io: bool) -> String {
     let index_decl: String = (0..t.g)
         .map(|i| format!("    let i_{i} = feature_index(fb, {i}u);\n"))
         .collect();
-    let store = coop_store((rt, ct), "    ", |ind| {
+    let store = coop_store((rt, ct), "stage[", "    ", |ind| {
         format!(
             "{ind}if (row < rows_f && col < EV) {{\n\
              {ind}    partial[o + row * EV1 + col] = stage[sg * 256u + i];\n\
@@ -540,8 +538,9 @@ pub fn coop_pass1_source(t: &CoopTiles, count_io: bool) -> String {
     });
     let pre = coop_prefetch(t);
     let [decl, add] = io_counter_slots(count_io, 7);
-    let mut slots = coop_common_slots(t, (t.threads(), t.subgroups, rt));
+    let mut slots = coop_common_slots(t, (t.threads(), rt));
     slots.extend([
+        ("STAGE", (t.subgroups * 256).to_string()),
         ("RC", t.rc1().to_string()),
         ("BK", t.bk.to_string()),
         (
@@ -693,11 +692,11 @@ pub const COOP_PASS2_ROWS_PER_THREAD: usize = 8;
 /// Pass 2 on cooperative matrices for these tiles.
 pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
     let (rt, ct) = (t.rt2, t.col_tiles());
-    let store = coop_store((rt, ct), "        ", |ind| {
+    let store = coop_store((rt, ct), "q_t[STAGE0 + ", "        ", |ind| {
         format!(
             "{ind}if (row < rows && col < EV) {{\n\
              {ind}    o[(head * params.l + q0 + row) * EV + col] =\n\
-             {ind}        vn_t[col] + vn_t[EV + col] * (stage[sg * 256u + i] * d_t[DS + row]);\n\
+             {ind}        vn_t[col] + vn_t[EV + col] * (q_t[STAGE0 + sg * 256u + i] * q_t[DT0 + DS + row]);\n\
              {ind}    words_written += 1u;\n\
              {ind}}}\n"
         )
@@ -719,38 +718,23 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
              phi[f * FS + {row}] = f16(p_{h});",
             feature(&row)
         );
-        let _ = writeln!(d_store, "        d_t[fb * BQ + {row}] = d_{h};");
+        let _ = writeln!(d_store, "        q_t[DT0 + fb * BQ + {row}] = d_{h};");
     }
-    // After the last chunk the query tile is dead: the staging tiles and the normaliser partials
-    // take its memory where they fit (once every thread is past the feature build).
-    let tail_in_q = t.pass2_tail_in_query_tile();
-    let (stage_decl, d_t_decl) = if tail_in_q {
-        d_store.insert_str(0, "        workgroupBarrier();\n");
-        (
-            "const STAGE0: u32 = 0u; // the staging tiles and d_t live in q_t".to_string(),
-            format!("const DT0: u32 = {}u;", t.subgroups2 * 256),
-        )
-    } else {
-        (
-            format!("var<workgroup> stage: array<f32, {}>;", t.subgroups2 * 256),
-            format!(
-                "var<workgroup> d_t: array<f32, {}>;     // normaliser partials, then the row sums",
-                rpt * t.threads2() + t.b2()
-            ),
-        )
-    };
+    // The partials go into the query tile: every thread must be past the feature build.
+    d_store.insert_str(0, "        workgroupBarrier();\n");
     let feature_index: String = (0..t.g)
         .map(|i| format!("                let fi_{i} = feature_index(f, {i}u);\n"))
         .collect();
     let pre = coop_chunk_prefetch(t);
     let table = coop_table_prefetch(t);
     let [decl, add] = io_counter_slots(count_io, 8);
-    let mut slots = coop_common_slots(t, (t.threads2(), t.subgroups2, rt));
+    let mut slots = coop_common_slots(t, (t.threads2(), rt));
     slots.extend([
         ("RC", t.rc2.to_string()),
         ("BQ", t.b2().to_string()),
         ("QS", t.q_stride2().to_string()),
-        ("Q_TILE", (t.b2() * t.q_stride2()).to_string()),
+        ("Q_TILE", t.pass2_query_tile_words().to_string()),
+        ("DT0", (t.subgroups2 * 256).to_string()),
         ("PHI", (t.rc2 * (t.b2() + 8)).to_string()),
         ("RP", t.rp().to_string()),
         ("S_TILE", (t.rc2 * (t.padded_ev() + 8)).to_string()),
@@ -764,8 +748,6 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
         ("TABLE_LOAD_NEXT", table.next),
         ("TABLE_STORE", table.store),
         ("IDX", align4(t.rc2 * t.g.max(1)).to_string()),
-        ("STAGE_DECL", stage_decl),
-        ("D_T_DECL", d_t_decl),
         ("FEATURE_INDEX", feature_index.trim_end().to_string()),
         ("RPT", rpt.to_string()),
         ("D_DECL", d_decl.trim_end().to_string()),
@@ -785,13 +767,7 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
         decl,
         add,
     ]);
-    let src = fill_template(COOP_PASS2, &slots);
-    if tail_in_q {
-        src.replace("stage[", "q_t[STAGE0 + ")
-            .replace("d_t[", "q_t[DT0 + ")
-    } else {
-        src
-    }
+    fill_template(COOP_PASS2, &slots)
 }
 
 /// Packs S' into the f16 S'' (and its f32 normaliser column) that coop pass 2 reads.
