@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use super::{
     fill_template, io_counter_slots, read_mapped, readback_buffer, storage_buffer, uniform_buffer,
-    RunOptions, RunStats, Timer,
+    wgsl_element, RunOptions, RunStats, Timer,
 };
 use crate::device::Gpu;
 use crate::error::Error;
@@ -36,14 +36,10 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
     let lanes = t.lanes();
     let cv = t.out_cols_per_thread() / lanes;
     let wg = t.threads();
-    let elem = if lanes == 4 { "vec4<f32>" } else { "f32" };
-    let comps: &[&str] = if lanes == 4 {
-        &[".x", ".y", ".z", ".w"]
-    } else {
-        &[""]
-    };
+    let (elem, comps) = wgsl_element(lanes);
+    let (p_elem, p_comps) = wgsl_element(t.p_lanes());
+    let p4 = p_comps.len() == 4;
     let row = |a: usize| format!("(tq + {}u)", a * t.tq);
-    let p4 = t.p_lanes() == 4;
 
     let mut o_decl = String::new();
     for a in 0..rq {
@@ -190,11 +186,7 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
 
     // Element columns of a thread: tk + u * TK (consecutive threads read consecutive elements).
     // With a vec4 P tile, one load brings the probabilities of four keys.
-    let (p_step, p_comps): (usize, &[&str]) = if p4 {
-        (4, &[".x", ".y", ".z", ".w"])
-    } else {
-        (1, &[""])
-    };
+    let p_step = p_comps.len();
     let mut pv = format!("        for (var jp = 0u; jp < BK / {p_step}u; jp++) {{\n");
     for a in 0..rq {
         let _ = writeln!(pv, "            let p_{a} = p_tile[{} * PS + jp];", row(a));
@@ -270,7 +262,7 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
             ("LANES", lanes.to_string()),
             ("Q_TILE", (t.bq * t.row_stride()).to_string()),
             ("KV_TILE", (t.bk * t.kv_width() + t.tk).to_string()),
-            ("P_ELEM", if p4 { "vec4<f32>" } else { "f32" }.to_string()),
+            ("P_ELEM", p_elem.to_string()),
             ("PS", t.p_row_stride().to_string()),
             ("P_TILE", (t.bq * t.p_row_stride()).to_string()),
             ("PART", (t.bq * t.tk).to_string()),

@@ -234,6 +234,16 @@ pub(crate) fn fill_template(template: &str, slots: &[(&str, String)]) -> String 
     s
 }
 
+/// A tile element of `lanes` floats (1 or 4) in WGSL: its type, and the suffixes that pick its
+/// floats in order ("" for a scalar).
+pub(crate) fn wgsl_element(lanes: usize) -> (&'static str, &'static [&'static str]) {
+    if lanes == 4 {
+        ("vec4<f32>", &[".x", ".y", ".z", ".w"])
+    } else {
+        ("f32", &[""])
+    }
+}
+
 /// The I/O counter's declaration and the per-thread add, or nothing when counting is off.
 pub(crate) fn io_counter_slots(count_io: bool, binding: u32) -> [(&'static str, String); 2] {
     if count_io {

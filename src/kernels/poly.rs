@@ -9,7 +9,7 @@ use std::rc::Rc;
 
 use super::{
     fill_template, io_counter_slots, read_f32, read_mapped, readback_buffer, storage_buffer,
-    uniform_buffer, RunOptions, RunStats, Timer,
+    uniform_buffer, wgsl_element, RunOptions, RunStats, Timer,
 };
 use crate::device::Gpu;
 use crate::error::Error;
@@ -96,12 +96,12 @@ fn store_row(
 ) {
     for u in 0..groups {
         let _ = writeln!(s, "{indent}let c_{u} = 4u * (tc + {}u);", u * tc);
-        for (k, comp) in ["x", "y", "z", "w"].iter().enumerate() {
+        for (k, comp) in wgsl_element(4).1.iter().enumerate() {
             let _ = writeln!(
                 s,
                 "{indent}if (c_{u} + {k}u < EV) {{\n{indent}    {} = {};\n{indent}    words_written += 1u;\n{indent}}}",
                 dest(&format!("c_{u} + {k}u")),
-                value(&format!("acc_{a}_{u}.{comp}"))
+                value(&format!("acc_{a}_{u}{comp}"))
             );
         }
     }
@@ -484,10 +484,10 @@ fn coop_prefetch_vec4(t: &CoopTiles) -> Prefetch {
             store,
             "        if (ki_{u} < BK * {e4}u) {{\n            let c = 4u * kc_{u};\n"
         );
-        for (l, x) in ["x", "y", "z", "w"].iter().enumerate() {
+        for (l, x) in wgsl_element(4).1.iter().enumerate() {
             let _ = writeln!(
                 store,
-                "            k_t[(c + {l}u) * KS + krow_{u}] = kx_{u}.{x};"
+                "            k_t[(c + {l}u) * KS + krow_{u}] = kx_{u}{x};"
             );
         }
         store.push_str("        }\n");
@@ -497,8 +497,8 @@ fn coop_prefetch_vec4(t: &CoopTiles) -> Prefetch {
             store,
             "        if (vi_{u} < BK * {ev4}u) {{\n            let c = vrow_{u} * VS + 4u * vc_{u};\n"
         );
-        for (l, x) in ["x", "y", "z", "w"].iter().enumerate() {
-            let _ = writeln!(store, "            v_t[c + {l}u] = f16(vx_{u}.{x});");
+        for (l, x) in wgsl_element(4).1.iter().enumerate() {
+            let _ = writeln!(store, "            v_t[c + {l}u] = f16(vx_{u}{x});");
         }
         store.push_str("        }\n");
     }
@@ -545,7 +545,7 @@ pub fn coop_pass1_source(t: &CoopTiles, count_io: bool) -> String {
         ("BK", t.bk.to_string()),
         (
             "KV_TYPE",
-            if coop_vec4(t) { "vec4<f32>" } else { "f32" }.to_string(),
+            wgsl_element(if coop_vec4(t) { 4 } else { 1 }).0.to_string(),
         ),
         ("K_TILE", align4((t.e + 1) * (t.bk + 1)).to_string()),
         ("V_TILE", (t.bk * (t.padded_ev() + 8)).to_string()),
