@@ -367,14 +367,14 @@ fn exact_plan_for(
     plan::plan_exact_with(p, budget, t)
 }
 
-/// Times every candidate tile shape on a problem of this shape class and returns the fastest.
-/// Autotune: runs of the first candidate before any is timed (the GPU may still be at idle
-/// clocks), and timed runs per candidate, the fastest of which counts. On the H100, two processes
-/// that tuned without the warm-up picked different pass-1 tiles, 2.55 and 2.88 ms on the same
-/// problem; whether idle clocks were the cause was not checked.
+/// Autotune: runs of the first candidate before any is timed (the clock may still be ramping up),
+/// and timed runs per candidate, the fastest of which counts. Warm-up does not lift an idle clock
+/// the driver holds: on the H100 a process without a CUDA context tuned at 345 MHz, and its
+/// pass-1 pick ran 13% slower at full clock than the one tuned there (README, Clocks).
 const TUNE_WARMUP_RUNS: usize = 3;
 const TUNE_RUNS: usize = 3;
 
+/// Times every candidate tile shape on a problem of this shape class and returns the fastest.
 fn autotune_exact(
     gpu: &device::Gpu,
     p: &Problem,
