@@ -3,8 +3,8 @@
     python benches/passes.py poly 65536 64 --tensor-cores
     python benches/passes.py exact 65536 64
 
-Runs one warm-up call and three timed calls of 8 heads, n x n, head dimension E (inputs scaled to
-beta = 0.6), and prints the median kernel time and the median of each pass's GPU timestamps with
+Runs one warm-up call and three timed calls of 8 heads, n x n, head dimension E (the inputs of
+bench.py's make_inputs at beta = 0.6), and prints the median kernel time and the median of each pass's GPU timestamps with
 the plan. Where PyTorch with CUDA is present, a CUDA context is created first: on the H100 the
 driver dropped the SM clock to idle within seconds in processes without one, even while our Vulkan
 kernels ran (see README, Clocks).
@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import numpy as np
 from approx_attn import _core
+from bench import make_inputs  # benches/ is on sys.path when this file is run
 
 
 def main() -> None:
@@ -35,19 +35,14 @@ def main() -> None:
     except ImportError:
         pass
     h, n, e = args.heads, args.n, args.E
-    rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((h, n, e), dtype=np.float32) for _ in range(3))
-    kc = k[0] - k[0].mean(axis=0)
-    norms = np.linalg.norm(q[0], axis=-1).max() * np.linalg.norm(kc, axis=-1).max()
-    f = np.float32(np.sqrt(0.6 / (norms / np.sqrt(e))))
-    q *= f
-    k *= f
+    inp = make_inputs(n, e, h, 0.6, seed=0)
+    q, k, v = (inp[x].reshape(-1) for x in "qkv")
 
     def call() -> dict:
         _, rep = _core.attention(
-            q.reshape(-1), k.reshape(-1), v.reshape(-1), h, 1, n, n, e, e, False,
-            1 / np.sqrt(e), args.method, 1e-2, 2 if args.method == "poly" else None, False,
-            True, False, True if args.tensor_cores else None,
+            q, k, v, h, 1, n, n, e, e, False, inp["scale"], args.method, 1e-2,
+            2 if args.method == "poly" else None, False, True, False,
+            True if args.tensor_cores else None,
         )  # fmt: skip
         return rep
 
