@@ -374,6 +374,11 @@ fn exact_plan_for(
 const TUNE_WARMUP_RUNS: usize = 3;
 const TUNE_RUNS: usize = 3;
 
+/// `APPROX_ATTN_TUNE_LOG=1` prints every candidate's time to stderr while the autotune runs.
+fn tune_log() -> bool {
+    std::env::var("APPROX_ATTN_TUNE_LOG").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
 /// Times every candidate tile shape on a problem of this shape class and returns the fastest.
 fn autotune_exact(
     gpu: &device::Gpu,
@@ -400,30 +405,52 @@ fn autotune_exact(
     };
     let (q, k, v) = (x(p.e), x(p.e), x(p.ev));
     let opts = RunOptions::default();
-    let mut best: Option<(f64, plan::ExactTiles)> = None;
     let candidates = plan::exact_candidates(&class, budget);
+    let plans = candidates
+        .iter()
+        .map(|&t| plan::plan_exact_with(&class, budget, t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let time = |plan: &plan::ExactPlan| -> Result<f64, Error> {
+        let start = Instant::now();
+        let (_, st) = kernels::exact::run(gpu, &class, plan, &q, &k, &v, &opts)?;
+        Ok(st.kernel_s.unwrap_or_else(|| start.elapsed().as_secs_f64()))
+    };
     // The GPU raises its clocks under load: a few runs first, so that the first candidates are
-    // not timed at idle clocks.
-    if let Some(&t) = candidates.first() {
-        let plan = plan::plan_exact_with(&class, budget, t)?;
+    // not timed at idle clocks; then every candidate once to compile it.
+    if let Some(plan) = plans.first() {
         for _ in 0..TUNE_WARMUP_RUNS {
-            kernels::exact::run(gpu, &class, &plan, &q, &k, &v, &opts)?;
+            time(plan)?;
         }
     }
-    for t in candidates {
-        let plan = plan::plan_exact_with(&class, budget, t)?;
-        kernels::exact::run(gpu, &class, &plan, &q, &k, &v, &opts)?; // compile and warm up
-        let mut secs = f64::INFINITY;
-        for _ in 0..TUNE_RUNS {
-            let start = Instant::now();
-            let (_, st) = kernels::exact::run(gpu, &class, &plan, &q, &k, &v, &opts)?;
-            secs = secs.min(st.kernel_s.unwrap_or_else(|| start.elapsed().as_secs_f64()));
-        }
-        if best.is_none_or(|(b, _)| secs < b) {
-            best = Some((secs, t));
+    for plan in &plans {
+        time(plan)?;
+    }
+    // Round robin, fastest round per candidate (as for the coop passes): a clock change during
+    // the tuning does not favour the candidates timed last.
+    let mut secs = vec![f64::INFINITY; plans.len()];
+    for _ in 0..TUNE_RUNS {
+        for (s, plan) in secs.iter_mut().zip(&plans) {
+            *s = s.min(time(plan)?);
         }
     }
-    best.map(|(_, t)| t)
+    if tune_log() {
+        for (t, s) in candidates.iter().zip(&secs) {
+            eprintln!(
+                "approx_attn autotune exact E={} Ev={} causal={}: bq={} bk={} tq={} tk={}: {:.3} ms",
+                p.e,
+                p.ev,
+                p.causal,
+                t.bq,
+                t.bk,
+                t.tq,
+                t.tk,
+                s * 1e3
+            );
+        }
+    }
+    (0..candidates.len())
+        .min_by(|&a, &b| secs[a].total_cmp(&secs[b]))
+        .map(|i| candidates[i])
         .ok_or_else(|| Error::TooLarge("no exact tiles fit this device".into()))
 }
 
@@ -524,6 +551,11 @@ fn autotune_coop(
         for _ in 0..TUNE_RUNS {
             for (s, &t) in secs.iter_mut().zip(&cands) {
                 *s = s.min(time(t, pass)?);
+            }
+        }
+        if tune_log() {
+            for (t, s) in cands.iter().zip(&secs) {
+                eprintln!("approx_attn autotune coop {pass}: {t:?}: {:.3} ms", s * 1e3);
             }
         }
         let best = (0..cands.len()).min_by(|&a, &b| secs[a].total_cmp(&secs[b]));
