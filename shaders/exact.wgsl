@@ -83,8 +83,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (params.causal != 0u) {
         kv_end = select(0u, min(params.s, last_q - params.kv_offset), last_q > params.kv_offset);
     }
-    // The next K tile and this V tile are loaded into registers while the current tile is
-    // multiplied: global-load latency overlaps the arithmetic.
+    // This V tile and the next K tile are loaded into registers while the current tile is
+    // multiplied: V after the first barrier, K with it where few registers hold the prefetch
+    // (its latency then overlaps the scores too), else after the softmax (see exact.rs).
 {{PREFETCH_DECL}}
     if (kv_end > 0u) {
 {{K_LOAD_FIRST}}
@@ -95,6 +96,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 {{K_STORE}}
         workgroupBarrier();
 {{V_LOAD}}
+{{K_LOAD_NEXT_EARLY}}
 
 {{SCORES}}
         workgroupBarrier();
@@ -102,9 +104,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 {{SOFTMAX}}
         // Every thread is past the scores: V takes K's place.
 {{V_STORE}}
-        if (j0 + BK < kv_end) {
-{{K_LOAD_NEXT}}
-        }
+{{K_LOAD_NEXT_LATE}}
         workgroupBarrier();
 
 {{PV}}
