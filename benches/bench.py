@@ -2,7 +2,7 @@
 NumPy, PyTorch SDPA (CPU, CUDA bf16/fp32) and a materialized degree-2 Taylor reference.
 
 One process, one run: every (method, n, E) is timed with the same inputs, its error is measured
-against a float64 reference (or float32 CUDA SDPA for large n), and the results go to a JSON file
+against a float64 reference (on sampled query rows for large n), and the results go to a JSON file
 plus a log-log PNG. See benches/README.md. This is a benchmark, not a test: nothing here asserts.
 
     python benches/bench.py --n 4096 16384 --E 64 128 --out benches/results/h100.json
@@ -100,17 +100,29 @@ def make_inputs(n: int, E: int, heads: int, beta_target: float, seed: int) -> di
     return {"q": q, "k": k, "v": v, "scale": scale, "beta": beta_of(q, k, scale)}
 
 
-def float64_reference(q: Array, k: Array, v: Array, scale: float) -> Array:
-    """Exact attention in float64, head by head and in query blocks so memory stays bounded."""
+def float64_reference(
+    q: Array, k: Array, v: Array, scale: float, rows: Array | None = None
+) -> Array:
+    """Exact attention in float64 for the query rows `rows` (all when None), head by head and in
+    query blocks so memory stays bounded."""
     _, H, n, _ = q.shape
-    out = np.empty((1, H, n, v.shape[-1]), dtype=np.float64)
+    rows = np.arange(n) if rows is None else rows
+    out = np.empty((1, H, len(rows), v.shape[-1]), dtype=np.float64)
     block = max(1, (1 << 24) // k.shape[2])  # ~128 MiB per n-wide float64 score block
     for h in range(H):
-        for i in range(0, n, block):
+        for i in range(0, len(rows), block):
             out[0, h, i : i + block] = reference.exact_attention(
-                q[0, h, i : i + block], k[0, h], v[0, h], scale=scale
+                q[0, h, rows[i : i + block]], k[0, h], v[0, h], scale=scale
             )
     return out
+
+
+def reference_rows(n: int, args: Any) -> Array | None:
+    """Query rows the float64 reference covers: all up to --ref-max-n, else --ref-rows evenly
+    spaced rows (first and last included) of every head."""
+    if n <= args.ref_max_n:
+        return None
+    return np.unique(np.linspace(0, n - 1, args.ref_rows).round().astype(np.int64))
 
 
 def max_abs_error(out: Array, ref: Array) -> float:
@@ -252,6 +264,33 @@ def sdpa(q: Any, k: Any, v: Any) -> Any:
     return F.scaled_dot_product_attention(q, k, v)
 
 
+CUBLAS_QUERY_BLOCK = 8192
+
+
+def cublas_fp32(q: Any, k: Any, v: Any) -> Any:
+    """float32 attention on CUDA cores: cuBLAS SGEMM with TF32 off, softmax, SGEMM, in query
+    blocks (the score block is CUBLAS_QUERY_BLOCK x S per head at a time).
+
+    PyTorch's float32 SDPA on sm80+ runs the memory-efficient kernel, whose matrix products use
+    tensor cores (CUTLASS's OpMultiplyAddFastF32: three TF32 products per float32 product); this
+    method is what the same GPU does without tensor cores, the class of arithmetic our exact
+    kernel uses.
+    """
+    allow = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        scale = q.shape[-1] ** -0.5
+        out = torch.empty(*q.shape[:-1], v.shape[-1], device=q.device, dtype=q.dtype)
+        kt = k.transpose(-1, -2)
+        for i in range(0, q.shape[-2], CUBLAS_QUERY_BLOCK):
+            s = (q[..., i : i + CUBLAS_QUERY_BLOCK, :] @ kt) * scale
+            out[..., i : i + CUBLAS_QUERY_BLOCK, :] = torch.softmax(s, dim=-1) @ v
+            del s
+        return out
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow
+
+
 def bench_torch_cpu(inp: dict[str, Any], args: Any) -> Measured:
     def once() -> tuple[Array, float]:
         t0 = time.perf_counter()
@@ -322,11 +361,16 @@ class Method:
 
 
 def build_methods(args: Any) -> tuple[list[Method], dict[str, str]]:
-    """Methods in run order: float32 CUDA SDPA first, so its output can serve as the error
-    reference for n above --ref-max-n. Returns (methods, unavailable name -> why)."""
+    """Methods in run order. Returns (methods, unavailable name -> why)."""
     methods: list[Method] = []
     unavailable: dict[str, str] = {}
-    cuda_names = [SDPA_FP32, SDPA_BF16, "torch_cuda_taylor2_fp32", "torch_cuda_taylor2_bf16"]
+    cuda_names = [
+        SDPA_FP32,
+        SDPA_BF16,
+        "torch_cuda_taylor2_fp32",
+        "torch_cuda_taylor2_bf16",
+        "torch_cuda_cublas_fp32",
+    ]
     if torch is not None and torch.cuda.is_available():
         f32, bf16 = torch.float32, torch.bfloat16
         methods += [
@@ -334,6 +378,12 @@ def build_methods(args: Any) -> tuple[list[Method], dict[str, str]]:
             Method(SDPA_BF16, "torch_cuda", lambda i, a: bench_torch_cuda(i, sdpa, bf16, a)),
             Method(cuda_names[2], "torch_cuda", lambda i, a: bench_torch_cuda(i, taylor2, f32, a)),
             Method(cuda_names[3], "torch_cuda", lambda i, a: bench_torch_cuda(i, taylor2, bf16, a)),
+            Method(
+                cuda_names[4],
+                "torch_cuda",
+                lambda i, a: bench_torch_cuda(i, cublas_fp32, f32, a),
+                args.cublas_max_n,
+            ),
         ]
     else:
         why = "torch not installed" if torch is None else "torch.cuda not available"
@@ -369,7 +419,12 @@ def build_methods(args: Any) -> tuple[list[Method], dict[str, str]]:
         for d in args.degree:
             unavailable[f"ours_poly_tc_d{d}"] = "no 16x16 f16 cooperative matrices"
     methods.append(
-        Method("ours_auto", "ours", lambda i, a: bench_ours(i, "auto", None, a), args.exact_max_n)
+        Method(
+            "ours_auto",
+            "ours",
+            lambda i, a: bench_ours(i, "auto", None, a),
+            args.exact_max_n if args.auto_max_n is None else args.auto_max_n,
+        )
     )
     keep = [m for m in methods if any(fnmatch.fnmatch(m.name, p) for p in args.methods)]
     return keep, unavailable
@@ -438,7 +493,7 @@ def versions() -> dict[str, Any]:
         v["torch_cuda"] = torch.version.cuda
         if torch.cuda.is_available():
             v["cuda_device"] = torch.cuda.get_device_name(0)
-            try:  # fp32 SDPA is the large-n error reference: say whether TF32 was allowed
+            try:  # whether PyTorch's float32 matrix products may use TF32
                 v["torch_allow_tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)
             except AttributeError:
                 pass
@@ -487,11 +542,12 @@ def run(args: Any) -> int:
         for n, E in configs:
             progress.start(f"inputs n={n} E={E}")
             inp = make_inputs(n, E, args.heads, beta_target, args.seed)
-            ref, against = None, "n/a"
-            if n <= args.ref_max_n:
-                progress.start(f"float64 reference n={n} E={E}")
-                ref = float64_reference(inp["q"], inp["k"], inp["v"], inp["scale"])
-                against = "float64 reference"
+            rows = reference_rows(n, args)
+            progress.start(f"float64 reference n={n} E={E}")
+            ref = float64_reference(inp["q"], inp["k"], inp["v"], inp["scale"], rows)
+            against = "float64 reference"
+            if rows is not None:
+                against += f" on {len(rows)} evenly spaced query rows per head"
             for m in methods:
                 progress.start(f"{m.name} n={n} E={E}")
                 # a hang inside a GPU call cannot be caught here: say what was running
@@ -530,13 +586,9 @@ def run(args: Any) -> int:
                     )
                     if meas.info.get("poly_eps") is not None:  # did the certificate hold?
                         rec["certified"] = meas.info["poly_eps"] <= args.eps / (1.0 + args.eps)
-                    if m.name == SDPA_FP32 and ref is None and meas.out is not None:
-                        ref, against = meas.out, SDPA_FP32
-                        rec.update(max_abs_error=None, error_against="n/a (is the reference)")
-                    elif ref is not None and meas.out is not None:
-                        rec.update(
-                            max_abs_error=max_abs_error(meas.out, ref), error_against=against
-                        )
+                    if meas.out is not None:
+                        out = meas.out if rows is None else meas.out[:, :, rows]
+                        rec.update(max_abs_error=max_abs_error(out, ref), error_against=against)
                     else:
                         rec.update(max_abs_error=None, error_against="n/a")
                 doc["records"].append(rec)
@@ -794,12 +846,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="skip ours_exact (and ours_auto, which may run exact) above this n",
     )
+    p.add_argument(
+        "--auto-max-n",
+        type=int,
+        default=None,
+        help="skip ours_auto above this n (default: --exact-max-n)",
+    )
     p.add_argument("--torch-cpu-max-n", type=int, default=8192)
+    p.add_argument(
+        "--cublas-max-n",
+        type=int,
+        default=65536,
+        help="skip torch_cuda_cublas_fp32 (n^2 work without tensor cores) above this n",
+    )
     p.add_argument(
         "--ref-max-n",
         type=int,
         default=8192,
-        help="float64 reference up to this n, else float32 CUDA SDPA, else n/a",
+        help="float64 reference on every query row up to this n, else on --ref-rows rows",
+    )
+    p.add_argument(
+        "--ref-rows",
+        type=int,
+        default=256,
+        help="query rows per head (evenly spaced) of the float64 reference above --ref-max-n",
     )
     p.add_argument(
         "--methods",
@@ -823,6 +893,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=f"benches/results/bench-{stamp}.json")
     p.add_argument("--png", default=None, help="plot path (default: --out with .png)")
     p.add_argument(
+        "--merge",
+        metavar="RESULTS_JSON",
+        nargs="+",
+        default=None,
+        help="merge the records of earlier results files (e.g. one per E) into --out and plot",
+    )
+    p.add_argument(
         "--plot-only",
         metavar="RESULTS_JSON",
         default=None,
@@ -831,10 +908,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def merge(args: argparse.Namespace) -> int:
+    """One results file from several runs (same machine, e.g. one call per E): the first file's
+    header, every file's records, each file's own header kept under "parts"."""
+    docs = [json.loads(Path(p).read_text()) for p in args.merge]
+    doc = dict(docs[0])
+    doc["records"] = [r for d in docs for r in d["records"]]
+    doc["methods"] = sorted({m for d in docs for m in d["methods"]})
+    doc["complete"] = all(d.get("complete") for d in docs)
+    doc["parts"] = [
+        {"file": Path(p).name, **{k: v for k, v in d.items() if k not in ("records", "crossovers")}}
+        for p, d in zip(args.merge, docs)
+    ]
+    doc["crossovers"] = crossovers(doc, args.metric)
+    out_path = Path(args.out)
+    write_json(out_path, doc)
+    png = Path(args.png) if args.png else out_path.with_suffix(".png")
+    plot(doc, png, args.metric)
+    print(f"wrote {out_path} and {png}", file=sys.stderr)
+    print_table(doc)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.trusted:
         os.environ["APPROX_ATTN_TRUSTED_SHADERS"] = "1"
+    if args.merge:
+        return merge(args)
     if args.plot_only:
         doc = json.loads(Path(args.plot_only).read_text())
         png = Path(args.png) if args.png else Path(args.plot_only).with_suffix(".png")
