@@ -217,6 +217,7 @@ def bench_ours(
         kernel_s=None if any(x is None for x in kern) else kern,
         error_bound=rep.error_bound,
         info=info,
+        peak_gpu_bytes=max((r.gpu_allocated_bytes or 0 for r, _ in runs), default=0) or None,
     )
 
 

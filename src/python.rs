@@ -49,6 +49,7 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
     d.set_item("kernel_s", r.stats.kernel_s)?;
     d.set_item("dispatches", r.stats.dispatches)?;
     d.set_item("pass_s", r.stats.pass_s.clone())?;
+    d.set_item("gpu_allocated_bytes", r.stats.gpu_allocated_bytes)?;
     d.set_item("elapsed_s", r.elapsed_s)?;
     d.set_item("plan", &r.plan)?;
     d.set_item("predicted_exact_s", r.predicted_exact_s)?;

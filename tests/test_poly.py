@@ -550,6 +550,27 @@ def test_auto_picks_poly_for_small_beta_and_long_sequences() -> None:
     check_certificate(out, rep, q, k, v, scale=scale, eps=1e-3, what="auto poly")
 
 
+def test_gpu_memory_grows_linearly_and_never_holds_n_by_r() -> None:
+    # E=32, degree 2: r = 561. Materialising phi(K) or phi(Q) alone would take 4 * n * r bytes
+    # per head; the kernels keep features in workgroup memory, so the allocator's peak must
+    # stay below that, and must grow at most linearly in n: peak(4n) <= 4 peak(n), since every
+    # buffer is either n-independent (S', tables) or proportional to n (inputs, output).
+    E, heads = 32, 2
+    scale = f32_scale(E)
+    peak = {}
+    for n in (2048, 8192):
+        q, k, v = random_problem(67, (heads,), (heads,), n, n, E, E, 0.3, scale)
+        _, rep = approx_attn.attention(
+            q, k, v, method="poly", degree=2, eps=1e-2, scale=scale, return_report=True
+        )
+        if rep.gpu_allocated_bytes is None:
+            pytest.skip("this backend does not report its allocations")
+        assert rep.rank == 561
+        assert rep.gpu_allocated_bytes < 4 * heads * n * rep.rank, (n, rep.gpu_allocated_bytes)
+        peak[n] = rep.gpu_allocated_bytes
+    assert peak[8192] <= 4 * peak[2048], peak
+
+
 @pytest.mark.usefixtures("equal_rates")
 def test_auto_falls_back_to_exact_when_poly_cannot_certify() -> None:
     # Standard normal E=64: beta = max|q| max|k - mu| / 8 ~ 11 (n=64) .. 30 (long sequences);

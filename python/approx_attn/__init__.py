@@ -70,6 +70,9 @@ class Report:
     schedule: str | None = None
     pass_s: tuple[tuple[str, float], ...] = ()
     """GPU seconds per pass (timestamps, where the adapter has them)."""
+    gpu_allocated_bytes: int | None = None
+    """Peak bytes wgpu's allocator held for the device, sampled after each dispatch of the call
+    (inputs, outputs, intermediates; None where the backend does not report it)."""
 
 
 def device_info() -> dict[str, Any]:
@@ -293,6 +296,7 @@ def _report(rep: dict[str, Any]) -> Report:
         f16_rounding=rep.get("f16_rounding"),
         schedule=rep.get("schedule"),
         pass_s=tuple((str(n), float(t)) for n, t in rep.get("pass_s", [])),
+        gpu_allocated_bytes=rep.get("gpu_allocated_bytes"),
     )
 
 

@@ -478,7 +478,7 @@ pub fn run(
             };
             Ok((o_chunk, st_chunk, counted, kernel_s))
         })?;
-        stats.absorb(&RunStats::dispatch("exact", counted, kernel_s));
+        stats.absorb(&RunStats::dispatch("exact", counted, kernel_s).allocated(gpu));
 
         for h in 0..qh {
             for r in 0..ch.lc {

@@ -19,6 +19,9 @@ pub struct RunStats {
     pub dispatches: usize,
     /// GPU seconds per pass name (timestamps), summed over dispatches.
     pub pass_s: Vec<(&'static str, f64)>,
+    /// Most bytes wgpu's memory allocator held for the device after any dispatch of the call,
+    /// where the backend reports it (see [`allocated_bytes`]).
+    pub gpu_allocated_bytes: Option<u64>,
 }
 
 impl RunStats {
@@ -33,7 +36,15 @@ impl RunStats {
             kernel_s,
             dispatches: 1,
             pass_s: kernel_s.map(|t| vec![(name, t)]).unwrap_or_default(),
+            gpu_allocated_bytes: None,
         }
+    }
+
+    /// These stats with the allocator's current total, taken right after a dispatch while the
+    /// caller still holds every buffer of the pass.
+    pub fn allocated(mut self, gpu: &Gpu) -> Self {
+        self.gpu_allocated_bytes = allocated_bytes(gpu);
+        self
     }
 
     pub fn absorb(&mut self, other: &RunStats) {
@@ -46,6 +57,10 @@ impl RunStats {
         }
         self.kernel_s = match (self.kernel_s, other.kernel_s) {
             (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        self.gpu_allocated_bytes = match (self.gpu_allocated_bytes, other.gpu_allocated_bytes) {
+            (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         };
         self.io_words_counted = match (self.io_words_counted, other.io_words_counted) {
@@ -62,6 +77,15 @@ pub struct RunOptions {
     pub trusted: bool,
     /// Compile the I/O-counting variant of the shaders.
     pub count_io: bool,
+}
+
+/// Bytes of all live allocations of wgpu's memory allocator for this device (buffers, ours and
+/// any a finished call has not released yet, and query sets), where the backend sub-allocates
+/// and reports it (Vulkan and DX12 through gpu-allocator); None elsewhere.
+pub fn allocated_bytes(gpu: &Gpu) -> Option<u64> {
+    gpu.device
+        .generate_allocator_report()
+        .map(|r| r.total_allocated_bytes)
 }
 
 pub fn storage_buffer(gpu: &Gpu, words: usize, label: &str) -> wgpu::Buffer {

@@ -937,7 +937,7 @@ pub(crate) fn row_stats(
                     out_words,
                 )
             })?;
-            stats.absorb(&RunStats::dispatch("prepass", counted, kernel_s));
+            stats.absorb(&RunStats::dispatch("prepass", counted, kernel_s).allocated(gpu));
             for u in 0..nu {
                 for b in 0..blocks {
                     let o = (u * blocks + b) * (3 * w + 2);
@@ -1281,7 +1281,7 @@ pub fn run(
                     opts,
                     (splits as u32, chunks1 as u32, nu as u32),
                 )?;
-                stats.absorb(&RunStats::dispatch("pass1", counted, t));
+                stats.absorb(&RunStats::dispatch("pass1", counted, t).allocated(gpu));
                 let words = r * ev1;
                 let prm = uniform_buffer(
                     gpu,
@@ -1295,7 +1295,7 @@ pub fn run(
                     opts,
                     (words.div_ceil(AUX_THREADS) as u32, nu as u32, 1),
                 )?;
-                stats.absorb(&RunStats::dispatch("reduce", counted, t));
+                stats.absorb(&RunStats::dispatch("reduce", counted, t).allocated(gpu));
             }
             // Coop pass 2 reads S'' = S' / keys in f16 and the normaliser column z.
             let (s16_buf, z_buf) = match (&coop, &pack) {
@@ -1316,7 +1316,7 @@ pub fn run(
                             1,
                         ),
                     )?;
-                    stats.absorb(&RunStats::dispatch("pack", counted, t_s));
+                    stats.absorb(&RunStats::dispatch("pack", counted, t_s).allocated(gpu));
                     (Some(s16), Some(z))
                 }
                 _ => (None, None),
@@ -1364,7 +1364,7 @@ pub fn run(
                     &o_buf,
                     o_words,
                 )?;
-                stats.absorb(&RunStats::dispatch("pass2", counted, t));
+                stats.absorb(&RunStats::dispatch("pass2", counted, t).allocated(gpu));
                 for h in 0..qh {
                     for row in 0..lc {
                         let dst = ((u0 * p.group + h) * p.l + l0 + row) * p.ev;
