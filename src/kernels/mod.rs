@@ -229,9 +229,13 @@ impl Timer {
     }
 }
 
-/// FNV-1a hash of every shader template, so cached measurements go stale with the kernels.
+/// FNV-1a hash of every shader template and of the Rust that generates WGSL from them, so
+/// cached measurements (tuned tiles, rates) go stale with the kernels, not only with templates.
 pub fn shader_fingerprint() -> u64 {
     [
+        include_str!("mod.rs"),
+        include_str!("exact.rs"),
+        include_str!("poly.rs"),
         exact::TEMPLATE,
         poly::PREPASS,
         poly::PASS1,
