@@ -98,8 +98,21 @@ def _as_float_array(x: Any, name: str) -> np.ndarray:
     return arr
 
 
+# Elements per slice of the finiteness check: its boolean temporary stays in cache, instead of
+# one the size of the input (np.isfinite(x).all() on 0.5 GB took 0.46 s here, the slices 0.05 s).
+_FINITE_CHECK_SLICE = 1 << 16
+
+
 def _check_finite(arr: np.ndarray, name: str) -> None:
-    if not np.isfinite(arr).all():
+    flat = arr.ravel(order="K")  # a view when the elements are one block in memory
+    if np.shares_memory(flat, arr):
+        finite = all(
+            np.isfinite(flat[i : i + _FINITE_CHECK_SLICE]).all()
+            for i in range(0, flat.size, _FINITE_CHECK_SLICE)
+        )
+    else:  # strided input: ravel copied it; check the original in one go
+        finite = bool(np.isfinite(arr).all())
+    if not finite:
         bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
         raise ValueError(
             f"{name} contains {bad} NaN or Inf value(s); pass check_finite=False to skip this check"
