@@ -571,8 +571,8 @@ fn autotune_coop(
     })
 }
 
-/// Per-adapter throughputs, measured once (a small exact and a small degree-2 poly run) and
-/// cached on disk; `APPROX_ATTN_RATES="exact_flops_per_s poly_flops_per_s"` overrides them.
+/// Per-adapter throughputs, measured once (an exact and a degree-2 f32 poly run) and cached on
+/// disk; `APPROX_ATTN_RATES="exact_flops_per_s poly_flops_per_s"` overrides them.
 fn rates(gpu: &device::Gpu, budget: &Budget) -> Result<cost::Rates, Error> {
     if let Ok(s) = std::env::var("APPROX_ATTN_RATES") {
         let v: Vec<f64> = s
@@ -593,18 +593,25 @@ fn rates(gpu: &device::Gpu, budget: &Budget) -> Result<cost::Rates, Error> {
     if let Some(r) = cost::load_rates(&key) {
         return Ok(r);
     }
+    // GPUs get a problem that fills them (the exact autotune's class): on the H100 the 1024^2
+    // single-head problem used 32 workgroups and gave rates 20x below the kernels' real ones.
+    // CPU drivers keep it small (every kernel runs for seconds there).
+    let (units, n, e) = if gpu.info.device_type == "Cpu" {
+        (1, 1024, 32)
+    } else {
+        (8, 2048, 64)
+    };
     let p = Problem {
-        units: 1,
+        units,
         group: 1,
-        l: 1024,
-        s: 1024,
-        e: 32,
-        ev: 32,
+        l: n,
+        s: n,
+        e,
+        ev: e,
         causal: false,
         scale: 0.05,
     };
-    let n = p.l * p.e;
-    let x: Vec<f32> = (0..n)
+    let x: Vec<f32> = (0..units * n * e)
         .map(|i| ((i * 7919 % 1000) as f32 / 1000.0) - 0.5)
         .collect();
     let opts = RunOptions::default();
@@ -617,13 +624,14 @@ fn rates(gpu: &device::Gpu, budget: &Budget) -> Result<cost::Rates, Error> {
             .unwrap_or_else(|| t.elapsed().as_secs_f64())
             .max(1e-9))
     };
-    let eplan = plan::plan_exact(&p, budget)?;
+    let eplan = exact_plan_for(gpu, &p, budget)?;
     let te = timed(&mut || kernels::exact::run(gpu, &p, &eplan, &x, &x, &x, &opts).map(|r| r.1))?;
+    // The f32 poly path, whose FLOP count `cost::poly_flops` describes.
     let popts = PolyOptions {
         eps: 1e-2,
         degree: Some(2),
         check_finite: false,
-        tensor_cores: None,
+        tensor_cores: Some(false),
     };
     let tp = timed(&mut || {
         let mut st = RunStats::default();
