@@ -313,6 +313,27 @@ fn adapter_key(gpu: &device::Gpu) -> String {
     )
 }
 
+/// The tuned values of `class` in the cache file `what`: cached ones (of length `len`), else
+/// measured now by `tune` and cached where the autotune is on, else None (planner's tiles).
+fn tuned_values(
+    gpu: &device::Gpu,
+    what: &str,
+    class: &str,
+    len: usize,
+    tune: impl FnOnce() -> Result<Vec<usize>, Error>,
+) -> Result<Option<Vec<usize>>, Error> {
+    let key = adapter_key(gpu);
+    match cost::load_tuned(what, &key, class) {
+        Some(v) if v.len() == len => Ok(Some(v)),
+        _ if autotune_on(gpu) => {
+            let v = tune()?;
+            cost::store_tuned(what, &key, class, &v);
+            Ok(Some(v))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// `APPROX_ATTN_AUTOTUNE=1|0` forces it; by default GPUs tune (seconds per shape class) and CPU
 /// drivers do not (each candidate compiles for seconds there: 37 s per class on lavapipe).
 fn autotune_on(gpu: &device::Gpu) -> bool {
@@ -335,7 +356,6 @@ fn exact_plan_for(
     if p.l < 64 || p.s < 64 {
         return Ok(default);
     }
-    let key = adapter_key(gpu);
     let class = format!(
         "{} {} {} {}",
         p.e,
@@ -343,15 +363,12 @@ fn exact_plan_for(
         u8::from(p.causal),
         budget.fast_memory_words
     );
-    let tuned = match cost::load_tuned("exact-tiles", &key, &class) {
-        Some(v) if v.len() == 4 => v,
-        _ if autotune_on(gpu) => {
-            let t = autotune_exact(gpu, p, budget)?;
-            let v = vec![t.bq, t.bk, t.tq, t.tk];
-            cost::store_tuned("exact-tiles", &key, &class, &v);
-            v
-        }
-        _ => return Ok(default),
+    let Some(tuned) = tuned_values(gpu, "exact-tiles", &class, 4, || {
+        let t = autotune_exact(gpu, p, budget)?;
+        Ok(vec![t.bq, t.bk, t.tq, t.tk])
+    })?
+    else {
+        return Ok(default);
     };
     let t = plan::ExactTiles {
         e: p.e,
@@ -466,20 +483,16 @@ fn tune_coop_plan(
     let Some(t0) = c.plan.coop else {
         return Ok(());
     };
-    let key = adapter_key(gpu);
     let class = format!(
         "{} {} {} {} {}",
         p.e, p.ev, c.cert.degree, budget.fast_memory_words, t0.sg
     );
-    let tuned = match cost::load_tuned("coop-tiles", &key, &class) {
-        Some(v) if v.len() == 6 => v,
-        _ if autotune_on(gpu) => {
-            let t = autotune_coop(gpu, p, c, budget)?;
-            let v = vec![t.subgroups, t.rt1, t.bk, t.subgroups2, t.rt2, t.rc2];
-            cost::store_tuned("coop-tiles", &key, &class, &v);
-            v
-        }
-        _ => return Ok(()),
+    let Some(tuned) = tuned_values(gpu, "coop-tiles", &class, 6, || {
+        let t = autotune_coop(gpu, p, c, budget)?;
+        Ok(vec![t.subgroups, t.rt1, t.bk, t.subgroups2, t.rt2, t.rc2])
+    })?
+    else {
+        return Ok(());
     };
     let t = plan::CoopTiles {
         subgroups: tuned[0],
@@ -496,6 +509,113 @@ fn tune_coop_plan(
     Ok(())
 }
 
+/// A poly problem of one shape class on which the autotune times pass candidates: 8 heads of
+/// n x n (inputs in [-0.05, 0.05]), its pre-pass run once.
+struct PolyTuneProblem {
+    class: Problem,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    pre: kernels::poly::Prepass,
+    uploads: kernels::poly::Uploads,
+}
+
+impl PolyTuneProblem {
+    fn new(gpu: &device::Gpu, p: &Problem, n: usize, budget: &Budget) -> Result<Self, Error> {
+        let class = Problem {
+            units: 8,
+            group: 1,
+            l: n,
+            s: n,
+            causal: false,
+            ..*p
+        };
+        let x = |w: usize| -> Vec<f32> {
+            (0..class.units * n * w)
+                .map(|i| (((i * 7919 % 1000) as f32 / 1000.0) - 0.5) * 0.1)
+                .collect()
+        };
+        let (q, k, v) = (x(p.e), x(p.e), x(p.ev));
+        let chunking = plan::plan_exact(&class, budget)?.chunking;
+        let uploads = kernels::poly::Uploads::default();
+        let pre = kernels::poly::prepass(
+            gpu,
+            &class,
+            &chunking,
+            &q,
+            &k,
+            &v,
+            budget,
+            &RunOptions::default(),
+            &uploads,
+            &mut RunStats::default(),
+        )?;
+        Ok(PolyTuneProblem {
+            class,
+            q,
+            k,
+            v,
+            pre,
+            uploads,
+        })
+    }
+
+    /// GPU seconds of `pass` (timestamps; wall time of the call without them) under `plan`.
+    fn time(
+        &self,
+        gpu: &device::Gpu,
+        c: &PolyCandidate,
+        plan: &plan::PolyPlan,
+        pass: &str,
+    ) -> Result<f64, Error> {
+        let mut st = RunStats::default();
+        let start = Instant::now();
+        kernels::poly::run(
+            gpu,
+            &self.class,
+            plan,
+            &c.table,
+            &c.poly,
+            &self.pre,
+            &self.q,
+            &self.k,
+            &self.v,
+            &RunOptions::default(),
+            &self.uploads,
+            &mut st,
+        )?;
+        Ok(st
+            .pass_s
+            .iter()
+            .find(|(name, _)| *name == pass)
+            .map_or_else(|| start.elapsed().as_secs_f64(), |(_, s)| *s))
+    }
+}
+
+/// The fastest of `cands` (the first is the planner's), each timed once per round for
+/// TUNE_RUNS rounds and counted at its fastest round: a clock change during the tuning does not
+/// favour the candidates timed last.
+fn fastest_candidate<T: Copy + std::fmt::Debug>(
+    cands: &[T],
+    what: &str,
+    mut time: impl FnMut(T) -> Result<f64, Error>,
+) -> Result<T, Error> {
+    let mut secs = vec![f64::INFINITY; cands.len()];
+    for _ in 0..TUNE_RUNS {
+        for (s, &t) in secs.iter_mut().zip(cands) {
+            *s = s.min(time(t)?);
+        }
+    }
+    if tune_log() {
+        for (t, s) in cands.iter().zip(&secs) {
+            eprintln!("approx_attn autotune {what}: {t:?}: {:.3} ms", s * 1e3);
+        }
+    }
+    let best = (0..cands.len()).min_by(|&a, &b| secs[a].total_cmp(&secs[b]));
+    best.map(|i| cands[i])
+        .ok_or_else(|| Error::TooLarge(format!("no {what} candidate fits this device")))
+}
+
 /// Times the pass-1 and pass-2 candidates of [`plan::coop_candidates`] on an 8-head 16384²
 /// problem of this shape class, each pass on its own timestamps, and returns the fastest of each.
 fn autotune_coop(
@@ -505,70 +625,97 @@ fn autotune_coop(
     budget: &Budget,
 ) -> Result<plan::CoopTiles, Error> {
     let t0 = c.plan.coop.expect("a coop plan");
-    let n = 16384;
-    let class = Problem {
-        units: 8,
-        group: 1,
-        l: n,
-        s: n,
-        causal: false,
-        ..*p
-    };
-    let x = |w: usize| -> Vec<f32> {
-        (0..class.units * n * w)
-            .map(|i| (((i * 7919 % 1000) as f32 / 1000.0) - 0.5) * 0.1)
-            .collect()
-    };
-    let (q, k, v) = (x(p.e), x(p.e), x(p.ev));
-    let opts = RunOptions::default();
-    let chunking = plan::plan_exact(&class, budget)?.chunking;
-    let mut st = RunStats::default();
-    let uploads = kernels::poly::Uploads::default();
-    let pre = kernels::poly::prepass(
-        gpu, &class, &chunking, &q, &k, &v, budget, &opts, &uploads, &mut st,
-    )?;
+    let bench = PolyTuneProblem::new(gpu, p, 16384, budget)?;
     let time = |t: plan::CoopTiles, pass: &str| -> Result<f64, Error> {
-        let plan = plan::plan_poly_coop_with(&class, c.cert.degree, budget, t)?;
-        let mut st = RunStats::default();
-        let start = Instant::now();
-        kernels::poly::run(
-            gpu, &class, &plan, &c.table, &c.poly, &pre, &q, &k, &v, &opts, &uploads, &mut st,
-        )?;
-        Ok(st
-            .pass_s
-            .iter()
-            .find(|(name, _)| *name == pass)
-            .map_or_else(|| start.elapsed().as_secs_f64(), |(_, s)| *s))
+        let plan = plan::plan_poly_coop_with(&bench.class, c.cert.degree, budget, t)?;
+        bench.time(gpu, c, &plan, pass)
     };
     for _ in 0..TUNE_WARMUP_RUNS {
         time(t0, "pass1")?; // clocks up before the first candidate is timed
     }
     let (cands1, cands2) = plan::coop_candidates(&t0, budget);
-    // Round robin: every candidate is timed once per round and its fastest round counts, so a
-    // clock change during the tuning does not favour the candidates timed last.
-    let fastest = |cands: Vec<plan::CoopTiles>, pass: &str| -> Result<plan::CoopTiles, Error> {
-        let mut secs = vec![f64::INFINITY; cands.len()];
-        for _ in 0..TUNE_RUNS {
-            for (s, &t) in secs.iter_mut().zip(&cands) {
-                *s = s.min(time(t, pass)?);
-            }
-        }
-        if tune_log() {
-            for (t, s) in cands.iter().zip(&secs) {
-                eprintln!("approx_attn autotune coop {pass}: {t:?}: {:.3} ms", s * 1e3);
-            }
-        }
-        let best = (0..cands.len()).min_by(|&a, &b| secs[a].total_cmp(&secs[b]));
-        Ok(best.map_or(t0, |i| cands[i]))
-    };
-    let t1 = fastest(cands1, "pass1")?;
-    let t2 = fastest(cands2, "pass2")?;
+    let t1 = fastest_candidate(&cands1, "coop pass1", |t| time(t, "pass1"))?;
+    let t2 = fastest_candidate(&cands2, "coop pass2", |t| time(t, "pass2"))?;
     Ok(plan::CoopTiles {
         subgroups2: t2.subgroups2,
         rt2: t2.rt2,
         rc2: t2.rc2,
         ..t1
     })
+}
+
+/// The f32 poly plan with pass tiles measured on this adapter for the shape class (E, Ev,
+/// degree, fast memory) when a tuned entry is cached or the autotune times the candidates now
+/// (see [`autotune_on`]); the planner's tiles otherwise.
+fn tune_f32_poly_plan(
+    gpu: &device::Gpu,
+    p: &Problem,
+    c: &mut PolyCandidate,
+    budget: &Budget,
+) -> Result<(), Error> {
+    // Tiny problems get the planner's tiles (as for exact); tensor-core plans are tuned apart.
+    if c.plan.coop.is_some() || p.l < 64 || p.s < 64 {
+        return Ok(());
+    }
+    let class = format!(
+        "{} {} {} {}",
+        p.e, p.ev, c.cert.degree, budget.fast_memory_words
+    );
+    let Some(tuned) = tuned_values(gpu, "poly-tiles", &class, 6, || {
+        let (t1, t2) = autotune_f32_poly(gpu, p, c, budget)?;
+        Ok(vec![t1.bk, t1.tf, t1.rc, t2.b, t2.tr, t2.rc])
+    })?
+    else {
+        return Ok(());
+    };
+    let t1 = plan::Pass1Tiles {
+        bk: tuned[0],
+        tf: tuned[1],
+        rc: tuned[2],
+        ..c.plan.pass1
+    };
+    let t2 = plan::Pass2Tiles {
+        b: tuned[3],
+        tr: tuned[4],
+        rc: tuned[5],
+        ..c.plan.pass2
+    };
+    if plan::poly_tiles_fit(&t1, &t2, budget) && t2.resident() == c.plan.pass2.resident() {
+        if let Ok(tuned_plan) = plan::plan_poly_with(p, c.cert.degree, budget, t1, t2) {
+            c.plan = tuned_plan;
+        }
+    }
+    Ok(())
+}
+
+/// Times the pass-1 and pass-2 candidates of [`plan::poly_candidates`] on an 8-head 8192²
+/// problem of this shape class (512² on CPU drivers), each pass on its own timestamps, and
+/// returns the fastest of each.
+fn autotune_f32_poly(
+    gpu: &device::Gpu,
+    p: &Problem,
+    c: &PolyCandidate,
+    budget: &Budget,
+) -> Result<(plan::Pass1Tiles, plan::Pass2Tiles), Error> {
+    let n = if gpu.info.device_type == "Cpu" {
+        512
+    } else {
+        8192
+    };
+    let bench = PolyTuneProblem::new(gpu, p, n, budget)?;
+    let planned = plan::plan_poly(&bench.class, c.cert.degree, budget)?;
+    let time = |t1, t2, pass: &str| -> Result<f64, Error> {
+        let plan = plan::plan_poly_with(&bench.class, c.cert.degree, budget, t1, t2)?;
+        bench.time(gpu, c, &plan, pass)
+    };
+    let (t1, t2) = (planned.pass1, planned.pass2);
+    for _ in 0..TUNE_WARMUP_RUNS {
+        time(t1, t2, "pass1")?; // clocks up before the first candidate is timed
+    }
+    let (cands1, cands2) = plan::poly_candidates(&planned, budget);
+    let best1 = fastest_candidate(&cands1, "f32 poly pass1", |t| time(t, t2, "pass1"))?;
+    let best2 = fastest_candidate(&cands2, "f32 poly pass2", |t| time(t1, t, "pass2"))?;
+    Ok((best1, best2))
 }
 
 /// Per-adapter throughputs, measured once (an exact and a degree-2 f32 poly run) and cached on
@@ -733,6 +880,7 @@ pub fn attention(
         match poly_candidate(p, &pp, popts, &budget, coop_sg) {
             Ok(mut c) => {
                 tune_coop_plan(gpu.as_ref(), p, &mut c, &budget)?;
+                tune_f32_poly_plan(gpu.as_ref(), p, &mut c, &budget)?;
                 candidate = Some(c);
             }
             Err(e) if method == Method::Poly => return Err(e),
@@ -851,6 +999,63 @@ pub fn exact_attention(
         tensor_cores: Some(false),
     };
     attention(p, q, k, v, Method::Exact, &popts, opts)
+}
+
+/// The f32 poly method at `degree` with these pass tiles (the autotune's candidates): the output
+/// and the pre-pass's beta. For tests; `attention` picks tiles itself.
+#[allow(clippy::too_many_arguments)]
+pub fn poly_attention_with_tiles(
+    p: &Problem,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    degree: usize,
+    pass1: plan::Pass1Tiles,
+    pass2: plan::Pass2Tiles,
+    opts: &RunOptions,
+) -> Result<(Vec<f32>, f64), Error> {
+    check_lengths(p, q, k, v)?;
+    let gpu = device::gpu()?;
+    let _guard = gpu.exclusive();
+    let budget = budget(&gpu.info)?;
+    let chunking = plan::plan_exact(p, &budget)?.chunking;
+    let uploads = kernels::poly::Uploads::default();
+    let mut st = RunStats::default();
+    let pre = kernels::poly::prepass(
+        gpu.as_ref(),
+        p,
+        &chunking,
+        q,
+        k,
+        v,
+        &budget,
+        opts,
+        &uploads,
+        &mut st,
+    )?;
+    let popts = PolyOptions {
+        eps: 1e-2,
+        degree: Some(degree),
+        check_finite: false,
+        tensor_cores: Some(false),
+    };
+    let c = poly_candidate(p, &pre, &popts, &budget, None)?;
+    let plan = plan::plan_poly_with(p, degree, &budget, pass1, pass2)?;
+    let out = kernels::poly::run(
+        gpu.as_ref(),
+        p,
+        &plan,
+        &c.table,
+        &c.poly,
+        &pre,
+        q,
+        k,
+        v,
+        opts,
+        &uploads,
+        &mut st,
+    )?;
+    Ok((out, c.cert.beta))
 }
 
 fn check_lengths(p: &Problem, q: &[f32], k: &[f32], v: &[f32]) -> Result<(), Error> {

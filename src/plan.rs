@@ -996,6 +996,26 @@ pub fn plan_poly(p: &Problem, degree: usize, budget: &Budget) -> Result<PolyPlan
     let pass2 = pass2.ok_or_else(|| {
         too_large("no pass-2 tile fits the fast memory and the driver's loop budget")
     })?;
+    plan_poly_with(p, degree, budget, pass1, pass2)
+}
+
+/// The poly plan for given f32 pass tiles (the planner's, or the autotune's): schedule, dispatch
+/// cuts, key splits and pass-2 workgroups.
+pub fn plan_poly_with(
+    p: &Problem,
+    degree: usize,
+    budget: &Budget,
+    pass1: Pass1Tiles,
+    pass2: Pass2Tiles,
+) -> Result<PolyPlan, Error> {
+    let r = pass1.r;
+    let too_large = |what: &str| {
+        Error::TooLarge(format!(
+            "poly with E={}, Ev={}, degree {degree} (rank r={r}) does not fit this device: {what} \
+             (fast memory {} words)",
+            p.e, p.ev, budget.fast_memory_words
+        ))
+    };
     let schedule = if pass1.chunks() == 1 && pass2.resident() {
         Schedule::A
     } else {
@@ -1127,6 +1147,78 @@ pub fn coop_tiles_fit(t: &CoopTiles, budget: &Budget) -> bool {
         && t.threads().max(t.threads2()) <= max_threads
         && t.pass1_words() <= m
         && t.pass2_words() <= m
+}
+
+/// Whether f32 pass tiles (e.g. read back from the autotune's cache) fit this device: fast
+/// memory, threads, registers, whole micro-tiles and the driver's loop budget.
+pub fn poly_tiles_fit(t1: &Pass1Tiles, t2: &Pass2Tiles, budget: &Budget) -> bool {
+    let max_threads = MAX_POLY_THREADS.min(budget.max_invocations_per_workgroup as usize);
+    let m = budget.fast_memory_words;
+    let registers = |rows: usize, groups: usize| rows * 4 * groups <= MAX_OUT_ACCUMULATORS;
+    t1.tf > 0
+        && t1.rc % t1.tf == 0
+        && t1.rc > 0
+        && t1.bk > 0
+        && t1.threads() <= max_threads
+        && registers(t1.rows_per_thread(), t1.groups_per_thread())
+        && t1.fast_memory_words() <= m
+        && t2.tr > 0
+        && t2.b % t2.tr == 0
+        && t2.b > 0
+        && t2.rc > 0
+        && t2.threads() <= max_threads
+        && registers(t2.rows_per_thread(), t2.groups_per_thread())
+        && t2.fast_memory_words() <= m
+        && t2.loop_iterations(1) <= budget.max_loop_iterations
+}
+
+/// Autotune candidates around the planner's f32 pass tiles: pass-1 variants (key tile, thread
+/// rows, feature rows per thread; pass 2 as planned) and pass-2 variants (query block, thread
+/// rows, S' chunk; pass 1 as planned), each list starting with the planner's choice. Pass 2 keeps
+/// the planned schedule (S' resident or streamed).
+pub fn poly_candidates(plan: &PolyPlan, budget: &Budget) -> (Vec<Pass1Tiles>, Vec<Pass2Tiles>) {
+    let (t1, t2) = (plan.pass1, plan.pass2);
+    let r = t1.r;
+    let mut pass1 = vec![t1];
+    for bk in [8usize, 16, 32] {
+        for tf in [8usize, 16, 32, 64] {
+            for rows in [1usize, 2, 4, 8] {
+                // Rows balanced over the chunks, as the planner does.
+                let chunks = r.div_ceil(tf * rows);
+                let c = Pass1Tiles {
+                    bk,
+                    tf,
+                    rc: tf * r.div_ceil(chunks).div_ceil(tf),
+                    ..t1
+                };
+                if poly_tiles_fit(&c, &t2, budget) && !pass1.contains(&c) {
+                    pass1.push(c);
+                }
+            }
+        }
+    }
+    let mut pass2 = vec![t2];
+    let chunk_rows: Vec<usize> = if t2.resident() {
+        vec![r]
+    } else {
+        [16usize, 32, 64, 128].iter().map(|&c| c.min(r)).collect()
+    };
+    for tr in [8usize, 16, 32] {
+        for rows in [1usize, 2, 4, 8] {
+            for &rc in &chunk_rows {
+                let c = Pass2Tiles {
+                    b: tr * rows,
+                    tr,
+                    rc,
+                    ..t2
+                };
+                if c.b <= 64 && poly_tiles_fit(&t1, &c, budget) && !pass2.contains(&c) {
+                    pass2.push(c);
+                }
+            }
+        }
+    }
+    (pass1, pass2)
 }
 
 /// Autotune candidates around the planner's coop tiles: pass-1 variants (pass 2 as planned) and
