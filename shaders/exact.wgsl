@@ -83,32 +83,29 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (params.causal != 0u) {
         kv_end = select(0u, min(params.s, last_q - params.kv_offset), last_q > params.kv_offset);
     }
-    // This V tile and the next K tile are loaded into registers while the current tile is
-    // multiplied: V after the first barrier, K with it where few registers hold the prefetch
-    // (its latency then overlaps the scores too), else after the softmax (see exact.rs).
+    // K and V tiles are loaded into registers while the current tile is multiplied, so their
+    // global-load latency overlaps the arithmetic (exact.rs: where, per layout).
 {{PREFETCH_DECL}}
     if (kv_end > 0u) {
-{{K_LOAD_FIRST}}
+{{LOAD_FIRST}}
     }
 
     for (var j0 = 0u; j0 < kv_end; j0 += BK) {
         let k_rows = min(BK, kv_end - j0);
-{{K_STORE}}
+        let vbase = {{VBASE}}; // where this tile's V lives in kv_tile
+{{TILE_STORE}}
         workgroupBarrier();
-{{V_LOAD}}
-{{K_LOAD_NEXT_EARLY}}
+{{LOADS}}
 
 {{SCORES}}
         workgroupBarrier();
 
 {{SOFTMAX}}
-        // Every thread is past the scores: V takes K's place.
-{{V_STORE}}
-{{K_LOAD_NEXT_LATE}}
+{{AFTER_SOFTMAX}}
         workgroupBarrier();
 
 {{PV}}
-        workgroupBarrier();
+{{END_OF_TILE}}
     }
 
 {{STORE}}

@@ -363,9 +363,9 @@ fn exact_plan_for(
         u8::from(p.causal),
         budget.fast_memory_words
     );
-    let Some(tuned) = tuned_values(gpu, "exact-tiles", &class, 4, || {
+    let Some(tuned) = tuned_values(gpu, "exact-tiles", &class, 5, || {
         let t = autotune_exact(gpu, p, budget)?;
-        Ok(vec![t.bq, t.bk, t.tq, t.tk])
+        Ok(vec![t.bq, t.bk, t.tq, t.tk, usize::from(t.split_v)])
     })?
     else {
         return Ok(default);
@@ -377,6 +377,7 @@ fn exact_plan_for(
         bk: tuned[1],
         tq: tuned[2],
         tk: tuned[3],
+        split_v: tuned[4] != 0,
     };
     if !plan::exact_tiles_fit(&t, budget) {
         return Ok(default);
@@ -453,7 +454,7 @@ fn autotune_exact(
     if tune_log() {
         for (t, s) in candidates.iter().zip(&secs) {
             eprintln!(
-                "approx_attn autotune exact E={} Ev={} causal={}: bq={} bk={} tq={} tk={}: {:.3} ms",
+                "approx_attn autotune exact E={} Ev={} causal={}: bq={} bk={} tq={} tk={} split_v={}: {:.3} ms",
                 p.e,
                 p.ev,
                 p.causal,
@@ -461,6 +462,7 @@ fn autotune_exact(
                 t.bk,
                 t.tq,
                 t.tk,
+                t.split_v,
                 s * 1e3
             );
         }

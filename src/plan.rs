@@ -77,6 +77,9 @@ pub struct ExactTiles {
     /// b, b+tk, ...
     pub tq: usize,
     pub tk: usize,
+    /// V gets its own double-buffered tile beside K's (more fast memory, one barrier fewer per
+    /// key tile: 3 instead of 4); otherwise V reuses K's tile once the scores are formed.
+    pub split_v: bool,
 }
 
 impl ExactTiles {
@@ -111,6 +114,19 @@ impl ExactTiles {
     pub fn kv_width(&self) -> usize {
         self.row_stride().max(self.ev / self.lanes())
     }
+    /// Tile elements of one V buffer (with `split_v`): BK rows of Ev, plus one element per thread
+    /// column of tail padding (threads read past Ev where it is not a multiple of tk).
+    pub fn v_buffer_elements(&self) -> usize {
+        self.bk * (self.ev / self.lanes()) + self.tk
+    }
+    /// Tile elements of the K/V array: the shared tile, or K's tile followed by two V buffers.
+    pub fn kv_elements(&self) -> usize {
+        if self.split_v {
+            self.bk * self.row_stride() + 2 * self.v_buffer_elements()
+        } else {
+            self.bk * self.kv_width() + self.tk
+        }
+    }
     /// Floats per element of the P tile: vec4 (four keys per load in the P V product) where the
     /// tiles are vec4 and the key tile is a multiple of 4.
     pub fn p_lanes(&self) -> usize {
@@ -128,7 +144,7 @@ impl ExactTiles {
     /// conflicts, K/V tail padding of one element per thread column), the P tile (rows padded by
     /// one element) and one partial row statistic per row and thread column.
     pub fn fast_memory_words(&self) -> u64 {
-        (self.lanes() * (self.bq * self.row_stride() + self.bk * self.kv_width() + self.tk)
+        (self.lanes() * (self.bq * self.row_stride() + self.kv_elements())
             + self.p_lanes() * self.bq * self.p_row_stride()
             + self.bq * self.tk) as u64
     }
@@ -181,6 +197,7 @@ pub fn exact_tiles(p: &Problem, budget: &Budget) -> Result<ExactTiles, Error> {
                 bk,
                 tq,
                 tk,
+                split_v: false,
             };
             if !exact_tiles_fit(&t, budget) {
                 continue;
@@ -206,7 +223,8 @@ pub fn exact_tiles(p: &Problem, budget: &Budget) -> Result<ExactTiles, Error> {
                 bq: 1,
                 bk: 1,
                 tq: 1,
-                tk: 1
+                tk: 1,
+                split_v: false,
             }
             .fast_memory_words(),
             budget.fast_memory_words
@@ -318,7 +336,8 @@ pub fn exact_tiles_fit(t: &ExactTiles, budget: &Budget) -> bool {
 }
 
 /// The candidates an autotune times: the default choice plus other tile and thread-grid shapes
-/// (4, 8 or 16 threads per side, at least 64 threads) that fit.
+/// (4, 8 or 16 threads per side, at least 64 threads), each with V in K's tile or in its own
+/// double-buffered one, that fit.
 pub fn exact_candidates(p: &Problem, budget: &Budget) -> Vec<ExactTiles> {
     let mut out = Vec::new();
     if let Ok(t) = exact_tiles(p, budget) {
@@ -332,16 +351,19 @@ pub fn exact_candidates(p: &Problem, budget: &Budget) -> Vec<ExactTiles> {
                     if tq * tk < 64 {
                         continue;
                     }
-                    let t = ExactTiles {
-                        e: p.e,
-                        ev: p.ev,
-                        bq,
-                        bk,
-                        tq,
-                        tk,
-                    };
-                    if exact_tiles_fit(&t, budget) && !out.contains(&t) {
-                        out.push(t);
+                    for split_v in [false, true] {
+                        let t = ExactTiles {
+                            e: p.e,
+                            ev: p.ev,
+                            bq,
+                            bk,
+                            tq,
+                            tk,
+                            split_v,
+                        };
+                        if exact_tiles_fit(&t, budget) && !out.contains(&t) {
+                            out.push(t);
+                        }
                     }
                 }
             }

@@ -58,7 +58,8 @@ fn exact_matches_reference() {
     }
 }
 
-/// Every tile shape the autotune may pick computes the same attention.
+/// Every tile shape the autotune may pick (V in K's tile or in its own double-buffered one)
+/// computes the same attention and moves the words the I/O model counts.
 #[test]
 fn every_autotune_candidate_matches_reference() {
     let gpu = approx_attn::device::gpu().unwrap();
@@ -77,13 +78,23 @@ fn every_autotune_candidate_matches_reference() {
     let want = reference(&p, (&q, &k, &v), false, softmax_weights);
     let candidates = approx_attn::plan::exact_candidates(&p, &budget);
     assert!(candidates.len() > 4, "{candidates:?}");
+    assert!(candidates.iter().any(|t| t.split_v) && candidates.iter().any(|t| !t.split_v));
+    let counting = RunOptions {
+        trusted: false,
+        count_io: true,
+    };
     for t in candidates {
         let plan = approx_attn::plan::plan_exact_with(&p, &budget, t).unwrap();
-        let (out, _) =
-            approx_attn::kernels::exact::run(&gpu, &p, &plan, &q, &k, &v, &RunOptions::default())
-                .unwrap();
+        let (out, st) =
+            approx_attn::kernels::exact::run(&gpu, &p, &plan, &q, &k, &v, &counting).unwrap();
         let err = max_abs_diff(&out, &want);
         // Same float32 tolerance as above: values in [-1, 1], a few 1e-6.
         assert!(err < 5e-6, "{t:?}: max error {err}");
+        let io = approx_attn::io::exact_io(&p, &plan);
+        assert_eq!(
+            st.io_words_counted,
+            Some((io.reads(), io.writes())),
+            "{t:?}"
+        );
     }
 }

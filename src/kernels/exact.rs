@@ -64,7 +64,21 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
     for u in 0..nv {
         let _ = writeln!(pre_decl, "    var vx_{u} = T();");
     }
-    let k_load = |j0: &str, ind: &str| {
+    // V rows `rows` of the tile at key `j0` into the vx registers.
+    let v_loads = |j0: &str, rows: &str, ind: &str| {
+        let mut s = String::new();
+        for u in 0..nv {
+            let _ = writeln!(
+                s,
+                "{ind}vx_{u} = T();\n{ind}if (lid + {o}u < {rows} * EVW) {{\n{ind}    \
+                 vx_{u} = v[v_base + ({j0}) * EVW + lid + {o}u];\n{ind}    words_read += LANES;\n{ind}}}",
+                o = wg * u
+            );
+        }
+        s
+    };
+    // The K tile at key `j0` (and its V tile with `with_v`) into the registers.
+    let tile_load = |j0: &str, ind: &str, with_v: bool| {
         let mut s = format!("{ind}let kr = min(BK, kv_end - ({j0}));\n");
         for u in 0..nk {
             let _ = writeln!(
@@ -74,10 +88,12 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
                 o = wg * u
             );
         }
+        if with_v {
+            s.push_str(&v_loads(j0, "kr", ind));
+        }
         s.trim_end().to_string()
     };
     let mut k_store = String::new();
-    let mut v_load = String::new();
     let mut v_store = String::new();
     for u in 0..nk {
         let _ = writeln!(
@@ -89,14 +105,8 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
     }
     for u in 0..nv {
         let _ = writeln!(
-            v_load,
-            "        vx_{u} = T();\n        if (lid + {o}u < k_rows * EVW) {{\n            \
-             vx_{u} = v[v_base + j0 * EVW + lid + {o}u];\n            words_read += LANES;\n        }}",
-            o = wg * u
-        );
-        let _ = writeln!(
             v_store,
-            "        if (lid + {o}u < BK * EVW) {{\n            kv_tile[lid + {o}u] = vx_{u};\n        }}",
+            "        if (lid + {o}u < BK * EVW) {{\n            kv_tile[vbase + lid + {o}u] = vx_{u};\n        }}",
             o = wg * u
         );
     }
@@ -199,7 +209,7 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
         for u in 0..cv {
             let _ = writeln!(
                 pv,
-                "            let v_{l}_{u} = kv_tile[({p_step}u * jp + {l}u) * EVW + tk + {}u];",
+                "            let v_{l}_{u} = kv_tile[vbase + ({p_step}u * jp + {l}u) * EVW + tk + {}u];",
                 u * t.tk
             );
         }
@@ -251,18 +261,48 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
         );
     }
 
-    // The next K tile is loaded early (with V, right after the first barrier) when the whole
-    // prefetch fits in EARLY_K_PREFETCH_FLOATS registers. Measured on the H100 (n = 65,536,
-    // 8 heads, tuned 32 x 32 tiles of 128 threads): early took 0.496 s instead of 0.515 s at
-    // E = 64 (32 floats of prefetch), but 1.040 s instead of 1.026 s at E = 128 (64 floats).
-    let k_next = format!(
-        "        if (j0 + BK < kv_end) {{\n{}\n        }}",
-        k_load("j0 + BK", "            ")
-    );
-    let (k_next_early, k_next_late) = if (nk + nv) * lanes <= EARLY_K_PREFETCH_FLOATS {
-        (k_next, String::new())
+    let next_tile = |with_v: bool| {
+        format!(
+            "        if (j0 + BK < kv_end) {{\n{}\n        }}",
+            tile_load("j0 + BK", "            ", with_v)
+        )
+    };
+    let this_v = v_loads("j0", "k_rows", "        ");
+    let (vbase, tile_store, loads, after_softmax, end_of_tile) = if t.split_v {
+        // K's tile, then two V buffers: V of tile i lives in buffer i % 2, so the next tile's
+        // stores (after this tile's P V) need no barrier of their own; K and V of the next tile
+        // are loaded right after the first barrier.
+        (
+            format!(
+                "{}u + (j0 / BK) % 2u * {}u",
+                t.bk * t.row_stride(),
+                t.v_buffer_elements()
+            ),
+            format!("{k_store}{v_store}"),
+            next_tile(true),
+            String::new(),
+            "        // V is double-buffered: the next tile's stores may follow without a barrier."
+                .to_string(),
+        )
     } else {
-        (String::new(), k_next)
+        // V takes K's place once every thread is past the scores. The next K tile is loaded early
+        // (with V, right after the first barrier) when the whole prefetch fits in
+        // EARLY_K_PREFETCH_FLOATS registers. Measured on the H100 (n = 65,536, 8 heads, tuned
+        // 32 x 32 tiles of 128 threads): early took 0.496 s instead of 0.515 s at E = 64 (32
+        // floats of prefetch), but 1.040 s instead of 1.026 s at E = 128 (64 floats).
+        let early = (nk + nv) * lanes <= EARLY_K_PREFETCH_FLOATS;
+        let (k_early, k_late) = if early {
+            (next_tile(false), String::new())
+        } else {
+            (String::new(), next_tile(false))
+        };
+        (
+            "0u".to_string(),
+            k_store.clone(),
+            format!("{this_v}{k_early}"),
+            format!("{v_store}{k_late}"),
+            "        workgroupBarrier();".to_string(),
+        )
     };
     let [decl, add] = io_counter_slots(count_io, 6);
     fill_template(
@@ -278,19 +318,19 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
             ("ELEM", elem.to_string()),
             ("LANES", lanes.to_string()),
             ("Q_TILE", (t.bq * t.row_stride()).to_string()),
-            ("KV_TILE", (t.bk * t.kv_width() + t.tk).to_string()),
+            ("KV_TILE", t.kv_elements().to_string()),
             ("P_ELEM", p_elem.to_string()),
             ("PS", t.p_row_stride().to_string()),
             ("P_TILE", (t.bq * t.p_row_stride()).to_string()),
             ("PART", (t.bq * t.tk).to_string()),
             ("O_DECL", o_decl.trim_end().to_string()),
             ("PREFETCH_DECL", pre_decl.trim_end().to_string()),
-            ("K_LOAD_FIRST", k_load("0u", "        ")),
-            ("K_LOAD_NEXT_EARLY", k_next_early),
-            ("K_LOAD_NEXT_LATE", k_next_late),
-            ("K_STORE", k_store.trim_end().to_string()),
-            ("V_LOAD", v_load.trim_end().to_string()),
-            ("V_STORE", v_store.trim_end().to_string()),
+            ("LOAD_FIRST", tile_load("0u", "        ", t.split_v)),
+            ("VBASE", vbase),
+            ("TILE_STORE", tile_store.trim_end().to_string()),
+            ("LOADS", loads.trim_end().to_string()),
+            ("AFTER_SOFTMAX", after_softmax.trim_end().to_string()),
+            ("END_OF_TILE", end_of_tile),
             ("SCORES", scores.trim_end().to_string()),
             ("SOFTMAX", softmax.trim_end().to_string()),
             ("PV", pv),
