@@ -2,7 +2,7 @@
 //! (Metal), HLSL (DX12) and GLSL (GL), so the paths we cannot run here are at least compiled.
 
 use approx_attn::kernels::{exact, poly};
-use approx_attn::plan::{plan_exact, plan_poly, Budget, Problem};
+use approx_attn::plan::{exact_tiles_fit, plan_exact, plan_poly, Budget, ExactTiles, Problem};
 
 /// Words of workgroup memory the shader declares (what the planner must have budgeted).
 fn workgroup_words(module: &naga::Module) -> u64 {
@@ -96,18 +96,29 @@ fn budget(words: u64) -> Budget {
 
 #[test]
 fn every_kernel_translates_to_every_backend() {
+    let mut split_checked = 0;
     // The WebGPU default (16 KiB), Apple/lavapipe (32 KiB) and NVIDIA (48 KiB) budgets.
     for words in [4096u64, 8192, 12288] {
         for (e, ev) in [(1usize, 1usize), (3, 7), (64, 64), (256, 256)] {
             let p = problem(e, ev);
             for count_io in [false, true] {
-                let t = plan_exact(&p, &budget(words)).unwrap().tiles;
-                assert!(t.fast_memory_words() <= words);
-                check(
-                    &format!("exact {t:?}"),
-                    &exact::shader_source(&t, count_io),
-                    t.fast_memory_words(),
-                );
+                let planned = plan_exact(&p, &budget(words)).unwrap().tiles;
+                assert!(planned.fast_memory_words() <= words);
+                // The planned tiles, and the autotune's layout with V in its own buffers.
+                let split = ExactTiles {
+                    split_v: true,
+                    ..planned
+                };
+                for t in [planned, split] {
+                    if exact_tiles_fit(&t, &budget(words)) {
+                        split_checked += usize::from(t.split_v);
+                        check(
+                            &format!("exact {t:?}"),
+                            &exact::shader_source(&t, count_io),
+                            t.fast_memory_words(),
+                        );
+                    }
+                }
                 for g in [1usize, 2] {
                     if let Ok(plan) = plan_poly(&p, g, &budget(words)) {
                         let (t1, t2) = (plan.pass1, plan.pass2);
@@ -142,6 +153,7 @@ fn every_kernel_translates_to_every_backend() {
             }
         }
     }
+    assert!(split_checked > 0, "no split-V exact layout fit any budget");
 }
 
 /// The cooperative-matrix passes: naga validates them with the capabilities they need, they
