@@ -75,32 +75,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     workgroupBarrier();
 {{ACC_DECL}}
+{{PREFETCH}}
     for (var j0 = j_begin; j0 < j_end; j0 += BK) {
         let kr = min(BK, j_end - j0);
-        for (var i = lid; i < BK * E1; i += WG) {
-            let r = i / E1;
-            let c = i % E1;
-            var x = 1.0;
-            if (c < E) {
-                x = 0.0;
-                if (r < kr) {
-                    x = k[(unit * params.s + j0 + r) * E + c] - mu_t[c];
-                    words_read += 1u;
-                }
-            }
-            k_tile[i] = x;
-        }
-        for (var i = lid; i < BK * EV; i += WG) {
-            let r = i / EV;
-            let c = i % EV;
-            var x = 0.0;
-            if (r < kr) {
-                x = v[(unit * params.s + j0 + r) * EV + c];
-                words_read += 1u;
-            }
-            v_tile[r * CW + c / 4u][c % 4u] = x;
-        }
+{{TILE_LOAD}}
         workgroupBarrier();
+{{NEXT_LOAD}}
         for (var i = lid; i < RC * BK; i += WG) {
             let j = i / RC;
             let f = i % RC;

@@ -663,9 +663,17 @@ fn tune_f32_poly_plan(
         "{} {} {} {}",
         p.e, p.ev, c.cert.degree, budget.fast_memory_words
     );
-    let Some(tuned) = tuned_values(gpu, "poly-tiles", &class, 6, || {
+    let Some(tuned) = tuned_values(gpu, "poly-tiles", &class, 7, || {
         let (t1, t2) = autotune_f32_poly(gpu, p, c, budget)?;
-        Ok(vec![t1.bk, t1.tf, t1.rc, t2.b, t2.tr, t2.rc])
+        Ok(vec![
+            t1.bk,
+            t1.tf,
+            t1.rc,
+            t2.b,
+            t2.tr,
+            t2.rc,
+            usize::from(t1.prefetch),
+        ])
     })?
     else {
         return Ok(());
@@ -674,6 +682,7 @@ fn tune_f32_poly_plan(
         bk: tuned[0],
         tf: tuned[1],
         rc: tuned[2],
+        prefetch: tuned[6] != 0,
         ..c.plan.pass1
     };
     let t2 = plan::Pass2Tiles {
@@ -1003,8 +1012,19 @@ pub fn exact_attention(
     attention(p, q, k, v, Method::Exact, &popts, opts)
 }
 
-/// The f32 poly method at `degree` with these pass tiles (the autotune's candidates): the output
-/// and the pre-pass's beta. For tests; `attention` picks tiles itself.
+/// What [`poly_attention_with_tiles`] returns.
+pub struct TiledPolyRun {
+    pub out: Vec<f32>,
+    /// The pre-pass's beta (the polynomial was fitted on [-beta, beta]).
+    pub beta: f64,
+    /// (reads, writes) of the two passes and the reduction, counted by the shaders (with
+    /// `count_io`), and as the I/O model plans them.
+    pub words_counted: Option<(u64, u64)>,
+    pub words_planned: (u64, u64),
+}
+
+/// The f32 poly method at `degree` with these pass tiles (the autotune's candidates). For tests;
+/// `attention` picks tiles itself.
 #[allow(clippy::too_many_arguments)]
 pub fn poly_attention_with_tiles(
     p: &Problem,
@@ -1015,7 +1035,7 @@ pub fn poly_attention_with_tiles(
     pass1: plan::Pass1Tiles,
     pass2: plan::Pass2Tiles,
     opts: &RunOptions,
-) -> Result<(Vec<f32>, f64), Error> {
+) -> Result<TiledPolyRun, Error> {
     check_lengths(p, q, k, v)?;
     let gpu = device::gpu()?;
     let _guard = gpu.exclusive();
@@ -1043,6 +1063,7 @@ pub fn poly_attention_with_tiles(
     };
     let c = poly_candidate(p, &pre, &popts, &budget, None)?;
     let plan = plan::plan_poly_with(p, degree, &budget, pass1, pass2)?;
+    let mut st = RunStats::default(); // the passes' words only, as the model counts them
     let out = kernels::poly::run(
         gpu.as_ref(),
         p,
@@ -1057,7 +1078,15 @@ pub fn poly_attention_with_tiles(
         &uploads,
         &mut st,
     )?;
-    Ok((out, c.cert.beta))
+    let io = io::poly_io(p, &plan, &chunking, &budget);
+    let prepass = io.passes.iter().find(|x| x.name == "prepass");
+    let (pr, pw) = prepass.map_or((0, 0), |x| (x.reads, x.writes));
+    Ok(TiledPolyRun {
+        out,
+        beta: c.cert.beta,
+        words_counted: st.io_words_counted,
+        words_planned: (io.reads() - pr, io.writes() - pw),
+    })
 }
 
 fn check_lengths(p: &Problem, q: &[f32], k: &[f32], v: &[f32]) -> Result<(), Error> {

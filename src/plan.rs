@@ -552,6 +552,9 @@ pub struct Pass1Tiles {
     pub bk: usize,
     pub tf: usize,
     pub tc: usize,
+    /// Load the next key/value tile into registers while this one is multiplied (an autotune
+    /// option; otherwise each tile goes from storage straight to workgroup memory).
+    pub prefetch: bool,
 }
 
 impl Pass1Tiles {
@@ -946,6 +949,7 @@ pub fn plan_poly(p: &Problem, degree: usize, budget: &Budget) -> Result<PolyPlan
         bk,
         tf,
         tc,
+        prefetch: false,
     };
     let mut candidates = Vec::new();
     for bk in [32usize, 16, 8, 4, 2, 1] {
@@ -1195,7 +1199,7 @@ pub fn poly_tiles_fit(t1: &Pass1Tiles, t2: &Pass2Tiles, budget: &Budget) -> bool
 }
 
 /// Autotune candidates around the planner's f32 pass tiles: pass-1 variants (key tile, thread
-/// rows, feature rows per thread; pass 2 as planned) and pass-2 variants (query block, thread
+/// rows, feature rows per thread, register prefetch or not; pass 2 as planned) and pass-2 variants (query block, thread
 /// rows, S' chunk; pass 1 as planned), each list starting with the planner's choice. Pass 2 keeps
 /// the planned schedule (S' resident or streamed).
 pub fn poly_candidates(plan: &PolyPlan, budget: &Budget) -> (Vec<Pass1Tiles>, Vec<Pass2Tiles>) {
@@ -1205,16 +1209,19 @@ pub fn poly_candidates(plan: &PolyPlan, budget: &Budget) -> (Vec<Pass1Tiles>, Ve
     for bk in [8usize, 16, 32] {
         for tf in [8usize, 16, 32, 64] {
             for rows in [1usize, 2, 4, 8] {
-                // Rows balanced over the chunks, as the planner does.
-                let chunks = r.div_ceil(tf * rows);
-                let c = Pass1Tiles {
-                    bk,
-                    tf,
-                    rc: tf * r.div_ceil(chunks).div_ceil(tf),
-                    ..t1
-                };
-                if poly_tiles_fit(&c, &t2, budget) && !pass1.contains(&c) {
-                    pass1.push(c);
+                for prefetch in [false, true] {
+                    // Rows balanced over the chunks, as the planner does.
+                    let chunks = r.div_ceil(tf * rows);
+                    let c = Pass1Tiles {
+                        bk,
+                        tf,
+                        rc: tf * r.div_ceil(chunks).div_ceil(tf),
+                        prefetch,
+                        ..t1
+                    };
+                    if poly_tiles_fit(&c, &t2, budget) && !pass1.contains(&c) {
+                        pass1.push(c);
+                    }
                 }
             }
         }

@@ -80,8 +80,8 @@ fn poly_matches_twin_in_both_schedules() {
     std::env::remove_var("APPROX_ATTN_FAST_MEMORY_BYTES");
 }
 
-/// Every f32 pass-tile pair the autotune may pick computes the same polynomial attention, in
-/// schedule A (S' resident in pass 2) and B (streamed).
+/// Every f32 pass-tile pair the autotune may pick computes the same polynomial attention and
+/// moves the words the I/O model counts, in schedule A (S' resident in pass 2) and B (streamed).
 #[test]
 fn every_f32_autotune_candidate_matches_twin() {
     let gpu = approx_attn::device::gpu().unwrap();
@@ -106,19 +106,20 @@ fn every_f32_autotune_candidate_matches_twin() {
             .map(|&t1| (t1, planned.pass2))
             .chain(cands2.iter().map(|&t2| (planned.pass1, t2)));
         for (t1, t2) in pairs {
-            let (out, beta) = approx_attn::poly_attention_with_tiles(
-                &p,
-                &q,
-                &k,
-                &v,
-                degree,
-                t1,
-                t2,
-                &RunOptions::default(),
-            )
-            .unwrap();
-            let err = max_abs_diff(&out, &twin(&p, (&q, &k, &v), beta, degree));
+            let counting = RunOptions {
+                trusted: false,
+                count_io: true,
+            };
+            let run =
+                approx_attn::poly_attention_with_tiles(&p, &q, &k, &v, degree, t1, t2, &counting)
+                    .unwrap();
+            let err = max_abs_diff(&run.out, &twin(&p, (&q, &k, &v), run.beta, degree));
             assert!(err < TWIN_TOLERANCE, "{t1:?} {t2:?}: error {err} vs twin");
+            assert_eq!(
+                run.words_counted,
+                Some(run.words_planned),
+                "{t1:?} {t2:?}: words counted vs planned"
+            );
         }
     }
 }

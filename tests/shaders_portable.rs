@@ -2,7 +2,9 @@
 //! (Metal), HLSL (DX12) and GLSL (GL), so the paths we cannot run here are at least compiled.
 
 use approx_attn::kernels::{exact, poly};
-use approx_attn::plan::{exact_tiles_fit, plan_exact, plan_poly, Budget, ExactTiles, Problem};
+use approx_attn::plan::{
+    exact_tiles_fit, plan_exact, plan_poly, Budget, ExactTiles, Pass1Tiles, Problem,
+};
 
 /// Words of workgroup memory the shader declares (what the planner must have budgeted).
 fn workgroup_words(module: &naga::Module) -> u64 {
@@ -124,12 +126,21 @@ fn every_kernel_translates_to_every_backend() {
                         let (t1, t2) = (plan.pass1, plan.pass2);
                         assert!(t1.fast_memory_words() <= words);
                         assert!(t2.fast_memory_words() <= words);
-                        let name1 = format!("pass1 {t1:?}");
-                        check(
-                            &name1,
-                            &poly::pass1_source(&t1, count_io),
-                            t1.fast_memory_words(),
-                        );
+                        // The planned tiles, and the autotune's register-prefetch variant.
+                        for t1 in [
+                            t1,
+                            Pass1Tiles {
+                                prefetch: true,
+                                ..t1
+                            },
+                        ] {
+                            let name1 = format!("pass1 {t1:?}");
+                            check(
+                                &name1,
+                                &poly::pass1_source(&t1, count_io),
+                                t1.fast_memory_words(),
+                            );
+                        }
                         let name2 = format!("pass2 {t2:?}");
                         check(
                             &name2,

@@ -142,6 +142,7 @@ pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
              words_written += 1u;\n            }}\n        }}\n    }}"
         );
     }
+    let (prefetch, tile_load, next_load) = pass1_tile_loads(t);
     let [decl, add] = io_counter_slots(count_io, 6);
     fill_template(
         PASS1,
@@ -162,12 +163,114 @@ pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
             ("PHI", (t.rc * t.bk).to_string()),
             ("IDX", (t.rc * iw).to_string()),
             ("ACC_DECL", accumulator_decls(rf, cu, "    ")),
+            ("PREFETCH", prefetch),
+            ("TILE_LOAD", tile_load),
+            ("NEXT_LOAD", next_load),
             ("PRODUCT", product),
             ("STORE", store.trim_end().to_string()),
             decl,
             add,
         ],
     )
+}
+
+/// Pass 1's key and value tiles: (before the key loop, at the top of each tile, after its first
+/// barrier). Without `prefetch` each tile is loaded from storage straight into workgroup memory;
+/// with it, the next tile is loaded into registers (element u of a thread: tile element
+/// lid + WG * u) while this one is multiplied, and stored at the top of the next iteration.
+fn pass1_tile_loads(t: &Pass1Tiles) -> (String, String, String) {
+    if !t.prefetch {
+        let direct = "        for (var i = lid; i < BK * E1; i += WG) {
+            let r = i / E1;
+            let c = i % E1;
+            var x = 1.0;
+            if (c < E) {
+                x = 0.0;
+                if (r < kr) {
+                    x = k[(unit * params.s + j0 + r) * E + c] - mu_t[c];
+                    words_read += 1u;
+                }
+            }
+            k_tile[i] = x;
+        }
+        for (var i = lid; i < BK * EV; i += WG) {
+            let r = i / EV;
+            let c = i % EV;
+            var x = 0.0;
+            if (r < kr) {
+                x = v[(unit * params.s + j0 + r) * EV + c];
+                words_read += 1u;
+            }
+            v_tile[r * CW + c / 4u][c % 4u] = x;
+        }";
+        return (String::new(), direct.to_string(), String::new());
+    }
+    let wg = t.threads();
+    let (nk, nv) = ((t.bk * (t.e + 1)).div_ceil(wg), (t.bk * t.ev).div_ceil(wg));
+    let mut decl = String::from(
+        "    // The next key tile is loaded into registers while this one is multiplied.\n",
+    );
+    for u in 0..nk {
+        let _ = writeln!(
+            decl,
+            "    let ki_{u} = lid + {o}u;\n    let krow_{u} = ki_{u} / E1;\n    let kcol_{u} = ki_{u} % E1;\n    var kx_{u} = 0.0;",
+            o = wg * u
+        );
+    }
+    for u in 0..nv {
+        let _ = writeln!(
+            decl,
+            "    let vi_{u} = lid + {o}u;\n    let vrow_{u} = vi_{u} / EV;\n    let vcol_{u} = vi_{u} % EV;\n    var vx_{u} = 0.0;",
+            o = wg * u
+        );
+    }
+    // Keys past the split's end are zero rows; the constant-1 column is 1 in every row.
+    let load = |j0: &str, ind: &str| {
+        let mut s = format!("{ind}{{\n{ind}    let kn = min(BK, j_end - ({j0}));\n");
+        for u in 0..nk {
+            let _ = writeln!(
+                s,
+                "{ind}    kx_{u} = select(0.0, 1.0, kcol_{u} == E);\n\
+                 {ind}    if (ki_{u} < BK * E1 && kcol_{u} < E && krow_{u} < kn) {{\n\
+                 {ind}        kx_{u} = k[(unit * params.s + {j0} + krow_{u}) * E + kcol_{u}] - mu_t[kcol_{u}];\n\
+                 {ind}        words_read += 1u;\n{ind}    }}"
+            );
+        }
+        for u in 0..nv {
+            let _ = writeln!(
+                s,
+                "{ind}    vx_{u} = 0.0;\n\
+                 {ind}    if (vi_{u} < BK * EV && vrow_{u} < kn) {{\n\
+                 {ind}        vx_{u} = v[(unit * params.s + {j0} + vrow_{u}) * EV + vcol_{u}];\n\
+                 {ind}        words_read += 1u;\n{ind}    }}"
+            );
+        }
+        s.push_str(&format!("{ind}}}"));
+        s
+    };
+    let _ = write!(
+        decl,
+        "    if (j_begin < j_end) {{\n{}\n    }}",
+        load("j_begin", "        ")
+    );
+    let mut store = String::new();
+    for u in 0..nk {
+        let _ = writeln!(
+            store,
+            "        if (ki_{u} < BK * E1) {{\n            k_tile[ki_{u}] = kx_{u};\n        }}"
+        );
+    }
+    for u in 0..nv {
+        let _ = writeln!(
+            store,
+            "        if (vi_{u} < BK * EV) {{\n            v_tile[vrow_{u} * CW + vcol_{u} / 4u][vcol_{u} % 4u] = vx_{u};\n        }}"
+        );
+    }
+    let next = format!(
+        "        if (j0 + BK < j_end) {{\n{}\n        }}",
+        load("j0 + BK", "            ")
+    );
+    (decl, store.trim_end().to_string(), next)
 }
 
 pub fn reduce_source(count_io: bool) -> String {
