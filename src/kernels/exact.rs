@@ -267,7 +267,6 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
             tile_load("j0 + BK", "            ", with_v)
         )
     };
-    let this_v = v_loads("j0", "k_rows", "        ");
     let (vbase, tile_store, loads, after_softmax, end_of_tile) = if t.split_v {
         // K's tile, then two V buffers: V of tile i lives in buffer i % 2, so the next tile's
         // stores (after this tile's P V) need no barrier of their own; K and V of the next tile
@@ -299,7 +298,7 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
         (
             "0u".to_string(),
             k_store.clone(),
-            format!("{this_v}{k_early}"),
+            format!("{}{k_early}", v_loads("j0", "k_rows", "        ")),
             format!("{v_store}{k_late}"),
             "        workgroupBarrier();".to_string(),
         )
@@ -518,7 +517,7 @@ pub fn run(
             };
             Ok((o_chunk, st_chunk, counted, kernel_s))
         })?;
-        stats.absorb(&RunStats::dispatch("exact", counted, kernel_s).allocated(gpu));
+        stats.absorb(&RunStats::dispatch(gpu, "exact", counted, kernel_s));
 
         for h in 0..qh {
             for r in 0..ch.lc {

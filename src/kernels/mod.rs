@@ -25,8 +25,10 @@ pub struct RunStats {
 }
 
 impl RunStats {
-    /// The stats of one dispatch of pass `name`.
+    /// The stats of one dispatch of pass `name`, with the allocator's current total: taken right
+    /// after the dispatch, while the caller still holds every buffer of the pass.
     pub fn dispatch(
+        gpu: &Gpu,
         name: &'static str,
         counted: Option<(u64, u64)>,
         kernel_s: Option<f64>,
@@ -36,15 +38,8 @@ impl RunStats {
             kernel_s,
             dispatches: 1,
             pass_s: kernel_s.map(|t| vec![(name, t)]).unwrap_or_default(),
-            gpu_allocated_bytes: None,
+            gpu_allocated_bytes: allocated_bytes(gpu),
         }
-    }
-
-    /// These stats with the allocator's current total, taken right after a dispatch while the
-    /// caller still holds every buffer of the pass.
-    pub fn allocated(mut self, gpu: &Gpu) -> Self {
-        self.gpu_allocated_bytes = allocated_bytes(gpu);
-        self
     }
 
     pub fn absorb(&mut self, other: &RunStats) {

@@ -1040,7 +1040,7 @@ pub(crate) fn row_stats(
                     out_words,
                 )
             })?;
-            stats.absorb(&RunStats::dispatch("prepass", counted, kernel_s).allocated(gpu));
+            stats.absorb(&RunStats::dispatch(gpu, "prepass", counted, kernel_s));
             for u in 0..nu {
                 for b in 0..blocks {
                     let o = (u * blocks + b) * (3 * w + 2);
@@ -1384,7 +1384,7 @@ pub fn run(
                     opts,
                     (splits as u32, chunks1 as u32, nu as u32),
                 )?;
-                stats.absorb(&RunStats::dispatch("pass1", counted, t).allocated(gpu));
+                stats.absorb(&RunStats::dispatch(gpu, "pass1", counted, t));
                 let words = r * ev1;
                 let prm = uniform_buffer(
                     gpu,
@@ -1398,7 +1398,7 @@ pub fn run(
                     opts,
                     (words.div_ceil(AUX_THREADS) as u32, nu as u32, 1),
                 )?;
-                stats.absorb(&RunStats::dispatch("reduce", counted, t).allocated(gpu));
+                stats.absorb(&RunStats::dispatch(gpu, "reduce", counted, t));
             }
             // Coop pass 2 reads S'' = S' / keys in f16 and the normaliser column z.
             let (s16_buf, z_buf) = match (&coop, &pack) {
@@ -1419,7 +1419,7 @@ pub fn run(
                             1,
                         ),
                     )?;
-                    stats.absorb(&RunStats::dispatch("pack", counted, t_s).allocated(gpu));
+                    stats.absorb(&RunStats::dispatch(gpu, "pack", counted, t_s));
                     (Some(s16), Some(z))
                 }
                 _ => (None, None),
@@ -1467,7 +1467,7 @@ pub fn run(
                     &o_buf,
                     o_words,
                 )?;
-                stats.absorb(&RunStats::dispatch("pass2", counted, t).allocated(gpu));
+                stats.absorb(&RunStats::dispatch(gpu, "pass2", counted, t));
                 for h in 0..qh {
                     for row in 0..lc {
                         let dst = ((u0 * p.group + h) * p.l + l0 + row) * p.ev;
