@@ -424,53 +424,24 @@ fn autotune_exact(
     let (q, k, v) = (x(p.e), x(p.e), x(p.ev));
     let opts = RunOptions::default();
     let candidates = plan::exact_candidates(&class, budget);
-    let plans = candidates
-        .iter()
-        .map(|&t| plan::plan_exact_with(&class, budget, t))
-        .collect::<Result<Vec<_>, _>>()?;
-    let time = |plan: &plan::ExactPlan| -> Result<f64, Error> {
+    let time = |t: plan::ExactTiles| -> Result<f64, Error> {
+        let plan = plan::plan_exact_with(&class, budget, t)?;
         let start = Instant::now();
-        let (_, st) = kernels::exact::run(gpu, &class, plan, &q, &k, &v, &opts)?;
+        let (_, st) = kernels::exact::run(gpu, &class, &plan, &q, &k, &v, &opts)?;
         Ok(st.kernel_s.unwrap_or_else(|| start.elapsed().as_secs_f64()))
     };
     // The GPU raises its clocks under load: a few runs first, so that the first candidates are
     // not timed at idle clocks; then every candidate once to compile it.
-    if let Some(plan) = plans.first() {
+    if let Some(&t) = candidates.first() {
         for _ in 0..TUNE_WARMUP_RUNS {
-            time(plan)?;
+            time(t)?;
         }
     }
-    for plan in &plans {
-        time(plan)?;
+    for &t in &candidates {
+        time(t)?;
     }
-    // Round robin, fastest round per candidate (as for the coop passes): a clock change during
-    // the tuning does not favour the candidates timed last.
-    let mut secs = vec![f64::INFINITY; plans.len()];
-    for _ in 0..TUNE_RUNS {
-        for (s, plan) in secs.iter_mut().zip(&plans) {
-            *s = s.min(time(plan)?);
-        }
-    }
-    if tune_log() {
-        for (t, s) in candidates.iter().zip(&secs) {
-            eprintln!(
-                "approx_attn autotune exact E={} Ev={} causal={}: bq={} bk={} tq={} tk={} split_v={}: {:.3} ms",
-                p.e,
-                p.ev,
-                p.causal,
-                t.bq,
-                t.bk,
-                t.tq,
-                t.tk,
-                t.split_v,
-                s * 1e3
-            );
-        }
-    }
-    (0..candidates.len())
-        .min_by(|&a, &b| secs[a].total_cmp(&secs[b]))
-        .map(|i| candidates[i])
-        .ok_or_else(|| Error::TooLarge("no exact tiles fit this device".into()))
+    let what = format!("exact E={} Ev={} causal={}", p.e, p.ev, p.causal);
+    fastest_candidate(&candidates, &what, time)
 }
 
 /// The coop poly plan with tiles measured on this adapter for the shape class (E, Ev, degree,
@@ -784,32 +755,20 @@ fn rates(gpu: &device::Gpu, budget: &Budget) -> Result<cost::Rates, Error> {
     };
     let eplan = exact_plan_for(gpu, &p, budget)?;
     let te = timed(&mut || kernels::exact::run(gpu, &p, &eplan, &x, &x, &x, &opts).map(|r| r.1))?;
-    // The f32 poly path, whose FLOP count `cost::poly_flops` describes.
-    let popts = PolyOptions {
-        eps: 1e-2,
-        degree: Some(2),
-        check_finite: false,
-        tensor_cores: Some(false),
-    };
+    // The f32 poly path (planner's tiles), whose FLOP count `cost::poly_flops` describes.
     let tp = timed(&mut || {
         let mut st = RunStats::default();
-        let uploads = kernels::poly::Uploads::default();
-        let pre = kernels::poly::prepass(
+        let xs = (&x[..], &x[..], &x[..]);
+        f32_poly(
             gpu,
             &p,
             &eplan.chunking,
-            &x,
-            &x,
-            &x,
+            xs,
+            2,
             budget,
             &opts,
-            &uploads,
+            None,
             &mut st,
-        )?;
-        let coop_sg = gpu.info.coop_f16.then_some(gpu.info.subgroup_size as usize);
-        let c = poly_candidate(&p, &pre, &popts, budget, coop_sg)?;
-        kernels::poly::run(
-            gpu, &p, &c.plan, &c.table, &c.poly, &pre, &x, &x, &x, &opts, &uploads, &mut st,
         )?;
         Ok(st)
     })?;
@@ -1012,13 +971,45 @@ pub fn exact_attention(
     attention(p, q, k, v, Method::Exact, &popts, opts)
 }
 
+/// The f32 poly method at `degree`: pre-pass over `chunking`, certificate (eps = 1e-2), and both
+/// passes with `tiles` (the planner's where None); `st` gathers every dispatch's stats.
+#[allow(clippy::too_many_arguments)]
+fn f32_poly(
+    gpu: &device::Gpu,
+    p: &Problem,
+    chunking: &plan::Chunking,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    degree: usize,
+    budget: &Budget,
+    opts: &RunOptions,
+    tiles: Option<(plan::Pass1Tiles, plan::Pass2Tiles)>,
+    st: &mut RunStats,
+) -> Result<(Vec<f32>, PolyCandidate), Error> {
+    let uploads = kernels::poly::Uploads::default();
+    let pre = kernels::poly::prepass(gpu, p, chunking, q, k, v, budget, opts, &uploads, st)?;
+    let popts = PolyOptions {
+        eps: 1e-2,
+        degree: Some(degree),
+        check_finite: false,
+        tensor_cores: Some(false),
+    };
+    let mut c = poly_candidate(p, &pre, &popts, budget, None)?;
+    if let Some((pass1, pass2)) = tiles {
+        c.plan = plan::plan_poly_with(p, degree, budget, pass1, pass2)?;
+    }
+    let out = kernels::poly::run(
+        gpu, p, &c.plan, &c.table, &c.poly, &pre, q, k, v, opts, &uploads, st,
+    )?;
+    Ok((out, c))
+}
+
 /// What [`poly_attention_with_tiles`] returns.
 pub struct TiledPolyRun {
     pub out: Vec<f32>,
     /// The pre-pass's beta (the polynomial was fitted on [-beta, beta]).
     pub beta: f64,
-    /// (reads, writes) of the two passes and the reduction, counted by the shaders (with
-    /// `count_io`), and as the I/O model plans them.
+    /// (reads, writes) of the pre-pass, both passes and the reduction, counted by the shaders
+    /// (with `count_io`), and as the I/O model plans them.
     pub words_counted: Option<(u64, u64)>,
     pub words_planned: (u64, u64),
 }
@@ -1040,52 +1031,27 @@ pub fn poly_attention_with_tiles(
     let gpu = device::gpu()?;
     let _guard = gpu.exclusive();
     let budget = budget(&gpu.info)?;
+    // The pre-pass chunking `attention` uses for method="poly", which the I/O model assumes.
     let chunking = plan::plan_exact(p, &budget)?.chunking;
-    let uploads = kernels::poly::Uploads::default();
     let mut st = RunStats::default();
-    let pre = kernels::poly::prepass(
-        gpu.as_ref(),
+    let tiles = Some((pass1, pass2));
+    let (out, c) = f32_poly(
+        &gpu,
         p,
         &chunking,
-        q,
-        k,
-        v,
+        (q, k, v),
+        degree,
         &budget,
         opts,
-        &uploads,
+        tiles,
         &mut st,
     )?;
-    let popts = PolyOptions {
-        eps: 1e-2,
-        degree: Some(degree),
-        check_finite: false,
-        tensor_cores: Some(false),
-    };
-    let c = poly_candidate(p, &pre, &popts, &budget, None)?;
-    let plan = plan::plan_poly_with(p, degree, &budget, pass1, pass2)?;
-    let mut st = RunStats::default(); // the passes' words only, as the model counts them
-    let out = kernels::poly::run(
-        gpu.as_ref(),
-        p,
-        &plan,
-        &c.table,
-        &c.poly,
-        &pre,
-        q,
-        k,
-        v,
-        opts,
-        &uploads,
-        &mut st,
-    )?;
-    let io = io::poly_io(p, &plan, &chunking, &budget);
-    let prepass = io.passes.iter().find(|x| x.name == "prepass");
-    let (pr, pw) = prepass.map_or((0, 0), |x| (x.reads, x.writes));
+    let io = io::poly_io(p, &c.plan, &chunking, &budget);
     Ok(TiledPolyRun {
         out,
         beta: c.cert.beta,
         words_counted: st.io_words_counted,
-        words_planned: (io.reads() - pr, io.writes() - pw),
+        words_planned: (io.reads(), io.writes()),
     })
 }
 
