@@ -902,16 +902,19 @@ fn largest_fitting(limit: usize, fits: impl Fn(usize) -> bool) -> usize {
     lo
 }
 
+/// The error of a poly plan that does not fit this device, saying what does not.
+fn poly_too_large(p: &Problem, degree: usize, r: u64, budget: &Budget, what: &str) -> Error {
+    Error::TooLarge(format!(
+        "poly with E={}, Ev={}, degree {degree} (rank r={r}) does not fit this device: {what} \
+         (fast memory {} words)",
+        p.e, p.ev, budget.fast_memory_words
+    ))
+}
+
 /// Picks the poly plan: feature chunk sizes from the fast memory, schedule A when S' fits.
 pub fn plan_poly(p: &Problem, degree: usize, budget: &Budget) -> Result<PolyPlan, Error> {
     let r64 = crate::poly::num_features(p.e, degree);
-    let too_large = |what: &str| {
-        Error::TooLarge(format!(
-            "poly with E={}, Ev={}, degree {degree} (rank r={r64}) does not fit this device: {what} \
-             (fast memory {} words)",
-            p.e, p.ev, budget.fast_memory_words
-        ))
-    };
+    let too_large = |what: &str| poly_too_large(p, degree, r64, budget, what);
     if r64 > crate::poly::MAX_FEATURES || p.e > 1022 {
         return Err(too_large("the rank exceeds the feature budget"));
     }
@@ -1035,13 +1038,7 @@ pub fn plan_poly_with(
     pass2: Pass2Tiles,
 ) -> Result<PolyPlan, Error> {
     let r = pass1.r;
-    let too_large = |what: &str| {
-        Error::TooLarge(format!(
-            "poly with E={}, Ev={}, degree {degree} (rank r={r}) does not fit this device: {what} \
-             (fast memory {} words)",
-            p.e, p.ev, budget.fast_memory_words
-        ))
-    };
+    let too_large = |what: &str| poly_too_large(p, degree, r as u64, budget, what);
     let schedule = if pass1.chunks() == 1 && pass2.resident() {
         Schedule::A
     } else {
@@ -1199,9 +1196,9 @@ pub fn poly_tiles_fit(t1: &Pass1Tiles, t2: &Pass2Tiles, budget: &Budget) -> bool
 }
 
 /// Autotune candidates around the planner's f32 pass tiles: pass-1 variants (key tile, thread
-/// rows, feature rows per thread, register prefetch or not; pass 2 as planned) and pass-2 variants (query block, thread
-/// rows, S' chunk; pass 1 as planned), each list starting with the planner's choice. Pass 2 keeps
-/// the planned schedule (S' resident or streamed).
+/// rows, feature rows per thread, register prefetch or not; pass 2 as planned) and pass-2
+/// variants (query block, thread rows, S' chunk; pass 1 as planned), each list starting with the
+/// planner's choice. Pass 2 keeps the planned schedule (S' resident or streamed).
 pub fn poly_candidates(plan: &PolyPlan, budget: &Budget) -> (Vec<Pass1Tiles>, Vec<Pass2Tiles>) {
     let (t1, t2) = (plan.pass1, plan.pass2);
     let r = t1.r;
