@@ -607,11 +607,16 @@ def run(args: Any) -> int:
         progress.close()
         doc["crossovers"] = crossovers(doc, args.metric)
         write_json(out_path, doc)
+    plot_and_summarize(doc, out_path, args)
+    return 130 if doc.get("interrupted") else 0
+
+
+def plot_and_summarize(doc: dict[str, Any], out_path: Path, args: Any) -> None:
+    """The PNG beside the written JSON (or at --png), then the table on stdout."""
     png = Path(args.png) if args.png else out_path.with_suffix(".png")
     plot(doc, png, args.metric)
     print(f"wrote {out_path} and {png}", file=sys.stderr)
     print_table(doc)
-    return 130 if doc.get("interrupted") else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -924,10 +929,7 @@ def merge(args: argparse.Namespace) -> int:
     doc["crossovers"] = crossovers(doc, args.metric)
     out_path = Path(args.out)
     write_json(out_path, doc)
-    png = Path(args.png) if args.png else out_path.with_suffix(".png")
-    plot(doc, png, args.metric)
-    print(f"wrote {out_path} and {png}", file=sys.stderr)
-    print_table(doc)
+    plot_and_summarize(doc, out_path, args)
     return 0
 
 
