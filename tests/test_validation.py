@@ -131,6 +131,20 @@ def test_non_finite_inputs(name: str, bad: float, method: str) -> None:
     assert out.shape == (2, 4, 8) and out.dtype == np.float32
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+def test_non_finite_found_in_every_layout_and_slice(layout: str) -> None:
+    # The check scans memory-contiguous inputs in slices of 65,536 elements and strided ones in
+    # one go: a NaN in the last slice of a 2 x 300 x 256 key (153,600 elements) must be found.
+    q, k, v = qkv((2, 4, 256), (2, 300, 256), (2, 300, 8))
+    if layout == "transposed":  # same memory block, permuted axes
+        k = np.ascontiguousarray(k.transpose(0, 2, 1)).transpose(0, 2, 1)
+    elif layout == "strided":  # every other row of a larger array
+        k = np.repeat(k, 2, axis=1)[:, ::2]
+    k[1, 299, 255] = np.nan
+    with pytest.raises(ValueError, match="^key contains 1 NaN or Inf"):
+        attention(q, k, v, method="exact")
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize(("lead", "ev"), [((), 8), ((2,), 3), ((2, 3), 5)], ids=["2d", "3d", "4d"])
 def test_empty_query_sequence(lead: tuple[int, ...], ev: int, dtype: Any) -> None:
