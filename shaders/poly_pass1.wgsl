@@ -1,9 +1,11 @@
 // Poly pass 1: S'[f, :] = sum_j phi_k(k_j - mu)[f] * [v_j | 1] for the feature rows f of this
 // workgroup's chunk, over this workgroup's share of the keys. Features are built in workgroup
 // memory from the key tile and never written to storage; the partial S' of each key split is.
-// Thread (tf, tc) keeps rows tf + TF*a and value columns 4*(tc + TC*u) + 0..3 of the chunk in
-// named registers for the whole key loop (`src/kernels/poly.rs` unrolls the micro-tile), and the
-// ones column of its rows as the row sums of phi.
+// Thread (tf, tc) keeps its rows of the chunk (ROW_OF in `src/kernels/poly.rs`: rows 4 tf + 0..3,
+// 4 (tf + TF) + 0..3, ... where it owns a multiple of 4, else tf, tf + TF, ...) for value columns
+// 4*(tc + TC*u) + 0..3 in named registers for the whole key loop (`src/kernels/poly.rs` unrolls
+// the micro-tile). The ones column (the row sums of phi) is summed by the threads that build the
+// features: thread lid builds features lid % RC + WG * c of keys lid / RC + KG * m.
 
 struct Params {
     s: u32,              // key rows per unit in this dispatch
@@ -25,6 +27,7 @@ const TF: u32 = {{TF}}u;    // thread grid TF x TC
 const TC: u32 = {{TC}}u;
 const CW: u32 = {{CW}}u;    // vec4 per V tile row: EV columns padded to whole thread columns
 const WG: u32 = TF * TC;
+const KG: u32 = {{KG}}u;    // key groups of the feature build
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> k: array<f32>;
@@ -36,9 +39,18 @@ const WG: u32 = TF * TC;
 
 var<workgroup> k_tile: array<f32, {{K_TILE}}>;
 var<workgroup> v_tile: array<vec4<f32>, {{V_TILE}}>;
-var<workgroup> phi: array<f32, {{PHI}}>; // phi[j * RC + f]: a thread's rows are TF apart
+// phi[j * RC + f]; after the key loop, the normaliser partials (key group * RC + f).
+var<workgroup> phi: array<{{PHI_ELEM}}, {{PHI}}>;
 var<workgroup> idx_t: array<u32, {{IDX}}>;
 var<workgroup> mu_t: array<f32, E>;
+
+fn phi_set(i: u32, x: f32) {
+{{PHI_SET}}
+}
+
+fn phi_get(i: u32) -> f32 {
+{{PHI_GET}}
+}
 
 fn feature_index(f: u32, t: u32) -> u32 {
     return (idx_t[f * IW + t / 3u] >> (10u * (t % 3u))) & 1023u;
@@ -74,6 +86,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         v_tile[i] = vec4<f32>();
     }
     workgroupBarrier();
+    // This thread's features (their index decoding hoisted out of the key loop) and keys.
+    let fb = lid % RC;
+    let jg = lid / RC;
+    let builds = lid < RC * KG;
+{{BUILD_DECL}}
 {{ACC_DECL}}
 {{PREFETCH}}
     for (var j0 = j_begin; j0 < j_end; j0 += BK) {
@@ -81,25 +98,31 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 {{TILE_LOAD}}
         workgroupBarrier();
 {{NEXT_LOAD}}
-        for (var i = lid; i < RC * BK; i += WG) {
-            let j = i / RC;
-            let f = i % RC;
-            var p = 0.0;
-            if (f < rows_f) {
-                p = 1.0;
-                for (var t = 0u; t < G; t++) {
-                    p *= k_tile[j * E1 + feature_index(f, t)];
-                }
+        // Keys past kr are padding (phi of the zero key is not zero): neither built nor summed.
+        if (builds) {
+            for (var j = jg; j < kr; j += KG) {
+{{BUILD}}
             }
-            phi[i] = p;
         }
         workgroupBarrier();
-        // Keys past kr are padding (phi of the zero key is not zero): the loop stops at kr.
+        // The product stops at kr too.
 {{PRODUCT}}
         workgroupBarrier();
     }
 
     let o = ((unit * params.splits + split) * R + f0) * EV1;
 {{STORE}}
+    // The normaliser partials go into the feature tile once every thread is past the product.
+    workgroupBarrier();
+{{D_STORE}}
+    workgroupBarrier();
+    for (var f = lid; f < rows_f; f += WG) {
+        var d = 0.0;
+        for (var h = 0u; h < KG; h++) {
+            d += phi_get(h * RC + f);
+        }
+        partial[o + f * EV1 + EV] = d;
+        words_written += 1u;
+    }
 {{IO_COUNTER_ADD}}
 }

@@ -1,8 +1,11 @@
 // Poly pass 2: O = D^-1 Phi_q(Q) S'. A workgroup keeps a block of B query rows in workgroup
-// memory and streams S' through in chunks of RC feature rows; with a single chunk (schedule A)
-// S' is loaded once and the workgroup loops over many query blocks. Thread (tr, tc) keeps rows
-// tr + TR*a and value columns 4*(tc + TC*u) + 0..3 of the block's output, and the normaliser D
-// of its rows, in named registers across all chunks (`src/kernels/poly.rs` unrolls them).
+// memory and streams S' through in chunks of RC feature rows, the next chunk (and its slice of the
+// feature table) loaded into registers while this one is multiplied; with a single chunk
+// (schedule A) S' is loaded once and the workgroup loops over many query blocks. Thread (tr, tc)
+// keeps its rows of the block's output (ROW_OF in `src/kernels/poly.rs`: rows 4 tr + 0..3,
+// 4 (tr + TR) + 0..3, ... where it owns a multiple of 4, else tr, tr + TR, ...) for value columns
+// 4*(tc + TC*u) + 0..3 in named registers across all chunks. The normaliser D = Phi_q(Q) z, with
+// z the last column of S', is summed by the threads that build the features.
 
 struct Params {
     l: u32,       // query rows per head in this dispatch
@@ -13,6 +16,7 @@ struct Params {
 
 const E: u32 = {{E}}u;
 const E1: u32 = E + 1u;
+const QS: u32 = {{QS}}u;    // row stride of the query tile (see Pass2Tiles::q_stride)
 const EV: u32 = {{EV}}u;
 const EV1: u32 = EV + 1u;
 const R: u32 = {{R}}u;
@@ -25,6 +29,12 @@ const TR: u32 = {{TR}}u;    // thread grid TR x TC
 const TC: u32 = {{TC}}u;
 const CW: u32 = {{CW}}u;    // vec4 per S' tile row: EV columns padded to whole thread columns
 const WG: u32 = TR * TC;
+// Feature build: thread (rb, fb) builds query rows rb, rb + HB, ... (RPT of them) of chunk rows
+// fb, fb + TPR, ...; one read of a feature's indices and weight serves RPT rows.
+const RPT: u32 = {{RPT}}u;
+const HB: u32 = B / RPT;
+const TPR: u32 = WG / HB;
+const FS: u32 = {{FS}}u;    // row stride of the feature tile (see Pass2Tiles::feature_stride)
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
@@ -36,48 +46,47 @@ const WG: u32 = TR * TC;
 
 var<workgroup> q_tile: array<f32, {{Q_TILE}}>;
 var<workgroup> s_tile: array<vec4<f32>, {{S_TILE}}>; // value columns of the chunk
-var<workgroup> s_d: array<f32, RC>;                   // its normaliser column
-var<workgroup> phi: array<f32, {{PHI}}>;              // phi[f * B + r]: a thread's rows are TR apart
-var<workgroup> idx_t: array<u32, {{IDX}}>;
-var<workgroup> w_t: array<f32, RC>;
+var<workgroup> wz_t: array<vec2<f32>, RC>;           // feature weight, normaliser column of S'
+// phi[f * FS + row]; after the last chunk, the normaliser partials (fb * B + row).
+var<workgroup> phi: array<{{PHI_ELEM}}, {{PHI}}>;
+var<workgroup> idx_t: array<u32, {{IDX}}>;           // idx_t[f * G + t]: unpacked indices
 
-fn feature_index(f: u32, t: u32) -> u32 {
-    return (idx_t[f * IW + t / 3u] >> (10u * (t % 3u))) & 1023u;
+fn phi_set(i: u32, x: f32) {
+{{PHI_SET}}
 }
 
-// Loads feature rows f0.. of S' with their index words and weights; rows past R become zero.
-fn load_chunk(unit: u32, f0: u32, lid: u32) -> u32 {
+fn phi_get(i: u32) -> f32 {
+{{PHI_GET}}
+}
+
+fn feature_index(f: u32, t: u32) -> u32 {
+    return idx_t[f * G + t];
+}
+
+// Schedule A: all of S' with its feature table, loaded once by loops (too large for registers).
+fn load_resident(unit: u32, lid: u32) -> u32 {
     var words = 0u;
-    let rows_f = min(RC, R - f0);
-    for (var i = lid; i < RC * EV1; i += WG) {
+    for (var i = lid; i < R * EV1; i += WG) {
         let f = i / EV1;
         let c = i % EV1;
-        var x = 0.0;
-        if (f < rows_f) {
-            x = s_prime[(unit * R + f0) * EV1 + i];
-            words += 1u;
-        }
+        let x = s_prime[unit * R * EV1 + i];
+        words += 1u;
         if (c < EV) {
             s_tile[f * CW + c / 4u][c % 4u] = x;
         } else {
-            s_d[f] = x;
+            wz_t[f].y = x;
         }
     }
-    for (var i = lid; i < RC * IW; i += WG) {
-        var w = 0u;
-        if (i / IW < rows_f) {
-            w = feat_idx[f0 * IW + i];
-            words += 1u;
+    for (var i = lid; i < R * IW; i += WG) {
+        let w = feat_idx[i];
+        words += 1u;
+        for (var t = 3u * (i % IW); t < min(G, 3u * (i % IW) + 3u); t++) {
+            idx_t[(i / IW) * G + t] = (w >> (10u * (t % 3u))) & 1023u;
         }
-        idx_t[i] = w;
     }
-    for (var i = lid; i < RC; i += WG) {
-        var w = 0.0;
-        if (i < rows_f) {
-            w = feat_w[f0 + i];
-            words += 1u;
-        }
-        w_t[i] = w;
+    for (var i = lid; i < R; i += WG) {
+        wz_t[i].x = feat_w[i];
+        words += 1u;
     }
     return words;
 }
@@ -92,6 +101,8 @@ fn main(
     let unit = head / params.group;
     let tr = lid / TC;
     let tc = lid % TC;
+    let rb = lid % HB;
+    let fb = lid / HB;
     var words_read = 0u;
     var words_written = 0u;
     // The padding columns of the S' tile are never loaded: zero them once.
@@ -100,8 +111,9 @@ fn main(
     }
     workgroupBarrier();
     if (RESIDENT) {
-        words_read += load_chunk(unit, 0u, lid);
+        words_read += load_resident(unit, lid);
     }
+{{PREFETCH_DECL}}
     for (var qb = wid.x; qb < params.blocks; qb += nwg.x) {
         let q0 = qb * B;
         let rows = min(B, params.l - q0);
@@ -116,30 +128,32 @@ fn main(
                     words_read += 1u;
                 }
             }
-            q_tile[i] = x;
+            q_tile[r * QS + c] = x;
         }
 {{ACC_DECL}}
+{{D_DECL}}
+{{LOAD_FIRST}}
         for (var ch = 0u; ch < params.chunks; ch++) {
-            if (!RESIDENT) {
-                workgroupBarrier();
-                words_read += load_chunk(unit, ch * RC, lid);
+            let f0 = ch * RC;
+{{CHUNK_STORE}}
+            workgroupBarrier();
+{{LOAD_NEXT}}
+            // Feature rows past R have weight 0 and a zero S' row.
+            for (var f = fb; f < RC; f += TPR) {
+                let wz = wz_t[f];
+{{FEATURE_INDEX}}
+{{FEATURE}}
             }
             workgroupBarrier();
-            for (var i = lid; i < B * RC; i += WG) {
-                let f = i / B;
-                let r = i % B;
-                var p = w_t[f];
-                for (var t = 0u; t < G; t++) {
-                    p *= q_tile[r * E1 + feature_index(f, t)];
-                }
-                phi[i] = p;
-            }
-            workgroupBarrier();
-            // Feature rows past R are zero: the loop stops at the chunk's last real row.
-            let rows_f = min(RC, R - ch * RC);
+            // The product stops at the chunk's last real feature row.
+            let rows_f = min(RC, R - f0);
 {{PRODUCT}}
         }
-        // The outputs are in registers: the next block rewrites the tiles only after barriers.
+        // The normaliser partials go into the feature tile once every thread is past the
+        // product; the next block rewrites the tiles only after further barriers.
+        workgroupBarrier();
+{{D_STORE}}
+        workgroupBarrier();
 {{STORE}}
     }
 {{IO_COUNTER_ADD}}

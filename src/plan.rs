@@ -575,6 +575,20 @@ impl Pass1Tiles {
     pub fn padded_ev(&self) -> usize {
         4 * self.tc * self.groups_per_thread()
     }
+    /// Whether a thread's rows come in fours (rows 4 tf + 0..3, 4 (tf + TF) + 0..3, ...), so the
+    /// product reads their features as one vec4.
+    pub fn vec4_rows(&self) -> bool {
+        self.rows_per_thread() % 4 == 0
+    }
+    /// Feature build: thread `lid` builds features lid % rc + threads * c (this many c) of keys
+    /// lid / rc + key_groups() * m; its row sums of phi are the normaliser partials.
+    pub fn features_per_builder(&self) -> usize {
+        self.rc.div_ceil(self.threads())
+    }
+    /// Key groups of the feature build (at most the key tile: their partials fit the features).
+    pub fn key_groups(&self) -> usize {
+        (self.threads() / self.rc).clamp(1, self.bk)
+    }
     /// Workgroup memory words the kernel declares (K tile, padded V tile, features, index words,
     /// mu); the S' chunk itself lives in registers.
     pub fn fast_memory_words(&self) -> u64 {
@@ -623,14 +637,52 @@ impl Pass2Tiles {
     pub fn padded_ev(&self) -> usize {
         4 * self.tc * self.groups_per_thread()
     }
-    /// Workgroup memory words the kernel declares (Q tile, padded S' chunk and its normaliser
-    /// column, features, index words, weights); the outputs live in registers.
+    /// Whether a thread's rows come in fours (rows 4 tr + 0..3, then 4 (tr + TR) + 0..3, ...), so
+    /// the product reads their features as one vec4.
+    pub fn vec4_rows(&self) -> bool {
+        self.rows_per_thread() % 4 == 0
+    }
+    /// Query rows per feature-building thread (rows rb, rb + HB, ... with HB = b / this): the
+    /// most of 8, 4, 2, 1 that leaves whole row groups for the threads, at least 4 rows per
+    /// group where the rows allow, and no more thread groups than chunk rows (their normaliser
+    /// partials go into the feature tile).
+    pub fn build_rows(&self) -> usize {
+        let wg = self.threads();
+        [8usize, 4, 2]
+            .into_iter()
+            .find(|&rpt| {
+                let hb = self.b / rpt;
+                self.b % rpt == 0 && wg % hb == 0 && (hb >= 4 || self.b < 4) && wg / hb <= self.rc
+            })
+            .unwrap_or(1)
+    }
+    /// Feature-building threads per query row group (TPR = threads / HB).
+    pub fn builders_per_row(&self) -> usize {
+        self.threads() / (self.b / self.build_rows())
+    }
+    /// Row stride of the feature tile (phi[f * FS + row]): HB modulo 32 so the 32 / HB features
+    /// one subgroup builds at once land in different banks, a multiple of 4 for the vec4 reads.
+    pub fn feature_stride(&self) -> usize {
+        let hb = self.b / self.build_rows();
+        let pad = if hb < 32 { hb } else { 0 };
+        align4(self.b + pad)
+    }
+    /// Row stride of the query tile: at least E + 1, and 32 / HB modulo 32 (HB rows times 32 / HB
+    /// consecutive feature indices make one 32-wide subgroup's read).
+    pub fn q_stride(&self) -> usize {
+        let hb = (self.b / self.build_rows()).clamp(1, 32);
+        let want = (32 / hb) % 32;
+        let min = self.e + 1;
+        min + (want + 32 - min % 32) % 32
+    }
+    /// Workgroup memory words the kernel declares (Q tile, padded S' chunk, the chunk's weights
+    /// and normaliser column, features, unpacked indices); the outputs live in registers.
     pub fn fast_memory_words(&self) -> u64 {
-        (self.b * (self.e + 1)
-            + self.rc * (self.padded_ev() + 1)
-            + self.b * self.rc
-            + self.rc * index_words(self.g)
-            + self.rc) as u64
+        (self.b * self.q_stride()
+            + self.rc * self.padded_ev()
+            + 2 * self.rc
+            + self.rc * self.feature_stride()
+            + align4(self.rc * self.g.max(1))) as u64
     }
 }
 
@@ -839,23 +891,26 @@ impl Pass1Tiles {
         let per_tile = 1
             + cdiv(self.bk * e1, wg)
             + cdiv(self.bk * self.ev, wg)
-            + cdiv(self.rc * self.bk, wg) * (1 + self.g as u64)
+            + cdiv(self.bk, self.key_groups())
             + self.bk as u64;
-        init + cdiv(keys, self.bk) * per_tile
+        init + cdiv(keys, self.bk) * per_tile + cdiv(self.rc, wg) * self.key_groups() as u64
     }
 }
 
 impl Pass2Tiles {
-    /// Loop iterations of one pass-2 invocation over `blocks` query blocks (see poly_pass2.wgsl).
+    /// Loop iterations of one pass-2 invocation over `blocks` query blocks (see poly_pass2.wgsl;
+    /// the streamed chunks are loaded by unrolled code, a resident S' by loops).
     pub fn loop_iterations(&self, blocks: usize) -> u64 {
         let (wg, e1, ev1) = (self.threads(), self.e + 1, self.ev + 1);
-        let load =
-            cdiv(self.rc * ev1, wg) + cdiv(self.rc * index_words(self.g), wg) + cdiv(self.rc, wg);
-        let per_chunk = 1
-            + if self.resident() { 0 } else { load }
-            + cdiv(self.b * self.rc, wg) * (1 + self.g as u64)
-            + self.rc as u64;
-        let per_block = 1 + cdiv(self.b * e1, wg) + self.chunks() as u64 * per_chunk;
+        let load = cdiv(self.rc * ev1, wg)
+            + cdiv(self.rc * index_words(self.g), wg) * (1 + self.g as u64)
+            + cdiv(self.rc, wg);
+        let per_chunk =
+            1 + cdiv(self.rc, self.builders_per_row()) * (1 + self.g as u64) + self.rc as u64;
+        let per_block = 1
+            + cdiv(self.b * e1, wg)
+            + self.chunks() as u64 * per_chunk
+            + (self.rows_per_thread() * self.builders_per_row()) as u64;
         cdiv(self.rc * self.padded_ev() / 4, wg)
             + (if self.resident() { load } else { 0 })
             + blocks as u64 * per_block

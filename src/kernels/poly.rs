@@ -45,28 +45,31 @@ pub fn prepass_source(width: usize, tile_rows: usize, count_io: bool) -> String 
     )
 }
 
-/// Named registers of one thread's micro-tile: `acc_a_u` (4 value columns each) and `d_a` (the
-/// normaliser column) for each of its `rows` rows and `groups` column groups.
-fn accumulator_decls(rows: usize, groups: usize, indent: &str) -> String {
+/// Named registers of one thread's micro-tile: `acc_a_u` (4 value columns each) and, `with_d`,
+/// `d_a` (the normaliser column) for each of its `rows` rows and `groups` column groups.
+fn accumulator_decls(rows: usize, groups: usize, indent: &str, with_d: bool) -> String {
     let mut s = String::new();
     for a in 0..rows {
         for u in 0..groups {
             let _ = writeln!(s, "{indent}var acc_{a}_{u} = vec4<f32>();");
         }
-        let _ = writeln!(s, "{indent}var d_{a} = 0.0;");
+        if with_d {
+            let _ = writeln!(s, "{indent}var d_{a} = 0.0;");
+        }
     }
     s.trim_end().to_string()
 }
 
 /// The unrolled body of a micro-tile product step: one feature load per row (`phi_at(a)`), one
-/// vec4 load per column group (`tile_at(u)`), the FMAs, and `d_update(a)` for the normaliser.
+/// vec4 load per column group (`tile_at(u)`), the FMAs, and `d_update(a)` for the normaliser
+/// where the product carries it.
 fn product_step(
     s: &mut String,
     indent: &str,
     (rows, groups): (usize, usize),
     phi_at: impl Fn(usize) -> String,
     tile_at: impl Fn(usize) -> String,
-    d_update: impl Fn(usize) -> String,
+    d_update: impl Fn(usize) -> Option<String>,
 ) {
     for a in 0..rows {
         let _ = writeln!(s, "{indent}let p_{a} = {};", phi_at(a));
@@ -81,7 +84,9 @@ fn product_step(
                 "{indent}acc_{a}_{u} = fma(vec4<f32>(p_{a}), x_{u}, acc_{a}_{u});"
             );
         }
-        let _ = writeln!(s, "{indent}{};", d_update(a));
+        if let Some(d) = d_update(a) {
+            let _ = writeln!(s, "{indent}{d};");
+        }
     }
 }
 
@@ -107,27 +112,28 @@ fn store_row(
     }
 }
 
-/// Pass 1 for these tiles, the (rc x Ev+1) micro-tiles unrolled into named registers.
+/// Pass 1 for these tiles, the (rc x Ev) micro-tiles unrolled into named registers.
 pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
     let iw = index_words(t.g);
     debug_assert_eq!(t.rc % t.tf, 0, "{t:?}: rows are whole micro-tiles");
     let (rf, cu) = (t.rows_per_thread(), t.groups_per_thread());
+    let vec4_rows = t.vec4_rows();
     let mut product = String::from("        for (var j = 0u; j < kr; j++) {\n");
-    product_step(
+    product_step_rows(
         &mut product,
         "            ",
-        (rf, cu),
-        |a| format!("phi[j * RC + tf + {}u]", a * t.tf),
+        (rf, cu, ("tf", t.tf)),
+        vec4_rows,
+        "j * RC",
         |u| format!("v_tile[j * CW + tc + {}u]", u * t.tc),
-        |a| format!("d_{a} += p_{a}"),
     );
     product.push_str("        }");
     let mut store = String::new();
     for a in 0..rf {
         let _ = writeln!(
             store,
-            "    {{\n        let f = tf + {}u;\n        if (f < rows_f) {{",
-            a * t.tf
+            "    {{\n        let f = {};\n        if (f < rows_f) {{",
+            micro_tile_row(a, ("tf", t.tf), vec4_rows)
         );
         store_row(
             &mut store,
@@ -136,42 +142,144 @@ pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
             |c| format!("partial[o + f * EV1 + {c}]"),
             str::to_string,
         );
+        store.push_str("        }\n    }\n");
+    }
+    // The feature build: features fb + WG * c (the last may be past RC where WG does not divide
+    // it), their index decoding hoisted out of the key loop.
+    let (nf, wg) = (t.features_per_builder(), t.threads());
+    let ragged = t.rc % wg != 0 && t.rc > wg;
+    let (mut build_decl, mut build, mut d_store) = (String::new(), String::new(), String::new());
+    let _ = writeln!(build, "                let kb = j * E1;");
+    for c in 0..nf {
+        let guard = if ragged && c + 1 == nf {
+            format!("f_{c} < RC")
+        } else {
+            "true".to_string()
+        };
         let _ = writeln!(
-            store,
-            "            if (tc == 0u) {{\n                partial[o + f * EV1 + EV] = d_{a};\n                \
-             words_written += 1u;\n            }}\n        }}\n    }}"
+            build_decl,
+            "    let f_{c} = fb + {}u;\n    var dk_{c} = 0.0;",
+            wg * c
+        );
+        for i in 0..t.g {
+            let _ = writeln!(
+                build_decl,
+                "    let fo_{c}_{i} = feature_index(min(f_{c}, RC - 1u), {i}u);"
+            );
+        }
+        let _ = writeln!(
+            build,
+            "                if ({guard}) {{\n                    let p_{c} = {};\n                    \
+             phi_set(j * RC + f_{c}, p_{c});\n                    dk_{c} += p_{c};\n                }}",
+            feature_product(t.g, |i| format!("k_tile[kb + fo_{c}_{i}]"), "1.0")
+        );
+        let _ = writeln!(
+            d_store,
+            "    if (builds && {guard}) {{\n        phi_set(jg * RC + f_{c}, dk_{c});\n    }}"
         );
     }
     let (prefetch, tile_load, next_load) = pass1_tile_loads(t);
     let [decl, add] = io_counter_slots(count_io, 6);
-    fill_template(
-        PASS1,
-        &[
-            ("E", t.e.to_string()),
-            ("EV", t.ev.to_string()),
-            ("R", t.r.to_string()),
-            ("RC", t.rc.to_string()),
-            ("BK", t.bk.to_string()),
-            ("G", t.g.to_string()),
-            ("IW", iw.to_string()),
-            ("TF", t.tf.to_string()),
-            ("TC", t.tc.to_string()),
-            ("CW", (t.padded_ev() / 4).to_string()),
-            ("WG", t.threads().to_string()),
-            ("K_TILE", (t.bk * (t.e + 1)).to_string()),
-            ("V_TILE", (t.bk * t.padded_ev() / 4).to_string()),
-            ("PHI", (t.rc * t.bk).to_string()),
-            ("IDX", (t.rc * iw).to_string()),
-            ("ACC_DECL", accumulator_decls(rf, cu, "    ")),
-            ("PREFETCH", prefetch),
-            ("TILE_LOAD", tile_load),
-            ("NEXT_LOAD", next_load),
-            ("PRODUCT", product),
-            ("STORE", store.trim_end().to_string()),
-            decl,
-            add,
-        ],
-    )
+    let mut slots = vec![
+        ("E", t.e.to_string()),
+        ("EV", t.ev.to_string()),
+        ("R", t.r.to_string()),
+        ("RC", t.rc.to_string()),
+        ("BK", t.bk.to_string()),
+        ("G", t.g.to_string()),
+        ("IW", iw.to_string()),
+        ("TF", t.tf.to_string()),
+        ("TC", t.tc.to_string()),
+        ("KG", t.key_groups().to_string()),
+        ("CW", (t.padded_ev() / 4).to_string()),
+        ("WG", t.threads().to_string()),
+        ("K_TILE", (t.bk * (t.e + 1)).to_string()),
+        ("V_TILE", (t.bk * t.padded_ev() / 4).to_string()),
+        ("IDX", (t.rc * iw).to_string()),
+        ("BUILD_DECL", build_decl.trim_end().to_string()),
+        ("BUILD", build.trim_end().to_string()),
+        ("D_STORE", d_store.trim_end().to_string()),
+        ("ACC_DECL", accumulator_decls(rf, cu, "    ", false)),
+        ("PREFETCH", prefetch),
+        ("TILE_LOAD", tile_load),
+        ("NEXT_LOAD", next_load),
+        ("PRODUCT", product),
+        ("STORE", store.trim_end().to_string()),
+        decl,
+        add,
+    ];
+    slots.extend(feature_tile_slots(t.rc * t.bk, vec4_rows));
+    fill_template(PASS1, &slots)
+}
+
+/// Row of a pass's micro-tile held in register row `a` by thread row `trow` of `side` thread
+/// rows: rows 4 trow + 0..3, 4 (trow + side) + 0..3, ... with `vec4_rows`, else trow,
+/// trow + side, ...
+fn micro_tile_row(a: usize, (trow, side): (&str, usize), vec4_rows: bool) -> String {
+    if vec4_rows {
+        format!("(4u * ({trow} + {}u) + {}u)", (a / 4) * side, a % 4)
+    } else {
+        format!("({trow} + {}u)", a * side)
+    }
+}
+
+/// A micro-tile product step of both passes over a feature tile `phi` whose rows for this step
+/// start at `row0` (features of consecutive rows adjacent): one vec4 per four rows with
+/// `vec4_rows`, else one float per row, and one vec4 of `tile_at(u)` per column group.
+fn product_step_rows(
+    s: &mut String,
+    indent: &str,
+    (rows, groups, thread_row): (usize, usize, (&str, usize)),
+    vec4_rows: bool,
+    row0: &str,
+    tile_at: impl Fn(usize) -> String,
+) {
+    let (trow, side) = thread_row;
+    if vec4_rows {
+        for a4 in 0..rows / 4 {
+            let _ = writeln!(
+                s,
+                "{indent}let ph_{a4} = phi[{row0} / 4u + {trow} + {}u];",
+                a4 * side
+            );
+        }
+    }
+    let comps = wgsl_element(4).1;
+    product_step(
+        s,
+        indent,
+        (rows, groups),
+        |a| {
+            if vec4_rows {
+                format!("ph_{}{}", a / 4, comps[a % 4])
+            } else {
+                format!("phi[{row0} + {}]", micro_tile_row(a, thread_row, false))
+            }
+        },
+        tile_at,
+        |_| None,
+    );
+}
+
+/// The feature tile's slots: its element type and length for `words` floats, and its scalar
+/// accessors.
+fn feature_tile_slots(words: usize, vec4_rows: bool) -> [(&'static str, String); 4] {
+    let (elem, len, set, get) = if vec4_rows {
+        (
+            "vec4<f32>",
+            words / 4,
+            "    phi[i / 4u][i % 4u] = x;",
+            "    return phi[i / 4u][i % 4u];",
+        )
+    } else {
+        ("f32", words, "    phi[i] = x;", "    return phi[i];")
+    };
+    [
+        ("PHI_ELEM", elem.to_string()),
+        ("PHI", len.to_string()),
+        ("PHI_SET", set.to_string()),
+        ("PHI_GET", get.to_string()),
+    ]
 }
 
 /// Pass 1's key and value tiles: (before the key loop, at the top of each tile, after its first
@@ -283,25 +391,46 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
     let iw = index_words(t.g);
     debug_assert_eq!(t.b % t.tr, 0, "{t:?}: rows are whole micro-tiles");
     let (rb, cu) = (t.rows_per_thread(), t.groups_per_thread());
-    let mut product = String::from(
-        "            for (var f = 0u; f < rows_f; f++) {\n                let sd = s_d[f];\n",
+    let (rpt, tpr) = (t.build_rows(), t.builders_per_row());
+    debug_assert!(
+        tpr <= t.rc,
+        "{t:?}: the normaliser partials fit the feature tile"
     );
-    product_step(
+    let vec4_rows = t.vec4_rows();
+    let mut product = String::from("            for (var f = 0u; f < rows_f; f++) {\n");
+    product_step_rows(
         &mut product,
         "                ",
-        (rb, cu),
-        |a| format!("phi[f * B + tr + {}u]", a * t.tr),
+        (rb, cu, ("tr", t.tr)),
+        vec4_rows,
+        "f * FS",
         |u| format!("s_tile[f * CW + tc + {}u]", u * t.tc),
-        |a| format!("d_{a} = fma(p_{a}, sd, d_{a})"),
     );
     product.push_str("            }");
+    let (mut d_decl, mut feature, mut d_store) = (String::new(), String::new(), String::new());
+    for h in 0..rpt {
+        let row = format!("(rb + {h}u * HB)");
+        let _ = writeln!(d_decl, "        var dq_{h} = 0.0;");
+        let _ = writeln!(
+            feature,
+            "                let p_{h} = wz.x * {};\n                dq_{h} = fma(p_{h}, wz.y, dq_{h});\n                \
+             phi_set(f * FS + {row}, p_{h});",
+            feature_product(t.g, |i| format!("q_tile[{row} * QS + fi_{i}]"), "1.0")
+        );
+        let _ = writeln!(d_store, "        phi_set(fb * B + {row}, dq_{h});");
+    }
+    let feature_index: String = (0..t.g)
+        .map(|i| format!("                let fi_{i} = feature_index(f, {i}u);\n"))
+        .collect();
     let mut store = String::new();
     for a in 0..rb {
         let _ = writeln!(
             store,
-            "        {{\n            let r = tr + {}u;\n            if (r < rows) {{\n                \
+            "        {{\n            let r = {};\n            if (r < rows) {{\n                \
+             var d_{a} = 0.0;\n                for (var h = 0u; h < TPR; h++) {{\n                    \
+             d_{a} += phi_get(h * B + r);\n                }}\n                \
              let row = (head * params.l + q0 + r) * EV;",
-            a * t.tr
+            micro_tile_row(a, ("tr", t.tr), vec4_rows)
         );
         store_row(
             &mut store,
@@ -312,33 +441,113 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
         );
         store.push_str("            }\n        }\n");
     }
+    let chunk = (!t.resident()).then(|| pass2_chunk_prefetch(t));
+    let table = (!t.resident()).then(|| table_prefetch(t.threads(), t.rc, t.g, false));
+    let slot = |f: &dyn Fn(&Prefetch) -> String| {
+        chunk
+            .iter()
+            .chain(table.iter())
+            .map(f)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let load_first = slot(&|p| p.first.clone());
+    let load_next = if t.resident() {
+        String::new()
+    } else {
+        format!(
+            "            if (ch + 1u < params.chunks) {{\n{}\n            }}",
+            slot(&|p| p.next.clone())
+        )
+    };
+    let chunk_store = if t.resident() {
+        String::new()
+    } else {
+        // The previous chunk's products are done before its tiles are overwritten.
+        format!(
+            "            workgroupBarrier();\n{}",
+            slot(&|p| p.store.clone())
+        )
+    };
     let [decl, add] = io_counter_slots(count_io, 6);
-    fill_template(
-        PASS2,
-        &[
-            ("E", t.e.to_string()),
-            ("EV", t.ev.to_string()),
-            ("R", t.r.to_string()),
-            ("RC", t.rc.to_string()),
-            ("RESIDENT", t.resident().to_string()),
-            ("B", t.b.to_string()),
-            ("G", t.g.to_string()),
-            ("IW", iw.to_string()),
-            ("TR", t.tr.to_string()),
-            ("TC", t.tc.to_string()),
-            ("CW", (t.padded_ev() / 4).to_string()),
-            ("WG", t.threads().to_string()),
-            ("Q_TILE", (t.b * (t.e + 1)).to_string()),
-            ("S_TILE", (t.rc * t.padded_ev() / 4).to_string()),
-            ("PHI", (t.b * t.rc).to_string()),
-            ("IDX", (t.rc * iw).to_string()),
-            ("ACC_DECL", accumulator_decls(rb, cu, "        ")),
-            ("PRODUCT", product),
-            ("STORE", store.trim_end().to_string()),
+    let mut slots = vec![
+        ("E", t.e.to_string()),
+        ("QS", t.q_stride().to_string()),
+        ("EV", t.ev.to_string()),
+        ("R", t.r.to_string()),
+        ("RC", t.rc.to_string()),
+        ("RESIDENT", t.resident().to_string()),
+        ("B", t.b.to_string()),
+        ("G", t.g.to_string()),
+        ("IW", iw.to_string()),
+        ("TR", t.tr.to_string()),
+        ("TC", t.tc.to_string()),
+        ("CW", (t.padded_ev() / 4).to_string()),
+        ("RPT", rpt.to_string()),
+        ("FS", t.feature_stride().to_string()),
+        ("WG", t.threads().to_string()),
+        ("Q_TILE", (t.b * t.q_stride()).to_string()),
+        ("S_TILE", (t.rc * t.padded_ev() / 4).to_string()),
+        ("IDX", align4(t.rc * t.g.max(1)).to_string()),
+        ("PREFETCH_DECL", slot(&|p| p.decl.clone())),
+        ("ACC_DECL", accumulator_decls(rb, cu, "        ", false)),
+        ("D_DECL", d_decl.trim_end().to_string()),
+        ("LOAD_FIRST", load_first),
+        ("LOAD_NEXT", load_next),
+        ("CHUNK_STORE", chunk_store),
+        ("FEATURE_INDEX", feature_index.trim_end().to_string()),
+        ("FEATURE", feature.trim_end().to_string()),
+        ("PRODUCT", product),
+        ("D_STORE", d_store.trim_end().to_string()),
+        ("STORE", store.trim_end().to_string()),
+        decl,
+        add,
+    ];
+    slots.extend(feature_tile_slots(t.rc * t.feature_stride(), vec4_rows));
+    fill_template(PASS2, &slots)
+}
+
+/// Pass 2's next S' chunk in registers: element u of a thread is chunk word lid + WG * u (row
+/// and column fixed for the whole dispatch), stored into the S' tile or, for the last column,
+/// the normaliser column beside the weights.
+fn pass2_chunk_prefetch(t: &Pass2Tiles) -> Prefetch {
+    let wg = t.threads();
+    let n = (t.rc * (t.ev + 1)).div_ceil(wg);
+    let mut decl = String::new();
+    for u in 0..n {
+        let _ = writeln!(
             decl,
-            add,
-        ],
-    )
+            "    let si_{u} = lid + {o}u;\n    let sf_{u} = si_{u} / EV1;\n    let sc_{u} = si_{u} % EV1;\n    var sx_{u} = 0.0;",
+            o = wg * u
+        );
+    }
+    let load = |f0: &str, ind: &str| {
+        let mut s = format!("{ind}{{\n{ind}    let rows_n = min(RC, R - ({f0}));\n");
+        for u in 0..n {
+            let _ = writeln!(
+                s,
+                "{ind}    sx_{u} = 0.0;\n{ind}    if (si_{u} < RC * EV1 && sf_{u} < rows_n) {{\n\
+                 {ind}        sx_{u} = s_prime[(unit * R + {f0}) * EV1 + si_{u}];\n{ind}        words_read += 1u;\n{ind}    }}"
+            );
+        }
+        s.push_str(&format!("{ind}}}"));
+        s
+    };
+    let mut store = String::new();
+    for u in 0..n {
+        let _ = writeln!(
+            store,
+            "            if (si_{u} < RC * EV1) {{\n                if (sc_{u} < EV) {{\n                    \
+             s_tile[sf_{u} * CW + sc_{u} / 4u][sc_{u} % 4u] = sx_{u};\n                }} else {{\n                    \
+             wz_t[sf_{u}].y = sx_{u};\n                }}\n            }}"
+        );
+    }
+    Prefetch {
+        decl: decl.trim_end().to_string(),
+        first: load("0u", "        "),
+        next: load("f0 + RC", "                "),
+        store: store.trim_end().to_string(),
+    }
 }
 
 /// Zeroed 16 x 16 accumulators `acc_a_c` of a subgroup's `rows` row tiles and `cols` column tiles,
@@ -721,13 +930,13 @@ fn coop_chunk_prefetch(t: &CoopTiles) -> Prefetch {
     }
 }
 
-/// Pass 2's feature table for the next chunk (index words, weights, normaliser column) in
-/// registers, and its stores into `idx_t` (unpacked: the feature build reads them for every
-/// row) and `wz_t`.
-fn coop_table_prefetch(t: &CoopTiles) -> Prefetch {
-    let wg = t.threads2();
-    let ni = (t.rc2 * index_words(t.g)).div_ceil(wg);
-    let nw = t.rc2.div_ceil(wg);
+/// Pass 2's feature table for the next chunk of `rc` rows (index words, weights and, with `z`,
+/// coop's normaliser column) in registers, and its stores into `idx_t` (unpacked: the feature
+/// build reads them for every row) and `wz_t` (the f32 pass takes the normaliser column from its
+/// S' rows and stores only the weights).
+fn table_prefetch(wg: usize, rc: usize, g: usize, z: bool) -> Prefetch {
+    let ni = (rc * index_words(g)).div_ceil(wg);
+    let nw = rc.div_ceil(wg);
     let mut decl = String::new();
     for u in 0..ni {
         let _ = writeln!(decl, "        var tix_{u} = 0u;");
@@ -746,11 +955,18 @@ fn coop_table_prefetch(t: &CoopTiles) -> Prefetch {
             );
         }
         for u in 0..nw {
+            let z_load = if z {
+                format!(
+                    "{ind}        twz_{u}.y = z[unit * RP + ({f0}) + lid + {o}u];\n{ind}        words_read += 1u;\n",
+                    o = wg * u
+                )
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 s,
                 "{ind}    if (lid + {o}u < RC) {{\n\
-                 {ind}        twz_{u} = vec2<f32>(0.0, z[unit * RP + ({f0}) + lid + {o}u]);\n\
-                 {ind}        words_read += 1u;\n\
+                 {ind}        twz_{u} = vec2<f32>();\n{z_load}\
                  {ind}        if (lid + {o}u < rows_f) {{\n\
                  {ind}            twz_{u}.x = feat_w[({f0}) + lid + {o}u];\n\
                  {ind}            words_read += 1u;\n\
@@ -771,10 +987,11 @@ fn coop_table_prefetch(t: &CoopTiles) -> Prefetch {
             o = wg * u
         );
     }
+    let target = if z { "" } else { ".x" };
     for u in 0..nw {
         let _ = writeln!(
             store,
-            "            if (lid + {o}u < RC) {{\n                wz_t[lid + {o}u] = twz_{u};\n            }}",
+            "            if (lid + {o}u < RC) {{\n                wz_t[lid + {o}u]{target} = twz_{u}{target};\n            }}",
             o = wg * u
         );
     }
@@ -829,7 +1046,7 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
         .map(|i| format!("                let fi_{i} = feature_index(f, {i}u);\n"))
         .collect();
     let pre = coop_chunk_prefetch(t);
-    let table = coop_table_prefetch(t);
+    let table = table_prefetch(t.threads2(), t.rc2, t.g, true);
     let [decl, add] = io_counter_slots(count_io, 8);
     let mut slots = coop_common_slots(t, (t.threads2(), rt));
     slots.extend([
