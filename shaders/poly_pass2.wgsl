@@ -1,7 +1,6 @@
 // Poly pass 2: O = D^-1 Phi_q(Q) S'. A workgroup keeps a block of B query rows in workgroup
 // memory and streams S' through in chunks of RC feature rows, the next chunk (and its slice of the
-// feature table) loaded into registers while this one is multiplied, two barriers a chunk; with
-// a single chunk
+// feature table) loaded into registers while this one is multiplied; with a single chunk
 // (schedule A) S' is loaded once and the workgroup loops over many query blocks. Thread (tr, tc)
 // keeps its rows of the block's output (ROW_OF in `src/kernels/poly.rs`: rows 4 tr + 0..3,
 // 4 (tr + TR) + 0..3, ... where it owns a multiple of 4, else tr, tr + TR, ...) for value columns
@@ -47,13 +46,10 @@ const FS: u32 = {{FS}}u;    // row stride of the feature tile (see Pass2Tiles::f
 
 var<workgroup> q_tile: array<f32, {{Q_TILE}}>;
 var<workgroup> s_tile: array<vec4<f32>, {{S_TILE}}>; // value columns of the chunk
-// The feature table (weights in wz_t[..].x, unpacked indices in idx_t[f * G + t]) is double
-// buffered: chunk ch + 1's is stored while chunk ch's features are built from buffer ch % 2.
-var<workgroup> wz_t: array<vec2<f32>, {{WZ}}>;
-var<workgroup> z_t: array<f32, RC>;                  // normaliser column of the S' chunk
+var<workgroup> wz_t: array<vec2<f32>, RC>;           // feature weight, normaliser column of S'
 // phi[f * FS + row]; after the last chunk, the normaliser partials (fb * B + row).
 var<workgroup> phi: array<{{PHI_ELEM}}, {{PHI}}>;
-var<workgroup> idx_t: array<u32, {{IDX}}>;
+var<workgroup> idx_t: array<u32, {{IDX}}>;           // idx_t[f * G + t]: unpacked indices
 
 fn phi_set(i: u32, x: f32) {
 {{PHI_SET}}
@@ -78,7 +74,7 @@ fn load_resident(unit: u32, lid: u32) -> u32 {
         if (c < EV) {
             s_tile[f * CW + c / 4u][c % 4u] = x;
         } else {
-            z_t[f] = x;
+            wz_t[f].y = x;
         }
     }
     for (var i = lid; i < R * IW; i += WG) {
@@ -139,22 +135,16 @@ fn main(
 {{LOAD_FIRST}}
         for (var ch = 0u; ch < params.chunks; ch++) {
             let f0 = ch * RC;
-            let tb = (ch % 2u) * RC; // this chunk's feature table buffer
-            // The previous chunk's products are done before its tiles are overwritten.
-            workgroupBarrier();
 {{CHUNK_STORE}}
+            workgroupBarrier();
+{{LOAD_NEXT}}
             // Feature rows past R have weight 0 and a zero S' row.
             for (var f = fb; f < RC; f += TPR) {
-                let w = wz_t[tb + f].x;
+                let wz = wz_t[f];
 {{FEATURE_INDEX}}
 {{FEATURE}}
             }
             workgroupBarrier();
-{{LOAD_NEXT}}
-            for (var f = fb; f < RC; f += TPR) {
-                let z = z_t[f];
-{{D_UPDATE}}
-            }
             // The product stops at the chunk's last real feature row.
             let rows_f = min(RC, R - f0);
 {{PRODUCT}}

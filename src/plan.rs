@@ -675,26 +675,14 @@ impl Pass2Tiles {
         let min = self.e + 1;
         min + (want + 32 - min % 32) % 32
     }
-    /// Buffers of the feature table: two where chunks stream (the next chunk's table is stored
-    /// while this one's features are built), one for a resident S'.
-    pub fn table_buffers(&self) -> usize {
-        if self.resident() {
-            1
-        } else {
-            2
-        }
-    }
-    /// Workgroup memory words the kernel declares (Q tile, padded S' chunk and its normaliser
-    /// column, features, the feature table's weights (vec2) and unpacked indices); the outputs
-    /// live in registers.
+    /// Workgroup memory words the kernel declares (Q tile, padded S' chunk, the chunk's weights
+    /// and normaliser column, features, unpacked indices); the outputs live in registers.
     pub fn fast_memory_words(&self) -> u64 {
-        let rows = self.table_buffers() * self.rc;
         (self.b * self.q_stride()
             + self.rc * self.padded_ev()
-            + self.rc
+            + 2 * self.rc
             + self.rc * self.feature_stride()
-            + 2 * rows
-            + align4(rows * self.g.max(1))) as u64
+            + align4(self.rc * self.g.max(1))) as u64
     }
 }
 
@@ -918,7 +906,7 @@ impl Pass2Tiles {
             + cdiv(self.rc * index_words(self.g), wg) * (1 + self.g as u64)
             + cdiv(self.rc, wg);
         let per_chunk =
-            1 + cdiv(self.rc, self.builders_per_row()) * (2 + self.g as u64) + self.rc as u64;
+            1 + cdiv(self.rc, self.builders_per_row()) * (1 + self.g as u64) + self.rc as u64;
         let per_block = 1
             + cdiv(self.b * e1, wg)
             + self.chunks() as u64 * per_chunk
@@ -1305,7 +1293,7 @@ pub fn poly_candidates(plan: &PolyPlan, budget: &Budget) -> (Vec<Pass1Tiles>, Ve
                     rc,
                     ..t2
                 };
-                if c.b <= 128 && poly_tiles_fit(&t1, &c, budget) && !pass2.contains(&c) {
+                if c.b <= 64 && poly_tiles_fit(&t1, &c, budget) && !pass2.contains(&c) {
                     pass2.push(c);
                 }
             }

@@ -392,7 +392,6 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
     debug_assert_eq!(t.b % t.tr, 0, "{t:?}: rows are whole micro-tiles");
     let (rb, cu) = (t.rows_per_thread(), t.groups_per_thread());
     let (rpt, tpr) = (t.build_rows(), t.builders_per_row());
-    let mut prefetch_decl = String::new();
     debug_assert!(
         tpr <= t.rc,
         "{t:?}: the normaliser partials fit the feature tile"
@@ -408,24 +407,20 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
         |u| format!("s_tile[f * CW + tc + {}u]", u * t.tc),
     );
     product.push_str("            }");
-    let (mut d_decl, mut feature, mut d_update, mut d_store) =
-        (String::new(), String::new(), String::new(), String::new());
+    let (mut d_decl, mut feature, mut d_store) = (String::new(), String::new(), String::new());
     for h in 0..rpt {
         let row = format!("(rb + {h}u * HB)");
         let _ = writeln!(d_decl, "        var dq_{h} = 0.0;");
         let _ = writeln!(
             feature,
-            "                phi_set(f * FS + {row}, w * {});",
+            "                let p_{h} = wz.x * {};\n                dq_{h} = fma(p_{h}, wz.y, dq_{h});\n                \
+             phi_set(f * FS + {row}, p_{h});",
             feature_product(t.g, |i| format!("q_tile[{row} * QS + fi_{i}]"), "1.0")
-        );
-        let _ = writeln!(
-            d_update,
-            "                dq_{h} = fma(phi_get(f * FS + {row}), z, dq_{h});"
         );
         let _ = writeln!(d_store, "        phi_set(fb * B + {row}, dq_{h});");
     }
     let feature_index: String = (0..t.g)
-        .map(|i| format!("                let fi_{i} = feature_index(tb + f, {i}u);\n"))
+        .map(|i| format!("                let fi_{i} = feature_index(f, {i}u);\n"))
         .collect();
     let mut store = String::new();
     for a in 0..rb {
@@ -446,29 +441,34 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
         );
         store.push_str("            }\n        }\n");
     }
-    // S' chunk ch is stored (phase one of the chunk) and ch + 1 loaded (phase two); the feature
-    // table goes one chunk ahead: table ch + 1 is stored into the other buffer in phase one.
-    let (mut load_first, mut load_next, mut chunk_store) =
-        (String::new(), String::new(), String::new());
-    if !t.resident() {
-        let chunk = pass2_chunk_prefetch(t);
-        let table = table_prefetch(t.threads(), t.rc, t.g, false, "RC - tb + ");
-        let table0 = table_prefetch(t.threads(), t.rc, t.g, false, "");
-        load_first = format!(
-            "{}\n{}\n{}\n        if (1u < params.chunks) {{\n            let f0 = 0u;\n{}\n        }}",
-            chunk.first, table.first, table0.store, table.next
-        );
-        load_next = format!(
-            "            if (ch + 1u < params.chunks) {{\n{}\n            }}\n            \
-             if (ch + 2u < params.chunks) {{\n                let f0 = (ch + 1u) * RC;\n{}\n            }}",
-            chunk.next, table.next
-        );
-        chunk_store = format!(
-            "{}\n            if (ch + 1u < params.chunks) {{\n{}\n            }}",
-            chunk.store, table.store
-        );
-        prefetch_decl = format!("{}\n{}", chunk.decl, table.decl);
-    }
+    let chunk = (!t.resident()).then(|| pass2_chunk_prefetch(t));
+    let table = (!t.resident()).then(|| table_prefetch(t.threads(), t.rc, t.g, false));
+    let slot = |f: &dyn Fn(&Prefetch) -> String| {
+        chunk
+            .iter()
+            .chain(table.iter())
+            .map(f)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let load_first = slot(&|p| p.first.clone());
+    let load_next = if t.resident() {
+        String::new()
+    } else {
+        format!(
+            "            if (ch + 1u < params.chunks) {{\n{}\n            }}",
+            slot(&|p| p.next.clone())
+        )
+    };
+    let chunk_store = if t.resident() {
+        String::new()
+    } else {
+        // The previous chunk's products are done before its tiles are overwritten.
+        format!(
+            "            workgroupBarrier();\n{}",
+            slot(&|p| p.store.clone())
+        )
+    };
     let [decl, add] = io_counter_slots(count_io, 6);
     let mut slots = vec![
         ("E", t.e.to_string()),
@@ -488,15 +488,10 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
         ("WG", t.threads().to_string()),
         ("Q_TILE", (t.b * t.q_stride()).to_string()),
         ("S_TILE", (t.rc * t.padded_ev() / 4).to_string()),
-        ("WZ", (t.table_buffers() * t.rc).to_string()),
-        (
-            "IDX",
-            align4(t.table_buffers() * t.rc * t.g.max(1)).to_string(),
-        ),
-        ("PREFETCH_DECL", prefetch_decl),
+        ("IDX", align4(t.rc * t.g.max(1)).to_string()),
+        ("PREFETCH_DECL", slot(&|p| p.decl.clone())),
         ("ACC_DECL", accumulator_decls(rb, cu, "        ", false)),
         ("D_DECL", d_decl.trim_end().to_string()),
-        ("D_UPDATE", d_update.trim_end().to_string()),
         ("LOAD_FIRST", load_first),
         ("LOAD_NEXT", load_next),
         ("CHUNK_STORE", chunk_store),
@@ -514,7 +509,7 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
 
 /// Pass 2's next S' chunk in registers: element u of a thread is chunk word lid + WG * u (row
 /// and column fixed for the whole dispatch), stored into the S' tile or, for the last column,
-/// the normaliser column z_t.
+/// the normaliser column beside the weights.
 fn pass2_chunk_prefetch(t: &Pass2Tiles) -> Prefetch {
     let wg = t.threads();
     let n = (t.rc * (t.ev + 1)).div_ceil(wg);
@@ -544,7 +539,7 @@ fn pass2_chunk_prefetch(t: &Pass2Tiles) -> Prefetch {
             store,
             "            if (si_{u} < RC * EV1) {{\n                if (sc_{u} < EV) {{\n                    \
              s_tile[sf_{u} * CW + sc_{u} / 4u][sc_{u} % 4u] = sx_{u};\n                }} else {{\n                    \
-             z_t[sf_{u}] = sx_{u};\n                }}\n            }}"
+             wz_t[sf_{u}].y = sx_{u};\n                }}\n            }}"
         );
     }
     Prefetch {
@@ -939,7 +934,7 @@ fn coop_chunk_prefetch(t: &CoopTiles) -> Prefetch {
 /// coop's normaliser column) in registers, and its stores into `idx_t` (unpacked: the feature
 /// build reads them for every row) and `wz_t` (the f32 pass takes the normaliser column from its
 /// S' rows and stores only the weights).
-fn table_prefetch(wg: usize, rc: usize, g: usize, z: bool, buffer: &str) -> Prefetch {
+fn table_prefetch(wg: usize, rc: usize, g: usize, z: bool) -> Prefetch {
     let ni = (rc * index_words(g)).div_ceil(wg);
     let nw = rc.div_ceil(wg);
     let mut decl = String::new();
@@ -988,7 +983,7 @@ fn table_prefetch(wg: usize, rc: usize, g: usize, z: bool, buffer: &str) -> Pref
             store,
             "            if (lid + {o}u < RC * IW) {{\n                let i = lid + {o}u;\n                \
              for (var t = 3u * (i % IW); t < min(G, 3u * (i % IW) + 3u); t++) {{\n                    \
-             idx_t[({buffer}i / IW) * G + t] = (tix_{u} >> (10u * (t % 3u))) & 1023u;\n                }}\n            }}",
+             idx_t[(i / IW) * G + t] = (tix_{u} >> (10u * (t % 3u))) & 1023u;\n                }}\n            }}",
             o = wg * u
         );
     }
@@ -996,7 +991,7 @@ fn table_prefetch(wg: usize, rc: usize, g: usize, z: bool, buffer: &str) -> Pref
     for u in 0..nw {
         let _ = writeln!(
             store,
-            "            if (lid + {o}u < RC) {{\n                wz_t[{buffer}lid + {o}u]{target} = twz_{u}{target};\n            }}",
+            "            if (lid + {o}u < RC) {{\n                wz_t[lid + {o}u]{target} = twz_{u}{target};\n            }}",
             o = wg * u
         );
     }
@@ -1051,7 +1046,7 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
         .map(|i| format!("                let fi_{i} = feature_index(f, {i}u);\n"))
         .collect();
     let pre = coop_chunk_prefetch(t);
-    let table = table_prefetch(t.threads2(), t.rc2, t.g, true, "");
+    let table = table_prefetch(t.threads2(), t.rc2, t.g, true);
     let [decl, add] = io_counter_slots(count_io, 8);
     let mut slots = coop_common_slots(t, (t.threads2(), rt));
     slots.extend([
