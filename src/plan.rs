@@ -1293,7 +1293,7 @@ pub fn poly_candidates(plan: &PolyPlan, budget: &Budget) -> (Vec<Pass1Tiles>, Ve
                     rc,
                     ..t2
                 };
-                if c.b <= 64 && poly_tiles_fit(&t1, &c, budget) && !pass2.contains(&c) {
+                if c.b <= 128 && poly_tiles_fit(&t1, &c, budget) && !pass2.contains(&c) {
                     pass2.push(c);
                 }
             }
