@@ -660,6 +660,15 @@ impl Pass2Tiles {
     pub fn builders_per_row(&self) -> usize {
         self.threads() / (self.b / self.build_rows())
     }
+    /// Whether the feature build covers the block: whole row groups (HB rows) for the threads,
+    /// at least one builder per group, and no more builders per row than chunk rows (their
+    /// normaliser partials go into the feature tile).
+    pub fn builds_fit(&self) -> bool {
+        let hb = self.b / self.build_rows();
+        self.b % self.build_rows() == 0
+            && self.threads() % hb == 0
+            && (1..=self.rc).contains(&self.builders_per_row())
+    }
     /// Row stride of the feature tile (phi[f * FS + row]): HB modulo 32 so the 32 / HB features
     /// one subgroup builds at once land in different banks, a multiple of 4 for the vec4 reads.
     pub fn feature_stride(&self) -> usize {
@@ -1052,7 +1061,8 @@ pub fn plan_poly(p: &Problem, degree: usize, budget: &Budget) -> Result<PolyPlan
         tr,
         tc,
     };
-    let iters_ok = |t: Pass2Tiles| t.loop_iterations(1) <= budget.max_loop_iterations;
+    let iters_ok =
+        |t: Pass2Tiles| t.builds_fit() && t.loop_iterations(1) <= budget.max_loop_iterations;
     let blocks: Vec<(usize, usize)> = thread_rows
         .iter()
         .flat_map(|&tr| (1..=max_rows_per_thread).map(move |a| (tr * a, tr)))
@@ -1247,6 +1257,7 @@ pub fn poly_tiles_fit(t1: &Pass1Tiles, t2: &Pass2Tiles, budget: &Budget) -> bool
         && t2.threads() <= max_threads
         && registers(t2.rows_per_thread(), t2.groups_per_thread())
         && t2.fast_memory_words() <= m
+        && t2.builds_fit()
         && t2.loop_iterations(1) <= budget.max_loop_iterations
 }
 
@@ -1546,12 +1557,69 @@ mod poly_plan_tests {
     }
 
     #[test]
+    fn f32_feature_builds_cover_their_tiles() {
+        // The planner's tiles and every autotune candidate: each feature of a pass-1 chunk has a
+        // builder and the key groups' normaliser partials fit the feature tile; each pass-2 row
+        // group has whole builder groups whose partials fit too; vec4 reads stay aligned.
+        let mut checked = 0;
+        for words in [4096u64, 8192, 12288] {
+            for (e, ev, g) in [
+                (8usize, 5usize, 2usize),
+                (16, 16, 2),
+                (32, 16, 2),
+                (64, 64, 2),
+                (128, 128, 2),
+                (16, 1000, 1),
+                (3, 7, 4),
+            ] {
+                let p = Problem {
+                    units: 8,
+                    group: 1,
+                    l: 8192,
+                    s: 8192,
+                    e,
+                    ev,
+                    causal: false,
+                    scale: 1.0,
+                };
+                let Ok(plan) = plan_poly(&p, g, &budget(words)) else {
+                    continue;
+                };
+                let (c1, c2) = poly_candidates(&plan, &budget(words));
+                for t in c1 {
+                    checked += 1;
+                    assert!(t.features_per_builder() * t.threads() >= t.rc, "{t:?}");
+                    assert!((1..=t.bk).contains(&t.key_groups()), "{t:?}");
+                    assert!(
+                        t.key_groups() * t.rc.min(t.threads()) <= t.threads(),
+                        "{t:?}"
+                    );
+                    assert!(!t.vec4_rows() || t.rc % 4 == 0, "{t:?}");
+                }
+                for t in c2 {
+                    checked += 1;
+                    let (rpt, tpr) = (t.build_rows(), t.builders_per_row());
+                    assert!(t.builds_fit(), "{t:?}");
+                    assert_eq!((t.b / rpt) * tpr, t.threads(), "{t:?}");
+                    assert!(tpr * t.b <= t.rc * t.feature_stride(), "{t:?}");
+                    assert!(
+                        t.feature_stride() >= t.b && t.feature_stride() % 4 == 0,
+                        "{t:?}"
+                    );
+                    assert!(t.q_stride() > t.e && t.q_stride() <= t.e + 32, "{t:?}");
+                }
+            }
+        }
+        assert!(checked > 200, "{checked}");
+    }
+
+    #[test]
     fn long_sequences_stay_within_the_loop_budget() {
         // Many query heads (persistent pass-2 workgroups loop over many blocks) and long keys
         // over few splits: both exceed llvmpipe's budget unless the planner adds workgroups.
         for (e, units, group, l, s) in [
             (16usize, 8usize, 64usize, 1 << 18, 1 << 10),
-            (64, 8, 1, 1024, 1 << 20),
+            (64, 8, 1, 1024, 1 << 21),
         ] {
             let p = Problem {
                 units,
