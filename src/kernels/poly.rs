@@ -318,20 +318,8 @@ fn pass1_tile_loads(t: &Pass1Tiles) -> (String, String, String) {
     let mut decl = String::from(
         "    // The next key tile is loaded into registers while this one is multiplied.\n",
     );
-    for u in 0..nk {
-        let _ = writeln!(
-            decl,
-            "    let ki_{u} = lid + {o}u;\n    let krow_{u} = ki_{u} / E1;\n    let kcol_{u} = ki_{u} % E1;\n    var kx_{u} = 0.0;",
-            o = wg * u
-        );
-    }
-    for u in 0..nv {
-        let _ = writeln!(
-            decl,
-            "    let vi_{u} = lid + {o}u;\n    let vrow_{u} = vi_{u} / EV;\n    let vcol_{u} = vi_{u} % EV;\n    var vx_{u} = 0.0;",
-            o = wg * u
-        );
-    }
+    element_registers(&mut decl, ["ki", "krow", "kcol", "kx"], (nk, wg), "E1");
+    element_registers(&mut decl, ["vi", "vrow", "vcol", "vx"], (nv, wg), "EV");
     // Keys past the split's end are zero rows; the constant-1 column is 1 in every row.
     let load = |j0: &str, ind: &str| {
         let mut s = format!("{ind}{{\n{ind}    let kn = min(BK, j_end - ({j0}));\n");
@@ -507,6 +495,21 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
     fill_template(PASS2, &slots)
 }
 
+/// Declarations of a thread's `count` registers of a tile streamed through registers: element
+/// u is tile word `lid + wg * u` (names[0]), at row names[1] and column names[2] of rows `width`
+/// wide, held in names[3].
+fn element_registers(s: &mut String, names: [&str; 4], (count, wg): (usize, usize), width: &str) {
+    let [i, row, col, x] = names;
+    for u in 0..count {
+        let _ = writeln!(
+            s,
+            "    let {i}_{u} = lid + {o}u;\n    let {row}_{u} = {i}_{u} / {width};\n    \
+             let {col}_{u} = {i}_{u} % {width};\n    var {x}_{u} = 0.0;",
+            o = wg * u
+        );
+    }
+}
+
 /// Pass 2's next S' chunk in registers: element u of a thread is chunk word lid + WG * u (row
 /// and column fixed for the whole dispatch), stored into the S' tile or, for the last column,
 /// the normaliser column beside the weights.
@@ -514,13 +517,7 @@ fn pass2_chunk_prefetch(t: &Pass2Tiles) -> Prefetch {
     let wg = t.threads();
     let n = (t.rc * (t.ev + 1)).div_ceil(wg);
     let mut decl = String::new();
-    for u in 0..n {
-        let _ = writeln!(
-            decl,
-            "    let si_{u} = lid + {o}u;\n    let sf_{u} = si_{u} / EV1;\n    let sc_{u} = si_{u} % EV1;\n    var sx_{u} = 0.0;",
-            o = wg * u
-        );
-    }
+    element_registers(&mut decl, ["si", "sf", "sc", "sx"], (n, wg), "EV1");
     let load = |f0: &str, ind: &str| {
         let mut s = format!("{ind}{{\n{ind}    let rows_n = min(RC, R - ({f0}));\n");
         for u in 0..n {
