@@ -755,11 +755,13 @@ fn rates(gpu: &device::Gpu, budget: &Budget) -> Result<cost::Rates, Error> {
     };
     let eplan = exact_plan_for(gpu, &p, budget)?;
     let te = timed(&mut || kernels::exact::run(gpu, &p, &eplan, &x, &x, &x, &opts).map(|r| r.1))?;
-    // The f32 poly path (planner's tiles), whose FLOP count `cost::poly_flops` describes.
+    // The f32 poly path with the tiles `attention` would run (tuned where the autotune is on,
+    // as for exact above), and the plan whose FLOPs `cost::poly_flops` counts.
+    let mut pplan = None;
     let tp = timed(&mut || {
         let mut st = RunStats::default();
         let xs = (&x[..], &x[..], &x[..]);
-        f32_poly(
+        let (_, c) = f32_poly(
             gpu,
             &p,
             &eplan.chunking,
@@ -767,12 +769,13 @@ fn rates(gpu: &device::Gpu, budget: &Budget) -> Result<cost::Rates, Error> {
             2,
             budget,
             &opts,
-            None,
+            F32Tiles::Tuned,
             &mut st,
         )?;
+        pplan = Some(c.plan);
         Ok(st)
     })?;
-    let pplan = plan::plan_poly(&p, 2, budget)?;
+    let pplan = pplan.expect("the timed poly run sets its plan");
     let r = cost::Rates {
         exact_flops_per_s: cost::exact_flops(&p) / te,
         poly_flops_per_s: cost::poly_flops(&p, &pplan) / tp,
@@ -971,8 +974,16 @@ pub fn exact_attention(
     attention(p, q, k, v, Method::Exact, &popts, opts)
 }
 
+/// Pass tiles of [`f32_poly`].
+enum F32Tiles {
+    /// What `attention` runs: the tuned tiles where the autotune has them, else the planner's.
+    Tuned,
+    /// These (the autotune's candidates).
+    Given(plan::Pass1Tiles, plan::Pass2Tiles),
+}
+
 /// The f32 poly method at `degree`: pre-pass over `chunking`, certificate (eps = 1e-2), and both
-/// passes with `tiles` (the planner's where None); `st` gathers every dispatch's stats.
+/// passes with `tiles`; `st` gathers every dispatch's stats.
 #[allow(clippy::too_many_arguments)]
 fn f32_poly(
     gpu: &device::Gpu,
@@ -982,7 +993,7 @@ fn f32_poly(
     degree: usize,
     budget: &Budget,
     opts: &RunOptions,
-    tiles: Option<(plan::Pass1Tiles, plan::Pass2Tiles)>,
+    tiles: F32Tiles,
     st: &mut RunStats,
 ) -> Result<(Vec<f32>, PolyCandidate), Error> {
     let uploads = kernels::poly::Uploads::default();
@@ -994,8 +1005,11 @@ fn f32_poly(
         tensor_cores: Some(false),
     };
     let mut c = poly_candidate(p, &pre, &popts, budget, None)?;
-    if let Some((pass1, pass2)) = tiles {
-        c.plan = plan::plan_poly_with(p, degree, budget, pass1, pass2)?;
+    match tiles {
+        F32Tiles::Tuned => tune_f32_poly_plan(gpu, p, &mut c, budget)?,
+        F32Tiles::Given(pass1, pass2) => {
+            c.plan = plan::plan_poly_with(p, degree, budget, pass1, pass2)?;
+        }
     }
     let out = kernels::poly::run(
         gpu, p, &c.plan, &c.table, &c.poly, &pre, q, k, v, opts, &uploads, st,
@@ -1034,7 +1048,7 @@ pub fn poly_attention_with_tiles(
     // The pre-pass chunking `attention` uses for method="poly", which the I/O model assumes.
     let chunking = plan::plan_exact(p, &budget)?.chunking;
     let mut st = RunStats::default();
-    let tiles = Some((pass1, pass2));
+    let tiles = F32Tiles::Given(pass1, pass2);
     let (out, c) = f32_poly(
         &gpu,
         p,
