@@ -1,11 +1,11 @@
 // Poly pass 1: S'[f, :] = sum_j phi_k(k_j - mu)[f] * [v_j | 1] for the feature rows f of this
 // workgroup's chunk, over this workgroup's share of the keys. Features are built in workgroup
 // memory from the key tile and never written to storage; the partial S' of each key split is.
-// Thread (tf, tc) keeps its rows of the chunk (ROW_OF in `src/kernels/poly.rs`: rows 4 tf + 0..3,
-// 4 (tf + TF) + 0..3, ... where it owns a multiple of 4, else tf, tf + TF, ...) for value columns
-// 4*(tc + TC*u) + 0..3 in named registers for the whole key loop (`src/kernels/poly.rs` unrolls
-// the micro-tile). The ones column (the row sums of phi) is summed by the threads that build the
-// features: thread lid builds features lid % RC + WG * c of keys lid / RC + KG * m.
+// Thread (tf, tc) keeps its rows of the chunk (`micro_tile_row` in `src/kernels/poly.rs`: rows 4 tf
+// + 0..3, 4 (tf + TF) + 0..3, ... where it owns a multiple of 4, else tf, tf + TF, ...) for value
+// columns 4*(tc + TC*u) + 0..3 in named registers for the whole key loop (`src/kernels/poly.rs`
+// unrolls the micro-tile). The ones column (the row sums of phi) is summed by the threads that
+// build the features: thread lid builds features lid % RC + WG * c of keys lid / RC + KG * m.
 
 struct Params {
     s: u32,              // key rows per unit in this dispatch
