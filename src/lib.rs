@@ -326,7 +326,21 @@ fn tuned_values(
     match cost::load_tuned(what, &key, class) {
         Some(v) if v.len() == len => Ok(Some(v)),
         _ if autotune_on(gpu) => {
+            // Tuning a class compiles and times tens of candidates (about a minute for the f32
+            // poly passes on the H100): say so, once per class, since it is cached.
+            let file = cost::cache_path(what, &key);
+            eprintln!(
+                "approx_attn: tuning {what} for class ({class}) on {} once; cached in {} \
+                 (APPROX_ATTN_AUTOTUNE=0 skips, APPROX_ATTN_TUNE_LOG=1 lists the candidates)",
+                gpu.info.adapter,
+                file.as_ref().map_or("no cache".into(), |f| f.display().to_string())
+            );
+            let start = std::time::Instant::now();
             let v = tune()?;
+            eprintln!(
+                "approx_attn: tuned {what} ({class}) in {:.1} s: {v:?}",
+                start.elapsed().as_secs_f64()
+            );
             cost::store_tuned(what, &key, class, &v);
             Ok(Some(v))
         }
