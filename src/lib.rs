@@ -333,7 +333,8 @@ fn tuned_values(
                 "approx_attn: tuning {what} for class ({class}) on {} once; cached in {} \
                  (APPROX_ATTN_AUTOTUNE=0 skips, APPROX_ATTN_TUNE_LOG=1 lists the candidates)",
                 gpu.info.adapter,
-                file.as_ref().map_or("no cache".into(), |f| f.display().to_string())
+                file.as_ref()
+                    .map_or("no cache".into(), |f| f.display().to_string())
             );
             let start = std::time::Instant::now();
             let v = tune()?;
