@@ -440,21 +440,20 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
             .join("\n")
     };
     let load_first = slot(&|p| p.first.clone());
-    let load_next = if t.resident() {
-        String::new()
+    // A resident S' has nothing to load per chunk; streamed chunks load the next one, and store
+    // this one once the previous chunk's products are done.
+    let (load_next, chunk_store) = if t.resident() {
+        (String::new(), String::new())
     } else {
-        format!(
-            "            if (ch + 1u < params.chunks) {{\n{}\n            }}",
-            slot(&|p| p.next.clone())
-        )
-    };
-    let chunk_store = if t.resident() {
-        String::new()
-    } else {
-        // The previous chunk's products are done before its tiles are overwritten.
-        format!(
-            "            workgroupBarrier();\n{}",
-            slot(&|p| p.store.clone())
+        (
+            format!(
+                "            if (ch + 1u < params.chunks) {{\n{}\n            }}",
+                slot(&|p| p.next.clone())
+            ),
+            format!(
+                "            workgroupBarrier();\n{}",
+                slot(&|p| p.store.clone())
+            ),
         )
     };
     let [decl, add] = io_counter_slots(count_io, 6);
