@@ -92,12 +92,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let builds = lid < RC * KG;
 {{BUILD_DECL}}
 {{ACC_DECL}}
-{{PREFETCH}}
+    // With the register prefetch (an autotune option), the next key/value tile is loaded while
+    // this one is multiplied; without it, PREFETCH_STORE loads each tile straight from storage.
+{{PREFETCH_DECL}}
+{{PREFETCH_LOAD_FIRST}}
     for (var j0 = j_begin; j0 < j_end; j0 += BK) {
         let kr = min(BK, j_end - j0);
-{{TILE_LOAD}}
+{{PREFETCH_STORE}}
         workgroupBarrier();
-{{NEXT_LOAD}}
+        if (j0 + BK < j_end) {
+{{PREFETCH_LOAD_NEXT}}
+        }
         // Keys past kr are padding (phi of the zero key is not zero): neither built nor summed.
         if (builds) {
             for (var j = jg; j < kr; j += KG) {

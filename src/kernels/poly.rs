@@ -178,7 +178,7 @@ pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
             "    if (builds && {guard}) {{\n        phi_set(jg * RC + f_{c}, dk_{c});\n    }}"
         );
     }
-    let (prefetch, tile_load, next_load) = pass1_tile_loads(t);
+    let tiles = pass1_tile_loads(t);
     let [decl, add] = io_counter_slots(count_io, 6);
     let mut slots = vec![
         ("E", t.e.to_string()),
@@ -200,9 +200,10 @@ pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
         ("BUILD", build.trim_end().to_string()),
         ("D_STORE", d_store.trim_end().to_string()),
         ("ACC_DECL", accumulator_decls(rf, cu, "    ", false)),
-        ("PREFETCH", prefetch),
-        ("TILE_LOAD", tile_load),
-        ("NEXT_LOAD", next_load),
+        ("PREFETCH_DECL", tiles.decl),
+        ("PREFETCH_LOAD_FIRST", tiles.first),
+        ("PREFETCH_STORE", tiles.store),
+        ("PREFETCH_LOAD_NEXT", tiles.next),
         ("PRODUCT", product),
         ("STORE", store.trim_end().to_string()),
         decl,
@@ -282,11 +283,11 @@ fn feature_tile_slots(words: usize, vec4_rows: bool) -> [(&'static str, String);
     ]
 }
 
-/// Pass 1's key and value tiles: (before the key loop, at the top of each tile, after its first
-/// barrier). Without `prefetch` each tile is loaded from storage straight into workgroup memory;
-/// with it, the next tile is loaded into registers (element u of a thread: tile element
-/// lid + WG * u) while this one is multiplied, and stored at the top of the next iteration.
-fn pass1_tile_loads(t: &Pass1Tiles) -> (String, String, String) {
+/// Pass 1's key and value tiles. Without `prefetch` each tile is loaded from storage straight
+/// into workgroup memory (the `store` slot, at the top of each tile); with it, the next tile is
+/// loaded into registers (element u of a thread: tile element lid + WG * u) while this one is
+/// multiplied, and stored at the top of the next iteration.
+fn pass1_tile_loads(t: &Pass1Tiles) -> Prefetch {
     if !t.prefetch {
         let direct = "        for (var i = lid; i < BK * E1; i += WG) {
             let r = i / E1;
@@ -311,7 +312,12 @@ fn pass1_tile_loads(t: &Pass1Tiles) -> (String, String, String) {
             }
             v_tile[r * CW + c / 4u][c % 4u] = x;
         }";
-        return (String::new(), direct.to_string(), String::new());
+        return Prefetch {
+            decl: String::new(),
+            first: String::new(),
+            next: String::new(),
+            store: direct.to_string(),
+        };
     }
     let wg = t.threads();
     let (nk, nv) = ((t.bk * (t.e + 1)).div_ceil(wg), (t.bk * t.ev).div_ceil(wg));
@@ -344,11 +350,6 @@ fn pass1_tile_loads(t: &Pass1Tiles) -> (String, String, String) {
         s.push_str(&format!("{ind}}}"));
         s
     };
-    let _ = write!(
-        decl,
-        "    if (j_begin < j_end) {{\n{}\n    }}",
-        load("j_begin", "        ")
-    );
     let mut store = String::new();
     for u in 0..nk {
         let _ = writeln!(
@@ -362,11 +363,7 @@ fn pass1_tile_loads(t: &Pass1Tiles) -> (String, String, String) {
             "        if (vi_{u} < BK * EV) {{\n            v_tile[vrow_{u} * CW + vcol_{u} / 4u][vcol_{u} % 4u] = vx_{u};\n        }}"
         );
     }
-    let next = format!(
-        "        if (j0 + BK < j_end) {{\n{}\n        }}",
-        load("j0 + BK", "            ")
-    );
-    (decl, store.trim_end().to_string(), next)
+    pass1_prefetch(&decl, load, &store)
 }
 
 pub fn reduce_source(count_io: bool) -> String {
@@ -641,8 +638,8 @@ struct Prefetch {
     store: String,
 }
 
-/// Pass 1's prefetch from its declarations, its tile load (code for the tile at key `j0`) and its
-/// stores.
+/// Pass 1's prefetch (f32 and coop) from its declarations, its tile load (code for the tile at
+/// key `j0`) and its stores.
 fn pass1_prefetch(decl: &str, load: impl Fn(&str, &str) -> String, store: &str) -> Prefetch {
     Prefetch {
         decl: decl.trim_end().to_string(),
