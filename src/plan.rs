@@ -521,6 +521,15 @@ pub fn index_words(g: usize) -> usize {
     g.div_ceil(3).max(1)
 }
 
+/// Row stride of a pass-2 query tile (f32 and coop): at least E + 1, and 32 / HB modulo 32, where
+/// HB query rows times 32 / HB consecutive feature indices make one 32-wide subgroup's read.
+fn query_tile_stride(e: usize, hb: usize) -> usize {
+    let hb = hb.clamp(1, 32);
+    let want = (32 / hb) % 32;
+    let min = e + 1;
+    min + (want + 32 - min % 32) % 32
+}
+
 /// Thread columns and vec4 column groups per thread that cover `ev` value columns: at most
 /// `MAX_THREAD_SIDE` thread columns (more only for very wide values), as few padded columns as
 /// possible. Both poly passes tile their (rows x value columns) products this way.
@@ -643,31 +652,31 @@ impl Pass2Tiles {
         self.rows_per_thread() % 4 == 0
     }
     /// Query rows per feature-building thread (rows rb, rb + HB, ... with HB = b / this): the
-    /// most of 8, 4, 2, 1 that leaves whole row groups for the threads, at least 4 rows per
-    /// group where the rows allow, and no more thread groups than chunk rows (their normaliser
-    /// partials go into the feature tile).
+    /// most of 8, 4, 2 whose build fits (see [`Pass2Tiles::builds_fit`]) with at least 4 rows per
+    /// group where the rows allow, else 1.
     pub fn build_rows(&self) -> usize {
-        let wg = self.threads();
         [8usize, 4, 2]
             .into_iter()
-            .find(|&rpt| {
-                let hb = self.b / rpt;
-                self.b % rpt == 0 && wg % hb == 0 && (hb >= 4 || self.b < 4) && wg / hb <= self.rc
-            })
+            .find(|&rpt| self.build_fits(rpt) && (self.b / rpt >= 4 || self.b < 4))
             .unwrap_or(1)
     }
     /// Feature-building threads per query row group (TPR = threads / HB).
     pub fn builders_per_row(&self) -> usize {
         self.threads() / (self.b / self.build_rows())
     }
-    /// Whether the feature build covers the block: whole row groups (HB rows) for the threads,
-    /// at least one builder per group, and no more builders per row than chunk rows (their
-    /// normaliser partials go into the feature tile).
+    /// Whether the feature build covers the block (checked where `build_rows` fell back to 1).
     pub fn builds_fit(&self) -> bool {
-        let hb = self.b / self.build_rows();
-        self.b % self.build_rows() == 0
+        self.build_fits(self.build_rows())
+    }
+    /// Whether `rpt` rows per builder give whole row groups (HB = b / rpt rows) for the threads,
+    /// at least one builder per group, and no more builders per group than chunk rows (their
+    /// normaliser partials go into the feature tile).
+    fn build_fits(&self, rpt: usize) -> bool {
+        let hb = self.b / rpt;
+        self.b % rpt == 0
+            && hb > 0
             && self.threads() % hb == 0
-            && (1..=self.rc).contains(&self.builders_per_row())
+            && (1..=self.rc).contains(&(self.threads() / hb))
     }
     /// Row stride of the feature tile (phi[f * FS + row]): HB modulo 32 so the 32 / HB features
     /// one subgroup builds at once land in different banks, a multiple of 4 for the vec4 reads.
@@ -676,13 +685,9 @@ impl Pass2Tiles {
         let pad = if hb < 32 { hb } else { 0 };
         align4(self.b + pad)
     }
-    /// Row stride of the query tile: at least E + 1, and 32 / HB modulo 32 (HB rows times 32 / HB
-    /// consecutive feature indices make one 32-wide subgroup's read).
+    /// Row stride of the query tile (see [`query_tile_stride`]).
     pub fn q_stride(&self) -> usize {
-        let hb = (self.b / self.build_rows()).clamp(1, 32);
-        let want = (32 / hb) % 32;
-        let min = self.e + 1;
-        min + (want + 32 - min % 32) % 32
+        query_tile_stride(self.e, self.b / self.build_rows())
     }
     /// Workgroup memory words the kernel declares (Q tile, padded S' chunk, the chunk's weights
     /// and normaliser column, features, unpacked indices); the outputs live in registers.
@@ -771,10 +776,10 @@ impl CoopTiles {
     /// Row stride of pass 2's query tile: at least E + 1, and 32 / HB modulo 32, where HB query
     /// rows times 32 / HB features (consecutive indices) make one 32-wide subgroup's read.
     pub fn q_stride2(&self) -> usize {
-        let hb = (self.b2() / crate::kernels::poly::COOP_PASS2_ROWS_PER_THREAD).clamp(1, 32);
-        let want = (32 / hb) % 32;
-        let min = self.e + 1;
-        min + (want + 32 - min % 32) % 32
+        query_tile_stride(
+            self.e,
+            self.b2() / crate::kernels::poly::COOP_PASS2_ROWS_PER_THREAD,
+        )
     }
     /// Words of workgroup memory pass 2 declares: the query block (f32; later the staging tiles
     /// and normaliser partials), its features and the S'' chunk (f16), the chunk's normaliser
