@@ -45,49 +45,16 @@ pub fn prepass_source(width: usize, tile_rows: usize, count_io: bool) -> String 
     )
 }
 
-/// Named registers of one thread's micro-tile: `acc_a_u` (4 value columns each) and, `with_d`,
-/// `d_a` (the normaliser column) for each of its `rows` rows and `groups` column groups.
-fn accumulator_decls(rows: usize, groups: usize, indent: &str, with_d: bool) -> String {
+/// Named registers of one thread's micro-tile: `acc_a_u` (4 value columns each) for each of its
+/// `rows` rows and `groups` column groups.
+fn accumulator_decls(rows: usize, groups: usize, indent: &str) -> String {
     let mut s = String::new();
     for a in 0..rows {
         for u in 0..groups {
             let _ = writeln!(s, "{indent}var acc_{a}_{u} = vec4<f32>();");
         }
-        if with_d {
-            let _ = writeln!(s, "{indent}var d_{a} = 0.0;");
-        }
     }
     s.trim_end().to_string()
-}
-
-/// The unrolled body of a micro-tile product step: one feature load per row (`phi_at(a)`), one
-/// vec4 load per column group (`tile_at(u)`), the FMAs, and `d_update(a)` for the normaliser
-/// where the product carries it.
-fn product_step(
-    s: &mut String,
-    indent: &str,
-    (rows, groups): (usize, usize),
-    phi_at: impl Fn(usize) -> String,
-    tile_at: impl Fn(usize) -> String,
-    d_update: impl Fn(usize) -> Option<String>,
-) {
-    for a in 0..rows {
-        let _ = writeln!(s, "{indent}let p_{a} = {};", phi_at(a));
-    }
-    for u in 0..groups {
-        let _ = writeln!(s, "{indent}let x_{u} = {};", tile_at(u));
-    }
-    for a in 0..rows {
-        for u in 0..groups {
-            let _ = writeln!(
-                s,
-                "{indent}acc_{a}_{u} = fma(vec4<f32>(p_{a}), x_{u}, acc_{a}_{u});"
-            );
-        }
-        if let Some(d) = d_update(a) {
-            let _ = writeln!(s, "{indent}{d};");
-        }
-    }
 }
 
 /// Stores row `a` of a micro-tile: component k of `acc_a_u` is value column 4*(tc + TC*u) + k,
@@ -119,7 +86,7 @@ pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
     let (rf, cu) = (t.rows_per_thread(), t.groups_per_thread());
     let vec4_rows = t.vec4_rows();
     let mut product = String::from("        for (var j = 0u; j < kr; j++) {\n");
-    product_step_rows(
+    product_step(
         &mut product,
         "            ",
         (rf, cu, ("tf", t.tf)),
@@ -199,7 +166,7 @@ pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
         ("BUILD_DECL", build_decl.trim_end().to_string()),
         ("BUILD", build.trim_end().to_string()),
         ("D_STORE", d_store.trim_end().to_string()),
-        ("ACC_DECL", accumulator_decls(rf, cu, "    ", false)),
+        ("ACC_DECL", accumulator_decls(rf, cu, "    ")),
         ("PREFETCH_DECL", tiles.decl),
         ("PREFETCH_LOAD_FIRST", tiles.first),
         ("PREFETCH_STORE", tiles.store),
@@ -224,10 +191,11 @@ fn micro_tile_row(a: usize, (trow, side): (&str, usize), vec4_rows: bool) -> Str
     }
 }
 
-/// A micro-tile product step of both passes over a feature tile `phi` whose rows for this step
-/// start at `row0` (features of consecutive rows adjacent): one vec4 per four rows with
-/// `vec4_rows`, else one float per row, and one vec4 of `tile_at(u)` per column group.
-fn product_step_rows(
+/// The unrolled body of a micro-tile product step of both passes over a feature tile `phi` whose
+/// rows for this step start at `row0` (features of consecutive rows adjacent): the features of
+/// the thread's rows (one vec4 per four rows with `vec4_rows`, else one float per row), one vec4
+/// of `tile_at(u)` per column group, and the FMAs.
+fn product_step(
     s: &mut String,
     indent: &str,
     (rows, groups, thread_row): (usize, usize, (&str, usize)),
@@ -236,6 +204,7 @@ fn product_step_rows(
     tile_at: impl Fn(usize) -> String,
 ) {
     let (trow, side) = thread_row;
+    let comps = wgsl_element(4).1;
     if vec4_rows {
         for a4 in 0..rows / 4 {
             let _ = writeln!(
@@ -245,21 +214,25 @@ fn product_step_rows(
             );
         }
     }
-    let comps = wgsl_element(4).1;
-    product_step(
-        s,
-        indent,
-        (rows, groups),
-        |a| {
-            if vec4_rows {
-                format!("ph_{}{}", a / 4, comps[a % 4])
-            } else {
-                format!("phi[{row0} + {}]", micro_tile_row(a, thread_row, false))
-            }
-        },
-        tile_at,
-        |_| None,
-    );
+    for a in 0..rows {
+        let p = if vec4_rows {
+            format!("ph_{}{}", a / 4, comps[a % 4])
+        } else {
+            format!("phi[{row0} + {}]", micro_tile_row(a, thread_row, false))
+        };
+        let _ = writeln!(s, "{indent}let p_{a} = {p};");
+    }
+    for u in 0..groups {
+        let _ = writeln!(s, "{indent}let x_{u} = {};", tile_at(u));
+    }
+    for a in 0..rows {
+        for u in 0..groups {
+            let _ = writeln!(
+                s,
+                "{indent}acc_{a}_{u} = fma(vec4<f32>(p_{a}), x_{u}, acc_{a}_{u});"
+            );
+        }
+    }
 }
 
 /// The feature tile's slots: its element type and length for `words` floats, and its scalar
@@ -383,7 +356,7 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
     );
     let vec4_rows = t.vec4_rows();
     let mut product = String::from("            for (var f = 0u; f < rows_f; f++) {\n");
-    product_step_rows(
+    product_step(
         &mut product,
         "                ",
         (rb, cu, ("tr", t.tr)),
@@ -474,7 +447,7 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
         ("S_TILE", (t.rc * t.padded_ev() / 4).to_string()),
         ("IDX", align4(t.rc * t.g.max(1)).to_string()),
         ("PREFETCH_DECL", slot(&|p| p.decl.clone())),
-        ("ACC_DECL", accumulator_decls(rb, cu, "        ", false)),
+        ("ACC_DECL", accumulator_decls(rb, cu, "        ")),
         ("D_DECL", d_decl.trim_end().to_string()),
         ("LOAD_FIRST", load_first),
         ("LOAD_NEXT", load_next),
