@@ -365,21 +365,12 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
         |u| format!("s_tile[f * CW + tc + {}u]", u * t.tc),
     );
     product.push_str("            }");
-    let (mut d_decl, mut feature, mut d_store) = (String::new(), String::new(), String::new());
-    for h in 0..rpt {
-        let row = format!("(rb + {h}u * HB)");
-        let _ = writeln!(d_decl, "        var dq_{h} = 0.0;");
-        let _ = writeln!(
-            feature,
-            "                let p_{h} = wz.x * {};\n                dq_{h} = fma(p_{h}, wz.y, dq_{h});\n                \
-             phi_set(f * FS + {row}, p_{h});",
-            feature_product(t.g, |i| format!("q_tile[{row} * QS + fi_{i}]"), "1.0")
-        );
-        let _ = writeln!(d_store, "        phi_set(fb * B + {row}, dq_{h});");
-    }
-    let feature_index: String = (0..t.g)
-        .map(|i| format!("                let fi_{i} = feature_index(f, {i}u);\n"))
-        .collect();
+    let build = pass2_feature_build(
+        (rpt, t.g),
+        ("q_tile", "dq"),
+        |row, p| format!("phi_set(f * FS + {row}, {p})"),
+        |row, d| format!("phi_set(fb * B + {row}, {d})"),
+    );
     let mut store = String::new();
     for a in 0..rb {
         let _ = writeln!(
@@ -448,14 +439,14 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
         ("IDX", align4(t.rc * t.g.max(1)).to_string()),
         ("PREFETCH_DECL", slot(&|p| p.decl.clone())),
         ("ACC_DECL", accumulator_decls(rb, cu, "        ")),
-        ("D_DECL", d_decl.trim_end().to_string()),
+        ("D_DECL", build.d_decl),
         ("LOAD_FIRST", load_first),
         ("LOAD_NEXT", load_next),
         ("CHUNK_STORE", chunk_store),
-        ("FEATURE_INDEX", feature_index.trim_end().to_string()),
-        ("FEATURE", feature.trim_end().to_string()),
+        ("FEATURE_INDEX", build.index),
+        ("FEATURE", build.feature),
         ("PRODUCT", product),
-        ("D_STORE", d_store.trim_end().to_string()),
+        ("D_STORE", build.d_store),
         ("STORE", store.trim_end().to_string()),
         decl,
         add,
@@ -477,6 +468,53 @@ fn element_registers(s: &mut String, names: [&str; 4], (count, wg): (usize, usiz
             o = wg * u
         );
     }
+}
+
+/// Pass 2's feature build (f32 and coop), for the template's loop over the chunk rows f of this
+/// thread: the feature's indices, then for each of its `rpt` query rows (rb + h * HB, read from
+/// the query tile `q_tile` with row stride QS) the feature p = weight * product of the indexed
+/// query entries, stored by `store(row, p)` and summed against the normaliser column into the
+/// register `{d}_h`, whose partials `d_store(row, {d}_h)` writes after the chunk loop.
+struct FeatureBuild {
+    index: String,
+    d_decl: String,
+    feature: String,
+    d_store: String,
+}
+
+fn pass2_feature_build(
+    (rpt, g): (usize, usize),
+    (q_tile, d): (&str, &str),
+    store: impl Fn(&str, &str) -> String,
+    d_store: impl Fn(&str, &str) -> String,
+) -> FeatureBuild {
+    let mut b = FeatureBuild {
+        index: (0..g)
+            .map(|i| format!("                let fi_{i} = feature_index(f, {i}u);"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        d_decl: String::new(),
+        feature: String::new(),
+        d_store: String::new(),
+    };
+    for h in 0..rpt {
+        let row = format!("(rb + {h}u * HB)");
+        let p = format!(
+            "wz.x * {}",
+            feature_product(g, |i| format!("{q_tile}[{row} * QS + fi_{i}]"), "1.0")
+        );
+        let _ = writeln!(b.d_decl, "        var {d}_{h} = 0.0;");
+        let _ = writeln!(
+            b.feature,
+            "                let p_{h} = {p};\n                {d}_{h} = fma(p_{h}, wz.y, {d}_{h});\n                {};",
+            store(&row, &format!("p_{h}"))
+        );
+        let _ = writeln!(b.d_store, "        {};", d_store(&row, &format!("{d}_{h}")));
+    }
+    for text in [&mut b.d_decl, &mut b.feature, &mut b.d_store] {
+        text.truncate(text.trim_end().len());
+    }
+    b
 }
 
 /// Pass 2's next S' chunk in registers: element u of a thread is chunk word lid + WG * u (row
@@ -987,30 +1025,15 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
              {ind}}}\n"
         )
     });
-    let feature = |row: &str| {
-        format!(
-            "wz.x * {}",
-            feature_product(t.g, |i| format!("q_t[{row} * QS + fi_{i}]"), "1.0")
-        )
-    };
     let rpt = COOP_PASS2_ROWS_PER_THREAD;
-    let (mut d_decl, mut feature_rows, mut d_store) = (String::new(), String::new(), String::new());
-    for h in 0..rpt {
-        let row = format!("(rb + {}u * HB)", h);
-        let _ = writeln!(d_decl, "        var d_{h} = 0.0;");
-        let _ = writeln!(
-            feature_rows,
-            "                let p_{h} = {};\n                d_{h} = fma(p_{h}, wz.y, d_{h});\n                \
-             phi[f * FS + {row}] = f16(p_{h});",
-            feature(&row)
-        );
-        let _ = writeln!(d_store, "        q_t[DT0 + fb * BQ + {row}] = d_{h};");
-    }
+    let mut build = pass2_feature_build(
+        (rpt, t.g),
+        ("q_t", "d"),
+        |row, p| format!("phi[f * FS + {row}] = f16({p})"),
+        |row, d| format!("q_t[DT0 + fb * BQ + {row}] = {d}"),
+    );
     // The partials go into the query tile: every thread must be past the feature build.
-    d_store.insert_str(0, "        workgroupBarrier();\n");
-    let feature_index: String = (0..t.g)
-        .map(|i| format!("                let fi_{i} = feature_index(f, {i}u);\n"))
-        .collect();
+    build.d_store.insert_str(0, "        workgroupBarrier();\n");
     let pre = coop_chunk_prefetch(t);
     let table = table_prefetch(t.threads2(), t.rc2, t.g, true);
     let [decl, add] = io_counter_slots(count_io, 8);
@@ -1034,11 +1057,11 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
         ("TABLE_LOAD_NEXT", table.next),
         ("TABLE_STORE", table.store),
         ("IDX", align4(t.rc2 * t.g.max(1)).to_string()),
-        ("FEATURE_INDEX", feature_index.trim_end().to_string()),
+        ("FEATURE_INDEX", build.index),
         ("RPT", rpt.to_string()),
-        ("D_DECL", d_decl.trim_end().to_string()),
-        ("FEATURE", feature_rows.trim_end().to_string()),
-        ("D_STORE", d_store.trim_end().to_string()),
+        ("D_DECL", build.d_decl),
+        ("FEATURE", build.feature),
+        ("D_STORE", build.d_store),
         ("ACC_DECL", coop_accumulators(rt, ct, "        ")),
         (
             "MMA",
