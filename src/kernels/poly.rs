@@ -677,20 +677,8 @@ fn coop_prefetch(t: &CoopTiles) -> Prefetch {
     let wg = t.threads();
     let (nk, nv) = ((t.bk * (t.e + 1)).div_ceil(wg), (t.bk * t.ev).div_ceil(wg));
     let mut decl = String::new();
-    for u in 0..nk {
-        let _ = writeln!(
-            decl,
-            "    let ki_{u} = lid + {}u;\n    let krow_{u} = ki_{u} / E1;\n    let kcol_{u} = ki_{u} % E1;\n    var kx_{u} = 0.0;",
-            wg * u
-        );
-    }
-    for u in 0..nv {
-        let _ = writeln!(
-            decl,
-            "    let vi_{u} = lid + {}u;\n    let vrow_{u} = vi_{u} / EV;\n    let vcol_{u} = vi_{u} % EV;\n    var vx_{u} = 0.0;",
-            wg * u
-        );
-    }
+    element_registers(&mut decl, ["ki", "krow", "kcol", "kx"], (nk, wg), "E1");
+    element_registers(&mut decl, ["vi", "vrow", "vcol", "vx"], (nv, wg), "EV");
     let load = |j0: &str, ind: &str| {
         let mut s = format!("{ind}{{\n{ind}    let kr = min(BK, j_end - ({j0}));\n");
         for u in 0..nk {
