@@ -649,7 +649,7 @@ fn tune_f32_poly_plan(
         "{} {} {} {}",
         p.e, p.ev, c.cert.degree, budget.fast_memory_words
     );
-    let Some(tuned) = tuned_values(gpu, "poly-tiles", &class, 7, || {
+    let Some(tuned) = tuned_values(gpu, "poly-tiles", &class, 8, || {
         let (t1, t2) = autotune_f32_poly(gpu, p, c, budget)?;
         Ok(vec![
             t1.bk,
@@ -659,6 +659,7 @@ fn tune_f32_poly_plan(
             t2.tr,
             t2.rc,
             usize::from(t1.prefetch),
+            usize::from(t2.grouped),
         ])
     })?
     else {
@@ -675,6 +676,7 @@ fn tune_f32_poly_plan(
         b: tuned[3],
         tr: tuned[4],
         rc: tuned[5],
+        grouped: tuned[7] != 0,
         ..c.plan.pass2
     };
     if plan::poly_tiles_fit(&t1, &t2, budget) && t2.resident() == c.plan.pass2.resident() {
