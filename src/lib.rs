@@ -649,20 +649,24 @@ fn tune_f32_poly_plan(
         "{} {} {} {}",
         p.e, p.ev, c.cert.degree, budget.fast_memory_words
     );
-    let Some(tuned) = tuned_values(gpu, "poly-tiles", &class, 8, || {
-        let (t1, t2) = autotune_f32_poly(gpu, p, c, budget)?;
-        Ok(vec![
-            t1.bk,
-            t1.tf,
-            t1.rc,
-            t2.b,
-            t2.tr,
-            t2.rc,
-            usize::from(t1.prefetch),
-            usize::from(t2.grouped),
-        ])
-    })?
-    else {
+    let forced = std::env::var("APPROX_ATTN_POLY_TILES").ok();
+    let tuned = match &forced {
+        Some(s) => Some(forced_poly_tiles(s)?),
+        None => tuned_values(gpu, "poly-tiles", &class, 8, || {
+            let (t1, t2) = autotune_f32_poly(gpu, p, c, budget)?;
+            Ok(vec![
+                t1.bk,
+                t1.tf,
+                t1.rc,
+                t2.b,
+                t2.tr,
+                t2.rc,
+                usize::from(t1.prefetch),
+                usize::from(t2.grouped),
+            ])
+        })?,
+    };
+    let Some(tuned) = tuned else {
         return Ok(());
     };
     let t1 = plan::Pass1Tiles {
@@ -679,12 +683,35 @@ fn tune_f32_poly_plan(
         grouped: tuned[7] != 0,
         ..c.plan.pass2
     };
-    if plan::poly_tiles_fit(&t1, &t2, budget) && t2.resident() == c.plan.pass2.resident() {
-        if let Ok(tuned_plan) = plan::plan_poly_with(p, c.cert.degree, budget, t1, t2) {
-            c.plan = tuned_plan;
+    let fits = plan::poly_tiles_fit(&t1, &t2, budget) && t2.resident() == c.plan.pass2.resident();
+    match plan::plan_poly_with(p, c.cert.degree, budget, t1, t2) {
+        Ok(tuned_plan) if fits => c.plan = tuned_plan,
+        _ if forced.is_some() => {
+            return Err(Error::InvalidInput(format!(
+                "APPROX_ATTN_POLY_TILES gives tiles that do not fit this problem and adapter: \
+                 {t1:?} {t2:?}"
+            )))
         }
+        _ => {}
     }
     Ok(())
+}
+
+/// `APPROX_ATTN_POLY_TILES="bk tf rc1 b tr rc2 prefetch grouped"`: f32 poly tiles forced in
+/// place of the tuned ones (the order of the poly-tiles cache lines), for sweeps at full size.
+fn forced_poly_tiles(s: &str) -> Result<Vec<usize>, Error> {
+    let v: Vec<usize> = s
+        .split_whitespace()
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    if v.len() == 8 && s.split_whitespace().count() == 8 {
+        Ok(v)
+    } else {
+        Err(Error::InvalidInput(format!(
+            "APPROX_ATTN_POLY_TILES={s:?} is not 8 whole numbers (bk tf rc1 b tr rc2 prefetch \
+             grouped)"
+        )))
+    }
 }
 
 /// Times the pass-1 and pass-2 candidates of [`plan::poly_candidates`] on an 8-head 8192²

@@ -1,0 +1,68 @@
+"""Per-pass GPU times of given f32 poly tiles at full size (a profiling aid, not a benchmark).
+
+    python benches/sweep_poly_tiles.py 131072 64 "8 16 128 128 32 16 1 0" "8 16 128 128 32 32 1 1"
+
+Each argument after n and E is one APPROX_ATTN_POLY_TILES value (bk tf rc1 b tr rc2 prefetch
+grouped: pass-1 key tile, feature rows per thread row, feature rows; pass-2 query block, thread
+rows, S' chunk; pass-1 register prefetch; grouped pass 2). The autotune times candidates on a
+small problem, where wave quantisation can rank them differently than at full size; this times
+them on the real one. 8 heads, degree 2, the inputs of bench.py's make_inputs at beta = 0.6; per
+tile set one warm-up call (it compiles) and `--repeats` timed ones, medians printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+from approx_attn import _core
+from bench import make_inputs  # benches/ is on sys.path when this file is run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("n", type=int)
+    p.add_argument("E", type=int)
+    p.add_argument("tiles", nargs="+", help="APPROX_ATTN_POLY_TILES values")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.zeros(1, device="cuda")  # holds the SM clock up (README, Clocks)
+    except ImportError:
+        pass
+    h, n, e = args.heads, args.n, args.E
+    inp = make_inputs(n, e, h, 0.6, seed=0)
+    q, k, v = (inp[x].reshape(-1) for x in "qkv")
+
+    def call() -> dict:
+        _, rep = _core.attention(
+            q, k, v, h, 1, n, n, e, e, False, inp["scale"], "poly", 1e-2, 2,
+            False, True, False, False,
+        )  # fmt: skip
+        return rep
+
+    for tiles in args.tiles:
+        os.environ["APPROX_ATTN_POLY_TILES"] = tiles
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001 - report and go on with the next tile set
+            print(f"{tiles}: {err}")
+            continue
+        reps = [call() for _ in range(args.repeats)]
+        passes: dict[str, list[float]] = {}
+        for rep in reps:
+            for name, secs in rep["pass_s"]:
+                passes.setdefault(name, []).append(secs)
+        per_pass = " ".join(
+            f"{a}={statistics.median(b) * 1e3:.2f}ms" for a, b in passes.items() if a != "reduce"
+        )
+        print(f"[{tiles}] n={n} E={e}: {per_pass}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
