@@ -115,9 +115,7 @@ fn main(
                 let rows_n = min(RC, E1 - next_grp - next_off);
 {{LOAD_NEXT}}
             }
-            for (var f = 0u; f < len; f++) {
 {{PRODUCT}}
-            }
             for (var f = tc; f < len; f += TC) {
 {{NORMALISER}}
             }

@@ -86,16 +86,16 @@ pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
     debug_assert_eq!(t.rc % t.tf, 0, "{t:?}: rows are whole micro-tiles");
     let (rf, cu) = (t.rows_per_thread(), t.groups_per_thread());
     let vec4_rows = t.vec4_rows();
-    let mut product = String::from("        for (var j = 0u; j < kr; j++) {\n");
+    let mut product = String::new();
     product_step(
         &mut product,
-        ("            ", "acc"),
+        ("                ", "acc"),
         (rf, cu, ("tf", t.tf)),
         vec4_rows,
         "j * RC",
         |u| format!("v_tile[j * CW + tc + {}u]", u * t.tc),
     );
-    product.push_str("        }");
+    let product = tile_loop("        ", ("j", "kr", ("BK", t.bk)), &product);
     let mut store = String::new();
     for a in 0..rf {
         let _ = writeln!(
@@ -191,6 +191,33 @@ fn micro_tile_row(a: usize, (trow, side): (&str, usize), vec4_rows: bool) -> Str
         format!("({trow} + {}u)", a * side)
     }
 }
+
+/// A product loop over `i` < `count` rows of a tile of `full` rows: full tiles (all but the
+/// last, mostly) are unrolled into `full` copies of the body with `i` a constant (up to
+/// [`MAX_UNROLLED_STEPS`]; a loop of constant trip count beyond), the last tile loops.
+fn tile_loop(indent: &str, (i, count, full): (&str, &str, (&str, usize)), body: &str) -> String {
+    let (full_name, full) = full;
+    let body = body.trim_end();
+    let full_tile = if full <= MAX_UNROLLED_STEPS {
+        (0..full)
+            .map(|k| {
+                format!("{indent}    {{\n{indent}        let {i} = {k}u;\n{body}\n{indent}    }}")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    } else {
+        format!(
+            "{indent}    for (var {i} = 0u; {i} < {full_name}; {i}++) {{\n{body}\n{indent}    }}"
+        )
+    };
+    format!(
+        "{indent}if ({count} == {full_name}) {{\n{full_tile}\n{indent}}} else {{\n\
+         {indent}    for (var {i} = 0u; {i} < {count}; {i}++) {{\n{body}\n{indent}    }}\n{indent}}}"
+    )
+}
+
+/// Most product steps [`tile_loop`] writes out one by one.
+const MAX_UNROLLED_STEPS: usize = 32;
 
 /// The unrolled body of a micro-tile product step of both passes over a feature tile `phi` whose
 /// rows for this step start at `row0` (features of consecutive rows adjacent): the features of
@@ -360,16 +387,16 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
         "{t:?}: the normaliser partials fit the feature tile"
     );
     let vec4_rows = t.vec4_rows();
-    let mut product = String::from("            for (var f = 0u; f < rows_f; f++) {\n");
+    let mut product = String::new();
     product_step(
         &mut product,
-        ("                ", "acc"),
+        ("                    ", "acc"),
         (rb, cu, ("tr", t.tr)),
         vec4_rows,
         "f * FS",
         |u| format!("s_tile[f * CW + tc + {}u]", u * t.tc),
     );
-    product.push_str("            }");
+    let product = tile_loop("            ", ("f", "rows_f", ("RC", t.rc)), &product);
     let build = pass2_feature_build(
         (rpt, t.g),
         ("q_tile", "dq"),
@@ -472,7 +499,7 @@ fn pass2_grouped_source(t: &Pass2Tiles, count_io: bool) -> String {
     let mut product = String::new();
     product_step(
         &mut product,
-        ("                ", "t"),
+        ("                    ", "t"),
         (rb, cu, trow),
         vec4_rows,
         "(col0 + f) * XS",
@@ -606,7 +633,10 @@ fn pass2_grouped_source(t: &Pass2Tiles, count_io: bool) -> String {
         ("LOAD_FIRST", load_first),
         ("CHUNK_STORE", trim(chunk_store)),
         ("LOAD_NEXT", load("                ")),
-        ("PRODUCT", trim(product)),
+        (
+            "PRODUCT",
+            tile_loop("            ", ("f", "len", ("RC", t.rc)), &product),
+        ),
         ("NORMALISER", trim(normaliser)),
         ("FOLD", trim(fold)),
         ("D_STORE", trim(d_store)),
