@@ -1,10 +1,10 @@
 """Per-pass GPU times of given f32 poly tiles at full size (a profiling aid, not a benchmark).
 
-    python benches/sweep_poly_tiles.py 131072 64 "8 16 128 128 32 16 1 0" "8 16 128 128 32 32 1 1"
+    python benches/sweep_poly_tiles.py 262144 64 "8 16 128 128 32 16 1" "4 16 128 128 32 16 1"
 
-Each argument after n and E is one APPROX_ATTN_POLY_TILES value (bk tf rc1 b tr rc2 prefetch
-grouped: pass-1 key tile, feature rows per thread row, feature rows; pass-2 query block, thread
-rows, S' chunk; pass-1 register prefetch; grouped pass 2). The autotune times candidates on a
+Each argument after n and E is one APPROX_ATTN_POLY_TILES value (bk tf rc1 b tr rc2 prefetch:
+pass-1 key tile, feature rows per thread row, feature rows; pass-2 query block, thread rows, S'
+chunk; pass-1 register prefetch). The autotune times candidates on a
 small problem, where wave quantisation can rank them differently than at full size; this times
 them on the real one. 8 heads, degree 2, the inputs of bench.py's make_inputs at beta = 0.6; per
 tile set one warm-up call (it compiles) and `--repeats` timed ones, medians printed.

@@ -121,8 +121,7 @@ pub fn prepass_io(p: &Problem, c: &Chunking, budget: &Budget) -> IoCount {
 /// Exactly the words the poly kernels move for this plan: the pre-pass, pass 1 (per workgroup:
 /// mu, its feature rows' index words, its keys' K and V rows, its partial S' rows), the
 /// reduction of the key splits, and pass 2 (per workgroup: its query rows, S' with index words
-/// (none in the grouped pass) and weights once (schedule A) or once per query block (B), its
-/// output rows).
+/// and weights once (schedule A) or once per query block (B), its output rows).
 pub fn poly_io(
     p: &Problem,
     plan: &PolyPlan,
@@ -175,9 +174,7 @@ pub fn poly_io(
             let blocks = lc.div_ceil(b);
             let workgroups = plan.pass2_workgroups.min(blocks) as u64;
             let loads = if resident { workgroups } else { blocks as u64 };
-            // The grouped pass reads no index words: its chunks follow the feature order.
-            let table = if plan.pass2.grouped { 0 } else { iw };
-            let per_load = packed.unwrap_or(r * (ev1 + table + 1));
+            let per_load = packed.unwrap_or(r * (ev1 + iw + 1));
             p2r += heads * (lc as u64 * p.e as u64 + loads * per_load + workgroups * vnorm);
             p2w += heads * (lc * p.ev) as u64;
         }

@@ -530,13 +530,6 @@ fn query_tile_stride(e: usize, hb: usize) -> usize {
     min + (want + 32 - min % 32) % 32
 }
 
-/// S' chunks of at most `rc` rows that never straddle a group of the degree-`g` (1 or 2)
-/// features: group j (0..=e for degree 2, only 0 for degree 1) is e + 1 - j consecutive rows.
-pub fn grouped_chunks(e: usize, g: usize, rc: usize) -> usize {
-    let groups = if g >= 2 { e + 1 } else { 1 };
-    (0..groups).map(|j| (e + 1 - j).div_ceil(rc.max(1))).sum()
-}
-
 /// Thread columns and vec4 column groups per thread that cover `ev` value columns: at most
 /// `MAX_THREAD_SIDE` thread columns (more only for very wide values), as few padded columns as
 /// possible. Both poly passes tile their (rows x value columns) products this way.
@@ -630,38 +623,15 @@ pub struct Pass2Tiles {
     pub rc: usize,
     pub tr: usize,
     pub tc: usize,
-    /// Degree <= 2 only: multiply the query tile itself against S' a group of feature rows at a
-    /// time (see `shaders/poly_pass2_grouped.wgsl`) instead of building feature tiles.
-    pub grouped: bool,
 }
 
 impl Pass2Tiles {
-    /// S' chunks streamed per query block; grouped chunks end at group boundaries.
     pub fn chunks(&self) -> usize {
-        if self.grouped {
-            grouped_chunks(self.e, self.g, self.rc)
-        } else {
-            self.r.div_ceil(self.rc)
-        }
+        self.r.div_ceil(self.rc)
     }
     /// S' stays in fast memory for the workgroup's whole life (schedule A).
     pub fn resident(&self) -> bool {
-        !self.grouped && self.r.div_ceil(self.rc) == 1
-    }
-    /// Whether these tiles may take the grouped pass 2: degree 1 or 2 and S' streamed.
-    pub fn groupable(&self) -> bool {
-        (1..=2).contains(&self.g) && self.r.div_ceil(self.rc) > 1
-    }
-    /// Column stride of the grouped pass's transposed query tile: a multiple of 4 (vec4 reads of
-    /// four rows) whose quarter is odd, so the 8 columns one subgroup's normaliser sums read at
-    /// once fall in distinct banks.
-    pub fn grouped_stride(&self) -> usize {
-        let s = align4(self.b);
-        if (s / 4) % 2 == 1 {
-            s
-        } else {
-            s + 4
-        }
+        self.chunks() == 1
     }
     pub fn threads(&self) -> usize {
         self.tr * self.tc
@@ -694,20 +664,9 @@ impl Pass2Tiles {
     pub fn builders_per_row(&self) -> usize {
         self.threads() / (self.b / self.build_rows())
     }
-    /// Whether a thread's output micro-tile fits its registers; the grouped pass keeps a second
-    /// one, the current group's partial product.
-    pub fn registers_fit(&self) -> bool {
-        self.rows_per_thread() * 4 * self.groups_per_thread() * (1 + usize::from(self.grouped))
-            <= MAX_OUT_ACCUMULATORS
-    }
-    /// Whether the feature build covers the block (checked where `build_rows` fell back to 1);
-    /// the grouped pass builds no features but loads a chunk's weights with one thread a row.
+    /// Whether the feature build covers the block (checked where `build_rows` fell back to 1).
     pub fn builds_fit(&self) -> bool {
-        if self.grouped {
-            self.groupable() && self.rc <= self.threads()
-        } else {
-            self.build_fits(self.build_rows())
-        }
+        self.build_fits(self.build_rows())
     }
     /// Whether `rpt` rows per builder give whole row groups (HB = b / rpt rows) for the threads,
     /// at least one builder per group, and no more builders per group than chunk rows (their
@@ -733,12 +692,6 @@ impl Pass2Tiles {
     /// Workgroup memory words the kernel declares (Q tile, padded S' chunk, the chunk's weights
     /// and normaliser column, features, unpacked indices); the outputs live in registers.
     pub fn fast_memory_words(&self) -> u64 {
-        if self.grouped {
-            // Transposed query tile (also the tc normaliser partials), S' chunk, weights, z.
-            return ((self.e + 1).max(self.tc) * self.grouped_stride()
-                + self.rc * self.padded_ev()
-                + 2 * self.rc) as u64;
-        }
         (self.b * self.q_stride()
             + self.rc * self.padded_ev()
             + 2 * self.rc
@@ -963,16 +916,6 @@ impl Pass2Tiles {
     /// the streamed chunks are loaded by unrolled code, a resident S' by loops).
     pub fn loop_iterations(&self, blocks: usize) -> u64 {
         let (wg, e1, ev1) = (self.threads(), self.e + 1, self.ev + 1);
-        if self.grouped {
-            // poly_pass2_grouped.wgsl: query tile, then per chunk the product and the
-            // normaliser loops; the tc partials summed per row at the end.
-            let per_chunk = 1 + self.rc as u64 + cdiv(self.rc, self.tc);
-            let per_block = 1
-                + cdiv(self.b * e1, wg)
-                + self.chunks() as u64 * per_chunk
-                + (self.rows_per_thread() * self.tc) as u64;
-            return cdiv(self.rc * self.padded_ev() / 4, wg) + blocks as u64 * per_block;
-        }
         let load = cdiv(self.rc * ev1, wg)
             + cdiv(self.rc * index_words(self.g), wg) * (1 + self.g as u64)
             + cdiv(self.rc, wg);
@@ -1113,28 +1056,18 @@ pub fn plan_poly(p: &Problem, degree: usize, budget: &Budget) -> Result<PolyPlan
     // Pass 2: schedule A keeps all of S' resident; otherwise the largest query block b (pass-2
     // I/O ~ L*r*(Ev+3)/b) whose S' chunk still has >= min(r, 16) feature rows. Blocks are
     // whole micro-tiles, b = tr * (rows per thread) <= 64, of enough threads where one fits.
-    // Degree <= 2 streams S' through the grouped pass (no feature tiles), in chunks of at most
-    // one group (e + 1 rows) loaded with one thread a row.
-    let t2 = |b, tr, rc| {
-        let t = Pass2Tiles {
-            e: p.e,
-            ev: p.ev,
-            g: degree,
-            r,
-            b,
-            rc,
-            tr,
-            tc,
-            grouped: false,
-        };
-        Pass2Tiles {
-            grouped: t.groupable(),
-            ..t
-        }
+    let t2 = |b, tr, rc| Pass2Tiles {
+        e: p.e,
+        ev: p.ev,
+        g: degree,
+        r,
+        b,
+        rc,
+        tr,
+        tc,
     };
-    let iters_ok = |t: Pass2Tiles| {
-        t.builds_fit() && t.registers_fit() && t.loop_iterations(1) <= budget.max_loop_iterations
-    };
+    let iters_ok =
+        |t: Pass2Tiles| t.builds_fit() && t.loop_iterations(1) <= budget.max_loop_iterations;
     let blocks: Vec<(usize, usize)> = thread_rows
         .iter()
         .flat_map(|&tr| (1..=max_rows_per_thread).map(move |a| (tr * a, tr)))
@@ -1156,12 +1089,7 @@ pub fn plan_poly(p: &Problem, degree: usize, budget: &Budget) -> Result<PolyPlan
         Some(t2(b, tr, r))
     } else {
         let (b, tr) = largest_block(r.min(16)).unwrap_or((1, 1));
-        let limit = if (1..=2).contains(&degree) {
-            r.min(p.e + 1).min(tr * tc)
-        } else {
-            r
-        };
-        let rc = largest_fitting(limit, |rc| t2(b, tr, rc).fast_memory_words() <= m);
+        let rc = largest_fitting(r, |rc| t2(b, tr, rc).fast_memory_words() <= m);
         (rc > 0 && iters_ok(t2(b, tr, rc))).then(|| t2(b, tr, rc))
     };
     let pass2 = pass2.ok_or_else(|| {
@@ -1332,7 +1260,7 @@ pub fn poly_tiles_fit(t1: &Pass1Tiles, t2: &Pass2Tiles, budget: &Budget) -> bool
         && t2.b > 0
         && t2.rc > 0
         && t2.threads() <= max_threads
-        && t2.registers_fit()
+        && registers(t2.rows_per_thread(), t2.groups_per_thread())
         && t2.fast_memory_words() <= m
         && t2.builds_fit()
         && t2.loop_iterations(1) <= budget.max_loop_iterations
@@ -1375,17 +1303,14 @@ pub fn poly_candidates(plan: &PolyPlan, budget: &Budget) -> (Vec<Pass1Tiles>, Ve
     for tr in [8usize, 16, 32] {
         for rows in [1usize, 2, 4, 8] {
             for &rc in &chunk_rows {
-                for grouped in [false, true] {
-                    let c = Pass2Tiles {
-                        b: tr * rows,
-                        tr,
-                        rc,
-                        grouped,
-                        ..t2
-                    };
-                    if c.b <= 128 && poly_tiles_fit(&t1, &c, budget) && !pass2.contains(&c) {
-                        pass2.push(c);
-                    }
+                let c = Pass2Tiles {
+                    b: tr * rows,
+                    tr,
+                    rc,
+                    ..t2
+                };
+                if c.b <= 128 && poly_tiles_fit(&t1, &c, budget) && !pass2.contains(&c) {
+                    pass2.push(c);
                 }
             }
         }

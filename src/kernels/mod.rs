@@ -236,7 +236,6 @@ pub fn shader_fingerprint() -> u64 {
         poly::PASS1,
         poly::REDUCE,
         poly::PASS2,
-        poly::PASS2_GROUPED,
         poly::COOP_PASS1,
         poly::COOP_PASS2,
         poly::COOP_PACK,

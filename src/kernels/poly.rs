@@ -23,7 +23,6 @@ pub(crate) const PREPASS: &str = include_str!("../../shaders/prepass.wgsl");
 pub(crate) const PASS1: &str = include_str!("../../shaders/poly_pass1.wgsl");
 pub(crate) const REDUCE: &str = include_str!("../../shaders/poly_reduce.wgsl");
 pub(crate) const PASS2: &str = include_str!("../../shaders/poly_pass2.wgsl");
-pub(crate) const PASS2_GROUPED: &str = include_str!("../../shaders/poly_pass2_grouped.wgsl");
 pub(crate) const COOP_PASS1: &str = include_str!("../../shaders/poly_coop_pass1.wgsl");
 pub(crate) const COOP_PASS2: &str = include_str!("../../shaders/poly_coop_pass2.wgsl");
 pub(crate) const COOP_PACK: &str = include_str!("../../shaders/poly_coop_pack.wgsl");
@@ -46,13 +45,13 @@ pub fn prepass_source(width: usize, tile_rows: usize, count_io: bool) -> String 
     )
 }
 
-/// Named registers of one thread's micro-tile: `{name}_a_u` (4 value columns each) for each of
-/// its `rows` rows and `groups` column groups.
-fn accumulator_decls(name: &str, (rows, groups): (usize, usize), indent: &str) -> String {
+/// Named registers of one thread's micro-tile: `acc_a_u` (4 value columns each) for each of its
+/// `rows` rows and `groups` column groups.
+fn accumulator_decls(rows: usize, groups: usize, indent: &str) -> String {
     let mut s = String::new();
     for a in 0..rows {
         for u in 0..groups {
-            let _ = writeln!(s, "{indent}var {name}_{a}_{u} = vec4<f32>();");
+            let _ = writeln!(s, "{indent}var acc_{a}_{u} = vec4<f32>();");
         }
     }
     s.trim_end().to_string()
@@ -89,7 +88,7 @@ pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
     let mut product = String::new();
     product_step(
         &mut product,
-        ("                ", "acc"),
+        "                ",
         (rf, cu, ("tf", t.tf)),
         vec4_rows,
         "j * RC",
@@ -167,7 +166,7 @@ pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
         ("BUILD_DECL", build_decl.trim_end().to_string()),
         ("BUILD", build.trim_end().to_string()),
         ("D_STORE", d_store.trim_end().to_string()),
-        ("ACC_DECL", accumulator_decls("acc", (rf, cu), "    ")),
+        ("ACC_DECL", accumulator_decls(rf, cu, "    ")),
         ("PREFETCH_DECL", tiles.decl),
         ("PREFETCH_LOAD_FIRST", tiles.first),
         ("PREFETCH_STORE", tiles.store),
@@ -222,10 +221,10 @@ const MAX_UNROLLED_STEPS: usize = 32;
 /// The unrolled body of a micro-tile product step of both passes over a feature tile `phi` whose
 /// rows for this step start at `row0` (features of consecutive rows adjacent): the features of
 /// the thread's rows (one vec4 per four rows with `vec4_rows`, else one float per row), one vec4
-/// of `tile_at(u)` per column group, and the FMAs into the registers `{acc}_a_u`.
+/// of `tile_at(u)` per column group, and the FMAs.
 fn product_step(
     s: &mut String,
-    (indent, acc): (&str, &str),
+    indent: &str,
     (rows, groups, thread_row): (usize, usize, (&str, usize)),
     vec4_rows: bool,
     row0: &str,
@@ -257,7 +256,7 @@ fn product_step(
         for u in 0..groups {
             let _ = writeln!(
                 s,
-                "{indent}{acc}_{a}_{u} = fma(vec4<f32>(p_{a}), x_{u}, {acc}_{a}_{u});"
+                "{indent}acc_{a}_{u} = fma(vec4<f32>(p_{a}), x_{u}, acc_{a}_{u});"
             );
         }
     }
@@ -372,12 +371,8 @@ pub fn reduce_source(count_io: bool) -> String {
     fill_template(REDUCE, &[("WG", AUX_THREADS.to_string()), decl, add])
 }
 
-/// Pass 2 for these tiles, the (b x Ev+1) output micro-tiles unrolled into named registers
-/// (grouped tiles: see [`pass2_grouped_source`]).
+/// Pass 2 for these tiles, the (b x Ev+1) output micro-tiles unrolled into named registers.
 pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
-    if t.grouped {
-        return pass2_grouped_source(t, count_io);
-    }
     let iw = index_words(t.g);
     debug_assert_eq!(t.b % t.tr, 0, "{t:?}: rows are whole micro-tiles");
     let (rb, cu) = (t.rows_per_thread(), t.groups_per_thread());
@@ -390,7 +385,7 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
     let mut product = String::new();
     product_step(
         &mut product,
-        ("                    ", "acc"),
+        "                    ",
         (rb, cu, ("tr", t.tr)),
         vec4_rows,
         "f * FS",
@@ -470,7 +465,7 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
         ("S_TILE", (t.rc * t.padded_ev() / 4).to_string()),
         ("IDX", align4(t.rc * t.g.max(1)).to_string()),
         ("PREFETCH_DECL", slot(&|p| p.decl.clone())),
-        ("ACC_DECL", accumulator_decls("acc", (rb, cu), "        ")),
+        ("ACC_DECL", accumulator_decls(rb, cu, "        ")),
         ("D_DECL", build.d_decl),
         ("LOAD_FIRST", load_first),
         ("LOAD_NEXT", load_next),
@@ -485,167 +480,6 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
     ];
     slots.extend(feature_tile_slots(t.rc * t.feature_stride(), vec4_rows));
     fill_template(PASS2, &slots)
-}
-
-/// The grouped pass 2 (degree <= 2, S' streamed) for these tiles: the query tile is the A operand,
-/// each group's partial product `t_a_u` folded into the output registers `acc_a_u` once the group
-/// is done (see `shaders/poly_pass2_grouped.wgsl`).
-fn pass2_grouped_source(t: &Pass2Tiles, count_io: bool) -> String {
-    debug_assert!(t.grouped && t.builds_fit(), "{t:?}: grouped tiles");
-    let (rb, cu) = (t.rows_per_thread(), t.groups_per_thread());
-    let vec4_rows = t.vec4_rows();
-    let trow = ("tr", t.tr);
-    let comps = wgsl_element(4).1;
-    let mut product = String::new();
-    product_step(
-        &mut product,
-        ("                    ", "t"),
-        (rb, cu, trow),
-        vec4_rows,
-        "(col0 + f) * XS",
-        |u| format!("s_tile[f * CW + tc + {}u]", u * t.tc),
-    );
-    // Registers of the normaliser: per four rows (vec4) or per row.
-    let (d_rows, d_type) = if vec4_rows {
-        (rb / 4, "vec4<f32>()")
-    } else {
-        (rb, "0.0")
-    };
-    let x_at = |col: &str, i: usize| {
-        if vec4_rows {
-            format!("phi[{col} * XS / 4u + tr + {}u]", i * t.tr)
-        } else {
-            format!("phi[{col} * XS + {}]", micro_tile_row(i, trow, false))
-        }
-    };
-    let mut acc_decl = accumulator_decls("acc", (rb, cu), "        ");
-    acc_decl.push('\n');
-    acc_decl.push_str(&accumulator_decls("t", (rb, cu), "        "));
-    let mut normaliser = String::from("                let zf = z_t[f];\n");
-    let mut fold = String::new();
-    let mut d_store = String::new();
-    for i in 0..d_rows {
-        let _ = write!(
-            acc_decl,
-            "\n        var d_{i} = {d_type};\n        var dt_{i} = {d_type};"
-        );
-        let z = if vec4_rows { "vec4<f32>(zf)" } else { "zf" };
-        let _ = writeln!(
-            normaliser,
-            "                dt_{i} = fma({}, {z}, dt_{i});",
-            x_at("(col0 + f)", i)
-        );
-        let _ = writeln!(
-            fold,
-            "                let pi_{i} = {};\n                d_{i} = fma(pi_{i}, dt_{i}, d_{i});\n                \
-             dt_{i} = {d_type};",
-            x_at("grp", i)
-        );
-        let _ = writeln!(d_store, "        {} = d_{i};", x_at("tc", i));
-    }
-    for a in 0..rb {
-        let pi = if vec4_rows {
-            format!("pi_{}{}", a / 4, comps[a % 4])
-        } else {
-            format!("pi_{a}")
-        };
-        for u in 0..cu {
-            let _ = writeln!(
-                fold,
-                "                acc_{a}_{u} = fma(vec4<f32>({pi}), t_{a}_{u}, acc_{a}_{u});\n                \
-                 t_{a}_{u} = vec4<f32>();"
-            );
-        }
-    }
-    let mut store = String::new();
-    for a in 0..rb {
-        let _ = writeln!(
-            store,
-            "        {{\n            let r = {};\n            if (r < rows) {{\n                \
-             var dsum_{a} = 0.0;\n                for (var h = 0u; h < TC; h++) {{\n                    \
-             dsum_{a} += phi_get(h * XS + r);\n                }}\n                \
-             let row = (head * params.l + q0 + r) * EV;",
-            micro_tile_row(a, trow, vec4_rows)
-        );
-        store_row(
-            &mut store,
-            "                ",
-            (a, cu, t.tc),
-            |c| format!("o[row + {c}]"),
-            |x| format!("{x} / dsum_{a}"),
-        );
-        store.push_str("            }\n        }\n");
-    }
-    // The next chunk in registers: element u of a thread is chunk word lid + WG * u (row and
-    // column fixed for the whole dispatch), its row's weight loaded by thread `row`.
-    let wg = t.threads();
-    let n = (t.rc * (t.ev + 1)).div_ceil(wg);
-    let mut decl = String::new();
-    element_registers(&mut decl, ["si", "sf", "sc", "sx"], (n, wg), "EV1");
-    decl.push_str("    var wx = 0.0;");
-    let load = |ind: &str| {
-        let mut s = String::new();
-        for u in 0..n {
-            let _ = writeln!(
-                s,
-                "{ind}sx_{u} = 0.0;\n{ind}if (si_{u} < RC * EV1 && sf_{u} < rows_n) {{\n\
-                 {ind}    sx_{u} = s_prime[(unit * R + f0) * EV1 + si_{u}];\n{ind}    words_read += 1u;\n{ind}}}"
-            );
-        }
-        let _ = write!(
-            s,
-            "{ind}wx = 0.0;\n{ind}if (lid < rows_n) {{\n{ind}    wx = feat_w[f0 + lid];\n\
-             {ind}    words_read += 1u;\n{ind}}}"
-        );
-        s
-    };
-    let load_first = format!(
-        "        {{\n            let f0 = 0u;\n            let rows_n = min(RC, E1);\n{}\n        }}\n        \
-         if (lid < RC) {{\n            w_t[lid] = wx;\n        }}",
-        load("            ")
-    );
-    let mut chunk_store = String::new();
-    for u in 0..n {
-        let _ = writeln!(
-            chunk_store,
-            "            if (si_{u} < RC * EV1) {{\n                let w = w_t[sf_{u}];\n                \
-             if (sc_{u} < EV) {{\n                    s_tile[sf_{u} * CW + sc_{u} / 4u][sc_{u} % 4u] = sx_{u} * w;\n                \
-             }} else {{\n                    z_t[sf_{u}] = sx_{u} * w;\n                }}\n            }}"
-        );
-    }
-    let trim = |x: String| x.trim_end().to_string();
-    let xs = t.grouped_stride();
-    let [decl_io, add_io] = io_counter_slots(count_io, 5);
-    let mut slots = vec![
-        ("E", t.e.to_string()),
-        ("XS", xs.to_string()),
-        ("EV", t.ev.to_string()),
-        ("R", t.r.to_string()),
-        ("RC", t.rc.to_string()),
-        ("B", t.b.to_string()),
-        ("TR", t.tr.to_string()),
-        ("TC", t.tc.to_string()),
-        ("CW", (t.padded_ev() / 4).to_string()),
-        ("WG", wg.to_string()),
-        ("S_TILE", (t.rc * t.padded_ev() / 4).to_string()),
-        ("PREFETCH_DECL", decl),
-        ("ACC_DECL", acc_decl),
-        ("LOAD_FIRST", load_first),
-        ("CHUNK_STORE", trim(chunk_store)),
-        ("LOAD_NEXT", load("                ")),
-        (
-            "PRODUCT",
-            tile_loop("            ", ("f", "len", ("RC", t.rc)), &product),
-        ),
-        ("NORMALISER", trim(normaliser)),
-        ("FOLD", trim(fold)),
-        ("D_STORE", trim(d_store)),
-        ("STORE", trim(store)),
-        decl_io,
-        add_io,
-    ];
-    slots.extend(feature_tile_slots((t.e + 1).max(t.tc) * xs, vec4_rows));
-    fill_template(PASS2_GROUPED, &slots)
 }
 
 /// Declarations of a thread's `count` registers of a tile streamed through registers: element
@@ -1842,7 +1676,6 @@ pub fn run(
                     (Some(s16), Some(z), Some((_, vn2))) => {
                         vec![&prm, &q_buf, s16, z, &idx_buf, &w_buf, vn2, &o_buf]
                     }
-                    _ if plan.pass2.grouped => vec![&prm, &q_buf, &sp_buf, &w_buf, &o_buf],
                     _ => vec![&prm, &q_buf, &sp_buf, &idx_buf, &w_buf, &o_buf],
                 };
                 let (oc, (counted, t)) = dispatch_one(
