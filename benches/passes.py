@@ -19,6 +19,31 @@ from approx_attn import _core
 from bench import make_inputs  # benches/ is on sys.path when this file is run
 
 
+def profiling_inputs(n: int, e: int, heads: int) -> tuple[dict, list]:
+    """bench.py's inputs at beta = 0.6 and their flat q, k, v, after creating a CUDA context where
+    PyTorch with CUDA is present (it holds the SM clock up, see the docstring)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.zeros(1, device="cuda")
+    except ImportError:
+        pass
+    inp = make_inputs(n, e, heads, 0.6, seed=0)
+    return inp, [inp[x].reshape(-1) for x in "qkv"]
+
+
+def median_passes(reps: list[dict], skip: tuple[str, ...] = ()) -> str:
+    """The median GPU time of each pass over the reports, as `name=1.23ms ...`."""
+    passes: dict[str, list[float]] = {}
+    for rep in reps:
+        for name, secs in rep["pass_s"]:
+            passes.setdefault(name, []).append(secs)
+    return " ".join(
+        f"{a}={statistics.median(b) * 1e3:.2f}ms" for a, b in passes.items() if a not in skip
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("method", choices=["exact", "poly"])
@@ -27,16 +52,8 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--tensor-cores", action="store_true", help="require the coop poly passes")
     args = p.parse_args()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.zeros(1, device="cuda")  # holds the clock up (see the docstring)
-    except ImportError:
-        pass
     h, n, e = args.heads, args.n, args.E
-    inp = make_inputs(n, e, h, 0.6, seed=0)
-    q, k, v = (inp[x].reshape(-1) for x in "qkv")
+    inp, (q, k, v) = profiling_inputs(n, e, h)
 
     def call() -> dict:
         _, rep = _core.attention(
@@ -48,13 +65,8 @@ def main() -> None:
 
     call()
     reps = [call() for _ in range(3)]
-    passes: dict[str, list[float]] = {}
-    for rep in reps:
-        for name, secs in rep["pass_s"]:
-            passes.setdefault(name, []).append(secs)
     kernel = statistics.median(r["kernel_s"] for r in reps)
-    per_pass = " ".join(f"{a}={statistics.median(b) * 1e3:.2f}ms" for a, b in passes.items())
-    print(f"{args.method} n={n} E={e}: kernel {kernel:.4f} s; {per_pass}")
+    print(f"{args.method} n={n} E={e}: kernel {kernel:.4f} s; {median_passes(reps)}")
     print(f"plan: {reps[-1]['plan']}")
 
 

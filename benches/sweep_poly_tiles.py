@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 from approx_attn import _core
-from bench import make_inputs  # benches/ is on sys.path when this file is run
+from passes import median_passes, profiling_inputs  # benches/ is on sys.path when run
 
 
 def main() -> None:
@@ -28,16 +27,8 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.zeros(1, device="cuda")  # holds the SM clock up (README, Clocks)
-    except ImportError:
-        pass
     h, n, e = args.heads, args.n, args.E
-    inp = make_inputs(n, e, h, 0.6, seed=0)
-    q, k, v = (inp[x].reshape(-1) for x in "qkv")
+    inp, (q, k, v) = profiling_inputs(n, e, h)
 
     def call() -> dict:
         _, rep = _core.attention(
@@ -54,14 +45,7 @@ def main() -> None:
             print(f"{tiles}: {err}")
             continue
         reps = [call() for _ in range(args.repeats)]
-        passes: dict[str, list[float]] = {}
-        for rep in reps:
-            for name, secs in rep["pass_s"]:
-                passes.setdefault(name, []).append(secs)
-        per_pass = " ".join(
-            f"{a}={statistics.median(b) * 1e3:.2f}ms" for a, b in passes.items() if a != "reduce"
-        )
-        print(f"[{tiles}] n={n} E={e}: {per_pass}", flush=True)
+        print(f"[{tiles}] n={n} E={e}: {median_passes(reps, skip=('reduce',))}", flush=True)
 
 
 if __name__ == "__main__":
