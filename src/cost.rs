@@ -161,6 +161,16 @@ mod tests {
             Some(vec![32, 32, 16, 8])
         );
         assert_eq!(load_tuned("tiles", "Test GPU (1)", "64 64 1"), None);
+        // A trusted-mode class (`tuned_values` suffixes it) and the plain one never mix.
+        store_tuned("tiles", "Test GPU (1)", "64 64 0 trusted", &[16, 16, 4, 4]);
+        assert_eq!(
+            load_tuned("tiles", "Test GPU (1)", "64 64 0"),
+            Some(vec![32, 32, 16, 8])
+        );
+        assert_eq!(
+            load_tuned("tiles", "Test GPU (1)", "64 64 0 trusted"),
+            Some(vec![16, 16, 4, 4])
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 }

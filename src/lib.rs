@@ -318,10 +318,17 @@ fn adapter_key(gpu: &device::Gpu) -> String {
 fn tuned_values(
     gpu: &device::Gpu,
     what: &str,
-    class: &str,
+    (class, trusted): (&str, bool),
     len: usize,
     tune: impl FnOnce() -> Result<Vec<usize>, Error>,
 ) -> Result<Option<Vec<usize>>, Error> {
+    // Tiles are timed the way they will run: with wgpu's runtime checks, or without them
+    // (`trusted`, a class of its own), whose costs differ by tile shape.
+    let class = &if trusted {
+        format!("{class} trusted")
+    } else {
+        class.to_string()
+    };
     let key = adapter_key(gpu);
     match cost::load_tuned(what, &key, class) {
         Some(v) if v.len() == len => Ok(Some(v)),
@@ -365,6 +372,7 @@ fn exact_plan_for(
     gpu: &device::Gpu,
     p: &Problem,
     budget: &Budget,
+    opts: RunOptions,
 ) -> Result<plan::ExactPlan, Error> {
     let default = plan::plan_exact(p, budget)?;
     // Tiny problems get tiles capped by L and S; the fast memory may be capped for tests.
@@ -378,8 +386,8 @@ fn exact_plan_for(
         u8::from(p.causal),
         budget.fast_memory_words
     );
-    let Some(tuned) = tuned_values(gpu, "exact-tiles", &class, 5, || {
-        let t = autotune_exact(gpu, p, budget)?;
+    let Some(tuned) = tuned_values(gpu, "exact-tiles", (&class, opts.trusted), 5, || {
+        let t = autotune_exact(gpu, p, budget, opts)?;
         Ok(vec![t.bq, t.bk, t.tq, t.tk, usize::from(t.split_v)])
     })?
     else {
@@ -417,6 +425,7 @@ fn autotune_exact(
     gpu: &device::Gpu,
     p: &Problem,
     budget: &Budget,
+    opts: RunOptions,
 ) -> Result<plan::ExactTiles, Error> {
     // Big enough to fill a GPU; small on CPU drivers, where each candidate also compiles slowly.
     let n = if gpu.info.device_type == "Cpu" {
@@ -437,7 +446,10 @@ fn autotune_exact(
             .collect()
     };
     let (q, k, v) = (x(p.e), x(p.e), x(p.ev));
-    let opts = RunOptions::default();
+    let opts = RunOptions {
+        count_io: false,
+        ..opts
+    };
     let candidates = plan::exact_candidates(&class, budget);
     let time = |t: plan::ExactTiles| -> Result<f64, Error> {
         let plan = plan::plan_exact_with(&class, budget, t)?;
@@ -467,6 +479,7 @@ fn tune_coop_plan(
     p: &Problem,
     c: &mut PolyCandidate,
     budget: &Budget,
+    opts: RunOptions,
 ) -> Result<(), Error> {
     let Some(t0) = c.plan.coop else {
         return Ok(());
@@ -475,8 +488,8 @@ fn tune_coop_plan(
         "{} {} {} {} {}",
         p.e, p.ev, c.cert.degree, budget.fast_memory_words, t0.sg
     );
-    let Some(tuned) = tuned_values(gpu, "coop-tiles", &class, 6, || {
-        let t = autotune_coop(gpu, p, c, budget)?;
+    let Some(tuned) = tuned_values(gpu, "coop-tiles", (&class, opts.trusted), 6, || {
+        let t = autotune_coop(gpu, p, c, budget, opts)?;
         Ok(vec![t.subgroups, t.rt1, t.bk, t.subgroups2, t.rt2, t.rc2])
     })?
     else {
@@ -506,10 +519,22 @@ struct PolyTuneProblem {
     v: Vec<f32>,
     pre: kernels::poly::Prepass,
     uploads: kernels::poly::Uploads,
+    /// The caller's shader mode (runtime checks or trusted), without I/O counting.
+    opts: RunOptions,
 }
 
 impl PolyTuneProblem {
-    fn new(gpu: &device::Gpu, p: &Problem, n: usize, budget: &Budget) -> Result<Self, Error> {
+    fn new(
+        gpu: &device::Gpu,
+        p: &Problem,
+        n: usize,
+        budget: &Budget,
+        opts: RunOptions,
+    ) -> Result<Self, Error> {
+        let opts = RunOptions {
+            count_io: false,
+            ..opts
+        };
         let class = Problem {
             units: 8,
             group: 1,
@@ -534,7 +559,7 @@ impl PolyTuneProblem {
             &k,
             &v,
             budget,
-            &RunOptions::default(),
+            &opts,
             &uploads,
             &mut RunStats::default(),
         )?;
@@ -545,6 +570,7 @@ impl PolyTuneProblem {
             v,
             pre,
             uploads,
+            opts,
         })
     }
 
@@ -568,7 +594,7 @@ impl PolyTuneProblem {
             &self.q,
             &self.k,
             &self.v,
-            &RunOptions::default(),
+            &self.opts,
             &self.uploads,
             &mut st,
         )?;
@@ -611,9 +637,10 @@ fn autotune_coop(
     p: &Problem,
     c: &PolyCandidate,
     budget: &Budget,
+    opts: RunOptions,
 ) -> Result<plan::CoopTiles, Error> {
     let t0 = c.plan.coop.expect("a coop plan");
-    let bench = PolyTuneProblem::new(gpu, p, 16384, budget)?;
+    let bench = PolyTuneProblem::new(gpu, p, 16384, budget, opts)?;
     let time = |t: plan::CoopTiles, pass: &str| -> Result<f64, Error> {
         let plan = plan::plan_poly_coop_with(&bench.class, c.cert.degree, budget, t)?;
         bench.time(gpu, c, &plan, pass)
@@ -640,6 +667,7 @@ fn tune_f32_poly_plan(
     p: &Problem,
     c: &mut PolyCandidate,
     budget: &Budget,
+    opts: RunOptions,
 ) -> Result<(), Error> {
     // Tiny problems get the planner's tiles (as for exact); tensor-core plans are tuned apart.
     if c.plan.coop.is_some() || p.l < 64 || p.s < 64 {
@@ -652,8 +680,8 @@ fn tune_f32_poly_plan(
     let forced = std::env::var("APPROX_ATTN_POLY_TILES").ok();
     let tuned = match &forced {
         Some(s) => Some(forced_poly_tiles(s)?),
-        None => tuned_values(gpu, "poly-tiles", &class, 7, || {
-            let (t1, t2) = autotune_f32_poly(gpu, p, c, budget)?;
+        None => tuned_values(gpu, "poly-tiles", (&class, opts.trusted), 7, || {
+            let (t1, t2) = autotune_f32_poly(gpu, p, c, budget, opts)?;
             Ok(vec![
                 t1.bk,
                 t1.tf,
@@ -721,13 +749,14 @@ fn autotune_f32_poly(
     p: &Problem,
     c: &PolyCandidate,
     budget: &Budget,
+    opts: RunOptions,
 ) -> Result<(plan::Pass1Tiles, plan::Pass2Tiles), Error> {
     let n = if gpu.info.device_type == "Cpu" {
         512
     } else {
         32768
     };
-    let bench = PolyTuneProblem::new(gpu, p, n, budget)?;
+    let bench = PolyTuneProblem::new(gpu, p, n, budget, opts)?;
     let planned = plan::plan_poly(&bench.class, c.cert.degree, budget)?;
     let time = |t1, t2, pass: &str| -> Result<f64, Error> {
         let plan = plan::plan_poly_with(&bench.class, c.cert.degree, budget, t1, t2)?;
@@ -796,7 +825,8 @@ fn rates(gpu: &device::Gpu, budget: &Budget) -> Result<cost::Rates, Error> {
             .unwrap_or_else(|| t.elapsed().as_secs_f64())
             .max(1e-9))
     };
-    let eplan = exact_plan_for(gpu, &p, budget)?;
+    // Rates are measured with runtime checks (how `attention` runs by default).
+    let eplan = exact_plan_for(gpu, &p, budget, RunOptions::default())?;
     let te = timed(&mut || kernels::exact::run(gpu, &p, &eplan, &x, &x, &x, &opts).map(|r| r.1))?;
     // The f32 poly path with the tiles `attention` would run (tuned where the autotune is on,
     // as for exact above), and the plan whose FLOPs `cost::poly_flops` counts.
@@ -859,7 +889,7 @@ pub fn attention(
     let exact_plan = if method == Method::Poly {
         plan::plan_exact(p, &budget)?
     } else {
-        exact_plan_for(&gpu, p, &budget)?
+        exact_plan_for(&gpu, p, &budget, *opts)?
     };
     let mut stats = RunStats::default();
     let mut predicted_exact_s = None;
@@ -895,8 +925,8 @@ pub fn attention(
         let coop_sg = gpu.info.coop_f16.then_some(gpu.info.subgroup_size as usize);
         match poly_candidate(p, &pp, popts, &budget, coop_sg) {
             Ok(mut c) => {
-                tune_coop_plan(gpu.as_ref(), p, &mut c, &budget)?;
-                tune_f32_poly_plan(gpu.as_ref(), p, &mut c, &budget)?;
+                tune_coop_plan(gpu.as_ref(), p, &mut c, &budget, *opts)?;
+                tune_f32_poly_plan(gpu.as_ref(), p, &mut c, &budget, *opts)?;
                 candidate = Some(c);
             }
             Err(e) if method == Method::Poly => return Err(e),
@@ -1049,7 +1079,7 @@ fn f32_poly(
     };
     let mut c = poly_candidate(p, &pre, &popts, budget, None)?;
     match tiles {
-        F32Tiles::Tuned => tune_f32_poly_plan(gpu, p, &mut c, budget)?,
+        F32Tiles::Tuned => tune_f32_poly_plan(gpu, p, &mut c, budget, *opts)?,
         F32Tiles::Given(pass1, pass2) => {
             c.plan = plan::plan_poly_with(p, degree, budget, pass1, pass2)?;
         }
