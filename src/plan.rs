@@ -1274,10 +1274,12 @@ pub fn poly_candidates(plan: &PolyPlan, budget: &Budget) -> (Vec<Pass1Tiles>, Ve
     let (t1, t2) = (plan.pass1, plan.pass2);
     let r = t1.r;
     let mut pass1 = vec![t1];
-    for bk in [8usize, 16, 32] {
+    // 4-key tiles only with the prefetch: on the H100 (E = 64, n = 262,144) 4 keys and 16 thread
+    // rows with it took pass 1 20.8 ms against 21.5 for the tuned 8 keys.
+    for bk in [4usize, 8, 16, 32] {
         for tf in [8usize, 16, 32, 64] {
             for rows in [1usize, 2, 4, 8] {
-                for prefetch in [false, true] {
+                for prefetch in [bk == 4, true] {
                     // Rows balanced over the chunks, as the planner does.
                     let chunks = r.div_ceil(tf * rows);
                     let c = Pass1Tiles {

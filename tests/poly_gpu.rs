@@ -101,6 +101,9 @@ fn every_f32_autotune_candidate_matches_twin() {
             cands1.len() > 3 && cands2.len() > 3,
             "{cands1:?} {cands2:?}"
         );
+        // 4-key tiles are tried, only with the register prefetch.
+        assert!(cands1.iter().any(|t| t.bk == 4));
+        assert!(cands1.iter().all(|t| t.bk != 4 || t.prefetch));
         let pairs = cands1
             .iter()
             .map(|&t1| (t1, planned.pass2))
