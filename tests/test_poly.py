@@ -468,6 +468,34 @@ def test_schedules_a_and_b_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     assert_close(out_a, out_b.astype(np.float64), 2 * tol_a, "A vs B")
 
 
+def test_forced_poly_tiles_are_used_or_refused_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    # APPROX_ATTN_POLY_TILES (benches/sweep_poly_tiles.py) replaces the tuned f32 tiles: the
+    # planned ones with the register prefetch flipped run and match the twin; a malformed value
+    # or tiles that do not fit raise instead of falling back silently.
+    monkeypatch.delenv("APPROX_ATTN_POLY_TILES", raising=False)
+    E, scale = 16, f32_scale(16)
+    q, k, v = random_problem(23, (2,), (2,), 300, 200, E, 8, 1.0, scale)
+    _, planned = poly(q, k, v, degree=2, scale=scale)
+
+    def field(tiles: str, name: str) -> int:
+        m = re.search(rf"{tiles} {{[^}}]*\b{name}: (\d+)", planned.plan)
+        assert m, (tiles, name, planned.plan)
+        return int(m.group(1))
+
+    t1 = [field("Pass1Tiles", x) for x in ("bk", "tf", "rc")]
+    t2 = [field("Pass2Tiles", x) for x in ("b", "tr", "rc")]
+    prefetch = "prefetch: true" in planned.plan
+    forced = " ".join(str(x) for x in [*t1, *t2, int(not prefetch)])
+    monkeypatch.setenv("APPROX_ATTN_POLY_TILES", forced)
+    out, rep = poly(q, k, v, degree=2, scale=scale)
+    assert f"prefetch: {str(not prefetch).lower()}" in rep.plan, (forced, rep.plan)
+    check_against_twin(out, rep, q, k, v, scale=scale, what=f"forced tiles {forced}")
+    for bad, match in [("1 2 3", "not 7 whole numbers"), ("8 16 128 64 16 100000 1", "do not fit")]:
+        monkeypatch.setenv("APPROX_ATTN_POLY_TILES", bad)
+        with pytest.raises(ValueError, match=match):
+            poly(q, k, v, degree=2, scale=scale)
+
+
 def test_float16_inputs() -> None:
     E, scale = 16, f32_scale(16)
     q, k, v = random_problem(31, (2,), (2,), 70, 90, E, 8, 1.0, scale)
