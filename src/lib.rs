@@ -710,15 +710,18 @@ fn tune_f32_poly_plan(
         ..c.plan.pass2
     };
     let fits = plan::poly_tiles_fit(&t1, &t2, budget) && t2.resident() == c.plan.pass2.resident();
-    match plan::plan_poly_with(p, c.cert.degree, budget, t1, t2) {
-        Ok(tuned_plan) if fits => c.plan = tuned_plan,
-        _ if forced.is_some() => {
+    let tuned_plan = fits
+        .then(|| plan::plan_poly_with(p, c.cert.degree, budget, t1, t2).ok())
+        .flatten();
+    match tuned_plan {
+        Some(tuned_plan) => c.plan = tuned_plan,
+        None if forced.is_some() => {
             return Err(Error::InvalidInput(format!(
                 "APPROX_ATTN_POLY_TILES gives tiles that do not fit this problem and adapter: \
                  {t1:?} {t2:?}"
             )))
         }
-        _ => {}
+        None => {}
     }
     Ok(())
 }
@@ -726,16 +729,15 @@ fn tune_f32_poly_plan(
 /// `APPROX_ATTN_POLY_TILES="bk tf rc1 b tr rc2 prefetch"`: f32 poly tiles forced in
 /// place of the tuned ones (the order of the poly-tiles cache lines), for sweeps at full size.
 fn forced_poly_tiles(s: &str) -> Result<Vec<usize>, Error> {
-    let v: Vec<usize> = s
+    match s
         .split_whitespace()
-        .filter_map(|t| t.parse().ok())
-        .collect();
-    if v.len() == 7 && s.split_whitespace().count() == 7 {
-        Ok(v)
-    } else {
-        Err(Error::InvalidInput(format!(
+        .map(str::parse)
+        .collect::<Result<Vec<usize>, _>>()
+    {
+        Ok(v) if v.len() == 7 => Ok(v),
+        _ => Err(Error::InvalidInput(format!(
             "APPROX_ATTN_POLY_TILES={s:?} is not 7 whole numbers (bk tf rc1 b tr rc2 prefetch)"
-        )))
+        ))),
     }
 }
 
