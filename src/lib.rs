@@ -386,11 +386,20 @@ fn exact_plan_for(
         u8::from(p.causal),
         budget.fast_memory_words
     );
-    let Some(tuned) = tuned_values(gpu, "exact-tiles", (&class, opts.trusted), 5, || {
-        let t = autotune_exact(gpu, p, budget, opts)?;
-        Ok(vec![t.bq, t.bk, t.tq, t.tk, usize::from(t.split_v)])
-    })?
-    else {
+    let forced = std::env::var("APPROX_ATTN_EXACT_TILES").ok();
+    let tuned = match &forced {
+        Some(s) => Some(forced_tiles(
+            s,
+            "APPROX_ATTN_EXACT_TILES",
+            "bq bk tq tk split_v",
+            5,
+        )?),
+        None => tuned_values(gpu, "exact-tiles", (&class, opts.trusted), 5, || {
+            let t = autotune_exact(gpu, p, budget, opts)?;
+            Ok(vec![t.bq, t.bk, t.tq, t.tk, usize::from(t.split_v)])
+        })?,
+    };
+    let Some(tuned) = tuned else {
         return Ok(default);
     };
     let t = plan::ExactTiles {
@@ -403,7 +412,12 @@ fn exact_plan_for(
         split_v: tuned[4] != 0,
     };
     if !plan::exact_tiles_fit(&t, budget) {
-        return Ok(default);
+        return match forced {
+            Some(_) => Err(Error::InvalidInput(format!(
+                "APPROX_ATTN_EXACT_TILES gives tiles that do not fit this problem and adapter: {t:?}"
+            ))),
+            None => Ok(default),
+        };
     }
     plan::plan_exact_with(p, budget, t)
 }
@@ -427,11 +441,13 @@ fn autotune_exact(
     budget: &Budget,
     opts: RunOptions,
 ) -> Result<plan::ExactTiles, Error> {
-    // Big enough to fill a GPU; small on CPU drivers, where each candidate also compiles slowly.
+    // Many waves of workgroups on a GPU: at 2048^2 (under one wave of 64-row query tiles on an
+    // H100) the ranking favoured small tiles. Small on CPU drivers, where each candidate also
+    // compiles slowly.
     let n = if gpu.info.device_type == "Cpu" {
         512
     } else {
-        2048
+        16384
     };
     let class = Problem {
         units: 8,
@@ -679,7 +695,12 @@ fn tune_f32_poly_plan(
     );
     let forced = std::env::var("APPROX_ATTN_POLY_TILES").ok();
     let tuned = match &forced {
-        Some(s) => Some(forced_poly_tiles(s)?),
+        Some(s) => Some(forced_tiles(
+            s,
+            "APPROX_ATTN_POLY_TILES",
+            "bk tf rc1 b tr rc2 prefetch",
+            7,
+        )?),
         None => tuned_values(gpu, "poly-tiles", (&class, opts.trusted), 7, || {
             let (t1, t2) = autotune_f32_poly(gpu, p, c, budget, opts)?;
             Ok(vec![
@@ -726,17 +747,19 @@ fn tune_f32_poly_plan(
     Ok(())
 }
 
-/// `APPROX_ATTN_POLY_TILES="bk tf rc1 b tr rc2 prefetch"`: f32 poly tiles forced in
-/// place of the tuned ones (the order of the poly-tiles cache lines), for sweeps at full size.
-fn forced_poly_tiles(s: &str) -> Result<Vec<usize>, Error> {
+/// Tiles forced by `var` in place of the tuned ones, for sweeps at full size: `len` whole numbers
+/// in the order of the cache lines (`names`). `APPROX_ATTN_POLY_TILES="bk tf rc1 b tr rc2
+/// prefetch"` (f32 poly), `APPROX_ATTN_EXACT_TILES="bq bk tq tk split_v"`.
+fn forced_tiles(s: &str, var: &str, names: &str, len: usize) -> Result<Vec<usize>, Error> {
     match s
         .split_whitespace()
         .map(str::parse)
         .collect::<Result<Vec<usize>, _>>()
     {
-        Ok(v) if v.len() == 7 => Ok(v),
+        // The last number is a flag (0 or 1), the others sizes (positive).
+        Ok(v) if v.len() == len && !v[..len - 1].contains(&0) && v[len - 1] <= 1 => Ok(v),
         _ => Err(Error::InvalidInput(format!(
-            "APPROX_ATTN_POLY_TILES={s:?} is not 7 whole numbers (bk tf rc1 b tr rc2 prefetch)"
+            "{var}={s:?} is not {len} whole numbers ({names})"
         ))),
     }
 }

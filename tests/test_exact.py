@@ -446,3 +446,28 @@ def test_concurrent_threads() -> None:
     for i, (out, (q, k, v)) in enumerate(zip(outs, problems)):
         ref = exact_attention(q, k, v, is_causal=causal[i])
         assert_close(out, ref, tolerance32(q, k, v, None), f"thread task {i}")
+
+
+def test_forced_exact_tiles_are_used_or_refused_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    # APPROX_ATTN_EXACT_TILES (benches/sweep_tiles.py) replaces the tuned tiles: each forced shape
+    # runs (V in K's tile and in its own one) and matches the twin; a malformed value or tiles that
+    # do not fit raise instead of falling back silently.
+    case = same((2,), 200, 300, 32, 32)
+    q, k, v = case.inputs(seed=41)
+    for forced, causal in [("64 32 16 8 0", False), ("32 16 8 8 1", True), ("16 64 4 16 0", False)]:
+        monkeypatch.setenv("APPROX_ATTN_EXACT_TILES", forced)
+        rep = check_attention(q, k, v, is_causal=causal, what=f"forced tiles {forced}")
+        p = plan_fields(rep.plan)
+        bq, bk, tq, tk, split_v = (int(x) for x in forced.split())
+        assert (p["bq"], p["bk"], p["tq"], p["tk"]) == (bq, bk, tq, tk), rep.plan
+        assert f"split_v: {str(bool(split_v)).lower()}" in rep.plan, rep.plan
+    for bad, match in [
+        ("32 32 8", "not 5 whole numbers"),
+        ("32 0 8 8 0", "not 5 whole numbers"),
+        ("32 32 8 8 2", "not 5 whole numbers"),
+        ("32 32 3 8 0", "do not fit"),
+        ("64 64 1 1 0", "do not fit"),
+    ]:
+        monkeypatch.setenv("APPROX_ATTN_EXACT_TILES", bad)
+        with pytest.raises(ValueError, match=match):
+            attention(q, k, v)

@@ -469,7 +469,7 @@ def test_schedules_a_and_b_agree(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_forced_poly_tiles_are_used_or_refused_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
-    # APPROX_ATTN_POLY_TILES (benches/sweep_poly_tiles.py) replaces the tuned f32 tiles: the
+    # APPROX_ATTN_POLY_TILES (benches/sweep_tiles.py) replaces the tuned f32 tiles: the
     # planned ones with the register prefetch flipped run and match the twin; a malformed value
     # or tiles that do not fit raise instead of falling back silently.
     monkeypatch.delenv("APPROX_ATTN_POLY_TILES", raising=False)

@@ -5,8 +5,8 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use super::{
-    fill_template, io_counter_slots, read_mapped, readback_buffer, storage_buffer, uniform_buffer,
-    wgsl_element, RunOptions, RunStats, Timer,
+    constant_loop, fill_template, io_counter_slots, read_mapped, readback_buffer, storage_buffer,
+    uniform_buffer, wgsl_element, RunOptions, RunStats, Timer,
 };
 use crate::device::Gpu;
 use crate::error::Error;
@@ -118,17 +118,13 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
             let _ = writeln!(scores, "        var s_{a}_{b} = 0.0;");
         }
     }
-    scores.push_str("        for (var e = 0u; e < EW; e++) {\n");
+    let mut step = String::new();
     for a in 0..rq {
-        let _ = writeln!(
-            scores,
-            "            let q_{a} = q_tile[{} * QS + e];",
-            row(a)
-        );
+        let _ = writeln!(step, "            let q_{a} = q_tile[{} * QS + e];", row(a));
     }
     for b in 0..rk {
         let _ = writeln!(
-            scores,
+            step,
             "            let k_{b} = kv_tile[(tk + {}u) * KS + e];",
             b * t.tk
         );
@@ -137,13 +133,14 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
         for a in 0..rq {
             for b in 0..rk {
                 let _ = writeln!(
-                    scores,
+                    step,
                     "            s_{a}_{b} = fma(q_{a}{c}, k_{b}{c}, s_{a}_{b});"
                 );
             }
         }
     }
-    scores.push_str("        }\n");
+    scores.push_str(&constant_loop("        ", "e", ("EW", ew), &step));
+    scores.push('\n');
     for a in 0..rq {
         for b in 0..rk {
             let _ = writeln!(
@@ -201,14 +198,18 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
     // Element columns of a thread: tk + u * TK (consecutive threads read consecutive elements).
     // With a vec4 P tile, one load brings the probabilities of four keys.
     let p_step = p_comps.len();
-    let mut pv = format!("        for (var jp = 0u; jp < BK / {p_step}u; jp++) {{\n");
+    let mut step = String::new();
     for a in 0..rq {
-        let _ = writeln!(pv, "            let p_{a} = p_tile[{} * PS + jp];", row(a));
+        let _ = writeln!(
+            step,
+            "            let p_{a} = p_tile[{} * PS + jp];",
+            row(a)
+        );
     }
     for (l, pc) in p_comps.iter().enumerate() {
         for u in 0..cv {
             let _ = writeln!(
-                pv,
+                step,
                 "            let v_{l}_{u} = kv_tile[vbase + ({p_step}u * jp + {l}u) * EVW + tk + {}u];",
                 u * t.tk
             );
@@ -216,13 +217,14 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
         for a in 0..rq {
             for u in 0..cv {
                 let _ = writeln!(
-                    pv,
+                    step,
                     "            o_{a}_{u} = fma(T(p_{a}{pc}), v_{l}_{u}, o_{a}_{u});"
                 );
             }
         }
     }
-    pv.push_str("        }");
+    let pv_steps = format!("BK / {p_step}u");
+    let pv = constant_loop("        ", "jp", (&pv_steps, t.bk / p_step), &step);
 
     // Row sums: the TK partial sums of each row, added after one barrier.
     let mut store = String::new();

@@ -290,3 +290,27 @@ pub(crate) fn io_counter_slots(count_io: bool, binding: u32) -> [(&'static str, 
         ]
     }
 }
+
+/// Most steps a loop of constant trip count is written out into (one block per step).
+pub(crate) const MAX_UNROLLED_STEPS: usize = 32;
+
+/// A loop over `i` in `0..steps`, `steps` known when the WGSL is generated: written out step by
+/// step with `i` a constant up to [`MAX_UNROLLED_STEPS`], a constant-trip loop beyond. NVIDIA's
+/// Vulkan compiler did not unroll such loops itself (H100: poly pass 2 at E = 128 took 49 instead
+/// of 66 ms written out).
+pub(crate) fn constant_loop(
+    indent: &str,
+    i: &str,
+    (name, steps): (&str, usize),
+    body: &str,
+) -> String {
+    let body = body.trim_end();
+    if steps <= MAX_UNROLLED_STEPS {
+        (0..steps)
+            .map(|k| format!("{indent}{{\n{indent}    let {i} = {k}u;\n{body}\n{indent}}}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    } else {
+        format!("{indent}for (var {i} = 0u; {i} < {name}; {i}++) {{\n{body}\n{indent}}}")
+    }
+}

@@ -8,8 +8,8 @@ use std::fmt::Write as _;
 use std::rc::Rc;
 
 use super::{
-    fill_template, io_counter_slots, read_f32, read_mapped, readback_buffer, storage_buffer,
-    uniform_buffer, wgsl_element, RunOptions, RunStats, Timer,
+    constant_loop, fill_template, io_counter_slots, read_f32, read_mapped, readback_buffer,
+    storage_buffer, uniform_buffer, wgsl_element, RunOptions, RunStats, Timer,
 };
 use crate::device::Gpu;
 use crate::error::Error;
@@ -192,31 +192,16 @@ fn micro_tile_row(a: usize, (trow, side): (&str, usize), vec4_rows: bool) -> Str
 }
 
 /// A product loop over `i` < `count` rows of a tile of `full` rows: full tiles (all but the
-/// last, mostly) are unrolled into `full` copies of the body with `i` a constant (up to
-/// [`MAX_UNROLLED_STEPS`]; a loop of constant trip count beyond), the last tile loops.
+/// last, mostly) are written out by [`constant_loop`], the last tile loops.
 fn tile_loop(indent: &str, (i, count, full): (&str, &str, (&str, usize)), body: &str) -> String {
-    let (full_name, full) = full;
     let body = body.trim_end();
-    let full_tile = if full <= MAX_UNROLLED_STEPS {
-        (0..full)
-            .map(|k| {
-                format!("{indent}    {{\n{indent}        let {i} = {k}u;\n{body}\n{indent}    }}")
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    } else {
-        format!(
-            "{indent}    for (var {i} = 0u; {i} < {full_name}; {i}++) {{\n{body}\n{indent}    }}"
-        )
-    };
+    let full_tile = constant_loop(&format!("{indent}    "), i, full, body);
+    let full_name = full.0;
     format!(
         "{indent}if ({count} == {full_name}) {{\n{full_tile}\n{indent}}} else {{\n\
          {indent}    for (var {i} = 0u; {i} < {count}; {i}++) {{\n{body}\n{indent}    }}\n{indent}}}"
     )
 }
-
-/// Most product steps [`tile_loop`] writes out one by one.
-const MAX_UNROLLED_STEPS: usize = 32;
 
 /// The unrolled body of a micro-tile product step of both passes over a feature tile `phi` whose
 /// rows for this step start at `row0` (features of consecutive rows adjacent): the features of
