@@ -3,7 +3,8 @@
 
 use approx_attn::kernels::{exact, poly};
 use approx_attn::plan::{
-    exact_tiles_fit, plan_exact, plan_poly, Budget, ExactTiles, Pass1Tiles, Problem,
+    exact_candidates, exact_tiles_fit, plan_exact, plan_poly, Budget, ExactTiles, Pass1Tiles,
+    Problem,
 };
 
 /// Words of workgroup memory the shader declares (what the planner must have budgeted).
@@ -116,6 +117,16 @@ fn every_kernel_translates_to_every_backend() {
                         split_checked += usize::from(t.split_v);
                         check(
                             &format!("exact {t:?}"),
+                            &exact::shader_source(&t, count_io),
+                            t.fast_memory_words(),
+                        );
+                    }
+                }
+                // Every autotune candidate (thread columns of 4, 8 and 16: vec4 row partials).
+                if (e, words, count_io) == (64, 12288, false) {
+                    for t in exact_candidates(&p, &budget(words)) {
+                        check(
+                            &format!("exact candidate {t:?}"),
                             &exact::shader_source(&t, count_io),
                             t.fast_memory_words(),
                         );
