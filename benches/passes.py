@@ -4,8 +4,9 @@
     python benches/passes.py exact 65536 64
 
 Runs one warm-up call and three timed calls of 8 heads, n x n, head dimension E (the inputs of
-bench.py's make_inputs at beta = 0.6), and prints the median kernel time and the median of each pass's GPU timestamps with
-the plan. Where PyTorch with CUDA is present, a CUDA context is created first: on the H100 the
+bench.py's make_inputs at beta = 0.6), and prints the median kernel time and the median of each
+pass's GPU timestamps with the plan. Shaders run with wgpu's runtime checks off (as `bench.py
+--trusted`; tiles are tuned and cached for that mode). Where PyTorch with CUDA is present, a CUDA context is created first: on the H100 the
 driver dropped the SM clock to idle within seconds in processes without one, even while our Vulkan
 kernels ran (see README, Clocks).
 """
