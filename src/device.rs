@@ -46,6 +46,18 @@ pub struct Gpu {
     uncaptured: Arc<Mutex<Option<String>>>,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
     run_lock: Mutex<()>,
+    /// Host-visible staging buffers kept between calls (see `kernels::upload`): idle upload
+    /// buffers, mapped for writing, and idle readback buffers.
+    pub(crate) upload_pool: Arc<StagingPool>,
+    pub(crate) readback_pool: Arc<StagingPool>,
+}
+
+/// Idle staging buffers of one direction, and the bytes of all buffers the pool created that
+/// are still alive (idle or in use), which [`crate::kernels::allocated_bytes`] leaves out.
+#[derive(Default)]
+pub(crate) struct StagingPool {
+    pub(crate) idle: Mutex<Vec<wgpu::Buffer>>,
+    pub(crate) live_bytes: std::sync::atomic::AtomicU64,
 }
 
 static GPU: Mutex<Option<Arc<Gpu>>> = Mutex::new(None);
@@ -245,6 +257,8 @@ impl Gpu {
             uncaptured,
             pipelines: Mutex::new(HashMap::new()),
             run_lock: Mutex::new(()),
+            upload_pool: Arc::default(),
+            readback_pool: Arc::default(),
         })
     }
 

@@ -139,7 +139,7 @@ fn copy_inputs(arrays: [&PyReadonlyArray1<'_, f32>; 3]) -> [Vec<f32>; 3] {
         let mut dst = kept.next().unwrap_or_default();
         dst.clear();
         match a.as_slice() {
-            Ok(src) => dst.extend_from_slice(src),
+            Ok(src) => crate::kernels::assign_parallel(&mut dst, src),
             Err(_) => dst.extend(a.as_array().iter().copied()),
         }
         dst

@@ -5,8 +5,9 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use super::{
-    constant_loop, fill_template, io_counter_slots, read_mapped, readback_buffer, storage_buffer,
-    uniform_buffer, wgsl_element, RunOptions, RunStats, Timer,
+    assign_parallel, constant_loop, fill_template, io_counter_slots, read_mapped, readback_buffer,
+    storage_buffer, uniform_buffer, upload, wgsl_element, PooledReadback, RunOptions, RunStats,
+    Timer,
 };
 use crate::device::Gpu;
 use crate::error::Error;
@@ -396,7 +397,7 @@ pub fn run(
     };
     let stats_buf = storage_buffer(gpu, stats_words, "stats");
     let counter = opts.count_io.then(|| storage_buffer(gpu, 2, "io_words"));
-    let o_read = readback_buffer(gpu, ((max_o_words + stats_words) * 4) as u64);
+    let o_read = PooledReadback::new(gpu, ((max_o_words + stats_words) * 4) as u64);
     let counter_read = counter.as_ref().map(|_| readback_buffer(gpu, 8));
     let timer = Timer::new(gpu);
 
@@ -435,9 +436,9 @@ pub fn run(
         let s_words = if split_kv { qh * ch.lc * 2 } else { 0 };
         let (o_chunk, st_chunk, counted, kernel_s) = gpu.checked(|| {
             let params_buf = uniform_buffer(gpu, bytemuck::bytes_of(&params));
-            gpu.queue.write_buffer(&q_buf, 0, bytemuck::cast_slice(&qc));
-            gpu.queue.write_buffer(&k_buf, 0, bytemuck::cast_slice(&kc));
-            gpu.queue.write_buffer(&v_buf, 0, bytemuck::cast_slice(&vc));
+            upload(gpu, &q_buf, bytemuck::cast_slice(&qc));
+            upload(gpu, &k_buf, bytemuck::cast_slice(&kc));
+            upload(gpu, &v_buf, bytemuck::cast_slice(&vc));
             let mut entries = vec![
                 wgpu::BindGroupEntry {
                     binding: 0,
@@ -504,7 +505,9 @@ pub fn run(
             let (o_chunk, st_chunk) =
                 read_mapped(gpu, &o_read, ((o_words + s_words) * 4) as u64, |b| {
                     let f: &[f32] = bytemuck::cast_slice(b);
-                    (f[..o_words].to_vec(), f[o_words..].to_vec())
+                    let mut o = Vec::new();
+                    assign_parallel(&mut o, &f[..o_words]);
+                    (o, f[o_words..].to_vec())
                 })?;
             let counted = match &counter_read {
                 Some(cr) => Some(read_mapped(gpu, cr, 8, |b| {
@@ -520,6 +523,11 @@ pub fn run(
             Ok((o_chunk, st_chunk, counted, kernel_s))
         })?;
         stats.absorb(&RunStats::dispatch(gpu, "exact", counted, kernel_s));
+        if !split_kv && o_chunk.len() == out.len() {
+            // One dispatch for the whole output: it is already in place.
+            out = o_chunk;
+            continue;
+        }
 
         for h in 0..qh {
             for r in 0..ch.lc {

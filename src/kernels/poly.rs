@@ -1126,7 +1126,7 @@ impl Uploads {
     pub(crate) fn buffer(&self, gpu: &Gpu, data: Cow<'_, [f32]>, label: &str) -> Rc<wgpu::Buffer> {
         let upload = || {
             let buf = storage_buffer(gpu, data.len(), label);
-            gpu.queue.write_buffer(&buf, 0, bytemuck::cast_slice(&data));
+            super::upload(gpu, &buf, bytemuck::cast_slice(&data));
             Rc::new(buf)
         };
         match &data {
@@ -1674,6 +1674,11 @@ pub fn run(
                     o_words,
                 )?;
                 stats.absorb(&RunStats::dispatch(gpu, "pass2", counted, t));
+                if oc.len() == out.len() {
+                    // One dispatch for the whole output: it is already in place.
+                    out = oc;
+                    continue;
+                }
                 for h in 0..qh {
                     for row in 0..lc {
                         let dst = ((u0 * p.group + h) * p.l + l0 + row) * p.ev;
