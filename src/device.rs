@@ -80,6 +80,14 @@ pub fn gpu() -> Result<Arc<Gpu>, Error> {
     Ok(g)
 }
 
+/// The current device, if one was created and is not lost; never creates one.
+pub fn current_gpu() -> Option<Arc<Gpu>> {
+    lock(&GPU)
+        .as_ref()
+        .filter(|g| !g.lost.load(Ordering::SeqCst))
+        .cloned()
+}
+
 fn backend_from_env() -> Result<wgpu::Backends, Error> {
     match std::env::var("APPROX_ATTN_BACKEND") {
         Err(_) => Ok(wgpu::Backends::all()),

@@ -942,7 +942,8 @@ pub fn attention(
             for (name, bad) in ["query", "key", "value"].iter().zip(pp.nonfinite) {
                 if bad > 0 {
                     return Err(Error::InvalidInput(format!(
-                        "{name} contains {bad} NaN or Inf value(s)"
+                        "{name} contains {bad} NaN or Inf value(s) (after conversion to \
+                         float32); pass check_finite=False to skip this check"
                     )));
                 }
             }

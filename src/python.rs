@@ -301,6 +301,22 @@ fn list_adapters(py: Python<'_>) -> PyResult<Vec<(String, String, String)>> {
     py.detach(device::list_adapters).map_err(to_py)
 }
 
+/// Frees the host memory kept between calls (the inputs' host copies and the pooled staging
+/// buffers of the current device); returns its bytes.
+#[pyfunction]
+fn empty_cache(py: Python<'_>) -> PyResult<u64> {
+    let copies = std::mem::take(&mut *INPUT_COPIES.lock().unwrap_or_else(|e| e.into_inner()));
+    let copied: u64 = copies.iter().map(|c| (c.capacity() * 4) as u64).sum();
+    drop(copies);
+    let staging = match device::current_gpu() {
+        Some(gpu) => py
+            .detach(|| crate::kernels::release_staging(&gpu))
+            .map_err(to_py)?,
+        None => 0,
+    };
+    Ok(copied + staging)
+}
+
 /// Destroys the current device, as a driver reset would; the next call must create a new one.
 #[pyfunction]
 fn _destroy_device(py: Python<'_>) -> PyResult<()> {
@@ -319,6 +335,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(num_features, m)?)?;
     m.add_function(wrap_pyfunction!(fit_polynomial, m)?)?;
     m.add_function(wrap_pyfunction!(_destroy_device, m)?)?;
+    m.add_function(wrap_pyfunction!(empty_cache, m)?)?;
     m.add("NoDeviceError", m.py().get_type::<NoDeviceError>())?;
     m.add("DeviceError", m.py().get_type::<DeviceError>())?;
     Ok(())

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 import approx_attn
+import numpy as np
 import pytest
 
 # The exact method explicitly: "auto" may pick the approximate polynomial method.
@@ -87,3 +88,20 @@ def test_list_adapters() -> None:
     info = approx_attn.device_info()
     # The adapter in use is one of those listed, through the same backend.
     assert (info["adapter"], info["backend"]) in {(n, b.lower()) for n, b, _ in adapters}
+
+
+def test_empty_cache_frees_the_kept_host_memory() -> None:
+    # A call with 2 MiB inputs keeps their host copies (3 x 2 MiB) and pooled staging buffers
+    # (transfers of at least 1 MiB: the readback of the 2 MiB output, and at least one 2 MiB
+    # upload buffer: an upload may reuse the buffer of one whose copy is done); empty_cache
+    # frees them and says how much (earlier tests may have left more), a second empty_cache
+    # finds nothing, and the next call allocates again and gives the same output.
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((2, 2048, 128)).astype(np.float32) for _ in range(3))
+    out = approx_attn.attention(q, k, v, method="exact")
+    kept = 3 * q.nbytes + out.nbytes + q.nbytes
+    assert approx_attn.empty_cache() >= kept
+    assert approx_attn.empty_cache() == 0
+    again = approx_attn.attention(q, k, v, method="exact")
+    assert np.array_equal(again, out)
+    assert approx_attn.empty_cache() >= kept

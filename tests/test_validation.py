@@ -291,3 +291,14 @@ def test_valid_inputs_still_work_after_errors() -> None:
         attention(q, k[:, :7], v)
     out = attention(q, k, v)
     np.testing.assert_allclose(out, exact_attention(q, k, v), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["exact", "auto"])
+def test_float64_beyond_float32_range_is_refused(method: str) -> None:
+    # 1e300 is finite in float64 but Inf once rounded to float32 for the GPU: it must raise like
+    # an Inf (the exact path checks on the host, poly and auto on the GPU after the conversion),
+    # not turn into NaN output.
+    q, k, v = (x.astype(np.float64) for x in qkv((2, 4, 8), (2, 5, 8), (2, 5, 8)))
+    k[0, 1, 2] = 1e300
+    with pytest.raises(ValueError, match="^key contains 1 NaN or Inf"):
+        attention(q, k, v, method=method)

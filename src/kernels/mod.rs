@@ -171,6 +171,17 @@ impl StagingPool {
         }
     }
 
+    /// Drops every idle buffer; returns their bytes.
+    fn clear(&self) -> u64 {
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        idle.iter()
+            .map(|b| {
+                self.forget(b);
+                b.size()
+            })
+            .sum()
+    }
+
     /// `buf` (created by this pool) is dropped instead of given back.
     fn forget(&self, buf: &wgpu::Buffer) {
         self.live_bytes.fetch_sub(buf.size(), Ordering::Relaxed);
@@ -217,6 +228,13 @@ pub(crate) fn upload(gpu: &Gpu, dst: &wgpu::Buffer, data: &[u8]) {
             Ok(()) => pool.give_back(buf, POOLED_UPLOADS),
             Err(_) => pool.forget(&buf),
         });
+}
+
+/// Frees the pooled staging buffers of `gpu` once its queue is idle; returns their bytes.
+pub fn release_staging(gpu: &Gpu) -> Result<u64, Error> {
+    let _guard = gpu.exclusive();
+    gpu.wait()?; // uploads still in flight come back to the pool first
+    Ok(gpu.upload_pool.clear() + gpu.readback_pool.clear())
 }
 
 /// A MAP_READ buffer of at least `bytes` bytes; large ones come from a pool kept between calls
