@@ -386,19 +386,18 @@ fn exact_plan_for(
         u8::from(p.causal),
         budget.fast_memory_words
     );
-    let forced = std::env::var("APPROX_ATTN_EXACT_TILES").ok();
-    let tuned = match &forced {
-        Some(s) => Some(forced_tiles(
-            s,
-            "APPROX_ATTN_EXACT_TILES",
-            "bq bk tq tk split_v",
-            5,
-        )?),
-        None => tuned_values(gpu, "exact-tiles", (&class, opts.trusted), 5, || {
+    let forced = ("APPROX_ATTN_EXACT_TILES", "bq bk tq tk split_v");
+    let (tuned, forced) = forced_or_tuned(
+        gpu,
+        forced,
+        "exact-tiles",
+        (&class, opts.trusted),
+        5,
+        || {
             let t = autotune_exact(gpu, p, budget, opts)?;
             Ok(vec![t.bq, t.bk, t.tq, t.tk, usize::from(t.split_v)])
-        })?,
-    };
+        },
+    )?;
     let Some(tuned) = tuned else {
         return Ok(default);
     };
@@ -412,11 +411,12 @@ fn exact_plan_for(
         split_v: tuned[4] != 0,
     };
     if !plan::exact_tiles_fit(&t, budget) {
-        return match forced {
-            Some(_) => Err(Error::InvalidInput(format!(
+        return if forced {
+            Err(Error::InvalidInput(format!(
                 "APPROX_ATTN_EXACT_TILES gives tiles that do not fit this problem and adapter: {t:?}"
-            ))),
-            None => Ok(default),
+            )))
+        } else {
+            Ok(default)
         };
     }
     plan::plan_exact_with(p, budget, t)
@@ -693,15 +693,9 @@ fn tune_f32_poly_plan(
         "{} {} {} {}",
         p.e, p.ev, c.cert.degree, budget.fast_memory_words
     );
-    let forced = std::env::var("APPROX_ATTN_POLY_TILES").ok();
-    let tuned = match &forced {
-        Some(s) => Some(forced_tiles(
-            s,
-            "APPROX_ATTN_POLY_TILES",
-            "bk tf rc1 b tr rc2 prefetch",
-            7,
-        )?),
-        None => tuned_values(gpu, "poly-tiles", (&class, opts.trusted), 7, || {
+    let forced = ("APPROX_ATTN_POLY_TILES", "bk tf rc1 b tr rc2 prefetch");
+    let (tuned, forced) =
+        forced_or_tuned(gpu, forced, "poly-tiles", (&class, opts.trusted), 7, || {
             let (t1, t2) = autotune_f32_poly(gpu, p, c, budget, opts)?;
             Ok(vec![
                 t1.bk,
@@ -712,8 +706,7 @@ fn tune_f32_poly_plan(
                 t2.rc,
                 usize::from(t1.prefetch),
             ])
-        })?,
-    };
+        })?;
     let Some(tuned) = tuned else {
         return Ok(());
     };
@@ -736,7 +729,7 @@ fn tune_f32_poly_plan(
         .flatten();
     match tuned_plan {
         Some(tuned_plan) => c.plan = tuned_plan,
-        None if forced.is_some() => {
+        None if forced => {
             return Err(Error::InvalidInput(format!(
                 "APPROX_ATTN_POLY_TILES gives tiles that do not fit this problem and adapter: \
                  {t1:?} {t2:?}"
@@ -745,6 +738,22 @@ fn tune_f32_poly_plan(
         None => {}
     }
     Ok(())
+}
+
+/// The tiles forced by the environment variable `var` (values named `names`, see
+/// [`forced_tiles`]), else the tuned ones of [`tuned_values`]; and whether they were forced.
+fn forced_or_tuned(
+    gpu: &device::Gpu,
+    (var, names): (&str, &str),
+    what: &str,
+    class: (&str, bool),
+    len: usize,
+    tune: impl FnOnce() -> Result<Vec<usize>, Error>,
+) -> Result<(Option<Vec<usize>>, bool), Error> {
+    match std::env::var(var) {
+        Ok(s) => Ok((Some(forced_tiles(&s, var, names, len)?), true)),
+        Err(_) => Ok((tuned_values(gpu, what, class, len, tune)?, false)),
+    }
 }
 
 /// Tiles forced by `var` in place of the tuned ones, for sweeps at full size: `len` whole numbers
