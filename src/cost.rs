@@ -85,22 +85,30 @@ fn write_cache(path: PathBuf, text: String) {
         .insert(path, Some(text));
 }
 
-pub fn load_rates(adapter_key: &str) -> Option<Rates> {
+/// The rates of `class` (a line "<class> <exact> <poly>" of the rates file; the last one wins).
+pub fn load_rates(adapter_key: &str, class: &str) -> Option<Rates> {
     let text = read_cache(&cache_path("rates", adapter_key)?)?;
-    let mut it = text.split_whitespace().map(|t| t.parse::<f64>());
-    match (it.next(), it.next()) {
-        (Some(Ok(a)), Some(Ok(b))) if a > 0.0 && b > 0.0 => Some(Rates {
-            exact_flops_per_s: a,
-            poly_flops_per_s: b,
-        }),
-        _ => None,
-    }
+    text.lines().rev().find_map(|line| {
+        let rest = line.strip_prefix(class)?.strip_prefix(' ')?;
+        let mut it = rest.split_whitespace().map(|t| t.parse::<f64>());
+        match (it.next(), it.next(), it.next()) {
+            (Some(Ok(a)), Some(Ok(b)), None) if a > 0.0 && b > 0.0 => Some(Rates {
+                exact_flops_per_s: a,
+                poly_flops_per_s: b,
+            }),
+            _ => None,
+        }
+    })
 }
 
-pub fn store_rates(adapter_key: &str, rates: &Rates) {
+pub fn store_rates(adapter_key: &str, class: &str, rates: &Rates) {
     if let Some(path) = cache_path("rates", adapter_key) {
-        let line = format!("{} {}\n", rates.exact_flops_per_s, rates.poly_flops_per_s);
-        write_cache(path, line);
+        let mut text = read_cache(&path).unwrap_or_default();
+        text.push_str(&format!(
+            "{class} {} {}\n",
+            rates.exact_flops_per_s, rates.poly_flops_per_s
+        ));
+        write_cache(path, text);
     }
 }
 
@@ -152,8 +160,16 @@ mod tests {
             exact_flops_per_s: 1.5e9,
             poly_flops_per_s: 2.5e9,
         };
-        store_rates("Test GPU (1)", &r);
-        assert_eq!(load_rates("Test GPU (1)"), Some(r));
+        store_rates("Test GPU (1)", "64 64 2", &r);
+        let trusted = Rates {
+            exact_flops_per_s: 3.5e9,
+            ..r
+        };
+        store_rates("Test GPU (1)", "64 64 2 trusted", &trusted);
+        assert_eq!(load_rates("Test GPU (1)", "64 64 2"), Some(r));
+        assert_eq!(load_rates("Test GPU (1)", "64 64 2 trusted"), Some(trusted));
+        assert_eq!(load_rates("Test GPU (1)", "64 64 3"), None);
+        assert_eq!(load_rates("Test GPU (1)", "128 128 2"), None);
         store_tuned("tiles", "Test GPU (1)", "64 64 0", &[64, 32, 8, 8]);
         store_tuned("tiles", "Test GPU (1)", "64 64 0", &[32, 32, 16, 8]);
         assert_eq!(

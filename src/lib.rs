@@ -806,9 +806,18 @@ fn autotune_f32_poly(
     Ok((best1, best2))
 }
 
-/// Per-adapter throughputs, measured once (an exact and a degree-2 f32 poly run) and cached on
-/// disk; `APPROX_ATTN_RATES="exact_flops_per_s poly_flops_per_s"` overrides them.
-fn rates(gpu: &device::Gpu, budget: &Budget) -> Result<cost::Rates, Error> {
+/// Throughputs of the exact and the f32 poly kernels on this adapter for the caller's head
+/// sizes, poly degree and shader mode, measured once per such class (an exact and a poly run of
+/// that class, with the tiles the caller's calls use) and cached on disk;
+/// `APPROX_ATTN_RATES="exact_flops_per_s poly_flops_per_s"` overrides them. A fixed class
+/// (E = 64, degree 2, checks on) made a first `auto` call tune two classes it did not use.
+fn rates(
+    gpu: &device::Gpu,
+    budget: &Budget,
+    caller: &Problem,
+    degree: usize,
+    opts: RunOptions,
+) -> Result<cost::Rates, Error> {
     if let Ok(s) = std::env::var("APPROX_ATTN_RATES") {
         let v: Vec<f64> = s
             .split_whitespace()
@@ -825,31 +834,44 @@ fn rates(gpu: &device::Gpu, budget: &Budget) -> Result<cost::Rates, Error> {
         )));
     }
     let key = adapter_key(gpu);
-    if let Some(r) = cost::load_rates(&key) {
+    let class = format!(
+        "{} {} {}{}",
+        caller.e,
+        caller.ev,
+        degree,
+        if opts.trusted { " trusted" } else { "" }
+    );
+    if let Some(r) = cost::load_rates(&key, &class) {
         return Ok(r);
     }
-    // GPUs get a problem that fills them (the exact autotune's class): on the H100 the 1024^2
-    // single-head problem used 32 workgroups and gave rates 20x below the kernels' real ones.
-    // CPU drivers keep it small (every kernel runs for seconds there).
-    let (units, n, e) = if gpu.info.device_type == "Cpu" {
-        (1, 1024, 32)
+    // GPUs get a problem that fills them: on the H100 the 1024^2 single-head problem used 32
+    // workgroups and gave rates 20x below the kernels' real ones. CPU drivers keep it small
+    // (every kernel runs for seconds there).
+    let (units, n) = if gpu.info.device_type == "Cpu" {
+        (1, 1024)
     } else {
-        (8, 2048, 64)
+        (8, 2048)
     };
     let p = Problem {
         units,
         group: 1,
         l: n,
         s: n,
-        e,
-        ev: e,
+        e: caller.e,
+        ev: caller.ev,
         causal: false,
         scale: 0.05,
     };
-    let x: Vec<f32> = (0..units * n * e)
-        .map(|i| ((i * 7919 % 1000) as f32 / 1000.0) - 0.5)
-        .collect();
-    let opts = RunOptions::default();
+    let x = |w: usize| -> Vec<f32> {
+        (0..units * n * w)
+            .map(|i| ((i * 7919 % 1000) as f32 / 1000.0) - 0.5)
+            .collect()
+    };
+    let (qk, v) = (x(p.e), x(p.ev));
+    let opts = RunOptions {
+        count_io: false,
+        ..opts
+    };
     let timed = |f: &mut dyn FnMut() -> Result<RunStats, Error>| -> Result<f64, Error> {
         f()?; // warm-up: compiles the pipelines
         let t = std::time::Instant::now();
@@ -859,21 +881,20 @@ fn rates(gpu: &device::Gpu, budget: &Budget) -> Result<cost::Rates, Error> {
             .unwrap_or_else(|| t.elapsed().as_secs_f64())
             .max(1e-9))
     };
-    // Rates are measured with runtime checks (how `attention` runs by default).
-    let eplan = exact_plan_for(gpu, &p, budget, RunOptions::default())?;
-    let te = timed(&mut || kernels::exact::run(gpu, &p, &eplan, &x, &x, &x, &opts).map(|r| r.1))?;
+    let eplan = exact_plan_for(gpu, &p, budget, opts)?;
+    let te = timed(&mut || kernels::exact::run(gpu, &p, &eplan, &qk, &qk, &v, &opts).map(|r| r.1))?;
     // The f32 poly path with the tiles `attention` would run (tuned where the autotune is on,
     // as for exact above), and the plan whose FLOPs `cost::poly_flops` counts.
     let mut pplan = None;
     let tp = timed(&mut || {
         let mut st = RunStats::default();
-        let xs = (&x[..], &x[..], &x[..]);
+        let xs = (&qk[..], &qk[..], &v[..]);
         let (_, c) = f32_poly(
             gpu,
             &p,
             &eplan.chunking,
             xs,
-            2,
+            degree,
             budget,
             &opts,
             F32Tiles::Tuned,
@@ -887,7 +908,7 @@ fn rates(gpu: &device::Gpu, budget: &Budget) -> Result<cost::Rates, Error> {
         exact_flops_per_s: cost::exact_flops(&p) / te,
         poly_flops_per_s: cost::poly_flops(&p, &pplan) / tp,
     };
-    cost::store_rates(&key, &r);
+    cost::store_rates(&key, &class, &r);
     Ok(r)
 }
 
@@ -977,7 +998,7 @@ pub fn attention(
     }
     if let Some(c) = &candidate {
         if method == Method::Auto {
-            let r = rates(gpu.as_ref(), &budget)?;
+            let r = rates(gpu.as_ref(), &budget, p, c.cert.degree, *opts)?;
             let te = cost::exact_flops(p) / r.exact_flops_per_s;
             let tp = cost::poly_flops(p, &c.plan) / r.poly_flops_per_s;
             predicted_exact_s = Some(te);
