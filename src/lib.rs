@@ -324,11 +324,7 @@ fn tuned_values(
 ) -> Result<Option<Vec<usize>>, Error> {
     // Tiles are timed the way they will run: with wgpu's runtime checks, or without them
     // (`trusted`, a class of its own), whose costs differ by tile shape.
-    let class = &if trusted {
-        format!("{class} trusted")
-    } else {
-        class.to_string()
-    };
+    let class = &mode_class(class, trusted);
     let key = adapter_key(gpu);
     match cost::load_tuned(what, &key, class) {
         Some(v) if v.len() == len => Ok(Some(v)),
@@ -353,6 +349,16 @@ fn tuned_values(
             Ok(Some(v))
         }
         _ => Ok(None),
+    }
+}
+
+/// A cache class for one shader mode: shaders with wgpu's runtime checks off (`trusted`) run at
+/// other speeds, so their tiles and rates are measured and cached apart.
+fn mode_class(class: &str, trusted: bool) -> String {
+    if trusted {
+        format!("{class} trusted")
+    } else {
+        class.to_string()
     }
 }
 
@@ -834,12 +840,9 @@ fn rates(
         )));
     }
     let key = adapter_key(gpu);
-    let class = format!(
-        "{} {} {}{}",
-        caller.e,
-        caller.ev,
-        degree,
-        if opts.trusted { " trusted" } else { "" }
+    let class = mode_class(
+        &format!("{} {} {degree}", caller.e, caller.ev),
+        opts.trusted,
     );
     if let Some(r) = cost::load_rates(&key, &class) {
         return Ok(r);

@@ -1279,7 +1279,8 @@ pub fn poly_candidates(plan: &PolyPlan, budget: &Budget) -> (Vec<Pass1Tiles>, Ve
     for bk in [4usize, 8, 16, 32] {
         for tf in [8usize, 16, 32, 64] {
             for rows in [1usize, 2, 4, 8] {
-                for prefetch in [bk == 4, true] {
+                let prefetch_options: &[bool] = if bk == 4 { &[true] } else { &[false, true] };
+                for &prefetch in prefetch_options {
                     // Rows balanced over the chunks, as the planner does.
                     let chunks = r.div_ceil(tf * rows);
                     let c = Pass1Tiles {

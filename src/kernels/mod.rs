@@ -483,7 +483,12 @@ fn copy_to_mapped(view: &mut wgpu::BufferViewMut, src: &[u8]) {
     // each (see below).
     unsafe impl Send for Part {}
 
-    let chunk = src.len().div_ceil(copy_threads(src.len())).max(1);
+    let threads = copy_threads(src.len());
+    if threads == 1 {
+        view.copy_from_slice(src);
+        return;
+    }
+    let chunk = src.len().div_ceil(threads);
     let mut rest = view.slice(..);
     std::thread::scope(|scope| {
         for s in src.chunks(chunk) {
@@ -511,9 +516,14 @@ fn copy_to_mapped(view: &mut wgpu::BufferViewMut, src: &[u8]) {
 /// on several threads for large slices.
 pub fn assign_parallel<T: Copy + Send + Sync>(dst: &mut Vec<T>, src: &[T]) {
     dst.clear();
-    dst.reserve(src.len());
     let threads = copy_threads(std::mem::size_of_val(src));
-    let chunk = src.len().div_ceil(threads).max(1);
+    if threads == 1 {
+        // No thread for small copies (most calls' small readbacks and inputs).
+        dst.extend_from_slice(src);
+        return;
+    }
+    dst.reserve(src.len());
+    let chunk = src.len().div_ceil(threads);
     let spare = &mut dst.spare_capacity_mut()[..src.len()];
     std::thread::scope(|scope| {
         for (d, s) in spare.chunks_mut(chunk).zip(src.chunks(chunk)) {
