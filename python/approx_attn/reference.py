@@ -55,10 +55,13 @@ def poly_attention(
     coeffs: np.ndarray,
     *,
     scale: float | None = None,
+    is_causal: bool = False,
     enable_gqa: bool = False,
 ) -> np.ndarray:
     """The polynomial method in float64: keys centred on their mean (per batch and head), then
-    O = sum_j P(scale q.(k_j - mu)) v_j / sum_j P(scale q.(k_j - mu)) with P = sum_k coeffs[k] x^k.
+    O = sum_j P(scale q.(k_j - mu)) v_j / sum_j P(scale q.(k_j - mu)) with P = sum_k coeffs[k] x^k,
+    the sums over the keys the causal mask leaves visible (j <= i, upper-left aligned). The mean
+    is over all keys: a shift common to every key leaves the softmax over any subset unchanged.
 
     Twin of the GPU's poly kernels (same P, same centring); the features are not materialized
     because <phi_q(q), phi_k(k)> = P(scale q.k) exactly.
@@ -72,7 +75,64 @@ def poly_attention(
     k = k - k.mean(axis=-2, keepdims=True)
     x = np.matmul(q, np.swapaxes(k, -1, -2)) * scale
     w = np.polynomial.polynomial.polyval(x, np.asarray(coeffs, dtype=np.float64))
+    if is_causal:
+        w = np.where(causal_mask(w.shape[-2], w.shape[-1]), 0.0, w)
     return np.matmul(w, v) / w.sum(axis=-1, keepdims=True)
+
+
+def tensor_features(x: np.ndarray, coeffs: np.ndarray, scale: float) -> tuple[np.ndarray, ...]:
+    """Feature maps with <phi_q(q), phi_k(k)> = P(scale q.k): the tensor powers x^(x)m of every
+    degree m (E^m entries each), the query side weighted by coeffs[m] scale^m. Plainer than the
+    GPU's monomials (no multinomial weights, E^m instead of C(E+m-1, m) entries); for small E."""
+    lead = x.shape[:-1]
+    powers = [np.ones((*lead, 1))]
+    for _ in range(1, len(coeffs)):
+        powers.append((powers[-1][..., :, None] * x[..., None, :]).reshape(*lead, -1))
+    q_side = np.concatenate([c * scale**m * p for m, (c, p) in enumerate(zip(coeffs, powers))], -1)
+    k_side = np.concatenate(powers, -1)
+    return q_side, k_side
+
+
+def causal_poly_attention_chunked(
+    query: np.ndarray,
+    key: np.ndarray,
+    value: np.ndarray,
+    coeffs: np.ndarray,
+    *,
+    chunk: int,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> np.ndarray:
+    """The chunked causal schedule written plainly, for one (..., L, E) problem: the sequence is
+    cut into chunks of `chunk` rows; query chunk c gets the prefix state of the key chunks before
+    it, S'_<c = sum_{j < c chunk} phi_k(k_j) [v_j | 1], plus the masked polynomial block of key
+    chunk c computed directly; the state then absorbs key chunk c. Equals `poly_attention(...,
+    is_causal=True)` up to float64 rounding."""
+    q = np.asarray(query, dtype=np.float64)
+    k, v = _expand_gqa(
+        q, np.asarray(key, dtype=np.float64), np.asarray(value, dtype=np.float64), enable_gqa
+    )
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    coeffs = np.asarray(coeffs, dtype=np.float64)
+    k = k - k.mean(axis=-2, keepdims=True)
+    L, S = q.shape[-2], k.shape[-2]
+    vv = np.concatenate([v, np.ones((*v.shape[:-1], 1))], -1)  # [V | 1]: the normaliser column
+    phi_q, _ = tensor_features(q, coeffs, scale)
+    _, phi_k = tensor_features(k, coeffs, scale)
+    state = np.zeros((*q.shape[:-2], phi_k.shape[-1], vv.shape[-1]))
+    out = np.zeros((*q.shape[:-1], vv.shape[-1]))
+    for c0 in range(0, max(L, S), chunk):
+        rows, keys = slice(c0, min(c0 + chunk, L)), slice(c0, min(c0 + chunk, S))
+        if c0 < L:
+            x = np.matmul(q[..., rows, :], np.swapaxes(k[..., keys, :], -1, -2)) * scale
+            w = np.polynomial.polynomial.polyval(x, coeffs)
+            # Inside the chunk, row c0 + a sees keys c0 + b with b <= a.
+            w = np.where(causal_mask(w.shape[-2], w.shape[-1]), 0.0, w)
+            out[..., rows, :] = np.matmul(phi_q[..., rows, :], state) + np.matmul(w, vv[..., keys, :])
+        if c0 < S:
+            state += np.matmul(np.swapaxes(phi_k[..., keys, :], -1, -2), vv[..., keys, :])
+    return out[..., :-1] / out[..., -1:]
 
 
 def beta(query: np.ndarray, key: np.ndarray, *, scale: float | None = None) -> float:
