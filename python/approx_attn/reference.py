@@ -129,7 +129,9 @@ def causal_poly_attention_chunked(
             w = np.polynomial.polynomial.polyval(x, coeffs)
             # Inside the chunk, row c0 + a sees keys c0 + b with b <= a.
             w = np.where(causal_mask(w.shape[-2], w.shape[-1]), 0.0, w)
-            out[..., rows, :] = np.matmul(phi_q[..., rows, :], state) + np.matmul(w, vv[..., keys, :])
+            out[..., rows, :] = np.matmul(phi_q[..., rows, :], state) + np.matmul(
+                w, vv[..., keys, :]
+            )
         if c0 < S:
             state += np.matmul(np.swapaxes(phi_k[..., keys, :], -1, -2), vv[..., keys, :])
     return out[..., :-1] / out[..., -1:]
