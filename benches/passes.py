@@ -8,7 +8,7 @@ bench.py's make_inputs at beta = 0.6), and prints the median kernel time and the
 pass's GPU timestamps with the plan. Shaders run with wgpu's runtime checks off (as `bench.py
 --trusted`; tiles are tuned and cached for that mode). Where PyTorch with CUDA is present, a CUDA context is created first: on the H100 the
 driver dropped the SM clock to idle within seconds in processes without one, even while our Vulkan
-kernels ran (see README, Clocks).
+kernels ran (see benches/RESULTS.md, Clocks).
 """
 
 from __future__ import annotations
