@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from typing import Any
 
@@ -28,7 +29,6 @@ __all__ = [
 ]
 
 _METHODS = ("auto", "exact", "poly")
-_FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +98,61 @@ def empty_cache() -> int:
     return int(_core.empty_cache())
 
 
+class _ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type: a TypeError, as in PyTorch. Also a ValueError, which these
+    checks raised before for some of them (``degree=2.0``, ``tensor_cores="yes"``), so code that
+    caught ValueError keeps working (NumPy's AxisError is a ValueError and an IndexError alike)."""
+
+
+def _type_error(name: str, what: str, val: Any) -> _ArgumentTypeError:
+    return _ArgumentTypeError(f"{name} must be {what}, not {type(val).__name__} {val!r}")
+
+
+def _check_bool(val: Any, name: str, *, none: bool = False) -> bool | None:
+    """A real bool (or numpy.bool_); a string or a number is refused, as in PyTorch."""
+    if none and val is None:
+        return None
+    if isinstance(val, (bool, np.bool_)):
+        return bool(val)
+    raise _type_error(name, "None or a bool" if none else "a bool", val)
+
+
+def _check_int(val: Any, name: str, low: int) -> int:
+    """An integer (Python or NumPy, not a bool) of at least `low` (0 or 1)."""
+    if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
+        raise _type_error(name, "an integer", val)
+    if val < low:
+        kind = "a positive" if low == 1 else "a non-negative"
+        raise ValueError(f"{name} must be {kind} integer, got {val!r}")
+    return int(val)
+
+
+def _check_number(val: Any, name: str) -> float:
+    """A real number (Python or NumPy scalar, not a bool), as a Python float."""
+    if isinstance(val, (bool, np.bool_)) or not isinstance(val, numbers.Real):
+        raise _type_error(name, "a number", val)
+    return float(val)
+
+
+def _check_eps(val: Any) -> float:
+    eps = _check_number(val, "eps")
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f"eps must be a number in (0, 1), got {val!r}")
+    return eps
+
+
+def _check_method(val: Any, allowed: tuple[str, ...]) -> str:
+    if not isinstance(val, str):
+        raise _type_error("method", "a str", val)
+    if val not in allowed:
+        raise ValueError(f"method must be one of {allowed}, got {val!r}")
+    return val
+
+
 def _as_float_array(x: Any, name: str) -> np.ndarray:
     arr = np.asarray(x)
-    if arr.dtype not in _FLOAT_DTYPES:
+    # Any byte order: big-endian float32/float64 is converted with the float32 copy below.
+    if arr.dtype.kind != "f" or arr.dtype.itemsize not in (2, 4, 8):
         raise TypeError(
             f"{name} must be a floating-point array (float16, float32 or float64), got dtype {arr.dtype}"
         )
@@ -121,7 +173,7 @@ _F32_MAX = float(np.finfo(np.float32).max)
 
 def _finite_in_float32(x: np.ndarray) -> np.ndarray:
     # float64 values beyond float32's range become Inf on the GPU: they count as Inf.
-    if x.dtype == np.float64:
+    if x.dtype.itemsize == 8:
         return np.abs(x) <= _F32_MAX  # False for NaN too
     return np.isfinite(x)
 
@@ -137,7 +189,7 @@ def _check_finite(arr: np.ndarray, name: str) -> None:
         finite = bool(_finite_in_float32(arr).all())
     if not finite:
         bad = int(arr.size - np.count_nonzero(_finite_in_float32(arr)))
-        beyond = " (or beyond float32's range)" if arr.dtype == np.float64 else ""
+        beyond = " (or beyond float32's range)" if arr.dtype.itemsize == 8 else ""
         raise ValueError(
             f"{name} contains {bad} NaN or Inf value(s){beyond}; pass check_finite=False to "
             "skip this check"
@@ -186,17 +238,24 @@ def attention(
     q = _as_float_array(query, "query")
     k = _as_float_array(key, "key")
     v = _as_float_array(value, "value")
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    if not (isinstance(eps, (int, float)) and 0.0 < eps < 1.0):
-        raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
+    is_causal = _check_bool(is_causal, "is_causal")
+    enable_gqa = _check_bool(enable_gqa, "enable_gqa")
+    check_finite = _check_bool(check_finite, "check_finite")
+    return_report = _check_bool(return_report, "return_report")
+    tensor_cores = _check_bool(tensor_cores, "tensor_cores", none=True)
+    method = _check_method(method, _METHODS)
+    eps = _check_eps(eps)
     if degree is not None:
         if method != "poly":
             raise ValueError("degree= applies to method='poly' only")
-        if not isinstance(degree, (int, np.integer)) or isinstance(degree, bool) or degree < 0:
-            raise ValueError(f"degree must be a non-negative integer, got {degree!r}")
-    if tensor_cores not in (None, True, False):
-        raise ValueError(f"tensor_cores must be None, True or False, got {tensor_cores!r}")
+        degree = _check_int(degree, "degree", 0)
+    if scale is not None:
+        scale = _check_number(scale, "scale")
+        # The GPU takes the scale as a float32: beyond its range it would be Inf there.
+        if not abs(scale) <= _F32_MAX:
+            raise ValueError(
+                f"scale must be finite in float32 (|scale| <= {_F32_MAX:.7g}), got {scale!r}"
+            )
     if tensor_cores is not None and method == "exact":
         raise ValueError("tensor_cores= applies to method='poly' and 'auto' only")
     if method == "poly" and is_causal:
@@ -245,10 +304,7 @@ def attention(
         )
     if scale is None:
         scale = 1.0 / math.sqrt(E)
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    out_dtype = q.dtype
+    out_dtype = q.dtype.newbyteorder("=")  # big-endian in, native out
     out_shape = lead_q + (L, Ev)
     units = int(np.prod(lead_kv, dtype=np.int64)) if lead_kv else 1
     # poly and auto without a causal mask run a GPU pre-pass over all three inputs that counts
@@ -295,12 +351,12 @@ def attention(
         S,
         E,
         Ev,
-        bool(is_causal),
+        is_causal,
         scale,
         method,
-        float(eps),
-        None if degree is None else int(degree),
-        bool(check_finite),
+        eps,
+        degree,
+        check_finite,
         _trusted(),
         _count_io(),
         tensor_cores,
@@ -368,26 +424,40 @@ def io_cost(
     ``heads`` counts query heads; ``kv_heads`` (default: ``heads``) the key/value heads they
     share, as with ``enable_gqa``.
     """
-    kv_heads = heads if kv_heads is None else kv_heads
-    for name, val in (("L", L), ("S", S), ("E", E), ("heads", heads), ("kv_heads", kv_heads)):
-        if not isinstance(val, (int, np.integer)) or val < (0 if name == "L" else 1):
-            raise ValueError(f"{name} must be a positive integer, got {val!r}")
-    Ev = E if Ev is None else Ev
+    L, S, E = _check_int(L, "L", 0), _check_int(S, "S", 1), _check_int(E, "E", 1)
+    Ev = E if Ev is None else _check_int(Ev, "Ev", 1)
+    heads = _check_int(heads, "heads", 1)
+    kv_heads = heads if kv_heads is None else _check_int(kv_heads, "kv_heads", 1)
     if heads % kv_heads != 0:
         raise ValueError(f"kv_heads={kv_heads} must divide heads={heads}")
-    if method not in ("exact", "poly"):
-        raise ValueError(f"method must be 'exact' or 'poly', got {method!r}")
-    if fast_memory_words is not None and fast_memory_words < 1:
-        raise ValueError(f"fast_memory_words must be positive, got {fast_memory_words}")
+    method = _check_method(method, ("exact", "poly"))
+    is_causal = _check_bool(is_causal, "is_causal")
+    if degree is not None:
+        degree = _check_int(degree, "degree", 0)
+    if eps is not None:
+        eps = _check_eps(eps)
+    if beta is not None:
+        beta = _check_number(beta, "beta")
+        if not 0.0 <= beta < math.inf:
+            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    if method == "exact" and (degree, eps, beta) != (None, None, None):
+        raise ValueError("degree=, eps= and beta= apply to method='poly' only")
+    if method == "poly" and (degree is None) == (eps is None or beta is None):
+        raise ValueError(
+            "io_cost(method='poly') needs degree=, or eps= and beta= (not both), got "
+            f"degree={degree!r}, eps={eps!r}, beta={beta!r}"
+        )
+    if fast_memory_words is not None:
+        fast_memory_words = _check_int(fast_memory_words, "fast_memory_words", 1)
     return dict(
         _core.io_cost(
-            int(kv_heads),
-            int(heads // kv_heads),
-            int(L),
-            int(S),
-            int(E),
-            int(Ev),
-            bool(is_causal),
+            kv_heads,
+            heads // kv_heads,
+            L,
+            S,
+            E,
+            Ev,
+            is_causal,
             method,
             degree,
             eps,
@@ -409,12 +479,18 @@ def io_lower_bound(
     """Reconstructed I/O lower bound in words (see README): for ``poly`` with rank
     r = C(E+degree, degree), Ω(n·d + min(n·r·d²/M, n·r·d/√M)) with the segment-argument
     constants; for ``exact``, Ω(min(n²d²/M, n²d/√M)) (Saha & Ye 2024)."""
+    L, S, E = _check_int(L, "L", 0), _check_int(S, "S", 1), _check_int(E, "E", 1)
+    method = _check_method(method, ("exact", "poly"))
+    if degree is not None:
+        if method != "poly":
+            raise ValueError("degree= applies to method='poly' only")
+        degree = _check_int(degree, "degree", 0)
+    elif method == "poly":
+        raise ValueError("io_lower_bound(method='poly') needs degree=")
     if fast_memory_words is None:
         fast_memory_words = device_info()["fast_memory_words"]
-    m = float(fast_memory_words)
+    m = float(_check_int(fast_memory_words, "fast_memory_words", 1))
     if method == "exact":
         return _core.io_closed_form(L, S, E, 1.0, m)[5]
-    if degree is None:
-        raise ValueError("io_lower_bound(method='poly') needs degree=")
     r = float(_core.num_features(E, degree))
     return _core.io_closed_form(L, S, E, r, m)[4]

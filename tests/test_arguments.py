@@ -1,0 +1,233 @@
+"""Argument types are checked as in PyTorch: booleans must be bools (numpy.bool_ too), numbers may
+be NumPy scalars, any float byte order is accepted; io_cost and io_lower_bound check every argument.
+
+Wrong types raise TypeError (also a ValueError, as some of them did before); bad values ValueError.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import approx_attn
+import numpy as np
+import pytest
+from approx_attn.reference import exact_attention
+
+
+def small_qkv(dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    return tuple(rng.standard_normal(s).astype(dtype) for s in ((2, 5, 8), (2, 6, 8), (2, 6, 4)))
+
+
+BOOL_ARGS = ["is_causal", "enable_gqa", "check_finite", "return_report"]
+
+
+@pytest.mark.parametrize("bad", ["no", "", 1, 0, 1.0, None, [True]], ids=repr)
+@pytest.mark.parametrize("name", BOOL_ARGS)
+def test_booleans_must_be_bools(name: str, bad: Any) -> None:
+    with pytest.raises(TypeError, match=f"^{name} must be a bool, not {type(bad).__name__}"):
+        approx_attn.attention(*small_qkv(), method="exact", **{name: bad})
+
+
+@pytest.mark.parametrize("name", BOOL_ARGS)
+def test_numpy_bools_are_bools(name: str) -> None:
+    q, k, v = small_qkv()
+    res = approx_attn.attention(q, k, v, method="exact", **{name: np.bool_(False)})
+    assert isinstance(res, np.ndarray) and res.shape == (2, 5, 4)
+
+
+@pytest.mark.parametrize("bad", [1, 0, "yes", 1.0], ids=repr)
+def test_tensor_cores_must_be_none_or_a_bool(bad: Any) -> None:
+    # 1 == True in Python: it used to pass this check and fail in the binding.
+    with pytest.raises(TypeError, match="^tensor_cores must be None or a bool, not"):
+        approx_attn.attention(*small_qkv(), method="poly", degree=2, tensor_cores=bad)
+
+
+def test_type_errors_are_also_value_errors() -> None:
+    # degree=2.0 and tensor_cores="yes" raised ValueError before; code catching it keeps working.
+    with pytest.raises(ValueError, match="degree must be an integer, not float"):
+        approx_attn.attention(*small_qkv(), method="poly", degree=2.0)
+
+
+@pytest.mark.parametrize(
+    "eps", [np.float32(0.01), np.float64(0.01), np.float16(0.01), 0.01], ids=repr
+)
+def test_eps_may_be_a_numpy_scalar(eps: Any) -> None:
+    q, k, v = small_qkv()
+    _, rep = approx_attn.attention(q * 0.1, k * 0.1, v, method="poly", eps=eps, return_report=True)
+    assert rep.method == "poly" and rep.error_bound is not None
+
+
+@pytest.mark.parametrize("scale", [np.float32(0.25), np.float64(0.25), np.int64(1), 1, 0.25])
+def test_scale_may_be_a_numpy_scalar(scale: Any) -> None:
+    q, k, v = small_qkv()
+    out = approx_attn.attention(q, k, v, method="exact", scale=scale)
+    ref = exact_attention(q, k, v, scale=float(scale))
+    # float32 scores of 8 terms and 6 keys with |V| < 4: a few float32 ulps.
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "bad", "what"),
+    [
+        ("scale", "1", "a number"),
+        ("scale", True, "a number"),
+        ("scale", np.ones(1), "a number"),
+        ("eps", "0.1", "a number"),
+        ("eps", True, "a number"),
+        ("eps", None, "a number"),
+        ("method", None, "a str"),
+        ("method", 1, "a str"),
+    ],
+    ids=repr,
+)
+def test_numbers_and_strings_must_have_their_type(name: str, bad: Any, what: str) -> None:
+    kwargs = {"method": "poly"} if name == "eps" else {}
+    kwargs[name] = bad
+    with pytest.raises(TypeError, match=f"^{name} must be {what}, not {type(bad).__name__}"):
+        approx_attn.attention(*small_qkv(), **kwargs)
+
+
+@pytest.mark.parametrize("degree", [np.int64(2), np.int8(2), 2])
+def test_degree_may_be_a_numpy_integer(degree: Any) -> None:
+    q, k, v = small_qkv()
+    _, rep = approx_attn.attention(
+        q * 0.1, k * 0.1, v, method="poly", degree=degree, return_report=True
+    )
+    assert rep.degree == 2
+
+
+@pytest.mark.parametrize("bad", [True, 2.0, "2", np.float32(2)], ids=repr)
+def test_degree_must_be_an_integer(bad: Any) -> None:
+    with pytest.raises(TypeError, match=f"^degree must be an integer, not {type(bad).__name__}"):
+        approx_attn.attention(*small_qkv(), method="poly", degree=bad)
+
+
+@pytest.mark.parametrize("scale", [1e39, -1e39, 3.5e38])
+def test_scale_beyond_float32_is_refused(scale: float) -> None:
+    # Finite in Python, Inf once converted to the GPU's float32: it would silently give zeros.
+    with pytest.raises(ValueError, match=r"^scale must be finite in float32 \(\|scale\| <= "):
+        approx_attn.attention(*small_qkv(), method="exact", scale=scale)
+
+
+@pytest.mark.parametrize("method", ["exact", "auto"])
+@pytest.mark.parametrize("order", [">", "<", "="])
+@pytest.mark.parametrize("dtype", ["f2", "f4", "f8"])
+def test_any_byte_order(dtype: str, order: str, method: str) -> None:
+    q, k, v = (x.astype(order + dtype) for x in small_qkv(np.float64))
+    out = approx_attn.attention(q, k, v, method=method)
+    assert out.dtype == np.dtype(dtype) and out.dtype.isnative
+    native = approx_attn.attention(*(x.astype(dtype) for x in (q, k, v)), method=method)
+    np.testing.assert_array_equal(out, native)
+
+
+def test_big_endian_non_finite_is_found() -> None:
+    q, k, v = (x.astype(">f8") for x in small_qkv(np.float64))
+    k[1, 2, 3] = 1e300  # beyond float32's range: an Inf on the GPU
+    with pytest.raises(ValueError, match="^key contains 1 NaN or Inf value"):
+        approx_attn.attention(q, k, v, method="exact")
+
+
+@pytest.mark.parametrize("dtype", [np.longdouble, np.complex128, np.int16, object])
+def test_other_dtypes_are_type_errors(dtype: Any) -> None:
+    if np.dtype(dtype).itemsize == 8 and np.dtype(dtype).kind == "f":
+        pytest.skip("longdouble is float64 on this platform")
+    q, k, v = small_qkv()
+    with pytest.raises(TypeError, match="^query must be a floating-point array"):
+        approx_attn.attention(q.astype(dtype), k, v, method="exact")
+
+
+# io_cost and io_lower_bound
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ((-1, 10, 16), {}, ValueError, "^L must be a non-negative integer, got -1"),
+        ((10, 0, 16), {}, ValueError, "^S must be a positive integer, got 0"),
+        ((10, -3, 16), {}, ValueError, "^S must be a positive integer, got -3"),
+        ((10, 10, 0), {}, ValueError, "^E must be a positive integer, got 0"),
+        ((10, 10, 16, 0), {}, ValueError, "^Ev must be a positive integer, got 0"),
+        ((10.0, 10, 16), {}, TypeError, "^L must be an integer, not float"),
+        ((10, "10", 16), {}, TypeError, "^S must be an integer, not str"),
+        ((10, 10, True), {}, TypeError, "^E must be an integer, not bool"),
+        ((10, 10, 16), {"heads": 0}, ValueError, "^heads must be a positive integer"),
+        ((10, 10, 16), {"kv_heads": 0}, ValueError, "^kv_heads must be a positive integer"),
+        ((10, 10, 16), {"heads": 4, "kv_heads": 3}, ValueError, "must divide heads=4"),
+        ((10, 10, 16), {"is_causal": "yes"}, TypeError, "^is_causal must be a bool, not str"),
+        ((10, 10, 16), {"method": "auto"}, ValueError, "^method must be one of"),
+        ((10, 10, 16), {"method": None}, TypeError, "^method must be a str, not NoneType"),
+        ((10, 10, 16), {"degree": 2}, ValueError, "apply to method='poly' only"),
+        ((10, 10, 16), {"fast_memory_words": 0}, ValueError, "^fast_memory_words must be a pos"),
+        ((10, 10, 16), {"fast_memory_words": 1.5}, TypeError, "^fast_memory_words must be an int"),
+    ],
+    ids=lambda x: repr(x)[:30],
+)
+def test_io_cost_checks_every_argument(
+    args: tuple[Any, ...], kwargs: dict[str, Any], error: type, match: str
+) -> None:
+    kwargs = {"method": "exact", "fast_memory_words": 8192, **kwargs}
+    with pytest.raises(error, match=match):
+        approx_attn.io_cost(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({}, ValueError, "needs degree=, or eps= and beta="),
+        ({"eps": 0.1}, ValueError, "needs degree=, or eps= and beta="),
+        ({"degree": 2, "eps": 0.1, "beta": 1.0}, ValueError, r"not both"),
+        ({"degree": -1}, ValueError, "^degree must be a non-negative integer"),
+        ({"degree": 2.0}, TypeError, "^degree must be an integer, not float"),
+        ({"eps": 1.5, "beta": 1.0}, ValueError, r"^eps must be a number in \(0, 1\)"),
+        ({"eps": "0.1", "beta": 1.0}, TypeError, "^eps must be a number, not str"),
+        ({"eps": 0.1, "beta": -1.0}, ValueError, "^beta must be a finite number >= 0"),
+        ({"eps": 0.1, "beta": float("inf")}, ValueError, "^beta must be a finite number >= 0"),
+        ({"eps": 0.1, "beta": float("nan")}, ValueError, "^beta must be a finite number >= 0"),
+    ],
+    ids=repr,
+)
+def test_io_cost_poly_arguments(kwargs: dict[str, Any], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        approx_attn.io_cost(10, 10, 16, method="poly", fast_memory_words=8192, **kwargs)
+
+
+def test_io_cost_accepts_numpy_scalars() -> None:
+    n, e = np.int64(300), np.int32(16)
+    cost = approx_attn.io_cost(
+        n, n, e, method="poly", eps=np.float32(0.01), beta=np.float64(1.0), fast_memory_words=8192
+    )
+    assert cost == approx_attn.io_cost(
+        300, 300, 16, method="poly", eps=float(np.float32(0.01)), beta=1.0, fast_memory_words=8192
+    )
+    assert approx_attn.io_cost(0, 5, 16, method="exact", fast_memory_words=8192)["total"] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ((-1, 10, 16), {}, ValueError, "^L must be a non-negative integer, got -1"),
+        ((10, 0, 16), {}, ValueError, "^S must be a positive integer, got 0"),
+        ((10, 10, 0), {}, ValueError, "^E must be a positive integer, got 0"),
+        ((10, 10, 1.5), {}, TypeError, "^E must be an integer, not float"),
+        ((10, 10, 16), {"method": "bogus"}, ValueError, "^method must be one of"),
+        ((10, 10, 16), {"method": "exact", "degree": 2}, ValueError, "applies to method='poly'"),
+        ((10, 10, 16), {"degree": None}, ValueError, "needs degree="),
+        ((10, 10, 16), {"degree": -2}, ValueError, "^degree must be a non-negative integer"),
+        ((10, 10, 16), {"fast_memory_words": 0}, ValueError, "^fast_memory_words must be a pos"),
+    ],
+    ids=lambda x: repr(x)[:30],
+)
+def test_io_lower_bound_checks_every_argument(
+    args: tuple[Any, ...], kwargs: dict[str, Any], error: type, match: str
+) -> None:
+    kwargs = {"degree": 2, "fast_memory_words": 8192, **kwargs}
+    with pytest.raises(error, match=match):
+        approx_attn.io_lower_bound(*args, **kwargs)
+
+
+def test_io_lower_bound_accepts_numpy_scalars() -> None:
+    a = approx_attn.io_lower_bound(
+        np.int64(1024), 1024, np.int16(16), degree=np.int8(2), fast_memory_words=np.int64(8192)
+    )
+    assert a == approx_attn.io_lower_bound(1024, 1024, 16, degree=2, fast_memory_words=8192) > 0
