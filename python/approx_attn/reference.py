@@ -149,3 +149,115 @@ def beta(query: np.ndarray, key: np.ndarray, *, scale: float | None = None) -> f
         group = qn.shape[-1] // kn.shape[-1]
         kn = np.repeat(kn, group, axis=-1)
     return float(abs(scale) * np.max(qn * kn))
+
+
+def _gate_cumsum(log_gates: np.ndarray | None, shape: tuple[int, ...], group: int) -> np.ndarray:
+    """G = cumulative sum of log_gates along the sequence, expanded to the query heads (shape
+    (..., S)); zeros without gates."""
+    if log_gates is None:
+        return np.zeros(shape)
+    g = np.cumsum(np.asarray(log_gates, dtype=np.float64), axis=-1)
+    if group > 1:
+        g = np.repeat(g, group, axis=-2)
+    return g
+
+
+def polynomial_kernel_attention(
+    query: np.ndarray,
+    key: np.ndarray,
+    value: np.ndarray,
+    coeffs: np.ndarray,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    normalize: bool = True,
+    log_gates: np.ndarray | None = None,
+    enable_gqa: bool = False,
+) -> np.ndarray:
+    """Polynomial attention as a model primitive, parallel form in float64: the weight of key j
+    for query i is w_ij = P(scale q_i.k_j) exp(G_i - G_j) with P = sum_m coeffs[m] x^m and G the
+    cumulative sum of log_gates (shape (..., S) over key/value heads; L = S where gates are given:
+    G_i is the gate sum at query i's own position). No key centring. The output row is
+    sum_j w_ij v_j / sum_j w_ij with `normalize`, else sum_j w_ij v_j; causal mask as in
+    `exact_attention`. exp(G_i - G_j) is formed from the difference, as a model would mean it."""
+    q = np.asarray(query, dtype=np.float64)
+    group = q.shape[-3] // np.shape(key)[-3] if enable_gqa and q.ndim >= 3 else 1
+    k, v = _expand_gqa(
+        q, np.asarray(key, dtype=np.float64), np.asarray(value, dtype=np.float64), enable_gqa
+    )
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    x = np.matmul(q, np.swapaxes(k, -1, -2)) * scale
+    w = np.polynomial.polynomial.polyval(x, np.asarray(coeffs, dtype=np.float64))
+    if log_gates is not None:
+        g = _gate_cumsum(log_gates, (), group)
+        w = w * np.exp(g[..., :, None] - g[..., None, :])
+    if is_causal:
+        w = np.where(causal_mask(w.shape[-2], w.shape[-1]), 0.0, w)
+    out = np.matmul(w, v)
+    return out / w.sum(axis=-1, keepdims=True) if normalize else out
+
+
+def polynomial_state_init(
+    batch_shape: tuple[int, ...], e: int, ev: int, coeffs: np.ndarray
+) -> np.ndarray:
+    """An empty recurrent state of `polynomial_kernel_attention_chunked`: per (..., kv head), the
+    tensor-feature state sum_j exp(G_t - G_j) phi_k(k_j) [v_j | 1] (see `tensor_features`)."""
+    r = sum(e**m for m in range(len(coeffs)))
+    return np.zeros((*batch_shape, r, ev + 1))
+
+
+def polynomial_kernel_attention_chunked(
+    query: np.ndarray,
+    key: np.ndarray,
+    value: np.ndarray,
+    coeffs: np.ndarray,
+    *,
+    chunk: int,
+    scale: float | None = None,
+    normalize: bool = True,
+    log_gates: np.ndarray | None = None,
+    state: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Causal polynomial attention, chunked and recurrent, in float64, with L = S and kv heads
+    equal to query heads (expand GQA first). Every gate factor is taken relative to a chunk
+    boundary, so no exponent exceeds one chunk's decay: the state after position t is
+    S(t) = sum_{j <= t} exp(G_t - G_j) phi_k(k_j) [v_j | 1]; query i in the chunk starting after
+    position s gets exp(G_i - G_s) phi_q(q_i) S(s) plus the masked direct block with weights
+    P(scale q_i.k_j) exp(G_i - G_j); then S(e) = exp(G_e - G_s) S(s) + the chunk's keys with
+    weights exp(G_e - G_j). `state` continues an earlier call (its S(s) at the call's start;
+    earlier tokens are not visible otherwise). With chunk = 1 this is token-by-token decoding.
+    Returns (output, final state)."""
+    q = np.asarray(query, dtype=np.float64)
+    k = np.asarray(key, dtype=np.float64)
+    v = np.asarray(value, dtype=np.float64)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    coeffs = np.asarray(coeffs, dtype=np.float64)
+    n = q.shape[-2]
+    lg = (
+        np.zeros(q.shape[:-1])
+        if log_gates is None
+        else np.asarray(log_gates, dtype=np.float64) * np.ones(q.shape[:-1])
+    )
+    vv = np.concatenate([v, np.ones((*v.shape[:-1], 1))], -1)
+    phi_q, _ = tensor_features(q, coeffs, scale)
+    _, phi_k = tensor_features(k, coeffs, scale)
+    if state is None:
+        state = polynomial_state_init(q.shape[:-2], q.shape[-1], v.shape[-1], coeffs)
+    state = np.array(state, dtype=np.float64)
+    out = np.zeros((*q.shape[:-1], vv.shape[-1]))
+    for c0 in range(0, n, chunk):
+        rows = slice(c0, min(c0 + chunk, n))
+        g = np.cumsum(lg[..., rows], axis=-1)  # G_i - G_s for the chunk's positions
+        x = np.matmul(q[..., rows, :], np.swapaxes(k[..., rows, :], -1, -2)) * scale
+        w = np.polynomial.polynomial.polyval(x, coeffs) * np.exp(g[..., :, None] - g[..., None, :])
+        w = np.where(causal_mask(w.shape[-2], w.shape[-1]), 0.0, w)
+        inter = np.exp(g)[..., None] * np.matmul(phi_q[..., rows, :], state)
+        out[..., rows, :] = inter + np.matmul(w, vv[..., rows, :])
+        decay_to_end = np.exp(g[..., -1:] - g)  # exp(G_e - G_j)
+        state = np.exp(g[..., -1])[..., None, None] * state + np.matmul(
+            np.swapaxes(phi_k[..., rows, :] * decay_to_end[..., None], -1, -2), vv[..., rows, :]
+        )
+    o = out[..., :-1] / out[..., -1:] if normalize else out[..., :-1]
+    return o, state
