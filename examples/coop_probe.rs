@@ -85,7 +85,7 @@ fn main() {
             .map(|i| ((i * 5 % 11) as f32 - 5.0) / 8.0)
             .collect();
         let buf = |data: &[f32]| {
-            let bf = approx_attn::kernels::storage_buffer(&gpu, data.len(), "x");
+            let bf = approx_attn::transfer::storage_buffer(&gpu, data.len(), "x");
             gpu.queue.write_buffer(&bf, 0, bytemuck::cast_slice(data));
             bf
         };
@@ -125,7 +125,7 @@ fn main() {
             println!("n={size}: failed: {e}");
             continue;
         }
-        let out = approx_attn::kernels::read_f32(&gpu, &cb, size * size).expect("reads");
+        let out = approx_attn::transfer::read_f32(&gpu, &cb, size * size).expect("reads");
         let mut max_err = 0f64;
         for &(i, j) in &[
             (0, 0),

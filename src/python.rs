@@ -139,7 +139,7 @@ fn copy_inputs(arrays: [&PyReadonlyArray1<'_, f32>; 3]) -> [Vec<f32>; 3] {
         let mut dst = kept.next().unwrap_or_default();
         dst.clear();
         match a.as_slice() {
-            Ok(src) => crate::kernels::assign_parallel(&mut dst, src),
+            Ok(src) => crate::transfer::assign_parallel(&mut dst, src),
             Err(_) => dst.extend(a.as_array().iter().copied()),
         }
         dst
@@ -228,7 +228,7 @@ fn io_closed_form(l: f64, s: f64, d: f64, r: f64, m: f64) -> (f64, f64, f64, f64
 /// C(e+g, g), the number of features of degree <= g in e variables.
 #[pyfunction]
 fn num_features(e: usize, g: usize) -> u64 {
-    crate::poly::num_features(e, g)
+    crate::poly::features::num_features(e, g)
 }
 
 /// (degree, coefficients, certified eps) of the best fit of exp on [-beta, beta].
@@ -245,15 +245,14 @@ fn fit_polynomial(
         )));
     }
     let poly = match (degree, eps) {
-        (Some(g), _) => crate::poly::Poly::fit(beta, g),
-        (None, Some(eps)) => {
-            crate::poly::choose_degree(beta, eps, crate::MAX_DEGREE).ok_or_else(|| {
+        (Some(g), _) => crate::poly::fit::Poly::fit(beta, g),
+        (None, Some(eps)) => crate::poly::fit::choose_degree(beta, eps, crate::MAX_DEGREE)
+            .ok_or_else(|| {
                 PyValueError::new_err(format!(
                     "no degree <= {} certifies {eps} at beta={beta}",
                     crate::MAX_DEGREE
                 ))
-            })?
-        }
+            })?,
         (None, None) => return Err(PyValueError::new_err("give degree= or eps=")),
     };
     Ok((poly.degree, poly.coeffs.clone(), poly.certified_eps))
@@ -310,7 +309,7 @@ fn empty_cache(py: Python<'_>) -> PyResult<u64> {
     drop(copies);
     let staging = match device::current_gpu() {
         Some(gpu) => py
-            .detach(|| crate::kernels::release_staging(&gpu))
+            .detach(|| crate::transfer::release_staging(&gpu))
             .map_err(to_py)?,
         None => 0,
     };

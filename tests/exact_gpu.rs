@@ -76,7 +76,7 @@ fn every_autotune_candidate_matches_reference() {
     };
     let (q, k, v) = inputs(&p, 5);
     let want = reference(&p, (&q, &k, &v), false, softmax_weights);
-    let candidates = approx_attn::plan::exact_candidates(&p, &budget);
+    let candidates = approx_attn::exact::plan::exact_candidates(&p, &budget);
     assert!(candidates.len() > 4, "{candidates:?}");
     assert!(candidates.iter().any(|t| t.split_v) && candidates.iter().any(|t| !t.split_v));
     let counting = RunOptions {
@@ -84,13 +84,13 @@ fn every_autotune_candidate_matches_reference() {
         count_io: true,
     };
     for t in candidates {
-        let plan = approx_attn::plan::plan_exact_with(&p, &budget, t).unwrap();
+        let plan = approx_attn::exact::plan::plan_exact_with(&p, &budget, t).unwrap();
         let (out, st) =
-            approx_attn::kernels::exact::run(&gpu, &p, &plan, &q, &k, &v, &counting).unwrap();
+            approx_attn::exact::run::run(&gpu, &p, &plan, &q, &k, &v, &counting).unwrap();
         let err = max_abs_diff(&out, &want);
         // Same float32 tolerance as above: values in [-1, 1], a few 1e-6.
         assert!(err < 5e-6, "{t:?}: max error {err}");
-        let io = approx_attn::io::exact_io(&p, &plan);
+        let io = approx_attn::exact::io::exact_io(&p, &plan);
         assert_eq!(
             st.io_words_counted,
             Some((io.reads(), io.writes())),

@@ -11,7 +11,7 @@ const TWIN_TOLERANCE: f64 = 2e-5;
 
 /// The float64 twin: the same polynomial (fitted at the kernels' beta) and the same key centring.
 fn twin(p: &Problem, qkv: (&[f32], &[f32], &[f32]), beta: f64, degree: usize) -> Vec<f64> {
-    let fit = poly::Poly::fit(beta, degree);
+    let fit = poly::fit::Poly::fit(beta, degree);
     let polynomial = |s: &[f64]| -> Vec<f64> {
         s.iter()
             .map(|x| fit.coeffs.iter().rev().fold(0.0, |acc, c| acc * x + c))
@@ -94,9 +94,9 @@ fn every_f32_autotune_candidate_matches_twin() {
     for (p, want_schedule) in [(BASE, "A"), (wide, "B")] {
         let degree = 2;
         let (q, k, v) = inputs(&p, 13);
-        let planned = approx_attn::plan::plan_poly(&p, degree, &budget).unwrap();
+        let planned = approx_attn::poly::plan::plan_poly(&p, degree, &budget).unwrap();
         assert_eq!(format!("{:?}", planned.schedule), want_schedule);
-        let (cands1, cands2) = approx_attn::plan::poly_candidates(&planned, &budget);
+        let (cands1, cands2) = approx_attn::poly::plan::poly_candidates(&planned, &budget);
         assert!(
             cands1.len() > 3 && cands2.len() > 3,
             "{cands1:?} {cands2:?}"

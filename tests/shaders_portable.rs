@@ -1,11 +1,21 @@
 //! Every generated shader parses and validates with naga and translates to SPIR-V (Vulkan), MSL
 //! (Metal), HLSL (DX12) and GLSL (GL), so the paths we cannot run here are at least compiled.
 
-use approx_attn::kernels::{exact, poly};
-use approx_attn::plan::{
-    exact_candidates, exact_tiles_fit, plan_exact, plan_poly, Budget, ExactTiles, Pass1Tiles,
-    Problem,
-};
+use approx_attn::api::Problem;
+use approx_attn::budget::Budget;
+use approx_attn::exact::kernel as exact;
+use approx_attn::exact::plan::{exact_candidates, exact_tiles_fit, plan_exact, ExactTiles};
+use approx_attn::poly::plan::{plan_poly, Pass1Tiles};
+
+/// The WGSL generators of the poly method, by their short names.
+mod poly {
+    pub use approx_attn::poly::kernel_common::reduce_source;
+    pub use approx_attn::poly::kernel_coop::{
+        coop_pack_source, coop_pass1_source, coop_pass2_source,
+    };
+    pub use approx_attn::poly::kernel_f32::{pass1_source, pass2_source};
+    pub use approx_attn::poly::prepass::prepass_source;
+}
 
 /// Words of workgroup memory the shader declares (what the planner must have budgeted).
 fn workgroup_words(module: &naga::Module) -> u64 {
@@ -160,8 +170,8 @@ fn every_kernel_translates_to_every_backend() {
                         );
                     }
                 }
-                let rows = approx_attn::plan::prepass_tile_rows(e, words);
-                let pre_words = approx_attn::plan::prepass_fast_memory_words(e, rows);
+                let rows = approx_attn::poly::prepass::prepass_tile_rows(e, words);
+                let pre_words = approx_attn::poly::prepass::prepass_fast_memory_words(e, rows);
                 assert!(
                     pre_words <= words,
                     "pre-pass needs {pre_words} words of {words}"
@@ -215,7 +225,8 @@ fn coop_kernels_validate_and_translate_to_spirv() {
             for (e, ev) in [(1usize, 1usize), (16, 16), (64, 64), (128, 128), (32, 200)] {
                 let p = problem(e, ev);
                 for g in [0usize, 1, 2, 3] {
-                    let Some(t) = approx_attn::plan::plan_coop(&p, g, &budget(words), sg) else {
+                    let Some(t) = approx_attn::poly::plan::plan_coop(&p, g, &budget(words), sg)
+                    else {
                         continue;
                     };
                     planned += 1;

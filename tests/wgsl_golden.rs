@@ -7,11 +7,22 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use approx_attn::kernels::{exact, poly};
-use approx_attn::plan::{
-    coop_candidates, exact_candidates, plan_coop, plan_exact, plan_poly, poly_candidates,
-    prepass_tile_rows, Budget, ExactTiles, Pass1Tiles, Problem,
-};
+use approx_attn::api::Problem;
+use approx_attn::budget::Budget;
+use approx_attn::exact::kernel as exact;
+use approx_attn::exact::plan::{exact_candidates, plan_exact, ExactTiles};
+use approx_attn::poly::plan::{coop_candidates, plan_coop, plan_poly, poly_candidates, Pass1Tiles};
+use approx_attn::poly::prepass::prepass_tile_rows;
+
+/// The WGSL generators of the poly method, by their short names.
+mod poly {
+    pub use approx_attn::poly::kernel_common::reduce_source;
+    pub use approx_attn::poly::kernel_coop::{
+        coop_pack_source, coop_pass1_source, coop_pass2_source,
+    };
+    pub use approx_attn::poly::kernel_f32::{pass1_source, pass2_source};
+    pub use approx_attn::poly::prepass::prepass_source;
+}
 
 /// FNV-1a, 64 bits: stable across Rust versions and platforms (std's hasher is not).
 fn fnv1a(text: &str) -> u64 {

@@ -1,0 +1,119 @@
+//! The vocabulary of the crate: the problem, the method and its options, and what a call
+//! reports. Defined once, filled in Rust, exposed to Python by `python.rs`.
+
+use crate::io::IoCount;
+use crate::launch::RunStats;
+
+/// One attention problem, already flattened: `units` = batch x KV heads; each unit has `group`
+/// query heads (`enable_gqa`), so Q is `(units*group, l, e)`, K `(units, s, e)`, V `(units, s, ev)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Problem {
+    pub units: usize,
+    pub group: usize,
+    pub l: usize,
+    pub s: usize,
+    pub e: usize,
+    pub ev: usize,
+    pub causal: bool,
+    pub scale: f32,
+}
+
+impl Problem {
+    pub fn query_heads(&self) -> usize {
+        self.units * self.group
+    }
+}
+
+/// Which method `attention` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Exact,
+    Poly,
+    /// Poly where it certifies `eps` and is predicted to be cheaper, exact otherwise.
+    Auto,
+}
+
+/// Options of the polynomial method.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PolyOptions {
+    /// Bound on max |O - O*| per output column, relative to that value column's range.
+    pub eps: f64,
+    /// Force this degree (the certificate is then whatever it certifies).
+    pub degree: Option<usize>,
+    pub check_finite: bool,
+    /// Tensor cores (cooperative matrices, f16 operands, f32 accumulators) for the two poly
+    /// passes: `Some(true)` requires them, `Some(false)` keeps the f32 path, `None` uses them
+    /// where the adapter has them and their f16 rounding bound is at most half of eps. With them
+    /// the certificate adds that bound and the degree is chosen for what is left of eps.
+    pub tensor_cores: Option<bool>,
+}
+
+/// Schedules of the polynomial method (THEORY.md): A when S' = Phi_k(K)^T [V | 1] fits the fast
+/// memory (each pass keeps it resident), B when it is streamed in feature chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Schedule {
+    A,
+    B,
+}
+
+/// What the polynomial method certified.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Certificate {
+    pub degree: usize,
+    pub rank: usize,
+    pub beta: f64,
+    /// Certified max |P(x) e^-x - 1| on [-beta, beta].
+    pub poly_eps: f64,
+    /// Certified absolute bound on |O - O*| per output column (max over units), the f16
+    /// rounding bound included.
+    pub error_bound_per_column: Vec<f64>,
+    /// Bound on the f16 rounding of the tensor-core passes, relative to each value column's
+    /// range; None on the f32 path.
+    pub f16_rounding: Option<f64>,
+    pub schedule: Schedule,
+}
+
+/// What ran and what it cost.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub method: &'static str,
+    pub adapter: String,
+    pub backend: String,
+    pub fast_memory_words: u64,
+    /// Words the plan that ran moves between storage buffers and workgroup memory.
+    pub io_words: u64,
+    pub io_reads: u64,
+    pub io_writes: u64,
+    pub stats: RunStats,
+    pub elapsed_s: f64,
+    pub plan: String,
+    pub certificate: Option<Certificate>,
+    /// Predicted seconds of (exact, poly) where computed.
+    pub predicted_exact_s: Option<f64>,
+    pub predicted_poly_s: Option<f64>,
+    /// Why `auto` chose what it chose.
+    pub reason: String,
+}
+
+/// The plan that would run and the words it moves, without touching the GPU when
+/// `fast_memory_words` is given (then the model has no binding limit: one dispatch).
+#[derive(Clone, Debug)]
+pub struct IoEstimate {
+    pub method: &'static str,
+    pub schedule: Option<Schedule>,
+    pub degree: Option<usize>,
+    pub rank: Option<usize>,
+    pub fast_memory_words: u64,
+    pub io: IoCount,
+}
+
+/// What [`poly_attention_with_tiles`] returns.
+pub struct TiledPolyRun {
+    pub out: Vec<f32>,
+    /// The pre-pass's beta (the polynomial was fitted on [-beta, beta]).
+    pub beta: f64,
+    /// (reads, writes) of the pre-pass, both passes and the reduction, counted by the shaders
+    /// (with `count_io`), and as the I/O model plans them.
+    pub words_counted: Option<(u64, u64)>,
+    pub words_planned: (u64, u64),
+}

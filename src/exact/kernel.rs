@@ -1,0 +1,336 @@
+//! The exact kernel's WGSL, generated from `shaders/exact.wgsl` and its tiles, and its parameters.
+
+use std::fmt::Write as _;
+
+use super::plan::ExactTiles;
+use crate::wgsl::{constant_loop, fill_template, io_counter_slots, wgsl_element};
+
+pub(crate) const TEMPLATE: &str = include_str!("../../shaders/exact.wgsl");
+
+/// Most prefetch registers (floats per thread, K and V) with which the next K tile is loaded
+/// early (see `shader_source`).
+const EARLY_K_PREFETCH_FLOATS: usize = 32;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct Params {
+    pub(crate) l: u32,
+    pub(crate) s: u32,
+    pub(crate) group: u32,
+    pub(crate) causal: u32,
+    pub(crate) q_offset: u32,
+    pub(crate) kv_offset: u32,
+    pub(crate) write_stats: u32,
+    pub(crate) scale_log2: f32,
+}
+
+/// The WGSL of the exact kernel for these tiles, micro-tiles unrolled into named registers. Tile
+/// elements are vec4 where both widths allow (`ExactTiles::lanes`): 16-byte loads from workgroup
+/// memory, four multiply-adds per loaded pair.
+pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
+    let rq = t.rows_per_thread();
+    let rk = t.keys_per_thread();
+    let lanes = t.lanes();
+    let cv = t.out_cols_per_thread() / lanes;
+    let wg = t.threads();
+    let (elem, comps) = wgsl_element(lanes);
+    let (p_elem, p_comps) = wgsl_element(t.p_lanes());
+    let p4 = p_comps.len() == 4;
+    let row = |a: usize| format!("(tq + {}u)", a * t.tq);
+
+    let mut o_decl = String::new();
+    for a in 0..rq {
+        let _ = writeln!(o_decl, "    var m_{a} = NEG;\n    var l_{a} = 0.0;");
+        for u in 0..cv {
+            let _ = writeln!(o_decl, "    var o_{a}_{u} = T();");
+        }
+    }
+
+    // Element u of a thread's prefetch is tile element lid + WG * u (row-major, unpadded).
+    let ew = t.e / lanes;
+    let evw = t.ev / lanes;
+    let (nk, nv) = ((t.bk * ew).div_ceil(wg), (t.bk * evw).div_ceil(wg));
+    let mut pre_decl = String::new();
+    for u in 0..nk {
+        let _ = writeln!(pre_decl, "    var kx_{u} = T();");
+    }
+    for u in 0..nv {
+        let _ = writeln!(pre_decl, "    var vx_{u} = T();");
+    }
+    // V rows `rows` of the tile at key `j0` into the vx registers.
+    let v_loads = |j0: &str, rows: &str, ind: &str| {
+        let mut s = String::new();
+        for u in 0..nv {
+            let _ = writeln!(
+                s,
+                "{ind}vx_{u} = T();\n{ind}if (lid + {o}u < {rows} * EVW) {{\n{ind}    \
+                 vx_{u} = v[v_base + ({j0}) * EVW + lid + {o}u];\n{ind}    words_read += LANES;\n{ind}}}",
+                o = wg * u
+            );
+        }
+        s
+    };
+    // The K tile at key `j0` (and its V tile with `with_v`) into the registers.
+    let tile_load = |j0: &str, ind: &str, with_v: bool| {
+        let mut s = format!("{ind}let kr = min(BK, kv_end - ({j0}));\n");
+        for u in 0..nk {
+            let _ = writeln!(
+                s,
+                "{ind}kx_{u} = T();\n{ind}if (lid + {o}u < kr * EW) {{\n{ind}    \
+                 kx_{u} = k[k_base + ({j0}) * EW + lid + {o}u];\n{ind}    words_read += LANES;\n{ind}}}",
+                o = wg * u
+            );
+        }
+        if with_v {
+            s.push_str(&v_loads(j0, "kr", ind));
+        }
+        s.trim_end().to_string()
+    };
+    let mut k_store = String::new();
+    let mut v_store = String::new();
+    for u in 0..nk {
+        let _ = writeln!(
+            k_store,
+            "        if (lid + {o}u < BK * EW) {{\n            let idx = lid + {o}u;\n            \
+             kv_tile[(idx / EW) * KS + idx % EW] = kx_{u};\n        }}",
+            o = wg * u
+        );
+    }
+    for u in 0..nv {
+        let _ = writeln!(
+            v_store,
+            "        if (lid + {o}u < BK * EVW) {{\n            kv_tile[vbase + lid + {o}u] = vx_{u};\n        }}",
+            o = wg * u
+        );
+    }
+
+    // Scores stay in registers, masked entries at NEG; each thread posts its partial row maxima.
+    let mut scores = String::new();
+    for a in 0..rq {
+        for b in 0..rk {
+            let _ = writeln!(scores, "        var s_{a}_{b} = 0.0;");
+        }
+    }
+    let mut step = String::new();
+    for a in 0..rq {
+        let _ = writeln!(step, "            let q_{a} = q_tile[{} * QS + e];", row(a));
+    }
+    for b in 0..rk {
+        let _ = writeln!(
+            step,
+            "            let k_{b} = kv_tile[(tk + {}u) * KS + e];",
+            b * t.tk
+        );
+    }
+    for c in comps {
+        for a in 0..rq {
+            for b in 0..rk {
+                let _ = writeln!(
+                    step,
+                    "            s_{a}_{b} = fma(q_{a}{c}, k_{b}{c}, s_{a}_{b});"
+                );
+            }
+        }
+    }
+    scores.push_str(&constant_loop("        ", "e", ("EW", ew), &step));
+    scores.push('\n');
+    for a in 0..rq {
+        for b in 0..rk {
+            let _ = writeln!(
+                scores,
+                "        s_{a}_{b} = select(NEG, s_{a}_{b}, tk + {jb}u < k_rows && (params.causal == 0u || \
+                 params.kv_offset + j0 + tk + {jb}u <= params.q_offset + q0 + {i}));",
+                jb = b * t.tk,
+                i = row(a)
+            );
+        }
+        let mx = (1..rk).fold(format!("s_{a}_0"), |acc, b| {
+            format!("max({acc}, s_{a}_{b})")
+        });
+        let _ = writeln!(scores, "        part[{} * TK + tk] = {mx};", row(a));
+    }
+
+    // Online softmax on the thread's own scores: the row maximum from the posted partials, the
+    // rescale of its accumulators, P for the P V product.
+    let mut softmax = String::new();
+    for a in 0..rq {
+        let _ = writeln!(
+            softmax,
+            "        {{\n            var mx = m_{a};\n            for (var t = 0u; t < TK; t++) {{\n                \
+             mx = max(mx, part[{r} * TK + t]);\n            }}\n            \
+             let alpha = exp2(m_{a} - mx);\n            m_{a} = mx;",
+            r = row(a)
+        );
+        for b in 0..rk {
+            let target = if p4 {
+                format!(
+                    "p_tile[{r} * PS + (tk + {jb}u) / 4u][(tk + {jb}u) % 4u]",
+                    r = row(a),
+                    jb = b * t.tk
+                )
+            } else {
+                format!("p_tile[{r} * PS + tk + {jb}u]", r = row(a), jb = b * t.tk)
+            };
+            let _ = writeln!(
+                softmax,
+                "            let p_{b} = select(0.0, exp2(s_{a}_{b} - mx), s_{a}_{b} > NEG);\n            \
+                 {target} = p_{b};"
+            );
+        }
+        let sum = (0..rk)
+            .map(|b| format!("p_{b}"))
+            .collect::<Vec<_>>()
+            .join(" + ");
+        let _ = writeln!(softmax, "            l_{a} = l_{a} * alpha + ({sum});");
+        for u in 0..cv {
+            let _ = writeln!(softmax, "            o_{a}_{u} *= alpha;");
+        }
+        softmax.push_str("        }\n");
+    }
+
+    // Element columns of a thread: tk + u * TK (consecutive threads read consecutive elements).
+    // With a vec4 P tile, one load brings the probabilities of four keys.
+    let p_step = p_comps.len();
+    let mut step = String::new();
+    for a in 0..rq {
+        let _ = writeln!(
+            step,
+            "            let p_{a} = p_tile[{} * PS + jp];",
+            row(a)
+        );
+    }
+    for (l, pc) in p_comps.iter().enumerate() {
+        for u in 0..cv {
+            let _ = writeln!(
+                step,
+                "            let v_{l}_{u} = kv_tile[vbase + ({p_step}u * jp + {l}u) * EVW + tk + {}u];",
+                u * t.tk
+            );
+        }
+        for a in 0..rq {
+            for u in 0..cv {
+                let _ = writeln!(
+                    step,
+                    "            o_{a}_{u} = fma(T(p_{a}{pc}), v_{l}_{u}, o_{a}_{u});"
+                );
+            }
+        }
+    }
+    let pv_steps = format!("BK / {p_step}u");
+    let pv = constant_loop("        ", "jp", (&pv_steps, t.bk / p_step), &step);
+
+    // Row sums: the TK partial sums of each row, added after one barrier.
+    let mut store = String::new();
+    for a in 0..rq {
+        let _ = writeln!(store, "    part[{} * TK + tk] = l_{a};", row(a));
+    }
+    store.push_str("    workgroupBarrier();\n");
+    for a in 0..rq {
+        let _ = writeln!(
+            store,
+            "    {{\n        let i = {r};\n        var li = 0.0;\n        for (var t = 0u; t < TK; t++) {{\n            \
+             li += part[i * TK + t];\n        }}",
+            r = row(a)
+        );
+        for u in 0..cv {
+            let _ = writeln!(
+                store,
+                "        if (i < q_rows && tk + {cu}u < EVW) {{",
+                cu = u * t.tk
+            );
+            for (l, c) in comps.iter().enumerate() {
+                let _ = writeln!(
+                    store,
+                    "            o[(head * params.l + q0 + i) * EV + LANES * (tk + {cu}u) + {l}u] = \
+                     select(0.0, o_{a}_{u}{c} / li, li > 0.0);",
+                    cu = u * t.tk
+                );
+            }
+            let _ = writeln!(store, "            words_written += LANES;\n        }}");
+        }
+        let _ = writeln!(
+            store,
+            "        if (params.write_stats != 0u && tk == 0u && i < q_rows) {{\n            \
+             let srow = (head * params.l + q0 + i) * 2u;\n            stats[srow] = m_{a};\n            \
+             stats[srow + 1u] = li;\n            words_written += 2u;\n        }}\n    }}"
+        );
+    }
+
+    let next_tile = |with_v: bool| {
+        format!(
+            "        if (j0 + BK < kv_end) {{\n{}\n        }}",
+            tile_load("j0 + BK", "            ", with_v)
+        )
+    };
+    let (vbase, tile_store, loads, after_softmax, end_of_tile) = if t.split_v {
+        // K's tile, then two V buffers: V of tile i lives in buffer i % 2, so the next tile's
+        // stores (after this tile's P V) need no barrier of their own; K and V of the next tile
+        // are loaded right after the first barrier.
+        (
+            format!(
+                "{}u + (j0 / BK) % 2u * {}u",
+                t.bk * t.row_stride(),
+                t.v_buffer_elements()
+            ),
+            format!("{k_store}{v_store}"),
+            next_tile(true),
+            String::new(),
+            "        // V is double-buffered: the next tile's stores may follow without a barrier."
+                .to_string(),
+        )
+    } else {
+        // V takes K's place once every thread is past the scores. The next K tile is loaded early
+        // (with V, right after the first barrier) when the whole prefetch fits in
+        // EARLY_K_PREFETCH_FLOATS registers. Measured on the H100 (n = 65,536, 8 heads, tuned
+        // 32 x 32 tiles of 128 threads): early took 0.496 s instead of 0.515 s at E = 64 (32
+        // floats of prefetch), but 1.040 s instead of 1.026 s at E = 128 (64 floats).
+        let early = (nk + nv) * lanes <= EARLY_K_PREFETCH_FLOATS;
+        let (k_early, k_late) = if early {
+            (next_tile(false), String::new())
+        } else {
+            (String::new(), next_tile(false))
+        };
+        (
+            "0u".to_string(),
+            k_store.clone(),
+            format!("{}{k_early}", v_loads("j0", "k_rows", "        ")),
+            format!("{v_store}{k_late}"),
+            "        workgroupBarrier();".to_string(),
+        )
+    };
+    let [decl, add] = io_counter_slots(count_io, 6);
+    fill_template(
+        TEMPLATE,
+        &[
+            ("E", t.e.to_string()),
+            ("EV", t.ev.to_string()),
+            ("BQ", t.bq.to_string()),
+            ("BK", t.bk.to_string()),
+            ("TQ", t.tq.to_string()),
+            ("TK", t.tk.to_string()),
+            ("WG", wg.to_string()),
+            ("ELEM", elem.to_string()),
+            ("LANES", lanes.to_string()),
+            ("Q_TILE", (t.bq * t.row_stride()).to_string()),
+            ("KV_TILE", t.kv_elements().to_string()),
+            ("P_ELEM", p_elem.to_string()),
+            ("PS", t.p_row_stride().to_string()),
+            ("P_TILE", (t.bq * t.p_row_stride()).to_string()),
+            ("PART", (t.bq * t.tk).to_string()),
+            ("O_DECL", o_decl.trim_end().to_string()),
+            ("PREFETCH_DECL", pre_decl.trim_end().to_string()),
+            ("LOAD_FIRST", tile_load("0u", "        ", t.split_v)),
+            ("VBASE", vbase),
+            ("TILE_STORE", tile_store.trim_end().to_string()),
+            ("LOADS", loads.trim_end().to_string()),
+            ("AFTER_SOFTMAX", after_softmax.trim_end().to_string()),
+            ("END_OF_TILE", end_of_tile),
+            ("SCORES", scores.trim_end().to_string()),
+            ("SOFTMAX", softmax.trim_end().to_string()),
+            ("PV", pv),
+            ("STORE", store.trim_end().to_string()),
+            decl,
+            add,
+        ],
+    )
+}

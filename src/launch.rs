@@ -1,0 +1,231 @@
+//! The dispatch path: bind, dispatch, timestamps, I/O counters, readback; what a run measured.
+
+use std::sync::atomic::Ordering;
+
+use crate::device::Gpu;
+use crate::error::Error;
+use crate::transfer::{read_f32, read_mapped, readback_buffer, storage_buffer};
+
+/// What a run measured besides its output.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunStats {
+    /// Words read from / written to storage buffers, counted by the shaders with atomics
+    /// (only when I/O counting is on).
+    pub io_words_counted: Option<(u64, u64)>,
+    /// Sum of the kernels' GPU time from timestamp queries, where the adapter has them.
+    pub kernel_s: Option<f64>,
+    pub dispatches: usize,
+    /// GPU seconds per pass name (timestamps), summed over dispatches.
+    pub pass_s: Vec<(&'static str, f64)>,
+    /// Most bytes wgpu's memory allocator held for the device after any dispatch of the call,
+    /// where the backend reports it (see [`allocated_bytes`]).
+    pub gpu_allocated_bytes: Option<u64>,
+}
+
+impl RunStats {
+    /// The stats of one dispatch of pass `name`, with the allocator's current total: taken right
+    /// after the dispatch, while the caller still holds every buffer of the pass.
+    pub fn dispatch(
+        gpu: &Gpu,
+        name: &'static str,
+        counted: Option<(u64, u64)>,
+        kernel_s: Option<f64>,
+    ) -> Self {
+        RunStats {
+            io_words_counted: counted,
+            kernel_s,
+            dispatches: 1,
+            pass_s: kernel_s.map(|t| vec![(name, t)]).unwrap_or_default(),
+            gpu_allocated_bytes: allocated_bytes(gpu),
+        }
+    }
+
+    pub fn absorb(&mut self, other: &RunStats) {
+        self.dispatches += other.dispatches;
+        for (name, t) in &other.pass_s {
+            match self.pass_s.iter_mut().find(|(n, _)| n == name) {
+                Some((_, acc)) => *acc += t,
+                None => self.pass_s.push((name, *t)),
+            }
+        }
+        self.kernel_s = match (self.kernel_s, other.kernel_s) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        self.gpu_allocated_bytes = match (self.gpu_allocated_bytes, other.gpu_allocated_bytes) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        self.io_words_counted = match (self.io_words_counted, other.io_words_counted) {
+            (Some(a), Some(b)) => Some((a.0 + b.0, a.1 + b.1)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+/// Options every kernel family takes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Compile the shaders with wgpu's bounds checks off (benchmarks only).
+    pub trusted: bool,
+    /// Compile the I/O-counting variant of the shaders.
+    pub count_io: bool,
+}
+
+/// Bytes of all live allocations of wgpu's memory allocator for this device (buffers, ours and
+/// any a finished call has not released yet, and query sets), where the backend sub-allocates
+/// and reports it (Vulkan and DX12 through gpu-allocator); None elsewhere.
+pub fn allocated_bytes(gpu: &Gpu) -> Option<u64> {
+    // The pooled host staging buffers are host memory kept between calls, not this call's GPU
+    // memory.
+    let staging = gpu.upload_pool.live_bytes.load(Ordering::Relaxed)
+        + gpu.readback_pool.live_bytes.load(Ordering::Relaxed);
+    gpu.device
+        .generate_allocator_report()
+        .map(|r| r.total_allocated_bytes.saturating_sub(staging))
+}
+
+/// GPU time of one compute pass, from timestamps written at its beginning and end (inside the
+/// pass, so uploads queued before it are not counted), where the adapter supports them.
+pub(crate) struct Timer {
+    set: wgpu::QuerySet,
+    resolve: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    period_ns: f64,
+}
+
+impl Timer {
+    pub fn new(gpu: &Gpu) -> Option<Timer> {
+        if !gpu
+            .device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+        {
+            return None;
+        }
+        let set = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        });
+        let resolve = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamps"),
+            size: 16,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        Some(Timer {
+            set,
+            resolve,
+            readback: readback_buffer(gpu, 16),
+            period_ns: f64::from(gpu.queue.get_timestamp_period()),
+        })
+    }
+
+    /// The descriptor of the timed compute pass.
+    pub fn pass(&self) -> wgpu::ComputePassDescriptor<'_> {
+        wgpu::ComputePassDescriptor {
+            label: None,
+            timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                query_set: &self.set,
+                beginning_of_pass_write_index: Some(0),
+                end_of_pass_write_index: Some(1),
+            }),
+        }
+    }
+
+    /// After the pass: copies the timestamps out for [`Timer::seconds`].
+    pub fn stop(&self, enc: &mut wgpu::CommandEncoder) {
+        enc.resolve_query_set(&self.set, 0..2, &self.resolve, 0);
+        enc.copy_buffer_to_buffer(&self.resolve, 0, &self.readback, 0, 16);
+    }
+
+    /// Seconds between start and stop (after the submission finished).
+    pub fn seconds(&self, gpu: &Gpu) -> Result<f64, Error> {
+        read_mapped(gpu, &self.readback, 16, |b| {
+            let t: &[u64] = bytemuck::cast_slice(b);
+            t[1].saturating_sub(t[0]) as f64 * self.period_ns * 1e-9
+        })
+    }
+}
+
+/// Words counted by the shaders (when counting) and GPU seconds (where timestamps exist).
+type Measured = (Option<(u64, u64)>, Option<f64>);
+
+/// Binds `bufs` in order (plus the I/O counter when on), dispatches once, and reads `out` back.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dispatch_one(
+    gpu: &Gpu,
+    pipeline: &wgpu::ComputePipeline,
+    layout: &wgpu::BindGroupLayout,
+    bufs: &[&wgpu::Buffer],
+    opts: &RunOptions,
+    grid: (u32, u32, u32),
+    out: &wgpu::Buffer,
+    out_words: usize,
+) -> Result<(Vec<f32>, Measured), Error> {
+    let (counted, kernel_s) = dispatch_no_read(gpu, pipeline, layout, bufs, opts, grid)?;
+    Ok((read_f32(gpu, out, out_words)?, (counted, kernel_s)))
+}
+
+/// Binds `bufs` in order (plus the I/O counter when on), dispatches once and waits; returns the
+/// counted words and the GPU time.
+pub(crate) fn dispatch_no_read(
+    gpu: &Gpu,
+    pipeline: &wgpu::ComputePipeline,
+    layout: &wgpu::BindGroupLayout,
+    bufs: &[&wgpu::Buffer],
+    opts: &RunOptions,
+    grid: (u32, u32, u32),
+) -> Result<Measured, Error> {
+    let counter = opts.count_io.then(|| storage_buffer(gpu, 2, "io_words"));
+    let mut entries: Vec<wgpu::BindGroupEntry> = bufs
+        .iter()
+        .enumerate()
+        .map(|(i, b)| wgpu::BindGroupEntry {
+            binding: i as u32,
+            resource: b.as_entire_binding(),
+        })
+        .collect();
+    if let Some(cb) = &counter {
+        gpu.queue.write_buffer(cb, 0, &[0u8; 8]);
+        entries.push(wgpu::BindGroupEntry {
+            binding: bufs.len() as u32,
+            resource: cb.as_entire_binding(),
+        });
+    }
+    let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout,
+        entries: &entries,
+    });
+    let timer = Timer::new(gpu);
+    let counter_read = counter.as_ref().map(|_| readback_buffer(gpu, 8));
+    let mut enc = gpu.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = enc.begin_compute_pass(&timer.as_ref().map(Timer::pass).unwrap_or_default());
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &bind, &[]);
+        pass.dispatch_workgroups(grid.0, grid.1, grid.2);
+    }
+    if let Some(tm) = &timer {
+        tm.stop(&mut enc);
+    }
+    if let (Some(cb), Some(cr)) = (&counter, &counter_read) {
+        enc.copy_buffer_to_buffer(cb, 0, cr, 0, 8);
+    }
+    gpu.queue.submit([enc.finish()]);
+    gpu.wait()?;
+    let counted = match &counter_read {
+        Some(cr) => Some(read_mapped(gpu, cr, 8, |b| {
+            let w: &[u32] = bytemuck::cast_slice(b);
+            (u64::from(w[0]), u64::from(w[1]))
+        })?),
+        None => None,
+    };
+    let kernel_s = match &timer {
+        Some(tm) => Some(tm.seconds(gpu)?),
+        None => None,
+    };
+    Ok((counted, kernel_s))
+}

@@ -1,0 +1,190 @@
+//! WGSL pieces both poly paths (f32 and tensor cores) generate alike: prefetch registers, the
+//! feature build of pass 2, the feature table's loads; and the reduction kernel of pass 1's splits.
+
+use std::fmt::Write as _;
+
+use super::features::index_words;
+use super::plan::AUX_THREADS;
+use crate::wgsl::{fill_template, io_counter_slots};
+
+pub(crate) const REDUCE: &str = include_str!("../../shaders/poly_reduce.wgsl");
+
+pub fn reduce_source(count_io: bool) -> String {
+    let [decl, add] = io_counter_slots(count_io, 3);
+    fill_template(REDUCE, &[("WG", AUX_THREADS.to_string()), decl, add])
+}
+
+/// Declarations of a thread's `count` registers of a tile streamed through registers: element
+/// u is tile word `lid + wg * u` (names[0]), at row names[1] and column names[2] of rows `width`
+/// wide, held in names[3].
+pub(crate) fn element_registers(
+    s: &mut String,
+    names: [&str; 4],
+    (count, wg): (usize, usize),
+    width: &str,
+) {
+    let [i, row, col, x] = names;
+    for u in 0..count {
+        let _ = writeln!(
+            s,
+            "    let {i}_{u} = lid + {o}u;\n    let {row}_{u} = {i}_{u} / {width};\n    \
+             let {col}_{u} = {i}_{u} % {width};\n    var {x}_{u} = 0.0;",
+            o = wg * u
+        );
+    }
+}
+
+/// Pass 2's feature build (f32 and coop), for the template's loop over the chunk rows f of this
+/// thread: the feature's indices, then for each of its `rpt` query rows (rb + h * HB, read from
+/// the query tile `q_tile` with row stride QS) the feature p = weight * product of the indexed
+/// query entries, stored by `store(row, p)` and summed against the normaliser column into the
+/// register `{d}_h`, whose partials `d_store(row, {d}_h)` writes after the chunk loop.
+pub(crate) struct FeatureBuild {
+    pub(crate) index: String,
+    pub(crate) d_decl: String,
+    pub(crate) feature: String,
+    pub(crate) d_store: String,
+}
+
+pub(crate) fn pass2_feature_build(
+    (rpt, g): (usize, usize),
+    (q_tile, d): (&str, &str),
+    store: impl Fn(&str, &str) -> String,
+    d_store: impl Fn(&str, &str) -> String,
+) -> FeatureBuild {
+    let mut b = FeatureBuild {
+        index: (0..g)
+            .map(|i| format!("                let fi_{i} = feature_index(f, {i}u);"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        d_decl: String::new(),
+        feature: String::new(),
+        d_store: String::new(),
+    };
+    for h in 0..rpt {
+        let row = format!("(rb + {h}u * HB)");
+        let p = format!(
+            "wz.x * {}",
+            feature_product(g, |i| format!("{q_tile}[{row} * QS + fi_{i}]"), "1.0")
+        );
+        let _ = writeln!(b.d_decl, "        var {d}_{h} = 0.0;");
+        let _ = writeln!(
+            b.feature,
+            "                let p_{h} = {p};\n                {d}_{h} = fma(p_{h}, wz.y, {d}_{h});\n                {};",
+            store(&row, &format!("p_{h}"))
+        );
+        let _ = writeln!(b.d_store, "        {};", d_store(&row, &format!("{d}_{h}")));
+    }
+    for text in [&mut b.d_decl, &mut b.feature, &mut b.d_store] {
+        text.truncate(text.trim_end().len());
+    }
+    b
+}
+
+/// The product of a feature's `g` factors, `factor(t)` naming factor t; `one` when g = 0.
+pub(crate) fn feature_product(g: usize, factor: impl Fn(usize) -> String, one: &str) -> String {
+    if g == 0 {
+        return one.to_string();
+    }
+    (0..g).map(factor).collect::<Vec<_>>().join(" * ")
+}
+
+/// Generated code that carries the next tile of a coop pass from storage to workgroup memory in
+/// registers: their declarations, the loads of the first and of the next tile, and the stores.
+pub(crate) struct Prefetch {
+    pub(crate) decl: String,
+    pub(crate) first: String,
+    pub(crate) next: String,
+    pub(crate) store: String,
+}
+
+/// Pass 1's prefetch (f32 and coop) from its declarations, its tile load (code for the tile at
+/// key `j0`) and its stores.
+pub(crate) fn pass1_prefetch(
+    decl: &str,
+    load: impl Fn(&str, &str) -> String,
+    store: &str,
+) -> Prefetch {
+    Prefetch {
+        decl: decl.trim_end().to_string(),
+        first: format!(
+            "    if (j_begin < j_end) {{\n{}\n    }}",
+            load("j_begin", "        ")
+        ),
+        next: load("j0 + BK", "            "),
+        store: store.trim_end().to_string(),
+    }
+}
+
+/// Pass 2's feature table for the next chunk of `rc` rows (index words, weights and, with `z`,
+/// coop's normaliser column) in registers, and its stores into `idx_t` (unpacked: the feature
+/// build reads them for every row) and `wz_t` (the f32 pass takes the normaliser column from its
+/// S' rows and stores only the weights).
+pub(crate) fn table_prefetch(wg: usize, rc: usize, g: usize, z: bool) -> Prefetch {
+    let ni = (rc * index_words(g)).div_ceil(wg);
+    let nw = rc.div_ceil(wg);
+    let mut decl = String::new();
+    for u in 0..ni {
+        let _ = writeln!(decl, "        var tix_{u} = 0u;");
+    }
+    for u in 0..nw {
+        let _ = writeln!(decl, "        var twz_{u} = vec2<f32>();");
+    }
+    let load = |f0: &str, ind: &str| {
+        let mut s = format!("{ind}{{\n{ind}    let rows_f = min(RC, R - ({f0}));\n");
+        for u in 0..ni {
+            let _ = writeln!(
+                s,
+                "{ind}    tix_{u} = 0u;\n{ind}    if (lid + {o}u < RC * IW && (lid + {o}u) / IW < rows_f) {{\n\
+                 {ind}        tix_{u} = feat_idx[({f0}) * IW + lid + {o}u];\n{ind}        words_read += 1u;\n{ind}    }}",
+                o = wg * u
+            );
+        }
+        for u in 0..nw {
+            let z_load = if z {
+                format!(
+                    "{ind}        twz_{u}.y = z[unit * RP + ({f0}) + lid + {o}u];\n{ind}        words_read += 1u;\n",
+                    o = wg * u
+                )
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                s,
+                "{ind}    if (lid + {o}u < RC) {{\n\
+                 {ind}        twz_{u} = vec2<f32>();\n{z_load}\
+                 {ind}        if (lid + {o}u < rows_f) {{\n\
+                 {ind}            twz_{u}.x = feat_w[({f0}) + lid + {o}u];\n\
+                 {ind}            words_read += 1u;\n\
+                 {ind}        }}\n{ind}    }}",
+                o = wg * u
+            );
+        }
+        s.push_str(&format!("{ind}}}"));
+        s
+    };
+    let mut store = String::new();
+    for u in 0..ni {
+        let _ = writeln!(
+            store,
+            "            if (lid + {o}u < RC * IW) {{\n                let i = lid + {o}u;\n                \
+             for (var t = 3u * (i % IW); t < min(G, 3u * (i % IW) + 3u); t++) {{\n                    \
+             idx_t[(i / IW) * G + t] = (tix_{u} >> (10u * (t % 3u))) & 1023u;\n                }}\n            }}",
+            o = wg * u
+        );
+    }
+    let target = if z { "" } else { ".x" };
+    for u in 0..nw {
+        let _ = writeln!(
+            store,
+            "            if (lid + {o}u < RC) {{\n                wz_t[lid + {o}u]{target} = twz_{u}{target};\n            }}",
+            o = wg * u
+        );
+    }
+    Prefetch {
+        decl: decl.trim_end().to_string(),
+        first: load("0u", "        "),
+        next: load("f0 + RC", "                "),
+        store: store.trim_end().to_string(),
+    }
+}

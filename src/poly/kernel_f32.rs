@@ -1,0 +1,469 @@
+//! WGSL of the f32 poly passes, generated from `shaders/poly_pass{1,2}.wgsl` and their tiles.
+
+use std::fmt::Write as _;
+
+use super::features::index_words;
+use super::kernel_common::{
+    element_registers, feature_product, pass1_prefetch, pass2_feature_build, table_prefetch,
+    Prefetch,
+};
+use super::plan::{align4, Pass1Tiles, Pass2Tiles};
+use crate::wgsl::{constant_loop, fill_template, io_counter_slots, wgsl_element};
+
+pub(crate) const PASS1: &str = include_str!("../../shaders/poly_pass1.wgsl");
+
+pub(crate) const PASS2: &str = include_str!("../../shaders/poly_pass2.wgsl");
+
+/// Named registers of one thread's micro-tile: `acc_a_u` (4 value columns each) for each of its
+/// `rows` rows and `groups` column groups.
+fn accumulator_decls(rows: usize, groups: usize, indent: &str) -> String {
+    let mut s = String::new();
+    for a in 0..rows {
+        for u in 0..groups {
+            let _ = writeln!(s, "{indent}var acc_{a}_{u} = vec4<f32>();");
+        }
+    }
+    s.trim_end().to_string()
+}
+
+/// Stores row `a` of a micro-tile: component k of `acc_a_u` is value column 4*(tc + TC*u) + k,
+/// stored as `value(register)` at `dest(column)` where the column is < EV.
+fn store_row(
+    s: &mut String,
+    indent: &str,
+    (a, groups, tc): (usize, usize, usize),
+    dest: impl Fn(&str) -> String,
+    value: impl Fn(&str) -> String,
+) {
+    for u in 0..groups {
+        let _ = writeln!(s, "{indent}let c_{u} = 4u * (tc + {}u);", u * tc);
+        for (k, comp) in wgsl_element(4).1.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "{indent}if (c_{u} + {k}u < EV) {{\n{indent}    {} = {};\n{indent}    words_written += 1u;\n{indent}}}",
+                dest(&format!("c_{u} + {k}u")),
+                value(&format!("acc_{a}_{u}{comp}"))
+            );
+        }
+    }
+}
+
+/// Pass 1 for these tiles, the (rc x Ev) micro-tiles unrolled into named registers.
+pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
+    let iw = index_words(t.g);
+    debug_assert_eq!(t.rc % t.tf, 0, "{t:?}: rows are whole micro-tiles");
+    let (rf, cu) = (t.rows_per_thread(), t.groups_per_thread());
+    let vec4_rows = t.vec4_rows();
+    let mut product = String::new();
+    product_step(
+        &mut product,
+        "                ",
+        (rf, cu, ("tf", t.tf)),
+        vec4_rows,
+        "j * RC",
+        |u| format!("v_tile[j * CW + tc + {}u]", u * t.tc),
+    );
+    let product = tile_loop("        ", ("j", "kr", ("BK", t.bk)), &product);
+    let mut store = String::new();
+    for a in 0..rf {
+        let _ = writeln!(
+            store,
+            "    {{\n        let f = {};\n        if (f < rows_f) {{",
+            micro_tile_row(a, ("tf", t.tf), vec4_rows)
+        );
+        store_row(
+            &mut store,
+            "            ",
+            (a, cu, t.tc),
+            |c| format!("partial[o + f * EV1 + {c}]"),
+            str::to_string,
+        );
+        store.push_str("        }\n    }\n");
+    }
+    // The feature build: features fb + WG * c (the last may be past RC where WG does not divide
+    // it), their index decoding hoisted out of the key loop.
+    let (nf, wg) = (t.features_per_builder(), t.threads());
+    let ragged = t.rc % wg != 0 && t.rc > wg;
+    let (mut build_decl, mut build, mut d_store) = (String::new(), String::new(), String::new());
+    let _ = writeln!(build, "                let kb = j * E1;");
+    for c in 0..nf {
+        let guard = if ragged && c + 1 == nf {
+            format!("f_{c} < RC")
+        } else {
+            "true".to_string()
+        };
+        let _ = writeln!(
+            build_decl,
+            "    let f_{c} = fb + {}u;\n    var dk_{c} = 0.0;",
+            wg * c
+        );
+        for i in 0..t.g {
+            let _ = writeln!(
+                build_decl,
+                "    let fo_{c}_{i} = feature_index(min(f_{c}, RC - 1u), {i}u);"
+            );
+        }
+        let _ = writeln!(
+            build,
+            "                if ({guard}) {{\n                    let p_{c} = {};\n                    \
+             phi_set(j * RC + f_{c}, p_{c});\n                    dk_{c} += p_{c};\n                }}",
+            feature_product(t.g, |i| format!("k_tile[kb + fo_{c}_{i}]"), "1.0")
+        );
+        let _ = writeln!(
+            d_store,
+            "    if (builds && {guard}) {{\n        phi_set(jg * RC + f_{c}, dk_{c});\n    }}"
+        );
+    }
+    let tiles = pass1_tile_loads(t);
+    let [decl, add] = io_counter_slots(count_io, 6);
+    let mut slots = vec![
+        ("E", t.e.to_string()),
+        ("EV", t.ev.to_string()),
+        ("R", t.r.to_string()),
+        ("RC", t.rc.to_string()),
+        ("BK", t.bk.to_string()),
+        ("G", t.g.to_string()),
+        ("IW", iw.to_string()),
+        ("TF", t.tf.to_string()),
+        ("TC", t.tc.to_string()),
+        ("KG", t.key_groups().to_string()),
+        ("CW", (t.padded_ev() / 4).to_string()),
+        ("WG", t.threads().to_string()),
+        ("K_TILE", (t.bk * (t.e + 1)).to_string()),
+        ("V_TILE", (t.bk * t.padded_ev() / 4).to_string()),
+        ("IDX", (t.rc * iw).to_string()),
+        ("BUILD_DECL", build_decl.trim_end().to_string()),
+        ("BUILD", build.trim_end().to_string()),
+        ("D_STORE", d_store.trim_end().to_string()),
+        ("ACC_DECL", accumulator_decls(rf, cu, "    ")),
+        ("PREFETCH_DECL", tiles.decl),
+        ("PREFETCH_LOAD_FIRST", tiles.first),
+        ("PREFETCH_STORE", tiles.store),
+        ("PREFETCH_LOAD_NEXT", tiles.next),
+        ("PRODUCT", product),
+        ("STORE", store.trim_end().to_string()),
+        decl,
+        add,
+    ];
+    slots.extend(feature_tile_slots(t.rc * t.bk, vec4_rows));
+    fill_template(PASS1, &slots)
+}
+
+/// Row of a pass's micro-tile held in register row `a` by thread row `trow` of `side` thread
+/// rows: rows 4 trow + 0..3, 4 (trow + side) + 0..3, ... with `vec4_rows`, else trow,
+/// trow + side, ...
+fn micro_tile_row(a: usize, (trow, side): (&str, usize), vec4_rows: bool) -> String {
+    if vec4_rows {
+        format!("(4u * ({trow} + {}u) + {}u)", (a / 4) * side, a % 4)
+    } else {
+        format!("({trow} + {}u)", a * side)
+    }
+}
+
+/// A product loop over `i` < `count` rows of a tile of `full` rows: full tiles (all but the
+/// last, mostly) are written out by [`constant_loop`], the last tile loops.
+fn tile_loop(indent: &str, (i, count, full): (&str, &str, (&str, usize)), body: &str) -> String {
+    let body = body.trim_end();
+    let full_tile = constant_loop(&format!("{indent}    "), i, full, body);
+    let full_name = full.0;
+    format!(
+        "{indent}if ({count} == {full_name}) {{\n{full_tile}\n{indent}}} else {{\n\
+         {indent}    for (var {i} = 0u; {i} < {count}; {i}++) {{\n{body}\n{indent}    }}\n{indent}}}"
+    )
+}
+
+/// The unrolled body of a micro-tile product step of both passes over a feature tile `phi` whose
+/// rows for this step start at `row0` (features of consecutive rows adjacent): the features of
+/// the thread's rows (one vec4 per four rows with `vec4_rows`, else one float per row), one vec4
+/// of `tile_at(u)` per column group, and the FMAs.
+fn product_step(
+    s: &mut String,
+    indent: &str,
+    (rows, groups, thread_row): (usize, usize, (&str, usize)),
+    vec4_rows: bool,
+    row0: &str,
+    tile_at: impl Fn(usize) -> String,
+) {
+    let (trow, side) = thread_row;
+    let comps = wgsl_element(4).1;
+    if vec4_rows {
+        for a4 in 0..rows / 4 {
+            let _ = writeln!(
+                s,
+                "{indent}let ph_{a4} = phi[{row0} / 4u + {trow} + {}u];",
+                a4 * side
+            );
+        }
+    }
+    for a in 0..rows {
+        let p = if vec4_rows {
+            format!("ph_{}{}", a / 4, comps[a % 4])
+        } else {
+            format!("phi[{row0} + {}]", micro_tile_row(a, thread_row, false))
+        };
+        let _ = writeln!(s, "{indent}let p_{a} = {p};");
+    }
+    for u in 0..groups {
+        let _ = writeln!(s, "{indent}let x_{u} = {};", tile_at(u));
+    }
+    for a in 0..rows {
+        for u in 0..groups {
+            let _ = writeln!(
+                s,
+                "{indent}acc_{a}_{u} = fma(vec4<f32>(p_{a}), x_{u}, acc_{a}_{u});"
+            );
+        }
+    }
+}
+
+/// The feature tile's slots: its element type and length for `words` floats, and its scalar
+/// accessors.
+fn feature_tile_slots(words: usize, vec4_rows: bool) -> [(&'static str, String); 4] {
+    let (elem, len, set, get) = if vec4_rows {
+        (
+            "vec4<f32>",
+            words / 4,
+            "    phi[i / 4u][i % 4u] = x;",
+            "    return phi[i / 4u][i % 4u];",
+        )
+    } else {
+        ("f32", words, "    phi[i] = x;", "    return phi[i];")
+    };
+    [
+        ("PHI_ELEM", elem.to_string()),
+        ("PHI", len.to_string()),
+        ("PHI_SET", set.to_string()),
+        ("PHI_GET", get.to_string()),
+    ]
+}
+
+/// Pass 1's key and value tiles. Without `prefetch` each tile is loaded from storage straight
+/// into workgroup memory (the `store` slot, at the top of each tile); with it, the next tile is
+/// loaded into registers (element u of a thread: tile element lid + WG * u) while this one is
+/// multiplied, and stored at the top of the next iteration.
+fn pass1_tile_loads(t: &Pass1Tiles) -> Prefetch {
+    if !t.prefetch {
+        let direct = "        for (var i = lid; i < BK * E1; i += WG) {
+            let r = i / E1;
+            let c = i % E1;
+            var x = 1.0;
+            if (c < E) {
+                x = 0.0;
+                if (r < kr) {
+                    x = k[(unit * params.s + j0 + r) * E + c] - mu_t[c];
+                    words_read += 1u;
+                }
+            }
+            k_tile[i] = x;
+        }
+        for (var i = lid; i < BK * EV; i += WG) {
+            let r = i / EV;
+            let c = i % EV;
+            var x = 0.0;
+            if (r < kr) {
+                x = v[(unit * params.s + j0 + r) * EV + c];
+                words_read += 1u;
+            }
+            v_tile[r * CW + c / 4u][c % 4u] = x;
+        }";
+        return Prefetch {
+            decl: String::new(),
+            first: String::new(),
+            next: String::new(),
+            store: direct.to_string(),
+        };
+    }
+    let wg = t.threads();
+    let (nk, nv) = ((t.bk * (t.e + 1)).div_ceil(wg), (t.bk * t.ev).div_ceil(wg));
+    let mut decl = String::from(
+        "    // The next key tile is loaded into registers while this one is multiplied.\n",
+    );
+    element_registers(&mut decl, ["ki", "krow", "kcol", "kx"], (nk, wg), "E1");
+    element_registers(&mut decl, ["vi", "vrow", "vcol", "vx"], (nv, wg), "EV");
+    // Keys past the split's end are zero rows; the constant-1 column is 1 in every row.
+    let load = |j0: &str, ind: &str| {
+        let mut s = format!("{ind}{{\n{ind}    let kn = min(BK, j_end - ({j0}));\n");
+        for u in 0..nk {
+            let _ = writeln!(
+                s,
+                "{ind}    kx_{u} = select(0.0, 1.0, kcol_{u} == E);\n\
+                 {ind}    if (ki_{u} < BK * E1 && kcol_{u} < E && krow_{u} < kn) {{\n\
+                 {ind}        kx_{u} = k[(unit * params.s + {j0} + krow_{u}) * E + kcol_{u}] - mu_t[kcol_{u}];\n\
+                 {ind}        words_read += 1u;\n{ind}    }}"
+            );
+        }
+        for u in 0..nv {
+            let _ = writeln!(
+                s,
+                "{ind}    vx_{u} = 0.0;\n\
+                 {ind}    if (vi_{u} < BK * EV && vrow_{u} < kn) {{\n\
+                 {ind}        vx_{u} = v[(unit * params.s + {j0} + vrow_{u}) * EV + vcol_{u}];\n\
+                 {ind}        words_read += 1u;\n{ind}    }}"
+            );
+        }
+        s.push_str(&format!("{ind}}}"));
+        s
+    };
+    let mut store = String::new();
+    for u in 0..nk {
+        let _ = writeln!(
+            store,
+            "        if (ki_{u} < BK * E1) {{\n            k_tile[ki_{u}] = kx_{u};\n        }}"
+        );
+    }
+    for u in 0..nv {
+        let _ = writeln!(
+            store,
+            "        if (vi_{u} < BK * EV) {{\n            v_tile[vrow_{u} * CW + vcol_{u} / 4u][vcol_{u} % 4u] = vx_{u};\n        }}"
+        );
+    }
+    pass1_prefetch(&decl, load, &store)
+}
+
+/// Pass 2 for these tiles, the (b x Ev+1) output micro-tiles unrolled into named registers.
+pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
+    let iw = index_words(t.g);
+    debug_assert_eq!(t.b % t.tr, 0, "{t:?}: rows are whole micro-tiles");
+    let (rb, cu) = (t.rows_per_thread(), t.groups_per_thread());
+    let (rpt, tpr) = (t.build_rows(), t.builders_per_row());
+    debug_assert!(
+        tpr <= t.rc,
+        "{t:?}: the normaliser partials fit the feature tile"
+    );
+    let vec4_rows = t.vec4_rows();
+    let mut product = String::new();
+    product_step(
+        &mut product,
+        "                    ",
+        (rb, cu, ("tr", t.tr)),
+        vec4_rows,
+        "f * FS",
+        |u| format!("s_tile[f * CW + tc + {}u]", u * t.tc),
+    );
+    let product = tile_loop("            ", ("f", "rows_f", ("RC", t.rc)), &product);
+    let build = pass2_feature_build(
+        (rpt, t.g),
+        ("q_tile", "dq"),
+        |row, p| format!("phi_set(f * FS + {row}, {p})"),
+        |row, d| format!("phi_set(fb * B + {row}, {d})"),
+    );
+    let mut store = String::new();
+    for a in 0..rb {
+        let _ = writeln!(
+            store,
+            "        {{\n            let r = {};\n            if (r < rows) {{\n                \
+             var d_{a} = 0.0;\n                for (var h = 0u; h < TPR; h++) {{\n                    \
+             d_{a} += phi_get(h * B + r);\n                }}\n                \
+             let row = (head * params.l + q0 + r) * EV;",
+            micro_tile_row(a, ("tr", t.tr), vec4_rows)
+        );
+        store_row(
+            &mut store,
+            "                ",
+            (a, cu, t.tc),
+            |c| format!("o[row + {c}]"),
+            |x| format!("{x} / d_{a}"),
+        );
+        store.push_str("            }\n        }\n");
+    }
+    let chunk = (!t.resident()).then(|| pass2_chunk_prefetch(t));
+    let table = (!t.resident()).then(|| table_prefetch(t.threads(), t.rc, t.g, false));
+    let slot = |f: &dyn Fn(&Prefetch) -> String| {
+        chunk
+            .iter()
+            .chain(table.iter())
+            .map(f)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let load_first = slot(&|p| p.first.clone());
+    // A resident S' has nothing to load per chunk; streamed chunks load the next one, and store
+    // this one once the previous chunk's products are done.
+    let (load_next, chunk_store) = if t.resident() {
+        (String::new(), String::new())
+    } else {
+        (
+            format!(
+                "            if (ch + 1u < params.chunks) {{\n{}\n            }}",
+                slot(&|p| p.next.clone())
+            ),
+            format!(
+                "            workgroupBarrier();\n{}",
+                slot(&|p| p.store.clone())
+            ),
+        )
+    };
+    let [decl, add] = io_counter_slots(count_io, 6);
+    let mut slots = vec![
+        ("E", t.e.to_string()),
+        ("QS", t.q_stride().to_string()),
+        ("EV", t.ev.to_string()),
+        ("R", t.r.to_string()),
+        ("RC", t.rc.to_string()),
+        ("RESIDENT", t.resident().to_string()),
+        ("B", t.b.to_string()),
+        ("G", t.g.to_string()),
+        ("IW", iw.to_string()),
+        ("TR", t.tr.to_string()),
+        ("TC", t.tc.to_string()),
+        ("CW", (t.padded_ev() / 4).to_string()),
+        ("RPT", rpt.to_string()),
+        ("FS", t.feature_stride().to_string()),
+        ("WG", t.threads().to_string()),
+        ("Q_TILE", (t.b * t.q_stride()).to_string()),
+        ("S_TILE", (t.rc * t.padded_ev() / 4).to_string()),
+        ("IDX", align4(t.rc * t.g.max(1)).to_string()),
+        ("PREFETCH_DECL", slot(&|p| p.decl.clone())),
+        ("ACC_DECL", accumulator_decls(rb, cu, "        ")),
+        ("D_DECL", build.d_decl),
+        ("LOAD_FIRST", load_first),
+        ("LOAD_NEXT", load_next),
+        ("CHUNK_STORE", chunk_store),
+        ("FEATURE_INDEX", build.index),
+        ("FEATURE", build.feature),
+        ("PRODUCT", product),
+        ("D_STORE", build.d_store),
+        ("STORE", store.trim_end().to_string()),
+        decl,
+        add,
+    ];
+    slots.extend(feature_tile_slots(t.rc * t.feature_stride(), vec4_rows));
+    fill_template(PASS2, &slots)
+}
+
+/// Pass 2's next S' chunk in registers: element u of a thread is chunk word lid + WG * u (row
+/// and column fixed for the whole dispatch), stored into the S' tile or, for the last column,
+/// the normaliser column beside the weights.
+fn pass2_chunk_prefetch(t: &Pass2Tiles) -> Prefetch {
+    let wg = t.threads();
+    let n = (t.rc * (t.ev + 1)).div_ceil(wg);
+    let mut decl = String::new();
+    element_registers(&mut decl, ["si", "sf", "sc", "sx"], (n, wg), "EV1");
+    let load = |f0: &str, ind: &str| {
+        let mut s = format!("{ind}{{\n{ind}    let rows_n = min(RC, R - ({f0}));\n");
+        for u in 0..n {
+            let _ = writeln!(
+                s,
+                "{ind}    sx_{u} = 0.0;\n{ind}    if (si_{u} < RC * EV1 && sf_{u} < rows_n) {{\n\
+                 {ind}        sx_{u} = s_prime[(unit * R + {f0}) * EV1 + si_{u}];\n{ind}        words_read += 1u;\n{ind}    }}"
+            );
+        }
+        s.push_str(&format!("{ind}}}"));
+        s
+    };
+    let mut store = String::new();
+    for u in 0..n {
+        let _ = writeln!(
+            store,
+            "            if (si_{u} < RC * EV1) {{\n                if (sc_{u} < EV) {{\n                    \
+             s_tile[sf_{u} * CW + sc_{u} / 4u][sc_{u} % 4u] = sx_{u};\n                }} else {{\n                    \
+             wz_t[sf_{u}].y = sx_{u};\n                }}\n            }}"
+        );
+    }
+    Prefetch {
+        decl: decl.trim_end().to_string(),
+        first: load("0u", "        "),
+        next: load("f0 + RC", "                "),
+        store: store.trim_end().to_string(),
+    }
+}

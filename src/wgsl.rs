@@ -1,0 +1,96 @@
+//! WGSL generation helpers shared by every kernel: template filling, unrolled loops, tile elements,
+//! the I/O counter slots, and the fingerprint of the kernels (the tuning cache key).
+
+/// FNV-1a hash of every shader template and of the Rust that generates WGSL from them, so
+/// cached measurements (tuned tiles, rates) go stale with the kernels, not only with templates.
+pub fn shader_fingerprint() -> u64 {
+    [
+        include_str!("wgsl.rs"),
+        include_str!("exact/kernel.rs"),
+        include_str!("poly/kernel_common.rs"),
+        include_str!("poly/kernel_f32.rs"),
+        include_str!("poly/kernel_coop.rs"),
+        include_str!("poly/prepass.rs"),
+        crate::exact::kernel::TEMPLATE,
+        crate::poly::prepass::PREPASS,
+        crate::poly::kernel_f32::PASS1,
+        crate::poly::kernel_common::REDUCE,
+        crate::poly::kernel_f32::PASS2,
+        crate::poly::kernel_coop::COOP_PASS1,
+        crate::poly::kernel_coop::COOP_PASS2,
+        crate::poly::kernel_coop::COOP_PACK,
+    ]
+    .iter()
+    .flat_map(|t| t.bytes())
+    .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Replaces every `{{NAME}}` slot of a WGSL template.
+pub(crate) fn fill_template(template: &str, slots: &[(&str, String)]) -> String {
+    let mut s = template.to_string();
+    for (name, value) in slots {
+        s = s.replace(&format!("{{{{{name}}}}}"), value);
+    }
+    debug_assert!(!s.contains("{{"), "unfilled slot in shader template");
+    s
+}
+
+/// A tile element of `lanes` floats (1 or 4) in WGSL: its type, and the suffixes that pick its
+/// floats in order ("" for a scalar).
+pub(crate) fn wgsl_element(lanes: usize) -> (&'static str, &'static [&'static str]) {
+    if lanes == 4 {
+        ("vec4<f32>", &[".x", ".y", ".z", ".w"])
+    } else {
+        ("f32", &[""])
+    }
+}
+
+/// The I/O counter's declaration and the per-thread add, or nothing when counting is off.
+pub(crate) fn io_counter_slots(count_io: bool, binding: u32) -> [(&'static str, String); 2] {
+    if count_io {
+        [
+            (
+                "IO_COUNTER_DECL",
+                format!(
+                    "@group(0) @binding({binding}) var<storage, read_write> io_words: array<atomic<u32>, 2>;"
+                ),
+            ),
+            (
+                "IO_COUNTER_ADD",
+                "    atomicAdd(&io_words[0], words_read);\n    atomicAdd(&io_words[1], words_written);"
+                    .to_string(),
+            ),
+        ]
+    } else {
+        [
+            ("IO_COUNTER_DECL", String::new()),
+            ("IO_COUNTER_ADD", String::new()),
+        ]
+    }
+}
+
+/// Most steps a loop of constant trip count is written out into (one block per step).
+pub(crate) const MAX_UNROLLED_STEPS: usize = 32;
+
+/// A loop over `i` in `0..steps`, `steps` known when the WGSL is generated: written out step by
+/// step with `i` a constant up to [`MAX_UNROLLED_STEPS`], a constant-trip loop beyond. NVIDIA's
+/// Vulkan compiler did not unroll such loops itself (H100: poly pass 2 at E = 128 took 49 instead
+/// of 66 ms written out).
+pub(crate) fn constant_loop(
+    indent: &str,
+    i: &str,
+    (name, steps): (&str, usize),
+    body: &str,
+) -> String {
+    let body = body.trim_end();
+    if steps <= MAX_UNROLLED_STEPS {
+        (0..steps)
+            .map(|k| format!("{indent}{{\n{indent}    let {i} = {k}u;\n{body}\n{indent}}}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    } else {
+        format!("{indent}for (var {i} = 0u; {i} < {name}; {i}++) {{\n{body}\n{indent}}}")
+    }
+}
