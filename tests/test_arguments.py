@@ -2,10 +2,14 @@
 be NumPy scalars, any float byte order is accepted; io_cost and io_lower_bound check every argument.
 
 Wrong types raise TypeError (also a ValueError, as some of them did before); bad values ValueError.
+Inputs whose host copies would not fit in the available memory raise MemoryError (also a
+ValueError) before any copy starts; the finiteness check never copies more than a slice.
 """
 
 from __future__ import annotations
 
+import time
+import tracemalloc
 from typing import Any
 
 import approx_attn
@@ -231,3 +235,95 @@ def test_io_lower_bound_accepts_numpy_scalars() -> None:
         np.int64(1024), 1024, np.int16(16), degree=np.int8(2), fast_memory_words=np.int64(8192)
     )
     assert a == approx_attn.io_lower_bound(1024, 1024, 16, degree=2, fast_memory_words=8192) > 0
+
+
+# Host memory
+
+
+def test_broadcast_view_too_large_for_host_memory_raises_at_once() -> None:
+    # (1, 1, 2**31, 1) float32 views of 4 bytes: three 8 GiB copies here and three in the binding,
+    # plus the output, 56 GiB; it used to start copying (in the finiteness check or the float32
+    # conversion) instead of raising.
+    avail = approx_attn._available_memory()
+    if avail is None or avail >= 56 << 30:
+        pytest.skip(f"available memory unknown or at least 56 GiB ({avail})")
+    x = np.broadcast_to(np.float32(1.0), (1, 1, 2**31, 1))
+    for method in ("exact", "auto"):
+        t0 = time.perf_counter()
+        with pytest.raises(MemoryError, match=r"needs 56\.00 GiB .* of host memory, but") as info:
+            approx_attn.attention(x, x, x, method=method)
+        assert isinstance(info.value, ValueError)
+        assert time.perf_counter() - t0 < 2.0
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_memory_check_counts_every_copy(dtype: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # q, k, v of 2**22 elements as float16/float64: 3 float32 copies here, 3 in the binding, the
+    # float32 output and its cast to the query's dtype.
+    n = 2**22
+    need = 6 * n * 4 + n * 4 + n * np.dtype(dtype).itemsize
+    x = np.broadcast_to(dtype(1.0), (1, n, 1))
+    monkeypatch.setattr(approx_attn, "_available_memory", lambda: need - 1)
+    with pytest.raises(MemoryError, match=f"needs [0-9.]+ GiB \\({need:,} bytes\\)"):
+        approx_attn.attention(x, x, x, method="exact", check_finite=False)
+
+
+def test_contiguous_float32_inputs_are_not_counted_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    n = 2**22
+    x = np.ones((1, n, 1), np.float32)
+    need = 3 * n * 4 + n * 4  # the binding's copies and the output
+    monkeypatch.setattr(approx_attn, "_available_memory", lambda: need - 1)
+    with pytest.raises(MemoryError, match=f"\\({need:,} bytes\\)"):
+        approx_attn.attention(x, x, x, method="exact")
+
+
+def test_small_calls_skip_the_memory_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(approx_attn, "_available_memory", lambda: 0)
+    out = approx_attn.attention(*small_qkv(), method="exact")
+    assert out.shape == (2, 5, 4)
+
+
+def test_available_memory_is_known_here() -> None:
+    avail = approx_attn._available_memory()
+    assert avail is not None and avail > 0
+
+
+def test_non_finite_in_a_huge_broadcast_view_is_counted_without_a_copy() -> None:
+    row = np.ones(8, np.float32)
+    row[3] = np.nan
+    k = np.broadcast_to(row, (1, 1, 2**31, 8))  # 64 GiB if expanded
+    q = np.ones((1, 1, 4, 8), np.float32)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=f"^key contains {2**31} NaN or Inf value"):
+        approx_attn.attention(q, k, k, method="exact")
+    assert time.perf_counter() - t0 < 2.0
+
+
+@pytest.mark.parametrize(
+    ("layout", "bad"),
+    [("transposed", 1), ("strided", 1), ("broadcast-rows", 1 << 16), ("float64-strided", 1)],
+)
+def test_finiteness_check_allocates_at_most_a_slice(layout: str, bad: int) -> None:
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((2, 1024, 4096), dtype=np.float32)  # 32 MiB
+
+    def view() -> np.ndarray:
+        return {
+            "transposed": lambda: base.transpose(0, 2, 1),
+            "strided": lambda: base[:, ::2, 1:],
+            "broadcast-rows": lambda: np.broadcast_to(base[:, :1], (2, 1 << 16, 4096)),
+            "float64-strided": lambda: base[:, ::4].astype(np.float64)[:, :, ::2],
+        }[layout]()
+
+    x = view()
+    tracemalloc.start()
+    try:
+        approx_attn._check_finite(x, "x")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # One slice of 65,536 elements: a float64 buffer, its |x| and the boolean result, 1.1 MiB.
+    assert peak < 2 << 20, f"{peak:,} bytes"
+    base[1, 0, -2] = np.inf  # in every view; repeated 2**16 times in the broadcast one
+    with pytest.raises(ValueError, match=f"^x contains {bad} NaN or Inf"):
+        approx_attn._check_finite(view(), "x")

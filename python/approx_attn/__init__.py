@@ -178,22 +178,99 @@ def _finite_in_float32(x: np.ndarray) -> np.ndarray:
     return np.isfinite(x)
 
 
+def _distinct(arr: np.ndarray) -> tuple[np.ndarray, int]:
+    """The view of `arr` without its broadcast axes (stride 0), and how often each of its
+    elements repeats in `arr`: a broadcast view is checked without expanding it."""
+    index = tuple(0 if st == 0 and n > 1 else slice(None) for st, n in zip(arr.strides, arr.shape))
+    rest = arr[index]
+    return rest, arr.size // max(rest.size, 1)
+
+
+def _slices(arr: np.ndarray):
+    """`arr` in 1-D pieces of at most _FINITE_CHECK_SLICE elements, copying none larger."""
+    if arr.flags.c_contiguous or arr.flags.f_contiguous:
+        flat = arr.reshape(-1, order="C" if arr.flags.c_contiguous else "F")  # a view
+        for i in range(0, flat.size, _FINITE_CHECK_SLICE):
+            yield flat[i : i + _FINITE_CHECK_SLICE]
+    else:  # strided: NumPy's buffered iterator copies one slice at a time, in memory order
+        flags = ["external_loop", "buffered", "zerosize_ok"]
+        yield from np.nditer(arr, flags=flags, order="K", buffersize=_FINITE_CHECK_SLICE)
+
+
 def _check_finite(arr: np.ndarray, name: str) -> None:
-    flat = arr.ravel(order="K")  # a view when the elements are one block in memory
-    if np.shares_memory(flat, arr):
-        finite = all(
-            _finite_in_float32(flat[i : i + _FINITE_CHECK_SLICE]).all()
-            for i in range(0, flat.size, _FINITE_CHECK_SLICE)
-        )
-    else:  # strided input: ravel copied it; check the original in one go
-        finite = bool(_finite_in_float32(arr).all())
-    if not finite:
-        bad = int(arr.size - np.count_nonzero(_finite_in_float32(arr)))
-        beyond = " (or beyond float32's range)" if arr.dtype.itemsize == 8 else ""
-        raise ValueError(
-            f"{name} contains {bad} NaN or Inf value(s){beyond}; pass check_finite=False to "
-            "skip this check"
-        )
+    rest, repeats = _distinct(arr)
+    if all(_finite_in_float32(part).all() for part in _slices(rest)):
+        return
+    bad = repeats * sum(
+        part.size - int(np.count_nonzero(_finite_in_float32(part))) for part in _slices(rest)
+    )
+    beyond = " (or beyond float32's range)" if arr.dtype.itemsize == 8 else ""
+    raise ValueError(
+        f"{name} contains {bad} NaN or Inf value(s){beyond}; pass check_finite=False to "
+        "skip this check"
+    )
+
+
+class _HostMemoryError(MemoryError, ValueError):
+    """The host copies a call needs exceed the memory available: a MemoryError, raised before the
+    copies start. Also a ValueError, like the other problems too large to run."""
+
+
+# Calls whose host copies need less than this skip the memory check (it reads /proc).
+_HOST_CHECK_MIN_BYTES = 64 << 20
+
+
+def _available_memory() -> int | None:
+    """Bytes this process can still allocate: MemAvailable (or the free physical pages), capped by
+    its cgroup v2 limit; None where neither is known."""
+    avail = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            pass
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as f:
+            path = next(line[3:].strip() for line in f if line.startswith("0::"))
+        base = f"/sys/fs/cgroup{path}"
+        with open(f"{base}/memory.max", encoding="ascii") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open(f"{base}/memory.current", encoding="ascii") as f:
+                room = max(int(limit) - int(f.read()), 0)
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError, StopIteration):
+        pass
+    return avail
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _check_host_memory(need: int, what: str) -> None:
+    """Raises _HostMemoryError when `need` bytes exceed the available memory (after giving back
+    the copies and staging buffers kept from earlier calls, which count as used)."""
+    if need < _HOST_CHECK_MIN_BYTES:
+        return
+    avail = _available_memory()
+    if avail is None or need <= avail:
+        return
+    if _core.empty_cache() > 0:
+        avail = _available_memory() or avail
+        if need <= avail:
+            return
+    raise _HostMemoryError(
+        f"{what} needs {_gib(need)} ({need:,} bytes) of host memory, but {_gib(avail)} is available"
+    )
 
 
 def _trusted() -> bool:
@@ -335,6 +412,18 @@ def attention(
             )
         return out
 
+    # The host copies below, counted before any starts: a broadcast view of a few bytes can
+    # stand for gigabytes once copied.
+    out_size = math.prod(out_shape)
+    need = out_size * 4 + (out_size * out_dtype.itemsize if out_dtype != np.float32 else 0)
+    for arr in (q, k, v):
+        copied = not (arr.flags.c_contiguous and arr.dtype == np.float32)
+        need += arr.size * 4 * (2 if copied else 1)  # our float32 copy, then the binding's
+    _check_host_memory(
+        need,
+        f"attention on query {q.shape} {q.dtype}, key {k.shape} {k.dtype}, value {v.shape} "
+        f"{v.dtype} (float32 copies of the inputs and the output {out_shape})",
+    )
     # Contiguous float32 copies in (B, H, L, E) order; any input strides are accepted.
     # float64 values beyond float32's range become Inf here; the finiteness checks report them.
     with np.errstate(over="ignore"):
