@@ -29,8 +29,36 @@ def cmd_devices(_: argparse.Namespace) -> int:
     return 0
 
 
+class CliError(Exception):
+    """A failure the command reports in one line (exit status 2)."""
+
+
+def _load_npy(path: str, flag: str) -> np.ndarray:
+    try:
+        with open(path, "rb") as f:
+            arr = np.load(f, allow_pickle=False)
+    except OSError as exc:  # missing, unreadable, a directory
+        raise CliError(f"{flag} {path}: {exc.strerror or exc}") from exc
+    except Exception as exc:  # empty, truncated, pickled, a bad header: any of them
+        why = "the file is empty" if os.path.getsize(path) == 0 else str(exc) or type(exc).__name__
+        raise CliError(f"{flag} {path}: not a readable .npy array ({why})") from exc
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        raise CliError(f"{flag} {path}: not a .npy array (an .npz archive?)")
+    return arr
+
+
+def _check_output_path(path: str) -> None:
+    """Fails before the computation when the output cannot be written where asked."""
+    if os.path.isdir(path):
+        raise CliError(f"-o {path}: is a directory; give a file name")
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise CliError(f"-o {path}: directory {parent} does not exist")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    q, k, v = (np.load(p) for p in (args.q, args.k, args.v))
+    _check_output_path(args.output)
+    q, k, v = (_load_npy(p, f) for p, f in ((args.q, "--q"), (args.k, "--k"), (args.v, "--v")))
     out, rep = attention(
         q,
         k,
@@ -42,7 +70,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         enable_gqa=args.gqa,
         return_report=True,
     )
-    np.save(args.output, out)
+    # The path as given: np.save(path) would append ".npy" to a name without it.
+    with open(args.output, "wb") as f:
+        np.save(f, out)
     print(f"wrote {args.output} {out.shape} {out.dtype}")
     print(f"method {rep.method} ({rep.reason}); {rep.elapsed_s:.3f} s; io_words {rep.io_words:,}")
     if rep.error_bound is not None:
@@ -194,9 +224,24 @@ def cmd_io(args: argparse.Namespace) -> int:
         print(f"M = {m * 4 // KIB} KiB ({m} words)")
         print(_table(rows, ["n", "exact", "poly", "sched", "lower bound", "exact/poly", "poly/LB"]))
         print()
+    plot = args.plot if args.plot is not None else "io.png"
+    if not plot:
+        return 0
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        # The tables are the product; the plot needs the optional dependency.
+        msg = (
+            f"matplotlib is not installed: {plot} not written (pip install 'approx_attn[plot]', "
+            "or --plot '' for the tables only)"
+        )
+        if args.plot is None:  # the default plot: a note, the tables succeeded
+            print(f"approx-attn: note: {msg}", file=sys.stderr)
+            return 0
+        raise CliError(msg) from None
+    _check_output_path(plot)
     measured = _measured_io(args) if args.measure else []
-    if args.plot:
-        _plot_io(args, ns, results, measured)
+    _plot_io(args, plot, ns, results, measured)
     return 0
 
 
@@ -221,6 +266,7 @@ def _measured_io(args: argparse.Namespace) -> list[tuple[str, int, int]]:
 
 def _plot_io(
     args: argparse.Namespace,
+    path: str,
     ns: list[int],
     results: dict[int, Any],
     measured: list[tuple[str, int, int]],
@@ -253,8 +299,46 @@ def _plot_io(
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(args.plot, dpi=130)
-    print(f"wrote {args.plot}")
+    # The path as given, in the format its suffix names (PNG without one): savefig(path) would
+    # append ".png" to a name without a suffix.
+    fmt = os.path.splitext(path)[1][1:].lower()
+    if fmt not in fig.canvas.get_supported_filetypes():
+        fmt = "png"
+    with open(path, "wb") as f:
+        fig.savefig(f, format=fmt, dpi=130)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            val = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if val < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {val}")
+        return val
+
+    return parse
+
+
+def _eps(text: str) -> float:
+    try:
+        val = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < val < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return val
+
+
+def _error_name(exc: BaseException) -> str:
+    # Private subclasses (approx_attn._ArgumentTypeError) by the built-in class they extend.
+    for cls in type(exc).__mro__:
+        if not cls.__name__.startswith("_"):
+            return cls.__name__
+    return type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,37 +354,55 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--causal", action="store_true")
     run.add_argument("--gqa", action="store_true", help="enable_gqa")
     run.add_argument("--method", default="auto", choices=["auto", "exact", "poly"])
-    run.add_argument("--eps", type=float, default=1e-3)
-    run.add_argument("--degree", type=int, default=None)
+    run.add_argument("--eps", type=_eps, default=1e-3)
+    run.add_argument("--degree", type=_int_at_least(0), default=None)
     run.set_defaults(fn=cmd_run)
 
     demo = sub.add_parser("demo", help="both methods side by side on a default workload")
-    demo.add_argument("--n", type=int, default=4096, help="sequence length (L = S)")
-    demo.add_argument("--heads", type=int, default=4)
-    demo.add_argument("--eps", type=float, default=1e-2)
+    demo.add_argument("--n", type=_int_at_least(1), default=4096, help="sequence length (L = S)")
+    demo.add_argument("--heads", type=_int_at_least(1), default=4)
+    demo.add_argument("--eps", type=_eps, default=1e-2)
     demo.set_defaults(fn=cmd_demo)
 
     io = sub.add_parser("io", help="I/O words of exact, poly and the lower bound; log-log plot")
-    io.add_argument("--E", type=int, default=64)
-    io.add_argument("--degree", type=int, default=2)
-    io.add_argument("--min-log2", type=int, default=10)
-    io.add_argument("--max-log2", type=int, default=24)
-    io.add_argument("--fast-memory-kib", type=int, nargs="+", default=[16, 32, 48, 64, 228])
-    io.add_argument("--plot", default="io.png", help="PNG path ('' for none)")
+    io.add_argument("--E", type=_int_at_least(1), default=64)
+    io.add_argument("--degree", type=_int_at_least(0), default=2)
+    io.add_argument("--min-log2", type=_int_at_least(0), default=10)
+    io.add_argument("--max-log2", type=_int_at_least(0), default=24)
+    io.add_argument(
+        "--fast-memory-kib", type=_int_at_least(1), nargs="+", default=[16, 32, 48, 64, 228]
+    )
+    io.add_argument("--plot", default=None, help="plot path (default io.png; '' for none)")
     io.add_argument(
         "--no-measure",
         dest="measure",
         action="store_false",
         help="skip the counted series from real runs",
     )
-    io.add_argument("--measure-max-log2", type=int, default=11)
+    io.add_argument("--measure-max-log2", type=_int_at_least(8), default=11)
     io.set_defaults(fn=cmd_io)
 
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # usage errors: argparse's message, status 2
+    if args.cmd == "io" and args.min_log2 > args.max_log2:
+        parser.error(f"io: --min-log2 {args.min_log2} is above --max-log2 {args.max_log2}")
     try:
         return int(args.fn(args))
-    except (ValueError, TypeError, NotImplementedError, RuntimeError, OSError) as exc:
-        print(f"approx-attn: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except CliError as exc:
+        print(f"approx-attn: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("approx-attn: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `approx-attn io | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 2
+    except Exception as exc:  # noqa: BLE001 (every failure: one line, status 2, no traceback)
+        print(f"approx-attn: {_error_name(exc)}: {exc}", file=sys.stderr)
+        return 2
+    except BaseException as exc:  # a Rust panic (pyo3_runtime.PanicException) included
+        if isinstance(exc, (SystemExit, GeneratorExit)):
+            raise
+        print(f"approx-attn: {_error_name(exc)}: {exc}", file=sys.stderr)
         return 2
 
 
