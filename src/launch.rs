@@ -4,7 +4,9 @@ use std::sync::atomic::Ordering;
 
 use crate::device::Gpu;
 use crate::error::Error;
-use crate::transfer::{read_f32, read_mapped, readback_buffer, storage_buffer};
+use crate::transfer::{
+    assign_parallel, read_mapped, readback_buffer, storage_buffer, uniform_buffer, PooledReadback,
+};
 
 /// What a run measured besides its output.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -149,83 +151,96 @@ impl Timer {
     }
 }
 
-/// Words counted by the shaders (when counting) and GPU seconds (where timestamps exist).
-type Measured = (Option<(u64, u64)>, Option<f64>);
-
-/// Binds `bufs` in order (plus the I/O counter when on), dispatches once, and reads `out` back.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn dispatch_one(
-    gpu: &Gpu,
-    pipeline: &wgpu::ComputePipeline,
-    layout: &wgpu::BindGroupLayout,
-    bufs: &[&wgpu::Buffer],
-    opts: &RunOptions,
-    grid: (u32, u32, u32),
-    out: &wgpu::Buffer,
-    out_words: usize,
-) -> Result<(Vec<f32>, Measured), Error> {
-    let (counted, kernel_s) = dispatch_no_read(gpu, pipeline, layout, bufs, opts, grid)?;
-    Ok((read_f32(gpu, out, out_words)?, (counted, kernel_s)))
+/// One dispatch of a kernel: the pass it belongs to (named in [`RunStats::pass_s`]), its pipeline,
+/// its parameters (a `#[repr(C)]` struct laid out as the shader's uniform at binding 0), its
+/// storage buffers in binding order after them, and the workgroup grid.
+pub(crate) struct Launch<'a, P> {
+    pub pass: &'static str,
+    pub pipeline: &'a wgpu::ComputePipeline,
+    pub params: &'a P,
+    pub buffers: &'a [&'a wgpu::Buffer],
+    pub grid: (u32, u32, u32),
 }
 
-/// Binds `bufs` in order (plus the I/O counter when on), dispatches once and waits; returns the
-/// counted words and the GPU time.
-pub(crate) fn dispatch_no_read(
-    gpu: &Gpu,
-    pipeline: &wgpu::ComputePipeline,
-    layout: &wgpu::BindGroupLayout,
-    bufs: &[&wgpu::Buffer],
-    opts: &RunOptions,
-    grid: (u32, u32, u32),
-) -> Result<Measured, Error> {
-    let counter = opts.count_io.then(|| storage_buffer(gpu, 2, "io_words"));
-    let mut entries: Vec<wgpu::BindGroupEntry> = bufs
-        .iter()
-        .enumerate()
-        .map(|(i, b)| wgpu::BindGroupEntry {
-            binding: i as u32,
-            resource: b.as_entire_binding(),
-        })
-        .collect();
-    if let Some(cb) = &counter {
-        gpu.queue.write_buffer(cb, 0, &[0u8; 8]);
-        entries.push(wgpu::BindGroupEntry {
-            binding: bufs.len() as u32,
-            resource: cb.as_entire_binding(),
+impl<P: bytemuck::Pod> Launch<'_, P> {
+    /// The one dispatch path of every kernel: binds the parameters, the buffers and (when
+    /// counting) the I/O counter after them, dispatches inside a timed pass, copies the first
+    /// `words` floats of each of `reads` back into one host vector (in order), and waits. Returns
+    /// that vector and the dispatch's stats.
+    pub(crate) fn run(
+        &self,
+        gpu: &Gpu,
+        opts: &RunOptions,
+        reads: &[(&wgpu::Buffer, usize)],
+    ) -> Result<(Vec<f32>, RunStats), Error> {
+        let params = uniform_buffer(gpu, bytemuck::bytes_of(self.params));
+        let counter = opts.count_io.then(|| storage_buffer(gpu, 2, "io_words"));
+        let bound = std::iter::once(&params)
+            .chain(self.buffers.iter().copied())
+            .chain(counter.as_ref());
+        let entries: Vec<wgpu::BindGroupEntry> = bound
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        if let Some(cb) = &counter {
+            gpu.queue.write_buffer(cb, 0, &[0u8; 8]);
+        }
+        let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(self.pass),
+            layout: &self.pipeline.get_bind_group_layout(0),
+            entries: &entries,
         });
+        let timer = Timer::new(gpu);
+        let words: usize = reads.iter().map(|(_, w)| w).sum();
+        let read = (words > 0).then(|| PooledReadback::new(gpu, (words * 4) as u64));
+        let counter_read = counter.as_ref().map(|_| readback_buffer(gpu, 8));
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        {
+            let mut pass =
+                enc.begin_compute_pass(&timer.as_ref().map(Timer::pass).unwrap_or_default());
+            pass.set_pipeline(self.pipeline);
+            pass.set_bind_group(0, &bind, &[]);
+            pass.dispatch_workgroups(self.grid.0, self.grid.1, self.grid.2);
+        }
+        if let Some(tm) = &timer {
+            tm.stop(&mut enc);
+        }
+        if let Some(r) = &read {
+            let mut at = 0u64;
+            for &(buf, w) in reads.iter().filter(|(_, w)| *w > 0) {
+                enc.copy_buffer_to_buffer(buf, 0, r, at, (w * 4) as u64);
+                at += (w * 4) as u64;
+            }
+        }
+        if let (Some(cb), Some(cr)) = (&counter, &counter_read) {
+            enc.copy_buffer_to_buffer(cb, 0, cr, 0, 8);
+        }
+        gpu.queue.submit([enc.finish()]);
+        let out = match &read {
+            Some(r) => read_mapped(gpu, r, (words * 4) as u64, |b| {
+                let mut out = Vec::new();
+                assign_parallel(&mut out, bytemuck::cast_slice::<u8, f32>(b));
+                out
+            })?,
+            None => {
+                gpu.wait()?;
+                Vec::new()
+            }
+        };
+        let counted = match &counter_read {
+            Some(cr) => Some(read_mapped(gpu, cr, 8, |b| {
+                let w: &[u32] = bytemuck::cast_slice(b);
+                (u64::from(w[0]), u64::from(w[1]))
+            })?),
+            None => None,
+        };
+        let kernel_s = match &timer {
+            Some(tm) => Some(tm.seconds(gpu)?),
+            None => None,
+        };
+        Ok((out, RunStats::dispatch(gpu, self.pass, counted, kernel_s)))
     }
-    let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: None,
-        layout,
-        entries: &entries,
-    });
-    let timer = Timer::new(gpu);
-    let counter_read = counter.as_ref().map(|_| readback_buffer(gpu, 8));
-    let mut enc = gpu.device.create_command_encoder(&Default::default());
-    {
-        let mut pass = enc.begin_compute_pass(&timer.as_ref().map(Timer::pass).unwrap_or_default());
-        pass.set_pipeline(pipeline);
-        pass.set_bind_group(0, &bind, &[]);
-        pass.dispatch_workgroups(grid.0, grid.1, grid.2);
-    }
-    if let Some(tm) = &timer {
-        tm.stop(&mut enc);
-    }
-    if let (Some(cb), Some(cr)) = (&counter, &counter_read) {
-        enc.copy_buffer_to_buffer(cb, 0, cr, 0, 8);
-    }
-    gpu.queue.submit([enc.finish()]);
-    gpu.wait()?;
-    let counted = match &counter_read {
-        Some(cr) => Some(read_mapped(gpu, cr, 8, |b| {
-            let w: &[u32] = bytemuck::cast_slice(b);
-            (u64::from(w[0]), u64::from(w[1]))
-        })?),
-        None => None,
-    };
-    let kernel_s = match &timer {
-        Some(tm) => Some(tm.seconds(gpu)?),
-        None => None,
-    };
-    Ok((counted, kernel_s))
 }

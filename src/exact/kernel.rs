@@ -13,14 +13,22 @@ const EARLY_K_PREFETCH_FLOATS: usize = 32;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+/// Parameters of the exact kernel (`shaders/exact.wgsl`).
 pub(crate) struct Params {
+    /// Query rows in this dispatch.
     pub(crate) l: u32,
+    /// Key rows in this dispatch.
     pub(crate) s: u32,
+    /// Query heads per KV head.
     pub(crate) group: u32,
     pub(crate) causal: u32,
+    /// Global index of this dispatch's first query row (causal mask).
     pub(crate) q_offset: u32,
+    /// Global index of this dispatch's first key row.
     pub(crate) kv_offset: u32,
+    /// 1 when the keys are split over dispatches: store (m, l) per row.
     pub(crate) write_stats: u32,
+    /// scale * log2(e): scores go straight to exp2.
     pub(crate) scale_log2: f32,
 }
 
@@ -28,238 +36,14 @@ pub(crate) struct Params {
 /// elements are vec4 where both widths allow (`ExactTiles::lanes`): 16-byte loads from workgroup
 /// memory, four multiply-adds per loaded pair.
 pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
-    let rq = t.rows_per_thread();
-    let rk = t.keys_per_thread();
-    let lanes = t.lanes();
-    let cv = t.out_cols_per_thread() / lanes;
-    let wg = t.threads();
-    let (elem, comps) = wgsl_element(lanes);
-    let (p_elem, p_comps) = wgsl_element(t.p_lanes());
-    let p4 = p_comps.len() == 4;
-    let row = |a: usize| format!("(tq + {}u)", a * t.tq);
-
-    let mut o_decl = String::new();
-    for a in 0..rq {
-        let _ = writeln!(o_decl, "    var m_{a} = NEG;\n    var l_{a} = 0.0;");
-        for u in 0..cv {
-            let _ = writeln!(o_decl, "    var o_{a}_{u} = T();");
-        }
-    }
-
-    // Element u of a thread's prefetch is tile element lid + WG * u (row-major, unpadded).
-    let ew = t.e / lanes;
-    let evw = t.ev / lanes;
-    let (nk, nv) = ((t.bk * ew).div_ceil(wg), (t.bk * evw).div_ceil(wg));
-    let mut pre_decl = String::new();
-    for u in 0..nk {
-        let _ = writeln!(pre_decl, "    var kx_{u} = T();");
-    }
-    for u in 0..nv {
-        let _ = writeln!(pre_decl, "    var vx_{u} = T();");
-    }
-    // V rows `rows` of the tile at key `j0` into the vx registers.
-    let v_loads = |j0: &str, rows: &str, ind: &str| {
-        let mut s = String::new();
-        for u in 0..nv {
-            let _ = writeln!(
-                s,
-                "{ind}vx_{u} = T();\n{ind}if (lid + {o}u < {rows} * EVW) {{\n{ind}    \
-                 vx_{u} = v[v_base + ({j0}) * EVW + lid + {o}u];\n{ind}    words_read += LANES;\n{ind}}}",
-                o = wg * u
-            );
-        }
-        s
-    };
-    // The K tile at key `j0` (and its V tile with `with_v`) into the registers.
-    let tile_load = |j0: &str, ind: &str, with_v: bool| {
-        let mut s = format!("{ind}let kr = min(BK, kv_end - ({j0}));\n");
-        for u in 0..nk {
-            let _ = writeln!(
-                s,
-                "{ind}kx_{u} = T();\n{ind}if (lid + {o}u < kr * EW) {{\n{ind}    \
-                 kx_{u} = k[k_base + ({j0}) * EW + lid + {o}u];\n{ind}    words_read += LANES;\n{ind}}}",
-                o = wg * u
-            );
-        }
-        if with_v {
-            s.push_str(&v_loads(j0, "kr", ind));
-        }
-        s.trim_end().to_string()
-    };
-    let mut k_store = String::new();
-    let mut v_store = String::new();
-    for u in 0..nk {
-        let _ = writeln!(
-            k_store,
-            "        if (lid + {o}u < BK * EW) {{\n            let idx = lid + {o}u;\n            \
-             kv_tile[(idx / EW) * KS + idx % EW] = kx_{u};\n        }}",
-            o = wg * u
-        );
-    }
-    for u in 0..nv {
-        let _ = writeln!(
-            v_store,
-            "        if (lid + {o}u < BK * EVW) {{\n            kv_tile[vbase + lid + {o}u] = vx_{u};\n        }}",
-            o = wg * u
-        );
-    }
-
-    // Scores stay in registers, masked entries at NEG; each thread posts its partial row maxima.
-    let mut scores = String::new();
-    for a in 0..rq {
-        for b in 0..rk {
-            let _ = writeln!(scores, "        var s_{a}_{b} = 0.0;");
-        }
-    }
-    let mut step = String::new();
-    for a in 0..rq {
-        let _ = writeln!(step, "            let q_{a} = q_tile[{} * QS + e];", row(a));
-    }
-    for b in 0..rk {
-        let _ = writeln!(
-            step,
-            "            let k_{b} = kv_tile[(tk + {}u) * KS + e];",
-            b * t.tk
-        );
-    }
-    for c in comps {
-        for a in 0..rq {
-            for b in 0..rk {
-                let _ = writeln!(
-                    step,
-                    "            s_{a}_{b} = fma(q_{a}{c}, k_{b}{c}, s_{a}_{b});"
-                );
-            }
-        }
-    }
-    scores.push_str(&constant_loop("        ", "e", ("EW", ew), &step));
-    scores.push('\n');
-    for a in 0..rq {
-        for b in 0..rk {
-            let _ = writeln!(
-                scores,
-                "        s_{a}_{b} = select(NEG, s_{a}_{b}, tk + {jb}u < k_rows && (params.causal == 0u || \
-                 params.kv_offset + j0 + tk + {jb}u <= params.q_offset + q0 + {i}));",
-                jb = b * t.tk,
-                i = row(a)
-            );
-        }
-        let mx = (1..rk).fold(format!("s_{a}_0"), |acc, b| {
-            format!("max({acc}, s_{a}_{b})")
-        });
-        let _ = writeln!(scores, "        part[{} * TK + tk] = {mx};", row(a));
-    }
-
-    // Online softmax on the thread's own scores: the row maximum from the posted partials, the
-    // rescale of its accumulators, P for the P V product.
-    let mut softmax = String::new();
-    for a in 0..rq {
-        let _ = writeln!(
-            softmax,
-            "        {{\n            var mx = m_{a};\n            for (var t = 0u; t < TK; t++) {{\n                \
-             mx = max(mx, part[{r} * TK + t]);\n            }}\n            \
-             let alpha = exp2(m_{a} - mx);\n            m_{a} = mx;",
-            r = row(a)
-        );
-        for b in 0..rk {
-            let target = if p4 {
-                format!(
-                    "p_tile[{r} * PS + (tk + {jb}u) / 4u][(tk + {jb}u) % 4u]",
-                    r = row(a),
-                    jb = b * t.tk
-                )
-            } else {
-                format!("p_tile[{r} * PS + tk + {jb}u]", r = row(a), jb = b * t.tk)
-            };
-            let _ = writeln!(
-                softmax,
-                "            let p_{b} = select(0.0, exp2(s_{a}_{b} - mx), s_{a}_{b} > NEG);\n            \
-                 {target} = p_{b};"
-            );
-        }
-        let sum = (0..rk)
-            .map(|b| format!("p_{b}"))
-            .collect::<Vec<_>>()
-            .join(" + ");
-        let _ = writeln!(softmax, "            l_{a} = l_{a} * alpha + ({sum});");
-        for u in 0..cv {
-            let _ = writeln!(softmax, "            o_{a}_{u} *= alpha;");
-        }
-        softmax.push_str("        }\n");
-    }
-
-    // Element columns of a thread: tk + u * TK (consecutive threads read consecutive elements).
-    // With a vec4 P tile, one load brings the probabilities of four keys.
-    let p_step = p_comps.len();
-    let mut step = String::new();
-    for a in 0..rq {
-        let _ = writeln!(
-            step,
-            "            let p_{a} = p_tile[{} * PS + jp];",
-            row(a)
-        );
-    }
-    for (l, pc) in p_comps.iter().enumerate() {
-        for u in 0..cv {
-            let _ = writeln!(
-                step,
-                "            let v_{l}_{u} = kv_tile[vbase + ({p_step}u * jp + {l}u) * EVW + tk + {}u];",
-                u * t.tk
-            );
-        }
-        for a in 0..rq {
-            for u in 0..cv {
-                let _ = writeln!(
-                    step,
-                    "            o_{a}_{u} = fma(T(p_{a}{pc}), v_{l}_{u}, o_{a}_{u});"
-                );
-            }
-        }
-    }
-    let pv_steps = format!("BK / {p_step}u");
-    let pv = constant_loop("        ", "jp", (&pv_steps, t.bk / p_step), &step);
-
-    // Row sums: the TK partial sums of each row, added after one barrier.
-    let mut store = String::new();
-    for a in 0..rq {
-        let _ = writeln!(store, "    part[{} * TK + tk] = l_{a};", row(a));
-    }
-    store.push_str("    workgroupBarrier();\n");
-    for a in 0..rq {
-        let _ = writeln!(
-            store,
-            "    {{\n        let i = {r};\n        var li = 0.0;\n        for (var t = 0u; t < TK; t++) {{\n            \
-             li += part[i * TK + t];\n        }}",
-            r = row(a)
-        );
-        for u in 0..cv {
-            let _ = writeln!(
-                store,
-                "        if (i < q_rows && tk + {cu}u < EVW) {{",
-                cu = u * t.tk
-            );
-            for (l, c) in comps.iter().enumerate() {
-                let _ = writeln!(
-                    store,
-                    "            o[(head * params.l + q0 + i) * EV + LANES * (tk + {cu}u) + {l}u] = \
-                     select(0.0, o_{a}_{u}{c} / li, li > 0.0);",
-                    cu = u * t.tk
-                );
-            }
-            let _ = writeln!(store, "            words_written += LANES;\n        }}");
-        }
-        let _ = writeln!(
-            store,
-            "        if (params.write_stats != 0u && tk == 0u && i < q_rows) {{\n            \
-             let srow = (head * params.l + q0 + i) * 2u;\n            stats[srow] = m_{a};\n            \
-             stats[srow + 1u] = li;\n            words_written += 2u;\n        }}\n    }}"
-        );
-    }
-
+    let g = Gen::new(t);
+    let (elem, _) = wgsl_element(g.lanes);
+    let (p_elem, _) = wgsl_element(t.p_lanes());
+    let (k_store, v_store) = g.tile_stores();
     let next_tile = |with_v: bool| {
         format!(
             "        if (j0 + BK < kv_end) {{\n{}\n        }}",
-            tile_load("j0 + BK", "            ", with_v)
+            g.tile_load("j0 + BK", "            ", with_v)
         )
     };
     let (vbase, tile_store, loads, after_softmax, end_of_tile) = if t.split_v {
@@ -284,7 +68,7 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
         // EARLY_K_PREFETCH_FLOATS registers. Measured on the H100 (n = 65,536, 8 heads, tuned
         // 32 x 32 tiles of 128 threads): early took 0.496 s instead of 0.515 s at E = 64 (32
         // floats of prefetch), but 1.040 s instead of 1.026 s at E = 128 (64 floats).
-        let early = (nk + nv) * lanes <= EARLY_K_PREFETCH_FLOATS;
+        let early = (g.nk + g.nv) * g.lanes <= EARLY_K_PREFETCH_FLOATS;
         let (k_early, k_late) = if early {
             (next_tile(false), String::new())
         } else {
@@ -293,7 +77,7 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
         (
             "0u".to_string(),
             k_store.clone(),
-            format!("{}{k_early}", v_loads("j0", "k_rows", "        ")),
+            format!("{}{k_early}", g.v_loads("j0", "k_rows", "        ")),
             format!("{v_store}{k_late}"),
             "        workgroupBarrier();".to_string(),
         )
@@ -308,29 +92,331 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
             ("BK", t.bk.to_string()),
             ("TQ", t.tq.to_string()),
             ("TK", t.tk.to_string()),
-            ("WG", wg.to_string()),
+            ("WG", g.wg.to_string()),
             ("ELEM", elem.to_string()),
-            ("LANES", lanes.to_string()),
+            ("LANES", g.lanes.to_string()),
             ("Q_TILE", (t.bq * t.row_stride()).to_string()),
             ("KV_TILE", t.kv_elements().to_string()),
             ("P_ELEM", p_elem.to_string()),
             ("PS", t.p_row_stride().to_string()),
             ("P_TILE", (t.bq * t.p_row_stride()).to_string()),
             ("PART", (t.bq * t.tk).to_string()),
-            ("O_DECL", o_decl.trim_end().to_string()),
-            ("PREFETCH_DECL", pre_decl.trim_end().to_string()),
-            ("LOAD_FIRST", tile_load("0u", "        ", t.split_v)),
+            ("O_DECL", g.output_registers().trim_end().to_string()),
+            (
+                "PREFETCH_DECL",
+                g.prefetch_registers().trim_end().to_string(),
+            ),
+            ("LOAD_FIRST", g.tile_load("0u", "        ", t.split_v)),
             ("VBASE", vbase),
             ("TILE_STORE", tile_store.trim_end().to_string()),
             ("LOADS", loads.trim_end().to_string()),
             ("AFTER_SOFTMAX", after_softmax.trim_end().to_string()),
             ("END_OF_TILE", end_of_tile),
-            ("SCORES", scores.trim_end().to_string()),
-            ("SOFTMAX", softmax.trim_end().to_string()),
-            ("PV", pv),
-            ("STORE", store.trim_end().to_string()),
+            ("SCORES", g.scores().trim_end().to_string()),
+            ("SOFTMAX", g.softmax().trim_end().to_string()),
+            ("PV", g.pv()),
+            ("STORE", g.store().trim_end().to_string()),
             decl,
             add,
         ],
     )
+}
+
+/// The shape of a thread's work under these tiles, from which each slot's code is written.
+struct Gen<'a> {
+    t: &'a ExactTiles,
+    /// Query rows and keys of a thread's score micro-tile.
+    rq: usize,
+    rk: usize,
+    /// Floats per tile element (1 or 4).
+    lanes: usize,
+    /// Output column elements per thread.
+    cv: usize,
+    wg: usize,
+    /// Elements per row of the K and V tiles.
+    ew: usize,
+    /// Prefetch registers per thread of the K and V tiles: element u of a thread's prefetch is
+    /// tile element lid + WG * u (row-major, unpadded).
+    nk: usize,
+    nv: usize,
+}
+
+impl<'a> Gen<'a> {
+    fn new(t: &'a ExactTiles) -> Self {
+        let lanes = t.lanes();
+        let wg = t.threads();
+        let (ew, evw) = (t.e / lanes, t.ev / lanes);
+        Gen {
+            t,
+            rq: t.rows_per_thread(),
+            rk: t.keys_per_thread(),
+            lanes,
+            cv: t.out_cols_per_thread() / lanes,
+            wg,
+            ew,
+            nk: (t.bk * ew).div_ceil(wg),
+            nv: (t.bk * evw).div_ceil(wg),
+        }
+    }
+
+    /// Query row of register row `a`.
+    fn row(&self, a: usize) -> String {
+        format!("(tq + {}u)", a * self.t.tq)
+    }
+
+    /// Running max, sum and output accumulators of each of the thread's rows.
+    fn output_registers(&self) -> String {
+        let mut o_decl = String::new();
+        for a in 0..self.rq {
+            let _ = writeln!(o_decl, "    var m_{a} = NEG;\n    var l_{a} = 0.0;");
+            for u in 0..self.cv {
+                let _ = writeln!(o_decl, "    var o_{a}_{u} = T();");
+            }
+        }
+        o_decl
+    }
+
+    fn prefetch_registers(&self) -> String {
+        let mut pre_decl = String::new();
+        for u in 0..self.nk {
+            let _ = writeln!(pre_decl, "    var kx_{u} = T();");
+        }
+        for u in 0..self.nv {
+            let _ = writeln!(pre_decl, "    var vx_{u} = T();");
+        }
+        pre_decl
+    }
+
+    /// V rows `rows` of the tile at key `j0` into the vx registers.
+    fn v_loads(&self, j0: &str, rows: &str, ind: &str) -> String {
+        let mut s = String::new();
+        for u in 0..self.nv {
+            let _ = writeln!(
+                s,
+                "{ind}vx_{u} = T();\n{ind}if (lid + {o}u < {rows} * EVW) {{\n{ind}    \
+                 vx_{u} = v[v_base + ({j0}) * EVW + lid + {o}u];\n{ind}    words_read += LANES;\n{ind}}}",
+                o = self.wg * u
+            );
+        }
+        s
+    }
+
+    /// The K tile at key `j0` (and its V tile with `with_v`) into the registers.
+    fn tile_load(&self, j0: &str, ind: &str, with_v: bool) -> String {
+        let mut s = format!("{ind}let kr = min(BK, kv_end - ({j0}));\n");
+        for u in 0..self.nk {
+            let _ = writeln!(
+                s,
+                "{ind}kx_{u} = T();\n{ind}if (lid + {o}u < kr * EW) {{\n{ind}    \
+                 kx_{u} = k[k_base + ({j0}) * EW + lid + {o}u];\n{ind}    words_read += LANES;\n{ind}}}",
+                o = self.wg * u
+            );
+        }
+        if with_v {
+            s.push_str(&self.v_loads(j0, "kr", ind));
+        }
+        s.trim_end().to_string()
+    }
+
+    /// The stores of the K and of the V registers into the tile.
+    fn tile_stores(&self) -> (String, String) {
+        let mut k_store = String::new();
+        let mut v_store = String::new();
+        for u in 0..self.nk {
+            let _ = writeln!(
+                k_store,
+                "        if (lid + {o}u < BK * EW) {{\n            let idx = lid + {o}u;\n            \
+                 kv_tile[(idx / EW) * KS + idx % EW] = kx_{u};\n        }}",
+                o = self.wg * u
+            );
+        }
+        for u in 0..self.nv {
+            let _ = writeln!(
+                v_store,
+                "        if (lid + {o}u < BK * EVW) {{\n            kv_tile[vbase + lid + {o}u] = vx_{u};\n        }}",
+                o = self.wg * u
+            );
+        }
+        (k_store, v_store)
+    }
+
+    /// Scores stay in registers, masked entries at NEG; each thread posts its partial row maxima.
+    fn scores(&self) -> String {
+        let (t, rq, rk) = (self.t, self.rq, self.rk);
+        let (_, comps) = wgsl_element(self.lanes);
+        let mut scores = String::new();
+        for a in 0..rq {
+            for b in 0..rk {
+                let _ = writeln!(scores, "        var s_{a}_{b} = 0.0;");
+            }
+        }
+        let mut step = String::new();
+        for a in 0..rq {
+            let _ = writeln!(
+                step,
+                "            let q_{a} = q_tile[{} * QS + e];",
+                self.row(a)
+            );
+        }
+        for b in 0..rk {
+            let _ = writeln!(
+                step,
+                "            let k_{b} = kv_tile[(tk + {}u) * KS + e];",
+                b * t.tk
+            );
+        }
+        for c in comps {
+            for a in 0..rq {
+                for b in 0..rk {
+                    let _ = writeln!(
+                        step,
+                        "            s_{a}_{b} = fma(q_{a}{c}, k_{b}{c}, s_{a}_{b});"
+                    );
+                }
+            }
+        }
+        scores.push_str(&constant_loop("        ", "e", ("EW", self.ew), &step));
+        scores.push('\n');
+        for a in 0..rq {
+            for b in 0..rk {
+                let _ = writeln!(
+                    scores,
+                    "        s_{a}_{b} = select(NEG, s_{a}_{b}, tk + {jb}u < k_rows && (params.causal == 0u || \
+                     params.kv_offset + j0 + tk + {jb}u <= params.q_offset + q0 + {i}));",
+                    jb = b * t.tk,
+                    i = self.row(a)
+                );
+            }
+            let mx = (1..rk).fold(format!("s_{a}_0"), |acc, b| {
+                format!("max({acc}, s_{a}_{b})")
+            });
+            let _ = writeln!(scores, "        part[{} * TK + tk] = {mx};", self.row(a));
+        }
+        scores
+    }
+
+    /// Online softmax on the thread's own scores: the row maximum from the posted partials, the
+    /// rescale of its accumulators, P for the P V product.
+    fn softmax(&self) -> String {
+        let (t, rk) = (self.t, self.rk);
+        let p4 = t.p_lanes() == 4;
+        let mut softmax = String::new();
+        for a in 0..self.rq {
+            let _ = writeln!(
+                softmax,
+                "        {{\n            var mx = m_{a};\n            for (var t = 0u; t < TK; t++) {{\n                \
+                 mx = max(mx, part[{r} * TK + t]);\n            }}\n            \
+                 let alpha = exp2(m_{a} - mx);\n            m_{a} = mx;",
+                r = self.row(a)
+            );
+            for b in 0..rk {
+                let target = if p4 {
+                    format!(
+                        "p_tile[{r} * PS + (tk + {jb}u) / 4u][(tk + {jb}u) % 4u]",
+                        r = self.row(a),
+                        jb = b * t.tk
+                    )
+                } else {
+                    format!(
+                        "p_tile[{r} * PS + tk + {jb}u]",
+                        r = self.row(a),
+                        jb = b * t.tk
+                    )
+                };
+                let _ = writeln!(
+                    softmax,
+                    "            let p_{b} = select(0.0, exp2(s_{a}_{b} - mx), s_{a}_{b} > NEG);\n            \
+                     {target} = p_{b};"
+                );
+            }
+            let sum = (0..rk)
+                .map(|b| format!("p_{b}"))
+                .collect::<Vec<_>>()
+                .join(" + ");
+            let _ = writeln!(softmax, "            l_{a} = l_{a} * alpha + ({sum});");
+            for u in 0..self.cv {
+                let _ = writeln!(softmax, "            o_{a}_{u} *= alpha;");
+            }
+            softmax.push_str("        }\n");
+        }
+        softmax
+    }
+
+    /// The P V product. Element columns of a thread: tk + u * TK (consecutive threads read
+    /// consecutive elements). With a vec4 P tile, one load brings the probabilities of four keys.
+    fn pv(&self) -> String {
+        let t = self.t;
+        let (_, p_comps) = wgsl_element(t.p_lanes());
+        let p_step = p_comps.len();
+        let mut step = String::new();
+        for a in 0..self.rq {
+            let _ = writeln!(
+                step,
+                "            let p_{a} = p_tile[{} * PS + jp];",
+                self.row(a)
+            );
+        }
+        for (l, pc) in p_comps.iter().enumerate() {
+            for u in 0..self.cv {
+                let _ = writeln!(
+                    step,
+                    "            let v_{l}_{u} = kv_tile[vbase + ({p_step}u * jp + {l}u) * EVW + tk + {}u];",
+                    u * t.tk
+                );
+            }
+            for a in 0..self.rq {
+                for u in 0..self.cv {
+                    let _ = writeln!(
+                        step,
+                        "            o_{a}_{u} = fma(T(p_{a}{pc}), v_{l}_{u}, o_{a}_{u});"
+                    );
+                }
+            }
+        }
+        let pv_steps = format!("BK / {p_step}u");
+        constant_loop("        ", "jp", (&pv_steps, t.bk / p_step), &step)
+    }
+
+    /// Row sums: the TK partial sums of each row, added after one barrier; then the normalised
+    /// output rows and, for split keys, their statistics.
+    fn store(&self) -> String {
+        let t = self.t;
+        let (_, comps) = wgsl_element(self.lanes);
+        let mut store = String::new();
+        for a in 0..self.rq {
+            let _ = writeln!(store, "    part[{} * TK + tk] = l_{a};", self.row(a));
+        }
+        store.push_str("    workgroupBarrier();\n");
+        for a in 0..self.rq {
+            let _ = writeln!(
+                store,
+                "    {{\n        let i = {r};\n        var li = 0.0;\n        for (var t = 0u; t < TK; t++) {{\n            \
+                 li += part[i * TK + t];\n        }}",
+                r = self.row(a)
+            );
+            for u in 0..self.cv {
+                let _ = writeln!(
+                    store,
+                    "        if (i < q_rows && tk + {cu}u < EVW) {{",
+                    cu = u * t.tk
+                );
+                for (l, c) in comps.iter().enumerate() {
+                    let _ = writeln!(
+                        store,
+                        "            o[(head * params.l + q0 + i) * EV + LANES * (tk + {cu}u) + {l}u] = \
+                         select(0.0, o_{a}_{u}{c} / li, li > 0.0);",
+                        cu = u * t.tk
+                    );
+                }
+                let _ = writeln!(store, "            words_written += LANES;\n        }}");
+            }
+            let _ = writeln!(
+                store,
+                "        if (params.write_stats != 0u && tk == 0u && i < q_rows) {{\n            \
+                 let srow = (head * params.l + q0 + i) * 2u;\n            stats[srow] = m_{a};\n            \
+                 stats[srow + 1u] = li;\n            words_written += 2u;\n        }}\n    }}"
+            );
+        }
+        store
+    }
 }

@@ -188,3 +188,46 @@ pub(crate) fn table_prefetch(wg: usize, rc: usize, g: usize, z: bool) -> Prefetc
         store: store.trim_end().to_string(),
     }
 }
+
+/// Parameters of pass 1 (f32 and coop; `shaders/poly_pass1.wgsl`, `poly_coop_pass1.wgsl`).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct Pass1Params {
+    /// Key rows per unit in this dispatch.
+    pub s: u32,
+    pub keys_per_split: u32,
+    pub splits: u32,
+    /// 1 / the key scale of the coop pass (the f32 pass does not scale keys).
+    pub k_inv_scale: f32,
+}
+
+/// Parameters of the reduction of pass 1's key splits (`shaders/poly_reduce.wgsl`).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct ReduceParams {
+    pub splits: u32,
+    /// 1: add to S' of an earlier key chunk instead of overwriting it.
+    pub accumulate: u32,
+    /// R * (Ev + 1) per unit.
+    pub words: u32,
+    pub _pad: u32,
+}
+
+/// Parameters of pass 2 (f32 and coop; the f32 shader reads the first four).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct Pass2Params {
+    /// Query rows per head in this dispatch.
+    pub l: u32,
+    /// Query blocks per head.
+    pub blocks: u32,
+    /// Query heads per KV head.
+    pub group: u32,
+    /// S' chunks.
+    pub chunks: u32,
+    /// The coop pass's key scale (queries are scaled by it).
+    pub k_scale: f32,
+    /// Key rows per unit (S'' = S' / keys).
+    pub keys: f32,
+    pub _pad: [u32; 2],
+}

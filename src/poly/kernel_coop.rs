@@ -436,3 +436,12 @@ pub fn coop_pack_source(t: &CoopTiles, count_io: bool) -> String {
         ],
     )
 }
+
+/// Parameters of the pack of S' into f16 (`shaders/poly_coop_pack.wgsl`).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct PackParams {
+    /// 1 / key rows per unit.
+    pub inv_keys: f32,
+    pub _pad: [f32; 3],
+}

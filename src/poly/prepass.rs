@@ -8,11 +8,25 @@ use crate::budget::Budget;
 use crate::chunking::Chunking;
 use crate::device::Gpu;
 use crate::error::Error;
-use crate::launch::{dispatch_one, RunOptions, RunStats};
-use crate::transfer::{gather, storage_buffer, uniform_buffer, Uploads};
+use crate::launch::{Launch, RunOptions, RunStats};
+use crate::transfer::{gather, storage_buffer, Uploads};
 use crate::wgsl::{fill_template, io_counter_slots};
 
 pub(crate) const PREPASS: &str = include_str!("../../shaders/prepass.wgsl");
+
+/// Parameters of the pre-pass (`shaders/prepass.wgsl`).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct PrepassParams {
+    /// Rows per unit.
+    pub rows: u32,
+    /// Rows per workgroup.
+    pub rows_per_block: u32,
+    /// Blocks per unit.
+    pub blocks: u32,
+    /// 1: subtract mu[unit] before the norms (key centring).
+    pub use_mu: u32,
+}
 
 pub fn prepass_source(width: usize, tile_rows: usize, count_io: bool) -> String {
     let [decl, add] = io_counter_slots(count_io, 4);
@@ -141,7 +155,6 @@ pub(crate) fn row_stats(
         &prepass_source(w, tile_rows, opts.count_io),
         opts.trusted,
     )?;
-    let layout = pipeline.get_bind_group_layout(0);
     let mut result = vec![RowStats::new(w); sh.units];
     for u0 in (0..sh.units).step_by(sh.units_per_dispatch) {
         let nu = sh.units_per_dispatch.min(sh.units - u0);
@@ -155,32 +168,28 @@ pub(crate) fn row_stats(
                 None => vec![0.0; nu * w],
             };
             let out_words = nu * blocks * (3 * w + 2);
-            let params: [u32; 4] = [
-                nr as u32,
-                rows_per_block as u32,
-                blocks as u32,
-                u32::from(mu.is_some()),
-            ];
-            let (blocks_out, (counted, kernel_s)) = gpu.checked(|| {
+            let params = PrepassParams {
+                rows: nr as u32,
+                rows_per_block: rows_per_block as u32,
+                blocks: blocks as u32,
+                use_mu: u32::from(mu.is_some()),
+            };
+            let (blocks_out, st) = gpu.checked(|| {
                 let x_buf = uploads.buffer(gpu, xc, "prepass x");
                 let mu_buf = storage_buffer(gpu, mu_c.len(), "prepass mu");
                 let out_buf = storage_buffer(gpu, out_words, "prepass out");
                 gpu.queue
                     .write_buffer(&mu_buf, 0, bytemuck::cast_slice(&mu_c));
-                let params_buf = uniform_buffer(gpu, bytemuck::cast_slice(&params));
-                let bufs = [&params_buf, &*x_buf, &mu_buf, &out_buf];
-                dispatch_one(
-                    gpu,
-                    &pipeline,
-                    &layout,
-                    &bufs,
-                    opts,
-                    (blocks as u32, nu as u32, 1),
-                    &out_buf,
-                    out_words,
-                )
+                Launch {
+                    pass: "prepass",
+                    pipeline: &pipeline,
+                    params: &params,
+                    buffers: &[&*x_buf, &mu_buf, &out_buf],
+                    grid: (blocks as u32, nu as u32, 1),
+                }
+                .run(gpu, opts, &[(&out_buf, out_words)])
             })?;
-            stats.absorb(&RunStats::dispatch(gpu, "prepass", counted, kernel_s));
+            stats.absorb(&st);
             for u in 0..nu {
                 for b in 0..blocks {
                     let o = (u * blocks + b) * (3 * w + 2);

@@ -1,18 +1,20 @@
 //! The host side of the poly passes: pass 1 per key chunk, the reduction of its splits, the f16
 //! pack (tensor cores), and pass 2 per query chunk.
 
+use std::sync::Arc;
+
 use super::features::{pack_indices, query_weights, FeatureTable};
 use super::fit::Poly;
-use super::kernel_common::reduce_source;
-use super::kernel_coop::{coop_pack_source, coop_pass1_source, coop_pass2_source};
+use super::kernel_common::{reduce_source, Pass1Params, Pass2Params, ReduceParams};
+use super::kernel_coop::{coop_pack_source, coop_pass1_source, coop_pass2_source, PackParams};
 use super::kernel_f32::{pass1_source, pass2_source};
 use super::plan::{PolyPlan, AUX_THREADS};
 use super::prepass::Prepass;
 use crate::api::Problem;
 use crate::device::Gpu;
 use crate::error::Error;
-use crate::launch::{dispatch_no_read, dispatch_one, RunOptions, RunStats};
-use crate::transfer::{gather, storage_buffer, uniform_buffer, Uploads};
+use crate::launch::{Launch, RunOptions, RunStats};
+use crate::transfer::{gather, storage_buffer, Uploads};
 
 /// Passes 1 and 2 for a planned degree. `weights` are the per-feature query weights (f64 -> f32).
 #[allow(clippy::too_many_arguments)]
@@ -30,61 +32,145 @@ pub fn run(
     uploads: &Uploads,
     stats: &mut RunStats,
 ) -> Result<Vec<f32>, Error> {
-    let c = &plan.chunking;
-    let ev1 = p.ev + 1;
-    let r = plan.r;
     let idx = pack_indices(table);
     let weights: Vec<f32> = query_weights(table, poly, f64::from(p.scale))
         .into_iter()
         .map(|w| w as f32)
         .collect();
-    let coop = plan.coop;
-    let (src1, src2, key1, key2) = match &coop {
-        Some(t) => (
-            coop_pass1_source(t, opts.count_io),
-            coop_pass2_source(t, opts.count_io),
-            format!("coop1:{t:?}"),
-            format!("coop2:{t:?}"),
-        ),
-        None => (
-            pass1_source(&plan.pass1, opts.count_io),
-            pass2_source(&plan.pass2, opts.count_io),
-            format!("pass1:{:?}", plan.pass1),
-            format!("pass2:{:?}", plan.pass2),
-        ),
-    };
-    let p1 = gpu.pipeline(
-        &format!("{key1}:{}:{}", opts.count_io, opts.trusted),
-        &src1,
-        opts.trusted,
-    )?;
-    let red = gpu.pipeline(
-        &format!("reduce:{}:{}", opts.count_io, opts.trusted),
-        &reduce_source(opts.count_io),
-        opts.trusted,
-    )?;
-    let pack = match &coop {
-        Some(t) => Some(gpu.pipeline(
-            &format!("coop_pack:{t:?}:{}:{}", opts.count_io, opts.trusted),
-            &coop_pack_source(t, opts.count_io),
-            opts.trusted,
-        )?),
-        None => None,
-    };
-    let p2 = gpu.pipeline(
-        &format!("{key2}:{}:{}", opts.count_io, opts.trusted),
-        &src2,
-        opts.trusted,
-    )?;
-    // The coop passes scale keys into [-1, 1] (queries by the inverse) and values into [0, 1].
+    let pipelines = Pipelines::new(gpu, plan, opts)?;
+    let mut out = vec![0f32; p.query_heads() * p.l * p.ev];
+    gpu.checked(|| {
+        let (c, rows) = (&plan.chunking, plan.r * (p.ev + 1));
+        let idx_buf = storage_buffer(gpu, idx.len(), "feature indices");
+        let w_buf = storage_buffer(gpu, weights.len(), "feature weights");
+        gpu.queue
+            .write_buffer(&idx_buf, 0, bytemuck::cast_slice(&idx));
+        gpu.queue
+            .write_buffer(&w_buf, 0, bytemuck::cast_slice(&weights));
+        let run = PolyRun {
+            gpu,
+            p,
+            plan,
+            pre,
+            opts,
+            uploads,
+            pipelines: &pipelines,
+            k_scale: key_scale(pre),
+            idx_buf,
+            w_buf,
+            sp_buf: storage_buffer(gpu, c.units * rows, "S'"),
+            partial_buf: storage_buffer(gpu, c.units * plan.splits * rows, "partial S'"),
+        };
+        for u0 in (0..p.units).step_by(c.units) {
+            let nu = c.units.min(p.units - u0);
+            let mu_buf = storage_buffer(gpu, nu * p.e, "mu");
+            gpu.queue.write_buffer(
+                &mu_buf,
+                0,
+                bytemuck::cast_slice(&pre.mu[u0 * p.e..(u0 + nu) * p.e]),
+            );
+            let vn_bufs = plan
+                .coop
+                .map(|_| (run.value_norm(u0, nu, true), run.value_norm(u0, nu, false)));
+            run.pass1(
+                (k, v),
+                (u0, nu),
+                &mu_buf,
+                vn_bufs.as_ref().map(|b| &b.0),
+                stats,
+            )?;
+            let packed = run.pack(nu, stats)?;
+            let vn2 = vn_bufs.as_ref().map(|b| &b.1);
+            run.pass2(q, (u0, nu), packed.as_ref().zip(vn2), &mut out, stats)?;
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// The coop passes scale keys into [-1, 1] by the largest centred key norm (queries by its
+/// inverse); 1 where that norm is zero or not finite.
+fn key_scale(pre: &Prepass) -> f32 {
     let k_scale = pre.k_max_norm.iter().copied().fold(0.0, f64::max);
-    let k_scale = if k_scale > 0.0 && k_scale.is_finite() {
+    if k_scale > 0.0 && k_scale.is_finite() {
         k_scale as f32
     } else {
         1.0
-    };
-    // Per unit: vmin, then 1/range (pass 1) or range (pass 2) of each value column.
-    let value_norm = |u0: usize, nu: usize, invert: bool| -> wgpu::Buffer {
+    }
+}
+
+/// The compiled kernels of a poly plan: both passes (f32 or coop), the reduction of the key
+/// splits and, for coop, the pack of S' into f16.
+struct Pipelines {
+    pass1: Arc<wgpu::ComputePipeline>,
+    reduce: Arc<wgpu::ComputePipeline>,
+    pack: Option<Arc<wgpu::ComputePipeline>>,
+    pass2: Arc<wgpu::ComputePipeline>,
+}
+
+impl Pipelines {
+    fn new(gpu: &Gpu, plan: &PolyPlan, opts: &RunOptions) -> Result<Self, Error> {
+        let (src1, src2, key1, key2) = match &plan.coop {
+            Some(t) => (
+                coop_pass1_source(t, opts.count_io),
+                coop_pass2_source(t, opts.count_io),
+                format!("coop1:{t:?}"),
+                format!("coop2:{t:?}"),
+            ),
+            None => (
+                pass1_source(&plan.pass1, opts.count_io),
+                pass2_source(&plan.pass2, opts.count_io),
+                format!("pass1:{:?}", plan.pass1),
+                format!("pass2:{:?}", plan.pass2),
+            ),
+        };
+        let mode = format!("{}:{}", opts.count_io, opts.trusted);
+        let pass1 = gpu.pipeline(&format!("{key1}:{mode}"), &src1, opts.trusted)?;
+        let reduce = gpu.pipeline(
+            &format!("reduce:{mode}"),
+            &reduce_source(opts.count_io),
+            opts.trusted,
+        )?;
+        let pack = match &plan.coop {
+            Some(t) => Some(gpu.pipeline(
+                &format!("coop_pack:{t:?}:{mode}"),
+                &coop_pack_source(t, opts.count_io),
+                opts.trusted,
+            )?),
+            None => None,
+        };
+        let pass2 = gpu.pipeline(&format!("{key2}:{mode}"), &src2, opts.trusted)?;
+        Ok(Pipelines {
+            pass1,
+            reduce,
+            pack,
+            pass2,
+        })
+    }
+}
+
+/// One run of the poly passes: its problem, plan, pre-pass and the buffers every unit chunk shares
+/// (feature table, S' and the partial S' of the key splits).
+struct PolyRun<'a> {
+    gpu: &'a Gpu,
+    p: &'a Problem,
+    plan: &'a PolyPlan,
+    pre: &'a Prepass,
+    opts: &'a RunOptions,
+    uploads: &'a Uploads,
+    pipelines: &'a Pipelines,
+    k_scale: f32,
+    idx_buf: wgpu::Buffer,
+    w_buf: wgpu::Buffer,
+    sp_buf: wgpu::Buffer,
+    partial_buf: wgpu::Buffer,
+}
+
+impl PolyRun<'_> {
+    /// Per unit of `u0..u0+nu`: vmin, then 1/range (pass 1, `invert`) or range (pass 2) of each
+    /// value column.
+    fn value_norm(&self, u0: usize, nu: usize, invert: bool) -> wgpu::Buffer {
+        let (p, pre) = (self.p, self.pre);
         let mut out = Vec::with_capacity(nu * 2 * p.ev);
         for u in u0..u0 + nu {
             let (lo, hi) = (
@@ -101,171 +187,179 @@ pub fn run(
                 }
             }));
         }
-        let buf = storage_buffer(gpu, out.len(), "value normalisation");
-        gpu.queue.write_buffer(&buf, 0, bytemuck::cast_slice(&out));
+        let buf = storage_buffer(self.gpu, out.len(), "value normalisation");
+        self.gpu
+            .queue
+            .write_buffer(&buf, 0, bytemuck::cast_slice(&out));
         buf
-    };
-    let (l1, lr, l2) = (
-        p1.get_bind_group_layout(0),
-        red.get_bind_group_layout(0),
-        p2.get_bind_group_layout(0),
-    );
+    }
 
-    let heads = p.query_heads();
-    let mut out = vec![0f32; heads * p.l * p.ev];
-    gpu.checked(|| {
-        let idx_buf = storage_buffer(gpu, idx.len(), "feature indices");
-        let w_buf = storage_buffer(gpu, weights.len(), "feature weights");
-        gpu.queue
-            .write_buffer(&idx_buf, 0, bytemuck::cast_slice(&idx));
-        gpu.queue
-            .write_buffer(&w_buf, 0, bytemuck::cast_slice(&weights));
-        let sp_buf = storage_buffer(gpu, c.units * r * ev1, "S'");
-        let partial_buf = storage_buffer(gpu, c.units * plan.splits * r * ev1, "partial S'");
-        for u0 in (0..p.units).step_by(c.units) {
-            let nu = c.units.min(p.units - u0);
-            let mu_buf = storage_buffer(gpu, nu * p.e, "mu");
-            let vn_bufs = coop.map(|_| (value_norm(u0, nu, true), value_norm(u0, nu, false)));
-            gpu.queue.write_buffer(
-                &mu_buf,
-                0,
-                bytemuck::cast_slice(&pre.mu[u0 * p.e..(u0 + nu) * p.e]),
-            );
-            // Pass 1 and the reduction, one key chunk at a time (S' is a sum over keys).
-            for (ci, s0) in (0..p.s).step_by(c.kv_rows).enumerate() {
-                let sc = c.kv_rows.min(p.s - s0);
-                let kc = gather(k, u0, nu, p.s, s0, sc, p.e);
-                let vc = gather(v, u0, nu, p.s, s0, sc, p.ev);
-                let k_buf = uploads.buffer(gpu, kc, "k");
-                let v_buf = uploads.buffer(gpu, vc, "v");
-                let keys_per_split = plan.keys_per_split.min(sc);
-                let splits = sc.div_ceil(keys_per_split);
-                let prm = uniform_buffer(
-                    gpu,
-                    bytemuck::cast_slice(&[
-                        sc as u32,
-                        keys_per_split as u32,
-                        splits as u32,
-                        (1.0 / k_scale).to_bits(),
-                    ]),
-                );
-                let (bufs, chunks1) = match (&coop, &vn_bufs) {
-                    (Some(t), Some((vn1, _))) => (
-                        vec![&prm, &k_buf, &v_buf, &mu_buf, &idx_buf, vn1, &partial_buf],
-                        t.chunks1(),
-                    ),
-                    _ => (
-                        vec![&prm, &k_buf, &v_buf, &mu_buf, &idx_buf, &partial_buf],
-                        plan.pass1.chunks(),
-                    ),
-                };
-                let (counted, t) = dispatch_no_read(
-                    gpu,
-                    &p1,
-                    &l1,
-                    &bufs,
-                    opts,
-                    (splits as u32, chunks1 as u32, nu as u32),
-                )?;
-                stats.absorb(&RunStats::dispatch(gpu, "pass1", counted, t));
-                let words = r * ev1;
-                let prm = uniform_buffer(
-                    gpu,
-                    bytemuck::cast_slice(&[splits as u32, u32::from(ci > 0), words as u32, 0]),
-                );
-                let (counted, t) = dispatch_no_read(
-                    gpu,
-                    &red,
-                    &lr,
-                    &[&prm, &partial_buf, &sp_buf],
-                    opts,
-                    (words.div_ceil(AUX_THREADS) as u32, nu as u32, 1),
-                )?;
-                stats.absorb(&RunStats::dispatch(gpu, "reduce", counted, t));
-            }
-            // Coop pass 2 reads S'' = S' / keys in f16 and the normaliser column z.
-            let (s16_buf, z_buf) = match (&coop, &pack) {
-                (Some(t), Some(pack)) => {
-                    let s16 = storage_buffer(gpu, (nu * t.rp() * t.padded_ev()).div_ceil(2), "S''");
-                    let z = storage_buffer(gpu, nu * t.rp(), "z");
-                    let inv_keys = 1.0 / p.s as f32;
-                    let prm = uniform_buffer(gpu, bytemuck::cast_slice(&[inv_keys, 0.0, 0.0, 0.0]));
-                    let (counted, t_s) = dispatch_no_read(
-                        gpu,
-                        pack,
-                        &pack.get_bind_group_layout(0),
-                        &[&prm, &sp_buf, &s16, &z],
-                        opts,
-                        (
-                            (t.rp() * t.padded_ev()).div_ceil(AUX_THREADS) as u32,
-                            nu as u32,
-                            1,
-                        ),
-                    )?;
-                    stats.absorb(&RunStats::dispatch(gpu, "pack", counted, t_s));
-                    (Some(s16), Some(z))
-                }
-                _ => (None, None),
+    /// Pass 1 and the reduction of its key splits, one key chunk at a time (S' is a sum over
+    /// keys): S' of units `u0..u0+nu` in `sp_buf`.
+    fn pass1(
+        &self,
+        (k, v): (&[f32], &[f32]),
+        (u0, nu): (usize, usize),
+        mu_buf: &wgpu::Buffer,
+        vn1: Option<&wgpu::Buffer>,
+        stats: &mut RunStats,
+    ) -> Result<(), Error> {
+        let (gpu, p, plan) = (self.gpu, self.p, self.plan);
+        let c = &plan.chunking;
+        for (ci, s0) in (0..p.s).step_by(c.kv_rows).enumerate() {
+            let sc = c.kv_rows.min(p.s - s0);
+            let kc = gather(k, u0, nu, p.s, s0, sc, p.e);
+            let vc = gather(v, u0, nu, p.s, s0, sc, p.ev);
+            let k_buf = self.uploads.buffer(gpu, kc, "k");
+            let v_buf = self.uploads.buffer(gpu, vc, "v");
+            let keys_per_split = plan.keys_per_split.min(sc);
+            let splits = sc.div_ceil(keys_per_split);
+            let params = Pass1Params {
+                s: sc as u32,
+                keys_per_split: keys_per_split as u32,
+                splits: splits as u32,
+                k_inv_scale: 1.0 / self.k_scale,
             };
-            // Pass 2, one query chunk at a time.
-            for l0 in (0..p.l).step_by(c.q_rows) {
-                let lc = c.q_rows.min(p.l - l0);
-                let qh = nu * p.group;
-                let qc = gather(q, u0 * p.group, qh, p.l, l0, lc, p.e);
-                let q_buf = uploads.buffer(gpu, qc, "q");
-                let o_words = qh * lc * p.ev;
-                let o_buf = storage_buffer(gpu, o_words, "o");
-                let (b, chunks2) = match &coop {
-                    Some(t) => (t.b2(), t.chunks2()),
-                    None => (plan.pass2.b, plan.pass2.chunks()),
-                };
-                let blocks = lc.div_ceil(b);
-                let wgs = plan.pass2_workgroups.min(blocks);
-                let prm = uniform_buffer(
-                    gpu,
-                    bytemuck::cast_slice(&[
-                        lc as u32,
-                        blocks as u32,
-                        p.group as u32,
-                        chunks2 as u32,
-                        k_scale.to_bits(),
-                        (p.s as f32).to_bits(),
-                        0,
-                        0,
-                    ]),
-                );
-                let bufs = match (&s16_buf, &z_buf, &vn_bufs) {
-                    (Some(s16), Some(z), Some((_, vn2))) => {
-                        vec![&prm, &q_buf, s16, z, &idx_buf, &w_buf, vn2, &o_buf]
-                    }
-                    _ => vec![&prm, &q_buf, &sp_buf, &idx_buf, &w_buf, &o_buf],
-                };
-                let (oc, (counted, t)) = dispatch_one(
-                    gpu,
-                    &p2,
-                    &l2,
-                    &bufs,
-                    opts,
-                    (wgs as u32, qh as u32, 1),
-                    &o_buf,
-                    o_words,
-                )?;
-                stats.absorb(&RunStats::dispatch(gpu, "pass2", counted, t));
-                if oc.len() == out.len() {
-                    // One dispatch for the whole output: it is already in place.
-                    out = oc;
-                    continue;
+            let (bufs, chunks1) = match (&plan.coop, vn1) {
+                (Some(t), Some(vn1)) => (
+                    vec![
+                        &*k_buf,
+                        &*v_buf,
+                        mu_buf,
+                        &self.idx_buf,
+                        vn1,
+                        &self.partial_buf,
+                    ],
+                    t.chunks1(),
+                ),
+                _ => (
+                    vec![&*k_buf, &*v_buf, mu_buf, &self.idx_buf, &self.partial_buf],
+                    plan.pass1.chunks(),
+                ),
+            };
+            let (_, st) = Launch {
+                pass: "pass1",
+                pipeline: &self.pipelines.pass1,
+                params: &params,
+                buffers: &bufs,
+                grid: (splits as u32, chunks1 as u32, nu as u32),
+            }
+            .run(gpu, self.opts, &[])?;
+            stats.absorb(&st);
+            let words = plan.r * (p.ev + 1);
+            let params = ReduceParams {
+                splits: splits as u32,
+                accumulate: u32::from(ci > 0),
+                words: words as u32,
+                _pad: 0,
+            };
+            let (_, st) = Launch {
+                pass: "reduce",
+                pipeline: &self.pipelines.reduce,
+                params: &params,
+                buffers: &[&self.partial_buf, &self.sp_buf],
+                grid: (words.div_ceil(AUX_THREADS) as u32, nu as u32, 1),
+            }
+            .run(gpu, self.opts, &[])?;
+            stats.absorb(&st);
+        }
+        Ok(())
+    }
+
+    /// Coop pass 2 reads S'' = S' / keys in f16 and the normaliser column z: both packed here
+    /// (nothing on the f32 path).
+    fn pack(
+        &self,
+        nu: usize,
+        stats: &mut RunStats,
+    ) -> Result<Option<(wgpu::Buffer, wgpu::Buffer)>, Error> {
+        let (Some(t), Some(pack)) = (&self.plan.coop, &self.pipelines.pack) else {
+            return Ok(None);
+        };
+        let gpu = self.gpu;
+        let s16 = storage_buffer(gpu, (nu * t.rp() * t.padded_ev()).div_ceil(2), "S''");
+        let z = storage_buffer(gpu, nu * t.rp(), "z");
+        let params = PackParams {
+            inv_keys: 1.0 / self.p.s as f32,
+            _pad: [0.0; 3],
+        };
+        let (_, st) = Launch {
+            pass: "pack",
+            pipeline: pack,
+            params: &params,
+            buffers: &[&self.sp_buf, &s16, &z],
+            grid: (
+                (t.rp() * t.padded_ev()).div_ceil(AUX_THREADS) as u32,
+                nu as u32,
+                1,
+            ),
+        }
+        .run(gpu, self.opts, &[])?;
+        stats.absorb(&st);
+        Ok(Some((s16, z)))
+    }
+
+    /// Pass 2, one query chunk at a time, into `out`; `coop` holds S'', z and the value
+    /// normalisation of the tensor-core pass.
+    fn pass2(
+        &self,
+        q: &[f32],
+        (u0, nu): (usize, usize),
+        coop: Option<(&(wgpu::Buffer, wgpu::Buffer), &wgpu::Buffer)>,
+        out: &mut Vec<f32>,
+        stats: &mut RunStats,
+    ) -> Result<(), Error> {
+        let (gpu, p, plan) = (self.gpu, self.p, self.plan);
+        let c = &plan.chunking;
+        for l0 in (0..p.l).step_by(c.q_rows) {
+            let lc = c.q_rows.min(p.l - l0);
+            let qh = nu * p.group;
+            let qc = gather(q, u0 * p.group, qh, p.l, l0, lc, p.e);
+            let q_buf = self.uploads.buffer(gpu, qc, "q");
+            let o_words = qh * lc * p.ev;
+            let o_buf = storage_buffer(gpu, o_words, "o");
+            let (b, chunks2) = match &plan.coop {
+                Some(t) => (t.b2(), t.chunks2()),
+                None => (plan.pass2.b, plan.pass2.chunks()),
+            };
+            let blocks = lc.div_ceil(b);
+            let params = Pass2Params {
+                l: lc as u32,
+                blocks: blocks as u32,
+                group: p.group as u32,
+                chunks: chunks2 as u32,
+                k_scale: self.k_scale,
+                keys: p.s as f32,
+                _pad: [0; 2],
+            };
+            let bufs = match coop {
+                Some(((s16, z), vn2)) => {
+                    vec![&*q_buf, s16, z, &self.idx_buf, &self.w_buf, vn2, &o_buf]
                 }
-                for h in 0..qh {
-                    for row in 0..lc {
-                        let dst = ((u0 * p.group + h) * p.l + l0 + row) * p.ev;
-                        out[dst..dst + p.ev]
-                            .copy_from_slice(&oc[(h * lc + row) * p.ev..(h * lc + row + 1) * p.ev]);
-                    }
+                None => vec![&*q_buf, &self.sp_buf, &self.idx_buf, &self.w_buf, &o_buf],
+            };
+            let (oc, st) = Launch {
+                pass: "pass2",
+                pipeline: &self.pipelines.pass2,
+                params: &params,
+                buffers: &bufs,
+                grid: (plan.pass2_workgroups.min(blocks) as u32, qh as u32, 1),
+            }
+            .run(gpu, self.opts, &[(&o_buf, o_words)])?;
+            stats.absorb(&st);
+            if oc.len() == out.len() {
+                // One dispatch for the whole output: it is already in place.
+                *out = oc;
+                continue;
+            }
+            for h in 0..qh {
+                for row in 0..lc {
+                    let dst = ((u0 * p.group + h) * p.l + l0 + row) * p.ev;
+                    out[dst..dst + p.ev]
+                        .copy_from_slice(&oc[(h * lc + row) * p.ev..(h * lc + row + 1) * p.ev]);
                 }
             }
         }
         Ok(())
-    })?;
-    Ok(out)
+    }
 }
