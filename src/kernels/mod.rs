@@ -1,6 +1,7 @@
 //! Kernel families: WGSL generation from a plan's tiles, pipelines and dispatch.
 
 pub mod exact;
+pub mod exact_coop;
 pub mod poly;
 
 use std::ptr::NonNull;
