@@ -128,6 +128,10 @@ pub struct Report {
     pub predicted_poly_s: Option<f64>,
     /// Why `auto` chose what it chose.
     pub reason: String,
+    /// Whether the kernels that ran used cooperative matrices (tensor cores, f16 operands).
+    pub tensor_cores: bool,
+    /// The exact kernel's f16 rounding bound, where it ran on cooperative matrices.
+    pub exact_f16: Option<kernels::exact_coop::F16Bound>,
 }
 
 struct PolyCandidate {
@@ -925,6 +929,24 @@ pub fn attention(
     popts: &PolyOptions,
     opts: &RunOptions,
 ) -> Result<(Vec<f32>, Report), Error> {
+    attention_with_inputs(p, q, k, v, method, popts, opts, false)
+}
+
+/// [`attention`] for inputs that were float16 (`f16_inputs`): as in PyTorch, precision follows
+/// the dtype, so exact attention runs on cooperative matrices there (where the adapter has them)
+/// unless `popts.tensor_cores` says otherwise; float32 inputs keep the f32 kernel unless it says
+/// `Some(true)`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with_inputs(
+    p: &Problem,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    method: Method,
+    popts: &PolyOptions,
+    opts: &RunOptions,
+    f16_inputs: bool,
+) -> Result<(Vec<f32>, Report), Error> {
     check_lengths(p, q, k, v)?;
     if method == Method::Poly && p.causal {
         return Err(Error::Unsupported(
@@ -942,9 +964,10 @@ pub fn attention(
     let _guard = gpu.exclusive();
     let start = Instant::now();
     let budget = budget(&gpu.info)?;
+    let coop_exact = coop_exact_plan(&gpu, p, &budget, method, popts, opts, f16_inputs)?;
     // method='poly' uses the exact plan only for the pre-pass chunking: the planner's tiles do,
-    // without timing the exact kernel's candidates.
-    let exact_plan = if method == Method::Poly {
+    // without timing the exact kernel's candidates (nor does exact on tensor cores).
+    let exact_plan = if method == Method::Poly || coop_exact.is_some() {
         plan::plan_exact(p, &budget)?
     } else {
         exact_plan_for(&gpu, p, &budget, *opts)?
@@ -1027,6 +1050,7 @@ pub fn attention(
         reason = "exact: requested".into();
     }
 
+    let mut exact_f16 = None;
     let (out, io, plan_text, certificate, name) = if p.l == 0 || p.units == 0 {
         (
             Vec::new(),
@@ -1054,6 +1078,27 @@ pub fn attention(
         )?;
         let io = io::poly_io(p, &c.plan, &exact_plan.chunking, &budget);
         (out, io, format!("{:?}", c.plan), Some(c.cert), "poly")
+    } else if let Some(cplan) = &coop_exact {
+        uploads.clear();
+        exact_f16 = Some(kernels::exact_coop::f16_bound(p, q, k, v)?);
+        let (out, st) = kernels::exact_coop::run(&gpu, p, cplan, q, k, v, opts)?;
+        stats.absorb(&st);
+        // The f32 kernel's words: the same storage reads (f32) per query block of bq rows.
+        let as_f32 = plan::ExactPlan {
+            tiles: plan::ExactTiles {
+                bq: cplan.tiles.bq(),
+                ..exact_plan.tiles
+            },
+            chunking: cplan.chunking,
+        };
+        let mut io = io::exact_io(p, &as_f32);
+        if let Some(pre_cost) = pre
+            .as_ref()
+            .map(|_| io::prepass_io(p, &exact_plan.chunking, &budget))
+        {
+            io.passes.splice(0..0, pre_cost.passes);
+        }
+        (out, io, format!("{cplan:?}"), None, "exact")
     } else {
         uploads.clear();
         let (out, st) = kernels::exact::run(&gpu, p, &exact_plan, q, k, v, opts)?;
@@ -1068,9 +1113,17 @@ pub fn attention(
         }
         (out, io, format!("{exact_plan:?}"), None, "exact")
     };
+    let tensor_cores = match name {
+        "poly" => certificate
+            .as_ref()
+            .is_some_and(|c| c.f16_rounding.is_some()),
+        _ => exact_f16.is_some(),
+    };
     Ok((
         out,
         Report {
+            tensor_cores,
+            exact_f16,
             method: name,
             adapter: gpu.info.adapter.clone(),
             backend: gpu.info.backend.clone(),
@@ -1087,6 +1140,136 @@ pub fn attention(
             reason,
         },
     ))
+}
+
+/// The plan of exact attention on cooperative matrices where this call runs it: `tensor_cores`
+/// `Some(true)`, or `None` with float16 inputs, and an exact run (method exact, or auto, which
+/// falls back to exact). Errors where `Some(true)` asks for what the adapter lacks.
+#[allow(clippy::too_many_arguments)]
+fn coop_exact_plan(
+    gpu: &device::Gpu,
+    p: &Problem,
+    budget: &Budget,
+    method: Method,
+    popts: &PolyOptions,
+    opts: &RunOptions,
+    f16_inputs: bool,
+) -> Result<Option<kernels::exact_coop::CoopExactPlan>, Error> {
+    use kernels::exact_coop as ec;
+    let wanted = popts.tensor_cores.unwrap_or(f16_inputs);
+    let sg = ec::available(gpu);
+    if popts.tensor_cores == Some(true) && sg.is_none() && method != Method::Poly {
+        return Err(Error::Unsupported(
+            "tensor_cores=True needs 16x16 f16 cooperative matrices, f16 shaders, one subgroup \
+             size and subgroup barriers; this adapter lacks them (see device_info())"
+                .into(),
+        ));
+    }
+    let Some(sg) = sg.filter(|_| wanted && method != Method::Poly && p.l > 0 && p.units > 0) else {
+        return Ok(None);
+    };
+    let planned = match ec::plan(p, budget, sg) {
+        Ok(plan) => plan,
+        Err(e) if popts.tensor_cores == Some(true) => return Err(e),
+        Err(_) => return Ok(None), // float16 inputs run the f32 kernel where no tile fits
+    };
+    if p.l < 64 || p.s < 64 {
+        return Ok(Some(planned));
+    }
+    let class = format!(
+        "{} {} {} {} {sg}",
+        p.e,
+        p.ev,
+        u8::from(p.causal),
+        budget.fast_memory_words
+    );
+    // APPROX_ATTN_COOP_EXACT_TILES="subgroups rt bk" forces tiles (sweeps at full size).
+    let var = "APPROX_ATTN_COOP_EXACT_TILES";
+    let (tuned, forced) = match std::env::var(var) {
+        Ok(s) => match s
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<Vec<usize>, _>>()
+        {
+            Ok(v) if v.len() == 3 => (Some(v), true),
+            _ => {
+                return Err(Error::InvalidInput(format!(
+                    "{var}={s:?} is not 3 whole numbers (subgroups rt bk)"
+                )))
+            }
+        },
+        Err(_) => {
+            let tuned = tuned_values(gpu, "coop-exact-tiles", (&class, opts.trusted), 3, || {
+                let t = autotune_coop_exact(gpu, p, budget, sg, *opts)?;
+                Ok(vec![t.subgroups, t.rt, t.bk])
+            })?;
+            (tuned, false)
+        }
+    };
+    let Some(tuned) = tuned else {
+        return Ok(Some(planned));
+    };
+    let t = ec::CoopExactTiles {
+        subgroups: tuned[0],
+        rt: tuned[1],
+        bk: tuned[2],
+        ..planned.tiles
+    };
+    if !ec::tiles_fit(&t, budget) {
+        return if forced {
+            Err(Error::InvalidInput(format!(
+                "APPROX_ATTN_COOP_EXACT_TILES gives tiles that do not fit this problem and \
+                 adapter: {t:?}"
+            )))
+        } else {
+            Ok(Some(planned))
+        };
+    }
+    ec::plan_with(p, budget, t).map(Some)
+}
+
+/// Times the coop exact candidates on an 8-head 16384² problem of this shape class (as
+/// [`autotune_exact`] does for the f32 kernel) and returns the fastest.
+fn autotune_coop_exact(
+    gpu: &device::Gpu,
+    p: &Problem,
+    budget: &Budget,
+    sg: usize,
+    opts: RunOptions,
+) -> Result<kernels::exact_coop::CoopExactTiles, Error> {
+    use kernels::exact_coop as ec;
+    let n = 16384;
+    let class = Problem {
+        units: 8,
+        group: 1,
+        l: n,
+        s: n,
+        ..*p
+    };
+    let x = |w: usize| -> Vec<f32> {
+        (0..class.units * n * w)
+            .map(|i| ((i * 7919 % 1000) as f32 / 1000.0) - 0.5)
+            .collect()
+    };
+    let (q, k, v) = (x(p.e), x(p.e), x(p.ev));
+    let opts = RunOptions {
+        count_io: false,
+        ..opts
+    };
+    let candidates = ec::candidates(&class, budget, sg);
+    let time = |t: ec::CoopExactTiles| -> Result<f64, Error> {
+        let plan = ec::plan_with(&class, budget, t)?;
+        let start = Instant::now();
+        let (_, st) = ec::run(gpu, &class, &plan, &q, &k, &v, &opts)?;
+        Ok(st.kernel_s.unwrap_or_else(|| start.elapsed().as_secs_f64()))
+    };
+    if let Some(&t) = candidates.first() {
+        for _ in 0..TUNE_WARMUP_RUNS {
+            time(t)?;
+        }
+    }
+    let what = format!("coop exact E={} Ev={} causal={}", p.e, p.ev, p.causal);
+    fastest_candidate(&candidates, &what, time)
 }
 
 /// Exact attention; see [`attention`].

@@ -71,11 +71,24 @@ fn planned_shaders_validate_and_translate_over_head_dims_and_budgets() {
     for words in [8192u64, 12288, 16384] {
         let budget = Budget::with_binding(words, 1 << 30);
         for sg in [32usize, 64] {
-            for (e, ev) in [(1, 1), (7, 9), (16, 16), (33, 20), (64, 64), (100, 128), (128, 128), (200, 40), (256, 256)] {
+            for (e, ev) in [
+                (1, 1),
+                (7, 9),
+                (16, 16),
+                (33, 20),
+                (64, 64),
+                (100, 128),
+                (128, 128),
+                (200, 40),
+                (256, 256),
+            ] {
                 for causal in [false, true] {
                     let Some(t) = plan_tiles(&problem(e, ev, causal), &budget, sg) else {
                         // Only E = Ev = 256 may miss the smallest budget.
-                        assert!(e == 256 && words == 8192, "no tiles for E={e} Ev={ev} M={words}");
+                        assert!(
+                            e == 256 && words == 8192,
+                            "no tiles for E={e} Ev={ev} M={words}"
+                        );
                         continue;
                     };
                     assert!(t.fast_memory_words() <= words);

@@ -21,9 +21,8 @@ use std::fmt::Write as _;
 
 use super::exact::gather;
 use super::{
-    assign_parallel, fill_template, io_counter_slots, read_mapped, readback_buffer,
-    storage_buffer, uniform_buffer, upload, wgsl_element, PooledReadback, RunOptions, RunStats,
-    Timer,
+    assign_parallel, fill_template, io_counter_slots, read_mapped, readback_buffer, storage_buffer,
+    uniform_buffer, upload, wgsl_element, PooledReadback, RunOptions, RunStats, Timer,
 };
 use crate::device::Gpu;
 use crate::error::Error;
@@ -231,7 +230,9 @@ fn prefetch(t: &CoopExactTiles) -> Prefetch {
     };
     let comps = wgsl_element(lanes).1;
     let mut store = String::new();
-    for (name, n, width, base, stride) in [("kx", nk, "EW", "kb", "KS"), ("vx", nv, "EVW", "vb", "VS")] {
+    for (name, n, width, base, stride) in
+        [("kx", nk, "EW", "kb", "KS"), ("vx", nv, "EVW", "vb", "VS")]
+    {
         for u in 0..n {
             let _ = writeln!(
                 store,
@@ -599,21 +600,15 @@ pub fn run(
             upload(gpu, &q_buf, bytemuck::cast_slice(&qc));
             upload(gpu, &k_buf, bytemuck::cast_slice(&kc));
             upload(gpu, &v_buf, bytemuck::cast_slice(&vc));
-            let mut entries: Vec<wgpu::BindGroupEntry> = [
-                &params_buf,
-                &q_buf,
-                &k_buf,
-                &v_buf,
-                &o_buf,
-                &stats_buf,
-            ]
-            .iter()
-            .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry {
-                binding: i as u32,
-                resource: b.as_entire_binding(),
-            })
-            .collect();
+            let mut entries: Vec<wgpu::BindGroupEntry> =
+                [&params_buf, &q_buf, &k_buf, &v_buf, &o_buf, &stats_buf]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| wgpu::BindGroupEntry {
+                        binding: i as u32,
+                        resource: b.as_entire_binding(),
+                    })
+                    .collect();
             if let Some(cb) = &counter {
                 gpu.queue.write_buffer(cb, 0, &[0u8; 8]);
                 entries.push(wgpu::BindGroupEntry {
@@ -796,9 +791,13 @@ pub fn f16_bound(p: &Problem, q: &[f32], k: &[f32], v: &[f32]) -> Result<F16Boun
     let (kn, ka) = row_norm_and_max(k, p.e);
     let cols = value_columns(p, v);
     let va = cols.iter().map(|x| x.2).fold(0f64, f64::max);
-    let overflow = [("query * scale * log2(e)", qa * c), ("key", ka), ("value", va)]
-        .into_iter()
-        .find(|(_, x)| !(*x < F16_MAX));
+    let overflow = [
+        ("query * scale * log2(e)", qa * c),
+        ("key", ka),
+        ("value", va),
+    ]
+    .into_iter()
+    .find(|(_, x)| x.is_nan() || *x >= F16_MAX);
     if let Some((name, x)) = overflow {
         return Err(Error::TooLarge(format!(
             "tensor cores need f16 operands: |{name}| reaches {x:.4e}, beyond f16's largest \
@@ -899,7 +898,10 @@ mod tests {
         let q4: Vec<f32> = q.iter().map(|x| x * 4.0).collect();
         let large = f16_bound(&p, &q4, &q4, &v).unwrap();
         // |q||k| = 4 and 64 at c = 0.5 log2(e): about 2u c |q||k| ln 2 = 4u and 64u.
-        assert!((small.score_rounding / (4.0 * F16_U) - 1.0).abs() < 0.01, "{small:?}");
+        assert!(
+            (small.score_rounding / (4.0 * F16_U) - 1.0).abs() < 0.01,
+            "{small:?}"
+        );
         assert!(large.score_rounding > 15.0 * small.score_rounding);
         // Range 6 per column, |v| up to 7.
         assert!(small.error_bound_per_column[1] > small.weight_factor * 6.0 + F16_U * 7.0);
