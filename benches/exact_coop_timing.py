@@ -94,8 +94,13 @@ def main() -> None:
     ap.add_argument("--causal", choices=["both", "no", "yes"], default="both")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-n", type=int, default=16384)
+    ap.add_argument("--autotune", action="store_true", help="tune the tiles per class first")
+    ap.add_argument("--f32-at", type=int, nargs="*", default=[], help="also time the f32 kernel at these n")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.autotune:
+        os.environ["APPROX_ATTN_AUTOTUNE"] = "1"
+        os.environ["APPROX_ATTN_TUNE_LOG"] = "1"
     torch.zeros(1, device="cuda")  # hold a CUDA context: clocks up
     info = approx_attn.device_info()
     print(json.dumps(info), flush=True)
@@ -149,6 +154,16 @@ def main() -> None:
                 if n <= 65536:
                     row["ours_sampled_max_err"] = sampled_error(out, q, k, v, causal)
                 del out
+                if n in args.f32_at:
+                    f32 = []
+                    for i in range(2):
+                        _, r32 = approx_attn.attention(
+                            q, k, v, method="exact", is_causal=causal, tensor_cores=False,
+                            return_report=True,
+                        )
+                        f32.append(r32.kernel_s)
+                    row["f32_kernel_s"] = f32[1:]
+                    row["f32_plan"] = r32.plan
                 for name, dtype in (("sdpa_bf16", torch.bfloat16), ("sdpa_fp16", torch.float16)):
                     s = sdpa_seconds(q, k, v, causal, dtype, 5)
                     row[f"{name}_s"] = s
