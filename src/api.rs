@@ -93,6 +93,10 @@ pub struct Report {
     pub predicted_poly_s: Option<f64>,
     /// Why `auto` chose what it chose.
     pub reason: String,
+    /// Whether the kernels that ran used cooperative matrices (tensor cores, f16 operands).
+    pub tensor_cores: bool,
+    /// The exact kernel's f16 rounding bound, where it ran on cooperative matrices.
+    pub exact_f16: Option<crate::exact::coop::F16Bound>,
 }
 
 /// The plan that would run and the words it moves, without touching the GPU when

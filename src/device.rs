@@ -187,6 +187,7 @@ impl Gpu {
         let limits = adapter.limits();
         let wanted = wgpu::Features::SHADER_F16
             | wgpu::Features::SUBGROUP
+            | wgpu::Features::SUBGROUP_BARRIER
             | wgpu::Features::TIMESTAMP_QUERY
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
         let wanted_coop = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX

@@ -42,7 +42,7 @@ pub use error::Error;
 pub use launch::{RunOptions, RunStats};
 pub use poly::certificate::MAX_DEGREE;
 
-use autotune::exact::exact_plan_for;
+use autotune::exact::{coop_exact_plan, exact_plan_for};
 use autotune::poly::{f32_poly, tune_coop_plan, tune_f32_poly_plan, F32Tiles};
 use autotune::rates::rates;
 use poly::certificate::poly_candidate;
@@ -58,6 +58,24 @@ pub fn attention(
     method: Method,
     popts: &PolyOptions,
     opts: &RunOptions,
+) -> Result<(Vec<f32>, Report), Error> {
+    attention_with_inputs(p, q, k, v, method, popts, opts, false)
+}
+
+/// [`attention`] for inputs that were float16 (`f16_inputs`): as in PyTorch, precision follows
+/// the dtype, so exact attention runs on cooperative matrices there (where the adapter has them)
+/// unless `popts.tensor_cores` says otherwise; float32 inputs keep the f32 kernel unless it says
+/// `Some(true)`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with_inputs(
+    p: &Problem,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    method: Method,
+    popts: &PolyOptions,
+    opts: &RunOptions,
+    f16_inputs: bool,
 ) -> Result<(Vec<f32>, Report), Error> {
     check_lengths(p, q, k, v)?;
     if method == Method::Poly && p.causal {
@@ -76,9 +94,10 @@ pub fn attention(
     let _guard = gpu.exclusive();
     let start = Instant::now();
     let budget = budget(&gpu.info)?;
+    let coop_exact = coop_exact_plan(&gpu, p, &budget, method, popts, opts, f16_inputs)?;
     // method='poly' uses the exact plan only for the pre-pass chunking: the planner's tiles do,
-    // without timing the exact kernel's candidates.
-    let exact_plan = if method == Method::Poly {
+    // without timing the exact kernel's candidates (nor does exact on tensor cores).
+    let exact_plan = if method == Method::Poly || coop_exact.is_some() {
         plan_exact(p, &budget)?
     } else {
         exact_plan_for(&gpu, p, &budget, *opts)?
@@ -161,6 +180,7 @@ pub fn attention(
         reason = "exact: requested".into();
     }
 
+    let mut exact_f16 = None;
     let (out, io, plan_text, certificate, name) = if p.l == 0 || p.units == 0 {
         (
             Vec::new(),
@@ -188,6 +208,27 @@ pub fn attention(
         )?;
         let io = poly_io(p, &c.plan, &exact_plan.chunking, &budget);
         (out, io, format!("{:?}", c.plan), Some(c.cert), "poly")
+    } else if let Some(cplan) = &coop_exact {
+        uploads.clear();
+        exact_f16 = Some(exact::coop::f16_bound(p, q, k, v)?);
+        let (out, st) = exact::coop::run(&gpu, p, cplan, q, k, v, opts)?;
+        stats.absorb(&st);
+        // The f32 kernel's words: the same storage reads (f32) per query block of bq rows.
+        let as_f32 = exact::plan::ExactPlan {
+            tiles: exact::plan::ExactTiles {
+                bq: cplan.tiles.bq(),
+                ..exact_plan.tiles
+            },
+            chunking: cplan.chunking,
+        };
+        let mut io = exact_io(p, &as_f32);
+        if let Some(pre_cost) = pre
+            .as_ref()
+            .map(|_| prepass_io(p, &exact_plan.chunking, &budget))
+        {
+            io.passes.splice(0..0, pre_cost.passes);
+        }
+        (out, io, format!("{cplan:?}"), None, "exact")
     } else {
         uploads.clear();
         let (out, st) = exact_run(&gpu, p, &exact_plan, q, k, v, opts)?;
@@ -202,9 +243,17 @@ pub fn attention(
         }
         (out, io, format!("{exact_plan:?}"), None, "exact")
     };
+    let tensor_cores = match name {
+        "poly" => certificate
+            .as_ref()
+            .is_some_and(|c| c.f16_rounding.is_some()),
+        _ => exact_f16.is_some(),
+    };
     Ok((
         out,
         Report {
+            tensor_cores,
+            exact_f16,
             method: name,
             adapter: gpu.info.adapter.clone(),
             backend: gpu.info.backend.clone(),

@@ -55,6 +55,12 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
     d.set_item("predicted_exact_s", r.predicted_exact_s)?;
     d.set_item("predicted_poly_s", r.predicted_poly_s)?;
     d.set_item("reason", &r.reason)?;
+    d.set_item("tensor_cores", r.tensor_cores)?;
+    if let Some(b) = &r.exact_f16 {
+        d.set_item("f16_rounding", b.weight_factor)?;
+        d.set_item("score_rounding", b.score_rounding)?;
+        d.set_item("error_bound_per_column", b.error_bound_per_column.clone())?;
+    }
     if let Some(c) = &r.certificate {
         d.set_item("degree", c.degree)?;
         d.set_item("rank", c.rank)?;
@@ -69,7 +75,7 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
 
 /// Attention on flattened contiguous float32 arrays; returns (flat output, report dict).
 #[pyfunction]
-#[pyo3(signature = (q, k, v, units, group, l, s, e, ev, causal, scale, method, eps, degree, check_finite, trusted=false, count_io=false, tensor_cores=None))]
+#[pyo3(signature = (q, k, v, units, group, l, s, e, ev, causal, scale, method, eps, degree, check_finite, trusted=false, count_io=false, tensor_cores=None, f16_inputs=false))]
 #[allow(clippy::too_many_arguments)]
 fn attention<'py>(
     py: Python<'py>,
@@ -91,6 +97,7 @@ fn attention<'py>(
     trusted: bool,
     count_io: bool,
     tensor_cores: Option<bool>,
+    f16_inputs: bool,
 ) -> PyResult<(Bound<'py, PyArray1<f32>>, Bound<'py, PyDict>)> {
     let method = match method {
         "exact" => Method::Exact,
@@ -117,7 +124,8 @@ fn attention<'py>(
         tensor_cores,
     };
     let opts = RunOptions { trusted, count_io };
-    let result = py.detach(|| crate::attention(&p, &q, &k, &v, method, &popts, &opts));
+    let result = py
+        .detach(|| crate::attention_with_inputs(&p, &q, &k, &v, method, &popts, &opts, f16_inputs));
     give_back_inputs([q, k, v]);
     let (out, report) = result.map_err(to_py)?;
     Ok((PyArray1::from_vec(py, out), report_dict(py, &report)?))

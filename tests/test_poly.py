@@ -797,7 +797,7 @@ def test_tensor_cores_required_without_them_is_not_implemented() -> None:
     ("kwargs", "match"),
     [
         ({"method": "poly", "tensor_cores": "yes"}, "tensor_cores must be"),
-        ({"method": "exact", "tensor_cores": True}, "applies to method='poly' and 'auto'"),
+        ({"method": "exact", "tensor_cores": "yes"}, "tensor_cores must be"),
     ],
 )
 def test_bad_tensor_cores_argument(kwargs: dict[str, Any], match: str) -> None:

@@ -62,12 +62,21 @@ class Report:
     poly_eps: float | None = None
     """Certified max |P(x) e^-x - 1| on [-beta, beta]."""
     error_bound: float | None = None
-    """Certified bound on max |O - O*| over all output entries (poly only)."""
+    """Bound on max |O - O*| over all output entries: certified (poly), or the derived f16
+    rounding bound (exact on tensor cores)."""
     error_bound_per_column: tuple[float, ...] | None = None
     """Certified bound on max |O - O*| per output column: (poly_eps/(1-poly_eps) + f16_rounding)
     * value range."""
     f16_rounding: float | None = None
-    """Bound on the tensor-core passes' f16 rounding relative to the value range (None: f32 path)."""
+    """Bound on the tensor-core passes' f16 rounding relative to the value range (None: f32 path).
+    Exact on tensor cores: eps, the bound on the relative change of each unnormalised attention
+    weight; then |O - O*| <= (eps + S 2^-36)/(1 - eps) range(v) + 2^-11 max|v| + 2^-25 per
+    column (``error_bound_per_column``; derivation in src/kernels/exact_coop.rs)."""
+    tensor_cores: bool = False
+    """Whether the kernels that ran used cooperative matrices (tensor cores)."""
+    score_rounding: float | None = None
+    """Exact on tensor cores: bound on the change of any score scale*q.k by the f16 rounding of
+    q and k (at most about 2^-10 scale max|q| max|k|)."""
     schedule: str | None = None
     pass_s: tuple[tuple[str, float], ...] = ()
     """GPU seconds per pass (timestamps, where the adapter has them)."""
@@ -302,15 +311,19 @@ def attention(
     Shapes: query (..., L, E), key (..., S, E), value (..., S, Ev) -> output (..., L, Ev). Leading
     dimensions must match, except that with ``enable_gqa`` the head dimension (the one before L)
     of key/value may divide that of query. float16, float32 or float64 in, any strides; the GPU
-    computes in float32 (float64 inputs are rounded to float32) and the output has the query's
-    dtype.
+    computes in float32 (float64 inputs are rounded to float32; float16 inputs run exact on tensor
+    cores where the adapter has them, see ``tensor_cores``) and the output has the query's dtype.
     ``is_causal`` masks key j for query i when j > i (upper-left aligned, as in PyTorch).
     ``method``: "exact" or "auto".
-    ``tensor_cores`` (poly and auto): run both poly passes on cooperative matrices (f16
-    operands, f32 accumulation); the certificate then adds their f16 rounding bound
-    (``Report.f16_rounding``) and the degree is chosen for what is left of eps. ``None`` (default)
-    uses them where the adapter has them and that bound is at most eps/2; ``True`` requires them
-    (NotImplementedError where the adapter has none); ``False`` keeps the portable f32 path.
+    ``tensor_cores``: run on cooperative matrices (tensor cores: f16 operands, f32
+    accumulation). Poly: both passes; the certificate then adds their f16 rounding bound
+    (``Report.f16_rounding``) and the degree is chosen for what is left of eps. Exact: QK^T and
+    PV, online softmax in f32; the report gives the derived f16 rounding bound
+    (``Report.f16_rounding``, ``score_rounding``, ``error_bound_per_column``). ``None`` (default):
+    precision follows the dtype, as in PyTorch: float16 inputs (all three) run exact on tensor
+    cores where the adapter has them, float32 inputs keep the f32 kernel; poly uses them where
+    their bound is at most eps/2. ``True`` requires them (NotImplementedError where the adapter
+    has none); ``False`` keeps the portable f32 path. ``Report.tensor_cores`` says which ran.
     """
     q = _as_float_array(query, "query")
     k = _as_float_array(key, "key")
@@ -333,8 +346,6 @@ def attention(
             raise ValueError(
                 f"scale must be finite in float32 (|scale| <= {_F32_MAX:.7g}), got {scale!r}"
             )
-    if tensor_cores is not None and method == "exact":
-        raise ValueError("tensor_cores= applies to method='poly' and 'auto' only")
     if method == "poly" and is_causal:
         raise NotImplementedError(
             "is_causal=True is not implemented for method='poly' yet; use 'exact' or 'auto'"
@@ -449,6 +460,7 @@ def attention(
         _trusted(),
         _count_io(),
         tensor_cores,
+        q.dtype == k.dtype == v.dtype == np.float16,
     )
     out = flat.reshape(out_shape).astype(out_dtype, copy=False)
     if not return_report:
@@ -486,6 +498,8 @@ def _report(rep: dict[str, Any]) -> Report:
         schedule=rep.get("schedule"),
         pass_s=tuple((str(n), float(t)) for n, t in rep.get("pass_s", [])),
         gpu_allocated_bytes=rep.get("gpu_allocated_bytes"),
+        tensor_cores=bool(rep.get("tensor_cores", False)),
+        score_rounding=rep.get("score_rounding"),
     )
 
 

@@ -27,6 +27,7 @@ def attention(
     trusted: bool = False,
     count_io: bool = False,
     tensor_cores: bool | None = None,
+    f16_inputs: bool = False,
 ) -> tuple[npt.NDArray[np.float32], dict[str, Any]]: ...
 def io_cost(
     units: int,

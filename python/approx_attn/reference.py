@@ -48,6 +48,42 @@ def exact_attention(
     return np.matmul(w, v)
 
 
+def exact_attention_f16_operands(
+    query: np.ndarray,
+    key: np.ndarray,
+    value: np.ndarray,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    enable_gqa: bool = False,
+) -> np.ndarray:
+    """Twin of exact attention on tensor cores: its operands rounded to float16 as the kernel
+    rounds them (q * scale * log2(e) in float32, then k and v), everything else in float64.
+
+    What is left between this and the kernel: the rounding of each probability to float16
+    (relative 2^-11, absolute 2^-25 below 2^-14, the row's largest being at least 2^11), the
+    exp2 of the GPU, and float32 sums (the E products of a score, the S terms of P V and of the
+    row sum); see src/kernels/exact_coop.rs.
+    """
+    q32 = np.asarray(query, dtype=np.float32)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q32.shape[-1])
+    c = np.float32(np.float32(scale) * np.float32(1.0 / math.log(2.0)))
+
+    def f16(x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float64)
+
+    q = f16(q32 * c)
+    k, v = _expand_gqa(q, f16(key), f16(value), enable_gqa)
+    s = np.matmul(q, np.swapaxes(k, -1, -2))  # log2 units
+    if is_causal:
+        s = np.where(causal_mask(s.shape[-2], s.shape[-1]), -np.inf, s)
+    s = s - s.max(axis=-1, keepdims=True)
+    w = np.exp2(s)
+    w /= w.sum(axis=-1, keepdims=True)
+    return np.matmul(w, v)
+
+
 def poly_attention(
     query: np.ndarray,
     key: np.ndarray,

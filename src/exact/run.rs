@@ -4,7 +4,7 @@
 use super::kernel::{shader_source, Params};
 use super::plan::ExactPlan;
 use crate::api::Problem;
-use crate::chunking::{chunks, Chunk};
+use crate::chunking::{chunks, Chunk, Chunking};
 use crate::device::Gpu;
 use crate::error::Error;
 use crate::launch::{Launch, RunOptions, RunStats};
@@ -22,10 +22,34 @@ pub fn run(
     opts: &RunOptions,
 ) -> Result<(Vec<f32>, RunStats), Error> {
     let t = &plan.tiles;
-    let c = &plan.chunking;
     let key = format!("exact:{t:?}:{}:{}", opts.count_io, opts.trusted);
     let pipeline = gpu.pipeline(&key, &shader_source(t, opts.count_io), opts.trusted)?;
+    let kernel = ExactKernel {
+        pass: "exact",
+        pipeline: &pipeline,
+        bq: t.bq,
+    };
+    run_kernel(gpu, p, &plan.chunking, &kernel, (q, k, v), opts)
+}
 
+/// A compiled exact kernel (f32 or cooperative-matrix): both take [`Params`] and the bindings
+/// q, k, v, o, stats, and cover `bq` query rows per workgroup.
+pub(crate) struct ExactKernel<'a> {
+    pub pass: &'static str,
+    pub pipeline: &'a wgpu::ComputePipeline,
+    pub bq: usize,
+}
+
+/// The host loop of every exact kernel: cuts the problem into the dispatches of `c` and merges
+/// split-KV partial results.
+pub(crate) fn run_kernel(
+    gpu: &Gpu,
+    p: &Problem,
+    c: &Chunking,
+    kernel: &ExactKernel<'_>,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    opts: &RunOptions,
+) -> Result<(Vec<f32>, RunStats), Error> {
     let split_kv = c.kv_rows < p.s;
     let q_buf = storage_buffer(gpu, c.units * p.group * c.q_rows * p.e, "q");
     let k_buf = storage_buffer(gpu, c.units * c.kv_rows * p.e, "k");
@@ -63,11 +87,11 @@ pub fn run(
             upload(gpu, &k_buf, bytemuck::cast_slice(&kc));
             upload(gpu, &v_buf, bytemuck::cast_slice(&vc));
             Launch {
-                pass: "exact",
-                pipeline: &pipeline,
+                pass: kernel.pass,
+                pipeline: kernel.pipeline,
                 params: &params,
                 buffers: &[&q_buf, &k_buf, &v_buf, &o_buf, &stats_buf],
-                grid: (ch.lc.div_ceil(t.bq) as u32, qh as u32, 1),
+                grid: (ch.lc.div_ceil(kernel.bq) as u32, qh as u32, 1),
             }
             .run(gpu, opts, &[(&o_buf, o_words), (&stats_buf, s_words)])
         })?;

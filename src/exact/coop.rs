@@ -1,0 +1,756 @@
+//! Exact attention on cooperative matrices (tensor cores): its tiles ([`CoopExactTiles`]), the
+//! WGSL generated from `shaders/exact_coop.wgsl`, the host loop (the f32 kernel's chunking and
+//! split-KV merge) and the f16 rounding bound that the `Report` gives ([`F16Bound`]).
+//!
+//! # Rescaling schedule
+//! Online softmax rescales each output row by exp2(m_old - m_new) when the row's running maximum
+//! grows. A cooperative accumulator has no per-row access in registers, so a rescale costs a trip
+//! through workgroup memory (store, scale rows, reload) for every accumulator of the subgroup.
+//! The kernel rescales lazily: m moves only when some row's tile maximum exceeds m by more than
+//! TAU = 4 (log2 units). Between rescales P = exp2(s - m + OFF) <= 2^(TAU + OFF) = 2^15, within
+//! f16's range, and OFF = 11 keeps the probabilities that matter out of f16's subnormals. On
+//! ordinary inputs the maximum settles within the first tiles, so almost every tile rescales
+//! nothing (the branch is uniform over the subgroup: `subgroupAny`). The alternative, a first
+//! pass over K for the row maxima, costs 1.5x the FLOPs on every tile.
+//!
+//! Synchronisation: one workgroup barrier per K/V tile (two buffers: the next tile is stored while
+//! no one reads it); the scores and probabilities of a subgroup live in its own slices, so their
+//! hand-over between the cooperative stores and the lanes needs only `subgroupBarrier`.
+
+use std::fmt::Write as _;
+
+use super::run::{run_kernel, ExactKernel};
+use crate::api::Problem;
+use crate::budget::Budget;
+use crate::chunking::{chunking, Chunking};
+use crate::device::Gpu;
+use crate::error::Error;
+use crate::launch::{RunOptions, RunStats};
+use crate::wgsl::{fill_template, io_counter_slots, wgsl_element};
+
+pub(crate) const TEMPLATE: &str = include_str!("../../shaders/exact_coop.wgsl");
+
+/// Side of the cooperative matrices.
+const COOP: usize = 16;
+/// Lazy-rescale threshold and probability offset (log2 units); see the module docs.
+pub const TAU: f32 = 4.0;
+pub const OFF: f32 = 11.0;
+/// Most 16 x 16 f32 output accumulators a subgroup keeps (8 registers each at 32 lanes).
+const MAX_OUT_ACCUMULATORS: usize = 16;
+/// Most threads per workgroup.
+const MAX_THREADS: usize = 256;
+
+/// Tiles of the exact kernel on cooperative matrices. A workgroup is `subgroups` subgroups of `sg`
+/// lanes; subgroup s owns `rt` 16-row tiles of the query block (bq = 16 * rt * subgroups rows) and
+/// all its 16-column output tiles; keys stream in tiles of `bk`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CoopExactTiles {
+    pub e: usize,
+    pub ev: usize,
+    pub sg: usize,
+    pub subgroups: usize,
+    pub rt: usize,
+    pub bk: usize,
+}
+
+impl CoopExactTiles {
+    pub fn threads(&self) -> usize {
+        self.sg * self.subgroups
+    }
+    /// Query rows per workgroup.
+    pub fn bq(&self) -> usize {
+        COOP * self.rt * self.subgroups
+    }
+    /// Head dimensions padded to whole 16-column tiles (zeros in workgroup memory).
+    pub fn padded_e(&self) -> usize {
+        COOP * self.e.div_ceil(COOP)
+    }
+    pub fn padded_ev(&self) -> usize {
+        COOP * self.ev.div_ceil(COOP)
+    }
+    /// Lanes of a subgroup per query row in the softmax.
+    pub fn lanes_per_row(&self) -> usize {
+        self.sg / (COOP * self.rt)
+    }
+    /// Floats per storage element: 4 (vec4 loads) when both widths are multiples of 4, else 1.
+    pub fn lanes(&self) -> usize {
+        if self.e % 4 == 0 && self.ev % 4 == 0 {
+            4
+        } else {
+            1
+        }
+    }
+    /// Row strides (halves) of the Q/K and V tiles: padded width plus 8.
+    pub fn k_stride(&self) -> usize {
+        self.padded_e() + 8
+    }
+    pub fn v_stride(&self) -> usize {
+        self.padded_ev() + 8
+    }
+    /// Halves of the K/V array: two [K | V] buffers, or the Q block where that is larger.
+    pub fn kv_halves(&self) -> usize {
+        (2 * self.bk * (self.k_stride() + self.v_stride())).max(self.bq() * self.k_stride())
+    }
+    pub fn score_words(&self) -> usize {
+        self.bq() * (self.bk + 4)
+    }
+    pub fn prob_halves(&self) -> usize {
+        self.bq() * (self.bk + 8)
+    }
+    /// Words of workgroup memory the kernel declares: the K/V buffers (f16), the scores (f32) and
+    /// the probabilities (f16). Each is a whole number of 16-byte units.
+    pub fn fast_memory_words(&self) -> u64 {
+        (self.kv_halves() / 2 + self.score_words() + self.prob_halves() / 2) as u64
+    }
+    /// Output accumulators per subgroup.
+    pub fn out_accumulators(&self) -> usize {
+        self.rt * self.padded_ev() / COOP
+    }
+}
+
+/// Whether these tiles are well formed for their subgroup size and fit the budget.
+pub fn tiles_fit(t: &CoopExactTiles, budget: &Budget) -> bool {
+    let max_threads = MAX_THREADS.min(budget.max_invocations_per_workgroup as usize);
+    t.sg >= COOP
+        && t.sg.is_power_of_two()
+        && t.subgroups > 0
+        && t.rt > 0
+        && COOP * t.rt <= t.sg
+        && t.bk >= COOP
+        && t.bk % COOP == 0
+        && t.bk % t.lanes_per_row() == 0
+        && t.threads() <= max_threads
+        && t.out_accumulators() <= MAX_OUT_ACCUMULATORS
+        && t.fast_memory_words() <= budget.fast_memory_words
+}
+
+/// Shapes in order of preference, (subgroups, rt, bk). Measured on the H200 (n = 16,384, 8 heads,
+/// E = 64, non-causal; ms): (8,1,32) 5.3, (4,2,32) 5.6, (4,1,16) 6.5, (8,1,16) 6.7, (4,1,32)
+/// 8.5, (2,2,32) 14.3, (2,1,32) 24.5: more warps per workgroup (the K/V tile is shared by more
+/// rows) beats everything else; at E = 128 only (4,1,32) 15.1, (4,1,16) 15.9, (2,1,32) 32.6 and
+/// (2,2,32) 45.5 fit 48 KiB.
+const PREFERENCE: [(usize, usize, usize); 10] = [
+    (8, 1, 32),
+    (4, 2, 32),
+    (4, 1, 32),
+    (4, 1, 16),
+    (8, 1, 16),
+    (2, 2, 32),
+    (2, 1, 32),
+    (2, 1, 16),
+    (1, 2, 16),
+    (1, 1, 16),
+];
+
+/// The first tiles of [`PREFERENCE`] that fit, for subgroups of `sg` lanes; None where none does.
+pub fn plan_tiles(p: &Problem, budget: &Budget, sg: usize) -> Option<CoopExactTiles> {
+    candidates(p, budget, sg).into_iter().next()
+}
+
+/// Every shape of [`PREFERENCE`] that fits, best first (what a sweep or an autotune times).
+pub fn candidates(p: &Problem, budget: &Budget, sg: usize) -> Vec<CoopExactTiles> {
+    PREFERENCE
+        .iter()
+        .map(|&(subgroups, rt, bk)| CoopExactTiles {
+            e: p.e,
+            ev: p.ev,
+            sg,
+            subgroups,
+            rt,
+            bk,
+        })
+        .filter(|t| tiles_fit(t, budget))
+        .collect()
+}
+
+/// The plan: tiles and the f32 kernel's cuts of the problem into dispatches (bindings, grid).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CoopExactPlan {
+    pub tiles: CoopExactTiles,
+    pub chunking: Chunking,
+}
+
+pub fn plan_with(
+    p: &Problem,
+    budget: &Budget,
+    tiles: CoopExactTiles,
+) -> Result<CoopExactPlan, Error> {
+    Ok(CoopExactPlan {
+        tiles,
+        chunking: chunking(p, tiles.bq(), budget)?,
+    })
+}
+
+/// The plan for subgroups of `sg` lanes, or an error where no tile fits the fast memory.
+pub fn plan(p: &Problem, budget: &Budget, sg: usize) -> Result<CoopExactPlan, Error> {
+    let t = plan_tiles(p, budget, sg).ok_or_else(|| {
+        Error::TooLarge(format!(
+            "no cooperative-matrix tile of the exact kernel fits E={}, Ev={} in {} words of fast \
+             memory with subgroups of {sg}",
+            p.e, p.ev, budget.fast_memory_words
+        ))
+    })?;
+    plan_with(p, budget, t)
+}
+
+/// Generated code that carries the next K/V tile from storage to workgroup memory in registers
+/// (as f16): declarations, loads of the tile at key `j0`, stores into the buffer at `kb`/`vb`.
+struct Prefetch {
+    decl: String,
+    first: String,
+    next: String,
+    store: String,
+}
+
+fn prefetch(t: &CoopExactTiles) -> Prefetch {
+    let lanes = t.lanes();
+    let wg = t.threads();
+    let (ew, evw) = (t.e / lanes, t.ev / lanes);
+    let (nk, nv) = ((t.bk * ew).div_ceil(wg), (t.bk * evw).div_ceil(wg));
+    let half = if lanes == 4 { "vec4<f16>" } else { "f16" };
+    let mut decl = String::new();
+    for (name, n) in [("kx", nk), ("vx", nv)] {
+        for u in 0..n {
+            let _ = writeln!(decl, "    var {name}_{u} = {half}();");
+        }
+    }
+    let load = |j0: &str, ind: &str| {
+        let mut s = format!("{ind}let kr = min(BK, kv_end - ({j0}));\n");
+        for (name, n, width, buf, base) in [
+            ("kx", nk, "EW", "k", "k_base"),
+            ("vx", nv, "EVW", "v", "v_base"),
+        ] {
+            for u in 0..n {
+                let _ = writeln!(
+                    s,
+                    "{ind}{name}_{u} = {half}();\n{ind}if (lid + {o}u < kr * {width}) {{\n\
+                     {ind}    {name}_{u} = {half}({buf}[{base} + ({j0}) * {width} + lid + {o}u]);\n\
+                     {ind}    words_read += LANES;\n{ind}}}",
+                    o = wg * u
+                );
+            }
+        }
+        s.trim_end().to_string()
+    };
+    let comps = wgsl_element(lanes).1;
+    let mut store = String::new();
+    for (name, n, width, base, stride) in
+        [("kx", nk, "EW", "kb", "KS"), ("vx", nv, "EVW", "vb", "VS")]
+    {
+        for u in 0..n {
+            let _ = writeln!(
+                store,
+                "        if (lid + {o}u < BK * {width}) {{\n            let i = lid + {o}u;\n            \
+                 let at = {base} + (i / {width}) * {stride} + (i % {width}) * LANES;",
+                o = wg * u
+            );
+            for (l, c) in comps.iter().enumerate() {
+                let _ = writeln!(store, "            kv_t[at + {l}u] = {name}_{u}{c};");
+            }
+            store.push_str("        }\n");
+        }
+    }
+    Prefetch {
+        decl: decl.trim_end().to_string(),
+        first: load("0u", "        "),
+        next: load("j0 + BK", "            "),
+        store: store.trim_end().to_string(),
+    }
+}
+
+/// The WGSL of the kernel for these tiles.
+pub fn shader_source(t: &CoopExactTiles, count_io: bool) -> String {
+    let rt = t.rt;
+    let dt = t.padded_e() / COOP; // depth tiles of Q K^T
+    let kt = t.bk / COOP; // key tiles
+    let ct = t.padded_ev() / COOP; // output column tiles
+    let np = t.lanes_per_row();
+    let per_lane = t.bk / np; // scores per lane in the softmax
+    let stage_elems = 256 * rt / t.sg; // staging elements per lane (RT 16 x 16 tiles)
+    let (elem, comps) = wgsl_element(t.lanes());
+
+    let mut q_store = String::new();
+    for (l, c) in comps.iter().enumerate() {
+        let _ = writeln!(q_store, "        kv_t[row * KS + c + {l}u] = f16(x{c});");
+    }
+    let mut q_frags = String::new();
+    for a in 0..rt {
+        for d in 0..dt {
+            let _ = writeln!(
+                q_frags,
+                "    let qf_{a}_{d} = coopLoadT<coop_mat16x16<f16, A>>(&kv_t[(row0 + {}u) * KS + {}u], KS);",
+                16 * a,
+                16 * d
+            );
+        }
+    }
+    let mut o_decl = String::new();
+    for a in 0..rt {
+        for c in 0..ct {
+            let _ = writeln!(o_decl, "    var o_{a}_{c} = zero_acc;");
+        }
+    }
+
+    // S = Q K^T one 16-key column tile at a time (RT accumulators live), staged row-major.
+    let mut scores = String::new();
+    for b in 0..kt {
+        scores.push_str("        {\n");
+        for a in 0..rt {
+            let _ = writeln!(scores, "            var s_{a} = zero_acc;");
+        }
+        for d in 0..dt {
+            let _ = writeln!(
+                scores,
+                "            let kf_{d} = coopLoad<coop_mat16x16<f16, B>>(&kv_t[kb + {}u * KS + {}u], KS);",
+                16 * b,
+                16 * d
+            );
+            for a in 0..rt {
+                let _ = writeln!(
+                    scores,
+                    "            s_{a} = coopMultiplyAdd(qf_{a}_{d}, kf_{d}, s_{a});"
+                );
+            }
+        }
+        for a in 0..rt {
+            let _ = writeln!(
+                scores,
+                "            coopStoreT(s_{a}, &s_t[sb + {}u * SS + {}u], SS);",
+                16 * a,
+                16 * b
+            );
+        }
+        scores.push_str("        }\n");
+    }
+
+    // Softmax: lane (r, part) takes columns NP * (i + r) + part (mod BK), a rotation that puts
+    // the lanes of one read into different banks; scores of masked keys become NEG.
+    let mut sm =
+        String::from("        let lim = max(jmax, j0) - j0; // visible keys of the tile\n");
+    for i in 0..per_lane {
+        let _ = writeln!(
+            sm,
+            "        let c_{i} = (NP * ({i}u + r) + part) % BK;\n        \
+             let x_{i} = select(NEG, s_t[sb + r * SS + c_{i}], c_{i} < lim);"
+        );
+    }
+    let mx = (1..per_lane).fold("x_0".to_string(), |acc, i| format!("max({acc}, x_{i})"));
+    let _ = writeln!(sm, "        var mt = {mx};");
+    let mut o = COOP * rt;
+    while o < t.sg {
+        let _ = writeln!(sm, "        mt = max(mt, subgroupShuffleXor(mt, {o}u));");
+        o *= 2;
+    }
+    // The rescale: every accumulator through the staging slice, rows scaled by alpha of their
+    // lane (row rr's alpha lives in lane rr).
+    let mut rescale = String::new();
+    for u in 0..stage_elems {
+        let _ = writeln!(
+            rescale,
+            "            let ar_{u} = subgroupShuffle(alpha, (lane + {}u) / 16u);",
+            t.sg * u
+        );
+    }
+    rescale.push_str("            subgroupBarrier(); // every lane has read its scores\n");
+    for c in 0..ct {
+        for a in 0..rt {
+            let _ = writeln!(
+                rescale,
+                "            coopStoreT(o_{a}_{c}, &s_t[sb + {}u], 16u);",
+                256 * a
+            );
+        }
+        rescale.push_str("            subgroupBarrier();\n");
+        for u in 0..stage_elems {
+            let _ = writeln!(
+                rescale,
+                "            s_t[sb + lane + {}u] *= ar_{u};",
+                t.sg * u
+            );
+        }
+        rescale.push_str("            subgroupBarrier();\n");
+        for a in 0..rt {
+            let _ = writeln!(
+                rescale,
+                "            o_{a}_{c} = coopLoadT<coop_mat16x16<f32, C>>(&s_t[sb + {}u], 16u);",
+                256 * a
+            );
+        }
+        rescale.push_str("            subgroupBarrier();\n");
+    }
+    let _ = write!(
+        sm,
+        "        // A branch on subgroupAny, written as a loop that runs at most once: naga's uniformity\n        \
+         // analysis (workgroup scope) rejects cooperative operations under an `if` on a subgroup\n        \
+         // operation, though the condition is uniform over the subgroup, their scope.\n        \
+         let grow = subgroupAny(m > NEG && mt > m + TAU);\n        \
+         for (var once = grow; once; once = false) {{\n            \
+         let m_new = max(m, mt);\n            let alpha = exp2(m - m_new);\n            \
+         m = m_new;\n            lsum *= alpha;\n{rescale}        }}\n        \
+         m = select(m, mt, m == NEG); // first visible keys of the row: nothing to rescale\n        \
+         // exp2(NEG - mo) = 0 masks; a row with no visible key yet has m = NEG: mo = 0 then.\n        \
+         let mo = select(m - OFF, 0.0, m == NEG);\n"
+    );
+    for i in 0..per_lane {
+        let _ = writeln!(
+            sm,
+            "        let p_{i} = f16(exp2(x_{i} - mo));\n        \
+             p_t[pb + r * PS + c_{i}] = p_{i};\n        lsum += f32(p_{i});"
+        );
+    }
+
+    // O += P V, 16 keys at a time.
+    let mut pv = String::new();
+    for kk in 0..kt {
+        pv.push_str("        {\n");
+        for a in 0..rt {
+            let _ = writeln!(
+                pv,
+                "            let pf_{a} = coopLoadT<coop_mat16x16<f16, A>>(&p_t[pb + {}u * PS + {}u], PS);",
+                16 * a,
+                16 * kk
+            );
+        }
+        for c in 0..ct {
+            let _ = writeln!(
+                pv,
+                "            let vf_{c} = coopLoadT<coop_mat16x16<f16, B>>(&kv_t[vb + {}u * VS + {}u], VS);",
+                16 * kk,
+                16 * c
+            );
+            for a in 0..rt {
+                let _ = writeln!(
+                    pv,
+                    "            o_{a}_{c} = coopMultiplyAdd(pf_{a}, vf_{c}, o_{a}_{c});"
+                );
+            }
+        }
+        pv.push_str("        }\n");
+    }
+
+    // Output: row sums over the NP lanes of a row, then each accumulator through the staging
+    // slice, divided by its row's sum; split-KV dispatches also store (m, l) per row.
+    let mut store = String::new();
+    let mut o = COOP * rt;
+    while o < t.sg {
+        let _ = writeln!(store, "    lsum += subgroupShuffleXor(lsum, {o}u);");
+        o *= 2;
+    }
+    store.push_str("    let inv = select(0.0, 1.0 / lsum, lsum > 0.0);\n");
+    for u in 0..stage_elems {
+        let _ = writeln!(
+            store,
+            "    let inv_{u} = subgroupShuffle(inv, (lane + {}u) / 16u);",
+            t.sg * u
+        );
+    }
+    for c in 0..ct {
+        for a in 0..rt {
+            let _ = writeln!(
+                store,
+                "    coopStoreT(o_{a}_{c}, &s_t[sb + {}u], 16u);",
+                256 * a
+            );
+        }
+        store.push_str("    subgroupBarrier();\n");
+        for u in 0..stage_elems {
+            let _ = writeln!(
+                store,
+                "    {{\n        let i = lane + {o}u;\n        let row = row0 + i / 16u;\n        \
+                 let col = {c16}u + i % 16u;\n        if (row < q_rows && col < EV) {{\n            \
+                 o[(head * params.l + q0 + row) * EV + col] = s_t[sb + i] * inv_{u};\n            \
+                 words_written += 1u;\n        }}\n    }}",
+                o = t.sg * u,
+                c16 = 16 * c
+            );
+        }
+        store.push_str("    subgroupBarrier();\n");
+    }
+    let _ = write!(
+        store,
+        "    if (params.write_stats != 0u && part == 0u && row0 + r < q_rows) {{\n        \
+         let srow = (head * params.l + q0 + row0 + r) * 2u;\n        stats[srow] = m - OFF;\n        \
+         stats[srow + 1u] = lsum;\n        words_written += 2u;\n    }}"
+    );
+
+    let pre = prefetch(t);
+    let [decl, add] = io_counter_slots(count_io, 6);
+    fill_template(
+        TEMPLATE,
+        &[
+            ("E", t.e.to_string()),
+            ("EV", t.ev.to_string()),
+            ("BQ", t.bq().to_string()),
+            ("BK", t.bk.to_string()),
+            ("WG", t.threads().to_string()),
+            ("SG", t.sg.to_string()),
+            ("RT", rt.to_string()),
+            ("ELEM", elem.to_string()),
+            ("LANES", t.lanes().to_string()),
+            ("KS", t.k_stride().to_string()),
+            ("VS", t.v_stride().to_string()),
+            ("TAU", format!("{TAU:?}")),
+            ("OFF", format!("{OFF:?}")),
+            ("KV_T", t.kv_halves().to_string()),
+            ("S_T", t.score_words().to_string()),
+            ("P_T", t.prob_halves().to_string()),
+            ("Q_STORE", q_store.trim_end().to_string()),
+            ("Q_FRAGS", q_frags.trim_end().to_string()),
+            ("O_DECL", o_decl.trim_end().to_string()),
+            ("PREFETCH_DECL", pre.decl),
+            ("LOAD_FIRST", pre.first),
+            ("LOAD_NEXT", pre.next),
+            ("TILE_STORE", pre.store),
+            ("SCORES", scores.trim_end().to_string()),
+            ("SOFTMAX", sm.trim_end().to_string()),
+            ("PV", pv.trim_end().to_string()),
+            ("STORE", store.trim_end().to_string()),
+            decl,
+            add,
+        ],
+    )
+}
+
+/// Whether this adapter runs the kernel: 16 x 16 f16 cooperative matrices with one subgroup size
+/// (`coop_f16`) and subgroup barriers. Returns the subgroup size.
+pub fn available(gpu: &Gpu) -> Option<usize> {
+    let barrier = gpu
+        .device
+        .features()
+        .contains(wgpu::Features::SUBGROUP_BARRIER);
+    (gpu.info.coop_f16 && barrier).then_some(gpu.info.subgroup_size as usize)
+}
+
+/// Runs exact attention on cooperative matrices. `q`, `k`, `v` are contiguous
+/// `(units*group, l, e)`, `(units, s, e)`, `(units, s, ev)`; the result is `(units*group, l, ev)`.
+/// Dispatches, their cuts and the merge of split-KV partial results are the f32 kernel's.
+pub fn run(
+    gpu: &Gpu,
+    p: &Problem,
+    plan: &CoopExactPlan,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    opts: &RunOptions,
+) -> Result<(Vec<f32>, RunStats), Error> {
+    let t = &plan.tiles;
+    let key = format!("exact_coop:{t:?}:{}:{}", opts.count_io, opts.trusted);
+    let pipeline = gpu.pipeline(&key, &shader_source(t, opts.count_io), opts.trusted)?;
+    let kernel = ExactKernel {
+        pass: "exact_coop",
+        pipeline: &pipeline,
+        bq: t.bq(),
+    };
+    run_kernel(gpu, p, &plan.chunking, &kernel, (q, k, v), opts)
+}
+
+/// Unit roundoff of f16 (round to nearest), and half the spacing of its subnormals: the largest
+/// absolute rounding error of a value below f16's smallest normal 2^-14.
+pub const F16_U: f64 = 1.0 / 2048.0;
+pub const F16_ETA: f64 = 1.0 / 33_554_432.0; // 2^-25
+const F32_U: f64 = 1.0 / 16_777_216.0; // 2^-24
+/// Largest finite f16.
+pub const F16_MAX: f64 = 65504.0;
+
+/// The derived bound on what f16 rounding does to the result of the kernel.
+///
+/// Rounding: q' = fl16(fl32(q * c)) with c = |scale| log2(e), k' = fl16(k), v' = fl16(v); each
+/// element is off by at most u|x| + eta (u = 2^-11, eta = 2^-25 for f16 subnormals). The products
+/// of f16 are exact in f32; the tensor cores add E of them in f32, where truncating adders lose at
+/// most 2 u32 (u32 = 2^-24) of the running sum each. For one query q and key k, by
+/// Cauchy-Schwarz (sum |q_i||k_i| <= |q||k|, sum |x_i| <= sqrt(E)|x|), the score in log2 units is
+/// off by at most
+///   d2 = c|q||k| ((1+u)^2 (1+u32) (1 + 2E u32) - 1) + eta sqrt(E) (1+u) (c|q| (1+u32) + |k|)
+///        + E eta^2,
+/// so by `score_rounding` = ln(2) d2 in natural units, at the largest |q| and |k| of the call.
+/// Each unnormalised weight P_j = exp2(s_j - m + 11) is then off by a factor within
+/// e^(+-score_rounding), times (1 +- e_exp) for exp2 (Vulkan allows 3 + 2|x| ulp; |x| <= 40
+/// where the result is not rounded to zero anyway: e_exp = 83 * 2^-23), times (1 +- u) for its
+/// rounding to f16: `weight_factor` = e^score_rounding (1 + e_exp)(1 + u) - 1 =: eps. Weights
+/// below f16's normal range (P < 2^-14, i.e. below 2^-25 of the row's largest, which is at least
+/// 2^11) are off by at most eta each in absolute terms: together at most S eta / 2^11 of the row
+/// sum. With every weight off by a factor in [1 - eps, 1 + eps] the output moves by at most
+/// eps/(1 - eps) times the value range (DESIGN.md, the poly certificate's argument), and the
+/// rounding of V adds u |v| + eta. Per output column c:
+///   |O_c - O*_c| <= (eps + S eta 2^-11) / (1 - eps) * range_c + u max|v_c| + eta.
+/// Not included, as for the f32 kernel: the f32 sums over the S keys (P V and the row sum).
+#[derive(Clone, Debug, PartialEq)]
+pub struct F16Bound {
+    /// Largest change of a score (natural log units) by the rounding of Q and K.
+    pub score_rounding: f64,
+    /// eps: bound on the relative change of each unnormalised weight.
+    pub weight_factor: f64,
+    /// The bound on |O - O*| per output column (max over KV units), as derived above.
+    pub error_bound_per_column: Vec<f64>,
+}
+
+/// Largest Euclidean row norm and largest |element| of `rows` rows of width `w`, on several
+/// threads for large inputs.
+fn row_norm_and_max(x: &[f32], w: usize) -> (f64, f64) {
+    let fold = |part: &[f32]| {
+        part.chunks(w).fold((0f64, 0f64), |(n, a), row| {
+            let (ss, mx) = row.iter().fold((0f64, 0f64), |(ss, mx), &y| {
+                let y = f64::from(y);
+                (ss + y * y, mx.max(y.abs()))
+            });
+            (n.max(ss.sqrt()), a.max(mx))
+        })
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let rows = x.len() / w.max(1);
+    if threads == 1 || x.len() < (1 << 20) {
+        return fold(x);
+    }
+    let per = rows.div_ceil(threads) * w;
+    std::thread::scope(|s| {
+        let hs: Vec<_> = x.chunks(per).map(|c| s.spawn(move || fold(c))).collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or((f64::NAN, f64::NAN)))
+            .fold((0f64, 0f64), |(n, a), (n2, a2)| (n.max(n2), a.max(a2)))
+    })
+}
+
+/// Per KV unit and value column: (min, max, max |v|).
+fn value_columns(p: &Problem, v: &[f32]) -> Vec<(f64, f64, f64)> {
+    let mut cols = vec![(f64::INFINITY, f64::NEG_INFINITY, 0f64); p.units * p.ev];
+    for u in 0..p.units {
+        let unit = &v[u * p.s * p.ev..(u + 1) * p.s * p.ev];
+        let c = &mut cols[u * p.ev..(u + 1) * p.ev];
+        for row in unit.chunks(p.ev) {
+            for (s, &y) in c.iter_mut().zip(row) {
+                let y = f64::from(y);
+                *s = (s.0.min(y), s.1.max(y), s.2.max(y.abs()));
+            }
+        }
+    }
+    cols
+}
+
+/// The f16 bound of this call ([`F16Bound`]), or an error where an input would overflow f16.
+pub fn f16_bound(p: &Problem, q: &[f32], k: &[f32], v: &[f32]) -> Result<F16Bound, Error> {
+    let c = f64::from(p.scale.abs()) * std::f64::consts::LOG2_E;
+    let (qn, qa) = row_norm_and_max(q, p.e);
+    let (kn, ka) = row_norm_and_max(k, p.e);
+    let cols = value_columns(p, v);
+    let va = cols.iter().map(|x| x.2).fold(0f64, f64::max);
+    let overflow = [
+        ("query * scale * log2(e)", qa * c),
+        ("key", ka),
+        ("value", va),
+    ]
+    .into_iter()
+    .find(|(_, x)| x.is_nan() || *x >= F16_MAX);
+    if let Some((name, x)) = overflow {
+        return Err(Error::TooLarge(format!(
+            "tensor cores need f16 operands: |{name}| reaches {x:.4e}, beyond f16's largest \
+             finite value {F16_MAX} (or not finite); use tensor_cores=False"
+        )));
+    }
+    let (u, eta, e) = (F16_U, F16_ETA, p.e as f64);
+    let d2 = c * qn * kn * ((1.0 + u).powi(2) * (1.0 + F32_U) * (1.0 + 2.0 * e * F32_U) - 1.0)
+        + eta * e.sqrt() * (1.0 + u) * (c * qn * (1.0 + F32_U) + kn)
+        + e * eta * eta;
+    let score_rounding = std::f64::consts::LN_2 * d2;
+    let e_exp = 83.0 * 2f64.powi(-23);
+    let eps = score_rounding.exp() * (1.0 + e_exp) * (1.0 + u) - 1.0;
+    let sub = p.s as f64 * eta / 2f64.powf(f64::from(OFF));
+    let error_bound_per_column = (0..p.ev)
+        .map(|col| {
+            (0..p.units)
+                .map(|unit| {
+                    let (lo, hi, a) = cols[unit * p.ev + col];
+                    (eps + sub) / (1.0 - eps) * (hi - lo) + u * a + eta
+                })
+                .fold(0f64, f64::max)
+        })
+        .collect();
+    Ok(F16Bound {
+        score_rounding,
+        weight_factor: eps,
+        error_bound_per_column,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(e: usize, ev: usize) -> Problem {
+        Problem {
+            units: 2,
+            group: 1,
+            l: 1000,
+            s: 1000,
+            e,
+            ev,
+            causal: false,
+            scale: 1.0,
+        }
+    }
+
+    #[test]
+    fn nvidia_budget_takes_the_preferred_tiles_within_48_kib() {
+        let b = Budget::with_binding(12288, 1 << 30);
+        for (e, want) in [(64, (8, 1, 32)), (128, (4, 1, 32))] {
+            let t = plan_tiles(&problem(e, e), &b, 32).unwrap();
+            assert_eq!((t.subgroups, t.rt, t.bk), want, "E={e}");
+            assert!(t.fast_memory_words() <= 12288);
+        }
+    }
+
+    #[test]
+    fn every_head_dim_gets_tiles_or_none_below_the_smallest() {
+        for words in [4096u64, 8192, 12288, 16384] {
+            for e in [1usize, 7, 16, 33, 64, 100, 128, 200, 256] {
+                let b = Budget::with_binding(words, 1 << 30);
+                match plan_tiles(&problem(e, e), &b, 32) {
+                    Some(t) => assert!(tiles_fit(&t, &b), "{t:?}"),
+                    // Only where not even the smallest shape fits.
+                    None => {
+                        let smallest = CoopExactTiles {
+                            e,
+                            ev: e,
+                            sg: 32,
+                            subgroups: 1,
+                            rt: 1,
+                            bk: COOP,
+                        };
+                        assert!(!tiles_fit(&smallest, &b), "E={e} words={words}");
+                        assert!(smallest.fast_memory_words() > words, "E={e}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bound_grows_with_the_score_scale_and_rejects_f16_overflow() {
+        let p = Problem {
+            units: 1,
+            l: 4,
+            s: 4,
+            e: 4,
+            ev: 2,
+            scale: 0.5,
+            ..problem(4, 2)
+        };
+        let q = vec![1.0f32; 16];
+        let v: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        let small = f16_bound(&p, &q, &q, &v).unwrap();
+        let q4: Vec<f32> = q.iter().map(|x| x * 4.0).collect();
+        let large = f16_bound(&p, &q4, &q4, &v).unwrap();
+        // |q||k| = 4 and 64 at c = 0.5 log2(e): about 2u c |q||k| ln 2 = 4u and 64u.
+        assert!(
+            (small.score_rounding / (4.0 * F16_U) - 1.0).abs() < 0.01,
+            "{small:?}"
+        );
+        assert!(large.score_rounding > 15.0 * small.score_rounding);
+        // Range 6 per column, |v| up to 7.
+        assert!(small.error_bound_per_column[1] > small.weight_factor * 6.0 + F16_U * 7.0);
+        let huge = vec![70000.0f32; 8];
+        assert!(matches!(
+            f16_bound(&p, &q, &q, &huge),
+            Err(Error::TooLarge(_))
+        ));
+    }
+}
