@@ -378,8 +378,10 @@ pub fn shader_fingerprint() -> u64 {
     [
         include_str!("mod.rs"),
         include_str!("exact.rs"),
+        include_str!("exact_coop.rs"),
         include_str!("poly.rs"),
         exact::TEMPLATE,
+        exact_coop::TEMPLATE,
         poly::PREPASS,
         poly::PASS1,
         poly::REDUCE,
