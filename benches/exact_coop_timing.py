@@ -18,19 +18,17 @@ import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 
 os.environ.setdefault("APPROX_ATTN_TRUSTED_SHADERS", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import approx_attn  # noqa: E402
-from approx_attn import reference  # noqa: E402
+import approx_attn
+import numpy as np
+import torch
+import torch.nn.functional as F
+from approx_attn import reference
 
 
 def sdpa_seconds(q, k, v, causal: bool, dtype, runs: int) -> list[float]:
@@ -73,11 +71,15 @@ def sampled_error(out, q, k, v, causal: bool, rows: int = 64) -> float:
     idx = np.unique(np.linspace(0, n - 1, rows).astype(int))
     worst = 0.0
     for h in (0, q.shape[1] - 1):
-        ref = reference.exact_attention(q[0, h, idx], k[0, h], v[0, h], scale=1 / math.sqrt(q.shape[-1]))
+        ref = reference.exact_attention(
+            q[0, h, idx], k[0, h], v[0, h], scale=1 / math.sqrt(q.shape[-1])
+        )
         if causal:  # row i sees keys 0..i: recompute per row
             ref = np.stack(
                 [
-                    reference.exact_attention(q[0, h, i : i + 1], k[0, h, : i + 1], v[0, h, : i + 1])[0]
+                    reference.exact_attention(
+                        q[0, h, i : i + 1], k[0, h, : i + 1], v[0, h, : i + 1]
+                    )[0]
                     for i in idx
                 ]
             )
@@ -95,7 +97,9 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-n", type=int, default=16384)
     ap.add_argument("--autotune", action="store_true", help="tune the tiles per class first")
-    ap.add_argument("--f32-at", type=int, nargs="*", default=[], help="also time the f32 kernel at these n")
+    ap.add_argument(
+        "--f32-at", type=int, nargs="*", default=[], help="also time the f32 kernel at these n"
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.autotune:
@@ -117,7 +121,7 @@ def main() -> None:
     }
     try:
         results["commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+            ["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True
         ).stdout.strip()
     except OSError:
         pass
@@ -126,21 +130,32 @@ def main() -> None:
     for E in args.E:
         if args.sweep:
             n = args.sweep_n
-            q, k, v = (rng.standard_normal((1, args.heads, n, E), dtype=np.float32) for _ in range(3))
-            from approx_attn import _core  # noqa: F401
-
-            shapes = ["4 2 32", "4 1 64", "4 1 32", "2 2 32", "4 1 16", "2 1 32", "8 1 32", "8 1 16"]
+            q, k, v = (
+                rng.standard_normal((1, args.heads, n, E), dtype=np.float32) for _ in range(3)
+            )
+            shapes = [
+                "4 2 32",
+                "4 1 64",
+                "4 1 32",
+                "2 2 32",
+                "4 1 16",
+                "2 1 32",
+                "8 1 32",
+                "8 1 16",
+            ]
             for causal in causals:
                 for s in shapes:
                     try:
                         _, rep, secs = ours(q, k, v, causal, 2, s)
                         row = {"n": n, "E": E, "causal": causal, "tiles": s, "kernel_s": min(secs)}
-                    except Exception as e:  # shapes that do not fit are refused
+                    except ValueError as e:  # shapes that do not fit are refused
                         row = {"n": n, "E": E, "causal": causal, "tiles": s, "error": str(e)[:200]}
                     print(json.dumps(row), flush=True)
                     results["sweep"].append(row)
         for n in args.n:
-            q, k, v = (rng.standard_normal((1, args.heads, n, E), dtype=np.float32) for _ in range(3))
+            q, k, v = (
+                rng.standard_normal((1, args.heads, n, E), dtype=np.float32) for _ in range(3)
+            )
             for causal in causals:
                 flops = 4.0 * n * n * E * args.heads * (0.5 if causal else 1.0)
                 row = {"n": n, "E": E, "heads": args.heads, "causal": causal}
@@ -158,7 +173,12 @@ def main() -> None:
                     f32 = []
                     for i in range(2):
                         _, r32 = approx_attn.attention(
-                            q, k, v, method="exact", is_causal=causal, tensor_cores=False,
+                            q,
+                            k,
+                            v,
+                            method="exact",
+                            is_causal=causal,
+                            tensor_cores=False,
                             return_report=True,
                         )
                         f32.append(r32.kernel_s)

@@ -7,11 +7,13 @@ pub fn shader_fingerprint() -> u64 {
     [
         include_str!("wgsl.rs"),
         include_str!("exact/kernel.rs"),
+        include_str!("exact/coop.rs"),
         include_str!("poly/kernel_common.rs"),
         include_str!("poly/kernel_f32.rs"),
         include_str!("poly/kernel_coop.rs"),
         include_str!("poly/prepass.rs"),
         crate::exact::kernel::TEMPLATE,
+        crate::exact::coop::TEMPLATE,
         crate::poly::prepass::PREPASS,
         crate::poly::kernel_f32::PASS1,
         crate::poly::kernel_common::REDUCE,

@@ -21,9 +21,8 @@ import math
 import approx_attn
 import numpy as np
 import pytest
-from approx_attn import reference
-
 from _helpers import assert_close
+from approx_attn import reference
 
 INFO = approx_attn.device_info()
 COOP = bool(INFO["coop_f16"])
@@ -55,9 +54,10 @@ def twin_tolerance(q, k, v, scale: float, S: int) -> np.ndarray:
     c = abs(scale) / math.log(2.0)
     qn = float(np.sqrt((q.astype(np.float64) ** 2).sum(-1)).max())
     kn = float(np.sqrt((k.astype(np.float64) ** 2).sum(-1)).max())
-    eps = math.exp(math.log(2.0) * 2 * E * U32 * c * qn * kn * (1 + U) ** 2) * (1 + E_EXP) * (
-        1 + U
-    ) - 1
+    eps = (
+        math.exp(math.log(2.0) * 2 * E * U32 * c * qn * kn * (1 + U) ** 2) * (1 + E_EXP) * (1 + U)
+        - 1
+    )
     flat = v.astype(np.float64).reshape(-1, v.shape[-1])
     rng_c = flat.max(axis=0) - flat.min(axis=0)
     return (eps + S * 2.0**-36) / (1 - eps) * rng_c + f32_sums(v, S)
@@ -79,14 +79,22 @@ CASES = [
 
 
 @needs_coop
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}h{}kv{}L{}S{}E{}Ev{}{}".format(*c[:7], "c" if c[7] else ""))
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: "b{}h{}kv{}L{}S{}E{}Ev{}{}".format(*c[:7], "c" if c[7] else "")
+)
 def test_matches_float64_within_the_derived_f16_bound(case) -> None:
     b, h, hkv, L, S, E, Ev, causal = case
     q, k, v = inputs(sum(case[:7]), b, h, hkv, L, S, E, Ev)
     scale = 1.0 / math.sqrt(E)
     gqa = h != hkv
     out, rep = approx_attn.attention(
-        q, k, v, method="exact", is_causal=causal, enable_gqa=gqa, tensor_cores=True,
+        q,
+        k,
+        v,
+        method="exact",
+        is_causal=causal,
+        enable_gqa=gqa,
+        tensor_cores=True,
         return_report=True,
     )
     assert rep.method == "exact" and rep.tensor_cores, rep
