@@ -4,7 +4,7 @@
 // Subgroup s owns the query rows 16 * (s * RT + a) + 0..15 (a < RT): its Q fragments stay in
 // registers, its scores and probabilities go through its own slices of s_t and p_t, so only the
 // K/V tile needs the whole workgroup to synchronise (once per tile: two K/V buffers).
-// `src/kernels/exact_coop.rs` fills the slots and unrolls the per-subgroup tiles into named
+// `src/exact/coop.rs` fills the slots and unrolls the per-subgroup tiles into named
 // registers; it also explains the rescaling schedule (lazy, threshold TAU).
 enable f16;
 enable wgpu_cooperative_matrix;

@@ -1,5 +1,5 @@
 """Exact attention on cooperative matrices (tensor cores): against the float64 twins, with
-tolerances derived from f16 rounding (src/kernels/exact_coop.rs). Runs where the adapter has
+tolerances derived from f16 rounding (src/exact/coop.rs). Runs where the adapter has
 cooperative matrices; elsewhere only the dispatch rules (which path runs, the error for
 tensor_cores=True) are checked.
 

@@ -71,7 +71,7 @@ class Report:
     """Bound on the tensor-core passes' f16 rounding relative to the value range (None: f32 path).
     Exact on tensor cores: eps, the bound on the relative change of each unnormalised attention
     weight; then |O - O*| <= (eps + S 2^-36)/(1 - eps) range(v) + 2^-11 max|v| + 2^-25 per
-    column (``error_bound_per_column``; derivation in src/kernels/exact_coop.rs)."""
+    column (``error_bound_per_column``; derivation in src/exact/coop.rs)."""
     tensor_cores: bool = False
     """Whether the kernels that ran used cooperative matrices (tensor cores)."""
     score_rounding: float | None = None

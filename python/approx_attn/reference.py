@@ -63,7 +63,7 @@ def exact_attention_f16_operands(
     What is left between this and the kernel: the rounding of each probability to float16
     (relative 2^-11, absolute 2^-25 below 2^-14, the row's largest being at least 2^11), the
     exp2 of the GPU, and float32 sums (the E products of a score, the S terms of P V and of the
-    row sum); see src/kernels/exact_coop.rs.
+    row sum); see src/exact/coop.rs.
     """
     q32 = np.asarray(query, dtype=np.float32)
     if scale is None:
