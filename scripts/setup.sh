@@ -26,7 +26,7 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "maturin>=1.7,<2" "numpy>=1.23" "pytest>=7" "matplotlib>=3.6" ruff
+.venv/bin/python -m pip install -q "maturin>=1.7,<2" "numpy>=1.23" "pytest>=7" "matplotlib>=3.6" "hypothesis>=6.100" ruff
 # shellcheck disable=SC1091
 . .venv/bin/activate
 maturin develop --release --quiet

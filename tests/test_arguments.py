@@ -196,6 +196,15 @@ def test_io_cost_poly_arguments(kwargs: dict[str, Any], error: type, match: str)
         approx_attn.io_cost(10, 10, 16, method="poly", fast_memory_words=8192, **kwargs)
 
 
+@pytest.mark.parametrize("name", ["L", "S", "E", "Ev", "heads", "degree", "fast_memory_words"])
+def test_sizes_beyond_usize_are_overflow_errors(name: str) -> None:
+    kwargs: dict[str, Any] = {"L": 10, "S": 10, "E": 16, "Ev": 16, "method": "poly", "degree": 2}
+    kwargs["fast_memory_words"] = 8192
+    kwargs[name] = 2**70
+    with pytest.raises(OverflowError, match=f"^{name}={2**70} is too large"):
+        approx_attn.io_cost(**kwargs)
+
+
 def test_io_cost_accepts_numpy_scalars() -> None:
     n, e = np.int64(300), np.int32(16)
     cost = approx_attn.io_cost(

@@ -126,6 +126,9 @@ def _check_bool(val: Any, name: str, *, none: bool = False) -> bool | None:
     raise _type_error(name, "None or a bool" if none else "a bool", val)
 
 
+_USIZE_MAX = 2 ** (8 * np.dtype(np.uintp).itemsize) - 1
+
+
 def _check_int(val: Any, name: str, low: int) -> int:
     """An integer (Python or NumPy, not a bool) of at least `low` (0 or 1)."""
     if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
@@ -133,6 +136,8 @@ def _check_int(val: Any, name: str, low: int) -> int:
     if val < low:
         kind = "a positive" if low == 1 else "a non-negative"
         raise ValueError(f"{name} must be {kind} integer, got {val!r}")
+    if val > _USIZE_MAX:  # the binding takes sizes as usize
+        raise OverflowError(f"{name}={val} is too large (at most {_USIZE_MAX:,})")
     return int(val)
 
 
