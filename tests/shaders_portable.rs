@@ -1,7 +1,7 @@
 //! Every generated shader parses and validates with naga and translates to SPIR-V (Vulkan), MSL
 //! (Metal), HLSL (DX12) and GLSL (GL), so the paths we cannot run here are at least compiled.
 
-use approx_attn::kernels::{exact, poly};
+use approx_attn::kernels::{exact, poly, poly_causal};
 use approx_attn::plan::{
     exact_candidates, exact_tiles_fit, plan_exact, plan_poly, Budget, ExactTiles, Pass1Tiles,
     Problem,
@@ -158,6 +158,21 @@ fn every_kernel_translates_to_every_backend() {
                             &poly::pass2_source(&t2, count_io),
                             t2.fast_memory_words(),
                         );
+                        // --- causal poly: its pass 2, diagonal and scan kernels ---
+                        let pc = Problem { causal: true, ..p };
+                        let cp = poly_causal::plan_causal(&pc, &plan, &budget(words)).unwrap();
+                        assert!(cp.fast_memory_words() <= words);
+                        check(
+                            &format!("causal pass2 {t2:?}"),
+                            &poly::pass2_source_causal(&t2, count_io),
+                            t2.fast_memory_words(),
+                        );
+                        check(
+                            &format!("causal diag {:?}", cp.diag),
+                            &poly_causal::diag_source(&cp.diag, count_io),
+                            cp.diag.fast_memory_words(),
+                        );
+                        // --- end causal poly ---
                     }
                 }
                 let rows = approx_attn::plan::prepass_tile_rows(e, words);
@@ -172,6 +187,7 @@ fn every_kernel_translates_to_every_backend() {
                     pre_words,
                 );
                 check("reduce", &poly::reduce_source(count_io), 0);
+                check("causal scan", &poly_causal::scan_source(count_io), 0);
             }
         }
     }

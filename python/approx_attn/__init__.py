@@ -199,9 +199,10 @@ def attention(
         raise ValueError(f"tensor_cores must be None, True or False, got {tensor_cores!r}")
     if tensor_cores is not None and method == "exact":
         raise ValueError("tensor_cores= applies to method='poly' and 'auto' only")
-    if method == "poly" and is_causal:
+    if method != "exact" and is_causal and tensor_cores is True:
         raise NotImplementedError(
-            "is_causal=True is not implemented for method='poly' yet; use 'exact' or 'auto'"
+            "tensor_cores=True is not implemented for causal poly yet; use tensor_cores=None or "
+            "False (the f32 path)"
         )
     if not (q.ndim == k.ndim == v.ndim):
         raise ValueError(
@@ -251,10 +252,10 @@ def attention(
     out_dtype = q.dtype
     out_shape = lead_q + (L, Ev)
     units = int(np.prod(lead_kv, dtype=np.int64)) if lead_kv else 1
-    # poly and auto without a causal mask run a GPU pre-pass over all three inputs that counts
+    # poly and auto (causal or not) run a GPU pre-pass over all three inputs that counts
     # their NaN and Inf values (after the float32 conversion): no second pass over them here
     # (on an H100 this one took about a quarter of a call's time at n = 262,144).
-    gpu_checks_finite = method != "exact" and not is_causal and L > 0 and units > 0
+    gpu_checks_finite = method != "exact" and L > 0 and units > 0
     if check_finite and not gpu_checks_finite:
         for arr, name in ((q, "query"), (k, "key"), (v, "value")):
             _check_finite(arr, name)

@@ -2,6 +2,7 @@
 
 pub mod exact;
 pub mod poly;
+pub mod poly_causal;
 
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
@@ -378,6 +379,7 @@ pub fn shader_fingerprint() -> u64 {
         include_str!("mod.rs"),
         include_str!("exact.rs"),
         include_str!("poly.rs"),
+        include_str!("poly_causal.rs"),
         exact::TEMPLATE,
         poly::PREPASS,
         poly::PASS1,
@@ -386,6 +388,8 @@ pub fn shader_fingerprint() -> u64 {
         poly::COOP_PASS1,
         poly::COOP_PASS2,
         poly::COOP_PACK,
+        poly_causal::SCAN,
+        poly_causal::DIAG,
     ]
     .iter()
     .flat_map(|t| t.bytes())
