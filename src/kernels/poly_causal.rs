@@ -174,12 +174,17 @@ fn env_usize(name: &str) -> Result<Option<usize>, Error> {
     }
 }
 
-/// The diagonal kernel's tiles: the largest query block (its key re-reads fall as 1/BQ), then
-/// the largest key tile, that fit the fast memory and the register cap.
-pub fn diag_tiles(p: &Problem, degree: usize, budget: &Budget) -> Result<DiagTiles, Error> {
+/// The diagonal kernel's tiles: the largest query block up to `max_bq` (its key re-reads fall
+/// as 1/BQ), then the largest key tile, that fit the fast memory and the register cap.
+pub fn diag_tiles(
+    p: &Problem,
+    degree: usize,
+    budget: &Budget,
+    max_bq: usize,
+) -> Result<DiagTiles, Error> {
     let threads = DIAG_THREADS.min(budget.max_invocations_per_workgroup as usize);
     let sizes = [64usize, 32, 16, 8, 4, 2, 1];
-    for bq in sizes {
+    for bq in sizes.into_iter().filter(|&b| b <= max_bq.max(1)) {
         for bk in sizes {
             let t = DiagTiles {
                 e: p.e,
@@ -210,13 +215,16 @@ pub fn plan_causal(p: &Problem, poly: &PolyPlan, budget: &Budget) -> Result<Caus
             p.e, p.ev, poly.degree, poly.r
         ))
     };
-    let diag = diag_tiles(p, poly.degree, budget)?;
+    // A forced chunk (tests) also caps the diagonal block, so that small chunks are possible.
+    let forced = env_usize("APPROX_ATTN_CAUSAL_CHUNK")?;
+    let max_bq = forced.map_or(usize::MAX, |c| 1 << c.ilog2());
+    let diag = diag_tiles(p, poly.degree, budget, max_bq)?;
     let b = poly.pass2.b;
     let step = b / gcd(b, diag.bq) * diag.bq; // lcm(B, BQ)
     let (r, ev1, iw) = (poly.r, p.ev + 1, index_words(poly.degree));
     let c_star =
         (2.0 * diag.bq as f64 * r as f64 * (3 * ev1 + iw) as f64 / (p.e + p.ev) as f64).sqrt();
-    let mut chunk = match env_usize("APPROX_ATTN_CAUSAL_CHUNK")? {
+    let mut chunk = match forced {
         Some(c) => c.div_ceil(step) * step,
         None => ((c_star / step as f64).round() as usize).max(1) * step,
     };
@@ -648,7 +656,7 @@ mod tests {
             for g in [1usize, 2, 4] {
                 let b = Budget::model(4096);
                 let p = problem(1000, 1000, e);
-                let t = diag_tiles(&p, g, &b).unwrap();
+                let t = diag_tiles(&p, g, &b, usize::MAX).unwrap();
                 assert!(t.fast_memory_words() <= 4096, "{t:?}");
                 assert!(t.accumulators() <= MAX_DIAG_ACCUMULATORS);
             }
