@@ -2,12 +2,12 @@
 // holds `states` slots of R * (Ev + 1) words; pass 1 wrote the state of key chunk c,
 // sum_{j in chunk c} phi_k(k_j - mu) [v_j | 1], into slot c for c < splits. For every element i:
 // running = carry[i] (all keys of earlier windows); slot c <- running (every key before chunk c);
-// running += the chunk's state; finally slot `splits` and the carry <- running (every key so far),
-// so query rows past the window's last key chunk read the full prefix.
+// running += the chunk's state; finally the carry <- running (every key so far), and so does slot
+// `splits` where the window has query chunks past its last key chunk (rows i >= S read it).
 
 struct Params {
     splits: u32, // key chunks of this window (pass 1's splits)
-    states: u32, // slots per unit: window chunks + 1
+    states: u32, // slots per unit: the window's chunks
     words: u32,  // R * (Ev + 1)
     _pad: u32,
 }
@@ -36,9 +36,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
             words_read += 1u;
             words_written += 1u;
         }
-        partial[(unit * params.states + params.splits) * params.words + i] = running;
+        if (params.splits < params.states) {
+            partial[(unit * params.states + params.splits) * params.words + i] = running;
+            words_written += 1u;
+        }
         carry[unit * params.words + i] = running;
-        words_written += 2u;
+        words_written += 1u;
     }
 {{IO_COUNTER_ADD}}
 }

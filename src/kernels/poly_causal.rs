@@ -18,7 +18,8 @@
 //! 1. pass 1 (`shaders/poly_pass1.wgsl`, unchanged) with `keys_per_split = C`: one partial S'
 //!    per key chunk, ΔS'_c = Σ_{j in chunk c} φ_k(k_j − μ)[v_j | 1];
 //! 2. the scan (`shaders/poly_scan.wgsl`) turns them into exclusive prefix states, starting from
-//!    the carry of earlier windows; slot T holds every key so far and becomes the next carry;
+//!    the carry of earlier windows; every key so far becomes the next carry (and fills the slot
+//!    after the window's last key chunk, which rows past the keys read);
 //! 3. the diagonal kernel (`shaders/poly_causal_diag.wgsl`) writes each row's masked block
 //!    [num | D] (Ev + 1 words);
 //! 4. pass 2 (`shaders/poly_pass2.wgsl` with `CAUSAL = true`): block qb streams the prefix state
@@ -34,20 +35,21 @@
 //! with C; the diagonal block re-reads on average C/2 keys of E + Ev words per block of BQ
 //! rows, `C·(E + Ev) / (2·BQ)` words per row, which grows with C. Their sum is least at
 //! `C* = sqrt(2·BQ·r·(3(Ev+1) + iw) / (E + Ev))`, rounded to a multiple of lcm(B, BQ) (B the
-//! pass-2 block). E = 64, degree 2 (r = 2,145), BQ = 32 (32 KiB of fast memory): C* ≈ 470 → 448;
-//! BQ = 8 (16 KiB): C* ≈ 235. The pass-2 state traffic `r·(Ev + 3)/B` per row does not depend
-//! on C. `APPROX_ATTN_CAUSAL_CHUNK` (rows, rounded up to a multiple of lcm(B, BQ)) and
-//! `APPROX_ATTN_CAUSAL_WINDOW` (chunks per window, at most the planned one) force smaller values
-//! for tests.
+//! pass-2 block). E = 64, degree 2 (r = 2,145): BQ = 32 from 16 to 64 KiB of fast memory (64
+//! would need 33 accumulators per thread), C* ≈ 458 → C = 448, where the two terms are about
+//! equal (938 and 896 words per row). The pass-2 state traffic `r·(Ev + 3)/B` per row does not
+//! depend on C. `APPROX_ATTN_CAUSAL_CHUNK` (rows, rounded up to a multiple of lcm(B, BQ); it also
+//! caps BQ) and `APPROX_ATTN_CAUSAL_WINDOW` (chunks per window, at most the planned one) force
+//! smaller values for tests.
 //!
 //! # Memory
 //!
-//! The GPU holds one window: Q, K, V, O and the diagonal blocks of W rows, the T + 1 states of
+//! The GPU holds one window: Q, K, V, O and the diagonal blocks of W rows, the T states of
 //! r·(Ev + 1) words and the carry, per unit. T is the largest count whose states fit
 //! [`STATE_BUDGET_WORDS`] (and one storage binding), never n·r. E = 64, degree 2, n = 2^20, one
-//! head: r·(Ev + 1) = 139,425 words, T + 1 = 120 states = 16.7 M words (66.9 MB), plus the
-//! window's W·(2E + 2Ev + 1) words (W = 119·C rows: 78 MB at C = 512), about 145 MB against
-//! the 9 GB of Φ(K) alone.
+//! head: r·(Ev + 1) = 139,425 words, T = 120 states = 16.7 M words (66.9 MB) and the carry
+//! (0.56 MB), plus the window's W·(E + E + Ev + Ev + Ev + 1) = 53,760 · 321 words (69 MB at
+//! C = 448): about 137 MB, against 9 GB for Φ(K) alone (n·r words).
 //!
 //! # I/O (closed form beside the non-causal one, n = L = S, d = E = Ev, one head)
 //!
@@ -139,9 +141,10 @@ impl CausalPlan {
     pub fn window_rows(&self) -> usize {
         self.chunk * self.window_chunks
     }
-    /// State slots per unit: one per chunk of the window and the window's total.
+    /// State slots per unit: one per chunk of the window (where the window has fewer key chunks
+    /// than query chunks, the slot after its last key chunk holds the window's total).
     pub fn states(&self) -> usize {
-        self.window_chunks + 1
+        self.window_chunks
     }
     /// The most workgroup memory any of its kernels declares.
     pub fn fast_memory_words(&self) -> u64 {
@@ -251,16 +254,16 @@ pub fn plan_causal(p: &Problem, poly: &PolyPlan, budget: &Budget) -> Result<Caus
     }
     let state_words = r * ev1;
     let state_cap = (max_words as u64).min(STATE_BUDGET_WORDS) as usize / state_words;
-    if state_cap < 2 {
+    if state_cap < 1 {
         return Err(too_large(format!(
-            "two chunk states of r x (Ev+1) = {state_words} words exceed the state budget"
+            "a chunk state of r x (Ev+1) = {state_words} words exceeds the state budget"
         )));
     }
     let grid = budget.max_workgroups_per_dimension as usize;
     let mut window_chunks =
         p.l.max(1)
             .div_ceil(chunk)
-            .min(state_cap - 1)
+            .min(state_cap)
             .min(rows_cap / chunk)
             .min(grid * b / chunk)
             .min(grid * diag.bq / chunk)
@@ -272,7 +275,7 @@ pub fn plan_causal(p: &Problem, poly: &PolyPlan, budget: &Budget) -> Result<Caus
     let units = p
         .units
         .min(max_words / (p.group * w * width))
-        .min(state_cap / (window_chunks + 1))
+        .min(state_cap / window_chunks)
         .min(grid / p.group)
         .max(1);
     Ok(CausalPlan {
@@ -347,7 +350,8 @@ pub fn causal_io(
             t[0] += nu * (splits * chunks1 * e + splits * r * iw + chunks1 * kw as u64 * (e + ev));
             t[1] += nu * splits * r * ev1;
             t[2] += nu * r * ev1 * (1 + splits);
-            t[3] += nu * r * ev1 * (splits + 2);
+            let total = u64::from(splits < plan.window_chunks as u64);
+            t[3] += nu * r * ev1 * (splits + 1 + total);
             let (mut dr, mut keys) = (0u64, 0u64);
             for q0 in (0..lw).step_by(bq) {
                 let rows = bq.min(lw - q0);
@@ -673,6 +677,13 @@ mod tests {
         assert!(c.window_rows() < p.l);
         // 120 states of 2,145 x 65 words.
         assert_eq!(c.states(), 120);
+        // E = 256, degree 2: one state of 33,153 x 257 words fits, a window of one chunk.
+        let p = Problem {
+            ev: 256,
+            ..problem(4096, 4096, 256)
+        };
+        let c = plan(&p, 2, &Budget::with_binding(4096, 128 << 20));
+        assert_eq!(c.window_chunks, 1, "{c:?}");
     }
 
     fn words(n: usize, m: u64) -> f64 {
