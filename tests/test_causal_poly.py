@@ -273,9 +273,9 @@ def test_other_degrees_and_a_streamed_state(g: int, monkeypatch: pytest.MonkeyPa
 
 
 def test_small_binding_limit_slices_windows_and_units(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A 16 KiB binding holds 2 states of r x (Ev+1) = 153 x 9 words and 256 rows of 16 floats:
+    # An 8 KiB binding holds one state of r x (Ev+1) = 153 x 9 words and 128 rows of 16 floats:
     # one unit per dispatch, a window of one chunk, every window sliced out of the inputs.
-    monkeypatch.setenv("APPROX_ATTN_MAX_BINDING_BYTES", str(16 * 1024))
+    monkeypatch.setenv("APPROX_ATTN_MAX_BINDING_BYTES", str(8 * 1024))
     monkeypatch.delenv("APPROX_ATTN_CAUSAL_CHUNK", raising=False)
     monkeypatch.delenv("APPROX_ATTN_CAUSAL_WINDOW", raising=False)
     E, scale = 16, f32_scale(16)
@@ -283,7 +283,7 @@ def test_small_binding_limit_slices_windows_and_units(monkeypatch: pytest.Monkey
     out, rep = causal_poly(q, k, v, degree=2, scale=scale)
     c, t, units = plan_of(rep)
     assert (t, units) == (1, 1) and c < 400, rep.plan
-    check_against_twins(out, rep, q, k, v, scale=scale, what="16 KiB binding")
+    check_against_twins(out, rep, q, k, v, scale=scale, what="8 KiB binding")
 
 
 # ---------------------------------------------------------------------------------------------
