@@ -35,9 +35,9 @@
 //! with C; the diagonal block re-reads on average C/2 keys of E + Ev words per block of BQ
 //! rows, `C·(E + Ev) / (2·BQ)` words per row, which grows with C. Their sum is least at
 //! `C* = sqrt(2·BQ·r·(3(Ev+1) + iw) / (E + Ev))`, rounded to a multiple of lcm(B, BQ) (B the
-//! pass-2 block). E = 64, degree 2 (r = 2,145): BQ = 32 from 16 to 64 KiB of fast memory (64
-//! would need 33 accumulators per thread), C* ≈ 458 → C = 448, where the two terms are about
-//! equal (938 and 896 words per row). The pass-2 state traffic `r·(Ev + 3)/B` per row does not
+//! pass-2 block). E = 64, degree 2 (r = 2,145): with 32 to 64 KiB of fast memory BQ = 64,
+//! C* ≈ 648 → C = 640, where the two terms are about equal (657 and 640 words per row); with
+//! 16 KiB BQ = 32, C* ≈ 458 → C = 448. The pass-2 state traffic `r·(Ev + 3)/B` per row does not
 //! depend on C. `APPROX_ATTN_CAUSAL_CHUNK` (rows, rounded up to a multiple of lcm(B, BQ); it also
 //! caps BQ) and `APPROX_ATTN_CAUSAL_WINDOW` (chunks per window, at most the planned one) force
 //! smaller values for tests.
@@ -48,8 +48,8 @@
 //! r·(Ev + 1) words and the carry, per unit. T is the largest count whose states fit
 //! [`STATE_BUDGET_WORDS`] (and one storage binding), never n·r. E = 64, degree 2, n = 2^20, one
 //! head: r·(Ev + 1) = 139,425 words, T = 120 states = 16.7 M words (66.9 MB) and the carry
-//! (0.56 MB), plus the window's W·(E + E + Ev + Ev + Ev + 1) = 53,760 · 321 words (69 MB at
-//! C = 448): about 137 MB, against 9 GB for Φ(K) alone (n·r words).
+//! (0.56 MB), plus the window's W·(E + E + Ev + Ev + Ev + 1) = 76,800 · 321 words (98.6 MB at
+//! C = 640): about 166 MB, against 9 GB for Φ(K) alone (n·r words).
 //!
 //! # I/O (closed form beside the non-causal one, n = L = S, d = E = Ev, one head)
 //!
@@ -77,8 +77,8 @@ pub(crate) const DIAG: &str = include_str!("../../shaders/poly_causal_diag.wgsl"
 
 /// Threads of the diagonal kernel.
 const DIAG_THREADS: usize = 128;
-/// Most output accumulators a diagonal-kernel thread keeps in registers.
-const MAX_DIAG_ACCUMULATORS: usize = 32;
+/// Most vec4 output accumulators a diagonal-kernel thread keeps in registers.
+const MAX_DIAG_ACCUMULATORS: usize = 16;
 /// Words of chunk states (all units of a dispatch) the GPU holds at once: 64 MiB.
 pub const STATE_BUDGET_WORDS: u64 = 1 << 24;
 
@@ -94,16 +94,23 @@ pub struct DiagTiles {
 }
 
 impl DiagTiles {
-    /// Outputs (of BQ x (Ev + 1)) each thread accumulates.
-    pub fn accumulators(&self) -> usize {
-        (self.bq * (self.ev + 1)).div_ceil(self.threads)
+    /// vec4 per query or key row (E padded with zeros).
+    pub fn e4(&self) -> usize {
+        self.e.div_ceil(4)
     }
-    /// Workgroup memory words: query block, key tile, value tile with its ones column, weight
-    /// tile, mu, coefficients.
+    /// vec4 per value row with its ones column.
+    pub fn ev4(&self) -> usize {
+        (self.ev + 1).div_ceil(4)
+    }
+    /// vec4 outputs (of BQ x EV4) each thread accumulates.
+    pub fn accumulators(&self) -> usize {
+        (self.bq * self.ev4()).div_ceil(self.threads)
+    }
+    /// Workgroup memory words: query block, key tile, value tile with its ones column (all in
+    /// whole vec4), weight tile, mu, coefficients.
     pub fn fast_memory_words(&self) -> u64 {
-        (self.bq * self.e
-            + self.bk * self.e
-            + self.bk * (self.ev + 1)
+        (4 * (self.bq + self.bk) * self.e4()
+            + 4 * self.bk * self.ev4()
             + self.bq * self.bk
             + self.e
             + self.g
@@ -113,11 +120,11 @@ impl DiagTiles {
     pub fn loop_iterations(&self, chunk: usize) -> u64 {
         let wg = self.threads;
         let c = |a: usize| a.div_ceil(wg) as u64;
-        let init = c(self.e) + c(self.g + 1) + c(self.bq * self.e);
+        let init = c(self.e) + c(self.g + 1) + c(4 * self.bq * self.e4());
         let per_tile = 1
-            + c(self.bk * self.e)
-            + c(self.bk * (self.ev + 1))
-            + c(self.bq * self.bk) * (1 + self.e as u64)
+            + c(4 * self.bk * self.e4())
+            + c(4 * self.bk * self.ev4())
+            + c(self.bq * self.bk) * (1 + self.e4() as u64)
             + self.bk as u64;
         init + chunk.div_ceil(self.bk) as u64 * per_tile
     }
@@ -391,20 +398,27 @@ pub fn diag_source(t: &DiagTiles, count_io: bool) -> String {
     for a in 0..n {
         let _ = writeln!(
             acc,
-            "    let o_{a} = lid + {}u;\n    let row_{a} = min(o_{a} / EV1, BQ - 1u);\n    \
-             let col_{a} = o_{a} % EV1;\n    var acc_{a} = 0.0;",
+            "    let o_{a} = lid + {}u;\n    let row_{a} = min(o_{a} / EV4, BQ - 1u);\n    \
+             let col_{a} = o_{a} % EV4;\n    var acc_{a} = vec4<f32>();",
             wg * a
         );
         let _ = writeln!(
             accumulate,
-            "            acc_{a} = fma(p_t[row_{a} * BK + j], v_t[j * EV1 + col_{a}], acc_{a});"
+            "            acc_{a} = fma(vec4<f32>(p_t[row_{a} * BK + j]), v_t[j * EV4 + col_{a}], acc_{a});"
         );
         let _ = writeln!(
             store,
-            "    if (o_{a} < BQ * EV1 && row_{a} < rows) {{\n        \
-             diag[(head * params.l + q0 + row_{a}) * EV1 + col_{a}] = acc_{a};\n        \
-             words_written += 1u;\n    }}"
+            "    if (o_{a} < BQ * EV4 && row_{a} < rows) {{\n        \
+             let at_{a} = (head * params.l + q0 + row_{a}) * EV1 + 4u * col_{a};"
         );
+        for (k, comp) in ["x", "y", "z", "w"].iter().enumerate() {
+            let _ = writeln!(
+                store,
+                "        if (4u * col_{a} + {k}u < EV1) {{\n            \
+                 diag[at_{a} + {k}u] = acc_{a}.{comp};\n            words_written += 1u;\n        }}"
+            );
+        }
+        store.push_str("    }\n");
     }
     let mut horner = String::from("            var p = c_t[G];\n");
     for m in (0..t.g).rev() {
@@ -420,9 +434,11 @@ pub fn diag_source(t: &DiagTiles, count_io: bool) -> String {
             ("BK", t.bk.to_string()),
             ("G", t.g.to_string()),
             ("WG", wg.to_string()),
-            ("Q_TILE", (t.bq * t.e).to_string()),
-            ("K_TILE", (t.bk * t.e).to_string()),
-            ("V_TILE", (t.bk * (t.ev + 1)).to_string()),
+            ("E4", t.e4().to_string()),
+            ("EV4", t.ev4().to_string()),
+            ("Q_TILE", (t.bq * t.e4()).to_string()),
+            ("K_TILE", (t.bk * t.e4()).to_string()),
+            ("V_TILE", (t.bk * t.ev4()).to_string()),
             ("P_TILE", (t.bq * t.bk).to_string()),
             ("C_TILE", (t.g + 1).to_string()),
             ("ACC_DECL", acc.trim_end().to_string()),
