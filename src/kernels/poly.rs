@@ -427,8 +427,6 @@ pub(crate) fn pass2_source_with(t: &Pass2Tiles, count_io: bool, causal: bool) ->
                 "                let drow = (head * params.l + q0 + r) * EV1;\n                \
                  d_{a} += diag[drow + EV];\n                words_read += 1u;"
             );
-        }
-        if causal {
             causal_store_row(&mut store, "                ", (a, cu, t.tc));
         } else {
             store_row(
@@ -1306,11 +1304,11 @@ pub(crate) fn row_stats(
 }
 
 /// Words counted by the shaders (when counting) and GPU seconds (where timestamps exist).
-pub(crate) type Measured = (Option<(u64, u64)>, Option<f64>);
+type Measured = (Option<(u64, u64)>, Option<f64>);
 
 /// Binds `bufs` in order (plus the I/O counter when on), dispatches once, and reads `out` back.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn dispatch_one(
+fn dispatch_one(
     gpu: &Gpu,
     pipeline: &wgpu::ComputePipeline,
     layout: &wgpu::BindGroupLayout,
