@@ -101,19 +101,27 @@ def make_inputs(n: int, E: int, heads: int, beta_target: float, seed: int) -> di
 
 
 def float64_reference(
-    q: Array, k: Array, v: Array, scale: float, rows: Array | None = None
+    q: Array, k: Array, v: Array, scale: float, rows: Array | None = None, causal: bool = False
 ) -> Array:
     """Exact attention in float64 for the query rows `rows` (all when None), head by head and in
-    query blocks so memory stays bounded."""
+    query blocks so memory stays bounded; `causal`: row i sees keys j <= i (upper-left)."""
     _, H, n, _ = q.shape
     rows = np.arange(n) if rows is None else rows
     out = np.empty((1, H, len(rows), v.shape[-1]), dtype=np.float64)
     block = max(1, (1 << 24) // k.shape[2])  # ~128 MiB per n-wide float64 score block
     for h in range(H):
         for i in range(0, len(rows), block):
-            out[0, h, i : i + block] = reference.exact_attention(
-                q[0, h, rows[i : i + block]], k[0, h], v[0, h], scale=scale
-            )
+            r = rows[i : i + block]
+            if not causal:
+                out[0, h, i : i + block] = reference.exact_attention(
+                    q[0, h, r], k[0, h], v[0, h], scale=scale
+                )
+                continue
+            s = np.asarray(q[0, h, r], np.float64) @ np.asarray(k[0, h], np.float64).T * scale
+            s[np.arange(k.shape[2])[None, :] > r[:, None]] = -np.inf
+            w = np.exp(s - s.max(axis=-1, keepdims=True))
+            w /= w.sum(axis=-1, keepdims=True)
+            out[0, h, i : i + block] = w @ np.asarray(v[0, h], np.float64)
     return out
 
 
@@ -179,7 +187,12 @@ def bench_ours(
     args: Any,
     tensor_cores: bool | None = None,
 ) -> Measured:
-    kw: dict[str, Any] = {"method": method, "eps": args.eps, "return_report": True}
+    kw: dict[str, Any] = {
+        "method": method,
+        "eps": args.eps,
+        "return_report": True,
+        "is_causal": args.causal,
+    }
     if degree is not None:
         kw["degree"] = degree
     if tensor_cores is not None:
@@ -221,9 +234,11 @@ def bench_ours(
     )
 
 
-def numpy_exact_fp32(q: Array, k: Array, v: Array, scale: float) -> Array:
+def numpy_exact_fp32(q: Array, k: Array, v: Array, scale: float, causal: bool = False) -> Array:
     s = np.matmul(q, np.swapaxes(k, -1, -2))
     s *= np.float32(scale)
+    if causal:
+        s[..., reference.causal_mask(s.shape[-2], s.shape[-1])] = -np.inf
     s -= s.max(axis=-1, keepdims=True)
     np.exp(s, out=s)
     s /= s.sum(axis=-1, keepdims=True)
@@ -233,7 +248,7 @@ def numpy_exact_fp32(q: Array, k: Array, v: Array, scale: float) -> Array:
 def bench_numpy(inp: dict[str, Any], args: Any) -> Measured:
     def once() -> tuple[Array, float]:
         t0 = time.perf_counter()
-        out = numpy_exact_fp32(inp["q"], inp["k"], inp["v"], inp["scale"])
+        out = numpy_exact_fp32(inp["q"], inp["k"], inp["v"], inp["scale"], args.causal)
         return out, time.perf_counter() - t0
 
     out, wall = repeat(once, args.warmup, args.repeats)
@@ -263,6 +278,52 @@ def taylor2(q: Any, k: Any, v: Any) -> Any:
 
 def sdpa(q: Any, k: Any, v: Any) -> Any:
     return F.scaled_dot_product_attention(q, k, v)
+
+
+def sdpa_causal(q: Any, k: Any, v: Any) -> Any:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+TAYLOR2_CHUNK = 64
+
+
+def numpy_taylor2_causal(q: Array, k: Array, v: Array, chunk: int = TAYLOR2_CHUNK) -> Array:
+    """Causal degree-2 Taylor attention in float32 NumPy, the chunked linear-attention schedule
+    of flash-linear-attention's naive references: features [1, x, vec(x x^T)/sqrt(2)] of
+    sqrt(scale)-scaled rows (keys centred on their mean, as `taylor2`), a prefix state
+    phi(K)^T [V | 1] across chunks of `chunk` rows and the masked block inside each chunk. Head
+    by head; the features of one chunk at a time (1 + E + E^2 columns)."""
+    rs = np.float32(q.shape[-1] ** -0.25)
+
+    def phi(x: Array) -> Array:
+        x = x * rs
+        outer = (x[:, :, None] * x[:, None, :]).reshape(x.shape[0], -1) * np.float32(0.5**0.5)
+        return np.concatenate([np.ones_like(x[:, :1]), x, outer], axis=-1)
+
+    out = np.empty(q.shape[:-1] + (v.shape[-1],), dtype=np.float32)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            qh, vh = q[b, h], v[b, h]
+            kh = k[b, h] - k[b, h].mean(axis=0, keepdims=True)
+            v1 = np.concatenate([vh, np.ones_like(vh[:, :1])], axis=-1)
+            state = np.zeros((1 + qh.shape[1] * (qh.shape[1] + 1), v1.shape[1]), np.float32)
+            for c0 in range(0, qh.shape[0], chunk):
+                fq, fk = phi(qh[c0 : c0 + chunk]), phi(kh[c0 : c0 + chunk])
+                w = np.tril(fq @ fk.T)
+                o = fq @ state + w @ v1[c0 : c0 + chunk]
+                out[b, h, c0 : c0 + chunk] = o[:, :-1] / o[:, -1:]
+                state += fk.T @ v1[c0 : c0 + chunk]
+    return out
+
+
+def bench_numpy_taylor2_causal(inp: dict[str, Any], args: Any) -> Measured:
+    def once() -> tuple[Array, float]:
+        t0 = time.perf_counter()
+        out = numpy_taylor2_causal(inp["q"], inp["k"], inp["v"])
+        return out, time.perf_counter() - t0
+
+    out, wall = repeat(once, args.warmup, args.repeats)
+    return Measured(out=out, wall_s=wall)
 
 
 CUBLAS_QUERY_BLOCK = 8192
@@ -297,7 +358,7 @@ def bench_torch_cpu(inp: dict[str, Any], args: Any) -> Measured:
         t0 = time.perf_counter()
         with torch.inference_mode():
             qt, kt, vt = (torch.from_numpy(inp[x]) for x in "qkv")
-            out = sdpa(qt, kt, vt).numpy()
+            out = (sdpa_causal if args.causal else sdpa)(qt, kt, vt).numpy()
         return out, time.perf_counter() - t0
 
     out, wall = repeat(once, args.warmup, args.repeats)
@@ -372,7 +433,15 @@ def build_methods(args: Any) -> tuple[list[Method], dict[str, str]]:
         "torch_cuda_taylor2_bf16",
         "torch_cuda_cublas_fp32",
     ]
-    if torch is not None and torch.cuda.is_available():
+    if torch is not None and torch.cuda.is_available() and args.causal:
+        # Causal: SDPA with is_causal=True; the Taylor and cuBLAS baselines are non-causal only.
+        f32, bf16 = torch.float32, torch.bfloat16
+        methods += [
+            Method(SDPA_FP32, "torch_cuda", lambda i, a: bench_torch_cuda(i, sdpa_causal, f32, a)),
+            Method(SDPA_BF16, "torch_cuda", lambda i, a: bench_torch_cuda(i, sdpa_causal, bf16, a)),
+        ]
+        unavailable.update({name: "non-causal only" for name in cuda_names[2:]})
+    elif torch is not None and torch.cuda.is_available():
         f32, bf16 = torch.float32, torch.bfloat16
         methods += [
             Method(SDPA_FP32, "torch_cuda", lambda i, a: bench_torch_cuda(i, sdpa, f32, a)),
@@ -396,6 +465,15 @@ def build_methods(args: Any) -> tuple[list[Method], dict[str, str]]:
     else:
         unavailable["torch_cpu_sdpa_fp32"] = "torch not installed"
     methods.append(Method("numpy_exact_fp32", "numpy", bench_numpy, args.numpy_max_n))
+    if args.causal:
+        methods.append(
+            Method(
+                "numpy_taylor2_causal",
+                "numpy",
+                bench_numpy_taylor2_causal,
+                args.taylor2_max_n,
+            )
+        )
     methods.append(
         Method("ours_exact", "ours", lambda i, a: bench_ours(i, "exact", None, a), args.exact_max_n)
     )
@@ -407,7 +485,7 @@ def build_methods(args: Any) -> tuple[list[Method], dict[str, str]]:
                 lambda i, a, d=d: bench_ours(i, "poly", d, a, tensor_cores=False),
             )
         )
-    if approx_attn.device_info().get("coop_f16"):
+    if approx_attn.device_info().get("coop_f16") and not args.causal:
         for d in args.degree:
             methods.append(
                 Method(
@@ -418,7 +496,11 @@ def build_methods(args: Any) -> tuple[list[Method], dict[str, str]]:
             )
     else:
         for d in args.degree:
-            unavailable[f"ours_poly_tc_d{d}"] = "no 16x16 f16 cooperative matrices"
+            unavailable[f"ours_poly_tc_d{d}"] = (
+                "tensor cores are non-causal only"
+                if args.causal
+                else "no 16x16 f16 cooperative matrices"
+            )
     methods.append(
         Method(
             "ours_auto",
@@ -545,7 +627,7 @@ def run(args: Any) -> int:
             inp = make_inputs(n, E, args.heads, beta_target, args.seed)
             rows = reference_rows(n, args)
             progress.start(f"float64 reference n={n} E={E}")
-            ref = float64_reference(inp["q"], inp["k"], inp["v"], inp["scale"], rows)
+            ref = float64_reference(inp["q"], inp["k"], inp["v"], inp["scale"], rows, args.causal)
             against = "float64 reference"
             if rows is not None:
                 against += f" on {len(rows)} evenly spaced query rows per head"
@@ -561,7 +643,7 @@ def run(args: Any) -> int:
                     "E": E,
                     "heads": args.heads,
                     "batch": 1,
-                    "causal": False,
+                    "causal": args.causal,
                     "input_beta": inp["beta"],
                     "kernel_s": None,
                     "wall_s": None,
@@ -771,7 +853,8 @@ def plot(doc: dict[str, Any], png: Path, metric: str) -> None:
         ylabel = "median time [s]: GPU kernel where measured, else wall"
         ax.set_ylabel(ylabel if metric == "kernel" else "median wall time [s]")
         heads = doc["args"].get("heads")
-        ax.set_title(f"E={E}, heads={heads}, batch 1, non-causal")
+        causal = "causal" if doc["args"].get("causal") else "non-causal"
+        ax.set_title(f"E={E}, heads={heads}, batch 1, {causal}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(
@@ -859,6 +942,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip ours_auto above this n (default: --exact-max-n)",
     )
     p.add_argument("--torch-cpu-max-n", type=int, default=8192)
+    p.add_argument(
+        "--causal",
+        action="store_true",
+        help="causal attention (is_causal=True): ours, NumPy, SDPA and a causal Taylor-2 reference",
+    )
+    p.add_argument(
+        "--taylor2-max-n",
+        type=int,
+        default=16384,
+        help="skip numpy_taylor2_causal (1 + E + E^2 features on the host) above this n",
+    )
     p.add_argument(
         "--cublas-max-n",
         type=int,

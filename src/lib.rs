@@ -78,9 +78,10 @@ pub fn attention_with_inputs(
     f16_inputs: bool,
 ) -> Result<(Vec<f32>, Report), Error> {
     check_lengths(p, q, k, v)?;
-    if method == Method::Poly && p.causal {
+    if method != Method::Exact && p.causal && popts.tensor_cores == Some(true) {
         return Err(Error::Unsupported(
-            "is_causal=True is not implemented for method='poly' yet; use method='exact' or 'auto'"
+            "tensor_cores=True is not implemented for causal poly yet; use tensor_cores=None or \
+             False (the f32 path)"
                 .into(),
         ));
     }
@@ -110,8 +111,9 @@ pub fn attention_with_inputs(
     // K, V and Q go to the GPU once for the pre-pass and both poly passes.
     let uploads = Uploads::default();
     let mut candidate = None;
+    let mut causal_plan = None; // causal poly: the chunked schedule over the candidate's tiles
     let mut pre = None;
-    if method != Method::Exact && p.l > 0 && !p.causal {
+    if method != Method::Exact && p.l > 0 {
         let pp = prepass(
             gpu.as_ref(),
             p,
@@ -134,29 +136,40 @@ pub fn attention_with_inputs(
                 }
             }
         }
-        let coop_sg = gpu.info.coop_f16.then_some(gpu.info.subgroup_size as usize);
+        let coop_sg = (gpu.info.coop_f16 && !p.causal).then_some(gpu.info.subgroup_size as usize);
         match poly_candidate(p, &pp, popts, &budget, coop_sg) {
             Ok(mut c) => {
                 tune_coop_plan(gpu.as_ref(), p, &mut c, &budget, *opts)?;
                 tune_f32_poly_plan(gpu.as_ref(), p, &mut c, &budget, *opts)?;
-                candidate = Some(c);
+                if p.causal {
+                    match poly::causal::plan_causal(p, &c.plan, &budget) {
+                        Ok(cp) => {
+                            causal_plan = Some(cp);
+                            candidate = Some(c);
+                        }
+                        Err(e) if method == Method::Poly => return Err(e),
+                        Err(e) => reason = format!("exact: poly is not applicable ({e})"),
+                    }
+                } else {
+                    candidate = Some(c);
+                }
             }
             Err(e) if method == Method::Poly => return Err(e),
             Err(e) => reason = format!("exact: poly is not applicable ({e})"),
         }
         pre = Some(pp);
     } else if method == Method::Auto {
-        reason = if p.causal {
-            "exact: poly does not support is_causal yet".into()
-        } else {
-            "exact: empty query".into()
-        };
+        reason = "exact: empty query".into();
     }
     if let Some(c) = &candidate {
         if method == Method::Auto {
             let r = rates(gpu.as_ref(), &budget, p, c.cert.degree, *opts)?;
             let te = exact_flops(p) / r.exact_flops_per_s;
-            let tp = poly_flops(p, &c.plan) / r.poly_flops_per_s;
+            let flops = match &causal_plan {
+                Some(cp) => poly::causal::causal_poly_flops(p, cp),
+                None => poly_flops(p, &c.plan),
+            };
+            let tp = flops / r.poly_flops_per_s;
             predicted_exact_s = Some(te);
             predicted_poly_s = Some(tp);
             reason = if tp < te {
@@ -192,22 +205,39 @@ pub fn attention_with_inputs(
     } else if use_poly {
         let c = candidate.expect("checked above");
         let pre = pre.expect("pre-pass ran");
-        let out = poly_run(
-            gpu.as_ref(),
-            p,
-            &c.plan,
-            &c.table,
-            &c.poly,
-            &pre,
-            q,
-            k,
-            v,
-            opts,
-            &uploads,
-            &mut stats,
-        )?;
-        let io = poly_io(p, &c.plan, &exact_plan.chunking, &budget);
-        (out, io, format!("{:?}", c.plan), Some(c.cert), "poly")
+        if let Some(cp) = &causal_plan {
+            let out = poly::causal::run(
+                gpu.as_ref(),
+                p,
+                cp,
+                &c.table,
+                &c.poly,
+                &pre,
+                (q, k, v),
+                opts,
+                &uploads,
+                &mut stats,
+            )?;
+            let io = poly::causal::causal_io(p, cp, &exact_plan.chunking, &budget);
+            (out, io, format!("{cp:?}"), Some(c.cert), "poly")
+        } else {
+            let out = poly_run(
+                gpu.as_ref(),
+                p,
+                &c.plan,
+                &c.table,
+                &c.poly,
+                &pre,
+                q,
+                k,
+                v,
+                opts,
+                &uploads,
+                &mut stats,
+            )?;
+            let io = poly_io(p, &c.plan, &exact_plan.chunking, &budget);
+            (out, io, format!("{:?}", c.plan), Some(c.cert), "poly")
+        }
     } else if let Some(cplan) = &coop_exact {
         uploads.clear();
         exact_f16 = Some(exact::coop::f16_bound(p, q, k, v)?);
@@ -379,11 +409,6 @@ pub fn io_cost(
             io: exact_io(p, &exact_plan),
         }),
         Method::Poly | Method::Auto => {
-            if p.causal {
-                return Err(Error::Unsupported(
-                    "is_causal=True is not implemented for method='poly' yet".into(),
-                ));
-            }
             let g = match (degree, eps, beta) {
                 (Some(g), _, _) => g,
                 (None, Some(eps), Some(beta)) => {
@@ -408,6 +433,17 @@ pub fn io_cost(
                 }
             };
             let plan = plan_poly(p, g, &budget)?;
+            if p.causal {
+                let cp = poly::causal::plan_causal(p, &plan, &budget)?;
+                return Ok(IoEstimate {
+                    method: "poly",
+                    schedule: Some(plan.schedule),
+                    degree: Some(g),
+                    rank: Some(plan.r),
+                    fast_memory_words: budget.fast_memory_words,
+                    io: poly::causal::causal_io(p, &cp, &exact_plan.chunking, &budget),
+                });
+            }
             Ok(IoEstimate {
                 method: "poly",
                 schedule: Some(plan.schedule),

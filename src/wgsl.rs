@@ -12,6 +12,7 @@ pub fn shader_fingerprint() -> u64 {
         include_str!("poly/kernel_f32.rs"),
         include_str!("poly/kernel_coop.rs"),
         include_str!("poly/prepass.rs"),
+        include_str!("poly/causal.rs"),
         crate::exact::kernel::TEMPLATE,
         crate::exact::coop::TEMPLATE,
         crate::poly::prepass::PREPASS,
@@ -21,6 +22,8 @@ pub fn shader_fingerprint() -> u64 {
         crate::poly::kernel_coop::COOP_PASS1,
         crate::poly::kernel_coop::COOP_PASS2,
         crate::poly::kernel_coop::COOP_PACK,
+        crate::poly::causal::SCAN,
+        crate::poly::causal::DIAG,
     ]
     .iter()
     .flat_map(|t| t.bytes())

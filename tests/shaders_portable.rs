@@ -13,9 +13,10 @@ mod poly {
     pub use approx_attn::poly::kernel_coop::{
         coop_pack_source, coop_pass1_source, coop_pass2_source,
     };
-    pub use approx_attn::poly::kernel_f32::{pass1_source, pass2_source};
+    pub use approx_attn::poly::kernel_f32::{pass1_source, pass2_source, pass2_source_causal};
     pub use approx_attn::poly::prepass::prepass_source;
 }
+use approx_attn::poly::causal as poly_causal;
 
 /// Words of workgroup memory the shader declares (what the planner must have budgeted).
 fn workgroup_words(module: &naga::Module) -> u64 {
@@ -168,6 +169,21 @@ fn every_kernel_translates_to_every_backend() {
                             &poly::pass2_source(&t2, count_io),
                             t2.fast_memory_words(),
                         );
+                        // --- causal poly: its pass 2, diagonal and scan kernels ---
+                        let pc = Problem { causal: true, ..p };
+                        let cp = poly_causal::plan_causal(&pc, &plan, &budget(words)).unwrap();
+                        assert!(cp.fast_memory_words() <= words);
+                        check(
+                            &format!("causal pass2 {t2:?}"),
+                            &poly::pass2_source_causal(&t2, count_io),
+                            t2.fast_memory_words(),
+                        );
+                        check(
+                            &format!("causal diag {:?}", cp.diag),
+                            &poly_causal::diag_source(&cp.diag, count_io),
+                            cp.diag.fast_memory_words(),
+                        );
+                        // --- end causal poly ---
                     }
                 }
                 let rows = approx_attn::poly::prepass::prepass_tile_rows(e, words);
@@ -182,6 +198,7 @@ fn every_kernel_translates_to_every_backend() {
                     pre_words,
                 );
                 check("reduce", &poly::reduce_source(count_io), 0);
+                check("causal scan", &poly_causal::scan_source(count_io), 0);
             }
         }
     }

@@ -277,10 +277,11 @@ def test_bad_sizes_and_causal_poly() -> None:
         approx_attn.io_cost(10, 0, 16, method="exact")
     with pytest.raises(ValueError, match="E must be a positive integer"):
         approx_attn.io_cost(10, 10, 0, method="exact")
-    with pytest.raises(NotImplementedError, match="is_causal"):
-        approx_attn.io_cost(
-            10, 10, 16, method="poly", degree=2, is_causal=True, fast_memory_words=8192
-        )
+    # Causal poly has a plan too (tests/test_causal_poly.py checks it against the shaders).
+    causal = approx_attn.io_cost(
+        10, 10, 16, method="poly", degree=2, is_causal=True, fast_memory_words=8192
+    )
+    assert [p[0] for p in causal["passes"]] == ["prepass", "pass1", "scan", "diag", "pass2"]
     with pytest.raises(ValueError, match="degree"):
         approx_attn.io_lower_bound(100, 100, 16, method="poly")
 

@@ -351,9 +351,10 @@ def attention(
             raise ValueError(
                 f"scale must be finite in float32 (|scale| <= {_F32_MAX:.7g}), got {scale!r}"
             )
-    if method == "poly" and is_causal:
+    if method != "exact" and is_causal and tensor_cores is True:
         raise NotImplementedError(
-            "is_causal=True is not implemented for method='poly' yet; use 'exact' or 'auto'"
+            "tensor_cores=True is not implemented for causal poly yet; use tensor_cores=None or "
+            "False (the f32 path)"
         )
     if not (q.ndim == k.ndim == v.ndim):
         raise ValueError(
@@ -400,10 +401,10 @@ def attention(
     out_dtype = q.dtype.newbyteorder("=")  # big-endian in, native out
     out_shape = lead_q + (L, Ev)
     units = int(np.prod(lead_kv, dtype=np.int64)) if lead_kv else 1
-    # poly and auto without a causal mask run a GPU pre-pass over all three inputs that counts
+    # poly and auto (causal or not) run a GPU pre-pass over all three inputs that counts
     # their NaN and Inf values (after the float32 conversion): no second pass over them here
     # (on an H100 this one took about a quarter of a call's time at n = 262,144).
-    gpu_checks_finite = method != "exact" and not is_causal and L > 0 and units > 0
+    gpu_checks_finite = method != "exact" and L > 0 and units > 0
     if check_finite and not gpu_checks_finite:
         for arr, name in ((q, "query"), (k, "key"), (v, "value")):
             _check_finite(arr, name)

@@ -48,6 +48,22 @@ fn store_row(
     }
 }
 
+/// Causal pass 2's [`store_row`]: each output adds the chunk's masked block from `diag`
+/// (row `drow`) to the prefix state's sum before dividing by the normaliser `d_a`.
+fn causal_store_row(s: &mut String, indent: &str, (a, groups, tc): (usize, usize, usize)) {
+    for u in 0..groups {
+        let _ = writeln!(s, "{indent}let c_{u} = 4u * (tc + {}u);", u * tc);
+        for (k, comp) in wgsl_element(4).1.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "{indent}if (c_{u} + {k}u < EV) {{\n{indent}    o[row + c_{u} + {k}u] = \
+                 (acc_{a}_{u}{comp} + diag[drow + c_{u} + {k}u]) / d_{a};\n{indent}    \
+                 words_read += 1u;\n{indent}    words_written += 1u;\n{indent}}}"
+            );
+        }
+    }
+}
+
 /// Pass 1 for these tiles, the (rc x Ev) micro-tiles unrolled into named registers.
 pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
     let iw = index_words(t.g);
@@ -322,6 +338,17 @@ fn pass1_tile_loads(t: &Pass1Tiles) -> Prefetch {
 
 /// Pass 2 for these tiles, the (b x Ev+1) output micro-tiles unrolled into named registers.
 pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
+    pass2_source_with(t, count_io, false)
+}
+
+/// Causal pass 2 (see [`pass2_source_with`]).
+pub fn pass2_source_causal(t: &Pass2Tiles, count_io: bool) -> String {
+    pass2_source_with(t, count_io, true)
+}
+
+/// Pass 2; `causal`: each block reads its chunk's prefix state and adds the chunk's masked block
+/// (`diag`, Ev + 1 words per row) before dividing (see src/kernels/poly_causal.rs).
+pub(crate) fn pass2_source_with(t: &Pass2Tiles, count_io: bool, causal: bool) -> String {
     let iw = index_words(t.g);
     debug_assert_eq!(t.b % t.tr, 0, "{t:?}: rows are whole micro-tiles");
     let (rb, cu) = (t.rows_per_thread(), t.groups_per_thread());
@@ -357,16 +384,27 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
              let row = (head * params.l + q0 + r) * EV;",
             micro_tile_row(a, ("tr", t.tr), vec4_rows)
         );
-        store_row(
-            &mut store,
-            "                ",
-            (a, cu, t.tc),
-            |c| format!("o[row + {c}]"),
-            |x| format!("{x} / d_{a}"),
-        );
+        if causal {
+            // The chunk's masked block: its normaliser, then each value column beside the store.
+            let _ = writeln!(
+                store,
+                "                let drow = (head * params.l + q0 + r) * EV1;\n                \
+                 d_{a} += diag[drow + EV];\n                words_read += 1u;"
+            );
+            causal_store_row(&mut store, "                ", (a, cu, t.tc));
+        } else {
+            store_row(
+                &mut store,
+                "                ",
+                (a, cu, t.tc),
+                |c| format!("o[row + {c}]"),
+                |x| format!("{x} / d_{a}"),
+            );
+        }
         store.push_str("            }\n        }\n");
     }
-    let chunk = (!t.resident()).then(|| pass2_chunk_prefetch(t));
+    let state = if causal { "st" } else { "unit" };
+    let chunk = (!t.resident()).then(|| pass2_chunk_prefetch(t, state));
     let table = (!t.resident()).then(|| table_prefetch(t.threads(), t.rc, t.g, false));
     let slot = |f: &dyn Fn(&Prefetch) -> String| {
         chunk
@@ -393,7 +431,12 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
             ),
         )
     };
-    let [decl, add] = io_counter_slots(count_io, 6);
+    let [decl, add] = io_counter_slots(count_io, if causal { 7 } else { 6 });
+    let diag_decl = if causal {
+        "@group(0) @binding(6) var<storage, read> diag: array<f32>;"
+    } else {
+        ""
+    };
     let mut slots = vec![
         ("E", t.e.to_string()),
         ("QS", t.q_stride().to_string()),
@@ -401,6 +444,8 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
         ("R", t.r.to_string()),
         ("RC", t.rc.to_string()),
         ("RESIDENT", t.resident().to_string()),
+        ("CAUSAL", causal.to_string()),
+        ("DIAG_DECL", diag_decl.to_string()),
         ("B", t.b.to_string()),
         ("G", t.g.to_string()),
         ("IW", iw.to_string()),
@@ -434,7 +479,7 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
 /// Pass 2's next S' chunk in registers: element u of a thread is chunk word lid + WG * u (row
 /// and column fixed for the whole dispatch), stored into the S' tile or, for the last column,
 /// the normaliser column beside the weights.
-fn pass2_chunk_prefetch(t: &Pass2Tiles) -> Prefetch {
+fn pass2_chunk_prefetch(t: &Pass2Tiles, state: &str) -> Prefetch {
     let wg = t.threads();
     let n = (t.rc * (t.ev + 1)).div_ceil(wg);
     let mut decl = String::new();
@@ -445,7 +490,7 @@ fn pass2_chunk_prefetch(t: &Pass2Tiles) -> Prefetch {
             let _ = writeln!(
                 s,
                 "{ind}    sx_{u} = 0.0;\n{ind}    if (si_{u} < RC * EV1 && sf_{u} < rows_n) {{\n\
-                 {ind}        sx_{u} = s_prime[(unit * R + {f0}) * EV1 + si_{u}];\n{ind}        words_read += 1u;\n{ind}    }}"
+                 {ind}        sx_{u} = s_prime[({state} * R + {f0}) * EV1 + si_{u}];\n{ind}        words_read += 1u;\n{ind}    }}"
             );
         }
         s.push_str(&format!("{ind}}}"));

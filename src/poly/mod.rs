@@ -2,6 +2,7 @@
 //! the degree from eps, the GPU pre-pass, plans of the two passes (f32 and tensor cores), their
 //! WGSL, the host loop, the words moved and the FLOPs.
 
+pub mod causal;
 pub mod certificate;
 pub mod cost;
 pub mod features;

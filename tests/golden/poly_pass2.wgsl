@@ -12,6 +12,11 @@ struct Params {
     blocks: u32,  // query blocks per head
     group: u32,   // query heads per KV head
     chunks: u32,  // S' chunks; a uniform rather than a constant so drivers do not unroll the loop
+    // Causal only: query rows per sequence chunk, key chunks of this window, state slots per unit.
+    seq_chunk: u32,
+    splits: u32,
+    states: u32,
+    _pad: u32,
 }
 
 const E: u32 = 64u;
@@ -22,6 +27,9 @@ const EV1: u32 = EV + 1u;
 const R: u32 = 2145u;
 const RC: u32 = 56u;
 const RESIDENT: bool = false; // one chunk: S' loaded once per workgroup
+// Causal (src/kernels/poly_causal.rs): block qb reads the prefix state of its sequence chunk (one
+// per block, also when resident) and adds the chunk's masked block [num | D] from `diag`.
+const CAUSAL: bool = false;
 const B: u32 = 64u;      // query rows per block (TR x rows per thread)
 const G: u32 = 2u;
 const IW: u32 = 1u;
@@ -44,6 +52,7 @@ const FS: u32 = 72u;    // row stride of the feature tile (see Pass2Tiles::featu
 @group(0) @binding(5) var<storage, read_write> o: array<f32>;
 
 
+
 var<workgroup> q_tile: array<f32, 4352>;
 var<workgroup> s_tile: array<vec4<f32>, 896>; // value columns of the chunk
 var<workgroup> wz_t: array<vec2<f32>, RC>;           // feature weight, normaliser column of S'
@@ -61,6 +70,15 @@ fn phi_get(i: u32) -> f32 {
 
 fn feature_index(f: u32, t: u32) -> u32 {
     return idx_t[f * G + t];
+}
+
+// The state block `q0` reads: S' of its unit, or (causal) the prefix state of its sequence chunk,
+// every key of the window's chunks before it (slot `splits`: all of the window's keys).
+fn state_of(unit: u32, q0: u32) -> u32 {
+    if (CAUSAL) {
+        return unit * params.states + min(q0 / params.seq_chunk, params.splits);
+    }
+    return unit;
 }
 
 // Schedule A: all of S' with its feature table, loaded once by loops (too large for registers).
@@ -110,7 +128,7 @@ fn main(
         s_tile[i] = vec4<f32>();
     }
     workgroupBarrier();
-    if (RESIDENT) {
+    if (RESIDENT && !CAUSAL) {
         words_read += load_resident(unit, lid);
     }
     let si_0 = lid + 0u;
@@ -234,6 +252,11 @@ fn main(
     for (var qb = wid.x; qb < params.blocks; qb += nwg.x) {
         let q0 = qb * B;
         let rows = min(B, params.l - q0);
+        let st = state_of(unit, q0);
+        if (RESIDENT && CAUSAL) {
+            workgroupBarrier();
+            words_read += load_resident(st, lid);
+        }
         for (var i = lid; i < B * E1; i += WG) {
             let r = i / E1;
             let c = i % E1;

@@ -1,0 +1,775 @@
+//! Causal polynomial attention: `softmax(scale·QKᵀ + causal mask) V` by the polynomial method,
+//! upper-left aligned (query i sees keys j <= i; rows i >= S see every key), with the certificate
+//! of the non-causal path.
+//!
+//! # The causal schedule
+//!
+//! Keys are centred on one mean over all keys (the pre-pass computes it and β, as for non-causal
+//! calls): a shift common to every key leaves the softmax over any subset of keys unchanged, and
+//! β = scale·max‖q‖·max‖k − μ‖ bounds every score, the visible ones included, so each weight is
+//! within a factor [1 − ε, 1 + ε] of exp and the per-column bound ε/(1 − ε)·range(V) holds for
+//! every row.
+//!
+//! The sequence is cut into chunks of C rows. Query row i of chunk c gets
+//! `φ_q(q_i)·S'_{<c}` (the prefix state: every key of the chunks before c) plus the masked block
+//! `Σ_{j in chunk c, j <= i} P(scale·q_i·(k_j − μ)) [v_j | 1]` computed directly, and
+//! `O_i = (num_i + num_d,i) / (D_i + D_d,i)`. Per window of T chunks (W = T·C rows):
+//!
+//! 1. pass 1 (`shaders/poly_pass1.wgsl`, unchanged) with `keys_per_split = C`: one partial S'
+//!    per key chunk, ΔS'_c = Σ_{j in chunk c} φ_k(k_j − μ)[v_j | 1];
+//! 2. the scan (`shaders/poly_scan.wgsl`) turns them into exclusive prefix states, starting from
+//!    the carry of earlier windows; every key so far becomes the next carry (and fills the slot
+//!    after the window's last key chunk, which rows past the keys read);
+//! 3. the diagonal kernel (`shaders/poly_causal_diag.wgsl`) writes each row's masked block
+//!    [num | D] (Ev + 1 words);
+//! 4. pass 2 (`shaders/poly_pass2.wgsl` with `CAUSAL = true`): block qb streams the prefix state
+//!    of its chunk (C is a multiple of the block B, so a block never straddles chunks; a resident
+//!    S' is per chunk, so it is loaded per block) and adds the diagonal block before dividing.
+//!
+//! Keys j >= L are visible to no query and are never read (S_eff = min(S, L)).
+//!
+//! # Choice of C
+//!
+//! Per query row, the state traffic is about `(r·(3(Ev+1) + iw)) / C` words (pass 1 writes a
+//! state per chunk and re-reads the feature table, the scan reads and writes it), which shrinks
+//! with C; the diagonal block re-reads on average C/2 keys of E + Ev words per block of BQ
+//! rows, `C·(E + Ev) / (2·BQ)` words per row, which grows with C. Their sum is least at
+//! `C* = sqrt(2·BQ·r·(3(Ev+1) + iw) / (E + Ev))`, rounded to a multiple of lcm(B, BQ) (B the
+//! pass-2 block). E = 64, degree 2 (r = 2,145): with 32 to 64 KiB of fast memory BQ = 64,
+//! C* ≈ 648 → C = 640, where the two terms are about equal (657 and 640 words per row); with
+//! 16 KiB BQ = 32, C* ≈ 458 → C = 448. The pass-2 state traffic `r·(Ev + 3)/B` per row does not
+//! depend on C. `APPROX_ATTN_CAUSAL_CHUNK` (rows, rounded up to a multiple of lcm(B, BQ); it also
+//! caps BQ) and `APPROX_ATTN_CAUSAL_WINDOW` (chunks per window, at most the planned one) force
+//! smaller values for tests.
+//!
+//! # Memory
+//!
+//! The GPU holds one window: Q, K, V, O and the diagonal blocks of W rows, the T states of
+//! r·(Ev + 1) words and the carry, per unit. T is the largest count whose states fit
+//! [`STATE_BUDGET_WORDS`] (and one storage binding), never n·r. E = 64, degree 2, n = 2^20, one
+//! head: r·(Ev + 1) = 139,425 words, T = 120 states = 16.7 M words (66.9 MB) and the carry
+//! (0.56 MB), plus the window's W·(E + E + Ev + Ev + Ev + 1) = 76,800 · 321 words (98.6 MB at
+//! C = 640): about 166 MB, against 9 GB for Φ(K) alone (n·r words).
+//!
+//! # I/O (closed form beside the non-causal one, n = L = S, d = E = Ev, one head)
+//!
+//! `prepass + 2·n·d·⌈r/rc⌉ + (n/C)·r·(3(d+1) + iw) + n·d + (n/B)·r·(d + 1 + iw + 1) + n·(d + TC)
+//! + n·d + n·(d + C·2d/(2·BQ)) + n·(d + 1)`: pass 1, the scan, pass 2 (Q, states, the diagonal
+//! blocks read, O) and the diagonal kernel (Q, keys, its output) — O(n·d + n·r·d²/M + n·C·d/BQ),
+//! linear in n at fixed fast memory; [`causal_io`] counts it exactly as the shaders do.
+
+use std::fmt::Write as _;
+
+use super::features::{index_words, pack_indices, query_weights, FeatureTable};
+use super::fit::Poly;
+use super::io::prepass_io;
+use super::kernel_common::Pass1Params;
+use super::kernel_f32::{pass1_source, pass2_source_with};
+use super::plan::{PolyPlan, AUX_THREADS};
+use super::prepass::Prepass;
+use crate::api::Problem;
+use crate::budget::Budget;
+use crate::chunking::Chunking;
+use crate::device::Gpu;
+use crate::error::Error;
+use crate::io::{IoCount, PassIo};
+use crate::launch::{Launch, RunOptions, RunStats};
+use crate::transfer::{gather, storage_buffer, Uploads};
+use crate::wgsl::{fill_template, io_counter_slots};
+
+pub(crate) const SCAN: &str = include_str!("../../shaders/poly_scan.wgsl");
+pub(crate) const DIAG: &str = include_str!("../../shaders/poly_causal_diag.wgsl");
+
+/// Threads of the diagonal kernel.
+const DIAG_THREADS: usize = 128;
+/// Most vec4 output accumulators a diagonal-kernel thread keeps in registers.
+const MAX_DIAG_ACCUMULATORS: usize = 16;
+/// Words of chunk states (all units of a dispatch) the GPU holds at once: 64 MiB.
+pub const STATE_BUDGET_WORDS: u64 = 1 << 24;
+
+/// Tiles of the diagonal kernel: BQ query rows and BK keys per tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DiagTiles {
+    pub e: usize,
+    pub ev: usize,
+    pub g: usize,
+    pub bq: usize,
+    pub bk: usize,
+    pub threads: usize,
+}
+
+impl DiagTiles {
+    /// vec4 per query or key row (E padded with zeros).
+    pub fn e4(&self) -> usize {
+        self.e.div_ceil(4)
+    }
+    /// vec4 per value row with its ones column.
+    pub fn ev4(&self) -> usize {
+        (self.ev + 1).div_ceil(4)
+    }
+    /// vec4 outputs (of BQ x EV4) each thread accumulates.
+    pub fn accumulators(&self) -> usize {
+        (self.bq * self.ev4()).div_ceil(self.threads)
+    }
+    /// Workgroup memory words: query block, key tile, value tile with its ones column (all in
+    /// whole vec4), weight tile, mu, coefficients.
+    pub fn fast_memory_words(&self) -> u64 {
+        (4 * (self.bq + self.bk) * self.e4()
+            + 4 * self.bk * self.ev4()
+            + self.bq * self.bk
+            + self.e
+            + self.g
+            + 1) as u64
+    }
+    /// Loop iterations of one invocation over a chunk of `chunk` keys (llvmpipe's budget).
+    pub fn loop_iterations(&self, chunk: usize) -> u64 {
+        let wg = self.threads;
+        let c = |a: usize| a.div_ceil(wg) as u64;
+        let init = c(self.e) + c(self.g + 1) + c(4 * self.bq * self.e4());
+        let per_tile = 1
+            + c(4 * self.bk * self.e4())
+            + c(4 * self.bk * self.ev4())
+            + c(self.bq * self.bk) * (1 + self.e4() as u64)
+            + self.bk as u64;
+        init + chunk.div_ceil(self.bk) as u64 * per_tile
+    }
+}
+
+/// The causal plan: the poly pass tiles, the diagonal kernel's tiles, the chunk C, the window
+/// of T chunks and the KV units per dispatch.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CausalPlan {
+    pub poly: PolyPlan,
+    pub diag: DiagTiles,
+    /// Rows per chunk (a multiple of the pass-2 block and of the diagonal block).
+    pub chunk: usize,
+    /// Chunks per window: each window's states are on the GPU at once.
+    pub window_chunks: usize,
+    /// KV units per dispatch.
+    pub units: usize,
+}
+
+impl CausalPlan {
+    pub fn window_rows(&self) -> usize {
+        self.chunk * self.window_chunks
+    }
+    /// State slots per unit: one per chunk of the window (where the window has fewer key chunks
+    /// than query chunks, the slot after its last key chunk holds the window's total).
+    pub fn states(&self) -> usize {
+        self.window_chunks
+    }
+    /// The most workgroup memory any of its kernels declares.
+    pub fn fast_memory_words(&self) -> u64 {
+        self.poly
+            .pass1
+            .fast_memory_words()
+            .max(self.poly.pass2.fast_memory_words())
+            .max(self.diag.fast_memory_words())
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+fn env_usize(name: &str) -> Result<Option<usize>, Error> {
+    match std::env::var(name) {
+        Err(_) => Ok(None),
+        Ok(s) if s.trim().is_empty() => Ok(None),
+        Ok(s) => match s.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(Some(n)),
+            _ => Err(Error::InvalidInput(format!(
+                "{name}={s:?} is not a positive whole number"
+            ))),
+        },
+    }
+}
+
+/// The diagonal kernel's tiles: the largest query block up to `max_bq` (its key re-reads fall
+/// as 1/BQ), then the largest key tile, that fit the fast memory and the register cap.
+pub fn diag_tiles(
+    p: &Problem,
+    degree: usize,
+    budget: &Budget,
+    max_bq: usize,
+) -> Result<DiagTiles, Error> {
+    let threads = DIAG_THREADS.min(budget.max_invocations_per_workgroup as usize);
+    let sizes = [64usize, 32, 16, 8, 4, 2, 1];
+    for bq in sizes.into_iter().filter(|&b| b <= max_bq.max(1)) {
+        for bk in sizes {
+            let t = DiagTiles {
+                e: p.e,
+                ev: p.ev,
+                g: degree,
+                bq,
+                bk,
+                threads,
+            };
+            if t.fast_memory_words() <= budget.fast_memory_words
+                && t.accumulators() <= MAX_DIAG_ACCUMULATORS
+            {
+                return Ok(t);
+            }
+        }
+    }
+    Err(Error::TooLarge(format!(
+        "causal poly with E={} and Ev={}: no diagonal-block tile fits {} words of fast memory",
+        p.e, p.ev, budget.fast_memory_words
+    )))
+}
+
+/// The causal plan over the poly pass tiles of `poly` (see the module docs for C and T).
+pub fn plan_causal(p: &Problem, poly: &PolyPlan, budget: &Budget) -> Result<CausalPlan, Error> {
+    let too_large = |what: String| {
+        Error::TooLarge(format!(
+            "causal poly with E={}, Ev={}, degree {} (rank r={}) does not fit this device: {what}",
+            p.e, p.ev, poly.degree, poly.r
+        ))
+    };
+    // A forced chunk (tests) also caps the diagonal block, so that small chunks are possible.
+    let forced = env_usize("APPROX_ATTN_CAUSAL_CHUNK")?;
+    let max_bq = forced.map_or(usize::MAX, |c| 1 << c.ilog2());
+    let diag = diag_tiles(p, poly.degree, budget, max_bq)?;
+    let b = poly.pass2.b;
+    let step = b / gcd(b, diag.bq) * diag.bq; // lcm(B, BQ)
+    let (r, ev1, iw) = (poly.r, p.ev + 1, index_words(poly.degree));
+    let c_star =
+        (2.0 * diag.bq as f64 * r as f64 * (3 * ev1 + iw) as f64 / (p.e + p.ev) as f64).sqrt();
+    let mut chunk = match forced {
+        Some(c) => c.div_ceil(step) * step,
+        None => ((c_star / step as f64).round() as usize).max(1) * step,
+    };
+    // No longer than the sequence (one chunk then holds every row).
+    chunk = chunk.min(p.l.max(1).div_ceil(step) * step);
+    let max_words = (budget.max_binding_bytes / 4) as usize;
+    let width = p.e.max(ev1);
+    let rows_cap = max_words / (p.group * width);
+    if rows_cap < chunk {
+        chunk = rows_cap / step * step;
+    }
+    let iters = |c: usize| {
+        diag.loop_iterations(c)
+            .max(poly.pass1.loop_iterations(c.min(p.s)))
+    };
+    while chunk > step && iters(chunk) > budget.max_loop_iterations {
+        chunk -= step;
+    }
+    if chunk == 0 || iters(chunk) > budget.max_loop_iterations {
+        return Err(too_large(format!(
+            "no chunk (a multiple of {step} rows) fits one storage binding and the driver's loop \
+             budget"
+        )));
+    }
+    let state_words = r * ev1;
+    let state_cap = (max_words as u64).min(STATE_BUDGET_WORDS) as usize / state_words;
+    if state_cap < 1 {
+        return Err(too_large(format!(
+            "a chunk state of r x (Ev+1) = {state_words} words exceeds the state budget"
+        )));
+    }
+    let grid = budget.max_workgroups_per_dimension as usize;
+    let mut window_chunks =
+        p.l.max(1)
+            .div_ceil(chunk)
+            .min(state_cap)
+            .min(rows_cap / chunk)
+            .min(grid * b / chunk)
+            .min(grid * diag.bq / chunk)
+            .max(1);
+    if let Some(t) = env_usize("APPROX_ATTN_CAUSAL_WINDOW")? {
+        window_chunks = window_chunks.min(t);
+    }
+    let w = chunk * window_chunks;
+    let units = p
+        .units
+        .min(max_words / (p.group * w * width))
+        .min(state_cap / window_chunks)
+        .min(grid / p.group)
+        .max(1);
+    Ok(CausalPlan {
+        poly: *poly,
+        diag,
+        chunk,
+        window_chunks,
+        units,
+    })
+}
+
+/// Floating-point operations of causal poly (for `auto`): pre-pass, pass 1 over the visible keys,
+/// the scan, pass 2 and the diagonal blocks (about C/2 keys per row, a dot product of E, the
+/// polynomial and Ev + 1 products each).
+pub fn causal_poly_flops(p: &Problem, plan: &CausalPlan) -> f64 {
+    let (r, g, ev1) = (
+        plan.poly.r as f64,
+        plan.poly.degree as f64,
+        (p.ev + 1) as f64,
+    );
+    let heads = p.query_heads() as f64;
+    let units = p.units as f64;
+    let (l, s) = (p.l as f64, p.s as f64);
+    let s_eff = s.min(l);
+    let prepass = 2.0 * (heads * l * p.e as f64 + units * s * (2 * p.e + p.ev) as f64);
+    let pass1 = units * s_eff * r * (g + 2.0 * ev1);
+    let scan = units * (l / plan.chunk as f64).ceil() * r * ev1;
+    let pass2 = heads * l * r * (g + 2.0 * ev1);
+    let diag = heads * l * (plan.chunk as f64 / 2.0) * (2.0 * p.e as f64 + 2.0 * g + 2.0 * ev1);
+    prepass + pass1 + scan + pass2 + diag
+}
+
+/// Windows of the plan: (first row, query rows, visible keys) of each.
+fn windows(p: &Problem, plan: &CausalPlan) -> Vec<(usize, usize, usize)> {
+    let s_eff = p.s.min(p.l);
+    let w = plan.window_rows();
+    (0..p.l)
+        .step_by(w)
+        .map(|w0| (w0, w.min(p.l - w0), w.min(s_eff.saturating_sub(w0))))
+        .collect()
+}
+
+/// Exactly the words the causal kernels move (see each shader's counters): the pre-pass, then
+/// per window pass 1 (as for non-causal, `keys_per_split = C`), the scan (the carry and each
+/// chunk state read, each prefix state, the total and the carry written), the diagonal kernel
+/// (per block: mu, the coefficients, its query rows, the visible keys' K and V rows; its [num | D]
+/// rows written) and pass 2 (per head: its query rows, each block's state with index words and
+/// weights, each row's diagonal block (Ev columns, and D once per thread column), its output).
+pub fn causal_io(
+    p: &Problem,
+    plan: &CausalPlan,
+    prepass_chunking: &Chunking,
+    budget: &Budget,
+) -> IoCount {
+    let pp = &plan.poly;
+    let (r, ev1, iw) = (
+        pp.r as u64,
+        (p.ev + 1) as u64,
+        index_words(pp.degree) as u64,
+    );
+    let (e, ev) = (p.e as u64, p.ev as u64);
+    let chunks1 = pp.pass1.chunks() as u64;
+    let (bq, b, c) = (plan.diag.bq, pp.pass2.b, plan.chunk);
+    let coeffs = (pp.degree + 1) as u64;
+    let tc = pp.pass2.tc as u64;
+    let mut t = [0u64; 8]; // (reads, writes) of pass 1, scan, diag, pass 2
+    for u0 in (0..p.units).step_by(plan.units) {
+        let nu = plan.units.min(p.units - u0) as u64;
+        let heads = nu * p.group as u64;
+        for (_, lw, kw) in windows(p, plan) {
+            let splits = kw.div_ceil(c) as u64;
+            t[0] += nu * (splits * chunks1 * e + splits * r * iw + chunks1 * kw as u64 * (e + ev));
+            t[1] += nu * splits * r * ev1;
+            t[2] += nu * r * ev1 * (1 + splits);
+            let total = u64::from(splits < plan.window_chunks as u64);
+            t[3] += nu * r * ev1 * (splits + 1 + total);
+            let (mut dr, mut keys) = (0u64, 0u64);
+            for q0 in (0..lw).step_by(bq) {
+                let rows = bq.min(lw - q0);
+                let c0 = q0 / c * c;
+                keys += (q0 + rows).min(kw).saturating_sub(c0) as u64;
+                dr += e + coeffs;
+            }
+            t[4] += heads * (dr + lw as u64 * e + keys * (e + ev));
+            t[5] += heads * lw as u64 * ev1;
+            let blocks = lw.div_ceil(b) as u64;
+            t[6] += heads * (lw as u64 * (e + ev + tc) + blocks * r * (ev1 + iw + 1));
+            t[7] += heads * lw as u64 * ev;
+        }
+    }
+    let mut io = prepass_io(p, prepass_chunking, budget);
+    for (i, name) in ["pass1", "scan", "diag", "pass2"].into_iter().enumerate() {
+        io.passes.push(PassIo {
+            name,
+            reads: t[2 * i],
+            writes: t[2 * i + 1],
+        });
+    }
+    io
+}
+
+pub fn scan_source(count_io: bool) -> String {
+    let [decl, add] = io_counter_slots(count_io, 3);
+    fill_template(SCAN, &[("WG", AUX_THREADS.to_string()), decl, add])
+}
+
+/// The diagonal kernel for these tiles, its accumulators unrolled into named registers.
+pub fn diag_source(t: &DiagTiles, count_io: bool) -> String {
+    let (n, wg) = (t.accumulators(), t.threads);
+    let mut acc = String::new();
+    let mut accumulate = String::new();
+    let mut store = String::new();
+    for a in 0..n {
+        let _ = writeln!(
+            acc,
+            "    let o_{a} = lid + {}u;\n    let row_{a} = min(o_{a} / EV4, BQ - 1u);\n    \
+             let col_{a} = o_{a} % EV4;\n    var acc_{a} = vec4<f32>();",
+            wg * a
+        );
+        let _ = writeln!(
+            accumulate,
+            "            acc_{a} = fma(vec4<f32>(p_t[row_{a} * BK + j]), v_t[j * EV4 + col_{a}], acc_{a});"
+        );
+        let _ = writeln!(
+            store,
+            "    if (o_{a} < BQ * EV4 && row_{a} < rows) {{\n        \
+             let at_{a} = (head * params.l + q0 + row_{a}) * EV1 + 4u * col_{a};"
+        );
+        for (k, comp) in ["x", "y", "z", "w"].iter().enumerate() {
+            let _ = writeln!(
+                store,
+                "        if (4u * col_{a} + {k}u < EV1) {{\n            \
+                 diag[at_{a} + {k}u] = acc_{a}.{comp};\n            words_written += 1u;\n        }}"
+            );
+        }
+        store.push_str("    }\n");
+    }
+    let mut horner = String::from("            var p = c_t[G];\n");
+    for m in (0..t.g).rev() {
+        let _ = writeln!(horner, "            p = fma(p, x, c_t[{m}u]);");
+    }
+    let [decl, add] = io_counter_slots(count_io, 7);
+    fill_template(
+        DIAG,
+        &[
+            ("E", t.e.to_string()),
+            ("EV", t.ev.to_string()),
+            ("BQ", t.bq.to_string()),
+            ("BK", t.bk.to_string()),
+            ("G", t.g.to_string()),
+            ("WG", wg.to_string()),
+            ("E4", t.e4().to_string()),
+            ("EV4", t.ev4().to_string()),
+            ("Q_TILE", (t.bq * t.e4()).to_string()),
+            ("K_TILE", (t.bk * t.e4()).to_string()),
+            ("V_TILE", (t.bk * t.ev4()).to_string()),
+            ("P_TILE", (t.bq * t.bk).to_string()),
+            ("C_TILE", (t.g + 1).to_string()),
+            ("ACC_DECL", acc.trim_end().to_string()),
+            ("ACCUMULATE", accumulate.trim_end().to_string()),
+            ("HORNER", horner.trim_end().to_string()),
+            ("STORE", store.trim_end().to_string()),
+            decl,
+            add,
+        ],
+    )
+}
+
+/// Runs causal poly attention with this plan; see the module docs.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    gpu: &Gpu,
+    p: &Problem,
+    plan: &CausalPlan,
+    table: &FeatureTable,
+    poly: &Poly,
+    pre: &Prepass,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    opts: &RunOptions,
+    uploads: &Uploads,
+    stats: &mut RunStats,
+) -> Result<Vec<f32>, Error> {
+    let pp = &plan.poly;
+    let (r, ev1) = (pp.r, p.ev + 1);
+    let words = r * ev1;
+    let states = plan.states();
+    let idx = pack_indices(table);
+    let weights: Vec<f32> = query_weights(table, poly, f64::from(p.scale))
+        .into_iter()
+        .map(|w| w as f32)
+        .collect();
+    let coeffs: Vec<f32> = (0..=pp.degree)
+        .map(|m| poly.coeffs.get(m).copied().unwrap_or(0.0) as f32)
+        .collect();
+    let mode = |name: &str| format!("{name}:{}:{}", opts.count_io, opts.trusted);
+    let p1 = gpu.pipeline(
+        &mode(&format!("pass1:{:?}", pp.pass1)),
+        &pass1_source(&pp.pass1, opts.count_io),
+        opts.trusted,
+    )?;
+    let scan = gpu.pipeline(
+        &mode("causal_scan"),
+        &scan_source(opts.count_io),
+        opts.trusted,
+    )?;
+    let diag = gpu.pipeline(
+        &mode(&format!("causal_diag:{:?}", plan.diag)),
+        &diag_source(&plan.diag, opts.count_io),
+        opts.trusted,
+    )?;
+    let p2 = gpu.pipeline(
+        &mode(&format!("causal_pass2:{:?}", pp.pass2)),
+        &pass2_source_with(&pp.pass2, opts.count_io, true),
+        opts.trusted,
+    )?;
+    let heads_all = p.query_heads();
+    let mut out = vec![0f32; heads_all * p.l * p.ev];
+    gpu.checked(|| {
+        let upload = |data: &[u8], label: &str| {
+            let buf = storage_buffer(gpu, (data.len() / 4).max(1), label);
+            gpu.queue.write_buffer(&buf, 0, data);
+            buf
+        };
+        let idx_buf = upload(bytemuck::cast_slice(&idx), "feature indices");
+        let w_buf = upload(bytemuck::cast_slice(&weights), "feature weights");
+        let c_buf = upload(bytemuck::cast_slice(&coeffs), "coefficients");
+        let empty = storage_buffer(gpu, 1, "no keys");
+        let partial = storage_buffer(gpu, plan.units * states * words, "chunk states");
+        for u0 in (0..p.units).step_by(plan.units) {
+            let nu = plan.units.min(p.units - u0);
+            let heads = nu * p.group;
+            let mu_buf = upload(
+                bytemuck::cast_slice(&pre.mu[u0 * p.e..(u0 + nu) * p.e]),
+                "mu",
+            );
+            // Zeroed by wgpu: the state before the first window.
+            let carry = storage_buffer(gpu, nu * words, "carry");
+            for (w0, lw, kw) in windows(p, plan) {
+                let splits = kw.div_ceil(plan.chunk);
+                let kv = (kw > 0).then(|| {
+                    let kc = gather(k, u0, nu, p.s, w0, kw, p.e);
+                    let vc = gather(v, u0, nu, p.s, w0, kw, p.ev);
+                    (uploads.buffer(gpu, kc, "k"), uploads.buffer(gpu, vc, "v"))
+                });
+                if let Some((k_buf, v_buf)) = &kv {
+                    // One split per sequence chunk; `splits` is the per-unit stride of the states.
+                    let params = Pass1Params {
+                        s: kw as u32,
+                        keys_per_split: plan.chunk as u32,
+                        splits: states as u32,
+                        k_inv_scale: 0.0,
+                    };
+                    let (_, st) = Launch {
+                        pass: "pass1",
+                        pipeline: &p1,
+                        params: &params,
+                        buffers: &[k_buf, v_buf, &mu_buf, &idx_buf, &partial],
+                        grid: (splits as u32, pp.pass1.chunks() as u32, nu as u32),
+                    }
+                    .run(gpu, opts, &[])?;
+                    stats.absorb(&st);
+                }
+                let params = ScanParams {
+                    splits: splits as u32,
+                    states: states as u32,
+                    words: words as u32,
+                    _pad: 0,
+                };
+                let (_, st) = Launch {
+                    pass: "scan",
+                    pipeline: &scan,
+                    params: &params,
+                    buffers: &[&partial, &carry],
+                    grid: (words.div_ceil(AUX_THREADS) as u32, nu as u32, 1),
+                }
+                .run(gpu, opts, &[])?;
+                stats.absorb(&st);
+
+                let qc = gather(q, u0 * p.group, heads, p.l, w0, lw, p.e);
+                let q_buf = uploads.buffer(gpu, qc, "q");
+                let d_buf = storage_buffer(gpu, heads * lw * ev1, "diagonal blocks");
+                let (k_buf, v_buf) = match &kv {
+                    Some((kb, vb)) => (kb.as_ref(), vb.as_ref()),
+                    None => (&empty, &empty),
+                };
+                let params = DiagParams {
+                    l: lw as u32,
+                    s: kw as u32,
+                    group: p.group as u32,
+                    chunk: plan.chunk as u32,
+                    scale: p.scale,
+                    _pad: [0; 3],
+                };
+                let (_, st) = Launch {
+                    pass: "diag",
+                    pipeline: &diag,
+                    params: &params,
+                    buffers: &[&q_buf, k_buf, v_buf, &mu_buf, &c_buf, &d_buf],
+                    grid: (lw.div_ceil(plan.diag.bq) as u32, heads as u32, 1),
+                }
+                .run(gpu, opts, &[])?;
+                stats.absorb(&st);
+
+                let blocks = lw.div_ceil(pp.pass2.b);
+                let o_words = heads * lw * p.ev;
+                let o_buf = storage_buffer(gpu, o_words, "o");
+                let params = CausalPass2Params {
+                    l: lw as u32,
+                    blocks: blocks as u32,
+                    group: p.group as u32,
+                    chunks: pp.pass2.chunks() as u32,
+                    seq_chunk: plan.chunk as u32,
+                    splits: splits as u32,
+                    states: states as u32,
+                    _pad: 0,
+                };
+                let (oc, st) = Launch {
+                    pass: "pass2",
+                    pipeline: &p2,
+                    params: &params,
+                    buffers: &[&q_buf, &partial, &idx_buf, &w_buf, &o_buf, &d_buf],
+                    grid: (blocks as u32, heads as u32, 1),
+                }
+                .run(gpu, opts, &[(&o_buf, o_words)])?;
+                stats.absorb(&st);
+                for h in 0..heads {
+                    for row in 0..lw {
+                        let dst = ((u0 * p.group + h) * p.l + w0 + row) * p.ev;
+                        out[dst..dst + p.ev]
+                            .copy_from_slice(&oc[(h * lw + row) * p.ev..(h * lw + row + 1) * p.ev]);
+                    }
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Parameters of the prefix scan of chunk states (`shaders/poly_scan.wgsl`).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ScanParams {
+    /// Key chunks of this window.
+    splits: u32,
+    /// State slots per unit.
+    states: u32,
+    /// R * (Ev + 1) per state.
+    words: u32,
+    _pad: u32,
+}
+
+/// Parameters of the masked diagonal blocks (`shaders/poly_causal_diag.wgsl`).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct DiagParams {
+    /// Query rows and key rows of this window.
+    l: u32,
+    s: u32,
+    group: u32,
+    /// Rows per sequence chunk.
+    chunk: u32,
+    scale: f32,
+    _pad: [u32; 3],
+}
+
+/// Parameters of causal pass 2 (`shaders/poly_pass2.wgsl` with CAUSAL).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct CausalPass2Params {
+    l: u32,
+    blocks: u32,
+    group: u32,
+    chunks: u32,
+    /// Query rows per sequence chunk, key chunks of this window, state slots per unit.
+    seq_chunk: u32,
+    splits: u32,
+    states: u32,
+    _pad: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exact::plan::plan_exact;
+    use crate::poly::plan::plan_poly;
+
+    fn problem(l: usize, s: usize, e: usize) -> Problem {
+        Problem {
+            units: 1,
+            group: 1,
+            l,
+            s,
+            e,
+            ev: e,
+            causal: true,
+            scale: 0.1,
+        }
+    }
+
+    fn plan(p: &Problem, g: usize, b: &Budget) -> CausalPlan {
+        plan_causal(p, &plan_poly(p, g, b).unwrap(), b).unwrap()
+    }
+
+    #[test]
+    fn chunk_is_a_multiple_of_both_blocks_and_near_the_optimum() {
+        for m in [4096u64, 8192, 12288, 16384] {
+            let b = Budget::model(m);
+            let p = problem(1 << 16, 1 << 16, 64);
+            let c = plan(&p, 2, &b);
+            assert_eq!(c.chunk % c.poly.pass2.b, 0, "{c:?}");
+            assert_eq!(c.chunk % c.diag.bq, 0, "{c:?}");
+            assert!(c.fast_memory_words() <= m);
+            // Within a step of C* = sqrt(2 BQ r (3 (Ev+1) + iw) / (E + Ev)).
+            let cs = (2.0 * c.diag.bq as f64 * 2145.0 * (3.0 * 65.0 + 1.0) / 128.0).sqrt();
+            let step = c.poly.pass2.b.max(c.diag.bq) as f64;
+            assert!((c.chunk as f64 - cs).abs() <= step, "C={} C*={cs}", c.chunk);
+        }
+    }
+
+    #[test]
+    fn diag_tiles_fit_16_kib_at_every_head_size() {
+        for e in [1usize, 8, 64, 128, 200, 256] {
+            for g in [1usize, 2, 4] {
+                let b = Budget::model(4096);
+                let p = problem(1000, 1000, e);
+                let t = diag_tiles(&p, g, &b, usize::MAX).unwrap();
+                assert!(t.fast_memory_words() <= 4096, "{t:?}");
+                assert!(t.accumulators() <= MAX_DIAG_ACCUMULATORS);
+            }
+        }
+    }
+
+    #[test]
+    fn states_stay_within_the_budget_never_n_by_r() {
+        let b = Budget::with_binding(8192, 1 << 30);
+        let p = problem(1 << 20, 1 << 20, 64);
+        let c = plan(&p, 2, &b);
+        let words = (c.units * c.states() * c.poly.r * 65) as u64;
+        assert!(words <= STATE_BUDGET_WORDS, "{c:?}");
+        assert!(c.window_rows() < p.l);
+        // 120 states of 2,145 x 65 words.
+        assert_eq!(c.states(), 120);
+        // E = 256, degree 2: one state of 33,153 x 257 words fits, a window of one chunk.
+        let p = Problem {
+            ev: 256,
+            ..problem(4096, 4096, 256)
+        };
+        let c = plan(&p, 2, &Budget::with_binding(4096, 128 << 20));
+        assert_eq!(c.window_chunks, 1, "{c:?}");
+    }
+
+    fn words(n: usize, m: u64) -> f64 {
+        let b = Budget::model(m);
+        let p = problem(n, n, 64);
+        let c = plan(&p, 2, &b);
+        let pre = plan_exact(&p, &b).unwrap().chunking;
+        causal_io(&p, &c, &pre, &b).total() as f64
+    }
+
+    #[test]
+    fn causal_poly_io_is_near_linear() {
+        for m in [4096u64, 8192, 12288, 16384] {
+            for n0 in [1usize << 14, 1 << 16, 1 << 18] {
+                let slope = (words(4 * n0, m) / words(n0, m)).log2() / 2.0;
+                assert!(slope <= 1.05, "slope {slope} at n={n0}, M={m}");
+            }
+        }
+    }
+
+    #[test]
+    fn sources_have_no_unfilled_slots() {
+        let b = Budget::model(8192);
+        let p = problem(300, 200, 16);
+        let c = plan(&p, 2, &b);
+        for s in [
+            diag_source(&c.diag, true),
+            diag_source(&c.diag, false),
+            scan_source(true),
+            pass2_source_with(&c.poly.pass2, true, true),
+        ] {
+            assert!(!s.contains("{{"));
+        }
+    }
+}
