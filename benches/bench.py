@@ -477,6 +477,18 @@ def build_methods(args: Any) -> tuple[list[Method], dict[str, str]]:
     methods.append(
         Method("ours_exact", "ours", lambda i, a: bench_ours(i, "exact", None, a), args.exact_max_n)
     )
+    if approx_attn.device_info().get("coop_f16"):
+        # Exact on cooperative matrices (f16 operands, f32 accumulation), causal or not.
+        methods.append(
+            Method(
+                "ours_exact_tc",
+                "ours",
+                lambda i, a: bench_ours(i, "exact", None, a, tensor_cores=True),
+                args.exact_tc_max_n,
+            )
+        )
+    else:
+        unavailable["ours_exact_tc"] = "no 16x16 f16 cooperative matrices"
     for d in args.degree:
         methods.append(
             Method(
@@ -934,6 +946,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="skip ours_exact (and ours_auto, which may run exact) above this n",
+    )
+    p.add_argument(
+        "--exact-tc-max-n",
+        type=int,
+        default=None,
+        help="skip ours_exact_tc (exact on tensor cores) above this n",
     )
     p.add_argument(
         "--auto-max-n",
