@@ -20,6 +20,16 @@ pub enum Error {
     Gpu(String),
 }
 
+impl Error {
+    /// The poly method has no causal mask yet (attention and io_cost say it alike).
+    pub fn poly_causal() -> Error {
+        Error::Unsupported(
+            "is_causal=True is not implemented for method='poly' yet; use method='exact' or 'auto'"
+                .into(),
+        )
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

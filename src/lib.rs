@@ -2,14 +2,15 @@
 //!
 //! Data flows one way: host arrays -> [`attention`] validates them and picks a method ->
 //! `<method>::plan` picks tiles for this adapter (tuned by [`autotune`] where the cache has them)
-//! -> `<method>::kernel` generates WGSL -> [`launch`] dispatches it, [`transfer`] moves the slices
-//! -> host arrays and a [`Report`]. Planning, fitting, certification and I/O counting never touch
-//! the GPU.
+//! -> `<method>::kernel*` generates WGSL -> [`launch`] dispatches it, [`transfer`] moves the
+//! slices -> host arrays and a [`Report`]. Planning, fitting, certification and I/O counting
+//! never touch the GPU.
 
 pub mod api;
 pub mod autotune;
 pub mod budget;
 pub mod chunking;
+pub mod config;
 pub mod device;
 pub mod error;
 pub mod exact;
@@ -21,16 +22,6 @@ pub mod wgsl;
 
 #[cfg(feature = "python")]
 mod python;
-use crate::exact::cost::exact_flops;
-use crate::exact::io::exact_io;
-use crate::exact::plan::plan_exact;
-use crate::exact::run::run as exact_run;
-use crate::poly::cost::poly_flops;
-use crate::poly::fit::choose_degree;
-use crate::poly::io::poly_io;
-use crate::poly::io::prepass_io;
-use crate::poly::prepass::prepass;
-use crate::poly::run::run as poly_run;
 
 use std::time::Instant;
 
@@ -45,8 +36,19 @@ pub use poly::certificate::MAX_DEGREE;
 use autotune::exact::exact_plan_for;
 use autotune::poly::{f32_poly, tune_coop_plan, tune_f32_poly_plan, F32Tiles};
 use autotune::rates::rates;
-use poly::certificate::poly_candidate;
+use autotune::Tuner;
+use config::Config;
+use exact::cost::exact_flops;
+use exact::io::exact_io;
+use exact::plan::{plan_exact, ExactPlan};
+use exact::run::run as exact_run;
+use io::IoCount;
+use poly::certificate::{poly_candidate, poly_for_eps, PolyCandidate};
+use poly::cost::poly_flops;
+use poly::io::{poly_io, prepass_io};
 use poly::plan::{plan_poly, Pass1Tiles, Pass2Tiles};
+use poly::prepass::{prepass, Prepass};
+use poly::run::run as poly_run;
 use transfer::Uploads;
 
 /// Attention on the process's GPU. Arrays are contiguous, laid out as in [`Problem`].
@@ -59,168 +61,218 @@ pub fn attention(
     popts: &PolyOptions,
     opts: &RunOptions,
 ) -> Result<(Vec<f32>, Report), Error> {
-    check_lengths(p, q, k, v)?;
+    p.check_inputs(q, k, v)?;
     if method == Method::Poly && p.causal {
-        return Err(Error::Unsupported(
-            "is_causal=True is not implemented for method='poly' yet; use method='exact' or 'auto'"
-                .into(),
-        ));
+        return Err(Error::poly_causal());
     }
-    if !(popts.eps > 0.0 && popts.eps < 1.0) {
-        return Err(Error::InvalidInput(format!(
-            "eps must lie in (0, 1), got {}",
-            popts.eps
-        )));
-    }
+    popts.check()?;
+    let cfg = Config::from_env();
     let gpu = device::gpu()?;
     let _guard = gpu.exclusive();
     let start = Instant::now();
-    let budget = budget(&gpu.info)?;
+    let budget = Budget::for_device(&gpu.info, &cfg)?;
+    let tuner = Tuner {
+        gpu: &gpu,
+        cfg: &cfg,
+        budget: &budget,
+        opts: *opts,
+    };
     // method='poly' uses the exact plan only for the pre-pass chunking: the planner's tiles do,
     // without timing the exact kernel's candidates.
     let exact_plan = if method == Method::Poly {
         plan_exact(p, &budget)?
     } else {
-        exact_plan_for(&gpu, p, &budget, *opts)?
+        exact_plan_for(&tuner, p)?
     };
     let mut stats = RunStats::default();
-    let mut predicted_exact_s = None;
-    let mut predicted_poly_s = None;
-    let mut reason = String::new();
-
     // K, V and Q go to the GPU once for the pre-pass and both poly passes.
     let uploads = Uploads::default();
-    let mut candidate = None;
-    let mut pre = None;
-    if method != Method::Exact && p.l > 0 && !p.causal {
-        let pp = prepass(
-            gpu.as_ref(),
-            p,
-            &exact_plan.chunking,
-            q,
-            k,
-            v,
-            &budget,
-            opts,
-            &uploads,
-            &mut stats,
-        )?;
-        if popts.check_finite {
-            for (name, bad) in ["query", "key", "value"].iter().zip(pp.nonfinite) {
-                if bad > 0 {
-                    return Err(Error::InvalidInput(format!(
-                        "{name} contains {bad} NaN or Inf value(s) (after conversion to \
-                         float32); pass check_finite=False to skip this check"
-                    )));
-                }
-            }
-        }
-        let coop_sg = gpu.info.coop_f16.then_some(gpu.info.subgroup_size as usize);
-        match poly_candidate(p, &pp, popts, &budget, coop_sg) {
-            Ok(mut c) => {
-                tune_coop_plan(gpu.as_ref(), p, &mut c, &budget, *opts)?;
-                tune_f32_poly_plan(gpu.as_ref(), p, &mut c, &budget, *opts)?;
-                candidate = Some(c);
-            }
-            Err(e) if method == Method::Poly => return Err(e),
-            Err(e) => reason = format!("exact: poly is not applicable ({e})"),
-        }
-        pre = Some(pp);
-    } else if method == Method::Auto {
-        reason = if p.causal {
-            "exact: poly does not support is_causal yet".into()
-        } else {
-            "exact: empty query".into()
-        };
-    }
-    if let Some(c) = &candidate {
-        if method == Method::Auto {
-            let r = rates(gpu.as_ref(), &budget, p, c.cert.degree, *opts)?;
-            let te = exact_flops(p) / r.exact_flops_per_s;
-            let tp = poly_flops(p, &c.plan) / r.poly_flops_per_s;
-            predicted_exact_s = Some(te);
-            predicted_poly_s = Some(tp);
-            reason = if tp < te {
-                format!("poly: certifies eps at degree {} and is predicted faster ({tp:.3e} s vs {te:.3e} s)", c.cert.degree)
-            } else {
-                format!(
-                    "exact: predicted faster ({te:.3e} s vs poly {tp:.3e} s at degree {})",
-                    c.cert.degree
-                )
-            };
-        } else {
-            reason = "poly: requested".into();
-        }
-    }
-    let use_poly = match (&candidate, method) {
-        (Some(_), Method::Poly) => true,
-        (Some(_), Method::Auto) => predicted_poly_s < predicted_exact_s,
-        _ => false,
-    };
-    if method == Method::Exact {
-        reason = "exact: requested".into();
-    }
-
-    let (out, io, plan_text, certificate, name) = if p.l == 0 || p.units == 0 {
-        (
-            Vec::new(),
-            io::IoCount::default(),
-            "empty".to_string(),
-            None,
-            "exact",
-        )
-    } else if use_poly {
-        let c = candidate.expect("checked above");
-        let pre = pre.expect("pre-pass ran");
-        let out = poly_run(
-            gpu.as_ref(),
-            p,
-            &c.plan,
-            &c.table,
-            &c.poly,
-            &pre,
-            q,
-            k,
-            v,
-            opts,
-            &uploads,
-            &mut stats,
-        )?;
-        let io = poly_io(p, &c.plan, &exact_plan.chunking, &budget);
-        (out, io, format!("{:?}", c.plan), Some(c.cert), "poly")
-    } else {
-        uploads.clear();
-        let (out, st) = exact_run(&gpu, p, &exact_plan, q, k, v, opts)?;
-        stats.absorb(&st);
-        let mut io = exact_io(p, &exact_plan);
-        if let Some(pre_cost) = pre
-            .as_ref()
-            .map(|_| prepass_io(p, &exact_plan.chunking, &budget))
-        {
-            // auto paid for the pre-pass before choosing exact.
-            io.passes.splice(0..0, pre_cost.passes);
-        }
-        (out, io, format!("{exact_plan:?}"), None, "exact")
-    };
+    let xs = (q, k, v);
+    let choice = choose(
+        &tuner,
+        p,
+        xs,
+        method,
+        popts,
+        &exact_plan,
+        &uploads,
+        &mut stats,
+    )?;
+    let ran = run_choice(&tuner, p, xs, &exact_plan, &choice, &uploads, &mut stats)?;
     Ok((
-        out,
+        ran.out,
         Report {
-            method: name,
+            method: ran.method,
             adapter: gpu.info.adapter.clone(),
             backend: gpu.info.backend.clone(),
             fast_memory_words: budget.fast_memory_words,
-            io_words: io.total(),
-            io_reads: io.reads(),
-            io_writes: io.writes(),
+            io_words: ran.io.total(),
+            io_reads: ran.io.reads(),
+            io_writes: ran.io.writes(),
             stats,
             elapsed_s: start.elapsed().as_secs_f64(),
-            plan: plan_text,
-            certificate,
-            predicted_exact_s,
-            predicted_poly_s,
-            reason,
+            plan: ran.plan,
+            certificate: ran.certificate,
+            predicted_exact_s: choice.predicted.map(|p| p.0),
+            predicted_poly_s: choice.predicted.map(|p| p.1),
+            reason: choice.reason,
         },
     ))
+}
+
+/// What `attention` decided to run, and why.
+struct Choice {
+    /// The pre-pass, where it ran.
+    pre: Option<Prepass>,
+    /// The poly method's certificate and plan where it applies.
+    candidate: Option<PolyCandidate>,
+    use_poly: bool,
+    /// Predicted seconds of (exact, poly) where `auto` compared them.
+    predicted: Option<(f64, f64)>,
+    reason: String,
+}
+
+/// Runs the pre-pass and certifies the poly method where `method` may use it, and picks the
+/// method: as requested, or for `auto` the one predicted faster by the measured rates.
+#[allow(clippy::too_many_arguments)]
+fn choose(
+    tuner: &Tuner,
+    p: &Problem,
+    xs: (&[f32], &[f32], &[f32]),
+    method: Method,
+    popts: &PolyOptions,
+    exact_plan: &ExactPlan,
+    uploads: &Uploads,
+    stats: &mut RunStats,
+) -> Result<Choice, Error> {
+    let mut choice = Choice {
+        pre: None,
+        candidate: None,
+        use_poly: false,
+        predicted: None,
+        reason: String::new(),
+    };
+    if method == Method::Exact {
+        choice.reason = "exact: requested".into();
+        return Ok(choice);
+    }
+    if p.l == 0 || p.causal {
+        if method == Method::Auto {
+            choice.reason = if p.causal {
+                "exact: poly does not support is_causal yet".into()
+            } else {
+                "exact: empty query".into()
+            };
+        }
+        return Ok(choice);
+    }
+    let (gpu, budget) = (tuner.gpu, tuner.budget);
+    let chunking = &exact_plan.chunking;
+    let pre = prepass(gpu, p, chunking, xs, budget, &tuner.opts, uploads, stats)?;
+    if popts.check_finite {
+        for (name, bad) in ["query", "key", "value"].iter().zip(pre.nonfinite) {
+            if bad > 0 {
+                return Err(Error::InvalidInput(format!(
+                    "{name} contains {bad} NaN or Inf value(s) (after conversion to \
+                     float32); pass check_finite=False to skip this check"
+                )));
+            }
+        }
+    }
+    let coop_sg = gpu.info.coop_f16.then_some(gpu.info.subgroup_size as usize);
+    let candidate = poly_candidate(p, &pre, popts, budget, coop_sg);
+    choice.pre = Some(pre);
+    let mut c = match candidate {
+        Ok(c) => c,
+        Err(e) if method == Method::Poly => return Err(e),
+        Err(e) => {
+            choice.reason = format!("exact: poly is not applicable ({e})");
+            return Ok(choice);
+        }
+    };
+    tune_coop_plan(tuner, p, &mut c)?;
+    tune_f32_poly_plan(tuner, p, &mut c)?;
+    if method == Method::Poly {
+        choice.reason = "poly: requested".into();
+        choice.use_poly = true;
+    } else {
+        let g = c.cert.degree;
+        let r = rates(tuner, p, g)?;
+        let te = exact_flops(p) / r.exact_flops_per_s;
+        let tp = poly_flops(p, &c.plan) / r.poly_flops_per_s;
+        choice.predicted = Some((te, tp));
+        choice.use_poly = tp < te;
+        choice.reason = if tp < te {
+            format!("poly: certifies eps at degree {g} and is predicted faster ({tp:.3e} s vs {te:.3e} s)")
+        } else {
+            format!("exact: predicted faster ({te:.3e} s vs poly {tp:.3e} s at degree {g})")
+        };
+    }
+    choice.candidate = Some(c);
+    Ok(choice)
+}
+
+/// What ran: the output, the words its plan moves, the plan, the certificate and the method.
+struct Ran {
+    out: Vec<f32>,
+    io: IoCount,
+    plan: String,
+    certificate: Option<Certificate>,
+    method: &'static str,
+}
+
+/// Runs the chosen method.
+fn run_choice(
+    tuner: &Tuner,
+    p: &Problem,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    exact_plan: &ExactPlan,
+    choice: &Choice,
+    uploads: &Uploads,
+    stats: &mut RunStats,
+) -> Result<Ran, Error> {
+    let (gpu, budget, opts) = (tuner.gpu, tuner.budget, &tuner.opts);
+    if p.l == 0 || p.units == 0 {
+        return Ok(Ran {
+            out: Vec::new(),
+            io: IoCount::default(),
+            plan: "empty".to_string(),
+            certificate: None,
+            method: "exact",
+        });
+    }
+    match (&choice.candidate, &choice.pre) {
+        (Some(c), Some(pre)) if choice.use_poly => {
+            let (plan, table, poly) = (&c.plan, &c.table, &c.poly);
+            let xs = (q, k, v);
+            let out = poly_run(gpu, p, plan, table, poly, pre, xs, opts, uploads, stats)?;
+            Ok(Ran {
+                out,
+                io: poly_io(p, &c.plan, &exact_plan.chunking, budget),
+                plan: format!("{:?}", c.plan),
+                certificate: Some(c.cert.clone()),
+                method: "poly",
+            })
+        }
+        _ => {
+            uploads.clear();
+            let (out, st) = exact_run(gpu, p, exact_plan, q, k, v, opts)?;
+            stats.absorb(&st);
+            let mut io = exact_io(p, exact_plan);
+            if choice.pre.is_some() {
+                // auto paid for the pre-pass before choosing exact.
+                let pre_cost = prepass_io(p, &exact_plan.chunking, budget);
+                io.passes.splice(0..0, pre_cost.passes);
+            }
+            Ok(Ran {
+                out,
+                io,
+                plan: format!("{exact_plan:?}"),
+                certificate: None,
+                method: "exact",
+            })
+        }
+    }
 }
 
 /// Exact attention; see [`attention`].
@@ -253,25 +305,22 @@ pub fn poly_attention_with_tiles(
     pass2: Pass2Tiles,
     opts: &RunOptions,
 ) -> Result<TiledPolyRun, Error> {
-    check_lengths(p, q, k, v)?;
+    p.check_inputs(q, k, v)?;
+    let cfg = Config::from_env();
     let gpu = device::gpu()?;
     let _guard = gpu.exclusive();
-    let budget = budget(&gpu.info)?;
+    let budget = Budget::for_device(&gpu.info, &cfg)?;
+    let tuner = Tuner {
+        gpu: &gpu,
+        cfg: &cfg,
+        budget: &budget,
+        opts: *opts,
+    };
     // The pre-pass chunking `attention` uses for method="poly", which the I/O model assumes.
     let chunking = plan_exact(p, &budget)?.chunking;
     let mut st = RunStats::default();
     let tiles = F32Tiles::Given(pass1, pass2);
-    let (out, c) = f32_poly(
-        &gpu,
-        p,
-        &chunking,
-        (q, k, v),
-        degree,
-        &budget,
-        opts,
-        tiles,
-        &mut st,
-    )?;
+    let (out, c) = f32_poly(&tuner, (p, &chunking), (q, k, v), degree, tiles, &mut st)?;
     let io = poly_io(p, &c.plan, &chunking, &budget);
     Ok(TiledPolyRun {
         out,
@@ -281,32 +330,8 @@ pub fn poly_attention_with_tiles(
     })
 }
 
-fn check_lengths(p: &Problem, q: &[f32], k: &[f32], v: &[f32]) -> Result<(), Error> {
-    if p.s == 0 {
-        return Err(Error::InvalidInput(
-            "key/value sequence length S must be at least 1".into(),
-        ));
-    }
-    if p.e == 0 || p.ev == 0 || p.group == 0 {
-        return Err(Error::InvalidInput(
-            "head dimensions must be at least 1".into(),
-        ));
-    }
-    let want = [
-        ("query", q.len(), p.units * p.group * p.l * p.e),
-        ("key", k.len(), p.units * p.s * p.e),
-        ("value", v.len(), p.units * p.s * p.ev),
-    ];
-    for (name, got, expect) in want {
-        if got != expect {
-            return Err(Error::InvalidInput(format!(
-                "{name} has {got} elements, the problem {p:?} needs {expect}"
-            )));
-        }
-    }
-    Ok(())
-}
-
+/// The plan that would run and the words it moves, without touching the GPU when
+/// `fast_memory_words` is given (then the model has no binding limit: one dispatch).
 pub fn io_cost(
     p: &Problem,
     method: Method,
@@ -320,53 +345,47 @@ pub fn io_cost(
         None => budget(&device::gpu()?.info)?,
     };
     let exact_plan = plan_exact(p, &budget)?;
-    match method {
-        Method::Exact => Ok(IoEstimate {
+    if method == Method::Exact {
+        return Ok(IoEstimate {
             method: "exact",
             schedule: None,
             degree: None,
             rank: None,
             fast_memory_words: budget.fast_memory_words,
             io: exact_io(p, &exact_plan),
-        }),
-        Method::Poly | Method::Auto => {
-            if p.causal {
-                return Err(Error::Unsupported(
-                    "is_causal=True is not implemented for method='poly' yet".into(),
-                ));
-            }
-            let g = match (degree, eps, beta) {
-                (Some(g), _, _) => g,
-                (None, Some(eps), Some(beta)) => {
-                    if !(eps > 0.0 && eps < 1.0 && beta >= 0.0 && beta.is_finite()) {
-                        return Err(Error::InvalidInput(format!(
-                            "need 0 < eps < 1 and finite beta >= 0, got eps={eps}, beta={beta}"
-                        )));
-                    }
-                    let poly =
-                        choose_degree(beta, eps / (1.0 + eps), MAX_DEGREE).ok_or_else(|| {
-                            Error::TooLarge(format!(
-                                "no degree <= {MAX_DEGREE} certifies eps={eps} at beta={beta}"
-                            ))
-                        })?;
-                    poly.feature_degree()
-                }
-                _ => {
-                    return Err(Error::InvalidInput(
-                        "method='poly' needs degree=, or eps= and beta= to choose the degree"
-                            .into(),
-                    ))
-                }
-            };
-            let plan = plan_poly(p, g, &budget)?;
-            Ok(IoEstimate {
-                method: "poly",
-                schedule: Some(plan.schedule),
-                degree: Some(g),
-                rank: Some(plan.r),
-                fast_memory_words: budget.fast_memory_words,
-                io: poly_io(p, &plan, &exact_plan.chunking, &budget),
-            })
-        }
+        });
     }
+    if p.causal {
+        return Err(Error::poly_causal());
+    }
+    let g = match (degree, eps, beta) {
+        (Some(g), _, _) => g,
+        (None, Some(eps), Some(beta)) => {
+            if !(eps > 0.0 && eps < 1.0 && beta >= 0.0 && beta.is_finite()) {
+                return Err(Error::InvalidInput(format!(
+                    "need 0 < eps < 1 and finite beta >= 0, got eps={eps}, beta={beta}"
+                )));
+            }
+            let poly = poly_for_eps(beta, eps, 0.0).ok_or_else(|| {
+                Error::TooLarge(format!(
+                    "no degree <= {MAX_DEGREE} certifies eps={eps} at beta={beta}"
+                ))
+            })?;
+            poly.feature_degree()
+        }
+        _ => {
+            return Err(Error::InvalidInput(
+                "method='poly' needs degree=, or eps= and beta= to choose the degree".into(),
+            ))
+        }
+    };
+    let plan = plan_poly(p, g, &budget)?;
+    Ok(IoEstimate {
+        method: "poly",
+        schedule: Some(plan.schedule),
+        degree: Some(g),
+        rank: Some(plan.r),
+        fast_memory_words: budget.fast_memory_words,
+        io: poly_io(p, &plan, &exact_plan.chunking, &budget),
+    })
 }

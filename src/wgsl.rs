@@ -1,30 +1,16 @@
 //! WGSL generation helpers shared by every kernel: template filling, unrolled loops, tile elements,
 //! the I/O counter slots, and the fingerprint of the kernels (the tuning cache key).
 
-/// FNV-1a hash of every shader template and of the Rust that generates WGSL from them, so
-/// cached measurements (tuned tiles, rates) go stale with the kernels, not only with templates.
-pub fn shader_fingerprint() -> u64 {
-    [
-        include_str!("wgsl.rs"),
-        include_str!("exact/kernel.rs"),
-        include_str!("poly/kernel_common.rs"),
-        include_str!("poly/kernel_f32.rs"),
-        include_str!("poly/kernel_coop.rs"),
-        include_str!("poly/prepass.rs"),
-        crate::exact::kernel::TEMPLATE,
-        crate::poly::prepass::PREPASS,
-        crate::poly::kernel_f32::PASS1,
-        crate::poly::kernel_common::REDUCE,
-        crate::poly::kernel_f32::PASS2,
-        crate::poly::kernel_coop::COOP_PASS1,
-        crate::poly::kernel_coop::COOP_PASS2,
-        crate::poly::kernel_coop::COOP_PACK,
-    ]
-    .iter()
-    .flat_map(|t| t.bytes())
-    .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    })
+/// FNV-1a hash (64 bits, stable across platforms and Rust versions) of generated WGSL sources: the
+/// key under which tuned tiles and rates are cached, so that a change of the kernels a class runs
+/// re-measures it while host-only changes keep the measurements.
+pub fn fingerprint(sources: &[String]) -> u64 {
+    sources
+        .iter()
+        .flat_map(|s| s.bytes().chain([0u8]))
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        })
 }
 
 /// Replaces every `{{NAME}}` slot of a WGSL template.

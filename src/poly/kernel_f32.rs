@@ -347,25 +347,7 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
         |row, p| format!("phi_set(f * FS + {row}, {p})"),
         |row, d| format!("phi_set(fb * B + {row}, {d})"),
     );
-    let mut store = String::new();
-    for a in 0..rb {
-        let _ = writeln!(
-            store,
-            "        {{\n            let r = {};\n            if (r < rows) {{\n                \
-             var d_{a} = 0.0;\n                for (var h = 0u; h < TPR; h++) {{\n                    \
-             d_{a} += phi_get(h * B + r);\n                }}\n                \
-             let row = (head * params.l + q0 + r) * EV;",
-            micro_tile_row(a, ("tr", t.tr), vec4_rows)
-        );
-        store_row(
-            &mut store,
-            "                ",
-            (a, cu, t.tc),
-            |c| format!("o[row + {c}]"),
-            |x| format!("{x} / d_{a}"),
-        );
-        store.push_str("            }\n        }\n");
-    }
+    let store = pass2_store(t, (rb, cu), vec4_rows);
     let chunk = (!t.resident()).then(|| pass2_chunk_prefetch(t));
     let table = (!t.resident()).then(|| table_prefetch(t.threads(), t.rc, t.g, false));
     let slot = |f: &dyn Fn(&Prefetch) -> String| {
@@ -466,4 +448,29 @@ fn pass2_chunk_prefetch(t: &Pass2Tiles) -> Prefetch {
         next: load("f0 + RC", "                "),
         store: store.trim_end().to_string(),
     }
+}
+
+/// Pass 2's output: each of the thread's rows, divided by its normaliser (the sum of the TPR
+/// partials in the feature tile).
+fn pass2_store(t: &Pass2Tiles, (rb, cu): (usize, usize), vec4_rows: bool) -> String {
+    let mut store = String::new();
+    for a in 0..rb {
+        let _ = writeln!(
+            store,
+            "        {{\n            let r = {};\n            if (r < rows) {{\n                \
+             var d_{a} = 0.0;\n                for (var h = 0u; h < TPR; h++) {{\n                    \
+             d_{a} += phi_get(h * B + r);\n                }}\n                \
+             let row = (head * params.l + q0 + r) * EV;",
+            micro_tile_row(a, ("tr", t.tr), vec4_rows)
+        );
+        store_row(
+            &mut store,
+            "                ",
+            (a, cu, t.tc),
+            |c| format!("o[row + {c}]"),
+            |x| format!("{x} / d_{a}"),
+        );
+        store.push_str("            }\n        }\n");
+    }
+    store
 }
