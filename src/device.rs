@@ -47,14 +47,14 @@ pub struct Gpu {
     uncaptured: Arc<Mutex<Option<String>>>,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
     run_lock: Mutex<()>,
-    /// Host-visible staging buffers kept between calls (see `kernels::upload`): idle upload
+    /// Host-visible staging buffers kept between calls (see `transfer::upload`): idle upload
     /// buffers, mapped for writing, and idle readback buffers.
     pub(crate) upload_pool: Arc<StagingPool>,
     pub(crate) readback_pool: Arc<StagingPool>,
 }
 
 /// Idle staging buffers of one direction, and the bytes of all buffers the pool created that
-/// are still alive (idle or in use), which [`crate::kernels::allocated_bytes`] leaves out.
+/// are still alive (idle or in use), which [`crate::launch::allocated_bytes`] leaves out.
 #[derive(Default)]
 pub(crate) struct StagingPool {
     pub(crate) idle: Mutex<Vec<wgpu::Buffer>>,

@@ -13,14 +13,72 @@ pub fn fingerprint(sources: &[String]) -> u64 {
         })
 }
 
-/// Replaces every `{{NAME}}` slot of a WGSL template.
+/// Replaces every `{{NAME}}` slot of a WGSL template. Every slot of the template must be given a
+/// value and every value must fill a slot: a mismatch is a bug of the generator, so it panics in
+/// release builds too (the golden test generates every kernel over a grid).
 pub(crate) fn fill_template(template: &str, slots: &[(&str, String)]) -> String {
     let mut s = template.to_string();
     for (name, value) in slots {
-        s = s.replace(&format!("{{{{{name}}}}}"), value);
+        let slot = format!("{{{{{name}}}}}");
+        assert!(
+            s.contains(&slot),
+            "the template has no slot {slot} (or it is given twice)"
+        );
+        s = s.replace(&slot, value);
     }
-    debug_assert!(!s.contains("{{"), "unfilled slot in shader template");
+    if let Some(i) = s.find("{{") {
+        let end = s[i..].find("}}").map_or(s.len(), |j| i + j + 2);
+        panic!("slot {} of a shader template is not filled", &s[i..end]);
+    }
     s
+}
+
+/// Writes generated WGSL line by line at a tracked depth (four spaces a level), so that generators
+/// do not thread indentation strings by hand.
+pub(crate) struct Emitter {
+    out: String,
+    depth: usize,
+}
+
+impl Emitter {
+    /// An emitter whose lines start `depth` levels deep.
+    pub(crate) fn new(depth: usize) -> Self {
+        Emitter {
+            out: String::new(),
+            depth,
+        }
+    }
+
+    /// One line at the current depth.
+    pub(crate) fn line(&mut self, text: impl AsRef<str>) -> &mut Self {
+        for _ in 0..self.depth {
+            self.out.push_str("    ");
+        }
+        self.out.push_str(text.as_ref());
+        self.out.push('\n');
+        self
+    }
+
+    /// `head {`, the lines of `body` one level deeper, and `}`.
+    pub(crate) fn block(
+        &mut self,
+        head: impl AsRef<str>,
+        body: impl FnOnce(&mut Self),
+    ) -> &mut Self {
+        self.line(format!("{} {{", head.as_ref()));
+        self.depth += 1;
+        body(self);
+        self.depth -= 1;
+        self.line("}")
+    }
+
+    /// The lines written, without the last newline.
+    pub(crate) fn finish(mut self) -> String {
+        if self.out.ends_with('\n') {
+            self.out.pop();
+        }
+        self.out
+    }
 }
 
 /// A tile element of `lanes` floats (1 or 4) in WGSL: its type, and the suffixes that pick its
@@ -78,5 +136,26 @@ pub(crate) fn constant_loop(
             .join("\n")
     } else {
         format!("{indent}for (var {i} = 0u; {i} < {name}; {i}++) {{\n{body}\n{indent}}}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_slots_are_all_filled_and_all_used() {
+        let t = "a {{X}} b {{Y}} {{X}}";
+        let filled = fill_template(t, &[("X", "1".into()), ("Y", "2".into())]);
+        assert_eq!(filled, "a 1 b 2 1");
+        let unfilled = std::panic::catch_unwind(|| fill_template(t, &[("X", "1".into())]));
+        assert!(unfilled.is_err());
+        let unused = std::panic::catch_unwind(|| {
+            fill_template(
+                t,
+                &[("X", "1".into()), ("Y", "2".into()), ("Z", "3".into())],
+            )
+        });
+        assert!(unused.is_err());
     }
 }

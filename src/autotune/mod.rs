@@ -214,3 +214,34 @@ fn forced_tiles<R: TileRecord>(s: &str, var: &str) -> Result<R, Error> {
 fn sizes_and_flags(v: &[usize], len: usize, flags: usize) -> bool {
     v.len() == len && !v[..len - flags].contains(&0) && v[len - flags..].iter().all(|&f| f <= 1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    struct Two(usize, bool);
+
+    impl TileRecord for Two {
+        const KIND: &'static str = "two";
+        const NAMES: &'static str = "size flag";
+        fn values(&self) -> Vec<usize> {
+            vec![self.0, usize::from(self.1)]
+        }
+        fn from_values(v: &[usize]) -> Option<Self> {
+            sizes_and_flags(v, 2, 1).then(|| Two(v[0], v[1] != 0))
+        }
+    }
+
+    #[test]
+    fn tile_records_refuse_zero_sizes_bad_flags_and_wrong_counts() {
+        assert_eq!(Two::from_values(&[8, 1]), Some(Two(8, true)));
+        assert_eq!(Two::from_values(&[0, 1]), None);
+        assert_eq!(Two::from_values(&[8, 2]), None);
+        assert_eq!(Two::from_values(&[8]), None);
+        assert_eq!(Two::from_values(&[8, 1, 1]), None);
+        assert_eq!(forced_tiles::<Two>("16 0", "V").unwrap(), Two(16, false));
+        let err = forced_tiles::<Two>("16 x", "V").unwrap_err().to_string();
+        assert_eq!(err, "V=\"16 x\" is not 2 whole numbers (size flag)");
+    }
+}
