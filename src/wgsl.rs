@@ -72,6 +72,15 @@ impl Emitter {
         self.line("}")
     }
 
+    /// `{`, the lines of `body` one level deeper, and `}`.
+    pub(crate) fn scope(&mut self, body: impl FnOnce(&mut Self)) -> &mut Self {
+        self.line("{");
+        self.depth += 1;
+        body(self);
+        self.depth -= 1;
+        self.line("}")
+    }
+
     /// The lines written, without the last newline.
     pub(crate) fn finish(mut self) -> String {
         if self.out.ends_with('\n') {

@@ -8,7 +8,7 @@ use super::kernel_common::{
     Prefetch,
 };
 use super::plan::{align4, Pass1Tiles, Pass2Tiles};
-use crate::wgsl::{constant_loop, fill_template, io_counter_slots, wgsl_element};
+use crate::wgsl::{constant_loop, fill_template, io_counter_slots, wgsl_element, Emitter};
 
 pub(crate) const PASS1: &str = include_str!("../../shaders/poly_pass1.wgsl");
 
@@ -281,28 +281,30 @@ fn pass1_tile_loads(t: &Pass1Tiles) -> Prefetch {
     element_registers(&mut decl, ["ki", "krow", "kcol", "kx"], (nk, wg), "E1");
     element_registers(&mut decl, ["vi", "vrow", "vcol", "vx"], (nv, wg), "EV");
     // Keys past the split's end are zero rows; the constant-1 column is 1 in every row.
-    let load = |j0: &str, ind: &str| {
-        let mut s = format!("{ind}{{\n{ind}    let kn = min(BK, j_end - ({j0}));\n");
-        for u in 0..nk {
-            let _ = writeln!(
-                s,
-                "{ind}    kx_{u} = select(0.0, 1.0, kcol_{u} == E);\n\
-                 {ind}    if (ki_{u} < BK * E1 && kcol_{u} < E && krow_{u} < kn) {{\n\
-                 {ind}        kx_{u} = k[(unit * params.s + {j0} + krow_{u}) * E + kcol_{u}] - mu_t[kcol_{u}];\n\
-                 {ind}        words_read += 1u;\n{ind}    }}"
-            );
-        }
-        for u in 0..nv {
-            let _ = writeln!(
-                s,
-                "{ind}    vx_{u} = 0.0;\n\
-                 {ind}    if (vi_{u} < BK * EV && vrow_{u} < kn) {{\n\
-                 {ind}        vx_{u} = v[(unit * params.s + {j0} + vrow_{u}) * EV + vcol_{u}];\n\
-                 {ind}        words_read += 1u;\n{ind}    }}"
-            );
-        }
-        s.push_str(&format!("{ind}}}"));
-        s
+    let load = |j0: &str, depth: usize| {
+        let mut e = Emitter::new(depth);
+        e.scope(|e| {
+            e.line(format!("let kn = min(BK, j_end - ({j0}));"));
+            for u in 0..nk {
+                e.line(format!("kx_{u} = select(0.0, 1.0, kcol_{u} == E);"));
+                e.block(format!("if (ki_{u} < BK * E1 && kcol_{u} < E && krow_{u} < kn)"), |e| {
+                    e.line(format!(
+                        "kx_{u} = k[(unit * params.s + {j0} + krow_{u}) * E + kcol_{u}] - mu_t[kcol_{u}];"
+                    ));
+                    e.line("words_read += 1u;");
+                });
+            }
+            for u in 0..nv {
+                e.line(format!("vx_{u} = 0.0;"));
+                e.block(format!("if (vi_{u} < BK * EV && vrow_{u} < kn)"), |e| {
+                    e.line(format!(
+                        "vx_{u} = v[(unit * params.s + {j0} + vrow_{u}) * EV + vcol_{u}];"
+                    ));
+                    e.line("words_read += 1u;");
+                });
+            }
+        });
+        e.finish()
     };
     let mut store = String::new();
     for u in 0..nk {
@@ -421,17 +423,21 @@ fn pass2_chunk_prefetch(t: &Pass2Tiles) -> Prefetch {
     let n = (t.rc * (t.ev + 1)).div_ceil(wg);
     let mut decl = String::new();
     element_registers(&mut decl, ["si", "sf", "sc", "sx"], (n, wg), "EV1");
-    let load = |f0: &str, ind: &str| {
-        let mut s = format!("{ind}{{\n{ind}    let rows_n = min(RC, R - ({f0}));\n");
-        for u in 0..n {
-            let _ = writeln!(
-                s,
-                "{ind}    sx_{u} = 0.0;\n{ind}    if (si_{u} < RC * EV1 && sf_{u} < rows_n) {{\n\
-                 {ind}        sx_{u} = s_prime[(unit * R + {f0}) * EV1 + si_{u}];\n{ind}        words_read += 1u;\n{ind}    }}"
-            );
-        }
-        s.push_str(&format!("{ind}}}"));
-        s
+    let load = |f0: &str, depth: usize| {
+        let mut e = Emitter::new(depth);
+        e.scope(|e| {
+            e.line(format!("let rows_n = min(RC, R - ({f0}));"));
+            for u in 0..n {
+                e.line(format!("sx_{u} = 0.0;"));
+                e.block(format!("if (si_{u} < RC * EV1 && sf_{u} < rows_n)"), |e| {
+                    e.line(format!(
+                        "sx_{u} = s_prime[(unit * R + {f0}) * EV1 + si_{u}];"
+                    ));
+                    e.line("words_read += 1u;");
+                });
+            }
+        });
+        e.finish()
     };
     let mut store = String::new();
     for u in 0..n {
@@ -444,8 +450,8 @@ fn pass2_chunk_prefetch(t: &Pass2Tiles) -> Prefetch {
     }
     Prefetch {
         decl: decl.trim_end().to_string(),
-        first: load("0u", "        "),
-        next: load("f0 + RC", "                "),
+        first: load("0u", 2),
+        next: load("f0 + RC", 4),
         store: store.trim_end().to_string(),
     }
 }
