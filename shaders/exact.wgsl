@@ -1,6 +1,6 @@
 // Exact attention, FlashAttention-2 style: one query tile per workgroup stays in workgroup memory
 // while K/V tiles stream through it; online softmax in the log2 domain; f32 accumulation.
-// `src/kernels/exact.rs` fills the double-brace slots from the plan's tiles: sizes become constants and
+// `src/exact/kernel.rs` fills the double-brace slots from the plan's tiles: sizes become constants and
 // the per-thread micro-tiles are unrolled into named registers.
 
 struct Params {
@@ -84,7 +84,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         kv_end = select(0u, min(params.s, last_q - params.kv_offset), last_q > params.kv_offset);
     }
     // K and V tiles are loaded into registers while the current tile is multiplied, so their
-    // global-load latency overlaps the arithmetic (exact.rs: where, per layout).
+    // global-load latency overlaps the arithmetic (exact/kernel.rs: where, per layout).
 {{PREFETCH_DECL}}
     if (kv_end > 0u) {
 {{LOAD_FIRST}}

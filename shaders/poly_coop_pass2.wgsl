@@ -6,7 +6,7 @@
 // the output multiplies keys back. D = Phi(Q') z, with z the normaliser column of S', is summed in
 // f32 by the threads that build the features.
 // Subgroup s owns the query rows 16 * (s * RT + a) + 0..15 of every 16-column value tile in the
-// named accumulators acc_a_c (`src/kernels/poly.rs` unrolls them).
+// named accumulators acc_a_c (`src/poly/kernel_coop.rs` unrolls them).
 enable f16;
 enable wgpu_cooperative_matrix;
 

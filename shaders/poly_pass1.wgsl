@@ -1,9 +1,9 @@
 // Poly pass 1: S'[f, :] = sum_j phi_k(k_j - mu)[f] * [v_j | 1] for the feature rows f of this
 // workgroup's chunk, over this workgroup's share of the keys. Features are built in workgroup
 // memory from the key tile and never written to storage; the partial S' of each key split is.
-// Thread (tf, tc) keeps its rows of the chunk (`micro_tile_row` in `src/kernels/poly.rs`: rows 4 tf
+// Thread (tf, tc) keeps its rows of the chunk (`micro_tile_row` in `src/poly/kernel_f32.rs`: rows 4 tf
 // + 0..3, 4 (tf + TF) + 0..3, ... where it owns a multiple of 4, else tf, tf + TF, ...) for value
-// columns 4*(tc + TC*u) + 0..3 in named registers for the whole key loop (`src/kernels/poly.rs`
+// columns 4*(tc + TC*u) + 0..3 in named registers for the whole key loop (`src/poly/kernel_f32.rs`
 // unrolls the micro-tile). The ones column (the row sums of phi) is summed by the threads that
 // build the features: thread lid builds features lid % RC + WG * c of keys lid / RC + KG * m.
 
@@ -11,7 +11,7 @@ struct Params {
     s: u32,              // key rows per unit in this dispatch
     keys_per_split: u32,
     splits: u32,
-    _pad: u32,
+    k_inv_scale: f32,    // 1 / the key scale of the coop pass 1; this pass does not scale keys
 }
 
 const E: u32 = {{E}}u;

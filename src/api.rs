@@ -1,6 +1,7 @@
 //! The vocabulary of the crate: the problem, the method and its options, and what a call
 //! reports. Defined once, filled in Rust, exposed to Python by `python.rs`.
 
+use crate::error::Error;
 use crate::io::IoCount;
 use crate::launch::RunStats;
 
@@ -21,6 +22,34 @@ pub struct Problem {
 impl Problem {
     pub fn query_heads(&self) -> usize {
         self.units * self.group
+    }
+
+    /// The problem's sizes are usable and the inputs have the lengths it needs.
+    pub fn check_inputs(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<(), Error> {
+        let p = self;
+        if p.s == 0 {
+            return Err(Error::InvalidInput(
+                "key/value sequence length S must be at least 1".into(),
+            ));
+        }
+        if p.e == 0 || p.ev == 0 || p.group == 0 {
+            return Err(Error::InvalidInput(
+                "head dimensions must be at least 1".into(),
+            ));
+        }
+        let want = [
+            ("query", q.len(), p.units * p.group * p.l * p.e),
+            ("key", k.len(), p.units * p.s * p.e),
+            ("value", v.len(), p.units * p.s * p.ev),
+        ];
+        for (name, got, expect) in want {
+            if got != expect {
+                return Err(Error::InvalidInput(format!(
+                    "{name} has {got} elements, the problem {p:?} needs {expect}"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -48,7 +77,20 @@ pub struct PolyOptions {
     pub tensor_cores: Option<bool>,
 }
 
-/// Schedules of the polynomial method (THEORY.md): A when S' = Phi_k(K)^T [V | 1] fits the fast
+impl PolyOptions {
+    /// `eps` lies in (0, 1).
+    pub fn check(&self) -> Result<(), Error> {
+        if !(self.eps > 0.0 && self.eps < 1.0) {
+            return Err(Error::InvalidInput(format!(
+                "eps must lie in (0, 1), got {}",
+                self.eps
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Schedules of the polynomial method (docs/io-model.md): A when S' = Phi_k(K)^T [V | 1] fits the fast
 /// memory (each pass keeps it resident), B when it is streamed in feature chunks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Schedule {

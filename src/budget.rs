@@ -1,6 +1,7 @@
 //! What the device allows the planner: fast memory, binding size, grid and loop limits, and the
 //! register caps of the generated kernels.
 
+use crate::config::Config;
 use crate::device::DeviceInfo;
 use crate::error::Error;
 
@@ -49,46 +50,45 @@ pub(crate) const MAX_SCORE_ACCUMULATORS: usize = 32;
 
 pub(crate) const MAX_THREAD_SIDE: usize = 8;
 
-fn env_u64(name: &str) -> Result<Option<u64>, Error> {
-    match std::env::var(name) {
-        Err(_) => Ok(None),
-        Ok(s) if s.trim().is_empty() => Ok(None),
-        Ok(s) => s.trim().parse::<u64>().map(Some).map_err(|_| {
-            Error::InvalidInput(format!("{name}={s:?} is not a whole number of bytes"))
-        }),
-    }
+/// The planner's budget for this adapter under the current environment; see
+/// [`Budget::for_device`].
+pub fn budget(info: &DeviceInfo) -> Result<Budget, Error> {
+    Budget::for_device(info, &Config::from_env())
 }
 
-/// The planner's budget for this adapter. `APPROX_ATTN_FAST_MEMORY_BYTES` and
-/// `APPROX_ATTN_MAX_BINDING_BYTES` may lower (never raise) the workgroup memory and the storage
-/// binding size, e.g. to prove in tests that the kernels run within the WebGPU default 16 KiB.
-pub fn budget(info: &DeviceInfo) -> Result<Budget, Error> {
-    let mut b = Budget {
-        fast_memory_words: info.fast_memory_words,
-        max_binding_bytes: info
-            .max_storage_buffer_binding_size
-            .min(info.max_buffer_size),
-        max_workgroups_per_dimension: info.max_compute_workgroups_per_dimension,
-        max_invocations_per_workgroup: info
-            .max_compute_invocations_per_workgroup
-            .min(info.max_compute_workgroup_size_x),
-        // Mesa's llvmpipe stops loops after 65,535 iterations per invocation; keep a margin.
-        max_loop_iterations: if info.adapter.contains("llvmpipe") {
-            60_000
-        } else {
-            u64::MAX
-        },
-    };
-    if let Some(n) = env_u64("APPROX_ATTN_MAX_LOOP_ITERATIONS")? {
-        b.max_loop_iterations = n;
+impl Budget {
+    /// The planner's budget for this adapter. `APPROX_ATTN_FAST_MEMORY_BYTES` and
+    /// `APPROX_ATTN_MAX_BINDING_BYTES` may lower (never raise) the workgroup memory and the
+    /// storage binding size, e.g. to prove in tests that the kernels run within the WebGPU
+    /// default 16 KiB.
+    pub fn for_device(info: &DeviceInfo, cfg: &Config) -> Result<Budget, Error> {
+        let mut b = Budget {
+            fast_memory_words: info.fast_memory_words,
+            max_binding_bytes: info
+                .max_storage_buffer_binding_size
+                .min(info.max_buffer_size),
+            max_workgroups_per_dimension: info.max_compute_workgroups_per_dimension,
+            max_invocations_per_workgroup: info
+                .max_compute_invocations_per_workgroup
+                .min(info.max_compute_workgroup_size_x),
+            // Mesa's llvmpipe stops loops after 65,535 iterations per invocation; keep a margin.
+            max_loop_iterations: if info.adapter.contains("llvmpipe") {
+                60_000
+            } else {
+                u64::MAX
+            },
+        };
+        if let Some(n) = cfg.max_loop_iterations.clone()? {
+            b.max_loop_iterations = n;
+        }
+        if let Some(bytes) = cfg.fast_memory_bytes.clone()? {
+            b.fast_memory_words = b.fast_memory_words.min(bytes / 4);
+        }
+        if let Some(bytes) = cfg.max_binding_bytes.clone()? {
+            b.max_binding_bytes = b.max_binding_bytes.min(bytes);
+        }
+        Ok(b)
     }
-    if let Some(bytes) = env_u64("APPROX_ATTN_FAST_MEMORY_BYTES")? {
-        b.fast_memory_words = b.fast_memory_words.min(bytes / 4);
-    }
-    if let Some(bytes) = env_u64("APPROX_ATTN_MAX_BINDING_BYTES")? {
-        b.max_binding_bytes = b.max_binding_bytes.min(bytes);
-    }
-    Ok(b)
 }
 
 pub(crate) fn cdiv(a: usize, b: usize) -> u64 {

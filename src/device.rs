@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::config::Config;
 use crate::error::Error;
 
 /// What the planner and the user need to know about the adapter.
@@ -46,14 +47,14 @@ pub struct Gpu {
     uncaptured: Arc<Mutex<Option<String>>>,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
     run_lock: Mutex<()>,
-    /// Host-visible staging buffers kept between calls (see `kernels::upload`): idle upload
+    /// Host-visible staging buffers kept between calls (see `transfer::upload`): idle upload
     /// buffers, mapped for writing, and idle readback buffers.
     pub(crate) upload_pool: Arc<StagingPool>,
     pub(crate) readback_pool: Arc<StagingPool>,
 }
 
 /// Idle staging buffers of one direction, and the bytes of all buffers the pool created that
-/// are still alive (idle or in use), which [`crate::kernels::allocated_bytes`] leaves out.
+/// are still alive (idle or in use), which [`crate::launch::allocated_bytes`] leaves out.
 #[derive(Default)]
 pub(crate) struct StagingPool {
     pub(crate) idle: Mutex<Vec<wgpu::Buffer>>,
@@ -88,22 +89,6 @@ pub fn current_gpu() -> Option<Arc<Gpu>> {
         .cloned()
 }
 
-fn backend_from_env() -> Result<wgpu::Backends, Error> {
-    match std::env::var("APPROX_ATTN_BACKEND") {
-        Err(_) => Ok(wgpu::Backends::all()),
-        Ok(s) => match s.to_ascii_lowercase().as_str() {
-            "" => Ok(wgpu::Backends::all()),
-            "vulkan" => Ok(wgpu::Backends::VULKAN),
-            "metal" => Ok(wgpu::Backends::METAL),
-            "dx12" => Ok(wgpu::Backends::DX12),
-            "gl" => Ok(wgpu::Backends::GL),
-            other => Err(Error::InvalidInput(format!(
-                "APPROX_ATTN_BACKEND={other:?} is not one of vulkan, metal, dx12, gl"
-            ))),
-        },
-    }
-}
-
 fn device_type_rank(t: wgpu::DeviceType) -> u32 {
     match t {
         wgpu::DeviceType::DiscreteGpu => 0,
@@ -128,7 +113,7 @@ DX12 or GL). On a machine without a GPU install a software Vulkan driver, e.g. o
 
 /// List every adapter wgpu can see: (name, backend, device type).
 pub fn list_adapters() -> Result<Vec<(String, String, String)>, Error> {
-    let backends = backend_from_env()?;
+    let backends = Config::from_env().backends?;
     let instance = new_instance(backends);
     let adapters = pollster::block_on(instance.enumerate_adapters(backends));
     Ok(adapters
@@ -150,37 +135,45 @@ fn new_instance(backends: wgpu::Backends) -> wgpu::Instance {
     wgpu::Instance::new(desc)
 }
 
+/// The adapter the process uses: of the allowed backends (`APPROX_ATTN_BACKEND`; GL only when no
+/// native compute API has one), whose name contains `APPROX_ATTN_ADAPTER`, the most capable kind
+/// first.
+fn choose_adapter(cfg: &Config) -> Result<wgpu::Adapter, Error> {
+    let backends = cfg.backends.clone()?;
+    // GL only when asked for or when no native compute API has an adapter: probing it is slow
+    // and noisy on headless machines.
+    let native = backends & !wgpu::Backends::GL;
+    let mut instance = new_instance(native);
+    let mut adapters = pollster::block_on(instance.enumerate_adapters(native));
+    if adapters.is_empty() && backends.contains(wgpu::Backends::GL) {
+        instance = new_instance(wgpu::Backends::GL);
+        adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::GL));
+    }
+    if let Some(want) = &cfg.adapter {
+        let want_l = want.to_lowercase();
+        let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+        adapters.retain(|a| a.get_info().name.to_lowercase().contains(&want_l));
+        if adapters.is_empty() {
+            return Err(Error::NoDevice(format!(
+                "no adapter name contains APPROX_ATTN_ADAPTER={want:?}; adapters seen: {names:?}"
+            )));
+        }
+    }
+    // Highest-performance first: discrete > integrated > virtual > other > CPU.
+    adapters.sort_by_key(|a| {
+        let i = a.get_info();
+        (device_type_rank(i.device_type), backend_rank(i.backend))
+    });
+    adapters
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::NoDevice(format!("no GPU adapter found. {NO_DEVICE_HELP}")))
+}
+
 impl Gpu {
     fn create() -> Result<Gpu, Error> {
-        let backends = backend_from_env()?;
-        // GL only when asked for or when no native compute API has an adapter: probing it is slow
-        // and noisy on headless machines.
-        let native = backends & !wgpu::Backends::GL;
-        let mut instance = new_instance(native);
-        let mut adapters = pollster::block_on(instance.enumerate_adapters(native));
-        if adapters.is_empty() && backends.contains(wgpu::Backends::GL) {
-            instance = new_instance(wgpu::Backends::GL);
-            adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::GL));
-        }
-        if let Ok(want) = std::env::var("APPROX_ATTN_ADAPTER") {
-            let want_l = want.to_lowercase();
-            let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
-            adapters.retain(|a| a.get_info().name.to_lowercase().contains(&want_l));
-            if adapters.is_empty() {
-                return Err(Error::NoDevice(format!(
-                    "no adapter name contains APPROX_ATTN_ADAPTER={want:?}; adapters seen: {names:?}"
-                )));
-            }
-        }
-        // Highest-performance first: discrete > integrated > virtual > other > CPU.
-        adapters.sort_by_key(|a| {
-            let i = a.get_info();
-            (device_type_rank(i.device_type), backend_rank(i.backend))
-        });
-        let adapter = adapters
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::NoDevice(format!("no GPU adapter found. {NO_DEVICE_HELP}")))?;
+        let cfg = Config::from_env();
+        let adapter = choose_adapter(&cfg)?;
 
         let ai = adapter.get_info();
         let af = adapter.features();
@@ -205,7 +198,7 @@ impl Gpu {
                     && c.ab_type == wgpu::wgt::CooperativeScalarType::F16
                     && c.cr_type == wgpu::wgt::CooperativeScalarType::F32
             })
-            && std::env::var("APPROX_ATTN_NO_COOP").map_or(true, |v| v.is_empty() || v == "0");
+            && !cfg.no_coop;
         let mut required_features = af & wanted;
         if coop_f16 {
             required_features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;

@@ -30,7 +30,7 @@ impl IoCount {
 
 /// Closed-form costs and the lower bound, in words. These bounds are reconstructed from the
 /// literature (Saha & Ye 2024, arXiv 2402.07443, for exact attention; the polynomial bounds follow
-/// the same Hong-Kung segment counting, see THEORY.md) and are not the seed paper's own constants.
+/// the same Hong-Kung segment counting, see docs/io-model.md) and are not the seed paper's own constants.
 /// `n_*` are sequence lengths, `d` = E (= Ev for the closed forms), `r` the rank, `m` words of fast
 /// memory.
 pub mod closed_form {
@@ -55,7 +55,7 @@ pub mod closed_form {
     }
 
     /// Features materialized (M < d²): Φ(Q), Φ(K) written out and multiplied with √M-blocked
-    /// products: n·d + 2·n·r + 2·n·r·d/√M (schedule C of THEORY.md; not implemented as a kernel).
+    /// products: n·d + 2·n·r + 2·n·r·d/√M (schedule C of docs/io-model.md; not implemented as a kernel).
     pub fn poly_materialized(n: f64, d: f64, r: f64, m: f64) -> f64 {
         n * d + 2.0 * n * r + 2.0 * n * r * d / m.sqrt()
     }

@@ -2,14 +2,15 @@
 //!
 //! Data flows one way: host arrays -> [`attention`] validates them and picks a method ->
 //! `<method>::plan` picks tiles for this adapter (tuned by [`autotune`] where the cache has them)
-//! -> `<method>::kernel` generates WGSL -> [`launch`] dispatches it, [`transfer`] moves the slices
-//! -> host arrays and a [`Report`]. Planning, fitting, certification and I/O counting never touch
-//! the GPU.
+//! -> `<method>::kernel*` generates WGSL -> [`launch`] dispatches it, [`transfer`] moves the
+//! slices -> host arrays and a [`Report`]. Planning, fitting, certification and I/O counting
+//! never touch the GPU.
 
 pub mod api;
 pub mod autotune;
 pub mod budget;
 pub mod chunking;
+pub mod config;
 pub mod device;
 pub mod error;
 pub mod exact;
@@ -21,16 +22,6 @@ pub mod wgsl;
 
 #[cfg(feature = "python")]
 mod python;
-use crate::exact::cost::exact_flops;
-use crate::exact::io::exact_io;
-use crate::exact::plan::plan_exact;
-use crate::exact::run::run as exact_run;
-use crate::poly::cost::poly_flops;
-use crate::poly::fit::choose_degree;
-use crate::poly::io::poly_io;
-use crate::poly::io::prepass_io;
-use crate::poly::prepass::prepass;
-use crate::poly::run::run as poly_run;
 
 use std::time::Instant;
 
@@ -45,8 +36,21 @@ pub use poly::certificate::MAX_DEGREE;
 use autotune::exact::{coop_exact_plan, exact_plan_for};
 use autotune::poly::{f32_poly, tune_coop_plan, tune_f32_poly_plan, F32Tiles};
 use autotune::rates::rates;
-use poly::certificate::poly_candidate;
+use autotune::Tuner;
+use config::Config;
+use exact::coop::{CoopExactPlan, F16Bound};
+use exact::cost::exact_flops;
+use exact::io::exact_io;
+use exact::plan::{plan_exact, ExactPlan};
+use exact::run::run as exact_run;
+use io::IoCount;
+use poly::causal::{causal_io, causal_poly_flops, plan_causal, CausalPlan};
+use poly::certificate::{poly_candidate, poly_for_eps, PolyCandidate};
+use poly::cost::poly_flops;
+use poly::io::{poly_io, prepass_io};
 use poly::plan::{plan_poly, Pass1Tiles, Pass2Tiles};
+use poly::prepass::{prepass, Prepass};
+use poly::run::run as poly_run;
 use transfer::Uploads;
 
 /// Attention on the process's GPU. Arrays are contiguous, laid out as in [`Problem`].
@@ -77,229 +81,281 @@ pub fn attention_with_inputs(
     opts: &RunOptions,
     f16_inputs: bool,
 ) -> Result<(Vec<f32>, Report), Error> {
-    check_lengths(p, q, k, v)?;
+    p.check_inputs(q, k, v)?;
     if method != Method::Exact && p.causal && popts.tensor_cores == Some(true) {
-        return Err(Error::Unsupported(
-            "tensor_cores=True is not implemented for causal poly yet; use tensor_cores=None or \
-             False (the f32 path)"
-                .into(),
-        ));
+        return Err(Error::causal_tensor_cores());
     }
-    if !(popts.eps > 0.0 && popts.eps < 1.0) {
-        return Err(Error::InvalidInput(format!(
-            "eps must lie in (0, 1), got {}",
-            popts.eps
-        )));
-    }
+    popts.check()?;
+    let cfg = Config::from_env();
     let gpu = device::gpu()?;
     let _guard = gpu.exclusive();
     let start = Instant::now();
-    let budget = budget(&gpu.info)?;
-    let coop_exact = coop_exact_plan(&gpu, p, &budget, method, popts, opts, f16_inputs)?;
+    let budget = Budget::for_device(&gpu.info, &cfg)?;
+    let tuner = Tuner {
+        gpu: &gpu,
+        cfg: &cfg,
+        budget: &budget,
+        opts: *opts,
+    };
+    let coop_exact = coop_exact_plan(&tuner, p, method, popts, f16_inputs)?;
     // method='poly' uses the exact plan only for the pre-pass chunking: the planner's tiles do,
     // without timing the exact kernel's candidates (nor does exact on tensor cores).
     let exact_plan = if method == Method::Poly || coop_exact.is_some() {
         plan_exact(p, &budget)?
     } else {
-        exact_plan_for(&gpu, p, &budget, *opts)?
+        exact_plan_for(&tuner, p)?
     };
     let mut stats = RunStats::default();
-    let mut predicted_exact_s = None;
-    let mut predicted_poly_s = None;
-    let mut reason = String::new();
-
     // K, V and Q go to the GPU once for the pre-pass and both poly passes.
     let uploads = Uploads::default();
-    let mut candidate = None;
-    let mut causal_plan = None; // causal poly: the chunked schedule over the candidate's tiles
-    let mut pre = None;
-    if method != Method::Exact && p.l > 0 {
-        let pp = prepass(
-            gpu.as_ref(),
-            p,
-            &exact_plan.chunking,
-            q,
-            k,
-            v,
-            &budget,
-            opts,
-            &uploads,
-            &mut stats,
-        )?;
-        if popts.check_finite {
-            for (name, bad) in ["query", "key", "value"].iter().zip(pp.nonfinite) {
-                if bad > 0 {
-                    return Err(Error::InvalidInput(format!(
-                        "{name} contains {bad} NaN or Inf value(s) (after conversion to \
-                         float32); pass check_finite=False to skip this check"
-                    )));
-                }
-            }
-        }
-        let coop_sg = (gpu.info.coop_f16 && !p.causal).then_some(gpu.info.subgroup_size as usize);
-        match poly_candidate(p, &pp, popts, &budget, coop_sg) {
-            Ok(mut c) => {
-                tune_coop_plan(gpu.as_ref(), p, &mut c, &budget, *opts)?;
-                tune_f32_poly_plan(gpu.as_ref(), p, &mut c, &budget, *opts)?;
-                if p.causal {
-                    match poly::causal::plan_causal(p, &c.plan, &budget) {
-                        Ok(cp) => {
-                            causal_plan = Some(cp);
-                            candidate = Some(c);
-                        }
-                        Err(e) if method == Method::Poly => return Err(e),
-                        Err(e) => reason = format!("exact: poly is not applicable ({e})"),
-                    }
-                } else {
-                    candidate = Some(c);
-                }
-            }
-            Err(e) if method == Method::Poly => return Err(e),
-            Err(e) => reason = format!("exact: poly is not applicable ({e})"),
-        }
-        pre = Some(pp);
-    } else if method == Method::Auto {
-        reason = "exact: empty query".into();
-    }
-    if let Some(c) = &candidate {
-        if method == Method::Auto {
-            let r = rates(gpu.as_ref(), &budget, p, c.cert.degree, *opts)?;
-            let te = exact_flops(p) / r.exact_flops_per_s;
-            let flops = match &causal_plan {
-                Some(cp) => poly::causal::causal_poly_flops(p, cp),
-                None => poly_flops(p, &c.plan),
-            };
-            let tp = flops / r.poly_flops_per_s;
-            predicted_exact_s = Some(te);
-            predicted_poly_s = Some(tp);
-            reason = if tp < te {
-                format!("poly: certifies eps at degree {} and is predicted faster ({tp:.3e} s vs {te:.3e} s)", c.cert.degree)
-            } else {
-                format!(
-                    "exact: predicted faster ({te:.3e} s vs poly {tp:.3e} s at degree {})",
-                    c.cert.degree
-                )
-            };
-        } else {
-            reason = "poly: requested".into();
-        }
-    }
-    let use_poly = match (&candidate, method) {
-        (Some(_), Method::Poly) => true,
-        (Some(_), Method::Auto) => predicted_poly_s < predicted_exact_s,
-        _ => false,
-    };
-    if method == Method::Exact {
-        reason = "exact: requested".into();
-    }
-
-    let mut exact_f16 = None;
-    let (out, io, plan_text, certificate, name) = if p.l == 0 || p.units == 0 {
-        (
-            Vec::new(),
-            io::IoCount::default(),
-            "empty".to_string(),
-            None,
-            "exact",
-        )
-    } else if use_poly {
-        let c = candidate.expect("checked above");
-        let pre = pre.expect("pre-pass ran");
-        if let Some(cp) = &causal_plan {
-            let out = poly::causal::run(
-                gpu.as_ref(),
-                p,
-                cp,
-                &c.table,
-                &c.poly,
-                &pre,
-                (q, k, v),
-                opts,
-                &uploads,
-                &mut stats,
-            )?;
-            let io = poly::causal::causal_io(p, cp, &exact_plan.chunking, &budget);
-            (out, io, format!("{cp:?}"), Some(c.cert), "poly")
-        } else {
-            let out = poly_run(
-                gpu.as_ref(),
-                p,
-                &c.plan,
-                &c.table,
-                &c.poly,
-                &pre,
-                q,
-                k,
-                v,
-                opts,
-                &uploads,
-                &mut stats,
-            )?;
-            let io = poly_io(p, &c.plan, &exact_plan.chunking, &budget);
-            (out, io, format!("{:?}", c.plan), Some(c.cert), "poly")
-        }
-    } else if let Some(cplan) = &coop_exact {
-        uploads.clear();
-        exact_f16 = Some(exact::coop::f16_bound(p, q, k, v)?);
-        let (out, st) = exact::coop::run(&gpu, p, cplan, q, k, v, opts)?;
-        stats.absorb(&st);
-        // The f32 kernel's words: the same storage reads (f32) per query block of bq rows.
-        let as_f32 = exact::plan::ExactPlan {
-            tiles: exact::plan::ExactTiles {
-                bq: cplan.tiles.bq(),
-                ..exact_plan.tiles
-            },
-            chunking: cplan.chunking,
-        };
-        let mut io = exact_io(p, &as_f32);
-        if let Some(pre_cost) = pre
-            .as_ref()
-            .map(|_| prepass_io(p, &exact_plan.chunking, &budget))
-        {
-            io.passes.splice(0..0, pre_cost.passes);
-        }
-        (out, io, format!("{cplan:?}"), None, "exact")
-    } else {
-        uploads.clear();
-        let (out, st) = exact_run(&gpu, p, &exact_plan, q, k, v, opts)?;
-        stats.absorb(&st);
-        let mut io = exact_io(p, &exact_plan);
-        if let Some(pre_cost) = pre
-            .as_ref()
-            .map(|_| prepass_io(p, &exact_plan.chunking, &budget))
-        {
-            // auto paid for the pre-pass before choosing exact.
-            io.passes.splice(0..0, pre_cost.passes);
-        }
-        (out, io, format!("{exact_plan:?}"), None, "exact")
-    };
-    let tensor_cores = match name {
-        "poly" => certificate
-            .as_ref()
-            .is_some_and(|c| c.f16_rounding.is_some()),
-        _ => exact_f16.is_some(),
-    };
+    let xs = (q, k, v);
+    let choice = choose(
+        &tuner,
+        p,
+        xs,
+        method,
+        popts,
+        &exact_plan,
+        &uploads,
+        &mut stats,
+    )?;
+    let plans = (&exact_plan, coop_exact.as_ref());
+    let ran = run_choice(&tuner, p, xs, plans, &choice, &uploads, &mut stats)?;
     Ok((
-        out,
+        ran.out,
         Report {
-            tensor_cores,
-            exact_f16,
-            method: name,
+            method: ran.method,
             adapter: gpu.info.adapter.clone(),
             backend: gpu.info.backend.clone(),
             fast_memory_words: budget.fast_memory_words,
-            io_words: io.total(),
-            io_reads: io.reads(),
-            io_writes: io.writes(),
+            io_words: ran.io.total(),
+            io_reads: ran.io.reads(),
+            io_writes: ran.io.writes(),
             stats,
             elapsed_s: start.elapsed().as_secs_f64(),
-            plan: plan_text,
-            certificate,
-            predicted_exact_s,
-            predicted_poly_s,
-            reason,
+            plan: ran.plan,
+            certificate: ran.certificate,
+            predicted_exact_s: choice.predicted.map(|p| p.0),
+            predicted_poly_s: choice.predicted.map(|p| p.1),
+            reason: choice.reason,
+            tensor_cores: ran.tensor_cores,
+            exact_f16: ran.exact_f16,
         },
     ))
+}
+
+/// What `attention` decided to run, and why.
+struct Choice {
+    /// The pre-pass, where it ran.
+    pre: Option<Prepass>,
+    /// The poly method's certificate and plan where it applies.
+    candidate: Option<PolyCandidate>,
+    /// Causal calls: the chunked schedule over the candidate's tiles.
+    causal_plan: Option<CausalPlan>,
+    use_poly: bool,
+    /// Predicted seconds of (exact, poly) where `auto` compared them.
+    predicted: Option<(f64, f64)>,
+    reason: String,
+}
+
+/// Runs the pre-pass and certifies the poly method where `method` may use it, and picks the
+/// method: as requested, or for `auto` the one predicted faster by the measured rates.
+#[allow(clippy::too_many_arguments)]
+fn choose(
+    tuner: &Tuner,
+    p: &Problem,
+    xs: (&[f32], &[f32], &[f32]),
+    method: Method,
+    popts: &PolyOptions,
+    exact_plan: &ExactPlan,
+    uploads: &Uploads,
+    stats: &mut RunStats,
+) -> Result<Choice, Error> {
+    let mut choice = Choice {
+        pre: None,
+        candidate: None,
+        causal_plan: None,
+        use_poly: false,
+        predicted: None,
+        reason: String::new(),
+    };
+    if method == Method::Exact {
+        choice.reason = "exact: requested".into();
+        return Ok(choice);
+    }
+    if p.l == 0 {
+        if method == Method::Auto {
+            choice.reason = "exact: empty query".into();
+        }
+        return Ok(choice);
+    }
+    let (gpu, budget) = (tuner.gpu, tuner.budget);
+    let chunking = &exact_plan.chunking;
+    let pre = prepass(gpu, p, chunking, xs, budget, &tuner.opts, uploads, stats)?;
+    if popts.check_finite {
+        for (name, bad) in ["query", "key", "value"].iter().zip(pre.nonfinite) {
+            if bad > 0 {
+                return Err(Error::InvalidInput(format!(
+                    "{name} contains {bad} NaN or Inf value(s) (after conversion to \
+                     float32); pass check_finite=False to skip this check"
+                )));
+            }
+        }
+    }
+    // Causal poly runs the f32 path only.
+    let coop_sg = (gpu.info.coop_f16 && !p.causal).then_some(gpu.info.subgroup_size as usize);
+    let candidate = poly_candidate(p, &pre, popts, budget, coop_sg);
+    choice.pre = Some(pre);
+    let mut c = match candidate {
+        Ok(c) => c,
+        Err(e) if method == Method::Poly => return Err(e),
+        Err(e) => {
+            choice.reason = format!("exact: poly is not applicable ({e})");
+            return Ok(choice);
+        }
+    };
+    tune_coop_plan(tuner, p, &mut c)?;
+    tune_f32_poly_plan(tuner, p, &mut c)?;
+    if p.causal {
+        match plan_causal(p, &c.plan, budget) {
+            Ok(cp) => choice.causal_plan = Some(cp),
+            Err(e) if method == Method::Poly => return Err(e),
+            Err(e) => {
+                choice.reason = format!("exact: poly is not applicable ({e})");
+                return Ok(choice);
+            }
+        }
+    }
+    if method == Method::Poly {
+        choice.reason = "poly: requested".into();
+        choice.use_poly = true;
+    } else {
+        let g = c.cert.degree;
+        let r = rates(tuner, p, g)?;
+        let te = exact_flops(p) / r.exact_flops_per_s;
+        let flops = match &choice.causal_plan {
+            Some(cp) => causal_poly_flops(p, cp),
+            None => poly_flops(p, &c.plan),
+        };
+        let tp = flops / r.poly_flops_per_s;
+        choice.predicted = Some((te, tp));
+        choice.use_poly = tp < te;
+        choice.reason = if tp < te {
+            format!("poly: certifies eps at degree {g} and is predicted faster ({tp:.3e} s vs {te:.3e} s)")
+        } else {
+            format!("exact: predicted faster ({te:.3e} s vs poly {tp:.3e} s at degree {g})")
+        };
+    }
+    choice.candidate = Some(c);
+    Ok(choice)
+}
+
+/// What ran: the output, the words its plan moves, the plan, the certificate and the method.
+struct Ran {
+    out: Vec<f32>,
+    io: IoCount,
+    plan: String,
+    certificate: Option<Certificate>,
+    method: &'static str,
+    /// Whether the kernels used cooperative matrices, and the exact kernel's f16 bound there.
+    tensor_cores: bool,
+    exact_f16: Option<F16Bound>,
+}
+
+/// Runs the chosen method.
+fn run_choice(
+    tuner: &Tuner,
+    p: &Problem,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    (exact_plan, coop_exact): (&ExactPlan, Option<&CoopExactPlan>),
+    choice: &Choice,
+    uploads: &Uploads,
+    stats: &mut RunStats,
+) -> Result<Ran, Error> {
+    let (gpu, budget, opts) = (tuner.gpu, tuner.budget, &tuner.opts);
+    if p.l == 0 || p.units == 0 {
+        return Ok(Ran {
+            out: Vec::new(),
+            io: IoCount::default(),
+            plan: "empty".to_string(),
+            certificate: None,
+            method: "exact",
+            tensor_cores: false,
+            exact_f16: None,
+        });
+    }
+    match (&choice.candidate, &choice.pre) {
+        (Some(c), Some(pre)) if choice.use_poly => {
+            let (plan, table, poly) = (&c.plan, &c.table, &c.poly);
+            let xs = (q, k, v);
+            let (out, io, plan) = match &choice.causal_plan {
+                Some(cp) => (
+                    poly::causal::run(gpu, p, cp, table, poly, pre, xs, opts, uploads, stats)?,
+                    causal_io(p, cp, &exact_plan.chunking, budget),
+                    format!("{cp:?}"),
+                ),
+                None => (
+                    poly_run(gpu, p, plan, table, poly, pre, xs, opts, uploads, stats)?,
+                    poly_io(p, &c.plan, &exact_plan.chunking, budget),
+                    format!("{:?}", c.plan),
+                ),
+            };
+            Ok(Ran {
+                out,
+                io,
+                plan,
+                certificate: Some(c.cert.clone()),
+                method: "poly",
+                tensor_cores: c.cert.f16_rounding.is_some(),
+                exact_f16: None,
+            })
+        }
+        _ => {
+            uploads.clear();
+            let (out, st, mut io, plan, exact_f16) = match coop_exact {
+                Some(cplan) => {
+                    let bound = exact::coop::f16_bound(p, q, k, v)?;
+                    let (out, st) = exact::coop::run(gpu, p, cplan, q, k, v, opts)?;
+                    // The f32 kernel's words: the same storage reads (f32) per block of bq rows.
+                    let tiles = exact::plan::ExactTiles {
+                        bq: cplan.tiles.bq(),
+                        ..exact_plan.tiles
+                    };
+                    let as_f32 = ExactPlan {
+                        tiles,
+                        chunking: cplan.chunking,
+                    };
+                    (
+                        out,
+                        st,
+                        exact_io(p, &as_f32),
+                        format!("{cplan:?}"),
+                        Some(bound),
+                    )
+                }
+                None => {
+                    let (out, st) = exact_run(gpu, p, exact_plan, q, k, v, opts)?;
+                    let io = exact_io(p, exact_plan);
+                    (out, st, io, format!("{exact_plan:?}"), None)
+                }
+            };
+            stats.absorb(&st);
+            if choice.pre.is_some() {
+                // auto paid for the pre-pass before choosing exact.
+                let pre_cost = prepass_io(p, &exact_plan.chunking, budget);
+                io.passes.splice(0..0, pre_cost.passes);
+            }
+            Ok(Ran {
+                out,
+                io,
+                plan,
+                certificate: None,
+                method: "exact",
+                tensor_cores: exact_f16.is_some(),
+                exact_f16,
+            })
+        }
+    }
 }
 
 /// Exact attention; see [`attention`].
@@ -332,25 +388,22 @@ pub fn poly_attention_with_tiles(
     pass2: Pass2Tiles,
     opts: &RunOptions,
 ) -> Result<TiledPolyRun, Error> {
-    check_lengths(p, q, k, v)?;
+    p.check_inputs(q, k, v)?;
+    let cfg = Config::from_env();
     let gpu = device::gpu()?;
     let _guard = gpu.exclusive();
-    let budget = budget(&gpu.info)?;
+    let budget = Budget::for_device(&gpu.info, &cfg)?;
+    let tuner = Tuner {
+        gpu: &gpu,
+        cfg: &cfg,
+        budget: &budget,
+        opts: *opts,
+    };
     // The pre-pass chunking `attention` uses for method="poly", which the I/O model assumes.
     let chunking = plan_exact(p, &budget)?.chunking;
     let mut st = RunStats::default();
     let tiles = F32Tiles::Given(pass1, pass2);
-    let (out, c) = f32_poly(
-        &gpu,
-        p,
-        &chunking,
-        (q, k, v),
-        degree,
-        &budget,
-        opts,
-        tiles,
-        &mut st,
-    )?;
+    let (out, c) = f32_poly(&tuner, (p, &chunking), (q, k, v), degree, tiles, &mut st)?;
     let io = poly_io(p, &c.plan, &chunking, &budget);
     Ok(TiledPolyRun {
         out,
@@ -360,32 +413,8 @@ pub fn poly_attention_with_tiles(
     })
 }
 
-fn check_lengths(p: &Problem, q: &[f32], k: &[f32], v: &[f32]) -> Result<(), Error> {
-    if p.s == 0 {
-        return Err(Error::InvalidInput(
-            "key/value sequence length S must be at least 1".into(),
-        ));
-    }
-    if p.e == 0 || p.ev == 0 || p.group == 0 {
-        return Err(Error::InvalidInput(
-            "head dimensions must be at least 1".into(),
-        ));
-    }
-    let want = [
-        ("query", q.len(), p.units * p.group * p.l * p.e),
-        ("key", k.len(), p.units * p.s * p.e),
-        ("value", v.len(), p.units * p.s * p.ev),
-    ];
-    for (name, got, expect) in want {
-        if got != expect {
-            return Err(Error::InvalidInput(format!(
-                "{name} has {got} elements, the problem {p:?} needs {expect}"
-            )));
-        }
-    }
-    Ok(())
-}
-
+/// The plan that would run and the words it moves, without touching the GPU when
+/// `fast_memory_words` is given (then the model has no binding limit: one dispatch).
 pub fn io_cost(
     p: &Problem,
     method: Method,
@@ -399,59 +428,50 @@ pub fn io_cost(
         None => budget(&device::gpu()?.info)?,
     };
     let exact_plan = plan_exact(p, &budget)?;
-    match method {
-        Method::Exact => Ok(IoEstimate {
+    if method == Method::Exact {
+        return Ok(IoEstimate {
             method: "exact",
             schedule: None,
             degree: None,
             rank: None,
             fast_memory_words: budget.fast_memory_words,
             io: exact_io(p, &exact_plan),
-        }),
-        Method::Poly | Method::Auto => {
-            let g = match (degree, eps, beta) {
-                (Some(g), _, _) => g,
-                (None, Some(eps), Some(beta)) => {
-                    if !(eps > 0.0 && eps < 1.0 && beta >= 0.0 && beta.is_finite()) {
-                        return Err(Error::InvalidInput(format!(
-                            "need 0 < eps < 1 and finite beta >= 0, got eps={eps}, beta={beta}"
-                        )));
-                    }
-                    let poly =
-                        choose_degree(beta, eps / (1.0 + eps), MAX_DEGREE).ok_or_else(|| {
-                            Error::TooLarge(format!(
-                                "no degree <= {MAX_DEGREE} certifies eps={eps} at beta={beta}"
-                            ))
-                        })?;
-                    poly.feature_degree()
-                }
-                _ => {
-                    return Err(Error::InvalidInput(
-                        "method='poly' needs degree=, or eps= and beta= to choose the degree"
-                            .into(),
-                    ))
-                }
-            };
-            let plan = plan_poly(p, g, &budget)?;
-            if p.causal {
-                let cp = poly::causal::plan_causal(p, &plan, &budget)?;
-                return Ok(IoEstimate {
-                    method: "poly",
-                    schedule: Some(plan.schedule),
-                    degree: Some(g),
-                    rank: Some(plan.r),
-                    fast_memory_words: budget.fast_memory_words,
-                    io: poly::causal::causal_io(p, &cp, &exact_plan.chunking, &budget),
-                });
-            }
-            Ok(IoEstimate {
-                method: "poly",
-                schedule: Some(plan.schedule),
-                degree: Some(g),
-                rank: Some(plan.r),
-                fast_memory_words: budget.fast_memory_words,
-                io: poly_io(p, &plan, &exact_plan.chunking, &budget),
-            })
-        }
+        });
     }
+    let g = match (degree, eps, beta) {
+        (Some(g), _, _) => g,
+        (None, Some(eps), Some(beta)) => {
+            if !(eps > 0.0 && eps < 1.0 && beta >= 0.0 && beta.is_finite()) {
+                return Err(Error::InvalidInput(format!(
+                    "need 0 < eps < 1 and finite beta >= 0, got eps={eps}, beta={beta}"
+                )));
+            }
+            let poly = poly_for_eps(beta, eps, 0.0).ok_or_else(|| {
+                Error::TooLarge(format!(
+                    "no degree <= {MAX_DEGREE} certifies eps={eps} at beta={beta}"
+                ))
+            })?;
+            poly.feature_degree()
+        }
+        _ => {
+            return Err(Error::InvalidInput(
+                "method='poly' needs degree=, or eps= and beta= to choose the degree".into(),
+            ))
+        }
+    };
+    let plan = plan_poly(p, g, &budget)?;
+    let io = if p.causal {
+        let cp = plan_causal(p, &plan, &budget)?;
+        causal_io(p, &cp, &exact_plan.chunking, &budget)
+    } else {
+        poly_io(p, &plan, &exact_plan.chunking, &budget)
+    };
+    Ok(IoEstimate {
+        method: "poly",
+        schedule: Some(plan.schedule),
+        degree: Some(g),
+        rank: Some(plan.r),
+        fast_memory_words: budget.fast_memory_words,
+        io,
+    })
 }

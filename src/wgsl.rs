@@ -1,45 +1,93 @@
 //! WGSL generation helpers shared by every kernel: template filling, unrolled loops, tile elements,
 //! the I/O counter slots, and the fingerprint of the kernels (the tuning cache key).
 
-/// FNV-1a hash of every shader template and of the Rust that generates WGSL from them, so
-/// cached measurements (tuned tiles, rates) go stale with the kernels, not only with templates.
-pub fn shader_fingerprint() -> u64 {
-    [
-        include_str!("wgsl.rs"),
-        include_str!("exact/kernel.rs"),
-        include_str!("exact/coop.rs"),
-        include_str!("poly/kernel_common.rs"),
-        include_str!("poly/kernel_f32.rs"),
-        include_str!("poly/kernel_coop.rs"),
-        include_str!("poly/prepass.rs"),
-        include_str!("poly/causal.rs"),
-        crate::exact::kernel::TEMPLATE,
-        crate::exact::coop::TEMPLATE,
-        crate::poly::prepass::PREPASS,
-        crate::poly::kernel_f32::PASS1,
-        crate::poly::kernel_common::REDUCE,
-        crate::poly::kernel_f32::PASS2,
-        crate::poly::kernel_coop::COOP_PASS1,
-        crate::poly::kernel_coop::COOP_PASS2,
-        crate::poly::kernel_coop::COOP_PACK,
-        crate::poly::causal::SCAN,
-        crate::poly::causal::DIAG,
-    ]
-    .iter()
-    .flat_map(|t| t.bytes())
-    .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    })
+/// FNV-1a hash (64 bits, stable across platforms and Rust versions) of generated WGSL sources: the
+/// key under which tuned tiles and rates are cached, so that a change of the kernels a class runs
+/// re-measures it while host-only changes keep the measurements.
+pub fn fingerprint(sources: &[String]) -> u64 {
+    sources
+        .iter()
+        .flat_map(|s| s.bytes().chain([0u8]))
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        })
 }
 
-/// Replaces every `{{NAME}}` slot of a WGSL template.
+/// Replaces every `{{NAME}}` slot of a WGSL template. Every slot of the template must be given a
+/// value and every value must fill a slot: a mismatch is a bug of the generator, so it panics in
+/// release builds too (the golden test generates every kernel over a grid).
 pub(crate) fn fill_template(template: &str, slots: &[(&str, String)]) -> String {
     let mut s = template.to_string();
     for (name, value) in slots {
-        s = s.replace(&format!("{{{{{name}}}}}"), value);
+        let slot = format!("{{{{{name}}}}}");
+        assert!(
+            s.contains(&slot),
+            "the template has no slot {slot} (or it is given twice)"
+        );
+        s = s.replace(&slot, value);
     }
-    debug_assert!(!s.contains("{{"), "unfilled slot in shader template");
+    if let Some(i) = s.find("{{") {
+        let end = s[i..].find("}}").map_or(s.len(), |j| i + j + 2);
+        panic!("slot {} of a shader template is not filled", &s[i..end]);
+    }
     s
+}
+
+/// Writes generated WGSL line by line at a tracked depth (four spaces a level), so that generators
+/// do not thread indentation strings by hand.
+pub(crate) struct Emitter {
+    out: String,
+    depth: usize,
+}
+
+impl Emitter {
+    /// An emitter whose lines start `depth` levels deep.
+    pub(crate) fn new(depth: usize) -> Self {
+        Emitter {
+            out: String::new(),
+            depth,
+        }
+    }
+
+    /// One line at the current depth.
+    pub(crate) fn line(&mut self, text: impl AsRef<str>) -> &mut Self {
+        for _ in 0..self.depth {
+            self.out.push_str("    ");
+        }
+        self.out.push_str(text.as_ref());
+        self.out.push('\n');
+        self
+    }
+
+    /// `head {`, the lines of `body` one level deeper, and `}`.
+    pub(crate) fn block(
+        &mut self,
+        head: impl AsRef<str>,
+        body: impl FnOnce(&mut Self),
+    ) -> &mut Self {
+        self.line(format!("{} {{", head.as_ref()));
+        self.depth += 1;
+        body(self);
+        self.depth -= 1;
+        self.line("}")
+    }
+
+    /// `{`, the lines of `body` one level deeper, and `}`.
+    pub(crate) fn scope(&mut self, body: impl FnOnce(&mut Self)) -> &mut Self {
+        self.line("{");
+        self.depth += 1;
+        body(self);
+        self.depth -= 1;
+        self.line("}")
+    }
+
+    /// The lines written, without the last newline.
+    pub(crate) fn finish(mut self) -> String {
+        if self.out.ends_with('\n') {
+            self.out.pop();
+        }
+        self.out
+    }
 }
 
 /// A tile element of `lanes` floats (1 or 4) in WGSL: its type, and the suffixes that pick its
@@ -97,5 +145,26 @@ pub(crate) fn constant_loop(
             .join("\n")
     } else {
         format!("{indent}for (var {i} = 0u; {i} < {name}; {i}++) {{\n{body}\n{indent}}}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_slots_are_all_filled_and_all_used() {
+        let t = "a {{X}} b {{Y}} {{X}}";
+        let filled = fill_template(t, &[("X", "1".into()), ("Y", "2".into())]);
+        assert_eq!(filled, "a 1 b 2 1");
+        let unfilled = std::panic::catch_unwind(|| fill_template(t, &[("X", "1".into())]));
+        assert!(unfilled.is_err());
+        let unused = std::panic::catch_unwind(|| {
+            fill_template(
+                t,
+                &[("X", "1".into()), ("Y", "2".into()), ("Z", "3".into())],
+            )
+        });
+        assert!(unused.is_err());
     }
 }

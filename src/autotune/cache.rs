@@ -1,30 +1,19 @@
-//! The tuning cache on disk: one file per kind and adapter key, one line per class.
+//! The tuning cache on disk: one file per kind of record and adapter (name, driver, backend), one
+//! line per entry: `<class>\t<fingerprint>\t<values>`, the last entry of a class winning. The
+//! fingerprint is that of the WGSL of the class's kernels ([`crate::wgsl::fingerprint`]): an entry
+//! whose kernels changed is stale. Stale and unreadable entries are ignored, with one warning per
+//! file and process; a cache that cannot be written costs only a re-measurement.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-
-use super::rates::Rates;
-
-pub(crate) fn cache_path(kind: &str, adapter_key: &str) -> Option<PathBuf> {
-    let base = std::env::var_os("APPROX_ATTN_CACHE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("approx_attn"))
-        })
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/approx_attn"))
-        })?;
-    let name: String = adapter_key
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    Some(base.join(format!("{kind}-{name}.txt")))
-}
 
 /// Cache files as read or written by this process: `auto` and the tuned tiles consult them on
 /// every call, and the disk is read once per file.
 static FILES: Mutex<Option<HashMap<PathBuf, Option<String>>>> = Mutex::new(None);
+
+/// Files this process has warned about.
+static WARNED: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
 
 fn read_cache(path: &Path) -> Option<String> {
     let mut files = FILES.lock().unwrap_or_else(|e| e.into_inner());
@@ -47,48 +36,89 @@ fn write_cache(path: PathBuf, text: String) {
         .insert(path, Some(text));
 }
 
-/// The rates of `class` (a line "<class> <exact> <poly>" of the rates file; the last one wins).
-pub fn load_rates(adapter_key: &str, class: &str) -> Option<Rates> {
-    let text = read_cache(&cache_path("rates", adapter_key)?)?;
-    text.lines().rev().find_map(|line| {
-        let rest = line.strip_prefix(class)?.strip_prefix(' ')?;
-        let mut it = rest.split_whitespace().map(|t| t.parse::<f64>());
-        match (it.next(), it.next(), it.next()) {
-            (Some(Ok(a)), Some(Ok(b)), None) if a > 0.0 && b > 0.0 => Some(Rates {
-                exact_flops_per_s: a,
-                poly_flops_per_s: b,
-            }),
-            _ => None,
+/// One cache file.
+pub(crate) struct CacheFile {
+    path: Option<PathBuf>,
+}
+
+impl CacheFile {
+    /// The file of records `kind` for `adapter_key` in `dir` (none without a directory).
+    pub(crate) fn new(dir: Option<&Path>, kind: &str, adapter_key: &str) -> Self {
+        let name: String = adapter_key
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        CacheFile {
+            path: dir.map(|d| d.join(format!("{kind}-{name}.txt"))),
         }
-    })
-}
-
-pub fn store_rates(adapter_key: &str, class: &str, rates: &Rates) {
-    if let Some(path) = cache_path("rates", adapter_key) {
-        let mut text = read_cache(&path).unwrap_or_default();
-        text.push_str(&format!(
-            "{class} {} {}\n",
-            rates.exact_flops_per_s, rates.poly_flops_per_s
-        ));
-        write_cache(path, text);
     }
-}
 
-/// Tuned numbers for a shape class (a line "<class> <n1> <n2> ..." of a cache file).
-pub fn load_tuned(kind: &str, adapter_key: &str, class: &str) -> Option<Vec<usize>> {
-    let text = read_cache(&cache_path(kind, adapter_key)?)?;
-    text.lines().rev().find_map(|line| {
-        let rest = line.strip_prefix(class)?.strip_prefix(' ')?;
-        rest.split_whitespace().map(|t| t.parse().ok()).collect()
-    })
-}
+    pub(crate) fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
 
-pub fn store_tuned(kind: &str, adapter_key: &str, class: &str, values: &[usize]) {
-    if let Some(path) = cache_path(kind, adapter_key) {
-        let line: Vec<String> = values.iter().map(|v| v.to_string()).collect();
-        let mut text = read_cache(&path).unwrap_or_default();
-        text.push_str(&format!("{class} {}\n", line.join(" ")));
-        write_cache(path, text);
+    /// The values of the last current entry of `class` that `parse` accepts. Entries of the class
+    /// with another fingerprint, lines that are not entries, and values `parse` refuses are
+    /// skipped, with one warning.
+    pub(crate) fn load<T>(
+        &self,
+        class: &str,
+        fingerprint: u64,
+        parse: impl Fn(&[&str]) -> Option<T>,
+    ) -> Option<T> {
+        let text = read_cache(self.path.as_ref()?)?;
+        let fp = format!("{fingerprint:016x}");
+        let mut skipped = 0usize;
+        let mut found = None;
+        for line in text.lines().rev() {
+            let fields: Vec<&str> = line.split('\t').collect();
+            let [c, f, values] = fields[..] else {
+                skipped += 1;
+                continue;
+            };
+            if c != class {
+                continue;
+            }
+            let values: Vec<&str> = values.split_whitespace().collect();
+            match parse(&values) {
+                Some(v) if f == fp => {
+                    found = Some(v);
+                    break;
+                }
+                _ => skipped += 1,
+            }
+        }
+        if skipped > 0 {
+            self.warn_once(&format!(
+                "{skipped} stale or unreadable entries (kernels changed, or a damaged file)"
+            ));
+        }
+        found
+    }
+
+    /// Appends an entry of `class`.
+    pub(crate) fn store(&self, class: &str, fingerprint: u64, values: &[String]) {
+        if let Some(path) = &self.path {
+            let mut text = read_cache(path).unwrap_or_default();
+            text.push_str(&format!(
+                "{class}\t{fingerprint:016x}\t{}\n",
+                values.join(" ")
+            ));
+            write_cache(path.clone(), text);
+        }
+    }
+
+    /// Says once per process and file that some of its entries are ignored.
+    pub(crate) fn warn_once(&self, what: &str) {
+        let Some(path) = &self.path else { return };
+        let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+        if warned.get_or_insert_with(HashSet::new).insert(path.clone()) {
+            eprintln!(
+                "approx_attn: the tuning cache {} has {what}; they are ignored and measured again \
+                 where needed",
+                path.display()
+            );
+        }
     }
 }
 
@@ -96,41 +126,48 @@ pub fn store_tuned(kind: &str, adapter_key: &str, class: &str, values: &[usize])
 mod tests {
     use super::*;
 
+    fn usizes(v: &[&str]) -> Option<Vec<usize>> {
+        v.iter().map(|t| t.parse().ok()).collect()
+    }
+
     #[test]
-    fn rates_round_trip() {
-        let dir = std::env::temp_dir().join(format!("aa-rates-{}", std::process::id()));
-        std::env::set_var("APPROX_ATTN_CACHE_DIR", &dir);
-        let r = Rates {
-            exact_flops_per_s: 1.5e9,
-            poly_flops_per_s: 2.5e9,
+    fn entries_round_trip_by_class_and_fingerprint() {
+        let dir = std::env::temp_dir().join(format!("aa-cache-{}", std::process::id()));
+        let rates = CacheFile::new(Some(&dir), "rates", "Test GPU (1)");
+        let f = |v: &[f64]| v.iter().map(f64::to_string).collect::<Vec<_>>();
+        let pair = |v: &[&str]| -> Option<(f64, f64)> {
+            match v {
+                [a, b] => Some((a.parse().ok()?, b.parse().ok()?)),
+                _ => None,
+            }
         };
-        store_rates("Test GPU (1)", "64 64 2", &r);
-        let trusted = Rates {
-            exact_flops_per_s: 3.5e9,
-            ..r
-        };
-        store_rates("Test GPU (1)", "64 64 2 trusted", &trusted);
-        assert_eq!(load_rates("Test GPU (1)", "64 64 2"), Some(r));
-        assert_eq!(load_rates("Test GPU (1)", "64 64 2 trusted"), Some(trusted));
-        assert_eq!(load_rates("Test GPU (1)", "64 64 3"), None);
-        assert_eq!(load_rates("Test GPU (1)", "128 128 2"), None);
-        store_tuned("tiles", "Test GPU (1)", "64 64 0", &[64, 32, 8, 8]);
-        store_tuned("tiles", "Test GPU (1)", "64 64 0", &[32, 32, 16, 8]);
+        rates.store("64 64 2", 7, &f(&[1.5e9, 2.5e9]));
+        rates.store("64 64 2 trusted", 7, &f(&[3.5e9, 2.5e9]));
+        assert_eq!(rates.load("64 64 2", 7, pair), Some((1.5e9, 2.5e9)));
+        assert_eq!(rates.load("64 64 2 trusted", 7, pair), Some((3.5e9, 2.5e9)));
+        assert_eq!(rates.load("64 64 3", 7, pair), None);
+        assert_eq!(rates.load("128 128 2", 7, pair), None);
+        // Another fingerprint: the kernels changed, the entry is stale.
+        assert_eq!(rates.load("64 64 2", 8, pair), None);
+
+        let tiles = CacheFile::new(Some(&dir), "tiles", "Test GPU (1)");
+        tiles.store("64 64 0", 1, &["64 32 8 8".into()]);
+        tiles.store("64 64 0", 1, &["32 32 16 8".into()]);
+        assert_eq!(tiles.load("64 64 0", 1, usizes), Some(vec![32, 32, 16, 8]));
+        assert_eq!(tiles.load("64 64 1", 1, usizes), None);
+        // A trusted-mode class (`Tuner::tuned` suffixes it) and the plain one never mix.
+        tiles.store("64 64 0 trusted", 1, &["16 16 4 4".into()]);
+        assert_eq!(tiles.load("64 64 0", 1, usizes), Some(vec![32, 32, 16, 8]));
         assert_eq!(
-            load_tuned("tiles", "Test GPU (1)", "64 64 0"),
-            Some(vec![32, 32, 16, 8])
-        );
-        assert_eq!(load_tuned("tiles", "Test GPU (1)", "64 64 1"), None);
-        // A trusted-mode class (`tuned_values` suffixes it) and the plain one never mix.
-        store_tuned("tiles", "Test GPU (1)", "64 64 0 trusted", &[16, 16, 4, 4]);
-        assert_eq!(
-            load_tuned("tiles", "Test GPU (1)", "64 64 0"),
-            Some(vec![32, 32, 16, 8])
-        );
-        assert_eq!(
-            load_tuned("tiles", "Test GPU (1)", "64 64 0 trusted"),
+            tiles.load("64 64 0 trusted", 1, usizes),
             Some(vec![16, 16, 4, 4])
         );
+        // Damaged lines and values are skipped, older good entries still count.
+        let path = tiles.path().unwrap().to_path_buf();
+        let mut text = read_cache(&path).unwrap();
+        text.push_str("garbage without fields\n64 64 0\t0000000000000001\t32 x 16 8\n");
+        write_cache(path, text);
+        assert_eq!(tiles.load("64 64 0", 1, usizes), Some(vec![32, 32, 16, 8]));
         let _ = std::fs::remove_dir_all(dir);
     }
 }

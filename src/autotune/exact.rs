@@ -1,64 +1,136 @@
 //! Tiles of the exact kernel measured on this adapter per shape class.
 
+use std::fmt;
 use std::time::Instant;
 
-use super::{fastest_candidate, forced_or_tuned, TUNE_WARMUP_RUNS};
+use super::{sizes_and_flags, TileRecord, Tuner, TUNE_WARMUP_RUNS};
 use crate::api::{Method, PolyOptions, Problem};
-use crate::budget::Budget;
-use crate::device::Gpu;
 use crate::error::Error;
 use crate::exact::coop::{self, CoopExactPlan, CoopExactTiles};
+use crate::exact::kernel::shader_source;
 use crate::exact::plan::{
     exact_candidates, exact_tiles_fit, plan_exact, plan_exact_with, ExactPlan, ExactTiles,
 };
 use crate::exact::run::run as exact_run;
-use crate::launch::RunOptions;
+
+/// The shape class whose exact tiles are tuned together.
+struct ExactClass {
+    e: usize,
+    ev: usize,
+    causal: bool,
+    fast_memory_words: u64,
+}
+
+impl fmt::Display for ExactClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = u8::from(self.causal);
+        write!(f, "{} {} {c} {}", self.e, self.ev, self.fast_memory_words)
+    }
+}
+
+/// Tuned exact tiles (the head sizes come from the problem).
+#[derive(Clone, Copy, Debug)]
+struct ExactRecord {
+    bq: usize,
+    bk: usize,
+    tq: usize,
+    tk: usize,
+    split_v: bool,
+}
+
+impl TileRecord for ExactRecord {
+    const KIND: &'static str = "exact-tiles";
+    const NAMES: &'static str = "bq bk tq tk split_v";
+    fn values(&self) -> Vec<usize> {
+        vec![
+            self.bq,
+            self.bk,
+            self.tq,
+            self.tk,
+            usize::from(self.split_v),
+        ]
+    }
+    fn from_values(v: &[usize]) -> Option<Self> {
+        sizes_and_flags(v, 5, 1).then(|| ExactRecord {
+            bq: v[0],
+            bk: v[1],
+            tq: v[2],
+            tk: v[3],
+            split_v: v[4] != 0,
+        })
+    }
+}
+
+impl ExactRecord {
+    fn of(t: &ExactTiles) -> Self {
+        ExactRecord {
+            bq: t.bq,
+            bk: t.bk,
+            tq: t.tq,
+            tk: t.tk,
+            split_v: t.split_v,
+        }
+    }
+
+    fn tiles(&self, p: &Problem) -> ExactTiles {
+        ExactTiles {
+            e: p.e,
+            ev: p.ev,
+            bq: self.bq,
+            bk: self.bk,
+            tq: self.tq,
+            tk: self.tk,
+            split_v: self.split_v,
+        }
+    }
+}
+
+/// The problem of `p`'s class on which candidates are timed: many waves of workgroups on a GPU
+/// (at 2048^2, under one wave of 64-row query tiles on an H100, the ranking favoured small
+/// tiles).
+fn bench_problem(tuner: &Tuner, p: &Problem) -> Problem {
+    let n = tuner.bench_side(16384);
+    Problem {
+        units: 8,
+        group: 1,
+        l: n,
+        s: n,
+        ..*p
+    }
+}
 
 /// The exact plan, with tiles measured on this adapter for the shape class (E, Ev, causal, fast
-/// memory) when a tuned entry is cached or the autotune times the candidates now (see
-/// [`autotune_on`]; the tests turn it off); otherwise the planner's default.
-pub(crate) fn exact_plan_for(
-    gpu: &Gpu,
-    p: &Problem,
-    budget: &Budget,
-    opts: RunOptions,
-) -> Result<ExactPlan, Error> {
+/// memory) when a tuned entry is cached or the autotune times the candidates now (the tests turn
+/// it off); otherwise the planner's default.
+pub(crate) fn exact_plan_for(tuner: &Tuner, p: &Problem) -> Result<ExactPlan, Error> {
+    let budget = tuner.budget;
     let default = plan_exact(p, budget)?;
     // Tiny problems get tiles capped by L and S; the fast memory may be capped for tests.
     if p.l < 64 || p.s < 64 {
         return Ok(default);
     }
-    let class = format!(
-        "{} {} {} {}",
-        p.e,
-        p.ev,
-        u8::from(p.causal),
-        budget.fast_memory_words
-    );
-    let forced = ("APPROX_ATTN_EXACT_TILES", "bq bk tq tk split_v");
-    let (tuned, forced) = forced_or_tuned(
-        gpu,
-        forced,
-        "exact-tiles",
-        (&class, opts.trusted),
-        5,
-        || {
-            let t = autotune_exact(gpu, p, budget, opts)?;
-            Ok(vec![t.bq, t.bk, t.tq, t.tk, usize::from(t.split_v)])
-        },
+    let class = ExactClass {
+        e: p.e,
+        ev: p.ev,
+        causal: p.causal,
+        fast_memory_words: budget.fast_memory_words,
+    };
+    let bench = bench_problem(tuner, p);
+    let kernels = || {
+        let cands = exact_candidates(&bench, budget);
+        cands.iter().map(|t| shader_source(t, false)).collect()
+    };
+    let (tuned, forced) = tuner.forced_or_tuned(
+        ("APPROX_ATTN_EXACT_TILES", tuner.cfg.exact_tiles.as_deref()),
+        &class,
+        kernels,
+        |r: &ExactRecord| exact_tiles_fit(&r.tiles(p), budget),
+        || Ok(ExactRecord::of(&autotune_exact(tuner, &bench)?)),
     )?;
     let Some(tuned) = tuned else {
         return Ok(default);
     };
-    let t = ExactTiles {
-        e: p.e,
-        ev: p.ev,
-        bq: tuned[0],
-        bk: tuned[1],
-        tq: tuned[2],
-        tk: tuned[3],
-        split_v: tuned[4] != 0,
-    };
+    let t = tuned.tiles(p);
     if !exact_tiles_fit(&t, budget) {
         return if forced {
             Err(Error::InvalidInput(format!(
@@ -71,43 +143,23 @@ pub(crate) fn exact_plan_for(
     plan_exact_with(p, budget, t)
 }
 
-/// Times every candidate tile shape on a problem of this shape class and returns the fastest.
-fn autotune_exact(
-    gpu: &Gpu,
-    p: &Problem,
-    budget: &Budget,
-    opts: RunOptions,
-) -> Result<ExactTiles, Error> {
-    // Many waves of workgroups on a GPU: at 2048^2 (under one wave of 64-row query tiles on an
-    // H100) the ranking favoured small tiles. Small on CPU drivers, where each candidate also
-    // compiles slowly.
-    let n = if gpu.info.device_type == "Cpu" {
-        512
-    } else {
-        16384
-    };
-    let class = Problem {
-        units: 8,
-        group: 1,
-        l: n,
-        s: n,
-        ..*p
-    };
+/// Times every candidate tile shape on `class` (a problem of the shape class) and returns the
+/// fastest.
+fn autotune_exact(tuner: &Tuner, class: &Problem) -> Result<ExactTiles, Error> {
+    let (gpu, budget) = (tuner.gpu, tuner.budget);
+    let n = class.l;
     let x = |w: usize| -> Vec<f32> {
         (0..class.units * n * w)
             .map(|i| ((i * 7919 % 1000) as f32 / 1000.0) - 0.5)
             .collect()
     };
-    let (q, k, v) = (x(p.e), x(p.e), x(p.ev));
-    let opts = RunOptions {
-        count_io: false,
-        ..opts
-    };
-    let candidates = exact_candidates(&class, budget);
+    let (q, k, v) = (x(class.e), x(class.e), x(class.ev));
+    let opts = tuner.timing_opts();
+    let candidates = exact_candidates(class, budget);
     let time = |t: ExactTiles| -> Result<f64, Error> {
-        let plan = plan_exact_with(&class, budget, t)?;
+        let plan = plan_exact_with(class, budget, t)?;
         let start = Instant::now();
-        let (_, st) = exact_run(gpu, &class, &plan, &q, &k, &v, &opts)?;
+        let (_, st) = exact_run(gpu, class, &plan, &q, &k, &v, &opts)?;
         Ok(st.kernel_s.unwrap_or_else(|| start.elapsed().as_secs_f64()))
     };
     // The GPU raises its clocks under load: a few runs first, so that the first candidates are
@@ -120,25 +172,77 @@ fn autotune_exact(
     for &t in &candidates {
         time(t)?;
     }
-    let what = format!("exact E={} Ev={} causal={}", p.e, p.ev, p.causal);
-    fastest_candidate(&candidates, &what, time)
+    let what = format!(
+        "exact E={} Ev={} causal={}",
+        class.e, class.ev, class.causal
+    );
+    tuner.fastest(&candidates, &what, time)
+}
+
+/// The shape class whose tensor-core exact tiles are tuned together.
+struct CoopExactClass {
+    e: usize,
+    ev: usize,
+    causal: bool,
+    fast_memory_words: u64,
+    sg: usize,
+}
+
+impl fmt::Display for CoopExactClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = u8::from(self.causal);
+        let (e, ev, m, sg) = (self.e, self.ev, self.fast_memory_words, self.sg);
+        write!(f, "{e} {ev} {c} {m} {sg}")
+    }
+}
+
+/// Tuned tensor-core exact tiles (the head sizes and subgroup size come from the problem).
+#[derive(Clone, Copy, Debug)]
+struct CoopExactRecord {
+    subgroups: usize,
+    rt: usize,
+    bk: usize,
+}
+
+impl TileRecord for CoopExactRecord {
+    const KIND: &'static str = "coop-exact-tiles";
+    const NAMES: &'static str = "subgroups rt bk";
+    fn values(&self) -> Vec<usize> {
+        vec![self.subgroups, self.rt, self.bk]
+    }
+    fn from_values(v: &[usize]) -> Option<Self> {
+        sizes_and_flags(v, 3, 0).then(|| CoopExactRecord {
+            subgroups: v[0],
+            rt: v[1],
+            bk: v[2],
+        })
+    }
+}
+
+impl CoopExactRecord {
+    fn tiles(&self, planned: &CoopExactTiles) -> CoopExactTiles {
+        CoopExactTiles {
+            subgroups: self.subgroups,
+            rt: self.rt,
+            bk: self.bk,
+            ..*planned
+        }
+    }
 }
 
 /// The plan of exact attention on cooperative matrices where this call runs it: `tensor_cores`
 /// `Some(true)`, or `None` with float16 inputs, and an exact run (method exact, or auto, which
 /// falls back to exact). Errors where `Some(true)` asks for what the adapter lacks.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn coop_exact_plan(
-    gpu: &Gpu,
+    tuner: &Tuner,
     p: &Problem,
-    budget: &Budget,
     method: Method,
     popts: &PolyOptions,
-    opts: &RunOptions,
     f16_inputs: bool,
 ) -> Result<Option<CoopExactPlan>, Error> {
+    let budget = tuner.budget;
     let wanted = popts.tensor_cores.unwrap_or(f16_inputs);
-    let sg = coop::available(gpu);
+    let sg = coop::available(tuner.gpu);
     if popts.tensor_cores == Some(true) && sg.is_none() && method != Method::Poly {
         return Err(Error::Unsupported(
             "tensor_cores=True needs 16x16 f16 cooperative matrices, f16 shaders, one subgroup \
@@ -157,34 +261,42 @@ pub(crate) fn coop_exact_plan(
     if p.l < 64 || p.s < 64 {
         return Ok(Some(planned));
     }
-    let class = format!(
-        "{} {} {} {} {sg}",
-        p.e,
-        p.ev,
-        u8::from(p.causal),
-        budget.fast_memory_words
-    );
-    let forced = ("APPROX_ATTN_COOP_EXACT_TILES", "subgroups rt bk");
-    let (tuned, forced) = forced_or_tuned(
-        gpu,
-        forced,
-        "coop-exact-tiles",
-        (&class, opts.trusted),
-        3,
+    let class = CoopExactClass {
+        e: p.e,
+        ev: p.ev,
+        causal: p.causal,
+        fast_memory_words: budget.fast_memory_words,
+        sg,
+    };
+    let bench = bench_problem(tuner, p);
+    let kernels = || {
+        let cands = coop::candidates(&bench, budget, sg);
+        cands
+            .iter()
+            .map(|t| coop::shader_source(t, false))
+            .collect()
+    };
+    let (tuned, forced) = tuner.forced_or_tuned(
+        (
+            "APPROX_ATTN_COOP_EXACT_TILES",
+            tuner.cfg.coop_exact_tiles.as_deref(),
+        ),
+        &class,
+        kernels,
+        |r: &CoopExactRecord| coop::tiles_fit(&r.tiles(&planned.tiles), budget),
         || {
-            let t = autotune_coop_exact(gpu, p, budget, sg, *opts)?;
-            Ok(vec![t.subgroups, t.rt, t.bk])
+            let t = autotune_coop_exact(tuner, &bench, sg)?;
+            Ok(CoopExactRecord {
+                subgroups: t.subgroups,
+                rt: t.rt,
+                bk: t.bk,
+            })
         },
     )?;
     let Some(tuned) = tuned else {
         return Ok(Some(planned));
     };
-    let t = CoopExactTiles {
-        subgroups: tuned[0],
-        rt: tuned[1],
-        bk: tuned[2],
-        ..planned.tiles
-    };
+    let t = tuned.tiles(&planned.tiles);
     if !coop::tiles_fit(&t, budget) {
         return if forced {
             Err(Error::InvalidInput(format!(
@@ -198,38 +310,23 @@ pub(crate) fn coop_exact_plan(
     coop::plan_with(p, budget, t).map(Some)
 }
 
-/// Times the coop exact candidates on an 8-head 16384^2 problem of this shape class (as
-/// [`autotune_exact`] does for the f32 kernel) and returns the fastest.
-fn autotune_coop_exact(
-    gpu: &Gpu,
-    p: &Problem,
-    budget: &Budget,
-    sg: usize,
-    opts: RunOptions,
-) -> Result<CoopExactTiles, Error> {
-    let n = 16384;
-    let class = Problem {
-        units: 8,
-        group: 1,
-        l: n,
-        s: n,
-        ..*p
-    };
+/// Times every tensor-core exact candidate on `class` (a problem of the shape class) and returns
+/// the fastest.
+fn autotune_coop_exact(tuner: &Tuner, class: &Problem, sg: usize) -> Result<CoopExactTiles, Error> {
+    let (gpu, budget) = (tuner.gpu, tuner.budget);
+    let n = class.l;
     let x = |w: usize| -> Vec<f32> {
         (0..class.units * n * w)
             .map(|i| ((i * 7919 % 1000) as f32 / 1000.0) - 0.5)
             .collect()
     };
-    let (q, k, v) = (x(p.e), x(p.e), x(p.ev));
-    let opts = RunOptions {
-        count_io: false,
-        ..opts
-    };
-    let candidates = coop::candidates(&class, budget, sg);
+    let (q, k, v) = (x(class.e), x(class.e), x(class.ev));
+    let opts = tuner.timing_opts();
+    let candidates = coop::candidates(class, budget, sg);
     let time = |t: CoopExactTiles| -> Result<f64, Error> {
-        let plan = coop::plan_with(&class, budget, t)?;
+        let plan = coop::plan_with(class, budget, t)?;
         let start = Instant::now();
-        let (_, st) = coop::run(gpu, &class, &plan, &q, &k, &v, &opts)?;
+        let (_, st) = coop::run(gpu, class, &plan, &q, &k, &v, &opts)?;
         Ok(st.kernel_s.unwrap_or_else(|| start.elapsed().as_secs_f64()))
     };
     if let Some(&t) = candidates.first() {
@@ -237,6 +334,9 @@ fn autotune_coop_exact(
             time(t)?;
         }
     }
-    let what = format!("coop exact E={} Ev={} causal={}", p.e, p.ev, p.causal);
-    fastest_candidate(&candidates, &what, time)
+    let what = format!(
+        "coop exact E={} Ev={} causal={}",
+        class.e, class.ev, class.causal
+    );
+    tuner.fastest(&candidates, &what, time)
 }

@@ -1,17 +1,18 @@
 //! Tiles of the poly passes (f32 and tensor cores) measured on this adapter per shape class, and
 //! the f32 poly method at a degree with given or tuned tiles.
 
+use std::fmt;
 use std::time::Instant;
 
-use super::{fastest_candidate, forced_or_tuned, tuned_values, TUNE_WARMUP_RUNS};
+use super::{sizes_and_flags, TileRecord, Tuner, TUNE_WARMUP_RUNS};
 use crate::api::{PolyOptions, Problem};
-use crate::budget::Budget;
 use crate::chunking::Chunking;
-use crate::device::Gpu;
 use crate::error::Error;
 use crate::exact::plan::plan_exact;
-use crate::launch::{RunOptions, RunStats};
+use crate::launch::RunStats;
 use crate::poly::certificate::{poly_candidate, PolyCandidate};
+use crate::poly::kernel_coop::{coop_pack_source, coop_pass1_source, coop_pass2_source};
+use crate::poly::kernel_f32::{pass1_source, pass2_source};
 use crate::poly::plan::{
     coop_candidates, coop_tiles_fit, plan_poly, plan_poly_coop_with, plan_poly_with,
     poly_candidates, poly_tiles_fit, CoopTiles, Pass1Tiles, Pass2Tiles, PolyPlan,
@@ -20,47 +21,201 @@ use crate::poly::prepass::{prepass, Prepass};
 use crate::poly::run::run as poly_run;
 use crate::transfer::Uploads;
 
+/// The shape class whose poly tiles are tuned together; coop classes add the subgroup size.
+struct PolyClass {
+    e: usize,
+    ev: usize,
+    degree: usize,
+    fast_memory_words: u64,
+    subgroup_size: Option<usize>,
+}
+
+impl fmt::Display for PolyClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (e, ev, g, m) = (self.e, self.ev, self.degree, self.fast_memory_words);
+        write!(f, "{e} {ev} {g} {m}")?;
+        match self.subgroup_size {
+            Some(sg) => write!(f, " {sg}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl PolyClass {
+    fn of(p: &Problem, degree: usize, tuner: &Tuner, subgroup_size: Option<usize>) -> Self {
+        PolyClass {
+            e: p.e,
+            ev: p.ev,
+            degree,
+            fast_memory_words: tuner.budget.fast_memory_words,
+            subgroup_size,
+        }
+    }
+}
+
+/// Tuned tiles of the two f32 passes (the rest comes from the planner).
+#[derive(Clone, Copy, Debug)]
+struct F32Record {
+    bk: usize,
+    tf: usize,
+    rc1: usize,
+    b: usize,
+    tr: usize,
+    rc2: usize,
+    prefetch: bool,
+}
+
+impl TileRecord for F32Record {
+    const KIND: &'static str = "poly-tiles";
+    const NAMES: &'static str = "bk tf rc1 b tr rc2 prefetch";
+    fn values(&self) -> Vec<usize> {
+        let prefetch = usize::from(self.prefetch);
+        vec![
+            self.bk, self.tf, self.rc1, self.b, self.tr, self.rc2, prefetch,
+        ]
+    }
+    fn from_values(v: &[usize]) -> Option<Self> {
+        sizes_and_flags(v, 7, 1).then(|| F32Record {
+            bk: v[0],
+            tf: v[1],
+            rc1: v[2],
+            b: v[3],
+            tr: v[4],
+            rc2: v[5],
+            prefetch: v[6] != 0,
+        })
+    }
+}
+
+impl F32Record {
+    fn of(t1: &Pass1Tiles, t2: &Pass2Tiles) -> Self {
+        F32Record {
+            bk: t1.bk,
+            tf: t1.tf,
+            rc1: t1.rc,
+            b: t2.b,
+            tr: t2.tr,
+            rc2: t2.rc,
+            prefetch: t1.prefetch,
+        }
+    }
+
+    /// These tiles over the planner's `plan`.
+    fn tiles(&self, plan: &PolyPlan) -> (Pass1Tiles, Pass2Tiles) {
+        let t1 = Pass1Tiles {
+            bk: self.bk,
+            tf: self.tf,
+            rc: self.rc1,
+            prefetch: self.prefetch,
+            ..plan.pass1
+        };
+        let t2 = Pass2Tiles {
+            b: self.b,
+            tr: self.tr,
+            rc: self.rc2,
+            ..plan.pass2
+        };
+        (t1, t2)
+    }
+}
+
+/// Tuned tiles of the two tensor-core passes.
+#[derive(Clone, Copy, Debug)]
+struct CoopRecord {
+    subgroups: usize,
+    rt1: usize,
+    bk: usize,
+    subgroups2: usize,
+    rt2: usize,
+    rc2: usize,
+}
+
+impl TileRecord for CoopRecord {
+    const KIND: &'static str = "coop-tiles";
+    const NAMES: &'static str = "subgroups rt1 bk subgroups2 rt2 rc2";
+    fn values(&self) -> Vec<usize> {
+        let t = self;
+        vec![t.subgroups, t.rt1, t.bk, t.subgroups2, t.rt2, t.rc2]
+    }
+    fn from_values(v: &[usize]) -> Option<Self> {
+        sizes_and_flags(v, 6, 0).then(|| CoopRecord {
+            subgroups: v[0],
+            rt1: v[1],
+            bk: v[2],
+            subgroups2: v[3],
+            rt2: v[4],
+            rc2: v[5],
+        })
+    }
+}
+
+impl CoopRecord {
+    fn of(t: &CoopTiles) -> Self {
+        CoopRecord {
+            subgroups: t.subgroups,
+            rt1: t.rt1,
+            bk: t.bk,
+            subgroups2: t.subgroups2,
+            rt2: t.rt2,
+            rc2: t.rc2,
+        }
+    }
+
+    fn tiles(&self, t0: &CoopTiles) -> CoopTiles {
+        CoopTiles {
+            subgroups: self.subgroups,
+            rt1: self.rt1,
+            bk: self.bk,
+            subgroups2: self.subgroups2,
+            rt2: self.rt2,
+            rc2: self.rc2,
+            ..*t0
+        }
+    }
+}
+
 /// The coop poly plan with tiles measured on this adapter for the shape class (E, Ev, degree,
 /// fast memory, subgroup size) when a tuned entry is cached or the autotune times the candidates
-/// now (see [`autotune_on`]); the planner's tiles otherwise.
+/// now; the planner's tiles otherwise.
 pub(crate) fn tune_coop_plan(
-    gpu: &Gpu,
+    tuner: &Tuner,
     p: &Problem,
     c: &mut PolyCandidate,
-    budget: &Budget,
-    opts: RunOptions,
 ) -> Result<(), Error> {
     let Some(t0) = c.plan.coop else {
         return Ok(());
     };
-    let class = format!(
-        "{} {} {} {} {}",
-        p.e, p.ev, c.cert.degree, budget.fast_memory_words, t0.sg
-    );
-    let Some(tuned) = tuned_values(gpu, "coop-tiles", (&class, opts.trusted), 6, || {
-        let t = autotune_coop(gpu, p, c, budget, opts)?;
-        Ok(vec![t.subgroups, t.rt1, t.bk, t.subgroups2, t.rt2, t.rc2])
-    })?
-    else {
-        return Ok(());
+    let (budget, degree) = (tuner.budget, c.cert.degree);
+    let class = PolyClass::of(p, degree, tuner, Some(t0.sg));
+    let kernels = || {
+        let (cands1, cands2) = coop_candidates(&t0, budget);
+        let pass1 = cands1.iter().map(|t| coop_pass1_source(t, false));
+        let pass2 = cands2.iter().map(|t| coop_pass2_source(t, false));
+        let pack = std::iter::once(coop_pack_source(&t0, false));
+        pass1.chain(pass2).chain(pack).collect()
     };
-    let t = CoopTiles {
-        subgroups: tuned[0],
-        rt1: tuned[1],
-        bk: tuned[2],
-        subgroups2: tuned[3],
-        rt2: tuned[4],
-        rc2: tuned[5],
-        ..t0
-    };
-    if coop_tiles_fit(&t, budget) {
-        c.plan = plan_poly_coop_with(p, c.cert.degree, budget, t)?;
+    let fits = |r: &CoopRecord| coop_tiles_fit(&r.tiles(&t0), budget);
+    let tune = || Ok(CoopRecord::of(&autotune_coop(tuner, p, c)?));
+    if let Some(r) = tuner.tuned(&class, kernels, fits, tune)? {
+        c.plan = plan_poly_coop_with(p, degree, budget, r.tiles(&t0))?;
     }
     Ok(())
 }
 
-/// A poly problem of one shape class on which the autotune times pass candidates: 8 heads of
-/// n x n (inputs in [-0.05, 0.05]), its pre-pass run once.
+/// The problem of `p`'s class on which pass candidates are timed: 8 heads of n x n.
+fn bench_problem(p: &Problem, n: usize) -> Problem {
+    Problem {
+        units: 8,
+        group: 1,
+        l: n,
+        s: n,
+        causal: false,
+        ..*p
+    }
+}
+
+/// A poly problem of one shape class on which the autotune times pass candidates (inputs in
+/// [-0.05, 0.05]), its pre-pass run once.
 struct PolyTuneProblem {
     class: Problem,
     q: Vec<f32>,
@@ -68,47 +223,26 @@ struct PolyTuneProblem {
     v: Vec<f32>,
     pre: Prepass,
     uploads: Uploads,
-    /// The caller's shader mode (runtime checks or trusted), without I/O counting.
-    opts: RunOptions,
 }
 
 impl PolyTuneProblem {
-    fn new(
-        gpu: &Gpu,
-        p: &Problem,
-        n: usize,
-        budget: &Budget,
-        opts: RunOptions,
-    ) -> Result<Self, Error> {
-        let opts = RunOptions {
-            count_io: false,
-            ..opts
-        };
-        let class = Problem {
-            units: 8,
-            group: 1,
-            l: n,
-            s: n,
-            causal: false,
-            ..*p
-        };
+    fn new(tuner: &Tuner, class: Problem) -> Result<Self, Error> {
+        let n = class.l;
         let x = |w: usize| -> Vec<f32> {
             (0..class.units * n * w)
                 .map(|i| (((i * 7919 % 1000) as f32 / 1000.0) - 0.5) * 0.1)
                 .collect()
         };
-        let (q, k, v) = (x(p.e), x(p.e), x(p.ev));
-        let chunking = plan_exact(&class, budget)?.chunking;
+        let (q, k, v) = (x(class.e), x(class.e), x(class.ev));
+        let chunking = plan_exact(&class, tuner.budget)?.chunking;
         let uploads = Uploads::default();
         let pre = prepass(
-            gpu,
+            tuner.gpu,
             &class,
             &chunking,
-            &q,
-            &k,
-            &v,
-            budget,
-            &opts,
+            (&q, &k, &v),
+            tuner.budget,
+            &tuner.timing_opts(),
             &uploads,
             &mut RunStats::default(),
         )?;
@@ -119,14 +253,13 @@ impl PolyTuneProblem {
             v,
             pre,
             uploads,
-            opts,
         })
     }
 
     /// GPU seconds of `pass` (timestamps; wall time of the call without them) under `plan`.
     fn time(
         &self,
-        gpu: &Gpu,
+        tuner: &Tuner,
         c: &PolyCandidate,
         plan: &PolyPlan,
         pass: &str,
@@ -134,16 +267,14 @@ impl PolyTuneProblem {
         let mut st = RunStats::default();
         let start = Instant::now();
         poly_run(
-            gpu,
+            tuner.gpu,
             &self.class,
             plan,
             &c.table,
             &c.poly,
             &self.pre,
-            &self.q,
-            &self.k,
-            &self.v,
-            &self.opts,
+            (&self.q, &self.k, &self.v),
+            &tuner.timing_opts(),
             &self.uploads,
             &mut st,
         )?;
@@ -157,25 +288,19 @@ impl PolyTuneProblem {
 
 /// Times the pass-1 and pass-2 candidates of [`coop_candidates`] on an 8-head 16384²
 /// problem of this shape class, each pass on its own timestamps, and returns the fastest of each.
-fn autotune_coop(
-    gpu: &Gpu,
-    p: &Problem,
-    c: &PolyCandidate,
-    budget: &Budget,
-    opts: RunOptions,
-) -> Result<CoopTiles, Error> {
+fn autotune_coop(tuner: &Tuner, p: &Problem, c: &PolyCandidate) -> Result<CoopTiles, Error> {
     let t0 = c.plan.coop.expect("a coop plan");
-    let bench = PolyTuneProblem::new(gpu, p, 16384, budget, opts)?;
+    let bench = PolyTuneProblem::new(tuner, bench_problem(p, 16384))?;
     let time = |t: CoopTiles, pass: &str| -> Result<f64, Error> {
-        let plan = plan_poly_coop_with(&bench.class, c.cert.degree, budget, t)?;
-        bench.time(gpu, c, &plan, pass)
+        let plan = plan_poly_coop_with(&bench.class, c.cert.degree, tuner.budget, t)?;
+        bench.time(tuner, c, &plan, pass)
     };
     for _ in 0..TUNE_WARMUP_RUNS {
         time(t0, "pass1")?; // clocks up before the first candidate is timed
     }
-    let (cands1, cands2) = coop_candidates(&t0, budget);
-    let t1 = fastest_candidate(&cands1, "coop pass1", |t| time(t, "pass1"))?;
-    let t2 = fastest_candidate(&cands2, "coop pass2", |t| time(t, "pass2"))?;
+    let (cands1, cands2) = coop_candidates(&t0, tuner.budget);
+    let t1 = tuner.fastest(&cands1, "coop pass1", |t| time(t, "pass1"))?;
+    let t2 = tuner.fastest(&cands2, "coop pass2", |t| time(t, "pass2"))?;
     Ok(CoopTiles {
         subgroups2: t2.subgroups2,
         rt2: t2.rt2,
@@ -185,64 +310,58 @@ fn autotune_coop(
 }
 
 /// The f32 poly plan with pass tiles measured on this adapter for the shape class (E, Ev,
-/// degree, fast memory) when a tuned entry is cached or the autotune times the candidates now
-/// (see [`autotune_on`]); the planner's tiles otherwise.
+/// degree, fast memory) when a tuned entry is cached or the autotune times the candidates now;
+/// the planner's tiles otherwise.
 pub(crate) fn tune_f32_poly_plan(
-    gpu: &Gpu,
+    tuner: &Tuner,
     p: &Problem,
     c: &mut PolyCandidate,
-    budget: &Budget,
-    opts: RunOptions,
 ) -> Result<(), Error> {
     // Tiny problems get the planner's tiles (as for exact); tensor-core plans are tuned apart.
     if c.plan.coop.is_some() || p.l < 64 || p.s < 64 {
         return Ok(());
     }
-    let class = format!(
-        "{} {} {} {}",
-        p.e, p.ev, c.cert.degree, budget.fast_memory_words
-    );
-    let forced = ("APPROX_ATTN_POLY_TILES", "bk tf rc1 b tr rc2 prefetch");
-    let (tuned, forced) =
-        forced_or_tuned(gpu, forced, "poly-tiles", (&class, opts.trusted), 7, || {
-            let (t1, t2) = autotune_f32_poly(gpu, p, c, budget, opts)?;
-            Ok(vec![
-                t1.bk,
-                t1.tf,
-                t1.rc,
-                t2.b,
-                t2.tr,
-                t2.rc,
-                usize::from(t1.prefetch),
-            ])
-        })?;
+    let (budget, degree) = (tuner.budget, c.cert.degree);
+    let class = PolyClass::of(p, degree, tuner, None);
+    let bench = bench_problem(p, tuner.bench_side(32768));
+    let kernels = || {
+        let Ok(planned) = plan_poly(&bench, degree, budget) else {
+            return vec![];
+        };
+        let (cands1, cands2) = poly_candidates(&planned, budget);
+        let pass1 = cands1.iter().map(|t| pass1_source(t, false));
+        pass1
+            .chain(cands2.iter().map(|t| pass2_source(t, false)))
+            .collect()
+    };
+    // Tuned tiles over this plan: they fit, and keep S' resident where the plan does.
+    let tuned_plan = |r: &F32Record| {
+        let (t1, t2) = r.tiles(&c.plan);
+        let fits = poly_tiles_fit(&t1, &t2, budget) && t2.resident() == c.plan.pass2.resident();
+        fits.then(|| plan_poly_with(p, degree, budget, t1, t2).ok())
+            .flatten()
+    };
+    let (tuned, forced) = tuner.forced_or_tuned(
+        ("APPROX_ATTN_POLY_TILES", tuner.cfg.poly_tiles.as_deref()),
+        &class,
+        kernels,
+        |r| tuned_plan(r).is_some(),
+        || {
+            let (t1, t2) = autotune_f32_poly(tuner, bench, c)?;
+            Ok(F32Record::of(&t1, &t2))
+        },
+    )?;
     let Some(tuned) = tuned else {
         return Ok(());
     };
-    let t1 = Pass1Tiles {
-        bk: tuned[0],
-        tf: tuned[1],
-        rc: tuned[2],
-        prefetch: tuned[6] != 0,
-        ..c.plan.pass1
-    };
-    let t2 = Pass2Tiles {
-        b: tuned[3],
-        tr: tuned[4],
-        rc: tuned[5],
-        ..c.plan.pass2
-    };
-    let fits = poly_tiles_fit(&t1, &t2, budget) && t2.resident() == c.plan.pass2.resident();
-    let tuned_plan = fits
-        .then(|| plan_poly_with(p, c.cert.degree, budget, t1, t2).ok())
-        .flatten();
-    match tuned_plan {
-        Some(tuned_plan) => c.plan = tuned_plan,
+    match tuned_plan(&tuned) {
+        Some(plan) => c.plan = plan,
         None if forced => {
+            let (t1, t2) = tuned.tiles(&c.plan);
             return Err(Error::InvalidInput(format!(
                 "APPROX_ATTN_POLY_TILES gives tiles that do not fit this problem and adapter: \
                  {t1:?} {t2:?}"
-            )))
+            )));
         }
         None => {}
     }
@@ -255,30 +374,24 @@ pub(crate) fn tune_f32_poly_plan(
 /// differed from the one at full size: a pass-2 variant 16% faster there was 1.4% slower at
 /// n = 262,144.
 fn autotune_f32_poly(
-    gpu: &Gpu,
-    p: &Problem,
+    tuner: &Tuner,
+    class: Problem,
     c: &PolyCandidate,
-    budget: &Budget,
-    opts: RunOptions,
 ) -> Result<(Pass1Tiles, Pass2Tiles), Error> {
-    let n = if gpu.info.device_type == "Cpu" {
-        512
-    } else {
-        32768
-    };
-    let bench = PolyTuneProblem::new(gpu, p, n, budget, opts)?;
-    let planned = plan_poly(&bench.class, c.cert.degree, budget)?;
+    let (budget, degree) = (tuner.budget, c.cert.degree);
+    let bench = PolyTuneProblem::new(tuner, class)?;
+    let planned = plan_poly(&bench.class, degree, budget)?;
     let time = |t1, t2, pass: &str| -> Result<f64, Error> {
-        let plan = plan_poly_with(&bench.class, c.cert.degree, budget, t1, t2)?;
-        bench.time(gpu, c, &plan, pass)
+        let plan = plan_poly_with(&bench.class, degree, budget, t1, t2)?;
+        bench.time(tuner, c, &plan, pass)
     };
     let (t1, t2) = (planned.pass1, planned.pass2);
     for _ in 0..TUNE_WARMUP_RUNS {
         time(t1, t2, "pass1")?; // clocks up before the first candidate is timed
     }
     let (cands1, cands2) = poly_candidates(&planned, budget);
-    let best1 = fastest_candidate(&cands1, "f32 poly pass1", |t| time(t, t2, "pass1"))?;
-    let best2 = fastest_candidate(&cands2, "f32 poly pass2", |t| time(t1, t, "pass2"))?;
+    let best1 = tuner.fastest(&cands1, "f32 poly pass1", |t| time(t, t2, "pass1"))?;
+    let best2 = tuner.fastest(&cands2, "f32 poly pass2", |t| time(t1, t, "pass2"))?;
     Ok((best1, best2))
 }
 
@@ -292,20 +405,17 @@ pub(crate) enum F32Tiles {
 
 /// The f32 poly method at `degree`: pre-pass over `chunking`, certificate (eps = 1e-2), and both
 /// passes with `tiles`; `st` gathers every dispatch's stats.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn f32_poly(
-    gpu: &Gpu,
-    p: &Problem,
-    chunking: &Chunking,
+    tuner: &Tuner,
+    (p, chunking): (&Problem, &Chunking),
     (q, k, v): (&[f32], &[f32], &[f32]),
     degree: usize,
-    budget: &Budget,
-    opts: &RunOptions,
     tiles: F32Tiles,
     st: &mut RunStats,
 ) -> Result<(Vec<f32>, PolyCandidate), Error> {
+    let (gpu, budget, opts) = (tuner.gpu, tuner.budget, &tuner.opts);
     let uploads = Uploads::default();
-    let pre = prepass(gpu, p, chunking, q, k, v, budget, opts, &uploads, st)?;
+    let pre = prepass(gpu, p, chunking, (q, k, v), budget, opts, &uploads, st)?;
     let popts = PolyOptions {
         eps: 1e-2,
         degree: Some(degree),
@@ -314,13 +424,22 @@ pub(crate) fn f32_poly(
     };
     let mut c = poly_candidate(p, &pre, &popts, budget, None)?;
     match tiles {
-        F32Tiles::Tuned => tune_f32_poly_plan(gpu, p, &mut c, budget, *opts)?,
+        F32Tiles::Tuned => tune_f32_poly_plan(tuner, p, &mut c)?,
         F32Tiles::Given(pass1, pass2) => {
             c.plan = plan_poly_with(p, degree, budget, pass1, pass2)?;
         }
     }
     let out = poly_run(
-        gpu, p, &c.plan, &c.table, &c.poly, &pre, q, k, v, opts, &uploads, st,
+        gpu,
+        p,
+        &c.plan,
+        &c.table,
+        &c.poly,
+        &pre,
+        (q, k, v),
+        opts,
+        &uploads,
+        st,
     )?;
     Ok((out, c))
 }

@@ -1,18 +1,20 @@
 //! The calibration behind `auto`: throughputs of the exact and the f32 poly kernels per class.
 
+use std::fmt;
+
 use super::exact::exact_plan_for;
 use super::poly::{f32_poly, F32Tiles};
-use super::{adapter_key, mode_class};
+use super::Tuner;
 use crate::api::Problem;
-use crate::autotune::cache::load_rates;
-use crate::autotune::cache::store_rates;
-use crate::budget::Budget;
-use crate::device::Gpu;
 use crate::error::Error;
 use crate::exact::cost::exact_flops;
+use crate::exact::kernel::shader_source;
+use crate::exact::plan::plan_exact;
 use crate::exact::run::run as exact_run;
-use crate::launch::{RunOptions, RunStats};
+use crate::launch::RunStats;
 use crate::poly::cost::poly_flops;
+use crate::poly::kernel_f32::{pass1_source, pass2_source};
+use crate::poly::plan::plan_poly;
 
 /// Effective throughputs (FLOP/s) of the two kernel families on one adapter.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -21,50 +23,79 @@ pub struct Rates {
     pub poly_flops_per_s: f64,
 }
 
+/// The class whose rates are measured together: the caller's head sizes and poly degree.
+struct RatesClass {
+    e: usize,
+    ev: usize,
+    degree: usize,
+}
+
+impl fmt::Display for RatesClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} {}", self.e, self.ev, self.degree)
+    }
+}
+
 /// Throughputs of the exact and the f32 poly kernels on this adapter for the caller's head
 /// sizes, poly degree and shader mode, measured once per such class (an exact and a poly run of
 /// that class, with the tiles the caller's calls use) and cached on disk;
 /// `APPROX_ATTN_RATES="exact_flops_per_s poly_flops_per_s"` overrides them. A fixed class
 /// (E = 64, degree 2, checks on) made a first `auto` call tune two classes it did not use.
-pub(crate) fn rates(
-    gpu: &Gpu,
-    budget: &Budget,
-    caller: &Problem,
-    degree: usize,
-    opts: RunOptions,
-) -> Result<Rates, Error> {
-    if let Ok(s) = std::env::var("APPROX_ATTN_RATES") {
-        let v: Vec<f64> = s
-            .split_whitespace()
-            .filter_map(|t| t.parse().ok())
-            .collect();
-        if v.len() == 2 && v[0] > 0.0 && v[1] > 0.0 {
-            return Ok(Rates {
-                exact_flops_per_s: v[0],
-                poly_flops_per_s: v[1],
-            });
-        }
-        return Err(Error::InvalidInput(format!(
-            "APPROX_ATTN_RATES={s:?} is not two positive numbers"
-        )));
+pub(crate) fn rates(tuner: &Tuner, caller: &Problem, degree: usize) -> Result<Rates, Error> {
+    if let Some((exact, poly)) = tuner.cfg.rates.clone()? {
+        return Ok(Rates {
+            exact_flops_per_s: exact,
+            poly_flops_per_s: poly,
+        });
     }
-    let key = adapter_key(gpu);
-    let class = mode_class(
-        &format!("{} {} {degree}", caller.e, caller.ev),
-        opts.trusted,
-    );
-    if let Some(r) = load_rates(&key, &class) {
+    let p = rates_problem(tuner, caller);
+    let class = tuner.mode_class(&RatesClass {
+        e: caller.e,
+        ev: caller.ev,
+        degree,
+    });
+    let kernels = || {
+        let mut k = vec![];
+        if let Ok(plan) = plan_exact(&p, tuner.budget) {
+            k.push(shader_source(&plan.tiles, false));
+        }
+        if let Ok(plan) = plan_poly(&p, degree, tuner.budget) {
+            k.push(pass1_source(&plan.pass1, false));
+            k.push(pass2_source(&plan.pass2, false));
+        }
+        k
+    };
+    let fp = tuner.fingerprint("rates", &class, kernels);
+    let file = tuner.cache("rates");
+    let parse = |v: &[&str]| match v {
+        [a, b] => {
+            let (a, b) = (a.parse::<f64>().ok()?, b.parse::<f64>().ok()?);
+            (a > 0.0 && b > 0.0).then_some(Rates {
+                exact_flops_per_s: a,
+                poly_flops_per_s: b,
+            })
+        }
+        _ => None,
+    };
+    if let Some(r) = file.load(&class, fp, parse) {
         return Ok(r);
     }
-    // GPUs get a problem that fills them: on the H100 the 1024^2 single-head problem used 32
-    // workgroups and gave rates 20x below the kernels' real ones. CPU drivers keep it small
-    // (every kernel runs for seconds there).
-    let (units, n) = if gpu.info.device_type == "Cpu" {
+    let r = measure(tuner, &p, degree)?;
+    let values = [r.exact_flops_per_s, r.poly_flops_per_s].map(|x| x.to_string());
+    file.store(&class, fp, &[values.join(" ")]);
+    Ok(r)
+}
+
+/// The problem the rates are measured on. GPUs get one that fills them: on the H100 the 1024^2
+/// single-head problem used 32 workgroups and gave rates 20x below the kernels' real ones. CPU
+/// drivers keep it small (every kernel runs for seconds there).
+fn rates_problem(tuner: &Tuner, caller: &Problem) -> Problem {
+    let (units, n) = if tuner.gpu.info.device_type == "Cpu" {
         (1, 1024)
     } else {
         (8, 2048)
     };
-    let p = Problem {
+    Problem {
         units,
         group: 1,
         l: n,
@@ -73,17 +104,22 @@ pub(crate) fn rates(
         ev: caller.ev,
         causal: false,
         scale: 0.05,
+    }
+}
+
+/// Times an exact and an f32 poly run of `p` (each after a warm-up run) with the tiles the
+/// caller's calls use.
+fn measure(tuner: &Tuner, p: &Problem, degree: usize) -> Result<Rates, Error> {
+    let tuner = &Tuner {
+        opts: tuner.timing_opts(),
+        ..*tuner
     };
     let x = |w: usize| -> Vec<f32> {
-        (0..units * n * w)
+        (0..p.units * p.l * w)
             .map(|i| ((i * 7919 % 1000) as f32 / 1000.0) - 0.5)
             .collect()
     };
     let (qk, v) = (x(p.e), x(p.ev));
-    let opts = RunOptions {
-        count_io: false,
-        ..opts
-    };
     let timed = |f: &mut dyn FnMut() -> Result<RunStats, Error>| -> Result<f64, Error> {
         f()?; // warm-up: compiles the pipelines
         let t = std::time::Instant::now();
@@ -93,8 +129,9 @@ pub(crate) fn rates(
             .unwrap_or_else(|| t.elapsed().as_secs_f64())
             .max(1e-9))
     };
-    let eplan = exact_plan_for(gpu, &p, budget, opts)?;
-    let te = timed(&mut || exact_run(gpu, &p, &eplan, &qk, &qk, &v, &opts).map(|r| r.1))?;
+    let eplan = exact_plan_for(tuner, p)?;
+    let te =
+        timed(&mut || exact_run(tuner.gpu, p, &eplan, &qk, &qk, &v, &tuner.opts).map(|r| r.1))?;
     // The f32 poly path with the tiles `attention` would run (tuned where the autotune is on,
     // as for exact above), and the plan whose FLOPs `poly_flops` counts.
     let mut pplan = None;
@@ -102,13 +139,10 @@ pub(crate) fn rates(
         let mut st = RunStats::default();
         let xs = (&qk[..], &qk[..], &v[..]);
         let (_, c) = f32_poly(
-            gpu,
-            &p,
-            &eplan.chunking,
+            tuner,
+            (p, &eplan.chunking),
             xs,
             degree,
-            budget,
-            &opts,
             F32Tiles::Tuned,
             &mut st,
         )?;
@@ -116,10 +150,8 @@ pub(crate) fn rates(
         Ok(st)
     })?;
     let pplan = pplan.expect("the timed poly run sets its plan");
-    let r = Rates {
-        exact_flops_per_s: exact_flops(&p) / te,
-        poly_flops_per_s: poly_flops(&p, &pplan) / tp,
-    };
-    store_rates(&key, &class, &r);
-    Ok(r)
+    Ok(Rates {
+        exact_flops_per_s: exact_flops(p) / te,
+        poly_flops_per_s: poly_flops(p, &pplan) / tp,
+    })
 }

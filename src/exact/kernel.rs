@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use super::plan::ExactTiles;
-use crate::wgsl::{constant_loop, fill_template, io_counter_slots, wgsl_element};
+use crate::wgsl::{constant_loop, fill_template, io_counter_slots, wgsl_element, Emitter};
 
 pub(crate) const TEMPLATE: &str = include_str!("../../shaders/exact.wgsl");
 
@@ -43,7 +43,7 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
     let next_tile = |with_v: bool| {
         format!(
             "        if (j0 + BK < kv_end) {{\n{}\n        }}",
-            g.tile_load("j0 + BK", "            ", with_v)
+            g.tile_load("j0 + BK", 3, with_v)
         )
     };
     let (vbase, tile_store, loads, after_softmax, end_of_tile) = if t.split_v {
@@ -77,7 +77,7 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
         (
             "0u".to_string(),
             k_store.clone(),
-            format!("{}{k_early}", g.v_loads("j0", "k_rows", "        ")),
+            format!("{}{k_early}", g.v_loads("j0", "k_rows", 2)),
             format!("{v_store}{k_late}"),
             "        workgroupBarrier();".to_string(),
         )
@@ -106,7 +106,7 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
                 "PREFETCH_DECL",
                 g.prefetch_registers().trim_end().to_string(),
             ),
-            ("LOAD_FIRST", g.tile_load("0u", "        ", t.split_v)),
+            ("LOAD_FIRST", g.tile_load("0u", 2, t.split_v)),
             ("VBASE", vbase),
             ("TILE_STORE", tile_store.trim_end().to_string()),
             ("LOADS", loads.trim_end().to_string()),
@@ -187,35 +187,46 @@ impl<'a> Gen<'a> {
         pre_decl
     }
 
-    /// V rows `rows` of the tile at key `j0` into the vx registers.
-    fn v_loads(&self, j0: &str, rows: &str, ind: &str) -> String {
-        let mut s = String::new();
-        for u in 0..self.nv {
-            let _ = writeln!(
-                s,
-                "{ind}vx_{u} = T();\n{ind}if (lid + {o}u < {rows} * EVW) {{\n{ind}    \
-                 vx_{u} = v[v_base + ({j0}) * EVW + lid + {o}u];\n{ind}    words_read += LANES;\n{ind}}}",
-                o = self.wg * u
-            );
+    /// V rows `rows` of the tile at key `j0` into the vx registers, `depth` levels deep.
+    fn v_loads(&self, j0: &str, rows: &str, depth: usize) -> String {
+        let mut e = Emitter::new(depth);
+        self.emit_v_loads(&mut e, j0, rows);
+        let text = e.finish();
+        if text.is_empty() {
+            text
+        } else {
+            text + "\n"
         }
-        s
     }
 
-    /// The K tile at key `j0` (and its V tile with `with_v`) into the registers.
-    fn tile_load(&self, j0: &str, ind: &str, with_v: bool) -> String {
-        let mut s = format!("{ind}let kr = min(BK, kv_end - ({j0}));\n");
+    fn emit_v_loads(&self, e: &mut Emitter, j0: &str, rows: &str) {
+        for u in 0..self.nv {
+            let o = self.wg * u;
+            e.line(format!("vx_{u} = T();"));
+            e.block(format!("if (lid + {o}u < {rows} * EVW)"), |e| {
+                e.line(format!("vx_{u} = v[v_base + ({j0}) * EVW + lid + {o}u];"));
+                e.line("words_read += LANES;");
+            });
+        }
+    }
+
+    /// The K tile at key `j0` (and its V tile with `with_v`) into the registers, `depth` levels
+    /// deep.
+    fn tile_load(&self, j0: &str, depth: usize, with_v: bool) -> String {
+        let mut e = Emitter::new(depth);
+        e.line(format!("let kr = min(BK, kv_end - ({j0}));"));
         for u in 0..self.nk {
-            let _ = writeln!(
-                s,
-                "{ind}kx_{u} = T();\n{ind}if (lid + {o}u < kr * EW) {{\n{ind}    \
-                 kx_{u} = k[k_base + ({j0}) * EW + lid + {o}u];\n{ind}    words_read += LANES;\n{ind}}}",
-                o = self.wg * u
-            );
+            let o = self.wg * u;
+            e.line(format!("kx_{u} = T();"));
+            e.block(format!("if (lid + {o}u < kr * EW)"), |e| {
+                e.line(format!("kx_{u} = k[k_base + ({j0}) * EW + lid + {o}u];"));
+                e.line("words_read += LANES;");
+            });
         }
         if with_v {
-            s.push_str(&self.v_loads(j0, "kr", ind));
+            self.emit_v_loads(&mut e, j0, "kr");
         }
-        s.trim_end().to_string()
+        e.finish()
     }
 
     /// The stores of the K and of the V registers into the tile.

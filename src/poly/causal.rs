@@ -70,6 +70,7 @@ use super::prepass::Prepass;
 use crate::api::Problem;
 use crate::budget::Budget;
 use crate::chunking::Chunking;
+use crate::config::Config;
 use crate::device::Gpu;
 use crate::error::Error;
 use crate::io::{IoCount, PassIo};
@@ -176,19 +177,6 @@ fn gcd(a: usize, b: usize) -> usize {
     }
 }
 
-fn env_usize(name: &str) -> Result<Option<usize>, Error> {
-    match std::env::var(name) {
-        Err(_) => Ok(None),
-        Ok(s) if s.trim().is_empty() => Ok(None),
-        Ok(s) => match s.trim().parse::<usize>() {
-            Ok(n) if n > 0 => Ok(Some(n)),
-            _ => Err(Error::InvalidInput(format!(
-                "{name}={s:?} is not a positive whole number"
-            ))),
-        },
-    }
-}
-
 /// The diagonal kernel's tiles: the largest query block up to `max_bq` (its key re-reads fall
 /// as 1/BQ), then the largest key tile, that fit the fast memory and the register cap.
 pub fn diag_tiles(
@@ -231,7 +219,8 @@ pub fn plan_causal(p: &Problem, poly: &PolyPlan, budget: &Budget) -> Result<Caus
         ))
     };
     // A forced chunk (tests) also caps the diagonal block, so that small chunks are possible.
-    let forced = env_usize("APPROX_ATTN_CAUSAL_CHUNK")?;
+    let cfg = Config::from_env();
+    let forced = cfg.causal_chunk?;
     let max_bq = forced.map_or(usize::MAX, |c| 1 << c.ilog2());
     let diag = diag_tiles(p, poly.degree, budget, max_bq)?;
     let b = poly.pass2.b;
@@ -280,7 +269,7 @@ pub fn plan_causal(p: &Problem, poly: &PolyPlan, budget: &Budget) -> Result<Caus
             .min(grid * b / chunk)
             .min(grid * diag.bq / chunk)
             .max(1);
-    if let Some(t) = env_usize("APPROX_ATTN_CAUSAL_WINDOW")? {
+    if let Some(t) = cfg.causal_window? {
         window_chunks = window_chunks.min(t);
     }
     let w = chunk * window_chunks;

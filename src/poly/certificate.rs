@@ -50,6 +50,18 @@ pub fn f16_rounding_factor(poly: &Poly, e: usize, r: usize, beta_scaled: f64) ->
     relative + absolute
 }
 
+/// The one derivation of the degree from `eps`: the polynomial of least degree (at most
+/// [`MAX_DEGREE`]) whose output bound eps_P / (1 - eps_P), plus `f16` (the tensor cores' rounding,
+/// relative to the value range), is at most `eps`, i.e. which certifies
+/// eps_P <= (eps - f16) / (1 + eps - f16) on [-beta, beta]. None where no degree does.
+pub fn poly_for_eps(beta: f64, eps: f64, f16: f64) -> Option<Poly> {
+    let room = eps - f16;
+    if room <= 0.0 {
+        return None;
+    }
+    choose_degree(beta, room / (1.0 + room), MAX_DEGREE)
+}
+
 pub(crate) struct PolyCandidate {
     pub(crate) plan: PolyPlan,
     pub(crate) poly: Poly,
@@ -66,110 +78,15 @@ pub(crate) fn poly_candidate(
     budget: &Budget,
     coop_sg: Option<usize>,
 ) -> Result<PolyCandidate, Error> {
-    let beta = pre.beta(p.scale);
-    if !beta.is_finite() {
-        return Err(Error::InvalidInput(format!(
-            "the polynomial method needs finite scores, but beta = scale * max|q| * max|k - mean k| \
-             is {beta} (non-finite or overflowing inputs)"
-        )));
-    }
-    let coop_sg = match (popts.tensor_cores, coop_sg) {
-        (Some(false), _) => None,
-        (Some(true), None) => {
-            return Err(Error::Unsupported(
-                "tensor_cores=True needs 16x16 f16 cooperative matrices, f16 shaders and one \
-                 subgroup size; this adapter lacks them (see device_info())"
-                    .into(),
-            ))
-        }
-        (_, sg) => sg,
-    };
-    // The coop passes scale keys by the largest key norm of all units and queries by its inverse.
-    let fold_max = |x: &[f64]| x.iter().copied().fold(0.0, f64::max);
-    let beta_scaled =
-        f64::from(p.scale.abs()) * fold_max(&pre.q_max_norm) * fold_max(&pre.k_max_norm);
-    // eps bounds (eps_P/(1-eps_P) + f16 rounding) * range: the polynomial must certify
-    // (eps - f16)/(1 + eps - f16), f16 estimated from a first fit (it barely depends on the degree).
-    let choose = |f16: f64| {
-        let room = popts.eps - f16;
-        let target = room / (1.0 + room);
-        match popts.degree {
-            Some(g) => Some(Poly::fit(beta, g)),
-            None if room > 0.0 => choose_degree(beta, target, MAX_DEGREE),
-            None => None,
-        }
-    };
-    let cannot = || {
-        Error::TooLarge(format!(
-            "the polynomial method cannot certify eps={} at beta={beta:.4} with degree <= \
-             {MAX_DEGREE} (beta = scale * max|q| * max|k - mean k|); use method='exact'",
-            popts.eps
-        ))
-    };
-    let f32_poly = choose(0.0).ok_or_else(cannot)?;
-    let f16_of = |poly: &Poly| {
-        let r = num_features(p.e, poly.feature_degree()) as usize;
-        f16_rounding_factor(poly, p.e, r, beta_scaled)
-    };
-    let f16_est = f16_of(&f32_poly);
-    let mut coop = coop_sg.and_then(|sg| {
-        let q_sum = query_feature_sum(&f32_poly, p.e, beta_scaled);
-        let fits = q_sum < F16_MAX && f16_est.is_finite();
-        let wanted = popts.tensor_cores == Some(true) || f16_est <= 0.5 * popts.eps;
-        (fits && wanted).then_some(sg)
-    });
-    if popts.tensor_cores == Some(true) && coop.is_none() && coop_sg.is_some() {
-        return Err(Error::TooLarge(format!(
-            "tensor_cores=True: the query features would overflow f16 at beta={beta:.4}; use \
-             tensor_cores=None or False"
-        )));
-    }
-    let poly = match coop {
-        Some(_) => match choose(f16_est) {
-            Some(poly) => poly,
-            None if popts.tensor_cores == Some(true) => return Err(cannot()),
-            None => {
-                coop = None;
-                f32_poly
-            }
-        },
-        None => f32_poly,
-    };
-    if poly.certified_eps >= 1.0 {
-        return Err(Error::TooLarge(format!(
-            "degree {} certifies nothing at beta={beta:.4} (relative error bound {:.3} >= 1); \
-             use a higher degree or method='exact'",
-            poly.degree, poly.certified_eps
-        )));
-    }
+    let fit = fit(p, pre, popts, coop_sg)?;
+    let (poly, beta) = (&fit.poly, fit.beta);
     let g = poly.feature_degree();
     let rank = num_features(p.e, g);
-    let planned = match coop {
-        Some(sg) => plan_poly_coop(p, g, budget, sg).or_else(|e| {
-            if popts.tensor_cores == Some(true) {
-                Err(e)
-            } else {
-                coop = None;
-                plan_poly(p, g, budget)
-            }
-        }),
-        None => plan_poly(p, g, budget),
-    };
-    let plan = planned.map_err(|e| {
-        let why = match popts.degree {
-            Some(_) => "as requested".to_string(),
-            None => format!("to certify eps={}", popts.eps),
-        };
-        Error::TooLarge(format!(
-            "poly needs degree {g} (rank r = C(E+g, g) = {rank} for E={}) at beta={beta:.4} {why}; \
-             that does not fit: {e}",
-            p.e
-        ))
-    })?;
+    let (plan, coop) = plan_for(p, (g, rank), budget, popts, (fit.coop, beta))?;
     // The kernels sum the monomials in float32: cancellation grows like e^(2 beta). Refuse when
     // the rounding (~2g u32 times the monomial condition) could rival the certified error.
     let f32_rel_error =
-        2.0 * poly.degree.max(1) as f64 * f64::from(f32::EPSILON / 2.0) * monomial_condition(&poly);
+        2.0 * poly.degree.max(1) as f64 * f64::from(f32::EPSILON / 2.0) * monomial_condition(poly);
     if f32_rel_error > 0.1 * popts.eps.max(poly.certified_eps) {
         return Err(Error::TooLarge(format!(
             "the polynomial method cannot certify its result in float32 at beta={beta:.4}: the \
@@ -178,7 +95,7 @@ pub(crate) fn poly_candidate(
         )));
     }
     let table = try_feature_table(p.e, g).map_err(Error::TooLarge)?;
-    let f16_rounding = coop.map(|_| f16_of(&poly));
+    let f16_rounding = coop.map(|_| f16_bound(p, poly, fit.beta_scaled));
     let factor = poly.certified_eps / (1.0 - poly.certified_eps) + f16_rounding.unwrap_or(0.0);
     if popts.degree.is_none() && factor > popts.eps {
         if popts.tensor_cores.is_none() {
@@ -214,10 +131,144 @@ pub(crate) fn poly_candidate(
     };
     Ok(PolyCandidate {
         plan,
-        poly,
+        poly: fit.poly,
         table,
         cert,
     })
+}
+
+/// The polynomial of [`fit`], and whether the tensor-core passes run it.
+struct Fit {
+    poly: Poly,
+    /// The subgroup size of the tensor-core passes where they run.
+    coop: Option<usize>,
+    beta: f64,
+    /// scale * max|q| * max|k - mu| over all units: the coop passes scale keys by the largest key
+    /// norm of all units and queries by its inverse.
+    beta_scaled: f64,
+}
+
+/// The f16 rounding bound of the tensor-core passes for `poly`, relative to the value range.
+fn f16_bound(p: &Problem, poly: &Poly, beta_scaled: f64) -> f64 {
+    let r = num_features(p.e, poly.feature_degree()) as usize;
+    f16_rounding_factor(poly, p.e, r, beta_scaled)
+}
+
+/// The polynomial for the pre-pass's beta (the requested degree, or the least that certifies
+/// eps) and whether the tensor cores run it: where the adapter has them, their f16 rounding
+/// bound is at most half of eps (or they are required) and the query features fit f16.
+fn fit(
+    p: &Problem,
+    pre: &Prepass,
+    popts: &PolyOptions,
+    coop_sg: Option<usize>,
+) -> Result<Fit, Error> {
+    let beta = pre.beta(p.scale);
+    if !beta.is_finite() {
+        return Err(Error::InvalidInput(format!(
+            "the polynomial method needs finite scores, but beta = scale * max|q| * max|k - mean k| \
+             is {beta} (non-finite or overflowing inputs)"
+        )));
+    }
+    let coop_sg = match (popts.tensor_cores, coop_sg) {
+        (Some(false), _) => None,
+        (Some(true), None) => {
+            return Err(Error::Unsupported(
+                "tensor_cores=True needs 16x16 f16 cooperative matrices, f16 shaders and one \
+                 subgroup size; this adapter lacks them (see device_info())"
+                    .into(),
+            ))
+        }
+        (_, sg) => sg,
+    };
+    let fold_max = |x: &[f64]| x.iter().copied().fold(0.0, f64::max);
+    let beta_scaled =
+        f64::from(p.scale.abs()) * fold_max(&pre.q_max_norm) * fold_max(&pre.k_max_norm);
+    // eps bounds (eps_P/(1-eps_P) + f16 rounding) * range: the polynomial must certify
+    // (eps - f16)/(1 + eps - f16), f16 estimated from a first fit (it barely depends on the degree).
+    let choose = |f16: f64| match popts.degree {
+        Some(g) => Some(Poly::fit(beta, g)),
+        None => poly_for_eps(beta, popts.eps, f16),
+    };
+    let cannot = || {
+        Error::TooLarge(format!(
+            "the polynomial method cannot certify eps={} at beta={beta:.4} with degree <= \
+             {MAX_DEGREE} (beta = scale * max|q| * max|k - mean k|); use method='exact'",
+            popts.eps
+        ))
+    };
+    let f32_poly = choose(0.0).ok_or_else(cannot)?;
+    let f16_est = f16_bound(p, &f32_poly, beta_scaled);
+    let mut coop = coop_sg.and_then(|sg| {
+        let q_sum = query_feature_sum(&f32_poly, p.e, beta_scaled);
+        let fits = q_sum < F16_MAX && f16_est.is_finite();
+        let wanted = popts.tensor_cores == Some(true) || f16_est <= 0.5 * popts.eps;
+        (fits && wanted).then_some(sg)
+    });
+    if popts.tensor_cores == Some(true) && coop.is_none() && coop_sg.is_some() {
+        return Err(Error::TooLarge(format!(
+            "tensor_cores=True: the query features would overflow f16 at beta={beta:.4}; use \
+             tensor_cores=None or False"
+        )));
+    }
+    let poly = match coop {
+        Some(_) => match choose(f16_est) {
+            Some(poly) => poly,
+            None if popts.tensor_cores == Some(true) => return Err(cannot()),
+            None => {
+                coop = None;
+                f32_poly
+            }
+        },
+        None => f32_poly,
+    };
+    if poly.certified_eps >= 1.0 {
+        return Err(Error::TooLarge(format!(
+            "degree {} certifies nothing at beta={beta:.4} (relative error bound {:.3} >= 1); \
+             use a higher degree or method='exact'",
+            poly.degree, poly.certified_eps
+        )));
+    }
+    Ok(Fit {
+        poly,
+        coop,
+        beta,
+        beta_scaled,
+    })
+}
+
+/// The plan of degree `g` (rank `rank`): on the tensor cores where `coop` asks for them and they
+/// fit (or are required), else f32. Returns the plan and whether it runs on the tensor cores.
+fn plan_for(
+    p: &Problem,
+    (g, rank): (usize, u64),
+    budget: &Budget,
+    popts: &PolyOptions,
+    (mut coop, beta): (Option<usize>, f64),
+) -> Result<(PolyPlan, Option<usize>), Error> {
+    let planned = match coop {
+        Some(sg) => plan_poly_coop(p, g, budget, sg).or_else(|e| {
+            if popts.tensor_cores == Some(true) {
+                Err(e)
+            } else {
+                coop = None;
+                plan_poly(p, g, budget)
+            }
+        }),
+        None => plan_poly(p, g, budget),
+    };
+    let plan = planned.map_err(|e| {
+        let why = match popts.degree {
+            Some(_) => "as requested".to_string(),
+            None => format!("to certify eps={}", popts.eps),
+        };
+        Error::TooLarge(format!(
+            "poly needs degree {g} (rank r = C(E+g, g) = {rank} for E={}) at beta={beta:.4} {why}; \
+             that does not fit: {e}",
+            p.e
+        ))
+    })?;
+    Ok((plan, coop))
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ pub fn num_features(e: usize, g: usize) -> u64 {
     c as u64
 }
 
-/// Feature table for the asymmetric map (see THEORY.md): for each monomial alpha of degree <= g in e
+/// Feature table for the asymmetric map (see docs/io-model.md): for each monomial alpha of degree <= g in e
 /// variables, in graded order (degree 0 first, then degree 1 with index 0..e-1, then degree 2 as
 /// sorted index tuples (i<=j) in lexicographic order, etc.):
 ///   indices: g entries per feature, the sorted variable indices of the monomial padded with the

@@ -22,7 +22,7 @@
 //! | 2    | 8 / 6 / 5   | 10 / 7 / 6  |
 //! | 4    | 15 / 10 / 7 | 17 / 11 / 9 |
 //!
-//! The Taylor and Chebyshev columns reproduce THEORY.md's dense-grid table exactly. The minimax
+//! The Taylor and Chebyshev columns reproduce the dense-grid table of docs/io-model.md (Degree needed for a given β and ε) exactly. The minimax
 //! fit wins by balancing the relative error: Chebyshev interpolation levels the *absolute* error,
 //! which is relatively large near `x = -beta` where `e^x` is small.
 
@@ -844,7 +844,7 @@ mod tests {
 
     #[test]
     fn expected_degrees() {
-        // THEORY.md table (Chebyshev / Taylor), certified here.
+        // docs/io-model.md table (Chebyshev / Taylor), certified here.
         let table = [
             (0.25, [(2, 2), (2, 3)]),
             (0.5, [(2, 3), (3, 4)]),

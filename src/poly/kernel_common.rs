@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use super::features::index_words;
 use super::plan::AUX_THREADS;
-use crate::wgsl::{fill_template, io_counter_slots};
+use crate::wgsl::{fill_template, io_counter_slots, Emitter};
 
 pub(crate) const REDUCE: &str = include_str!("../../shaders/poly_reduce.wgsl");
 
@@ -102,16 +102,16 @@ pub(crate) struct Prefetch {
 /// key `j0`) and its stores.
 pub(crate) fn pass1_prefetch(
     decl: &str,
-    load: impl Fn(&str, &str) -> String,
+    load: impl Fn(&str, usize) -> String,
     store: &str,
 ) -> Prefetch {
     Prefetch {
         decl: decl.trim_end().to_string(),
         first: format!(
             "    if (j_begin < j_end) {{\n{}\n    }}",
-            load("j_begin", "        ")
+            load("j_begin", 2)
         ),
-        next: load("j0 + BK", "            "),
+        next: load("j0 + BK", 3),
         store: store.trim_end().to_string(),
     }
 }
@@ -130,38 +130,35 @@ pub(crate) fn table_prefetch(wg: usize, rc: usize, g: usize, z: bool) -> Prefetc
     for u in 0..nw {
         let _ = writeln!(decl, "        var twz_{u} = vec2<f32>();");
     }
-    let load = |f0: &str, ind: &str| {
-        let mut s = format!("{ind}{{\n{ind}    let rows_f = min(RC, R - ({f0}));\n");
-        for u in 0..ni {
-            let _ = writeln!(
-                s,
-                "{ind}    tix_{u} = 0u;\n{ind}    if (lid + {o}u < RC * IW && (lid + {o}u) / IW < rows_f) {{\n\
-                 {ind}        tix_{u} = feat_idx[({f0}) * IW + lid + {o}u];\n{ind}        words_read += 1u;\n{ind}    }}",
-                o = wg * u
-            );
-        }
-        for u in 0..nw {
-            let z_load = if z {
-                format!(
-                    "{ind}        twz_{u}.y = z[unit * RP + ({f0}) + lid + {o}u];\n{ind}        words_read += 1u;\n",
-                    o = wg * u
-                )
-            } else {
-                String::new()
-            };
-            let _ = writeln!(
-                s,
-                "{ind}    if (lid + {o}u < RC) {{\n\
-                 {ind}        twz_{u} = vec2<f32>();\n{z_load}\
-                 {ind}        if (lid + {o}u < rows_f) {{\n\
-                 {ind}            twz_{u}.x = feat_w[({f0}) + lid + {o}u];\n\
-                 {ind}            words_read += 1u;\n\
-                 {ind}        }}\n{ind}    }}",
-                o = wg * u
-            );
-        }
-        s.push_str(&format!("{ind}}}"));
-        s
+    let load = |f0: &str, depth: usize| {
+        let mut e = Emitter::new(depth);
+        e.scope(|e| {
+            e.line(format!("let rows_f = min(RC, R - ({f0}));"));
+            for u in 0..ni {
+                let o = wg * u;
+                e.line(format!("tix_{u} = 0u;"));
+                let head = format!("if (lid + {o}u < RC * IW && (lid + {o}u) / IW < rows_f)");
+                e.block(head, |e| {
+                    e.line(format!("tix_{u} = feat_idx[({f0}) * IW + lid + {o}u];"));
+                    e.line("words_read += 1u;");
+                });
+            }
+            for u in 0..nw {
+                let o = wg * u;
+                e.block(format!("if (lid + {o}u < RC)"), |e| {
+                    e.line(format!("twz_{u} = vec2<f32>();"));
+                    if z {
+                        e.line(format!("twz_{u}.y = z[unit * RP + ({f0}) + lid + {o}u];"));
+                        e.line("words_read += 1u;");
+                    }
+                    e.block(format!("if (lid + {o}u < rows_f)"), |e| {
+                        e.line(format!("twz_{u}.x = feat_w[({f0}) + lid + {o}u];"));
+                        e.line("words_read += 1u;");
+                    });
+                });
+            }
+        });
+        e.finish()
     };
     let mut store = String::new();
     for u in 0..ni {
@@ -183,8 +180,8 @@ pub(crate) fn table_prefetch(wg: usize, rc: usize, g: usize, z: bool) -> Prefetc
     }
     Prefetch {
         decl: decl.trim_end().to_string(),
-        first: load("0u", "        "),
-        next: load("f0 + RC", "                "),
+        first: load("0u", 2),
+        next: load("f0 + RC", 4),
         store: store.trim_end().to_string(),
     }
 }

@@ -9,7 +9,7 @@ use super::kernel_common::{
     Prefetch,
 };
 use super::plan::{align4, CoopTiles, AUX_THREADS, COOP_PASS2_ROWS_PER_THREAD};
-use crate::wgsl::{fill_template, io_counter_slots, wgsl_element};
+use crate::wgsl::{fill_template, io_counter_slots, wgsl_element, Emitter};
 
 pub(crate) const COOP_PASS1: &str = include_str!("../../shaders/poly_coop_pass1.wgsl");
 
@@ -111,33 +111,35 @@ fn coop_prefetch(t: &CoopTiles) -> Prefetch {
     let mut decl = String::new();
     element_registers(&mut decl, ["ki", "krow", "kcol", "kx"], (nk, wg), "E1");
     element_registers(&mut decl, ["vi", "vrow", "vcol", "vx"], (nv, wg), "EV");
-    let load = |j0: &str, ind: &str| {
-        let mut s = format!("{ind}{{\n{ind}    let kr = min(BK, j_end - ({j0}));\n");
-        for u in 0..nk {
-            let _ = write!(
-                s,
-                "{ind}    kx_{u} = 0.0;\n\
-                 {ind}    if (ki_{u} < BK * E1 && krow_{u} < kr) {{\n\
-                 {ind}        kx_{u} = 1.0;\n\
-                 {ind}        if (kcol_{u} < E) {{\n\
-                 {ind}            kx_{u} = (k[(unit * params.s + {j0} + krow_{u}) * E + kcol_{u}] - mu_t[kcol_{u}]) * params.k_inv_scale;\n\
-                 {ind}            words_read += 1u;\n\
-                 {ind}        }}\n\
-                 {ind}    }}\n"
-            );
-        }
-        for u in 0..nv {
-            let _ = write!(
-                s,
-                "{ind}    vx_{u} = 0.0;\n\
-                 {ind}    if (vi_{u} < BK * EV && vrow_{u} < kr) {{\n\
-                 {ind}        vx_{u} = (v[(unit * params.s + {j0} + vrow_{u}) * EV + vcol_{u}] - vn_t[vcol_{u}]) * vn_t[EV + vcol_{u}];\n\
-                 {ind}        words_read += 1u;\n\
-                 {ind}    }}\n"
-            );
-        }
-        s.push_str(&format!("{ind}}}"));
-        s
+    let load = |j0: &str, depth: usize| {
+        let mut e = Emitter::new(depth);
+        e.scope(|e| {
+            e.line(format!("let kr = min(BK, j_end - ({j0}));"));
+            for u in 0..nk {
+                e.line(format!("kx_{u} = 0.0;"));
+                e.block(format!("if (ki_{u} < BK * E1 && krow_{u} < kr)"), |e| {
+                    e.line(format!("kx_{u} = 1.0;"));
+                    e.block(format!("if (kcol_{u} < E)"), |e| {
+                        e.line(format!(
+                            "kx_{u} = (k[(unit * params.s + {j0} + krow_{u}) * E + kcol_{u}] - \
+                             mu_t[kcol_{u}]) * params.k_inv_scale;"
+                        ));
+                        e.line("words_read += 1u;");
+                    });
+                });
+            }
+            for u in 0..nv {
+                e.line(format!("vx_{u} = 0.0;"));
+                e.block(format!("if (vi_{u} < BK * EV && vrow_{u} < kr)"), |e| {
+                    e.line(format!(
+                        "vx_{u} = (v[(unit * params.s + {j0} + vrow_{u}) * EV + vcol_{u}] - \
+                         vn_t[vcol_{u}]) * vn_t[EV + vcol_{u}];"
+                    ));
+                    e.line("words_read += 1u;");
+                });
+            }
+        });
+        e.finish()
     };
     let mut store = String::new();
     for u in 0..nk {
@@ -187,30 +189,38 @@ fn coop_prefetch_vec4(t: &CoopTiles) -> Prefetch {
             inv = lanes("vn_t", "EV + ", &format!("vc_{u}"))
         );
     }
-    let load = |j0: &str, ind: &str| {
-        let mut s = format!("{ind}{{\n{ind}    kr_t = min(BK, j_end - ({j0}));\n");
-        for u in 0..nk {
-            let _ = write!(
-                s,
-                "{ind}    kx_{u} = vec4<f32>();\n\
-                 {ind}    if (ki_{u} < BK * {e4}u && krow_{u} < kr_t) {{\n\
-                 {ind}        kx_{u} = (k[(unit * params.s + {j0} + krow_{u}) * {e4}u + kc_{u}] - kmu_{u}) * params.k_inv_scale;\n\
-                 {ind}        words_read += 4u;\n\
-                 {ind}    }}\n"
-            );
-        }
-        for u in 0..nv {
-            let _ = write!(
-                s,
-                "{ind}    vx_{u} = vec4<f32>();\n\
-                 {ind}    if (vi_{u} < BK * {ev4}u && vrow_{u} < kr_t) {{\n\
-                 {ind}        vx_{u} = (v[(unit * params.s + {j0} + vrow_{u}) * {ev4}u + vc_{u}] - vmin_{u}) * vinv_{u};\n\
-                 {ind}        words_read += 4u;\n\
-                 {ind}    }}\n"
-            );
-        }
-        s.push_str(&format!("{ind}}}"));
-        s
+    let load = |j0: &str, depth: usize| {
+        let mut e = Emitter::new(depth);
+        e.scope(|e| {
+            e.line(format!("kr_t = min(BK, j_end - ({j0}));"));
+            for u in 0..nk {
+                e.line(format!("kx_{u} = vec4<f32>();"));
+                e.block(
+                    format!("if (ki_{u} < BK * {e4}u && krow_{u} < kr_t)"),
+                    |e| {
+                        e.line(format!(
+                            "kx_{u} = (k[(unit * params.s + {j0} + krow_{u}) * {e4}u + kc_{u}] - \
+                         kmu_{u}) * params.k_inv_scale;"
+                        ));
+                        e.line("words_read += 4u;");
+                    },
+                );
+            }
+            for u in 0..nv {
+                e.line(format!("vx_{u} = vec4<f32>();"));
+                e.block(
+                    format!("if (vi_{u} < BK * {ev4}u && vrow_{u} < kr_t)"),
+                    |e| {
+                        e.line(format!(
+                            "vx_{u} = (v[(unit * params.s + {j0} + vrow_{u}) * {ev4}u + vc_{u}] - \
+                         vmin_{u}) * vinv_{u};"
+                        ));
+                        e.line("words_read += 4u;");
+                    },
+                );
+            }
+        });
+        e.finish()
     };
     let mut store = String::from(
         "        for (var j = lid; j < BK; j += WG) {\n            k_t[E * KS + j] = select(0.0, 1.0, j < kr_t);\n        }\n",
@@ -327,15 +337,17 @@ fn coop_chunk_prefetch(t: &CoopTiles) -> Prefetch {
             wg * u
         );
     }
-    let load = |f0: &str, ind: &str| {
-        let mut s = String::new();
+    let load = |f0: &str, depth: usize| {
+        let mut e = Emitter::new(depth);
         for u in 0..n4 {
-            let _ = writeln!(
-                s,
-                "{ind}if (si_{u} < RC * EVP / 4u) {{\n{ind}    sx_{u} = s16[(unit * RP + {f0}) * EVP / 4u + si_{u}];\n{ind}    words_read += 2u;\n{ind}}}"
-            );
+            e.block(format!("if (si_{u} < RC * EVP / 4u)"), |e| {
+                e.line(format!(
+                    "sx_{u} = s16[(unit * RP + {f0}) * EVP / 4u + si_{u}];"
+                ));
+                e.line("words_read += 2u;");
+            });
         }
-        s.trim_end().to_string()
+        e.finish()
     };
     let mut store = String::new();
     for u in 0..n4 {
@@ -348,8 +360,8 @@ fn coop_chunk_prefetch(t: &CoopTiles) -> Prefetch {
     }
     Prefetch {
         decl: decl.trim_end().to_string(),
-        first: load("0u", "        "),
-        next: load("f0 + RC", "                "),
+        first: load("0u", 2),
+        next: load("f0 + RC", 4),
         store: store.trim_end().to_string(),
     }
 }

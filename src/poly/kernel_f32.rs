@@ -8,7 +8,7 @@ use super::kernel_common::{
     Prefetch,
 };
 use super::plan::{align4, Pass1Tiles, Pass2Tiles};
-use crate::wgsl::{constant_loop, fill_template, io_counter_slots, wgsl_element};
+use crate::wgsl::{constant_loop, fill_template, io_counter_slots, wgsl_element, Emitter};
 
 pub(crate) const PASS1: &str = include_str!("../../shaders/poly_pass1.wgsl");
 
@@ -297,28 +297,30 @@ fn pass1_tile_loads(t: &Pass1Tiles) -> Prefetch {
     element_registers(&mut decl, ["ki", "krow", "kcol", "kx"], (nk, wg), "E1");
     element_registers(&mut decl, ["vi", "vrow", "vcol", "vx"], (nv, wg), "EV");
     // Keys past the split's end are zero rows; the constant-1 column is 1 in every row.
-    let load = |j0: &str, ind: &str| {
-        let mut s = format!("{ind}{{\n{ind}    let kn = min(BK, j_end - ({j0}));\n");
-        for u in 0..nk {
-            let _ = writeln!(
-                s,
-                "{ind}    kx_{u} = select(0.0, 1.0, kcol_{u} == E);\n\
-                 {ind}    if (ki_{u} < BK * E1 && kcol_{u} < E && krow_{u} < kn) {{\n\
-                 {ind}        kx_{u} = k[(unit * params.s + {j0} + krow_{u}) * E + kcol_{u}] - mu_t[kcol_{u}];\n\
-                 {ind}        words_read += 1u;\n{ind}    }}"
-            );
-        }
-        for u in 0..nv {
-            let _ = writeln!(
-                s,
-                "{ind}    vx_{u} = 0.0;\n\
-                 {ind}    if (vi_{u} < BK * EV && vrow_{u} < kn) {{\n\
-                 {ind}        vx_{u} = v[(unit * params.s + {j0} + vrow_{u}) * EV + vcol_{u}];\n\
-                 {ind}        words_read += 1u;\n{ind}    }}"
-            );
-        }
-        s.push_str(&format!("{ind}}}"));
-        s
+    let load = |j0: &str, depth: usize| {
+        let mut e = Emitter::new(depth);
+        e.scope(|e| {
+            e.line(format!("let kn = min(BK, j_end - ({j0}));"));
+            for u in 0..nk {
+                e.line(format!("kx_{u} = select(0.0, 1.0, kcol_{u} == E);"));
+                e.block(format!("if (ki_{u} < BK * E1 && kcol_{u} < E && krow_{u} < kn)"), |e| {
+                    e.line(format!(
+                        "kx_{u} = k[(unit * params.s + {j0} + krow_{u}) * E + kcol_{u}] - mu_t[kcol_{u}];"
+                    ));
+                    e.line("words_read += 1u;");
+                });
+            }
+            for u in 0..nv {
+                e.line(format!("vx_{u} = 0.0;"));
+                e.block(format!("if (vi_{u} < BK * EV && vrow_{u} < kn)"), |e| {
+                    e.line(format!(
+                        "vx_{u} = v[(unit * params.s + {j0} + vrow_{u}) * EV + vcol_{u}];"
+                    ));
+                    e.line("words_read += 1u;");
+                });
+            }
+        });
+        e.finish()
     };
     let mut store = String::new();
     for u in 0..nk {
@@ -347,7 +349,7 @@ pub fn pass2_source_causal(t: &Pass2Tiles, count_io: bool) -> String {
 }
 
 /// Pass 2; `causal`: each block reads its chunk's prefix state and adds the chunk's masked block
-/// (`diag`, Ev + 1 words per row) before dividing (see src/kernels/poly_causal.rs).
+/// (`diag`, Ev + 1 words per row) before dividing (see src/poly/causal.rs).
 pub(crate) fn pass2_source_with(t: &Pass2Tiles, count_io: bool, causal: bool) -> String {
     let iw = index_words(t.g);
     debug_assert_eq!(t.b % t.tr, 0, "{t:?}: rows are whole micro-tiles");
@@ -374,35 +376,7 @@ pub(crate) fn pass2_source_with(t: &Pass2Tiles, count_io: bool, causal: bool) ->
         |row, p| format!("phi_set(f * FS + {row}, {p})"),
         |row, d| format!("phi_set(fb * B + {row}, {d})"),
     );
-    let mut store = String::new();
-    for a in 0..rb {
-        let _ = writeln!(
-            store,
-            "        {{\n            let r = {};\n            if (r < rows) {{\n                \
-             var d_{a} = 0.0;\n                for (var h = 0u; h < TPR; h++) {{\n                    \
-             d_{a} += phi_get(h * B + r);\n                }}\n                \
-             let row = (head * params.l + q0 + r) * EV;",
-            micro_tile_row(a, ("tr", t.tr), vec4_rows)
-        );
-        if causal {
-            // The chunk's masked block: its normaliser, then each value column beside the store.
-            let _ = writeln!(
-                store,
-                "                let drow = (head * params.l + q0 + r) * EV1;\n                \
-                 d_{a} += diag[drow + EV];\n                words_read += 1u;"
-            );
-            causal_store_row(&mut store, "                ", (a, cu, t.tc));
-        } else {
-            store_row(
-                &mut store,
-                "                ",
-                (a, cu, t.tc),
-                |c| format!("o[row + {c}]"),
-                |x| format!("{x} / d_{a}"),
-            );
-        }
-        store.push_str("            }\n        }\n");
-    }
+    let store = pass2_store(t, (rb, cu), vec4_rows, causal);
     let state = if causal { "st" } else { "unit" };
     let chunk = (!t.resident()).then(|| pass2_chunk_prefetch(t, state));
     let table = (!t.resident()).then(|| table_prefetch(t.threads(), t.rc, t.g, false));
@@ -484,17 +458,21 @@ fn pass2_chunk_prefetch(t: &Pass2Tiles, state: &str) -> Prefetch {
     let n = (t.rc * (t.ev + 1)).div_ceil(wg);
     let mut decl = String::new();
     element_registers(&mut decl, ["si", "sf", "sc", "sx"], (n, wg), "EV1");
-    let load = |f0: &str, ind: &str| {
-        let mut s = format!("{ind}{{\n{ind}    let rows_n = min(RC, R - ({f0}));\n");
-        for u in 0..n {
-            let _ = writeln!(
-                s,
-                "{ind}    sx_{u} = 0.0;\n{ind}    if (si_{u} < RC * EV1 && sf_{u} < rows_n) {{\n\
-                 {ind}        sx_{u} = s_prime[({state} * R + {f0}) * EV1 + si_{u}];\n{ind}        words_read += 1u;\n{ind}    }}"
-            );
-        }
-        s.push_str(&format!("{ind}}}"));
-        s
+    let load = |f0: &str, depth: usize| {
+        let mut e = Emitter::new(depth);
+        e.scope(|e| {
+            e.line(format!("let rows_n = min(RC, R - ({f0}));"));
+            for u in 0..n {
+                e.line(format!("sx_{u} = 0.0;"));
+                e.block(format!("if (si_{u} < RC * EV1 && sf_{u} < rows_n)"), |e| {
+                    e.line(format!(
+                        "sx_{u} = s_prime[({state} * R + {f0}) * EV1 + si_{u}];"
+                    ));
+                    e.line("words_read += 1u;");
+                });
+            }
+        });
+        e.finish()
     };
     let mut store = String::new();
     for u in 0..n {
@@ -507,8 +485,43 @@ fn pass2_chunk_prefetch(t: &Pass2Tiles, state: &str) -> Prefetch {
     }
     Prefetch {
         decl: decl.trim_end().to_string(),
-        first: load("0u", "        "),
-        next: load("f0 + RC", "                "),
+        first: load("0u", 2),
+        next: load("f0 + RC", 4),
         store: store.trim_end().to_string(),
     }
+}
+
+/// Pass 2's output: each of the thread's rows, divided by its normaliser (the sum of the TPR
+/// partials in the feature tile).
+fn pass2_store(t: &Pass2Tiles, (rb, cu): (usize, usize), vec4_rows: bool, causal: bool) -> String {
+    let mut store = String::new();
+    for a in 0..rb {
+        let _ = writeln!(
+            store,
+            "        {{\n            let r = {};\n            if (r < rows) {{\n                \
+             var d_{a} = 0.0;\n                for (var h = 0u; h < TPR; h++) {{\n                    \
+             d_{a} += phi_get(h * B + r);\n                }}\n                \
+             let row = (head * params.l + q0 + r) * EV;",
+            micro_tile_row(a, ("tr", t.tr), vec4_rows)
+        );
+        if causal {
+            // The chunk's masked block: its normaliser, then each value column beside the store.
+            let _ = writeln!(
+                store,
+                "                let drow = (head * params.l + q0 + r) * EV1;\n                \
+                 d_{a} += diag[drow + EV];\n                words_read += 1u;"
+            );
+            causal_store_row(&mut store, "                ", (a, cu, t.tc));
+        } else {
+            store_row(
+                &mut store,
+                "                ",
+                (a, cu, t.tc),
+                |c| format!("o[row + {c}]"),
+                |x| format!("{x} / d_{a}"),
+            );
+        }
+        store.push_str("            }\n        }\n");
+    }
+    store
 }

@@ -467,56 +467,106 @@ pub fn plan_poly(p: &Problem, degree: usize, budget: &Budget) -> Result<PolyPlan
     if r64 > MAX_FEATURES || p.e > 1022 {
         return Err(too_large("the rank exceeds the feature budget"));
     }
-    let r = r64 as usize;
-    let m = budget.fast_memory_words;
-    let max_threads = MAX_POLY_THREADS.min(budget.max_invocations_per_workgroup as usize);
-    // Both passes tile (rows x value columns) products over a grid of `rows x tc` threads; the
-    // registers of a thread bound the rows it owns.
-    let (tc, groups) = value_columns(p.ev);
-    let max_rows_per_thread = MAX_OUT_ACCUMULATORS / (4 * groups);
-    let thread_rows: Vec<usize> = (0..=8)
-        .map(|i| 1usize << i)
-        .filter(|&t| t * tc <= max_threads)
-        .collect();
-    // Ties go to POLY_THREADS threads, then to the nearer larger count.
-    let thread_rank = |threads: usize| {
-        (
-            threads.max(POLY_THREADS) / threads.min(POLY_THREADS),
-            Reverse(threads),
-        )
-    };
-    // Fewer than two warps of 32 threads only where nothing larger fits.
-    let enough_threads = |threads: usize| Reverse(threads.min(64));
+    let grid = ThreadGrid::new(p, degree, r64 as usize, budget);
+    let pass1 = grid
+        .pass1()
+        .ok_or_else(|| too_large("no pass-1 tile fits"))?;
+    let pass2 = grid.pass2(pass1.chunks() == 1).ok_or_else(|| {
+        too_large("no pass-2 tile fits the fast memory and the driver's loop budget")
+    })?;
+    plan_poly_with(p, degree, budget, pass1, pass2)
+}
 
-    // Pass 1 re-reads K and V once per chunk of rc feature rows: for each key tile and thread
-    // grid, the fewest chunks the registers and fast memory allow, rows balanced over them. The
-    // fewest chunks win (a larger key tile within 10% of the best wins: fewer barriers), then
-    // enough threads, then the fewest padded rows.
-    let t1 = |bk, tf, rc| Pass1Tiles {
-        e: p.e,
-        ev: p.ev,
-        g: degree,
-        r,
-        rc,
-        bk,
-        tf,
-        tc,
-        prefetch: false,
-    };
-    let mut candidates = Vec::new();
-    for bk in [32usize, 16, 8, 4, 2, 1] {
-        for &tf in &thread_rows {
-            let rows = largest_fitting(max_rows_per_thread, |a| {
-                t1(bk, tf, tf * a).fast_memory_words() <= m
-            });
-            if rows > 0 {
-                let chunks = r.div_ceil(tf * rows);
-                candidates.push(t1(bk, tf, tf * r.div_ceil(chunks).div_ceil(tf)));
-            }
+/// Ties go to POLY_THREADS threads, then to the nearer larger count.
+fn thread_rank(threads: usize) -> (usize, Reverse<usize>) {
+    (
+        threads.max(POLY_THREADS) / threads.min(POLY_THREADS),
+        Reverse(threads),
+    )
+}
+
+/// Fewer than two warps of 32 threads only where nothing larger fits.
+fn enough_threads(threads: usize) -> Reverse<usize> {
+    Reverse(threads.min(64))
+}
+
+/// What both f32 passes' tiles are chosen from: both tile (rows x value columns) products over a
+/// grid of `rows x tc` threads; the registers of a thread bound the rows it owns.
+struct ThreadGrid<'a> {
+    p: &'a Problem,
+    budget: &'a Budget,
+    degree: usize,
+    r: usize,
+    tc: usize,
+    max_rows_per_thread: usize,
+    /// Thread rows that fit a workgroup with `tc` thread columns.
+    thread_rows: Vec<usize>,
+}
+
+impl<'a> ThreadGrid<'a> {
+    fn new(p: &'a Problem, degree: usize, r: usize, budget: &'a Budget) -> Self {
+        let max_threads = MAX_POLY_THREADS.min(budget.max_invocations_per_workgroup as usize);
+        let (tc, groups) = value_columns(p.ev);
+        ThreadGrid {
+            p,
+            budget,
+            degree,
+            r,
+            tc,
+            max_rows_per_thread: MAX_OUT_ACCUMULATORS / (4 * groups),
+            thread_rows: (0..=8)
+                .map(|i| 1usize << i)
+                .filter(|&t| t * tc <= max_threads)
+                .collect(),
         }
     }
-    let best = candidates.iter().map(Pass1Tiles::chunks).min();
-    let pass1 = best.and_then(|best| {
+
+    fn t1(&self, bk: usize, tf: usize, rc: usize) -> Pass1Tiles {
+        Pass1Tiles {
+            e: self.p.e,
+            ev: self.p.ev,
+            g: self.degree,
+            r: self.r,
+            rc,
+            bk,
+            tf,
+            tc: self.tc,
+            prefetch: false,
+        }
+    }
+
+    fn t2(&self, b: usize, tr: usize, rc: usize) -> Pass2Tiles {
+        Pass2Tiles {
+            e: self.p.e,
+            ev: self.p.ev,
+            g: self.degree,
+            r: self.r,
+            b,
+            rc,
+            tr,
+            tc: self.tc,
+        }
+    }
+
+    /// Pass 1 re-reads K and V once per chunk of rc feature rows: for each key tile and thread
+    /// grid, the fewest chunks the registers and fast memory allow, rows balanced over them. The
+    /// fewest chunks win (a larger key tile within 10% of the best wins: fewer barriers), then
+    /// enough threads, then the fewest padded rows.
+    fn pass1(&self) -> Option<Pass1Tiles> {
+        let (r, m) = (self.r, self.budget.fast_memory_words);
+        let mut candidates = Vec::new();
+        for bk in [32usize, 16, 8, 4, 2, 1] {
+            for &tf in &self.thread_rows {
+                let rows = largest_fitting(self.max_rows_per_thread, |a| {
+                    self.t1(bk, tf, tf * a).fast_memory_words() <= m
+                });
+                if rows > 0 {
+                    let chunks = r.div_ceil(tf * rows);
+                    candidates.push(self.t1(bk, tf, tf * r.div_ceil(chunks).div_ceil(tf)));
+                }
+            }
+        }
+        let best = candidates.iter().map(Pass1Tiles::chunks).min()?;
         candidates
             .iter()
             .filter(|t| t.chunks() * 10 <= best * 11)
@@ -530,52 +580,39 @@ pub fn plan_poly(p: &Problem, degree: usize, budget: &Budget) -> Result<PolyPlan
                 )
             })
             .copied()
-    });
-    let pass1 = pass1.ok_or_else(|| too_large("no pass-1 tile fits"))?;
+    }
 
-    // Pass 2: schedule A keeps all of S' resident; otherwise the largest query block b (pass-2
-    // I/O ~ L*r*(Ev+3)/b) whose S' chunk still has >= min(r, 16) feature rows. Blocks are
-    // whole micro-tiles, b = tr * (rows per thread) <= 64, of enough threads where one fits.
-    let t2 = |b, tr, rc| Pass2Tiles {
-        e: p.e,
-        ev: p.ev,
-        g: degree,
-        r,
-        b,
-        rc,
-        tr,
-        tc,
-    };
-    let iters_ok =
-        |t: Pass2Tiles| t.builds_fit() && t.loop_iterations(1) <= budget.max_loop_iterations;
-    let blocks: Vec<(usize, usize)> = thread_rows
-        .iter()
-        .flat_map(|&tr| (1..=max_rows_per_thread).map(move |a| (tr * a, tr)))
-        .filter(|&(b, _)| b <= 64)
-        .collect();
-    let largest_block = |rc: usize| {
-        blocks
+    /// Pass 2: schedule A keeps all of S' resident (where pass 1 has one chunk, `one_chunk`);
+    /// otherwise the largest query block b (pass-2 I/O ~ L*r*(Ev+3)/b) whose S' chunk still has
+    /// at least min(r, 16) feature rows. Blocks are whole micro-tiles, b = tr * (rows per
+    /// thread) at most 64, of enough threads where one fits.
+    fn pass2(&self, one_chunk: bool) -> Option<Pass2Tiles> {
+        let (r, m, tc) = (self.r, self.budget.fast_memory_words, self.tc);
+        let iters_ok = |t: Pass2Tiles| {
+            t.builds_fit() && t.loop_iterations(1) <= self.budget.max_loop_iterations
+        };
+        let blocks: Vec<(usize, usize)> = self
+            .thread_rows
             .iter()
-            .filter(|&&(b, tr)| t2(b, tr, rc).fast_memory_words() <= m && iters_ok(t2(b, tr, rc)))
-            .min_by_key(|&&(b, tr)| (enough_threads(tr * tc), Reverse(b), thread_rank(tr * tc)))
-            .copied()
-    };
-    let resident = if pass1.chunks() == 1 {
-        largest_block(r)
-    } else {
-        None
-    };
-    let pass2 = if let Some((b, tr)) = resident {
-        Some(t2(b, tr, r))
-    } else {
+            .flat_map(|&tr| (1..=self.max_rows_per_thread).map(move |a| (tr * a, tr)))
+            .filter(|&(b, _)| b <= 64)
+            .collect();
+        let fits = |t: Pass2Tiles| t.fast_memory_words() <= m && iters_ok(t);
+        let largest_block = |rc: usize| {
+            blocks
+                .iter()
+                .filter(|&&(b, tr)| fits(self.t2(b, tr, rc)))
+                .min_by_key(|&&(b, tr)| (enough_threads(tr * tc), Reverse(b), thread_rank(tr * tc)))
+                .copied()
+        };
+        let resident = if one_chunk { largest_block(r) } else { None };
+        if let Some((b, tr)) = resident {
+            return Some(self.t2(b, tr, r));
+        }
         let (b, tr) = largest_block(r.min(16)).unwrap_or((1, 1));
-        let rc = largest_fitting(r, |rc| t2(b, tr, rc).fast_memory_words() <= m);
-        (rc > 0 && iters_ok(t2(b, tr, rc))).then(|| t2(b, tr, rc))
-    };
-    let pass2 = pass2.ok_or_else(|| {
-        too_large("no pass-2 tile fits the fast memory and the driver's loop budget")
-    })?;
-    plan_poly_with(p, degree, budget, pass1, pass2)
+        let rc = largest_fitting(r, |rc| self.t2(b, tr, rc).fast_memory_words() <= m);
+        (rc > 0 && iters_ok(self.t2(b, tr, rc))).then(|| self.t2(b, tr, rc))
+    }
 }
 
 /// The poly plan for given f32 pass tiles (the planner's, or the autotune's): schedule, dispatch

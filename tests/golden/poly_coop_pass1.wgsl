@@ -4,7 +4,7 @@
 // normalised, v' = (v - vmin) / vrange in [0, 1]; pass 2 undoes both. The normaliser column (the
 // row sums of phi) is summed in f32 by the threads that build the features.
 // Subgroup s owns the output rows 16 * (s * RT + a) + 0..15 of every 16-column value tile in the
-// named accumulators acc_a_c (`src/kernels/poly.rs` unrolls them).
+// named accumulators acc_a_c (`src/poly/kernel_coop.rs` unrolls them).
 enable f16;
 enable wgpu_cooperative_matrix;
 

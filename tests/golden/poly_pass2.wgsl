@@ -2,7 +2,7 @@
 // and streams S' through in chunks of RC feature rows, the next chunk (and its slice of the feature
 // table) loaded into registers while this one is multiplied; with a single chunk (schedule A) S' is
 // loaded once and the workgroup loops over many query blocks. Thread (tr, tc) keeps its rows of the
-// block's output (`micro_tile_row` in `src/kernels/poly.rs`: rows 4 tr + 0..3, 4 (tr + TR) + 0..3,
+// block's output (`micro_tile_row` in `src/poly/kernel_f32.rs`: rows 4 tr + 0..3, 4 (tr + TR) + 0..3,
 // ... where it owns a multiple of 4, else tr, tr + TR, ...) for value columns 4*(tc + TC*u) + 0..3
 // in named registers across all chunks. The normaliser D = Phi_q(Q) z, with z the last column of
 // S', is summed by the threads that build the features.
