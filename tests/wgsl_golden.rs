@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use approx_attn::kernels::{exact, poly};
+use approx_attn::kernels::{exact, poly, poly_causal};
 use approx_attn::plan::{
     coop_candidates, exact_candidates, plan_coop, plan_exact, plan_poly, poly_candidates,
     prepass_tile_rows, Budget, ExactTiles, Pass1Tiles, Problem,
@@ -103,6 +103,19 @@ fn sources() -> BTreeMap<String, String> {
                             format!("pass2 planned g{g} {at}"),
                             poly::pass2_source(&t2, io),
                         );
+                        // --- causal poly: its pass 2 and diagonal kernel ---
+                        let pc = Problem { causal: true, ..p };
+                        if let Ok(cp) = poly_causal::plan_causal(&pc, &plan, &b) {
+                            add(
+                                format!("causal pass2 g{g} {at}"),
+                                poly::pass2_source_causal(&t2, io),
+                            );
+                            add(
+                                format!("causal diag g{g} {at}"),
+                                poly_causal::diag_source(&cp.diag, io),
+                            );
+                        }
+                        // --- end causal poly ---
                         let (c1, c2) = if candidates {
                             poly_candidates(&plan, &b)
                         } else {
@@ -157,6 +170,10 @@ fn sources() -> BTreeMap<String, String> {
         add(
             format!("reduce io{}", u8::from(io)),
             poly::reduce_source(io),
+        );
+        add(
+            format!("causal scan io{}", u8::from(io)),
+            poly_causal::scan_source(io),
         );
     }
     out
