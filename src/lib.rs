@@ -840,8 +840,10 @@ fn rates(
         )));
     }
     let key = adapter_key(gpu);
+    // Causal calls get a class of their own (causal poly adds the diagonal blocks and the scan).
+    let causal = if caller.causal { " causal" } else { "" };
     let class = mode_class(
-        &format!("{} {} {degree}", caller.e, caller.ev),
+        &format!("{} {} {degree}{causal}", caller.e, caller.ev),
         opts.trusted,
     );
     if let Some(r) = cost::load_rates(&key, &class) {
@@ -862,7 +864,7 @@ fn rates(
         s: n,
         e: caller.e,
         ev: caller.ev,
-        causal: false,
+        causal: caller.causal,
         scale: 0.05,
     };
     let x = |w: usize| -> Vec<f32> {
@@ -907,9 +909,15 @@ fn rates(
         Ok(st)
     })?;
     let pplan = pplan.expect("the timed poly run sets its plan");
+    let poly_flops = if p.causal {
+        let cp = kernels::poly_causal::plan_causal(&p, &pplan, budget)?;
+        kernels::poly_causal::causal_poly_flops(&p, &cp)
+    } else {
+        cost::poly_flops(&p, &pplan)
+    };
     let r = cost::Rates {
         exact_flops_per_s: cost::exact_flops(&p) / te,
-        poly_flops_per_s: cost::poly_flops(&p, &pplan) / tp,
+        poly_flops_per_s: poly_flops / tp,
     };
     cost::store_rates(&key, &class, &r);
     Ok(r)
@@ -1174,6 +1182,23 @@ fn f32_poly(
         F32Tiles::Given(pass1, pass2) => {
             c.plan = plan::plan_poly_with(p, degree, budget, pass1, pass2)?;
         }
+    }
+    if p.causal {
+        // The rate calibration of causal calls times the causal schedule.
+        let cp = kernels::poly_causal::plan_causal(p, &c.plan, budget)?;
+        let out = kernels::poly_causal::run(
+            gpu,
+            p,
+            &cp,
+            &c.table,
+            &c.poly,
+            &pre,
+            (q, k, v),
+            opts,
+            &uploads,
+            st,
+        )?;
+        return Ok((out, c));
     }
     let out = kernels::poly::run(
         gpu, p, &c.plan, &c.table, &c.poly, &pre, q, k, v, opts, &uploads, st,

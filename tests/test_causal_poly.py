@@ -480,3 +480,18 @@ def test_gpu_memory_grows_linearly_and_never_holds_n_by_r(monkeypatch: pytest.Mo
         assert rep.gpu_allocated_bytes < 4 * heads * n * rep.rank, (n, rep.gpu_allocated_bytes)
         peak[n] = rep.gpu_allocated_bytes
     assert peak[8192] <= 4 * peak[2048], peak
+
+
+def test_auto_calibrates_causal_rates_apart(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    # Without APPROX_ATTN_RATES, auto measures the throughputs of a causal exact and a causal
+    # poly run for causal calls, cached under a class of their own.
+    monkeypatch.delenv("APPROX_ATTN_RATES", raising=False)
+    monkeypatch.delenv("APPROX_ATTN_CAUSAL_CHUNK", raising=False)
+    monkeypatch.setenv("APPROX_ATTN_CACHE_DIR", str(tmp_path))
+    E, scale = 16, f32_scale(16)
+    q, k, v = random_problem(93, (), (), 64, 64, E, 8, 0.25, scale)
+    _, rep = approx_attn.attention(q, k, v, is_causal=True, scale=scale, return_report=True)
+    assert rep.predicted_cost is not None, rep.reason
+    lines = [ln for f in tmp_path.glob("rates-*") for ln in f.read_text().splitlines()]
+    # One class, "E Ev degree causal", and no non-causal class measured for this call.
+    assert len(lines) == 1 and lines[0].startswith(f"{E} 8 ") and " causal " in lines[0], lines
