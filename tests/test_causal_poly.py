@@ -461,3 +461,37 @@ def test_tensor_cores_with_causal_poly_is_not_implemented() -> None:
     for method in ("poly", "auto"):
         with pytest.raises(NotImplementedError, match="tensor_cores=True"):
             approx_attn.attention(q, k, v, is_causal=True, method=method, tensor_cores=True)
+
+
+def test_gpu_memory_grows_linearly_and_never_holds_n_by_r(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As tests/test_poly.py's non-causal check: E=32, degree 2 (r = 561). Phi(K) alone would take
+    # 4 n r bytes per head; the causal schedule holds the window's rows and its chunk states.
+    monkeypatch.delenv("APPROX_ATTN_CAUSAL_CHUNK", raising=False)
+    monkeypatch.delenv("APPROX_ATTN_CAUSAL_WINDOW", raising=False)
+    E, heads = 32, 2
+    scale = f32_scale(E)
+    peak = {}
+    for n in (2048, 8192):
+        q, k, v = random_problem(67, (heads,), (heads,), n, n, E, E, 0.3, scale)
+        _, rep = causal_poly(q, k, v, degree=2, scale=scale)
+        if rep.gpu_allocated_bytes is None:
+            pytest.skip("this backend does not report its allocations")
+        assert rep.rank == 561
+        assert rep.gpu_allocated_bytes < 4 * heads * n * rep.rank, (n, rep.gpu_allocated_bytes)
+        peak[n] = rep.gpu_allocated_bytes
+    assert peak[8192] <= 4 * peak[2048], peak
+
+
+def test_auto_calibrates_causal_rates_apart(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    # Without APPROX_ATTN_RATES, auto measures the throughputs of a causal exact and a causal
+    # poly run for causal calls, cached under a class of their own.
+    monkeypatch.delenv("APPROX_ATTN_RATES", raising=False)
+    monkeypatch.delenv("APPROX_ATTN_CAUSAL_CHUNK", raising=False)
+    monkeypatch.setenv("APPROX_ATTN_CACHE_DIR", str(tmp_path))
+    E, scale = 16, f32_scale(16)
+    q, k, v = random_problem(93, (), (), 64, 64, E, 8, 0.25, scale)
+    _, rep = approx_attn.attention(q, k, v, is_causal=True, scale=scale, return_report=True)
+    assert rep.predicted_cost is not None, rep.reason
+    lines = [ln for f in tmp_path.glob("rates-*") for ln in f.read_text().splitlines()]
+    # One class, "E Ev degree causal", and no non-causal class measured for this call.
+    assert len(lines) == 1 and lines[0].startswith(f"{E} 8 ") and " causal " in lines[0], lines

@@ -20,9 +20,10 @@ mod poly {
     pub use approx_attn::poly::kernel_coop::{
         coop_pack_source, coop_pass1_source, coop_pass2_source,
     };
-    pub use approx_attn::poly::kernel_f32::{pass1_source, pass2_source};
+    pub use approx_attn::poly::kernel_f32::{pass1_source, pass2_source, pass2_source_causal};
     pub use approx_attn::poly::prepass::prepass_source;
 }
+use approx_attn::poly::causal as poly_causal;
 
 /// FNV-1a, 64 bits: stable across Rust versions and platforms (std's hasher is not).
 fn fnv1a(text: &str) -> u64 {
@@ -114,6 +115,19 @@ fn sources() -> BTreeMap<String, String> {
                             format!("pass2 planned g{g} {at}"),
                             poly::pass2_source(&t2, io),
                         );
+                        // --- causal poly: its pass 2 and diagonal kernel ---
+                        let pc = Problem { causal: true, ..p };
+                        if let Ok(cp) = poly_causal::plan_causal(&pc, &plan, &b) {
+                            add(
+                                format!("causal pass2 g{g} {at}"),
+                                poly::pass2_source_causal(&t2, io),
+                            );
+                            add(
+                                format!("causal diag g{g} {at}"),
+                                poly_causal::diag_source(&cp.diag, io),
+                            );
+                        }
+                        // --- end causal poly ---
                         let (c1, c2) = if candidates {
                             poly_candidates(&plan, &b)
                         } else {
@@ -168,6 +182,10 @@ fn sources() -> BTreeMap<String, String> {
         add(
             format!("reduce io{}", u8::from(io)),
             poly::reduce_source(io),
+        );
+        add(
+            format!("causal scan io{}", u8::from(io)),
+            poly_causal::scan_source(io),
         );
     }
     out

@@ -10,6 +10,7 @@ use crate::chunking::Chunking;
 use crate::error::Error;
 use crate::exact::plan::plan_exact;
 use crate::launch::RunStats;
+use crate::poly::causal::{plan_causal, run as causal_run};
 use crate::poly::certificate::{poly_candidate, PolyCandidate};
 use crate::poly::kernel_coop::{coop_pack_source, coop_pass1_source, coop_pass2_source};
 use crate::poly::kernel_f32::{pass1_source, pass2_source};
@@ -428,6 +429,14 @@ pub(crate) fn f32_poly(
         F32Tiles::Given(pass1, pass2) => {
             c.plan = plan_poly_with(p, degree, budget, pass1, pass2)?;
         }
+    }
+    if p.causal {
+        // The rate calibration of causal calls times the causal schedule.
+        let cp = plan_causal(p, &c.plan, budget)?;
+        let (table, poly) = (&c.table, &c.poly);
+        let xs = (q, k, v);
+        let out = causal_run(gpu, p, &cp, table, poly, &pre, xs, opts, &uploads, st)?;
+        return Ok((out, c));
     }
     let out = poly_run(
         gpu,

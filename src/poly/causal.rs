@@ -53,10 +53,15 @@
 //!
 //! # I/O (closed form beside the non-causal one, n = L = S, d = E = Ev, one head)
 //!
-//! `prepass + 2·n·d·⌈r/rc⌉ + (n/C)·r·(3(d+1) + iw) + n·d + (n/B)·r·(d + 1 + iw + 1) + n·(d + TC)
-//! + n·d + n·(d + C·2d/(2·BQ)) + n·(d + 1)`: pass 1, the scan, pass 2 (Q, states, the diagonal
-//! blocks read, O) and the diagonal kernel (Q, keys, its output) — O(n·d + n·r·d²/M + n·C·d/BQ),
-//! linear in n at fixed fast memory; [`causal_io`] counts it exactly as the shaders do.
+//! `prepass + 2·n·d·⌈r/rc⌉ + (n/C)·r·(3(d+1) + iw) + n·d·(C + BQ)/BQ + (n/B)·r·(d + 3)
+//! + n·(4d + 1 + TC)`, up to terms in the number of windows and blocks: pass 1 reads K, V once
+//! per feature chunk of rc rows and writes a state per chunk, the scan reads and writes it, the
+//! diagonal blocks re-read (C + BQ)/2 keys of 2d words on average per block of BQ rows, pass 2
+//! streams a state per block of B rows and reads each row's diagonal block (d + TC words: the
+//! normaliser once per thread column), and Q (twice), O and the diagonal blocks move once. The
+//! non-causal schedule B moves `2·n·d·⌈r/rc⌉ + 2·n·d + (n/B)·r·(d + 3)`; causal adds two terms
+//! that balance at C*, each about `n·sqrt(r·d·(3(d+1) + iw)/BQ)`, so it stays O(n·d + n·r·d²/M)
+//! (at fixed M: linear in n). [`causal_io`] counts it exactly as the shaders do.
 
 use std::fmt::Write as _;
 
