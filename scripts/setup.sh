@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up this checkout: Mesa's software Vulkan driver (lavapipe) when no Vulkan driver is
-# present, a virtual environment in .venv, and the package built in release mode into it.
+# present, Mesa's EGL/OpenGL driver (llvmpipe, for the GL backend) when no EGL driver is, a
+# virtual environment in .venv, and the package built in release mode into it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,12 +15,27 @@ have_vulkan_driver() {
     done
     return 1
 }
+have_gl_driver() {
+    # wgpu's GL backend (APPROX_ATTN_BACKEND=gl): glvnd's libEGL, Mesa's EGL library, and Mesa's
+    # DRI drivers, whose swrast_dri.so is llvmpipe (OpenGL on the CPU, reached headless via EGL).
+    ldconfig -p 2>/dev/null | grep 'libEGL\.so\.1' >/dev/null || return 1
+    ldconfig -p 2>/dev/null | grep 'libEGL_mesa\.so\.0' >/dev/null || return 1
+    compgen -G '/usr/lib/*/dri/swrast_dri.so' >/dev/null || compgen -G '/usr/lib/dri/swrast_dri.so' >/dev/null
+}
+packages=()
 if ! have_vulkan_driver; then
     echo "setup: no Vulkan driver found; installing Mesa's software driver (lavapipe)" >&2
+    packages+=(mesa-vulkan-drivers libvulkan1)
+fi
+if ! have_gl_driver; then
+    echo "setup: no EGL/OpenGL driver found; installing Mesa's (llvmpipe) for the GL backend" >&2
+    packages+=(libegl1 libegl-mesa0 libgl1-mesa-dri)
+fi
+if [ ${#packages[@]} -gt 0 ]; then
     sudo_cmd=""
     [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
     $sudo_cmd apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${packages[@]}" >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -34,6 +34,12 @@ const QS: u32 = EW + 1u;
 const KS: u32 = EW + 1u;
 alias TP = {{P_ELEM}};
 const PS: u32 = {{PS}}u;
+// V double-buffered after K's tile (K_TILE elements, then two buffers of V_BUFFER), or in K's
+// place; with EARLY_K the next K tile is loaded with this tile's V, else after the softmax.
+const SPLIT_V: bool = {{SPLIT_V}};
+const EARLY_K: bool = {{EARLY_K}};
+const K_TILE: u32 = {{K_TILE}}u;
+const V_BUFFER: u32 = {{V_BUFFER}}u;
 // Below every real score: marks masked entries and the "no key seen yet" running maximum.
 const NEG: f32 = -3.0e38;
 
@@ -92,22 +98,50 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
     for (var j0 = 0u; j0 < kv_end; j0 += BK) {
         let k_rows = min(BK, kv_end - j0);
-        let vbase = {{VBASE}}; // where this tile's V lives in kv_tile
-{{TILE_STORE}}
+        // Where this tile's V lives in kv_tile: after K's tile in buffer (j0 / BK) % 2 when V is
+        // double-buffered, else in K's place.
+        let vbase = select(0u, K_TILE + (j0 / BK) % 2u * V_BUFFER, SPLIT_V);
+{{K_STORE}}
+        if (SPLIT_V) {
+{{V_STORE}}
+        }
         workgroupBarrier();
-{{LOADS}}
+        if (SPLIT_V) {
+            // K and V of the next tile, right after the first barrier: V of tile i lives in
+            // buffer i % 2, so the next tile's stores (after this tile's P V) need no barrier.
+            if (j0 + BK < kv_end) {
+{{NEXT_KV_LOAD}}
+            }
+        } else {
+            // V takes K's place once every thread is past the scores: this tile's V into
+            // registers now, and the next K tile too where the prefetch fits (EARLY_K).
+{{V_LOAD}}
+            if (EARLY_K && j0 + BK < kv_end) {
+{{NEXT_K_LOAD}}
+            }
+        }
 
 {{SCORES}}
         workgroupBarrier();
 
 {{SOFTMAX}}
-{{AFTER_SOFTMAX}}
+        if (!SPLIT_V) {
+{{V_STORE}}
+            if (!EARLY_K && j0 + BK < kv_end) {
+{{NEXT_K_LOAD}}
+            }
+        }
         workgroupBarrier();
 
 {{PV}}
-{{END_OF_TILE}}
+        if (!SPLIT_V) {
+            // The next tile's K store overwrites this tile's V.
+            workgroupBarrier();
+        }
     }
 
+{{ROW_SUMS}}
+    workgroupBarrier();
 {{STORE}}
 {{IO_COUNTER_ADD}}
 }

@@ -54,7 +54,7 @@ pub struct Gpu {
 }
 
 /// Idle staging buffers of one direction, and the bytes of all buffers the pool created that
-/// are still alive (idle or in use), which [`crate::launch::allocated_bytes`] leaves out.
+/// are still alive (idle or in use), which `launch::allocated_bytes` leaves out.
 #[derive(Default)]
 pub(crate) struct StagingPool {
     pub(crate) idle: Mutex<Vec<wgpu::Buffer>>,

@@ -6,12 +6,12 @@ Every case asserts:
   * exact (and auto when it runs exact): |O - O*| <= the float32 rounding tolerance derived in
     `exact_tolerance` below, elementwise (NaN or Inf fails it);
   * poly (and auto when it runs poly): per column, max |O - O*| <= Report.error_bound_per_column,
-    the certified bound itself, with no slack (float16 outputs: plus half an ulp of the float16
-    cast; see `check_poly`); or a ValueError that says why the method cannot run.
+    the certified bound itself, with no slack (float16 outputs too; see `check_poly`); or a
+    ValueError that says why the method cannot run.
 
-The default run is 3,500 cases (2,000 exact, 1,000 poly, 500 auto), about 35 s of CPU on a
-2-core machine with the CPU Vulkan driver (mostly shader compilation; 75 s of wall time while Rust
-builds shared the cores). APPROX_ATTN_FUZZ_EXAMPLES=<n> runs n cases per test instead, over wider
+The default run is 6,000 cases (3,500 exact, 1,700 poly, 800 auto): about 25 s on an idle 2-core
+machine with the CPU Vulkan driver (8,000 took 37 s), two to three times that while Rust builds
+share the cores. APPROX_ATTN_FUZZ_EXAMPLES=<n> runs n cases per test instead, over wider
 shapes (E, Ev in 1..12, lengths up to 70: many more shaders to compile). Derandomized either way,
 so every run is reproducible; a failure prints the drawn `Case`, whose seed makes the values.
 
@@ -57,7 +57,7 @@ POLY_EPS_FLOOR = 1e-4
 
 # Cases per test: exact is the cheapest call (~0.5 ms on lavapipe), poly and auto ~3-4 ms.
 _N = int(os.environ.get("APPROX_ATTN_FUZZ_EXAMPLES", "0") or 0)
-EXAMPLES = {"exact": _N or 2000, "poly": _N or 1000, "auto": _N or 500}
+EXAMPLES = {"exact": _N or 3500, "poly": _N or 1700, "auto": _N or 800}
 
 
 def fuzz_settings(method: str) -> settings:
@@ -353,8 +353,9 @@ def check_poly(
 ) -> None:
     """Per column c: max |O - O*| <= error_bound_per_column[c] (the certificate, no slack).
 
-    float16 outputs: the bound is the float32 result's; the float16 cast the caller chose adds
-    half an ulp of each output, 2^-11 max|O_c| (2^-25 for subnormals), added here explicitly."""
+    float16 outputs included: the bound is computed for the float32 result, and the cast to
+    float16 adds up to half an ulp, 2^-11 |O|, which it does not cover in theory. No allowance is
+    made for it: with poly_eps >= POLY_EPS_FLOOR none of the drawn cases exceeds the bound."""
     ref = exact_attention(q, k, v, scale=c.scale, enable_gqa=c.gqa)
     assert np.isfinite(out).all(), "non-finite output"
     bound = np.asarray(rep.error_bound_per_column, dtype=np.float64)
@@ -362,11 +363,7 @@ def check_poly(
     if c.degree is None:  # the certificate meets the eps asked for
         assert rep.poly_eps / (1.0 - rep.poly_eps) <= eps * (1.0 + 1e-9), (rep.poly_eps, eps)
     err = np.abs(out.astype(np.float64) - ref).reshape(-1, c.Ev).max(axis=0)
-    allowed = bound.copy()
-    if q.dtype.itemsize == 2:
-        allowed += U16 * np.abs(out.astype(np.float64)).reshape(-1, c.Ev).max(axis=0)
-        allowed += F16_SUBNORMAL_HALF_SPACING
-    assert (err <= allowed).all(), (
+    assert (err <= bound).all(), (
         f"measured max |O - O*| per column {err.tolist()} above the certified "
         f"{bound.tolist()} (degree {rep.degree}, beta {rep.beta}, poly_eps {rep.poly_eps})"
     )

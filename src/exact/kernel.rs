@@ -40,48 +40,11 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
     let (elem, _) = wgsl_element(g.lanes);
     let (p_elem, _) = wgsl_element(t.p_lanes());
     let (k_store, v_store) = g.tile_stores();
-    let next_tile = |with_v: bool| {
-        format!(
-            "        if (j0 + BK < kv_end) {{\n{}\n        }}",
-            g.tile_load("j0 + BK", 3, with_v)
-        )
-    };
-    let (vbase, tile_store, loads, after_softmax, end_of_tile) = if t.split_v {
-        // K's tile, then two V buffers: V of tile i lives in buffer i % 2, so the next tile's
-        // stores (after this tile's P V) need no barrier of their own; K and V of the next tile
-        // are loaded right after the first barrier.
-        (
-            format!(
-                "{}u + (j0 / BK) % 2u * {}u",
-                t.bk * t.row_stride(),
-                t.v_buffer_elements()
-            ),
-            format!("{k_store}{v_store}"),
-            next_tile(true),
-            String::new(),
-            "        // V is double-buffered: the next tile's stores may follow without a barrier."
-                .to_string(),
-        )
-    } else {
-        // V takes K's place once every thread is past the scores. The next K tile is loaded early
-        // (with V, right after the first barrier) when the whole prefetch fits in
-        // EARLY_K_PREFETCH_FLOATS registers. Measured on the H100 (n = 65,536, 8 heads, tuned
-        // 32 x 32 tiles of 128 threads): early took 0.496 s instead of 0.515 s at E = 64 (32
-        // floats of prefetch), but 1.040 s instead of 1.026 s at E = 128 (64 floats).
-        let early = (g.nk + g.nv) * g.lanes <= EARLY_K_PREFETCH_FLOATS;
-        let (k_early, k_late) = if early {
-            (next_tile(false), String::new())
-        } else {
-            (String::new(), next_tile(false))
-        };
-        (
-            "0u".to_string(),
-            k_store.clone(),
-            format!("{}{k_early}", g.v_loads("j0", "k_rows", 2)),
-            format!("{v_store}{k_late}"),
-            "        workgroupBarrier();".to_string(),
-        )
-    };
+    // The next K tile is loaded early (with V, right after the first barrier) when the whole
+    // prefetch fits in EARLY_K_PREFETCH_FLOATS registers. Measured on the H100 (n = 65,536, 8
+    // heads, tuned 32 x 32 tiles of 128 threads): early took 0.496 s instead of 0.515 s at E = 64
+    // (32 floats of prefetch), but 1.040 s instead of 1.026 s at E = 128 (64 floats).
+    let early = (g.nk + g.nv) * g.lanes <= EARLY_K_PREFETCH_FLOATS;
     let [decl, add] = io_counter_slots(count_io, 6);
     fill_template(
         TEMPLATE,
@@ -107,14 +70,22 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
                 g.prefetch_registers().trim_end().to_string(),
             ),
             ("LOAD_FIRST", g.tile_load("0u", 2, t.split_v)),
-            ("VBASE", vbase),
-            ("TILE_STORE", tile_store.trim_end().to_string()),
-            ("LOADS", loads.trim_end().to_string()),
-            ("AFTER_SOFTMAX", after_softmax.trim_end().to_string()),
-            ("END_OF_TILE", end_of_tile),
+            ("SPLIT_V", t.split_v.to_string()),
+            ("EARLY_K", early.to_string()),
+            ("K_TILE", (t.bk * t.row_stride()).to_string()),
+            ("V_BUFFER", t.v_buffer_elements().to_string()),
+            ("K_STORE", k_store.trim_end().to_string()),
+            ("V_STORE", v_store.trim_end().to_string()),
+            ("NEXT_KV_LOAD", g.tile_load("j0 + BK", 4, true)),
+            (
+                "V_LOAD",
+                g.v_loads("j0", "k_rows", 3).trim_end().to_string(),
+            ),
+            ("NEXT_K_LOAD", g.tile_load("j0 + BK", 4, false)),
             ("SCORES", g.scores().trim_end().to_string()),
             ("SOFTMAX", g.softmax().trim_end().to_string()),
             ("PV", g.pv()),
+            ("ROW_SUMS", g.row_sums().trim_end().to_string()),
             ("STORE", g.store().trim_end().to_string()),
             decl,
             add,
@@ -229,26 +200,25 @@ impl<'a> Gen<'a> {
         e.finish()
     }
 
-    /// The stores of the K and of the V registers into the tile.
+    /// The stores of the K registers into the tile, and of the V registers (one level deeper:
+    /// the template stores V under a switch).
     fn tile_stores(&self) -> (String, String) {
-        let mut k_store = String::new();
-        let mut v_store = String::new();
+        let mut k = Emitter::new(2);
         for u in 0..self.nk {
-            let _ = writeln!(
-                k_store,
-                "        if (lid + {o}u < BK * EW) {{\n            let idx = lid + {o}u;\n            \
-                 kv_tile[(idx / EW) * KS + idx % EW] = kx_{u};\n        }}",
-                o = self.wg * u
-            );
+            let o = self.wg * u;
+            k.block(format!("if (lid + {o}u < BK * EW)"), |e| {
+                e.line(format!("let idx = lid + {o}u;"));
+                e.line(format!("kv_tile[(idx / EW) * KS + idx % EW] = kx_{u};"));
+            });
         }
+        let mut v = Emitter::new(3);
         for u in 0..self.nv {
-            let _ = writeln!(
-                v_store,
-                "        if (lid + {o}u < BK * EVW) {{\n            kv_tile[vbase + lid + {o}u] = vx_{u};\n        }}",
-                o = self.wg * u
-            );
+            let o = self.wg * u;
+            v.block(format!("if (lid + {o}u < BK * EVW)"), |e| {
+                e.line(format!("kv_tile[vbase + lid + {o}u] = vx_{u};"));
+            });
         }
-        (k_store, v_store)
+        (k.finish(), v.finish())
     }
 
     /// Scores stay in registers, masked entries at NEG; each thread posts its partial row maxima.
@@ -388,16 +358,21 @@ impl<'a> Gen<'a> {
         constant_loop("        ", "jp", (&pv_steps, t.bk / p_step), &step)
     }
 
-    /// Row sums: the TK partial sums of each row, added after one barrier; then the normalised
-    /// output rows and, for split keys, their statistics.
+    /// Each thread's partial sums of its rows, for the row sums after the barrier.
+    fn row_sums(&self) -> String {
+        let mut s = String::new();
+        for a in 0..self.rq {
+            let _ = writeln!(s, "    part[{} * TK + tk] = l_{a};", self.row(a));
+        }
+        s
+    }
+
+    /// Row sums: the TK partial sums of each row (posted before the template's barrier); then
+    /// the normalised output rows and, for split keys, their statistics.
     fn store(&self) -> String {
         let t = self.t;
         let (_, comps) = wgsl_element(self.lanes);
         let mut store = String::new();
-        for a in 0..self.rq {
-            let _ = writeln!(store, "    part[{} * TK + tk] = l_{a};", self.row(a));
-        }
-        store.push_str("    workgroupBarrier();\n");
         for a in 0..self.rq {
             let _ = writeln!(
                 store,

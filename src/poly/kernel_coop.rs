@@ -20,17 +20,16 @@ pub(crate) const COOP_PACK: &str = include_str!("../../shaders/poly_coop_pack.wg
 /// Zeroed 16 x 16 accumulators `acc_a_c` of a subgroup's `rows` row tiles and `cols` column tiles,
 /// loaded from a zeroed workgroup tile: naga writes `coop_mat16x16<f32, C>()` as OpConstantNull,
 /// which gave garbage on the H100's driver.
-fn coop_accumulators(rows: usize, cols: usize, indent: &str) -> String {
-    let mut s = String::new();
+fn coop_accumulators(rows: usize, cols: usize, depth: usize) -> String {
+    let mut e = Emitter::new(depth);
     for a in 0..rows {
         for c in 0..cols {
-            let _ = writeln!(
-                s,
-                "{indent}var acc_{a}_{c} = coopLoadT<coop_mat16x16<f32, C>>(&zero_t[0], 16u);"
-            );
+            e.line(format!(
+                "var acc_{a}_{c} = coopLoadT<coop_mat16x16<f32, C>>(&zero_t[0], 16u);"
+            ));
         }
     }
-    s.trim_end().to_string()
+    e.finish()
 }
 
 /// One 16-deep step of the subgroup's products: its row tiles of `a_tile` (workgroup memory,
@@ -307,7 +306,7 @@ pub fn coop_pass1_source(t: &CoopTiles, count_io: bool) -> String {
             "FEATURE",
             feature_product(t.g, |i| format!("k_t[i_{i} * KS + j]"), "k_t[E * KS + j]"),
         ),
-        ("ACC_DECL", coop_accumulators(rt, ct, "    ")),
+        ("ACC_DECL", coop_accumulators(rt, ct, 1)),
         (
             "MMA",
             coop_mma(
@@ -415,7 +414,7 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
         ("D_DECL", build.d_decl),
         ("FEATURE", build.feature),
         ("D_STORE", build.d_store),
-        ("ACC_DECL", coop_accumulators(rt, ct, "        ")),
+        ("ACC_DECL", coop_accumulators(rt, ct, 2)),
         (
             "MMA",
             coop_mma(

@@ -16,52 +16,61 @@ pub(crate) const PASS2: &str = include_str!("../../shaders/poly_pass2.wgsl");
 
 /// Named registers of one thread's micro-tile: `acc_a_u` (4 value columns each) for each of its
 /// `rows` rows and `groups` column groups.
-fn accumulator_decls(rows: usize, groups: usize, indent: &str) -> String {
-    let mut s = String::new();
+fn accumulator_decls(rows: usize, groups: usize, depth: usize) -> String {
+    let mut e = Emitter::new(depth);
     for a in 0..rows {
         for u in 0..groups {
-            let _ = writeln!(s, "{indent}var acc_{a}_{u} = vec4<f32>();");
+            e.line(format!("var acc_{a}_{u} = vec4<f32>();"));
         }
     }
-    s.trim_end().to_string()
+    e.finish()
 }
 
 /// Stores row `a` of a micro-tile: component k of `acc_a_u` is value column 4*(tc + TC*u) + k,
 /// stored as `value(register)` at `dest(column)` where the column is < EV.
 fn store_row(
     s: &mut String,
-    indent: &str,
+    depth: usize,
     (a, groups, tc): (usize, usize, usize),
     dest: impl Fn(&str) -> String,
     value: impl Fn(&str) -> String,
 ) {
+    let mut e = Emitter::new(depth);
     for u in 0..groups {
-        let _ = writeln!(s, "{indent}let c_{u} = 4u * (tc + {}u);", u * tc);
+        e.line(format!("let c_{u} = 4u * (tc + {}u);", u * tc));
         for (k, comp) in wgsl_element(4).1.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "{indent}if (c_{u} + {k}u < EV) {{\n{indent}    {} = {};\n{indent}    words_written += 1u;\n{indent}}}",
-                dest(&format!("c_{u} + {k}u")),
-                value(&format!("acc_{a}_{u}{comp}"))
-            );
+            e.block(format!("if (c_{u} + {k}u < EV)"), |e| {
+                let (d, v) = (
+                    dest(&format!("c_{u} + {k}u")),
+                    value(&format!("acc_{a}_{u}{comp}")),
+                );
+                e.line(format!("{d} = {v};"));
+                e.line("words_written += 1u;");
+            });
         }
     }
+    s.push_str(&e.finish());
+    s.push('\n');
 }
 
 /// Causal pass 2's [`store_row`]: each output adds the chunk's masked block from `diag`
 /// (row `drow`) to the prefix state's sum before dividing by the normaliser `d_a`.
-fn causal_store_row(s: &mut String, indent: &str, (a, groups, tc): (usize, usize, usize)) {
+fn causal_store_row(s: &mut String, depth: usize, (a, groups, tc): (usize, usize, usize)) {
+    let mut e = Emitter::new(depth);
     for u in 0..groups {
-        let _ = writeln!(s, "{indent}let c_{u} = 4u * (tc + {}u);", u * tc);
+        e.line(format!("let c_{u} = 4u * (tc + {}u);", u * tc));
         for (k, comp) in wgsl_element(4).1.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "{indent}if (c_{u} + {k}u < EV) {{\n{indent}    o[row + c_{u} + {k}u] = \
-                 (acc_{a}_{u}{comp} + diag[drow + c_{u} + {k}u]) / d_{a};\n{indent}    \
-                 words_read += 1u;\n{indent}    words_written += 1u;\n{indent}}}"
-            );
+            e.block(format!("if (c_{u} + {k}u < EV)"), |e| {
+                e.line(format!(
+                    "o[row + c_{u} + {k}u] = (acc_{a}_{u}{comp} + diag[drow + c_{u} + {k}u]) / d_{a};"
+                ));
+                e.line("words_read += 1u;");
+                e.line("words_written += 1u;");
+            });
         }
     }
+    s.push_str(&e.finish());
+    s.push('\n');
 }
 
 /// Pass 1 for these tiles, the (rc x Ev) micro-tiles unrolled into named registers.
@@ -89,7 +98,7 @@ pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
         );
         store_row(
             &mut store,
-            "            ",
+            3,
             (a, cu, t.tc),
             |c| format!("partial[o + f * EV1 + {c}]"),
             str::to_string,
@@ -151,7 +160,7 @@ pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
         ("BUILD_DECL", build_decl.trim_end().to_string()),
         ("BUILD", build.trim_end().to_string()),
         ("D_STORE", d_store.trim_end().to_string()),
-        ("ACC_DECL", accumulator_decls(rf, cu, "    ")),
+        ("ACC_DECL", accumulator_decls(rf, cu, 1)),
         ("PREFETCH_DECL", tiles.decl),
         ("PREFETCH_LOAD_FIRST", tiles.first),
         ("PREFETCH_STORE", tiles.store),
@@ -433,7 +442,7 @@ pub(crate) fn pass2_source_with(t: &Pass2Tiles, count_io: bool, causal: bool) ->
         ("S_TILE", (t.rc * t.padded_ev() / 4).to_string()),
         ("IDX", align4(t.rc * t.g.max(1)).to_string()),
         ("PREFETCH_DECL", slot(&|p| p.decl.clone())),
-        ("ACC_DECL", accumulator_decls(rb, cu, "        ")),
+        ("ACC_DECL", accumulator_decls(rb, cu, 2)),
         ("D_DECL", build.d_decl),
         ("LOAD_FIRST", load_first),
         ("LOAD_NEXT", load_next),
@@ -511,11 +520,11 @@ fn pass2_store(t: &Pass2Tiles, (rb, cu): (usize, usize), vec4_rows: bool, causal
                 "                let drow = (head * params.l + q0 + r) * EV1;\n                \
                  d_{a} += diag[drow + EV];\n                words_read += 1u;"
             );
-            causal_store_row(&mut store, "                ", (a, cu, t.tc));
+            causal_store_row(&mut store, 4, (a, cu, t.tc));
         } else {
             store_row(
                 &mut store,
-                "                ",
+                4,
                 (a, cu, t.tc),
                 |c| format!("o[row + {c}]"),
                 |x| format!("{x} / d_{a}"),

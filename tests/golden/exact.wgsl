@@ -34,6 +34,12 @@ const QS: u32 = EW + 1u;
 const KS: u32 = EW + 1u;
 alias TP = vec4<f32>;
 const PS: u32 = 9u;
+// V double-buffered after K's tile (K_TILE elements, then two buffers of V_BUFFER), or in K's
+// place; with EARLY_K the next K tile is loaded with this tile's V, else after the softmax.
+const SPLIT_V: bool = false;
+const EARLY_K: bool = false;
+const K_TILE: u32 = 544u;
+const V_BUFFER: u32 = 520u;
 // Below every real score: marks masked entries and the "no key seen yet" running maximum.
 const NEG: f32 = -3.0e38;
 
@@ -178,7 +184,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
     for (var j0 = 0u; j0 < kv_end; j0 += BK) {
         let k_rows = min(BK, kv_end - j0);
-        let vbase = 0u; // where this tile's V lives in kv_tile
+        // Where this tile's V lives in kv_tile: after K's tile in buffer (j0 / BK) % 2 when V is
+        // double-buffered, else in K's place.
+        let vbase = select(0u, K_TILE + (j0 / BK) % 2u * V_BUFFER, SPLIT_V);
         if (lid + 0u < BK * EW) {
             let idx = lid + 0u;
             kv_tile[(idx / EW) * KS + idx % EW] = kx_0;
@@ -211,46 +219,205 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let idx = lid + 448u;
             kv_tile[(idx / EW) * KS + idx % EW] = kx_7;
         }
+        if (SPLIT_V) {
+            if (lid + 0u < BK * EVW) {
+                kv_tile[vbase + lid + 0u] = vx_0;
+            }
+            if (lid + 64u < BK * EVW) {
+                kv_tile[vbase + lid + 64u] = vx_1;
+            }
+            if (lid + 128u < BK * EVW) {
+                kv_tile[vbase + lid + 128u] = vx_2;
+            }
+            if (lid + 192u < BK * EVW) {
+                kv_tile[vbase + lid + 192u] = vx_3;
+            }
+            if (lid + 256u < BK * EVW) {
+                kv_tile[vbase + lid + 256u] = vx_4;
+            }
+            if (lid + 320u < BK * EVW) {
+                kv_tile[vbase + lid + 320u] = vx_5;
+            }
+            if (lid + 384u < BK * EVW) {
+                kv_tile[vbase + lid + 384u] = vx_6;
+            }
+            if (lid + 448u < BK * EVW) {
+                kv_tile[vbase + lid + 448u] = vx_7;
+            }
+        }
         workgroupBarrier();
-        vx_0 = T();
-        if (lid + 0u < k_rows * EVW) {
-            vx_0 = v[v_base + (j0) * EVW + lid + 0u];
-            words_read += LANES;
-        }
-        vx_1 = T();
-        if (lid + 64u < k_rows * EVW) {
-            vx_1 = v[v_base + (j0) * EVW + lid + 64u];
-            words_read += LANES;
-        }
-        vx_2 = T();
-        if (lid + 128u < k_rows * EVW) {
-            vx_2 = v[v_base + (j0) * EVW + lid + 128u];
-            words_read += LANES;
-        }
-        vx_3 = T();
-        if (lid + 192u < k_rows * EVW) {
-            vx_3 = v[v_base + (j0) * EVW + lid + 192u];
-            words_read += LANES;
-        }
-        vx_4 = T();
-        if (lid + 256u < k_rows * EVW) {
-            vx_4 = v[v_base + (j0) * EVW + lid + 256u];
-            words_read += LANES;
-        }
-        vx_5 = T();
-        if (lid + 320u < k_rows * EVW) {
-            vx_5 = v[v_base + (j0) * EVW + lid + 320u];
-            words_read += LANES;
-        }
-        vx_6 = T();
-        if (lid + 384u < k_rows * EVW) {
-            vx_6 = v[v_base + (j0) * EVW + lid + 384u];
-            words_read += LANES;
-        }
-        vx_7 = T();
-        if (lid + 448u < k_rows * EVW) {
-            vx_7 = v[v_base + (j0) * EVW + lid + 448u];
-            words_read += LANES;
+        if (SPLIT_V) {
+            // K and V of the next tile, right after the first barrier: V of tile i lives in
+            // buffer i % 2, so the next tile's stores (after this tile's P V) need no barrier.
+            if (j0 + BK < kv_end) {
+                let kr = min(BK, kv_end - (j0 + BK));
+                kx_0 = T();
+                if (lid + 0u < kr * EW) {
+                    kx_0 = k[k_base + (j0 + BK) * EW + lid + 0u];
+                    words_read += LANES;
+                }
+                kx_1 = T();
+                if (lid + 64u < kr * EW) {
+                    kx_1 = k[k_base + (j0 + BK) * EW + lid + 64u];
+                    words_read += LANES;
+                }
+                kx_2 = T();
+                if (lid + 128u < kr * EW) {
+                    kx_2 = k[k_base + (j0 + BK) * EW + lid + 128u];
+                    words_read += LANES;
+                }
+                kx_3 = T();
+                if (lid + 192u < kr * EW) {
+                    kx_3 = k[k_base + (j0 + BK) * EW + lid + 192u];
+                    words_read += LANES;
+                }
+                kx_4 = T();
+                if (lid + 256u < kr * EW) {
+                    kx_4 = k[k_base + (j0 + BK) * EW + lid + 256u];
+                    words_read += LANES;
+                }
+                kx_5 = T();
+                if (lid + 320u < kr * EW) {
+                    kx_5 = k[k_base + (j0 + BK) * EW + lid + 320u];
+                    words_read += LANES;
+                }
+                kx_6 = T();
+                if (lid + 384u < kr * EW) {
+                    kx_6 = k[k_base + (j0 + BK) * EW + lid + 384u];
+                    words_read += LANES;
+                }
+                kx_7 = T();
+                if (lid + 448u < kr * EW) {
+                    kx_7 = k[k_base + (j0 + BK) * EW + lid + 448u];
+                    words_read += LANES;
+                }
+                vx_0 = T();
+                if (lid + 0u < kr * EVW) {
+                    vx_0 = v[v_base + (j0 + BK) * EVW + lid + 0u];
+                    words_read += LANES;
+                }
+                vx_1 = T();
+                if (lid + 64u < kr * EVW) {
+                    vx_1 = v[v_base + (j0 + BK) * EVW + lid + 64u];
+                    words_read += LANES;
+                }
+                vx_2 = T();
+                if (lid + 128u < kr * EVW) {
+                    vx_2 = v[v_base + (j0 + BK) * EVW + lid + 128u];
+                    words_read += LANES;
+                }
+                vx_3 = T();
+                if (lid + 192u < kr * EVW) {
+                    vx_3 = v[v_base + (j0 + BK) * EVW + lid + 192u];
+                    words_read += LANES;
+                }
+                vx_4 = T();
+                if (lid + 256u < kr * EVW) {
+                    vx_4 = v[v_base + (j0 + BK) * EVW + lid + 256u];
+                    words_read += LANES;
+                }
+                vx_5 = T();
+                if (lid + 320u < kr * EVW) {
+                    vx_5 = v[v_base + (j0 + BK) * EVW + lid + 320u];
+                    words_read += LANES;
+                }
+                vx_6 = T();
+                if (lid + 384u < kr * EVW) {
+                    vx_6 = v[v_base + (j0 + BK) * EVW + lid + 384u];
+                    words_read += LANES;
+                }
+                vx_7 = T();
+                if (lid + 448u < kr * EVW) {
+                    vx_7 = v[v_base + (j0 + BK) * EVW + lid + 448u];
+                    words_read += LANES;
+                }
+            }
+        } else {
+            // V takes K's place once every thread is past the scores: this tile's V into
+            // registers now, and the next K tile too where the prefetch fits (EARLY_K).
+            vx_0 = T();
+            if (lid + 0u < k_rows * EVW) {
+                vx_0 = v[v_base + (j0) * EVW + lid + 0u];
+                words_read += LANES;
+            }
+            vx_1 = T();
+            if (lid + 64u < k_rows * EVW) {
+                vx_1 = v[v_base + (j0) * EVW + lid + 64u];
+                words_read += LANES;
+            }
+            vx_2 = T();
+            if (lid + 128u < k_rows * EVW) {
+                vx_2 = v[v_base + (j0) * EVW + lid + 128u];
+                words_read += LANES;
+            }
+            vx_3 = T();
+            if (lid + 192u < k_rows * EVW) {
+                vx_3 = v[v_base + (j0) * EVW + lid + 192u];
+                words_read += LANES;
+            }
+            vx_4 = T();
+            if (lid + 256u < k_rows * EVW) {
+                vx_4 = v[v_base + (j0) * EVW + lid + 256u];
+                words_read += LANES;
+            }
+            vx_5 = T();
+            if (lid + 320u < k_rows * EVW) {
+                vx_5 = v[v_base + (j0) * EVW + lid + 320u];
+                words_read += LANES;
+            }
+            vx_6 = T();
+            if (lid + 384u < k_rows * EVW) {
+                vx_6 = v[v_base + (j0) * EVW + lid + 384u];
+                words_read += LANES;
+            }
+            vx_7 = T();
+            if (lid + 448u < k_rows * EVW) {
+                vx_7 = v[v_base + (j0) * EVW + lid + 448u];
+                words_read += LANES;
+            }
+            if (EARLY_K && j0 + BK < kv_end) {
+                let kr = min(BK, kv_end - (j0 + BK));
+                kx_0 = T();
+                if (lid + 0u < kr * EW) {
+                    kx_0 = k[k_base + (j0 + BK) * EW + lid + 0u];
+                    words_read += LANES;
+                }
+                kx_1 = T();
+                if (lid + 64u < kr * EW) {
+                    kx_1 = k[k_base + (j0 + BK) * EW + lid + 64u];
+                    words_read += LANES;
+                }
+                kx_2 = T();
+                if (lid + 128u < kr * EW) {
+                    kx_2 = k[k_base + (j0 + BK) * EW + lid + 128u];
+                    words_read += LANES;
+                }
+                kx_3 = T();
+                if (lid + 192u < kr * EW) {
+                    kx_3 = k[k_base + (j0 + BK) * EW + lid + 192u];
+                    words_read += LANES;
+                }
+                kx_4 = T();
+                if (lid + 256u < kr * EW) {
+                    kx_4 = k[k_base + (j0 + BK) * EW + lid + 256u];
+                    words_read += LANES;
+                }
+                kx_5 = T();
+                if (lid + 320u < kr * EW) {
+                    kx_5 = k[k_base + (j0 + BK) * EW + lid + 320u];
+                    words_read += LANES;
+                }
+                kx_6 = T();
+                if (lid + 384u < kr * EW) {
+                    kx_6 = k[k_base + (j0 + BK) * EW + lid + 384u];
+                    words_read += LANES;
+                }
+                kx_7 = T();
+                if (lid + 448u < kr * EW) {
+                    kx_7 = k[k_base + (j0 + BK) * EW + lid + 448u];
+                    words_read += LANES;
+                }
+            }
         }
 
         var s_0_0 = 0.0;
@@ -2767,71 +2934,73 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             o_7_0 *= alpha;
             o_7_1 *= alpha;
         }
-        if (lid + 0u < BK * EVW) {
-            kv_tile[vbase + lid + 0u] = vx_0;
-        }
-        if (lid + 64u < BK * EVW) {
-            kv_tile[vbase + lid + 64u] = vx_1;
-        }
-        if (lid + 128u < BK * EVW) {
-            kv_tile[vbase + lid + 128u] = vx_2;
-        }
-        if (lid + 192u < BK * EVW) {
-            kv_tile[vbase + lid + 192u] = vx_3;
-        }
-        if (lid + 256u < BK * EVW) {
-            kv_tile[vbase + lid + 256u] = vx_4;
-        }
-        if (lid + 320u < BK * EVW) {
-            kv_tile[vbase + lid + 320u] = vx_5;
-        }
-        if (lid + 384u < BK * EVW) {
-            kv_tile[vbase + lid + 384u] = vx_6;
-        }
-        if (lid + 448u < BK * EVW) {
-            kv_tile[vbase + lid + 448u] = vx_7;
-        }
-        if (j0 + BK < kv_end) {
-            let kr = min(BK, kv_end - (j0 + BK));
-            kx_0 = T();
-            if (lid + 0u < kr * EW) {
-                kx_0 = k[k_base + (j0 + BK) * EW + lid + 0u];
-                words_read += LANES;
+        if (!SPLIT_V) {
+            if (lid + 0u < BK * EVW) {
+                kv_tile[vbase + lid + 0u] = vx_0;
             }
-            kx_1 = T();
-            if (lid + 64u < kr * EW) {
-                kx_1 = k[k_base + (j0 + BK) * EW + lid + 64u];
-                words_read += LANES;
+            if (lid + 64u < BK * EVW) {
+                kv_tile[vbase + lid + 64u] = vx_1;
             }
-            kx_2 = T();
-            if (lid + 128u < kr * EW) {
-                kx_2 = k[k_base + (j0 + BK) * EW + lid + 128u];
-                words_read += LANES;
+            if (lid + 128u < BK * EVW) {
+                kv_tile[vbase + lid + 128u] = vx_2;
             }
-            kx_3 = T();
-            if (lid + 192u < kr * EW) {
-                kx_3 = k[k_base + (j0 + BK) * EW + lid + 192u];
-                words_read += LANES;
+            if (lid + 192u < BK * EVW) {
+                kv_tile[vbase + lid + 192u] = vx_3;
             }
-            kx_4 = T();
-            if (lid + 256u < kr * EW) {
-                kx_4 = k[k_base + (j0 + BK) * EW + lid + 256u];
-                words_read += LANES;
+            if (lid + 256u < BK * EVW) {
+                kv_tile[vbase + lid + 256u] = vx_4;
             }
-            kx_5 = T();
-            if (lid + 320u < kr * EW) {
-                kx_5 = k[k_base + (j0 + BK) * EW + lid + 320u];
-                words_read += LANES;
+            if (lid + 320u < BK * EVW) {
+                kv_tile[vbase + lid + 320u] = vx_5;
             }
-            kx_6 = T();
-            if (lid + 384u < kr * EW) {
-                kx_6 = k[k_base + (j0 + BK) * EW + lid + 384u];
-                words_read += LANES;
+            if (lid + 384u < BK * EVW) {
+                kv_tile[vbase + lid + 384u] = vx_6;
             }
-            kx_7 = T();
-            if (lid + 448u < kr * EW) {
-                kx_7 = k[k_base + (j0 + BK) * EW + lid + 448u];
-                words_read += LANES;
+            if (lid + 448u < BK * EVW) {
+                kv_tile[vbase + lid + 448u] = vx_7;
+            }
+            if (!EARLY_K && j0 + BK < kv_end) {
+                let kr = min(BK, kv_end - (j0 + BK));
+                kx_0 = T();
+                if (lid + 0u < kr * EW) {
+                    kx_0 = k[k_base + (j0 + BK) * EW + lid + 0u];
+                    words_read += LANES;
+                }
+                kx_1 = T();
+                if (lid + 64u < kr * EW) {
+                    kx_1 = k[k_base + (j0 + BK) * EW + lid + 64u];
+                    words_read += LANES;
+                }
+                kx_2 = T();
+                if (lid + 128u < kr * EW) {
+                    kx_2 = k[k_base + (j0 + BK) * EW + lid + 128u];
+                    words_read += LANES;
+                }
+                kx_3 = T();
+                if (lid + 192u < kr * EW) {
+                    kx_3 = k[k_base + (j0 + BK) * EW + lid + 192u];
+                    words_read += LANES;
+                }
+                kx_4 = T();
+                if (lid + 256u < kr * EW) {
+                    kx_4 = k[k_base + (j0 + BK) * EW + lid + 256u];
+                    words_read += LANES;
+                }
+                kx_5 = T();
+                if (lid + 320u < kr * EW) {
+                    kx_5 = k[k_base + (j0 + BK) * EW + lid + 320u];
+                    words_read += LANES;
+                }
+                kx_6 = T();
+                if (lid + 384u < kr * EW) {
+                    kx_6 = k[k_base + (j0 + BK) * EW + lid + 384u];
+                    words_read += LANES;
+                }
+                kx_7 = T();
+                if (lid + 448u < kr * EW) {
+                    kx_7 = k[k_base + (j0 + BK) * EW + lid + 448u];
+                    words_read += LANES;
+                }
             }
         }
         workgroupBarrier();
@@ -3500,7 +3669,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             o_7_0 = fma(T(p_7.w), v_3_0, o_7_0);
             o_7_1 = fma(T(p_7.w), v_3_1, o_7_1);
         }
-        workgroupBarrier();
+        if (!SPLIT_V) {
+            // The next tile's K store overwrites this tile's V.
+            workgroupBarrier();
+        }
     }
 
     part[(tq + 0u) * TK + tk] = l_0;
