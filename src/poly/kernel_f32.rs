@@ -366,22 +366,9 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
             .join("\n")
     };
     let load_first = slot(&|p| p.first.clone());
-    // A resident S' has nothing to load per chunk; streamed chunks load the next one, and store
-    // this one once the previous chunk's products are done.
-    let (load_next, chunk_store) = if t.resident() {
-        (String::new(), String::new())
-    } else {
-        (
-            format!(
-                "            if (ch + 1u < params.chunks) {{\n{}\n            }}",
-                slot(&|p| p.next.clone())
-            ),
-            format!(
-                "            workgroupBarrier();\n{}",
-                slot(&|p| p.store.clone())
-            ),
-        )
-    };
+    // A resident S' has nothing to load per chunk (the template's RESIDENT switch); streamed
+    // chunks load the next one and store this one.
+    let (load_next, chunk_store) = (slot(&|p| p.next.clone()), slot(&|p| p.store.clone()));
     let [decl, add] = io_counter_slots(count_io, 6);
     let mut slots = vec![
         ("E", t.e.to_string()),
