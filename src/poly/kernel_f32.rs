@@ -62,7 +62,7 @@ pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
     let mut product = String::new();
     product_step(
         &mut product,
-        "                ",
+        4,
         (rf, cu, ("tf", t.tf)),
         vec4_rows,
         "j * RC",
@@ -183,7 +183,7 @@ fn tile_loop(indent: &str, (i, count, full): (&str, &str, (&str, usize)), body: 
 /// of `tile_at(u)` per column group, and the FMAs.
 fn product_step(
     s: &mut String,
-    indent: &str,
+    depth: usize,
     (rows, groups, thread_row): (usize, usize, (&str, usize)),
     vec4_rows: bool,
     row0: &str,
@@ -191,13 +191,11 @@ fn product_step(
 ) {
     let (trow, side) = thread_row;
     let comps = wgsl_element(4).1;
+    let mut e = Emitter::new(depth);
     if vec4_rows {
         for a4 in 0..rows / 4 {
-            let _ = writeln!(
-                s,
-                "{indent}let ph_{a4} = phi[{row0} / 4u + {trow} + {}u];",
-                a4 * side
-            );
+            let o = a4 * side;
+            e.line(format!("let ph_{a4} = phi[{row0} / 4u + {trow} + {o}u];"));
         }
     }
     for a in 0..rows {
@@ -206,19 +204,20 @@ fn product_step(
         } else {
             format!("phi[{row0} + {}]", micro_tile_row(a, thread_row, false))
         };
-        let _ = writeln!(s, "{indent}let p_{a} = {p};");
+        e.line(format!("let p_{a} = {p};"));
     }
     for u in 0..groups {
-        let _ = writeln!(s, "{indent}let x_{u} = {};", tile_at(u));
+        e.line(format!("let x_{u} = {};", tile_at(u)));
     }
     for a in 0..rows {
         for u in 0..groups {
-            let _ = writeln!(
-                s,
-                "{indent}acc_{a}_{u} = fma(vec4<f32>(p_{a}), x_{u}, acc_{a}_{u});"
-            );
+            e.line(format!(
+                "acc_{a}_{u} = fma(vec4<f32>(p_{a}), x_{u}, acc_{a}_{u});"
+            ));
         }
     }
+    s.push_str(&e.finish());
+    s.push('\n');
 }
 
 /// The feature tile's slots: its element type and length for `words` floats, and its scalar
@@ -341,7 +340,7 @@ pub fn pass2_source(t: &Pass2Tiles, count_io: bool) -> String {
     let mut product = String::new();
     product_step(
         &mut product,
-        "                    ",
+        5,
         (rb, cu, ("tr", t.tr)),
         vec4_rows,
         "f * FS",
