@@ -46,8 +46,8 @@ for arch in "${targets[@]}"; do
     echo "wheels: building $triple (manylinux2014 via zig)" >&2
     # A target dir of their own: maturin stages the library in <target dir>/maturin/, which other
     # maturin builds of this checkout (setup.sh, the wheel smoke test) write too.
-    CARGO_TARGET_DIR="$PWD/target/wheels" maturin build --release --zig --compatibility manylinux2014 --target "$triple" \
-        --out dist --quiet
+    CARGO_TARGET_DIR="$PWD/target/wheels" maturin build --release --zig \
+        --compatibility manylinux2014 --target "$triple" --out dist --quiet
     for whl in "dist/approx_attn-$version-"*"_$arch.whl"; do
         built+=("$whl")
     done

@@ -158,9 +158,16 @@ fn main(
 {{LOAD_FIRST}}
         for (var ch = 0u; ch < params.chunks; ch++) {
             let f0 = ch * RC;
+            if (!RESIDENT) {
+                // A streamed chunk's tiles are rewritten once the previous chunk's products are
+                // done; the next chunk is loaded into registers meanwhile.
+                workgroupBarrier();
+            }
 {{CHUNK_STORE}}
             workgroupBarrier();
+            if (!RESIDENT && ch + 1u < params.chunks) {
 {{LOAD_NEXT}}
+            }
             // Feature rows past R have weight 0 and a zero S' row.
             for (var f = fb; f < RC; f += TPR) {
                 let wz = wz_t[f];

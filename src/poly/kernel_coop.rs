@@ -38,30 +38,27 @@ fn coop_mma(
     (rows, cols): (usize, usize),
     (a_tile, a_stride): (&str, &str),
     (b_at, b_stride): (impl Fn(usize) -> String, &str),
-    indent: &str,
+    depth: usize,
 ) -> String {
-    let mut s = String::new();
+    let mut e = Emitter::new(depth);
     // The A tiles are stored depth-major (column-major): element (row, kk) at kk * stride + row.
     for a in 0..rows {
-        let _ = writeln!(
-            s,
-            "{indent}let a_{a} = coopLoad<coop_mat16x16<f16, A>>(&{a_tile}[kk * {a_stride} + (sg * RT + {a}u) * 16u], {a_stride});"
-        );
+        e.line(format!(
+            "let a_{a} = coopLoad<coop_mat16x16<f16, A>>(&{a_tile}[kk * {a_stride} + (sg * RT + {a}u) * 16u], {a_stride});"
+        ));
     }
     for c in 0..cols {
-        let _ = writeln!(
-            s,
-            "{indent}let b_{c} = coopLoadT<coop_mat16x16<f16, B>>(&{}, {b_stride});",
+        e.line(format!(
+            "let b_{c} = coopLoadT<coop_mat16x16<f16, B>>(&{}, {b_stride});",
             b_at(c)
-        );
+        ));
         for a in 0..rows {
-            let _ = writeln!(
-                s,
-                "{indent}acc_{a}_{c} = coopMultiplyAdd(a_{a}, b_{c}, acc_{a}_{c});"
-            );
+            e.line(format!(
+                "acc_{a}_{c} = coopMultiplyAdd(a_{a}, b_{c}, acc_{a}_{c});"
+            ));
         }
     }
-    s.trim_end().to_string()
+    e.finish()
 }
 
 /// Writes each accumulator through the subgroup's staging tile, which starts at `stage_at`
@@ -313,7 +310,7 @@ pub fn coop_pass1_source(t: &CoopTiles, count_io: bool) -> String {
                 (rt, ct),
                 ("phi", "FS"),
                 (|c| format!("v_t[kk * VS + {}u]", 16 * c), "VS"),
-                "            ",
+                3,
             ),
         ),
         ("STORE", store),
@@ -421,7 +418,7 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
                 (rt, ct),
                 ("phi", "FS"),
                 (|c| format!("s_t[kk * SS + {}u]", 16 * c), "SS"),
-                "                ",
+                4,
             ),
         ),
         ("STORE", store),

@@ -82,7 +82,7 @@ pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
     let mut product = String::new();
     product_step(
         &mut product,
-        "                ",
+        4,
         (rf, cu, ("tf", t.tf)),
         vec4_rows,
         "j * RC",
@@ -203,7 +203,7 @@ fn tile_loop(indent: &str, (i, count, full): (&str, &str, (&str, usize)), body: 
 /// of `tile_at(u)` per column group, and the FMAs.
 fn product_step(
     s: &mut String,
-    indent: &str,
+    depth: usize,
     (rows, groups, thread_row): (usize, usize, (&str, usize)),
     vec4_rows: bool,
     row0: &str,
@@ -211,13 +211,11 @@ fn product_step(
 ) {
     let (trow, side) = thread_row;
     let comps = wgsl_element(4).1;
+    let mut e = Emitter::new(depth);
     if vec4_rows {
         for a4 in 0..rows / 4 {
-            let _ = writeln!(
-                s,
-                "{indent}let ph_{a4} = phi[{row0} / 4u + {trow} + {}u];",
-                a4 * side
-            );
+            let o = a4 * side;
+            e.line(format!("let ph_{a4} = phi[{row0} / 4u + {trow} + {o}u];"));
         }
     }
     for a in 0..rows {
@@ -226,19 +224,20 @@ fn product_step(
         } else {
             format!("phi[{row0} + {}]", micro_tile_row(a, thread_row, false))
         };
-        let _ = writeln!(s, "{indent}let p_{a} = {p};");
+        e.line(format!("let p_{a} = {p};"));
     }
     for u in 0..groups {
-        let _ = writeln!(s, "{indent}let x_{u} = {};", tile_at(u));
+        e.line(format!("let x_{u} = {};", tile_at(u)));
     }
     for a in 0..rows {
         for u in 0..groups {
-            let _ = writeln!(
-                s,
-                "{indent}acc_{a}_{u} = fma(vec4<f32>(p_{a}), x_{u}, acc_{a}_{u});"
-            );
+            e.line(format!(
+                "acc_{a}_{u} = fma(vec4<f32>(p_{a}), x_{u}, acc_{a}_{u});"
+            ));
         }
     }
+    s.push_str(&e.finish());
+    s.push('\n');
 }
 
 /// The feature tile's slots: its element type and length for `words` floats, and its scalar
@@ -372,7 +371,7 @@ pub(crate) fn pass2_source_with(t: &Pass2Tiles, count_io: bool, causal: bool) ->
     let mut product = String::new();
     product_step(
         &mut product,
-        "                    ",
+        5,
         (rb, cu, ("tr", t.tr)),
         vec4_rows,
         "f * FS",
@@ -398,22 +397,9 @@ pub(crate) fn pass2_source_with(t: &Pass2Tiles, count_io: bool, causal: bool) ->
             .join("\n")
     };
     let load_first = slot(&|p| p.first.clone());
-    // A resident S' has nothing to load per chunk; streamed chunks load the next one, and store
-    // this one once the previous chunk's products are done.
-    let (load_next, chunk_store) = if t.resident() {
-        (String::new(), String::new())
-    } else {
-        (
-            format!(
-                "            if (ch + 1u < params.chunks) {{\n{}\n            }}",
-                slot(&|p| p.next.clone())
-            ),
-            format!(
-                "            workgroupBarrier();\n{}",
-                slot(&|p| p.store.clone())
-            ),
-        )
-    };
+    // A resident S' has nothing to load per chunk (the template's RESIDENT switch); streamed
+    // chunks load the next one and store this one.
+    let (load_next, chunk_store) = (slot(&|p| p.next.clone()), slot(&|p| p.store.clone()));
     let [decl, add] = io_counter_slots(count_io, if causal { 7 } else { 6 });
     let diag_decl = if causal {
         "@group(0) @binding(6) var<storage, read> diag: array<f32>;"

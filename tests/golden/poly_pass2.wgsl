@@ -451,7 +451,11 @@ fn main(
         }
         for (var ch = 0u; ch < params.chunks; ch++) {
             let f0 = ch * RC;
-            workgroupBarrier();
+            if (!RESIDENT) {
+                // A streamed chunk's tiles are rewritten once the previous chunk's products are
+                // done; the next chunk is loaded into registers meanwhile.
+                workgroupBarrier();
+            }
             if (si_0 < RC * EV1) {
                 if (sc_0 < EV) {
                     s_tile[sf_0 * CW + sc_0 / 4u][sc_0 % 4u] = sx_0;
@@ -665,7 +669,7 @@ fn main(
                 wz_t[lid + 0u].x = twz_0.x;
             }
             workgroupBarrier();
-            if (ch + 1u < params.chunks) {
+            if (!RESIDENT && ch + 1u < params.chunks) {
                 {
                     let rows_n = min(RC, R - (f0 + RC));
                     sx_0 = 0.0;
