@@ -173,6 +173,16 @@ fn sources() -> BTreeMap<String, String> {
                         }
                     }
                 }
+                // Exact on tensor cores: the planned tiles per subgroup size, and every
+                // candidate where the other candidates are recorded.
+                for sg in [16usize, 32, 64] {
+                    let cands = approx_attn::exact::coop::candidates(&p, &b, sg);
+                    let n = if candidates { cands.len() } else { 1 };
+                    for (i, t) in cands.iter().take(n).enumerate() {
+                        let src = approx_attn::exact::coop::shader_source(t, io);
+                        add(format!("exact coop candidate{i} sg{sg} {at}"), src);
+                    }
+                }
                 let rows = prepass_tile_rows(e, words);
                 add(format!("prepass {at}"), poly::prepass_source(e, rows, io));
             }
@@ -196,7 +206,7 @@ fn golden_dir() -> PathBuf {
 }
 
 /// Whole shaders kept as files: one per kernel at E = Ev = 64 on a 48 KiB budget.
-const GOLDEN_FILES: [(&str, &str); 7] = [
+const GOLDEN_FILES: [(&str, &str); 8] = [
     ("exact.wgsl", "exact planned w12288 e64 ev64 io0"),
     ("poly_pass1.wgsl", "pass1 planned g2 w12288 e64 ev64 io0"),
     ("poly_pass2.wgsl", "pass2 planned g2 w12288 e64 ev64 io0"),
@@ -213,6 +223,7 @@ const GOLDEN_FILES: [(&str, &str); 7] = [
         "coop pack g2 sg32 w12288 e64 ev64 io0",
     ),
     ("prepass.wgsl", "prepass w12288 e64 ev64 io0"),
+    ("exact_coop.wgsl", "exact coop candidate0 sg32 w12288 e64 ev64 io0"),
 ];
 
 #[test]
