@@ -223,7 +223,10 @@ const GOLDEN_FILES: [(&str, &str); 8] = [
         "coop pack g2 sg32 w12288 e64 ev64 io0",
     ),
     ("prepass.wgsl", "prepass w12288 e64 ev64 io0"),
-    ("exact_coop.wgsl", "exact coop candidate0 sg32 w12288 e64 ev64 io0"),
+    (
+        "exact_coop.wgsl",
+        "exact coop candidate0 sg32 w12288 e64 ev64 io0",
+    ),
 ];
 
 #[test]

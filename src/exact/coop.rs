@@ -259,16 +259,69 @@ fn prefetch(t: &CoopExactTiles) -> Prefetch {
 }
 
 /// The WGSL of the kernel for these tiles.
+/// The tensor-core exact kernel for these tiles: straight-line WGSL for every slot of
+/// `shaders/exact_coop.wgsl` (the schedule and its barriers are in the template).
 pub fn shader_source(t: &CoopExactTiles, count_io: bool) -> String {
-    let rt = t.rt;
-    let dt = t.padded_e() / COOP; // depth tiles of Q K^T
-    let kt = t.bk / COOP; // key tiles
-    let ct = t.padded_ev() / COOP; // output column tiles
-    let np = t.lanes_per_row();
-    let per_lane = t.bk / np; // scores per lane in the softmax
-    let stage_elems = 256 * rt / t.sg; // staging elements per lane (RT 16 x 16 tiles)
-    let (elem, comps) = wgsl_element(t.lanes());
+    let (elem, _) = wgsl_element(t.lanes());
+    let (q_store, q_frags, o_decl) = query_slots(t);
+    let (scores, sm, pv, store) = (scores_slot(t), softmax_slot(t), pv_slot(t), store_slot(t));
+    let pre = prefetch(t);
+    let [decl, add] = io_counter_slots(count_io, 6);
+    fill_template(
+        TEMPLATE,
+        &[
+            ("E", t.e.to_string()),
+            ("EV", t.ev.to_string()),
+            ("BQ", t.bq().to_string()),
+            ("BK", t.bk.to_string()),
+            ("WG", t.threads().to_string()),
+            ("SG", t.sg.to_string()),
+            ("RT", t.rt.to_string()),
+            ("ELEM", elem.to_string()),
+            ("LANES", t.lanes().to_string()),
+            ("KS", t.k_stride().to_string()),
+            ("VS", t.v_stride().to_string()),
+            ("TAU", format!("{TAU:?}")),
+            ("OFF", format!("{OFF:?}")),
+            ("KV_T", t.kv_halves().to_string()),
+            ("S_T", t.score_words().to_string()),
+            ("P_T", t.prob_halves().to_string()),
+            ("Q_STORE", q_store.trim_end().to_string()),
+            ("Q_FRAGS", q_frags.trim_end().to_string()),
+            ("O_DECL", o_decl.trim_end().to_string()),
+            ("PREFETCH_DECL", pre.decl),
+            ("LOAD_FIRST", pre.first),
+            ("LOAD_NEXT", pre.next),
+            ("TILE_STORE", pre.store),
+            ("SCORES", scores.trim_end().to_string()),
+            ("SOFTMAX", sm.trim_end().to_string()),
+            ("PV", pv.trim_end().to_string()),
+            ("STORE", store.trim_end().to_string()),
+            decl,
+            add,
+        ],
+    )
+}
 
+/// Tile counts of the generated code: (depth tiles of Q K^T, key tiles, output column tiles,
+/// lanes per row, scores per lane, staging elements per lane).
+fn tile_counts(t: &CoopExactTiles) -> (usize, usize, usize, usize, usize, usize) {
+    let np = t.lanes_per_row();
+    (
+        t.padded_e() / COOP,
+        t.bk / COOP,
+        t.padded_ev() / COOP,
+        np,
+        t.bk / np,
+        256 * t.rt / t.sg,
+    )
+}
+
+/// The query tile's store, its fragments and the output accumulators' declarations.
+fn query_slots(t: &CoopExactTiles) -> (String, String, String) {
+    let rt = t.rt;
+    let (dt, _, ct, _, _, _) = tile_counts(t);
+    let (_, comps) = wgsl_element(t.lanes());
     let mut q_store = String::new();
     for (l, c) in comps.iter().enumerate() {
         let _ = writeln!(q_store, "        kv_t[row * KS + c + {l}u] = f16(x{c});");
@@ -291,7 +344,13 @@ pub fn shader_source(t: &CoopExactTiles, count_io: bool) -> String {
         }
     }
 
-    // S = Q K^T one 16-key column tile at a time (RT accumulators live), staged row-major.
+    (q_store, q_frags, o_decl)
+}
+
+/// S = Q K^T one 16-key column tile at a time (RT accumulators live), staged row-major.
+fn scores_slot(t: &CoopExactTiles) -> String {
+    let rt = t.rt;
+    let (dt, kt, _, _, _, _) = tile_counts(t);
     let mut scores = String::new();
     for b in 0..kt {
         scores.push_str("        {\n");
@@ -323,6 +382,13 @@ pub fn shader_source(t: &CoopExactTiles, count_io: bool) -> String {
         scores.push_str("        }\n");
     }
 
+    scores
+}
+
+/// The online softmax of one key tile, with the lazy rescale of the output accumulators.
+fn softmax_slot(t: &CoopExactTiles) -> String {
+    let rt = t.rt;
+    let (_, _, ct, _, per_lane, stage_elems) = tile_counts(t);
     // Softmax: lane (r, part) takes columns NP * (i + r) + part (mod BK), a rotation that puts
     // the lanes of one read into different banks; scores of masked keys become NEG.
     let mut sm =
@@ -399,7 +465,13 @@ pub fn shader_source(t: &CoopExactTiles, count_io: bool) -> String {
         );
     }
 
-    // O += P V, 16 keys at a time.
+    sm
+}
+
+/// O += P V, 16 keys at a time.
+fn pv_slot(t: &CoopExactTiles) -> String {
+    let rt = t.rt;
+    let (_, kt, ct, _, _, _) = tile_counts(t);
     let mut pv = String::new();
     for kk in 0..kt {
         pv.push_str("        {\n");
@@ -428,6 +500,13 @@ pub fn shader_source(t: &CoopExactTiles, count_io: bool) -> String {
         pv.push_str("        }\n");
     }
 
+    pv
+}
+
+/// The output rows, normalised, and the split-KV statistics.
+fn store_slot(t: &CoopExactTiles) -> String {
+    let rt = t.rt;
+    let (_, _, ct, _, _, stage_elems) = tile_counts(t);
     // Output: row sums over the NP lanes of a row, then each accumulator through the staging
     // slice, divided by its row's sum; split-KV dispatches also store (m, l) per row.
     let mut store = String::new();
@@ -473,42 +552,7 @@ pub fn shader_source(t: &CoopExactTiles, count_io: bool) -> String {
          stats[srow + 1u] = lsum;\n        words_written += 2u;\n    }}"
     );
 
-    let pre = prefetch(t);
-    let [decl, add] = io_counter_slots(count_io, 6);
-    fill_template(
-        TEMPLATE,
-        &[
-            ("E", t.e.to_string()),
-            ("EV", t.ev.to_string()),
-            ("BQ", t.bq().to_string()),
-            ("BK", t.bk.to_string()),
-            ("WG", t.threads().to_string()),
-            ("SG", t.sg.to_string()),
-            ("RT", rt.to_string()),
-            ("ELEM", elem.to_string()),
-            ("LANES", t.lanes().to_string()),
-            ("KS", t.k_stride().to_string()),
-            ("VS", t.v_stride().to_string()),
-            ("TAU", format!("{TAU:?}")),
-            ("OFF", format!("{OFF:?}")),
-            ("KV_T", t.kv_halves().to_string()),
-            ("S_T", t.score_words().to_string()),
-            ("P_T", t.prob_halves().to_string()),
-            ("Q_STORE", q_store.trim_end().to_string()),
-            ("Q_FRAGS", q_frags.trim_end().to_string()),
-            ("O_DECL", o_decl.trim_end().to_string()),
-            ("PREFETCH_DECL", pre.decl),
-            ("LOAD_FIRST", pre.first),
-            ("LOAD_NEXT", pre.next),
-            ("TILE_STORE", pre.store),
-            ("SCORES", scores.trim_end().to_string()),
-            ("SOFTMAX", sm.trim_end().to_string()),
-            ("PV", pv.trim_end().to_string()),
-            ("STORE", store.trim_end().to_string()),
-            decl,
-            add,
-        ],
-    )
+    store
 }
 
 /// Whether this adapter runs the kernel: 16 x 16 f16 cooperative matrices with one subgroup size
