@@ -64,6 +64,8 @@
 //! (at fixed M: linear in n). [`causal_io`] counts it exactly as the shaders do.
 
 use std::fmt::Write as _;
+use std::rc::Rc;
+use std::sync::Arc;
 
 use super::features::{index_words, pack_indices, query_weights, FeatureTable};
 use super::fit::Poly;
@@ -459,166 +461,275 @@ pub fn run(
     table: &FeatureTable,
     poly: &Poly,
     pre: &Prepass,
-    (q, k, v): (&[f32], &[f32], &[f32]),
+    xs: (&[f32], &[f32], &[f32]),
     opts: &RunOptions,
     uploads: &Uploads,
     stats: &mut RunStats,
 ) -> Result<Vec<f32>, Error> {
-    let pp = &plan.poly;
-    let (r, ev1) = (pp.r, p.ev + 1);
-    let words = r * ev1;
-    let states = plan.states();
-    let idx = pack_indices(table);
-    let weights: Vec<f32> = query_weights(table, poly, f64::from(p.scale))
-        .into_iter()
-        .map(|w| w as f32)
-        .collect();
-    let coeffs: Vec<f32> = (0..=pp.degree)
-        .map(|m| poly.coeffs.get(m).copied().unwrap_or(0.0) as f32)
-        .collect();
-    let mode = |name: &str| format!("{name}:{}:{}", opts.count_io, opts.trusted);
-    let p1 = gpu.pipeline(
-        &mode(&format!("pass1:{:?}", pp.pass1)),
-        &pass1_source(&pp.pass1, opts.count_io),
-        opts.trusted,
-    )?;
-    let scan = gpu.pipeline(
-        &mode("causal_scan"),
-        &scan_source(opts.count_io),
-        opts.trusted,
-    )?;
-    let diag = gpu.pipeline(
-        &mode(&format!("causal_diag:{:?}", plan.diag)),
-        &diag_source(&plan.diag, opts.count_io),
-        opts.trusted,
-    )?;
-    let p2 = gpu.pipeline(
-        &mode(&format!("causal_pass2:{:?}", pp.pass2)),
-        &pass2_source_with(&pp.pass2, opts.count_io, true),
-        opts.trusted,
-    )?;
-    let heads_all = p.query_heads();
-    let mut out = vec![0f32; heads_all * p.l * p.ev];
+    let pipelines = CausalPipelines::new(gpu, plan, opts)?;
+    let mut out = vec![0f32; p.query_heads() * p.l * p.ev];
     gpu.checked(|| {
-        let upload = |data: &[u8], label: &str| {
-            let buf = storage_buffer(gpu, (data.len() / 4).max(1), label);
-            gpu.queue.write_buffer(&buf, 0, data);
-            buf
-        };
-        let idx_buf = upload(bytemuck::cast_slice(&idx), "feature indices");
-        let w_buf = upload(bytemuck::cast_slice(&weights), "feature weights");
-        let c_buf = upload(bytemuck::cast_slice(&coeffs), "coefficients");
-        let empty = storage_buffer(gpu, 1, "no keys");
-        let partial = storage_buffer(gpu, plan.units * states * words, "chunk states");
+        let run = CausalRun::new(gpu, p, plan, (table, poly), &pipelines, opts, uploads);
         for u0 in (0..p.units).step_by(plan.units) {
             let nu = plan.units.min(p.units - u0);
-            let heads = nu * p.group;
-            let mu_buf = upload(
+            let mu_buf = run.upload(
                 bytemuck::cast_slice(&pre.mu[u0 * p.e..(u0 + nu) * p.e]),
                 "mu",
             );
             // Zeroed by wgpu: the state before the first window.
-            let carry = storage_buffer(gpu, nu * words, "carry");
-            for (w0, lw, kw) in windows(p, plan) {
-                let splits = kw.div_ceil(plan.chunk);
-                let kv = (kw > 0).then(|| {
-                    let kc = gather(k, u0, nu, p.s, w0, kw, p.e);
-                    let vc = gather(v, u0, nu, p.s, w0, kw, p.ev);
-                    (uploads.buffer(gpu, kc, "k"), uploads.buffer(gpu, vc, "v"))
-                });
-                if let Some((k_buf, v_buf)) = &kv {
-                    // One split per sequence chunk; `splits` is the per-unit stride of the states.
-                    let params = Pass1Params {
-                        s: kw as u32,
-                        keys_per_split: plan.chunk as u32,
-                        splits: states as u32,
-                        k_inv_scale: 0.0,
-                    };
-                    let (_, st) = Launch {
-                        pass: "pass1",
-                        pipeline: &p1,
-                        params: &params,
-                        buffers: &[k_buf, v_buf, &mu_buf, &idx_buf, &partial],
-                        grid: (splits as u32, pp.pass1.chunks() as u32, nu as u32),
-                    }
-                    .run(gpu, opts, &[])?;
-                    stats.absorb(&st);
-                }
-                let params = ScanParams {
-                    splits: splits as u32,
-                    states: states as u32,
-                    words: words as u32,
-                    _pad: 0,
-                };
-                let (_, st) = Launch {
-                    pass: "scan",
-                    pipeline: &scan,
-                    params: &params,
-                    buffers: &[&partial, &carry],
-                    grid: (words.div_ceil(AUX_THREADS) as u32, nu as u32, 1),
-                }
-                .run(gpu, opts, &[])?;
-                stats.absorb(&st);
-
-                let qc = gather(q, u0 * p.group, heads, p.l, w0, lw, p.e);
-                let q_buf = uploads.buffer(gpu, qc, "q");
-                let d_buf = storage_buffer(gpu, heads * lw * ev1, "diagonal blocks");
-                let (k_buf, v_buf) = match &kv {
-                    Some((kb, vb)) => (kb.as_ref(), vb.as_ref()),
-                    None => (&empty, &empty),
-                };
-                let params = DiagParams {
-                    l: lw as u32,
-                    s: kw as u32,
-                    group: p.group as u32,
-                    chunk: plan.chunk as u32,
-                    scale: p.scale,
-                    _pad: [0; 3],
-                };
-                let (_, st) = Launch {
-                    pass: "diag",
-                    pipeline: &diag,
-                    params: &params,
-                    buffers: &[&q_buf, k_buf, v_buf, &mu_buf, &c_buf, &d_buf],
-                    grid: (lw.div_ceil(plan.diag.bq) as u32, heads as u32, 1),
-                }
-                .run(gpu, opts, &[])?;
-                stats.absorb(&st);
-
-                let blocks = lw.div_ceil(pp.pass2.b);
-                let o_words = heads * lw * p.ev;
-                let o_buf = storage_buffer(gpu, o_words, "o");
-                let params = CausalPass2Params {
-                    l: lw as u32,
-                    blocks: blocks as u32,
-                    group: p.group as u32,
-                    chunks: pp.pass2.chunks() as u32,
-                    seq_chunk: plan.chunk as u32,
-                    splits: splits as u32,
-                    states: states as u32,
-                    _pad: 0,
-                };
-                let (oc, st) = Launch {
-                    pass: "pass2",
-                    pipeline: &p2,
-                    params: &params,
-                    buffers: &[&q_buf, &partial, &idx_buf, &w_buf, &o_buf, &d_buf],
-                    grid: (blocks as u32, heads as u32, 1),
-                }
-                .run(gpu, opts, &[(&o_buf, o_words)])?;
-                stats.absorb(&st);
-                for h in 0..heads {
-                    for row in 0..lw {
-                        let dst = ((u0 * p.group + h) * p.l + w0 + row) * p.ev;
-                        out[dst..dst + p.ev]
-                            .copy_from_slice(&oc[(h * lw + row) * p.ev..(h * lw + row + 1) * p.ev]);
-                    }
-                }
+            let carry = storage_buffer(gpu, nu * run.words, "carry");
+            for window in windows(p, plan) {
+                let units = (u0, nu, &mu_buf, &carry);
+                let kv = run.states(xs, units, window, stats)?;
+                run.rows(xs, units, window, kv.as_ref(), &mut out, stats)?;
             }
         }
         Ok(())
     })?;
     Ok(out)
+}
+
+/// The compiled kernels of the causal schedule.
+struct CausalPipelines {
+    pass1: Arc<wgpu::ComputePipeline>,
+    scan: Arc<wgpu::ComputePipeline>,
+    diag: Arc<wgpu::ComputePipeline>,
+    pass2: Arc<wgpu::ComputePipeline>,
+}
+
+impl CausalPipelines {
+    fn new(gpu: &Gpu, plan: &CausalPlan, opts: &RunOptions) -> Result<Self, Error> {
+        let pp = &plan.poly;
+        let compile = |name: String, src: String| {
+            let key = format!("{name}:{}:{}", opts.count_io, opts.trusted);
+            gpu.pipeline(&key, &src, opts.trusted)
+        };
+        Ok(CausalPipelines {
+            pass1: compile(
+                format!("pass1:{:?}", pp.pass1),
+                pass1_source(&pp.pass1, opts.count_io),
+            )?,
+            scan: compile("causal_scan".into(), scan_source(opts.count_io))?,
+            diag: compile(
+                format!("causal_diag:{:?}", plan.diag),
+                diag_source(&plan.diag, opts.count_io),
+            )?,
+            pass2: compile(
+                format!("causal_pass2:{:?}", pp.pass2),
+                pass2_source_with(&pp.pass2, opts.count_io, true),
+            )?,
+        })
+    }
+}
+
+/// A dispatch group's units: first unit, count, key means, the state carried across windows.
+type Units<'b> = (usize, usize, &'b wgpu::Buffer, &'b wgpu::Buffer);
+/// A window: first row, query rows, key rows.
+type Window = (usize, usize, usize);
+/// The window's uploaded keys and values.
+type KeyValues = (Rc<wgpu::Buffer>, Rc<wgpu::Buffer>);
+
+/// What every window of a call shares: the kernels, the feature table, weights and
+/// coefficients on the GPU, and the chunk states.
+struct CausalRun<'a> {
+    gpu: &'a Gpu,
+    p: &'a Problem,
+    plan: &'a CausalPlan,
+    pipelines: &'a CausalPipelines,
+    opts: &'a RunOptions,
+    uploads: &'a Uploads,
+    idx_buf: wgpu::Buffer,
+    w_buf: wgpu::Buffer,
+    c_buf: wgpu::Buffer,
+    empty: wgpu::Buffer,
+    partial: wgpu::Buffer,
+    states: usize,
+    words: usize,
+}
+
+impl<'a> CausalRun<'a> {
+    fn new(
+        gpu: &'a Gpu,
+        p: &'a Problem,
+        plan: &'a CausalPlan,
+        (table, poly): (&FeatureTable, &Poly),
+        pipelines: &'a CausalPipelines,
+        opts: &'a RunOptions,
+        uploads: &'a Uploads,
+    ) -> Self {
+        let pp = &plan.poly;
+        let words = pp.r * (p.ev + 1);
+        let states = plan.states();
+        let weights: Vec<f32> = query_weights(table, poly, f64::from(p.scale))
+            .into_iter()
+            .map(|w| w as f32)
+            .collect();
+        let coeffs: Vec<f32> = (0..=pp.degree)
+            .map(|m| poly.coeffs.get(m).copied().unwrap_or(0.0) as f32)
+            .collect();
+        let mut run = CausalRun {
+            gpu,
+            p,
+            plan,
+            pipelines,
+            opts,
+            uploads,
+            idx_buf: storage_buffer(gpu, 1, "placeholder"),
+            w_buf: storage_buffer(gpu, 1, "placeholder"),
+            c_buf: storage_buffer(gpu, 1, "placeholder"),
+            empty: storage_buffer(gpu, 1, "no keys"),
+            partial: storage_buffer(gpu, plan.units * states * words, "chunk states"),
+            states,
+            words,
+        };
+        run.idx_buf = run.upload(
+            bytemuck::cast_slice(&pack_indices(table)),
+            "feature indices",
+        );
+        run.w_buf = run.upload(bytemuck::cast_slice(&weights), "feature weights");
+        run.c_buf = run.upload(bytemuck::cast_slice(&coeffs), "coefficients");
+        run
+    }
+
+    /// A storage buffer holding `data`.
+    fn upload(&self, data: &[u8], label: &str) -> wgpu::Buffer {
+        let buf = storage_buffer(self.gpu, (data.len() / 4).max(1), label);
+        self.gpu.queue.write_buffer(&buf, 0, data);
+        buf
+    }
+
+    /// Pass 1 over the window's keys (one split per chunk) and the scan into prefix states.
+    fn states(
+        &self,
+        (_, k, v): (&[f32], &[f32], &[f32]),
+        (u0, nu, mu_buf, carry): Units<'_>,
+        (w0, _, kw): Window,
+        stats: &mut RunStats,
+    ) -> Result<Option<KeyValues>, Error> {
+        let (gpu, p, plan, opts) = (self.gpu, self.p, self.plan, self.opts);
+        let splits = kw.div_ceil(plan.chunk);
+        let kv = (kw > 0).then(|| {
+            let kc = gather(k, u0, nu, p.s, w0, kw, p.e);
+            let vc = gather(v, u0, nu, p.s, w0, kw, p.ev);
+            (
+                self.uploads.buffer(gpu, kc, "k"),
+                self.uploads.buffer(gpu, vc, "v"),
+            )
+        });
+        if let Some((k_buf, v_buf)) = &kv {
+            // One split per sequence chunk; `splits` is the per-unit stride of the states.
+            let params = Pass1Params {
+                s: kw as u32,
+                keys_per_split: plan.chunk as u32,
+                splits: self.states as u32,
+                k_inv_scale: 0.0,
+            };
+            let (_, st) = Launch {
+                pass: "pass1",
+                pipeline: &self.pipelines.pass1,
+                params: &params,
+                buffers: &[k_buf, v_buf, mu_buf, &self.idx_buf, &self.partial],
+                grid: (splits as u32, plan.poly.pass1.chunks() as u32, nu as u32),
+            }
+            .run(gpu, opts, &[])?;
+            stats.absorb(&st);
+        }
+        let params = ScanParams {
+            splits: splits as u32,
+            states: self.states as u32,
+            words: self.words as u32,
+            _pad: 0,
+        };
+        let (_, st) = Launch {
+            pass: "scan",
+            pipeline: &self.pipelines.scan,
+            params: &params,
+            buffers: &[&self.partial, carry],
+            grid: (self.words.div_ceil(AUX_THREADS) as u32, nu as u32, 1),
+        }
+        .run(gpu, opts, &[])?;
+        stats.absorb(&st);
+        Ok(kv)
+    }
+
+    /// The window's rows: the masked diagonal blocks, then pass 2 over the prefix states,
+    /// copied into `out`.
+    fn rows(
+        &self,
+        (q, _, _): (&[f32], &[f32], &[f32]),
+        (u0, nu, mu_buf, _): Units<'_>,
+        (w0, lw, kw): Window,
+        kv: Option<&KeyValues>,
+        out: &mut [f32],
+        stats: &mut RunStats,
+    ) -> Result<(), Error> {
+        let (gpu, p, plan, opts) = (self.gpu, self.p, self.plan, self.opts);
+        let heads = nu * p.group;
+        let qc = gather(q, u0 * p.group, heads, p.l, w0, lw, p.e);
+        let q_buf = self.uploads.buffer(gpu, qc, "q");
+        let d_buf = storage_buffer(gpu, heads * lw * (p.ev + 1), "diagonal blocks");
+        let (k_buf, v_buf) = match kv {
+            Some((kb, vb)) => (kb.as_ref(), vb.as_ref()),
+            None => (&self.empty, &self.empty),
+        };
+        let params = DiagParams {
+            l: lw as u32,
+            s: kw as u32,
+            group: p.group as u32,
+            chunk: plan.chunk as u32,
+            scale: p.scale,
+            _pad: [0; 3],
+        };
+        let (_, st) = Launch {
+            pass: "diag",
+            pipeline: &self.pipelines.diag,
+            params: &params,
+            buffers: &[&q_buf, k_buf, v_buf, mu_buf, &self.c_buf, &d_buf],
+            grid: (lw.div_ceil(plan.diag.bq) as u32, heads as u32, 1),
+        }
+        .run(gpu, opts, &[])?;
+        stats.absorb(&st);
+
+        let pass2 = &plan.poly.pass2;
+        let blocks = lw.div_ceil(pass2.b);
+        let o_words = heads * lw * p.ev;
+        let o_buf = storage_buffer(gpu, o_words, "o");
+        let params = CausalPass2Params {
+            l: lw as u32,
+            blocks: blocks as u32,
+            group: p.group as u32,
+            chunks: pass2.chunks() as u32,
+            seq_chunk: plan.chunk as u32,
+            splits: kw.div_ceil(plan.chunk) as u32,
+            states: self.states as u32,
+            _pad: 0,
+        };
+        let buffers = [
+            &q_buf,
+            &self.partial,
+            &self.idx_buf,
+            &self.w_buf,
+            &o_buf,
+            &d_buf,
+        ];
+        let (oc, st) = Launch {
+            pass: "pass2",
+            pipeline: &self.pipelines.pass2,
+            params: &params,
+            buffers: &buffers,
+            grid: (blocks as u32, heads as u32, 1),
+        }
+        .run(gpu, opts, &[(&o_buf, o_words)])?;
+        stats.absorb(&st);
+        for h in 0..heads {
+            for row in 0..lw {
+                let dst = ((u0 * p.group + h) * p.l + w0 + row) * p.ev;
+                out[dst..dst + p.ev]
+                    .copy_from_slice(&oc[(h * lw + row) * p.ev..(h * lw + row + 1) * p.ev]);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Parameters of the prefix scan of chunk states (`shaders/poly_scan.wgsl`).
