@@ -17,6 +17,7 @@ pub mod exact;
 pub mod io;
 pub mod launch;
 pub mod poly;
+mod progress;
 pub mod transfer;
 pub mod wgsl;
 

@@ -12,6 +12,7 @@ use crate::exact::plan::{
     exact_candidates, exact_tiles_fit, plan_exact, plan_exact_with, ExactPlan, ExactTiles,
 };
 use crate::exact::run::run as exact_run;
+use crate::progress::Progress;
 
 /// The shape class whose exact tiles are tuned together.
 struct ExactClass {
@@ -169,9 +170,12 @@ fn autotune_exact(tuner: &Tuner, class: &Problem) -> Result<ExactTiles, Error> {
             time(t)?;
         }
     }
+    let mut progress = Progress::new("compiling exact candidates", candidates.len());
     for &t in &candidates {
         time(t)?;
+        progress.tick();
     }
+    drop(progress);
     let what = format!(
         "exact E={} Ev={} causal={}",
         class.e, class.ev, class.causal

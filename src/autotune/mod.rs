@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::device::Gpu;
 use crate::error::Error;
 use crate::launch::RunOptions;
+use crate::progress::Progress;
 use crate::wgsl::fingerprint;
 
 /// Autotune: runs of the first candidate before any is timed (the clock may still be ramping up),
@@ -162,11 +163,14 @@ impl Tuner<'_> {
         mut time: impl FnMut(T) -> Result<f64, Error>,
     ) -> Result<T, Error> {
         let mut secs = vec![f64::INFINITY; cands.len()];
+        let mut progress = Progress::new(&format!("timing {what}"), TUNE_RUNS * cands.len());
         for _ in 0..TUNE_RUNS {
             for (s, &t) in secs.iter_mut().zip(cands) {
                 *s = s.min(time(t)?);
+                progress.tick();
             }
         }
+        drop(progress);
         if self.cfg.tune_log {
             for (t, s) in cands.iter().zip(&secs) {
                 eprintln!("approx_attn autotune {what}: {t:?}: {:.3} ms", s * 1e3);

@@ -85,7 +85,22 @@ pub(crate) fn rates(tuner: &Tuner, caller: &Problem, degree: usize) -> Result<Ra
     if let Some(r) = file.load(&class, fp, parse) {
         return Ok(r);
     }
+    // Two timed runs of each kernel: seconds on a GPU, longer on CPU drivers; say so once.
+    eprintln!(
+        "approx_attn: measuring the exact and poly rates for class ({class}) on {} once; cached in \
+         {} (APPROX_ATTN_RATES sets them)",
+        tuner.gpu.info.adapter,
+        file.path()
+            .map_or("no cache".into(), |f| f.display().to_string())
+    );
+    let start = std::time::Instant::now();
     let r = measure(tuner, &p, degree)?;
+    eprintln!(
+        "approx_attn: measured rates ({class}) in {:.1} s: exact {:.3e} FLOP/s, poly {:.3e} FLOP/s",
+        start.elapsed().as_secs_f64(),
+        r.exact_flops_per_s,
+        r.poly_flops_per_s
+    );
     let values = [r.exact_flops_per_s, r.poly_flops_per_s].map(|x| x.to_string());
     file.store(&class, fp, &[values.join(" ")]);
     Ok(r)
