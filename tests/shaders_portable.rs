@@ -3,6 +3,7 @@
 
 use approx_attn::api::Problem;
 use approx_attn::budget::Budget;
+use approx_attn::exact::coop as coop_exact;
 use approx_attn::exact::kernel as exact;
 use approx_attn::exact::plan::{exact_candidates, exact_tiles_fit, plan_exact, ExactTiles};
 use approx_attn::poly::plan::{plan_poly, Pass1Tiles};
@@ -213,7 +214,7 @@ fn check_coop(name: &str, src: &str, planned_words: u64) {
     use naga::valid::Capabilities as C;
     let info = naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),
-        C::COOPERATIVE_MATRIX | C::SHADER_FLOAT16 | C::SUBGROUP,
+        C::COOPERATIVE_MATRIX | C::SHADER_FLOAT16 | C::SUBGROUP | C::SUBGROUP_BARRIER,
     )
     .validate(&module)
     .unwrap_or_else(|e| panic!("{name}: validation error: {e:?}"));
@@ -273,4 +274,79 @@ fn coop_kernels_validate_and_translate_to_spirv() {
         }
     }
     assert!(planned > 100, "only {planned} coop plans");
+}
+
+/// The exact kernel on cooperative matrices (also subgroup barriers): one shader serves causal
+/// and non-causal calls (a runtime parameter). The CPU driver has no cooperative matrices:
+/// running it is `tests/test_exact_coop.py`'s job.
+fn check_coop_exact(t: &coop_exact::CoopExactTiles, count_io: bool) {
+    let name = format!("coop exact {t:?} count_io={count_io}");
+    let src = coop_exact::shader_source(t, count_io);
+    check_coop(&name, &src, t.fast_memory_words());
+}
+
+/// The tensor-core exact kernel's problems: GQA groups, L != S, causal or not.
+fn coop_exact_problem(e: usize, ev: usize, causal: bool) -> Problem {
+    Problem {
+        units: 2,
+        group: 2,
+        l: 300,
+        s: 301,
+        e,
+        ev,
+        causal,
+        scale: 0.125,
+    }
+}
+
+#[test]
+fn coop_exact_shaders_validate_and_translate_over_head_dims_and_budgets() {
+    let mut checked = 0;
+    for words in [8192u64, 12288, 16384] {
+        let budget = Budget::with_binding(words, 1 << 30);
+        for sg in [32usize, 64] {
+            for (e, ev) in [
+                (1, 1),
+                (7, 9),
+                (16, 16),
+                (33, 20),
+                (64, 64),
+                (100, 128),
+                (128, 128),
+                (200, 40),
+                (256, 256),
+            ] {
+                for causal in [false, true] {
+                    let Some(t) =
+                        coop_exact::plan_tiles(&coop_exact_problem(e, ev, causal), &budget, sg)
+                    else {
+                        // Only E = Ev = 256 may miss the smallest budget.
+                        assert!(
+                            e == 256 && words == 8192,
+                            "no tiles for E={e} Ev={ev} M={words}"
+                        );
+                        continue;
+                    };
+                    assert!(t.fast_memory_words() <= words);
+                    check_coop_exact(&t, causal); // the I/O counter variant on one of the two
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 90, "only {checked} plans");
+}
+
+#[test]
+fn every_coop_exact_candidate_of_the_nvidia_budget_validates() {
+    // 48 KiB and 32-lane subgroups (the H200): the shapes a sweep or an autotune times.
+    let budget = Budget::with_binding(12288, 1 << 30);
+    let mut n = 0;
+    for e in [1usize, 16, 64, 80, 128, 256] {
+        for t in coop_exact::candidates(&coop_exact_problem(e, e, false), &budget, 32) {
+            check_coop_exact(&t, false);
+            n += 1;
+        }
+    }
+    assert!(n >= 20, "only {n} candidates");
 }
