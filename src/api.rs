@@ -25,18 +25,24 @@ impl Problem {
     }
 
     /// The problem's sizes are usable and the inputs have the lengths it needs.
-    pub fn check_inputs(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<(), Error> {
-        let p = self;
-        if p.s == 0 {
+    /// S, the head dimensions and the group are at least 1.
+    pub fn check_sizes(&self) -> Result<(), Error> {
+        if self.s == 0 {
             return Err(Error::InvalidInput(
                 "key/value sequence length S must be at least 1".into(),
             ));
         }
-        if p.e == 0 || p.ev == 0 || p.group == 0 {
+        if self.e == 0 || self.ev == 0 || self.group == 0 {
             return Err(Error::InvalidInput(
                 "head dimensions must be at least 1".into(),
             ));
         }
+        Ok(())
+    }
+
+    pub fn check_inputs(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<(), Error> {
+        let p = self;
+        p.check_sizes()?;
         let want = [
             ("query", q.len(), p.units * p.group * p.l * p.e),
             ("key", k.len(), p.units * p.s * p.e),

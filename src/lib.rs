@@ -424,6 +424,7 @@ pub fn io_cost(
     beta: Option<f64>,
     fast_memory_words: Option<u64>,
 ) -> Result<IoEstimate, Error> {
+    p.check_sizes()?;
     let budget = match fast_memory_words {
         Some(m) => Budget::model(m),
         None => budget(&device::gpu()?.info)?,

@@ -33,6 +33,25 @@ fn to_py(e: Error) -> PyErr {
     }
 }
 
+/// Runs `f` without the GIL. A Rust panic inside becomes a `DeviceError` that names it: it would
+/// reach Python as `pyo3_runtime.PanicException`, a `BaseException` that `except Exception`
+/// does not catch.
+fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> PyResult<T> {
+    py.detach(|| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(Error::Gpu(format!(
+                "internal error (a bug in approx_attn; please report it): {what}"
+            )))
+        })
+    })
+    .map_err(to_py)
+}
+
 fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("method", r.method)?;
@@ -124,10 +143,11 @@ fn attention<'py>(
         tensor_cores,
     };
     let opts = RunOptions { trusted, count_io };
-    let result = py
-        .detach(|| crate::attention_with_inputs(&p, &q, &k, &v, method, &popts, &opts, f16_inputs));
+    let result = detached(py, || {
+        crate::attention_with_inputs(&p, &q, &k, &v, method, &popts, &opts, f16_inputs)
+    });
     give_back_inputs([q, k, v]);
-    let (out, report) = result.map_err(to_py)?;
+    let (out, report) = result?;
     Ok((PyArray1::from_vec(py, out), report_dict(py, &report)?))
 }
 
@@ -196,9 +216,9 @@ fn io_cost<'py>(
         causal,
         scale: 1.0,
     };
-    let est = py
-        .detach(|| crate::io_cost(&p, method, degree, eps, beta, fast_memory_words))
-        .map_err(to_py)?;
+    let est = detached(py, || {
+        crate::io_cost(&p, method, degree, eps, beta, fast_memory_words)
+    })?;
     let d = PyDict::new(py);
     d.set_item("method", est.method)?;
     d.set_item("schedule", est.schedule.map(|s| format!("{s:?}")))?;
@@ -268,7 +288,7 @@ fn fit_polynomial(
 
 #[pyfunction]
 fn device_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    let gpu = py.detach(device::gpu).map_err(to_py)?;
+    let gpu = detached(py, device::gpu)?;
     let i = &gpu.info;
     let d = PyDict::new(py);
     d.set_item("adapter", &i.adapter)?;
@@ -305,7 +325,7 @@ fn device_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 /// Every adapter wgpu sees: (name, backend, device type).
 #[pyfunction]
 fn list_adapters(py: Python<'_>) -> PyResult<Vec<(String, String, String)>> {
-    py.detach(device::list_adapters).map_err(to_py)
+    detached(py, device::list_adapters)
 }
 
 /// Frees the host memory kept between calls (the inputs' host copies and the pooled staging
@@ -316,9 +336,7 @@ fn empty_cache(py: Python<'_>) -> PyResult<u64> {
     let copied: u64 = copies.iter().map(|c| (c.capacity() * 4) as u64).sum();
     drop(copies);
     let staging = match device::current_gpu() {
-        Some(gpu) => py
-            .detach(|| crate::transfer::release_staging(&gpu))
-            .map_err(to_py)?,
+        Some(gpu) => detached(py, || crate::transfer::release_staging(&gpu))?,
         None => 0,
     };
     Ok(copied + staging)
@@ -327,9 +345,17 @@ fn empty_cache(py: Python<'_>) -> PyResult<u64> {
 /// Destroys the current device, as a driver reset would; the next call must create a new one.
 #[pyfunction]
 fn _destroy_device(py: Python<'_>) -> PyResult<()> {
-    let gpu = py.detach(device::gpu).map_err(to_py)?;
+    let gpu = detached(py, device::gpu)?;
     gpu.device.destroy();
     Ok(())
+}
+
+/// Panics inside the binding's guard, for the test that no panic reaches Python as one.
+#[pyfunction]
+fn _panic_for_test(py: Python<'_>) -> PyResult<()> {
+    detached(py, || -> Result<(), Error> {
+        panic!("a panic raised on purpose")
+    })
 }
 
 #[pymodule]
@@ -342,6 +368,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(num_features, m)?)?;
     m.add_function(wrap_pyfunction!(fit_polynomial, m)?)?;
     m.add_function(wrap_pyfunction!(_destroy_device, m)?)?;
+    m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
     m.add_function(wrap_pyfunction!(empty_cache, m)?)?;
     m.add("NoDeviceError", m.py().get_type::<NoDeviceError>())?;
     m.add("DeviceError", m.py().get_type::<DeviceError>())?;

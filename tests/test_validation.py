@@ -302,3 +302,23 @@ def test_float64_beyond_float32_range_is_refused(method: str) -> None:
     k[0, 1, 2] = 1e300
     with pytest.raises(ValueError, match="^key contains 1 NaN or Inf"):
         attention(q, k, v, method=method)
+
+
+def test_a_rust_panic_reaches_python_as_a_device_error() -> None:
+    # A panic would otherwise arrive as pyo3's PanicException, a BaseException that
+    # `except Exception` does not catch; the binding turns it into DeviceError naming it.
+    from approx_attn import _core
+
+    with pytest.raises(approx_attn.DeviceError, match="internal error.*on purpose"):
+        _core._panic_for_test()
+    # The next call works.
+    x = np.ones((1, 4, 4), np.float32)
+    assert approx_attn.attention(x, x, x, method="exact").shape == (1, 4, 4)
+
+
+def test_binding_io_cost_refuses_empty_keys() -> None:
+    # The binding itself (below the Python checks) refused S = 0 with a panic before.
+    from approx_attn import _core
+
+    with pytest.raises(ValueError, match="S must be at least 1"):
+        _core.io_cost(1, 1, 10, 0, 16, 16, False, "exact", None, None, None, 8192)
