@@ -205,7 +205,18 @@ fn choose(
     }
     // Causal poly runs the f32 path only.
     let coop_sg = (gpu.info.coop_f16 && !p.causal).then_some(gpu.info.subgroup_size as usize);
-    let candidate = poly_candidate(p, &pre, popts, budget, coop_sg);
+    let candidate = poly_candidate(p, &pre, popts, budget, coop_sg).and_then(|c| {
+        match popts.degree.filter(|&g| c.cert.degree < g) {
+            // The fit's top coefficients vanish: running it would run a lower degree under g.
+            Some(g) => Err(Error::InvalidInput(format!(
+                "degree={g} cannot run at beta={:.4}: the degree-{g} fit's coefficients above \
+                 degree {} vanish below float precision (it certifies {:.1e} already); use \
+                 degree <= {}",
+                c.cert.beta, c.cert.degree, c.cert.poly_eps, c.cert.degree
+            ))),
+            None => Ok(c),
+        }
+    });
     choice.pre = Some(pre);
     let mut c = match candidate {
         Ok(c) => c,

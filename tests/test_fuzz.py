@@ -26,7 +26,7 @@ the defect is fixed:
     and a polynomial error poly_eps below float32 rounding. Poly cases centre V per column, have
     S >= 2 distinct keys, beta >= 0.05 and poly_eps >= 1e-4 (POLY_EPS_FLOOR);
   * beta = 0 refused once Ev >= 96. Here Ev <= 12 and beta >= 0.05;
-  * a high forced degree (20, 40) silently runs a lower one. Forced degrees here are 0..7.
+  * (fixed: a high forced degree whose top coefficients vanish now raises.) Forced degrees here are 0..7.
 """
 
 from __future__ import annotations
@@ -502,11 +502,10 @@ def test_defect_beta_zero_refused_for_wide_values(how: str) -> None:
     assert (err <= np.asarray(rep.error_bound_per_column)).all()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a high forced degree (20, 40) silently runs a lower one (6-10)"
-)
 @pytest.mark.parametrize("degree", [20, 40])
-def test_defect_forced_degree_above_seven(degree: int) -> None:
+def test_forced_degree_runs_or_raises(degree: int) -> None:
+    # A high forced degree whose fit has vanishing top coefficients raises instead of running a
+    # lower degree under its name.
     q, k, v = (x.astype(np.float32) * 0.3 for x in _qkv(5))
     try:
         _, rep = approx_attn.attention(q, k, v, method="poly", degree=degree, return_report=True)
