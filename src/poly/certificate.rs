@@ -81,8 +81,22 @@ pub(crate) fn poly_candidate(
     let fit = fit(p, pre, popts, coop_sg)?;
     let (poly, beta) = (&fit.poly, fit.beta);
     let g = poly.feature_degree();
-    let rank = num_features(p.e, g);
-    let (plan, coop) = plan_for(p, (g, rank), budget, popts, (fit.coop, beta))?;
+    let plan_at = |g: usize| {
+        plan_for(
+            p,
+            (g, num_features(p.e, g)),
+            budget,
+            popts,
+            (fit.coop, beta),
+        )
+    };
+    // beta = 0 fits P = 1 (degree 0). Where its one-feature plan does not fit (wide values), it
+    // runs on degree-1 features with zero weights: the same P.
+    let (g_plan, (plan, coop)) = match plan_at(g) {
+        Err(_) if g == 0 => (1, plan_at(1)?),
+        planned => (g, planned?),
+    };
+    let rank = num_features(p.e, g_plan);
     // The kernels sum the monomials in float32: cancellation grows like e^(2 beta). Refuse when
     // the rounding (~2g u32 times the monomial condition) could rival the certified error.
     let f32_rel_error =
@@ -94,7 +108,7 @@ pub(crate) fn poly_candidate(
              {f32_rel_error:.1e}; use method='exact'"
         )));
     }
-    let table = try_feature_table(p.e, g).map_err(Error::TooLarge)?;
+    let table = try_feature_table(p.e, g_plan).map_err(Error::TooLarge)?;
     let f16_rounding = coop.map(|_| f16_bound(p, poly, fit.beta_scaled));
     let factor = poly.certified_eps / (1.0 - poly.certified_eps) + f16_rounding.unwrap_or(0.0);
     if popts.degree.is_none() && factor > popts.eps {
