@@ -23,6 +23,13 @@ pub fn storage_buffer(gpu: &Gpu, words: usize, label: &str) -> wgpu::Buffer {
     })
 }
 
+/// A storage buffer holding `data` (whole f32/u32 words).
+pub fn storage_buffer_with(gpu: &Gpu, data: &[u8], label: &str) -> wgpu::Buffer {
+    let buf = storage_buffer(gpu, data.len() / 4, label);
+    gpu.queue.write_buffer(&buf, 0, data);
+    buf
+}
+
 pub fn uniform_buffer(gpu: &Gpu, bytes: &[u8]) -> wgpu::Buffer {
     let buf = gpu.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("params"),

@@ -82,7 +82,7 @@ use crate::device::Gpu;
 use crate::error::Error;
 use crate::io::{IoCount, PassIo};
 use crate::launch::{Launch, RunOptions, RunStats};
-use crate::transfer::{gather, storage_buffer, Uploads};
+use crate::transfer::{gather, storage_buffer, storage_buffer_with, Uploads};
 use crate::wgsl::{fill_template, io_counter_slots};
 
 pub(crate) const SCAN: &str = include_str!("../../shaders/poly_scan.wgsl");
@@ -472,10 +472,8 @@ pub fn run(
         let run = CausalRun::new(gpu, p, plan, (table, poly), &pipelines, opts, uploads);
         for u0 in (0..p.units).step_by(plan.units) {
             let nu = plan.units.min(p.units - u0);
-            let mu_buf = run.upload(
-                bytemuck::cast_slice(&pre.mu[u0 * p.e..(u0 + nu) * p.e]),
-                "mu",
-            );
+            let mu = &pre.mu[u0 * p.e..(u0 + nu) * p.e];
+            let mu_buf = storage_buffer_with(gpu, bytemuck::cast_slice(mu), "mu");
             // Zeroed by wgpu: the state before the first window.
             let carry = storage_buffer(gpu, nu * run.words, "carry");
             for window in windows(p, plan) {
@@ -567,35 +565,25 @@ impl<'a> CausalRun<'a> {
         let coeffs: Vec<f32> = (0..=pp.degree)
             .map(|m| poly.coeffs.get(m).copied().unwrap_or(0.0) as f32)
             .collect();
-        let mut run = CausalRun {
+        let upload = |data: &[u8], label| storage_buffer_with(gpu, data, label);
+        CausalRun {
             gpu,
             p,
             plan,
             pipelines,
             opts,
             uploads,
-            idx_buf: storage_buffer(gpu, 1, "placeholder"),
-            w_buf: storage_buffer(gpu, 1, "placeholder"),
-            c_buf: storage_buffer(gpu, 1, "placeholder"),
+            idx_buf: upload(
+                bytemuck::cast_slice(&pack_indices(table)),
+                "feature indices",
+            ),
+            w_buf: upload(bytemuck::cast_slice(&weights), "feature weights"),
+            c_buf: upload(bytemuck::cast_slice(&coeffs), "coefficients"),
             empty: storage_buffer(gpu, 1, "no keys"),
             partial: storage_buffer(gpu, plan.units * states * words, "chunk states"),
             states,
             words,
-        };
-        run.idx_buf = run.upload(
-            bytemuck::cast_slice(&pack_indices(table)),
-            "feature indices",
-        );
-        run.w_buf = run.upload(bytemuck::cast_slice(&weights), "feature weights");
-        run.c_buf = run.upload(bytemuck::cast_slice(&coeffs), "coefficients");
-        run
-    }
-
-    /// A storage buffer holding `data`.
-    fn upload(&self, data: &[u8], label: &str) -> wgpu::Buffer {
-        let buf = storage_buffer(self.gpu, (data.len() / 4).max(1), label);
-        self.gpu.queue.write_buffer(&buf, 0, data);
-        buf
+        }
     }
 
     /// Pass 1 over the window's keys (one split per chunk) and the scan into prefix states.

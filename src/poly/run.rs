@@ -14,7 +14,7 @@ use crate::api::Problem;
 use crate::device::Gpu;
 use crate::error::Error;
 use crate::launch::{Launch, RunOptions, RunStats};
-use crate::transfer::{gather, storage_buffer, Uploads};
+use crate::transfer::{gather, storage_buffer, storage_buffer_with, Uploads};
 
 /// Passes 1 and 2 for a planned degree. `weights` are the per-feature query weights (f64 -> f32).
 #[allow(clippy::too_many_arguments)]
@@ -39,12 +39,8 @@ pub fn run(
     let mut out = vec![0f32; p.query_heads() * p.l * p.ev];
     gpu.checked(|| {
         let (c, rows) = (&plan.chunking, plan.r * (p.ev + 1));
-        let idx_buf = storage_buffer(gpu, idx.len(), "feature indices");
-        let w_buf = storage_buffer(gpu, weights.len(), "feature weights");
-        gpu.queue
-            .write_buffer(&idx_buf, 0, bytemuck::cast_slice(&idx));
-        gpu.queue
-            .write_buffer(&w_buf, 0, bytemuck::cast_slice(&weights));
+        let idx_buf = storage_buffer_with(gpu, bytemuck::cast_slice(&idx), "feature indices");
+        let w_buf = storage_buffer_with(gpu, bytemuck::cast_slice(&weights), "feature weights");
         let run = PolyRun {
             gpu,
             p,
@@ -61,12 +57,8 @@ pub fn run(
         };
         for u0 in (0..p.units).step_by(c.units) {
             let nu = c.units.min(p.units - u0);
-            let mu_buf = storage_buffer(gpu, nu * p.e, "mu");
-            gpu.queue.write_buffer(
-                &mu_buf,
-                0,
-                bytemuck::cast_slice(&pre.mu[u0 * p.e..(u0 + nu) * p.e]),
-            );
+            let mu = &pre.mu[u0 * p.e..(u0 + nu) * p.e];
+            let mu_buf = storage_buffer_with(gpu, bytemuck::cast_slice(mu), "mu");
             let vn_bufs = plan
                 .coop
                 .map(|_| (run.value_norm(u0, nu, true), run.value_norm(u0, nu, false)));
@@ -185,11 +177,7 @@ impl PolyRun<'_> {
                 }
             }));
         }
-        let buf = storage_buffer(self.gpu, out.len(), "value normalisation");
-        self.gpu
-            .queue
-            .write_buffer(&buf, 0, bytemuck::cast_slice(&out));
-        buf
+        storage_buffer_with(self.gpu, bytemuck::cast_slice(&out), "value normalisation")
     }
 
     /// Pass 1 and the reduction of its key splits, one key chunk at a time (S' is a sum over
