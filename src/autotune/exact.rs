@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Instant;
 
-use super::{sizes_and_flags, TileRecord, Tuner, TUNE_WARMUP_RUNS};
+use super::{bench_inputs, sizes_and_flags, TileRecord, Tuner, TUNE_WARMUP_RUNS};
 use crate::api::{Method, PolyOptions, Problem};
 use crate::error::Error;
 use crate::exact::coop::{self, CoopExactPlan, CoopExactTiles};
@@ -148,13 +148,7 @@ pub(crate) fn exact_plan_for(tuner: &Tuner, p: &Problem) -> Result<ExactPlan, Er
 /// fastest.
 fn autotune_exact(tuner: &Tuner, class: &Problem) -> Result<ExactTiles, Error> {
     let (gpu, budget) = (tuner.gpu, tuner.budget);
-    let n = class.l;
-    let x = |w: usize| -> Vec<f32> {
-        (0..class.units * n * w)
-            .map(|i| ((i * 7919 % 1000) as f32 / 1000.0) - 0.5)
-            .collect()
-    };
-    let (q, k, v) = (x(class.e), x(class.e), x(class.ev));
+    let (q, k, v) = bench_inputs(class, 1.0);
     let opts = tuner.timing_opts();
     let candidates = exact_candidates(class, budget);
     let time = |t: ExactTiles| -> Result<f64, Error> {
@@ -318,13 +312,7 @@ pub(crate) fn coop_exact_plan(
 /// the fastest.
 fn autotune_coop_exact(tuner: &Tuner, class: &Problem, sg: usize) -> Result<CoopExactTiles, Error> {
     let (gpu, budget) = (tuner.gpu, tuner.budget);
-    let n = class.l;
-    let x = |w: usize| -> Vec<f32> {
-        (0..class.units * n * w)
-            .map(|i| ((i * 7919 % 1000) as f32 / 1000.0) - 0.5)
-            .collect()
-    };
-    let (q, k, v) = (x(class.e), x(class.e), x(class.ev));
+    let (q, k, v) = bench_inputs(class, 1.0);
     let opts = tuner.timing_opts();
     let candidates = coop::candidates(class, budget, sg);
     let time = |t: CoopExactTiles| -> Result<f64, Error> {

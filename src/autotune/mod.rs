@@ -12,6 +12,7 @@ use std::sync::Mutex;
 
 use cache::CacheFile;
 
+use crate::api::Problem;
 use crate::budget::Budget;
 use crate::config::Config;
 use crate::device::Gpu;
@@ -198,6 +199,17 @@ impl Tuner<'_> {
             gpu_n
         }
     }
+}
+
+/// Deterministic inputs (q, k, v) of a timing problem with one query head per KV head: values in
+/// [-amplitude/2, amplitude/2) from a fixed pattern, the same on every run.
+fn bench_inputs(p: &Problem, amplitude: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let x = |w: usize| -> Vec<f32> {
+        (0..p.units * p.l * w)
+            .map(|i| (((i * 7919 % 1000) as f32 / 1000.0) - 0.5) * amplitude)
+            .collect()
+    };
+    (x(p.e), x(p.e), x(p.ev))
 }
 
 /// Tiles forced by `var` in place of the tuned ones, for sweeps at full size: whole numbers in

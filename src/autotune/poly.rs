@@ -4,7 +4,7 @@
 use std::fmt;
 use std::time::Instant;
 
-use super::{sizes_and_flags, TileRecord, Tuner, TUNE_WARMUP_RUNS};
+use super::{bench_inputs, sizes_and_flags, TileRecord, Tuner, TUNE_WARMUP_RUNS};
 use crate::api::{PolyOptions, Problem};
 use crate::chunking::Chunking;
 use crate::error::Error;
@@ -228,13 +228,7 @@ struct PolyTuneProblem {
 
 impl PolyTuneProblem {
     fn new(tuner: &Tuner, class: Problem) -> Result<Self, Error> {
-        let n = class.l;
-        let x = |w: usize| -> Vec<f32> {
-            (0..class.units * n * w)
-                .map(|i| (((i * 7919 % 1000) as f32 / 1000.0) - 0.5) * 0.1)
-                .collect()
-        };
-        let (q, k, v) = (x(class.e), x(class.e), x(class.ev));
+        let (q, k, v) = bench_inputs(&class, 0.1);
         let chunking = plan_exact(&class, tuner.budget)?.chunking;
         let uploads = Uploads::default();
         let pre = prepass(

@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use super::bench_inputs;
 use super::exact::exact_plan_for;
 use super::poly::{f32_poly, F32Tiles};
 use super::Tuner;
@@ -134,12 +135,7 @@ fn measure(tuner: &Tuner, p: &Problem, degree: usize) -> Result<Rates, Error> {
         opts: tuner.timing_opts(),
         ..*tuner
     };
-    let x = |w: usize| -> Vec<f32> {
-        (0..p.units * p.l * w)
-            .map(|i| ((i * 7919 % 1000) as f32 / 1000.0) - 0.5)
-            .collect()
-    };
-    let (qk, v) = (x(p.e), x(p.ev));
+    let (q, k, v) = bench_inputs(p, 1.0);
     let timed = |f: &mut dyn FnMut() -> Result<RunStats, Error>| -> Result<f64, Error> {
         f()?; // warm-up: compiles the pipelines
         let t = std::time::Instant::now();
@@ -150,14 +146,13 @@ fn measure(tuner: &Tuner, p: &Problem, degree: usize) -> Result<Rates, Error> {
             .max(1e-9))
     };
     let eplan = exact_plan_for(tuner, p)?;
-    let te =
-        timed(&mut || exact_run(tuner.gpu, p, &eplan, &qk, &qk, &v, &tuner.opts).map(|r| r.1))?;
+    let te = timed(&mut || exact_run(tuner.gpu, p, &eplan, &q, &k, &v, &tuner.opts).map(|r| r.1))?;
     // The f32 poly path with the tiles `attention` would run (tuned where the autotune is on,
     // as for exact above), and the plan whose FLOPs `poly_flops` counts.
     let mut pplan = None;
     let tp = timed(&mut || {
         let mut st = RunStats::default();
-        let xs = (&qk[..], &qk[..], &v[..]);
+        let xs = (&q[..], &k[..], &v[..]);
         let (_, c) = f32_poly(
             tuner,
             (p, &eplan.chunking),
