@@ -35,7 +35,7 @@ const WG: u32 = {{WG}}u;
 @group(0) @binding(3) var<storage, read> v: array<f32>;
 @group(0) @binding(4) var<storage, read> mu: array<f32>;
 @group(0) @binding(5) var<storage, read> coeffs: array<f32>;
-@group(0) @binding(6) var<storage, read_write> diag: array<f32>;
+@group(0) @binding(6) var<storage, read_write> diag: array<f32>;{{GATE_DECL}}
 {{IO_COUNTER_DECL}}
 
 var<workgroup> q_t: array<vec4<f32>, {{Q_TILE}}>;
@@ -43,7 +43,7 @@ var<workgroup> k_t: array<vec4<f32>, {{K_TILE}}>;
 var<workgroup> v_t: array<vec4<f32>, {{V_TILE}}>;
 var<workgroup> p_t: array<f32, {{P_TILE}}>;
 var<workgroup> mu_t: array<f32, E>;
-var<workgroup> c_t: array<f32, {{C_TILE}}>;
+var<workgroup> c_t: array<f32, {{C_TILE}}>;{{GATE_TILES}}
 
 @compute @workgroup_size({{WG}})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -75,7 +75,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         q_t[r * E4 + c / 4u][c % 4u] = x;
     }
-{{ACC_DECL}}
+{{GATE_Q_LOAD}}{{ACC_DECL}}
     for (var j0 = c0; j0 < j_end; j0 += BK) {
         let kr = min(BK, j_end - j0);
         workgroupBarrier();
@@ -87,7 +87,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 x = k[(unit * params.s + j0 + j) * E + c] - mu_t[c];
                 words_read += 1u;
             }
-            k_t[j * E4 + c / 4u][c % 4u] = x;
+            k_t[j * E4 + c / 4u][c % 4u] = x;{{GATE_K_LOAD}}
         }
         for (var i = lid; i < BK * EV4 * 4u; i += WG) {
             let j = i / (EV4 * 4u);

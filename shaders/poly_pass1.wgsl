@@ -34,7 +34,7 @@ const KG: u32 = {{KG}}u;    // key groups of the feature build
 @group(0) @binding(2) var<storage, read> v: array<f32>;
 @group(0) @binding(3) var<storage, read> mu: array<f32>;
 @group(0) @binding(4) var<storage, read> feat_idx: array<u32>;
-@group(0) @binding(5) var<storage, read_write> partial: array<f32>;
+@group(0) @binding(5) var<storage, read_write> partial: array<f32>;{{GATE_DECL}}
 {{IO_COUNTER_DECL}}
 
 var<workgroup> k_tile: array<f32, {{K_TILE}}>;
@@ -98,7 +98,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 {{PREFETCH_LOAD_FIRST}}
     for (var j0 = j_begin; j0 < j_end; j0 += BK) {
         let kr = min(BK, j_end - j0);
-{{PREFETCH_STORE}}
+{{PREFETCH_STORE}}{{GATE_LOAD}}
         workgroupBarrier();
         if (j0 + BK < j_end) {
 {{PREFETCH_LOAD_NEXT}}

@@ -16,7 +16,7 @@ const WG: u32 = {{WG}}u;
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read_write> partial: array<f32>;
-@group(0) @binding(2) var<storage, read_write> carry: array<f32>;
+@group(0) @binding(2) var<storage, read_write> carry: array<f32>;{{DECAY_DECL}}
 {{IO_COUNTER_DECL}}
 
 @compute @workgroup_size({{WG}})
@@ -32,7 +32,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
             let at = (unit * params.states + sp) * params.words + i;
             let x = partial[at];
             partial[at] = running;
-            running += x;
+{{SCAN_STEP}}
             words_read += 1u;
             words_written += 1u;
         }

@@ -151,6 +151,96 @@ fn attention<'py>(
     Ok((PyArray1::from_vec(py, out), report_dict(py, &report)?))
 }
 
+/// Polynomial attention with the model's own kernel on flattened contiguous float32 arrays;
+/// returns (flat output, flat state or None, report dict). See `approx_attn.poly_attention`.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, units, group, l, s, e, ev, causal, scale, coeffs, normalize, log_gates=None, initial_state=None, return_state=false, count_io=false))]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn poly_kernel_attention<'py>(
+    py: Python<'py>,
+    q: PyReadonlyArray1<'py, f32>,
+    k: PyReadonlyArray1<'py, f32>,
+    v: PyReadonlyArray1<'py, f32>,
+    units: usize,
+    group: usize,
+    l: usize,
+    s: usize,
+    e: usize,
+    ev: usize,
+    causal: bool,
+    scale: f32,
+    coeffs: Vec<f64>,
+    normalize: bool,
+    log_gates: Option<PyReadonlyArray1<'py, f32>>,
+    initial_state: Option<PyReadonlyArray1<'py, f32>>,
+    return_state: bool,
+    count_io: bool,
+) -> PyResult<(
+    Bound<'py, PyArray1<f32>>,
+    Option<Bound<'py, PyArray1<f32>>>,
+    Bound<'py, PyDict>,
+)> {
+    let [q, k, v] = copy_inputs([&q, &k, &v]);
+    let gates = log_gates.map(|g| g.as_array().iter().copied().collect::<Vec<f32>>());
+    let state0 = initial_state.map(|x| x.as_array().iter().copied().collect::<Vec<f32>>());
+    let p = Problem {
+        units,
+        group,
+        l,
+        s,
+        e,
+        ev,
+        causal,
+        scale,
+    };
+    let kernel = crate::poly::primitive::PolyKernel {
+        coeffs: &coeffs,
+        normalize,
+        log_gates: gates.as_deref(),
+        initial_state: state0.as_deref(),
+        return_state,
+    };
+    let opts = RunOptions {
+        trusted: false,
+        count_io,
+    };
+    let start = std::time::Instant::now();
+    let result = detached(py, || {
+        crate::poly::primitive::poly_kernel_attention(&p, (&q, &k, &v), &kernel, &opts)
+    });
+    give_back_inputs([q, k, v]);
+    let run = result?;
+    let d = PyDict::new(py);
+    d.set_item("method", "poly_kernel")?;
+    d.set_item("adapter", &run.adapter)?;
+    d.set_item("backend", &run.backend)?;
+    d.set_item("fast_memory_words", run.fast_memory_words)?;
+    d.set_item("io_words", run.io.total())?;
+    d.set_item("io_reads", run.io.reads())?;
+    d.set_item("io_writes", run.io.writes())?;
+    d.set_item(
+        "io_words_counted",
+        run.stats.io_words_counted.map(|(a, b)| a + b),
+    )?;
+    d.set_item("kernel_s", run.stats.kernel_s)?;
+    d.set_item("dispatches", run.stats.dispatches)?;
+    d.set_item("pass_s", run.stats.pass_s.clone())?;
+    d.set_item("gpu_allocated_bytes", run.stats.gpu_allocated_bytes)?;
+    d.set_item("elapsed_s", start.elapsed().as_secs_f64())?;
+    d.set_item("plan", &run.plan)?;
+    d.set_item("degree", run.degree)?;
+    d.set_item("rank", run.rank)?;
+    let state = run.state.map(|st| PyArray1::from_vec(py, st));
+    Ok((PyArray1::from_vec(py, run.out), state, d))
+}
+
+/// Features of the polynomial kernel with these coefficients at head dimension `e` (the rows of
+/// its recurrent state).
+#[pyfunction]
+fn poly_kernel_rank(e: usize, coeffs: Vec<f64>) -> PyResult<usize> {
+    crate::poly::primitive::kernel_rank(e, &coeffs).map_err(to_py)
+}
+
 /// Host copies of the inputs, kept between calls: copying into memory allocated afresh touches
 /// every page for the first time, which costs more than the copy itself (time outside Rust for a
 /// call with two 268 MB inputs on the 2-core CI VM: 0.42-0.61 s with fresh copies, 0.11-0.13 s
@@ -361,6 +451,8 @@ fn _panic_for_test(py: Python<'_>) -> PyResult<()> {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(attention, m)?)?;
+    m.add_function(wrap_pyfunction!(poly_kernel_attention, m)?)?;
+    m.add_function(wrap_pyfunction!(poly_kernel_rank, m)?)?;
     m.add_function(wrap_pyfunction!(device_info, m)?)?;
     m.add_function(wrap_pyfunction!(list_adapters, m)?)?;
     m.add_function(wrap_pyfunction!(io_cost, m)?)?;

@@ -9,7 +9,7 @@ import dataclasses
 import math
 import numbers
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -17,8 +17,10 @@ from . import _core
 from ._core import DeviceError, NoDeviceError
 
 __all__ = [
+    "POLY_KERNELS",
     "DeviceError",
     "NoDeviceError",
+    "PolyState",
     "Report",
     "attention",
     "device_info",
@@ -26,6 +28,7 @@ __all__ = [
     "io_cost",
     "io_lower_bound",
     "list_adapters",
+    "poly_attention",
 ]
 
 _METHODS = ("auto", "exact", "poly")
@@ -296,6 +299,65 @@ def _count_io() -> bool:
     return os.environ.get("APPROX_ATTN_COUNT_IO", "") not in ("", "0")
 
 
+class _Shapes(NamedTuple):
+    lead_q: tuple[int, ...]
+    lead_kv: tuple[int, ...]
+    group: int
+    L: int
+    S: int
+    E: int
+    Ev: int
+    units: int
+
+
+def _shapes(q: np.ndarray, k: np.ndarray, v: np.ndarray, enable_gqa: bool) -> _Shapes:
+    """The problem's sizes from query (..., L, E), key (..., S, E), value (..., S, Ev), with a
+    ValueError for every mismatch (SDPA's rules; ``enable_gqa``: key/value heads divide query
+    heads)."""
+    if not (q.ndim == k.ndim == v.ndim):
+        raise ValueError(
+            "query, key and value must have the same number of dimensions, got shapes "
+            f"query {q.shape}, key {k.shape}, value {v.shape}"
+        )
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"key and value must have the same sequence length S, got key {k.shape} and value {v.shape}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"query and key must have the same head dimension E, got query {q.shape} and key {k.shape}"
+        )
+    if k.shape[:-2] != v.shape[:-2]:
+        raise ValueError(
+            f"key and value must have the same leading dimensions, got key {k.shape} and value {v.shape}"
+        )
+    lead_q, lead_kv = q.shape[:-2], k.shape[:-2]
+    group = 1
+    if enable_gqa and q.ndim >= 3:
+        if lead_q[:-1] != lead_kv[:-1] or lead_kv[-1] == 0 or lead_q[-1] % lead_kv[-1] != 0:
+            raise ValueError(
+                "with enable_gqa the leading dimensions must match except the head dimension, "
+                "and key/value heads must divide query heads; got query "
+                f"{q.shape}, key {k.shape}, value {v.shape}"
+            )
+        group = lead_q[-1] // lead_kv[-1]
+    elif lead_q != lead_kv:
+        raise ValueError(
+            "query, key and value must have the same leading dimensions (use enable_gqa=True to "
+            f"share key/value heads), got query {q.shape}, key {k.shape}, value {v.shape}"
+        )
+    L, E = q.shape[-2], q.shape[-1]
+    S, Ev = k.shape[-2], v.shape[-1]
+    if S == 0:
+        raise ValueError(f"key and value must have at least one row (S >= 1), got key {k.shape}")
+    if E == 0 or Ev == 0:
+        raise ValueError(
+            f"head dimensions must be at least 1, got query {q.shape} and value {v.shape}"
+        )
+    units = int(np.prod(lead_kv, dtype=np.int64)) if lead_kv else 1
+    return _Shapes(lead_q, lead_kv, group, L, S, E, Ev, units)
+
+
 def attention(
     query: Any,
     key: Any,
@@ -356,51 +418,11 @@ def attention(
             "tensor_cores=True is not implemented for causal poly yet; use tensor_cores=None or "
             "False (the f32 path)"
         )
-    if not (q.ndim == k.ndim == v.ndim):
-        raise ValueError(
-            "query, key and value must have the same number of dimensions, got shapes "
-            f"query {q.shape}, key {k.shape}, value {v.shape}"
-        )
-    if k.shape[-2] != v.shape[-2]:
-        raise ValueError(
-            f"key and value must have the same sequence length S, got key {k.shape} and value {v.shape}"
-        )
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"query and key must have the same head dimension E, got query {q.shape} and key {k.shape}"
-        )
-    if k.shape[:-2] != v.shape[:-2]:
-        raise ValueError(
-            f"key and value must have the same leading dimensions, got key {k.shape} and value {v.shape}"
-        )
-    lead_q, lead_kv = q.shape[:-2], k.shape[:-2]
-    group = 1
-    if enable_gqa and q.ndim >= 3:
-        if lead_q[:-1] != lead_kv[:-1] or lead_kv[-1] == 0 or lead_q[-1] % lead_kv[-1] != 0:
-            raise ValueError(
-                "with enable_gqa the leading dimensions must match except the head dimension, "
-                "and key/value heads must divide query heads; got query "
-                f"{q.shape}, key {k.shape}, value {v.shape}"
-            )
-        group = lead_q[-1] // lead_kv[-1]
-    elif lead_q != lead_kv:
-        raise ValueError(
-            "query, key and value must have the same leading dimensions (use enable_gqa=True to "
-            f"share key/value heads), got query {q.shape}, key {k.shape}, value {v.shape}"
-        )
-    L, E = q.shape[-2], q.shape[-1]
-    S, Ev = k.shape[-2], v.shape[-1]
-    if S == 0:
-        raise ValueError(f"key and value must have at least one row (S >= 1), got key {k.shape}")
-    if E == 0 or Ev == 0:
-        raise ValueError(
-            f"head dimensions must be at least 1, got query {q.shape} and value {v.shape}"
-        )
+    lead_q, _, group, L, S, E, Ev, units = _shapes(q, k, v, enable_gqa)
     if scale is None:
         scale = 1.0 / math.sqrt(E)
     out_dtype = q.dtype.newbyteorder("=")  # big-endian in, native out
     out_shape = lead_q + (L, Ev)
-    units = int(np.prod(lead_kv, dtype=np.int64)) if lead_kv else 1
     # poly and auto (causal or not) run a GPU pre-pass over all three inputs that counts
     # their NaN and Inf values (after the float32 conversion): no second pass over them here
     # (on an H100 this one took about a quarter of a call's time at n = 262,144).
@@ -603,3 +625,7 @@ def io_lower_bound(
         return _core.io_closed_form(L, S, E, 1.0, m)[5]
     r = float(_core.num_features(E, degree))
     return _core.io_closed_form(L, S, E, r, m)[4]
+
+
+# After every helper it imports is defined.
+from .poly_kernel import POLY_KERNELS, PolyState, poly_attention

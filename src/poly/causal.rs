@@ -70,8 +70,8 @@ use std::sync::Arc;
 use super::features::{index_words, pack_indices, query_weights, FeatureTable};
 use super::fit::Poly;
 use super::io::prepass_io;
-use super::kernel_common::Pass1Params;
-use super::kernel_f32::{pass1_source, pass2_source_with};
+use super::kernel_common::{Pass1Params, Variant};
+use super::kernel_f32::{pass1_source_with, pass2_source_variant};
 use super::plan::{PolyPlan, AUX_THREADS};
 use super::prepass::Prepass;
 use crate::api::Problem;
@@ -82,7 +82,7 @@ use crate::device::Gpu;
 use crate::error::Error;
 use crate::io::{IoCount, PassIo};
 use crate::launch::{Launch, RunOptions, RunStats};
-use crate::transfer::{gather, storage_buffer, storage_buffer_with, Uploads};
+use crate::transfer::{gather, read_f32, storage_buffer, storage_buffer_with, Uploads};
 use crate::wgsl::{fill_template, io_counter_slots};
 
 pub(crate) const SCAN: &str = include_str!("../../shaders/poly_scan.wgsl");
@@ -338,6 +338,17 @@ pub fn causal_io(
     prepass_chunking: &Chunking,
     budget: &Budget,
 ) -> IoCount {
+    let mut io = prepass_io(p, prepass_chunking, budget);
+    io.passes.extend(causal_passes_io(p, plan, false));
+    io
+}
+
+/// The words of the causal passes alone (the polynomial primitive has no pre-pass); `gated`
+/// adds the gate factors: a weight per key per feature chunk (pass 1), a decay per chunk state
+/// element (scan), a gate per query row and per visible key of each block (diagonal), and a
+/// factor per row per thread column (pass 2).
+pub fn causal_passes_io(p: &Problem, plan: &CausalPlan, gated: bool) -> Vec<PassIo> {
+    let gated = u64::from(gated);
     let pp = &plan.poly;
     let (r, ev1, iw) = (
         pp.r as u64,
@@ -355,9 +366,10 @@ pub fn causal_io(
         let heads = nu * p.group as u64;
         for (_, lw, kw) in windows(p, plan) {
             let splits = kw.div_ceil(c) as u64;
-            t[0] += nu * (splits * chunks1 * e + splits * r * iw + chunks1 * kw as u64 * (e + ev));
+            t[0] += nu
+                * (splits * chunks1 * e + splits * r * iw + chunks1 * kw as u64 * (e + ev + gated));
             t[1] += nu * splits * r * ev1;
-            t[2] += nu * r * ev1 * (1 + splits);
+            t[2] += nu * r * ev1 * (1 + splits + gated * splits);
             let total = u64::from(splits < plan.window_chunks as u64);
             t[3] += nu * r * ev1 * (splits + 1 + total);
             let (mut dr, mut keys) = (0u64, 0u64);
@@ -367,31 +379,61 @@ pub fn causal_io(
                 keys += (q0 + rows).min(kw).saturating_sub(c0) as u64;
                 dr += e + coeffs;
             }
-            t[4] += heads * (dr + lw as u64 * e + keys * (e + ev));
+            t[4] += heads * (dr + lw as u64 * (e + gated) + keys * (e + ev + gated));
             t[5] += heads * lw as u64 * ev1;
             let blocks = lw.div_ceil(b) as u64;
-            t[6] += heads * (lw as u64 * (e + ev + tc) + blocks * r * (ev1 + iw + 1));
+            t[6] += heads * (lw as u64 * (e + ev + tc + gated * tc) + blocks * r * (ev1 + iw + 1));
             t[7] += heads * lw as u64 * ev;
         }
     }
-    let mut io = prepass_io(p, prepass_chunking, budget);
-    for (i, name) in ["pass1", "scan", "diag", "pass2"].into_iter().enumerate() {
-        io.passes.push(PassIo {
+    ["pass1", "scan", "diag", "pass2"]
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| PassIo {
             name,
             reads: t[2 * i],
             writes: t[2 * i + 1],
-        });
-    }
-    io
+        })
+        .collect()
 }
 
 pub fn scan_source(count_io: bool) -> String {
-    let [decl, add] = io_counter_slots(count_io, 3);
-    fill_template(SCAN, &[("WG", AUX_THREADS.to_string()), decl, add])
+    scan_source_with(count_io, false)
+}
+
+/// The scan; `gated`: each chunk state is decayed by `decay` (its chunk's gate product) as the
+/// running prefix passes it.
+pub(crate) fn scan_source_with(count_io: bool, gated: bool) -> String {
+    let [decl, add] = io_counter_slots(count_io, 3 + u32::from(gated));
+    let (decay_decl, step) = if gated {
+        (
+            "\n@group(0) @binding(3) var<storage, read> decay: array<f32>;",
+            "            running = fma(running, decay[unit * params.states + sp], x);\n            \
+             words_read += 1u;",
+        )
+    } else {
+        ("", "            running += x;")
+    };
+    fill_template(
+        SCAN,
+        &[
+            ("WG", AUX_THREADS.to_string()),
+            ("DECAY_DECL", decay_decl.to_string()),
+            ("SCAN_STEP", step.to_string()),
+            decl,
+            add,
+        ],
+    )
 }
 
 /// The diagonal kernel for these tiles, its accumulators unrolled into named registers.
 pub fn diag_source(t: &DiagTiles, count_io: bool) -> String {
+    diag_source_with(t, count_io, false)
+}
+
+/// The diagonal kernel; `gated`: weight P(x_ij) exp(g_i - g_j) with g the gate sums relative to
+/// the chunk (`gate`, one per row; gated calls have L = S, so rows and keys share it).
+pub(crate) fn diag_source_with(t: &DiagTiles, count_io: bool, gated: bool) -> String {
     let (n, wg) = (t.accumulators(), t.threads);
     let mut acc = String::new();
     let mut accumulate = String::new();
@@ -425,7 +467,11 @@ pub fn diag_source(t: &DiagTiles, count_io: bool) -> String {
     for m in (0..t.g).rev() {
         let _ = writeln!(horner, "            p = fma(p, x, c_t[{m}u]);");
     }
-    let [decl, add] = io_counter_slots(count_io, 7);
+    let gate = |on: &str| if gated { on.to_string() } else { String::new() };
+    if gated {
+        horner.push_str("            p = p * exp(gq_t[r] - gk_t[j]);\n");
+    }
+    let [decl, add] = io_counter_slots(count_io, 7 + u32::from(gated));
     fill_template(
         DIAG,
         &[
@@ -446,10 +492,48 @@ pub fn diag_source(t: &DiagTiles, count_io: bool) -> String {
             ("ACCUMULATE", accumulate.trim_end().to_string()),
             ("HORNER", horner.trim_end().to_string()),
             ("STORE", store.trim_end().to_string()),
+            (
+                "GATE_DECL",
+                gate("\n@group(0) @binding(7) var<storage, read> gate: array<f32>;"),
+            ),
+            (
+                "GATE_TILES",
+                gate(
+                    "\nvar<workgroup> gq_t: array<f32, BQ>;\nvar<workgroup> gk_t: array<f32, BK>;",
+                ),
+            ),
+            (
+                "GATE_Q_LOAD",
+                gate(
+                    "    for (var i = lid; i < BQ; i += WG) {\n        var x = 0.0;\n        \
+                     if (i < rows) {\n            x = gate[unit * params.s + q0 + i];\n            \
+                     words_read += 1u;\n        }\n        gq_t[i] = x;\n    }\n",
+                ),
+            ),
+            (
+                "GATE_K_LOAD",
+                gate(
+                    "\n            if (c == 0u && j < kr) {\n                \
+                     gk_t[j] = gate[unit * params.s + j0 + j];\n                \
+                     words_read += 1u;\n            }",
+                ),
+            ),
             decl,
             add,
         ],
     )
+}
+
+/// What the polynomial primitive adds to a poly run (none: the softmax path).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Extras<'a> {
+    pub variant: Variant,
+    /// Cumulative log gates G per unit row (units x S, float64), where `variant.gated`.
+    pub gates: Option<&'a [f64]>,
+    /// The state before the first key per unit (units x r x (Ev + 1)); zero without.
+    pub initial_state: Option<&'a [f32]>,
+    /// Read the state after the last key back (units x r x (Ev + 1)).
+    pub return_state: bool,
 }
 
 /// Runs causal poly attention with this plan; see the module docs.
@@ -466,25 +550,107 @@ pub fn run(
     uploads: &Uploads,
     stats: &mut RunStats,
 ) -> Result<Vec<f32>, Error> {
-    let pipelines = CausalPipelines::new(gpu, plan, opts)?;
+    let call = (table, poly, pre, Extras::default());
+    Ok(run_with(gpu, p, plan, call, xs, opts, uploads, stats)?.0)
+}
+
+/// [`run`] with the primitive's [`Extras`]; returns the output and, where asked, the state after
+/// the last key (relative to its gate sum: sum_j exp(G_last - G_j) phi(k_j) [v_j | 1]).
+#[allow(clippy::too_many_arguments)]
+pub fn run_with(
+    gpu: &Gpu,
+    p: &Problem,
+    plan: &CausalPlan,
+    (table, poly, pre, extras): (&FeatureTable, &Poly, &Prepass, Extras<'_>),
+    xs: (&[f32], &[f32], &[f32]),
+    opts: &RunOptions,
+    uploads: &Uploads,
+    stats: &mut RunStats,
+) -> Result<(Vec<f32>, Option<Vec<f32>>), Error> {
+    let pipelines = CausalPipelines::new(gpu, plan, opts, extras.variant)?;
     let mut out = vec![0f32; p.query_heads() * p.l * p.ev];
+    let mut state = extras.return_state.then(Vec::new);
     gpu.checked(|| {
         let run = CausalRun::new(gpu, p, plan, (table, poly), &pipelines, opts, uploads);
         for u0 in (0..p.units).step_by(plan.units) {
             let nu = plan.units.min(p.units - u0);
             let mu = &pre.mu[u0 * p.e..(u0 + nu) * p.e];
             let mu_buf = storage_buffer_with(gpu, bytemuck::cast_slice(mu), "mu");
-            // Zeroed by wgpu: the state before the first window.
-            let carry = storage_buffer(gpu, nu * run.words, "carry");
+            // Zeroed by wgpu without an initial state: the state before the first window.
+            let carry = match extras.initial_state {
+                Some(s0) => storage_buffer_with(
+                    gpu,
+                    bytemuck::cast_slice(&s0[u0 * run.words..(u0 + nu) * run.words]),
+                    "carry",
+                ),
+                None => storage_buffer(gpu, nu * run.words, "carry"),
+            };
             for window in windows(p, plan) {
+                let gates = extras
+                    .gates
+                    .map(|g| WindowGates::new(g, p, plan, (u0, nu), window).upload(gpu));
                 let units = (u0, nu, &mu_buf, &carry);
-                let kv = run.states(xs, units, window, stats)?;
-                run.rows(xs, units, window, kv.as_ref(), &mut out, stats)?;
+                let kv = run.states(xs, units, window, gates.as_ref(), stats)?;
+                run.rows(
+                    xs,
+                    units,
+                    window,
+                    (kv.as_ref(), gates.as_ref()),
+                    &mut out,
+                    stats,
+                )?;
+            }
+            if let Some(st) = &mut state {
+                st.extend(read_f32(gpu, &carry, nu * run.words)?);
             }
         }
         Ok(())
     })?;
-    Ok(out)
+    Ok((out, state))
+}
+
+/// A window's gate factors (see src/poly/primitive.rs), from G in float64 so that no factor
+/// spans more than one chunk's decay: per key, exp(G_last(c) - G_j) to the chunk's last key
+/// (pass 1); per chunk, exp(G_last(c) - G_before(c)) (the scan); per row, exp(G_i -
+/// G_before(c)) (pass 2) and G_i - G_before(c) (the diagonal blocks). Gated calls have L = S.
+struct WindowGates {
+    key_w: Vec<f32>,
+    decay: Vec<f32>,
+    q_factor: Vec<f32>,
+    local: Vec<f32>,
+}
+
+impl WindowGates {
+    fn new(g: &[f64], p: &Problem, plan: &CausalPlan, (u0, nu): (usize, usize), w: Window) -> Self {
+        let (w0, _, kw) = w;
+        let (c, states) = (plan.chunk, plan.states());
+        let mut wg = WindowGates {
+            key_w: Vec::with_capacity(nu * kw),
+            decay: vec![1.0; nu * states],
+            q_factor: Vec::with_capacity(nu * kw),
+            local: Vec::with_capacity(nu * kw),
+        };
+        for u in u0..u0 + nu {
+            let gu = &g[u * p.s..(u + 1) * p.s];
+            for (ci, c0) in (w0..w0 + kw).step_by(c).enumerate() {
+                let c1 = (c0 + c).min(w0 + kw);
+                let before = if c0 == 0 { 0.0 } else { gu[c0 - 1] };
+                let last = gu[c1 - 1];
+                wg.decay[(u - u0) * states + ci] = (last - before).exp() as f32;
+                for &gj in &gu[c0..c1] {
+                    wg.key_w.push((last - gj).exp() as f32);
+                    wg.q_factor.push((gj - before).exp() as f32);
+                    wg.local.push((gj - before) as f32);
+                }
+            }
+        }
+        wg
+    }
+
+    fn upload(&self, gpu: &Gpu) -> [wgpu::Buffer; 4] {
+        [&self.key_w, &self.decay, &self.q_factor, &self.local]
+            .map(|x| storage_buffer_with(gpu, bytemuck::cast_slice(x), "gates"))
+    }
 }
 
 /// The compiled kernels of the causal schedule.
@@ -496,25 +662,28 @@ struct CausalPipelines {
 }
 
 impl CausalPipelines {
-    fn new(gpu: &Gpu, plan: &CausalPlan, opts: &RunOptions) -> Result<Self, Error> {
+    fn new(gpu: &Gpu, plan: &CausalPlan, opts: &RunOptions, v: Variant) -> Result<Self, Error> {
         let pp = &plan.poly;
         let compile = |name: String, src: String| {
-            let key = format!("{name}:{}:{}", opts.count_io, opts.trusted);
+            let key = format!("{name}:{}:{}:{v:?}", opts.count_io, opts.trusted);
             gpu.pipeline(&key, &src, opts.trusted)
         };
         Ok(CausalPipelines {
             pass1: compile(
                 format!("pass1:{:?}", pp.pass1),
-                pass1_source(&pp.pass1, opts.count_io),
+                pass1_source_with(&pp.pass1, opts.count_io, v.gated),
             )?,
-            scan: compile("causal_scan".into(), scan_source(opts.count_io))?,
+            scan: compile(
+                "causal_scan".into(),
+                scan_source_with(opts.count_io, v.gated),
+            )?,
             diag: compile(
                 format!("causal_diag:{:?}", plan.diag),
-                diag_source(&plan.diag, opts.count_io),
+                diag_source_with(&plan.diag, opts.count_io, v.gated),
             )?,
             pass2: compile(
                 format!("causal_pass2:{:?}", pp.pass2),
-                pass2_source_with(&pp.pass2, opts.count_io, true),
+                pass2_source_variant(&pp.pass2, opts.count_io, true, v),
             )?,
         })
     }
@@ -526,6 +695,8 @@ type Units<'b> = (usize, usize, &'b wgpu::Buffer, &'b wgpu::Buffer);
 type Window = (usize, usize, usize);
 /// The window's uploaded keys and values.
 type KeyValues = (Rc<wgpu::Buffer>, Rc<wgpu::Buffer>);
+/// A window's gate factors on the GPU: key weights, chunk decays, row factors, local sums.
+type GateBuffers = [wgpu::Buffer; 4];
 
 /// What every window of a call shares: the kernels, the feature table, weights and
 /// coefficients on the GPU, and the chunk states.
@@ -592,6 +763,7 @@ impl<'a> CausalRun<'a> {
         (_, k, v): (&[f32], &[f32], &[f32]),
         (u0, nu, mu_buf, carry): Units<'_>,
         (w0, _, kw): Window,
+        gates: Option<&GateBuffers>,
         stats: &mut RunStats,
     ) -> Result<Option<KeyValues>, Error> {
         let (gpu, p, plan, opts) = (self.gpu, self.p, self.plan, self.opts);
@@ -612,11 +784,13 @@ impl<'a> CausalRun<'a> {
                 splits: self.states as u32,
                 k_inv_scale: 0.0,
             };
+            let mut buffers = vec![&**k_buf, &**v_buf, mu_buf, &self.idx_buf, &self.partial];
+            buffers.extend(gates.map(|g| &g[0]));
             let (_, st) = Launch {
                 pass: "pass1",
                 pipeline: &self.pipelines.pass1,
                 params: &params,
-                buffers: &[k_buf, v_buf, mu_buf, &self.idx_buf, &self.partial],
+                buffers: &buffers,
                 grid: (splits as u32, plan.poly.pass1.chunks() as u32, nu as u32),
             }
             .run(gpu, opts, &[])?;
@@ -628,11 +802,13 @@ impl<'a> CausalRun<'a> {
             words: self.words as u32,
             _pad: 0,
         };
+        let mut buffers = vec![&self.partial, carry];
+        buffers.extend(gates.map(|g| &g[1]));
         let (_, st) = Launch {
             pass: "scan",
             pipeline: &self.pipelines.scan,
             params: &params,
-            buffers: &[&self.partial, carry],
+            buffers: &buffers,
             grid: (self.words.div_ceil(AUX_THREADS) as u32, nu as u32, 1),
         }
         .run(gpu, opts, &[])?;
@@ -647,7 +823,7 @@ impl<'a> CausalRun<'a> {
         (q, _, _): (&[f32], &[f32], &[f32]),
         (u0, nu, mu_buf, _): Units<'_>,
         (w0, lw, kw): Window,
-        kv: Option<&KeyValues>,
+        (kv, gates): (Option<&KeyValues>, Option<&GateBuffers>),
         out: &mut [f32],
         stats: &mut RunStats,
     ) -> Result<(), Error> {
@@ -668,11 +844,13 @@ impl<'a> CausalRun<'a> {
             scale: p.scale,
             _pad: [0; 3],
         };
+        let mut buffers = vec![&*q_buf, k_buf, v_buf, mu_buf, &self.c_buf, &d_buf];
+        buffers.extend(gates.map(|g| &g[3]));
         let (_, st) = Launch {
             pass: "diag",
             pipeline: &self.pipelines.diag,
             params: &params,
-            buffers: &[&q_buf, k_buf, v_buf, mu_buf, &self.c_buf, &d_buf],
+            buffers: &buffers,
             grid: (lw.div_ceil(plan.diag.bq) as u32, heads as u32, 1),
         }
         .run(gpu, opts, &[])?;
@@ -692,14 +870,15 @@ impl<'a> CausalRun<'a> {
             states: self.states as u32,
             _pad: 0,
         };
-        let buffers = [
-            &q_buf,
+        let mut buffers = vec![
+            &*q_buf,
             &self.partial,
             &self.idx_buf,
             &self.w_buf,
             &o_buf,
             &d_buf,
         ];
+        buffers.extend(gates.map(|g| &g[2]));
         let (oc, st) = Launch {
             pass: "pass2",
             pipeline: &self.pipelines.pass2,
@@ -860,7 +1039,7 @@ mod tests {
             diag_source(&c.diag, true),
             diag_source(&c.diag, false),
             scan_source(true),
-            pass2_source_with(&c.poly.pass2, true, true),
+            pass2_source_variant(&c.poly.pass2, true, true, Variant::default()),
         ] {
             assert!(!s.contains("{{"));
         }

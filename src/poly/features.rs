@@ -102,6 +102,40 @@ pub fn try_feature_table(e: usize, g: usize) -> Result<FeatureTable, String> {
     Ok(t)
 }
 
+/// Number of monomials of degree exactly m in e variables: C(e+m-1, m).
+pub fn num_features_of_degree(e: usize, m: usize) -> u64 {
+    if m == 0 {
+        1
+    } else {
+        num_features(e, m).saturating_sub(num_features(e, m - 1))
+    }
+}
+
+/// The features of a kernel whose coefficients vanish outside `support` (degrees 0..=g): the
+/// [`try_feature_table`] rows of those degrees only, in the same order. x^2 alone needs
+/// C(e+1, 2) features, not C(e+2, 2).
+pub fn try_feature_table_for(
+    e: usize,
+    g: usize,
+    support: impl Fn(usize) -> bool,
+) -> Result<FeatureTable, String> {
+    let mut t = try_feature_table(e, g)?;
+    let keep: Vec<bool> = t.degree.iter().map(|&m| support(m as usize)).collect();
+    let mut indices = Vec::with_capacity(t.indices.len());
+    for (f, &k) in keep.iter().enumerate() {
+        if k {
+            indices.extend_from_slice(&t.indices[f * g..(f + 1) * g]);
+        }
+    }
+    let mut it = keep.iter();
+    t.degree.retain(|_| *it.next().unwrap_or(&false));
+    let mut it = keep.iter();
+    t.multinomial.retain(|_| *it.next().unwrap_or(&false));
+    t.indices = indices;
+    t.r = t.degree.len();
+    Ok(t)
+}
+
 /// `|a|! / prod_i a_i!` for the monomial given as a sorted index tuple.
 fn multinomial(tuple: &[u32]) -> f64 {
     // Product of binomials C(S_j, c_j), built one factor at a time so every step stays integral.

@@ -60,6 +60,8 @@ pub enum FitKind {
     Chebyshev,
     /// Remez minimax fit of the relative error `P(x) e^{-x} - 1`.
     Minimax,
+    /// A model's own kernel (the polynomial primitive), not a fit of exp.
+    Given,
 }
 
 impl Poly {
@@ -322,6 +324,7 @@ fn fit_kind(beta: f64, degree: usize, kind: FitKind) -> Option<Poly> {
             FitKind::Taylor => taylor_coeffs(degree),
             FitKind::Chebyshev => cheb_to_monomial(&cheb_interp_exp(beta, degree), beta),
             FitKind::Minimax => cheb_to_monomial(&remez_relative(beta, degree)?, beta),
+            FitKind::Given => return None,
         }
     };
     if coeffs.iter().any(|c| !c.is_finite()) {

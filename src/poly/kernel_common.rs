@@ -186,6 +186,18 @@ pub(crate) fn table_prefetch(wg: usize, rc: usize, g: usize, z: bool) -> Prefetc
     }
 }
 
+/// The polynomial primitive's additions to the f32 poly kernels; all off (the default) is the
+/// softmax path, whose sources they leave byte for byte unchanged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Variant {
+    /// Gates: pass 1 weighs each key (`key_w`), the scan decays each chunk state (`decay`), the
+    /// diagonal blocks weigh exp(g_i - g_j) (`gate`) and causal pass 2 scales each row's prefix
+    /// sums (`q_factor`); see src/poly/primitive.rs.
+    pub gated: bool,
+    /// Pass 2 writes the weighted sums without dividing by their normaliser.
+    pub unnormalized: bool,
+}
+
 /// Parameters of pass 1 (f32 and coop; `shaders/poly_pass1.wgsl`, `poly_coop_pass1.wgsl`).
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]

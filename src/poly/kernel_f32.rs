@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use super::features::index_words;
 use super::kernel_common::{
     element_registers, feature_product, pass1_prefetch, pass2_feature_build, table_prefetch,
-    Prefetch,
+    Prefetch, Variant,
 };
 use super::plan::{align4, Pass1Tiles, Pass2Tiles};
 use crate::wgsl::{constant_loop, fill_template, io_counter_slots, wgsl_element, Emitter};
@@ -54,15 +54,31 @@ fn store_row(
 }
 
 /// Causal pass 2's [`store_row`]: each output adds the chunk's masked block from `diag`
-/// (row `drow`) to the prefix state's sum before dividing by the normaliser `d_a`.
-fn causal_store_row(s: &mut String, depth: usize, (a, groups, tc): (usize, usize, usize)) {
+/// (row `drow`) to the prefix state's sum (times the row's gate factor `qf_a`, gated) before
+/// dividing by the normaliser `d_a` (unless unnormalized).
+fn causal_store_row(
+    s: &mut String,
+    depth: usize,
+    (a, groups, tc): (usize, usize, usize),
+    v: Variant,
+) {
+    let prefix = if v.gated {
+        format!(" * qf_{a}")
+    } else {
+        String::new()
+    };
+    let divide = if v.unnormalized {
+        String::new()
+    } else {
+        format!(" / d_{a}")
+    };
     let mut e = Emitter::new(depth);
     for u in 0..groups {
         e.line(format!("let c_{u} = 4u * (tc + {}u);", u * tc));
         for (k, comp) in wgsl_element(4).1.iter().enumerate() {
             e.block(format!("if (c_{u} + {k}u < EV)"), |e| {
                 e.line(format!(
-                    "o[row + c_{u} + {k}u] = (acc_{a}_{u}{comp} + diag[drow + c_{u} + {k}u]) / d_{a};"
+                    "o[row + c_{u} + {k}u] = (acc_{a}_{u}{comp}{prefix} + diag[drow + c_{u} + {k}u]){divide};"
                 ));
                 e.line("words_read += 1u;");
                 e.line("words_written += 1u;");
@@ -75,6 +91,12 @@ fn causal_store_row(s: &mut String, depth: usize, (a, groups, tc): (usize, usize
 
 /// Pass 1 for these tiles, the (rc x Ev) micro-tiles unrolled into named registers.
 pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
+    pass1_source_with(t, count_io, false)
+}
+
+/// Pass 1; `gated`: each key's features are weighed by `key_w` (its gate decay to the end of its
+/// chunk; see src/poly/primitive.rs).
+pub(crate) fn pass1_source_with(t: &Pass1Tiles, count_io: bool, gated: bool) -> String {
     let iw = index_words(t.g);
     debug_assert_eq!(t.rc % t.tf, 0, "{t:?}: rows are whole micro-tiles");
     let (rf, cu) = (t.rows_per_thread(), t.groups_per_thread());
@@ -109,6 +131,7 @@ pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
     // it), their index decoding hoisted out of the key loop.
     let (nf, wg) = (t.features_per_builder(), t.threads());
     let ragged = t.rc % wg != 0 && t.rc > wg;
+    let key_weight = if gated { " * kw_t[j]" } else { "" };
     let (mut build_decl, mut build, mut d_store) = (String::new(), String::new(), String::new());
     let _ = writeln!(build, "                let kb = j * E1;");
     for c in 0..nf {
@@ -130,9 +153,9 @@ pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
         }
         let _ = writeln!(
             build,
-            "                if ({guard}) {{\n                    let p_{c} = {};\n                    \
+            "                if ({guard}) {{\n                    let p_{c} = {}{key_weight};\n                    \
              phi_set(j * RC + f_{c}, p_{c});\n                    dk_{c} += p_{c};\n                }}",
-            feature_product(t.g, |i| format!("k_tile[kb + fo_{c}_{i}]"), "1.0")
+            feature_product(t.g, |i| format!("k_tile[kb + fo_{c}_{i}]"), "1.0"),
         );
         let _ = writeln!(
             d_store,
@@ -140,7 +163,17 @@ pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
         );
     }
     let tiles = pass1_tile_loads(t);
-    let [decl, add] = io_counter_slots(count_io, 6);
+    let [decl, add] = io_counter_slots(count_io, if gated { 7 } else { 6 });
+    let (gate_decl, gate_load) = if gated {
+        (
+            "\n@group(0) @binding(6) var<storage, read> key_w: array<f32>;\n\
+             var<workgroup> kw_t: array<f32, BK>;",
+            "\n        for (var i = lid; i < kr; i += WG) {\n            \
+             kw_t[i] = key_w[unit * params.s + j0 + i];\n            words_read += 1u;\n        }",
+        )
+    } else {
+        ("", "")
+    };
     let mut slots = vec![
         ("E", t.e.to_string()),
         ("EV", t.ev.to_string()),
@@ -167,6 +200,8 @@ pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
         ("PREFETCH_LOAD_NEXT", tiles.next),
         ("PRODUCT", product),
         ("STORE", store.trim_end().to_string()),
+        ("GATE_DECL", gate_decl.to_string()),
+        ("GATE_LOAD", gate_load.to_string()),
         decl,
         add,
     ];
@@ -359,6 +394,21 @@ pub fn pass2_source_causal(t: &Pass2Tiles, count_io: bool) -> String {
 /// Pass 2; `causal`: each block reads its chunk's prefix state and adds the chunk's masked block
 /// (`diag`, Ev + 1 words per row) before dividing (see src/poly/causal.rs).
 pub(crate) fn pass2_source_with(t: &Pass2Tiles, count_io: bool, causal: bool) -> String {
+    pass2_source_variant(t, count_io, causal, Variant::default())
+}
+
+/// Pass 2 with the primitive's [`Variant`]: gated (causal only), each row's prefix sums are
+/// scaled by its `q_factor`; unnormalized, the sums are written undivided.
+pub(crate) fn pass2_source_variant(
+    t: &Pass2Tiles,
+    count_io: bool,
+    causal: bool,
+    v: Variant,
+) -> String {
+    debug_assert!(
+        causal || !v.gated,
+        "non-causal gates are applied on the host"
+    );
     let iw = index_words(t.g);
     debug_assert_eq!(t.b % t.tr, 0, "{t:?}: rows are whole micro-tiles");
     let (rb, cu) = (t.rows_per_thread(), t.groups_per_thread());
@@ -384,7 +434,7 @@ pub(crate) fn pass2_source_with(t: &Pass2Tiles, count_io: bool, causal: bool) ->
         |row, p| format!("phi_set(f * FS + {row}, {p})"),
         |row, d| format!("phi_set(fb * B + {row}, {d})"),
     );
-    let store = pass2_store(t, (rb, cu), vec4_rows, causal);
+    let store = pass2_store(t, (rb, cu), vec4_rows, causal, v);
     let state = if causal { "st" } else { "unit" };
     let chunk = (!t.resident()).then(|| pass2_chunk_prefetch(t, state));
     let table = (!t.resident()).then(|| table_prefetch(t.threads(), t.rc, t.g, false));
@@ -400,11 +450,15 @@ pub(crate) fn pass2_source_with(t: &Pass2Tiles, count_io: bool, causal: bool) ->
     // A resident S' has nothing to load per chunk (the template's RESIDENT switch); streamed
     // chunks load the next one and store this one.
     let (load_next, chunk_store) = (slot(&|p| p.next.clone()), slot(&|p| p.store.clone()));
-    let [decl, add] = io_counter_slots(count_io, if causal { 7 } else { 6 });
-    let diag_decl = if causal {
-        "@group(0) @binding(6) var<storage, read> diag: array<f32>;"
-    } else {
-        ""
+    let gated = causal && v.gated;
+    let [decl, add] = io_counter_slots(count_io, 6 + u32::from(causal) + u32::from(gated));
+    let diag_decl = match (causal, gated) {
+        (true, true) => {
+            "@group(0) @binding(6) var<storage, read> diag: array<f32>;\n\
+             @group(0) @binding(7) var<storage, read> q_factor: array<f32>;"
+        }
+        (true, false) => "@group(0) @binding(6) var<storage, read> diag: array<f32>;",
+        _ => "",
     };
     let mut slots = vec![
         ("E", t.e.to_string()),
@@ -488,7 +542,13 @@ fn pass2_chunk_prefetch(t: &Pass2Tiles, state: &str) -> Prefetch {
 
 /// Pass 2's output: each of the thread's rows, divided by its normaliser (the sum of the TPR
 /// partials in the feature tile).
-fn pass2_store(t: &Pass2Tiles, (rb, cu): (usize, usize), vec4_rows: bool, causal: bool) -> String {
+fn pass2_store(
+    t: &Pass2Tiles,
+    (rb, cu): (usize, usize),
+    vec4_rows: bool,
+    causal: bool,
+    v: Variant,
+) -> String {
     let mut store = String::new();
     for a in 0..rb {
         let _ = writeln!(
@@ -499,6 +559,14 @@ fn pass2_store(t: &Pass2Tiles, (rb, cu): (usize, usize), vec4_rows: bool, causal
              let row = (head * params.l + q0 + r) * EV;",
             micro_tile_row(a, ("tr", t.tr), vec4_rows)
         );
+        if causal && v.gated {
+            // The row's gate factor scales the prefix sums, not the masked block.
+            let _ = writeln!(
+                store,
+                "                let qf_{a} = q_factor[unit * params.l + q0 + r];\n                \
+                 words_read += 1u;\n                d_{a} = d_{a} * qf_{a};"
+            );
+        }
         if causal {
             // The chunk's masked block: its normaliser, then each value column beside the store.
             let _ = writeln!(
@@ -506,14 +574,20 @@ fn pass2_store(t: &Pass2Tiles, (rb, cu): (usize, usize), vec4_rows: bool, causal
                 "                let drow = (head * params.l + q0 + r) * EV1;\n                \
                  d_{a} += diag[drow + EV];\n                words_read += 1u;"
             );
-            causal_store_row(&mut store, 4, (a, cu, t.tc));
+            causal_store_row(&mut store, 4, (a, cu, t.tc), v);
         } else {
             store_row(
                 &mut store,
                 4,
                 (a, cu, t.tc),
                 |c| format!("o[row + {c}]"),
-                |x| format!("{x} / d_{a}"),
+                |x| {
+                    if v.unnormalized {
+                        x.to_string()
+                    } else {
+                        format!("{x} / d_{a}")
+                    }
+                },
             );
         }
         store.push_str("            }\n        }\n");

@@ -13,4 +13,5 @@ pub mod kernel_coop;
 pub mod kernel_f32;
 pub mod plan;
 pub mod prepass;
+pub mod primitive;
 pub mod run;

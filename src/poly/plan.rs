@@ -462,7 +462,17 @@ fn poly_too_large(p: &Problem, degree: usize, r: u64, budget: &Budget, what: &st
 
 /// Picks the poly plan: feature chunk sizes from the fast memory, schedule A when S' fits.
 pub fn plan_poly(p: &Problem, degree: usize, budget: &Budget) -> Result<PolyPlan, Error> {
-    let r64 = num_features(p.e, degree);
+    plan_poly_rank(p, degree, num_features(p.e, degree), budget)
+}
+
+/// [`plan_poly`] for a feature table of `r64` rows of degree <= `degree` (the polynomial
+/// primitive drops the degrees its kernel does not use).
+pub fn plan_poly_rank(
+    p: &Problem,
+    degree: usize,
+    r64: u64,
+    budget: &Budget,
+) -> Result<PolyPlan, Error> {
     let too_large = |what: &str| poly_too_large(p, degree, r64, budget, what);
     if r64 > MAX_FEATURES || p.e > 1022 {
         return Err(too_large("the rank exceeds the feature budget"));

@@ -3,18 +3,19 @@
 
 use std::sync::Arc;
 
+use super::causal::Extras;
 use super::features::{pack_indices, query_weights, FeatureTable};
 use super::fit::Poly;
-use super::kernel_common::{reduce_source, Pass1Params, Pass2Params, ReduceParams};
+use super::kernel_common::{reduce_source, Pass1Params, Pass2Params, ReduceParams, Variant};
 use super::kernel_coop::{coop_pack_source, coop_pass1_source, coop_pass2_source, PackParams};
-use super::kernel_f32::{pass1_source, pass2_source};
+use super::kernel_f32::{pass1_source_with, pass2_source_variant};
 use super::plan::{PolyPlan, AUX_THREADS};
 use super::prepass::Prepass;
 use crate::api::Problem;
 use crate::device::Gpu;
 use crate::error::Error;
 use crate::launch::{Launch, RunOptions, RunStats};
-use crate::transfer::{gather, storage_buffer, storage_buffer_with, Uploads};
+use crate::transfer::{gather, read_f32, storage_buffer, storage_buffer_with, upload, Uploads};
 
 /// Passes 1 and 2 for a planned degree. `weights` are the per-feature query weights (f64 -> f32).
 #[allow(clippy::too_many_arguments)]
@@ -30,13 +31,45 @@ pub fn run(
     uploads: &Uploads,
     stats: &mut RunStats,
 ) -> Result<Vec<f32>, Error> {
+    let call = (table, poly, pre, Extras::default());
+    Ok(run_with(gpu, p, plan, call, (q, k, v), opts, uploads, stats)?.0)
+}
+
+/// [`run`] with the primitive's [`Extras`]. Gates weigh key j by exp(G_last - G_j) in pass 1
+/// and query row i by exp(G_i - G_last) on the host (where the output is unnormalized; a
+/// normalised row does not change), the initial state counts as keys before the first with
+/// decay exp(G_last), and the returned state is S' (relative to G_last).
+#[allow(clippy::too_many_arguments)]
+pub fn run_with(
+    gpu: &Gpu,
+    p: &Problem,
+    plan: &PolyPlan,
+    (table, poly, pre, extras): (&FeatureTable, &Poly, &Prepass, Extras<'_>),
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    opts: &RunOptions,
+    uploads: &Uploads,
+    stats: &mut RunStats,
+) -> Result<(Vec<f32>, Option<Vec<f32>>), Error> {
+    let variant = extras.variant;
+    let g_last = |u: usize| extras.gates.map_or(0.0, |g| g[(u + 1) * p.s - 1]);
+    let key_w: Option<Vec<f32>> = extras.gates.map(|g| {
+        (0..p.units)
+            .flat_map(|u| {
+                let last = g_last(u);
+                g[u * p.s..(u + 1) * p.s]
+                    .iter()
+                    .map(move |&gj| (last - gj).exp() as f32)
+            })
+            .collect()
+    });
     let idx = pack_indices(table);
     let weights: Vec<f32> = query_weights(table, poly, f64::from(p.scale))
         .into_iter()
         .map(|w| w as f32)
         .collect();
-    let pipelines = Pipelines::new(gpu, plan, opts)?;
+    let pipelines = Pipelines::new(gpu, plan, opts, variant)?;
     let mut out = vec![0f32; p.query_heads() * p.l * p.ev];
+    let mut state = extras.return_state.then(Vec::new);
     gpu.checked(|| {
         let (c, rows) = (&plan.chunking, plan.r * (p.ev + 1));
         let idx_buf = storage_buffer_with(gpu, bytemuck::cast_slice(&idx), "feature indices");
@@ -54,11 +87,24 @@ pub fn run(
             w_buf,
             sp_buf: storage_buffer(gpu, c.units * rows, "S'"),
             partial_buf: storage_buffer(gpu, c.units * plan.splits * rows, "partial S'"),
+            key_w: key_w.as_deref(),
         };
         for u0 in (0..p.units).step_by(c.units) {
             let nu = c.units.min(p.units - u0);
             let mu = &pre.mu[u0 * p.e..(u0 + nu) * p.e];
             let mu_buf = storage_buffer_with(gpu, bytemuck::cast_slice(mu), "mu");
+            // The initial state, decayed to the last key, is where the key sums start.
+            let started = extras.initial_state.map(|s0| {
+                let s0: Vec<f32> = (u0..u0 + nu)
+                    .flat_map(|u| {
+                        let decay = g_last(u).exp();
+                        s0[u * rows..(u + 1) * rows]
+                            .iter()
+                            .map(move |&x| (f64::from(x) * decay) as f32)
+                    })
+                    .collect();
+                upload(gpu, &run.sp_buf, bytemuck::cast_slice(&s0));
+            });
             let vn_bufs = plan
                 .coop
                 .map(|_| (run.value_norm(u0, nu, true), run.value_norm(u0, nu, false)));
@@ -67,15 +113,28 @@ pub fn run(
                 (u0, nu),
                 &mu_buf,
                 vn_bufs.as_ref().map(|b| &b.0),
+                started.is_some(),
                 stats,
             )?;
+            if let Some(st) = &mut state {
+                st.extend(read_f32(gpu, &run.sp_buf, nu * rows)?);
+            }
             let packed = run.pack(nu, stats)?;
             let vn2 = vn_bufs.as_ref().map(|b| &b.1);
             run.pass2(q, (u0, nu), packed.as_ref().zip(vn2), &mut out, stats)?;
         }
         Ok(())
     })?;
-    Ok(out)
+    if let (Some(g), true) = (extras.gates, variant.unnormalized) {
+        for (h, rows) in out.chunks_mut(p.l * p.ev).enumerate() {
+            let u = h / p.group;
+            for (i, row) in rows.chunks_mut(p.ev).enumerate() {
+                let f = (g[u * p.s + i] - g_last(u)).exp();
+                row.iter_mut().for_each(|x| *x = (f64::from(*x) * f) as f32);
+            }
+        }
+    }
+    Ok((out, state))
 }
 
 /// The coop passes scale keys into [-1, 1] by the largest centred key norm (queries by its
@@ -99,7 +158,7 @@ struct Pipelines {
 }
 
 impl Pipelines {
-    fn new(gpu: &Gpu, plan: &PolyPlan, opts: &RunOptions) -> Result<Self, Error> {
+    fn new(gpu: &Gpu, plan: &PolyPlan, opts: &RunOptions, v: Variant) -> Result<Self, Error> {
         let (src1, src2, key1, key2) = match &plan.coop {
             Some(t) => (
                 coop_pass1_source(t, opts.count_io),
@@ -108,13 +167,18 @@ impl Pipelines {
                 format!("coop2:{t:?}"),
             ),
             None => (
-                pass1_source(&plan.pass1, opts.count_io),
-                pass2_source(&plan.pass2, opts.count_io),
+                pass1_source_with(&plan.pass1, opts.count_io, v.gated),
+                pass2_source_variant(
+                    &plan.pass2,
+                    opts.count_io,
+                    false,
+                    Variant { gated: false, ..v },
+                ),
                 format!("pass1:{:?}", plan.pass1),
                 format!("pass2:{:?}", plan.pass2),
             ),
         };
-        let mode = format!("{}:{}", opts.count_io, opts.trusted);
+        let mode = format!("{}:{}:{v:?}", opts.count_io, opts.trusted);
         let pass1 = gpu.pipeline(&format!("{key1}:{mode}"), &src1, opts.trusted)?;
         let reduce = gpu.pipeline(
             &format!("reduce:{mode}"),
@@ -154,6 +218,8 @@ struct PolyRun<'a> {
     w_buf: wgpu::Buffer,
     sp_buf: wgpu::Buffer,
     partial_buf: wgpu::Buffer,
+    /// Per key row (units x S): the gate weight of pass 1, where gated.
+    key_w: Option<&'a [f32]>,
 }
 
 impl PolyRun<'_> {
@@ -188,6 +254,7 @@ impl PolyRun<'_> {
         (u0, nu): (usize, usize),
         mu_buf: &wgpu::Buffer,
         vn1: Option<&wgpu::Buffer>,
+        started: bool,
         stats: &mut RunStats,
     ) -> Result<(), Error> {
         let (gpu, p, plan) = (self.gpu, self.p, self.plan);
@@ -198,6 +265,10 @@ impl PolyRun<'_> {
             let vc = gather(v, u0, nu, p.s, s0, sc, p.ev);
             let k_buf = self.uploads.buffer(gpu, kc, "k");
             let v_buf = self.uploads.buffer(gpu, vc, "v");
+            let kw_buf = self.key_w.map(|w| {
+                let wc = gather(w, u0, nu, p.s, s0, sc, 1);
+                storage_buffer_with(gpu, bytemuck::cast_slice(&wc), "key weights")
+            });
             let keys_per_split = plan.keys_per_split.min(sc);
             let splits = sc.div_ceil(keys_per_split);
             let params = Pass1Params {
@@ -218,10 +289,11 @@ impl PolyRun<'_> {
                     ],
                     t.chunks1(),
                 ),
-                _ => (
-                    vec![&*k_buf, &*v_buf, mu_buf, &self.idx_buf, &self.partial_buf],
-                    plan.pass1.chunks(),
-                ),
+                _ => {
+                    let mut b = vec![&*k_buf, &*v_buf, mu_buf, &self.idx_buf, &self.partial_buf];
+                    b.extend(kw_buf.as_ref());
+                    (b, plan.pass1.chunks())
+                }
             };
             let (_, st) = Launch {
                 pass: "pass1",
@@ -235,7 +307,7 @@ impl PolyRun<'_> {
             let words = plan.r * (p.ev + 1);
             let params = ReduceParams {
                 splits: splits as u32,
-                accumulate: u32::from(ci > 0),
+                accumulate: u32::from(ci > 0 || started),
                 words: words as u32,
                 _pad: 0,
             };

@@ -1,0 +1,218 @@
+//! Polynomial attention as a model primitive (Based, power retention, PolySketchFormer): the
+//! weight of key j for query i is `w_ij = P(scale·q_i·k_j)·exp(G_i − G_j)` with
+//! `P(x) = Σ_m c_m x^m` the model's own kernel and `G` the cumulative sum of per-token log gates;
+//! the output row is `Σ_j w_ij v_j / Σ_j w_ij` (normalised) or `Σ_j w_ij v_j`. No key centring
+//! and no certificate: the kernel is computed exactly up to float32 rounding, on the same passes
+//! as the certified method (f32 path, `mu = 0`), with features only for the degrees whose
+//! coefficient is not zero.
+//!
+//! # Gates
+//!
+//! Every gate factor is formed in float64 on the host relative to a chunk boundary, so none spans
+//! more than one chunk's decay (the peers do the same): causal pass 1 weighs key j by
+//! `exp(G_last(c) − G_j)` (to its chunk's last key), the scan decays each chunk state by its
+//! chunk's `exp(G_last(c) − G_before(c))`, pass 2 scales row i's prefix sums by
+//! `exp(G_i − G_before(c))`, and the diagonal blocks weigh `exp(g_i − g_j)` with g the gate sums
+//! relative to the chunk. Non-causal calls weigh keys by `exp(G_last − G_j)` and rows by
+//! `exp(G_i − G_last)` (on the host, where the output is not normalised; it cancels otherwise).
+//! A total decay far beyond float32's range is then harmless: a factor underflows to 0 only
+//! where the weight it carries is below float32's range relative to the chunk.
+//!
+//! # State
+//!
+//! The recurrent state per KV head is `Σ_j exp(G_last − G_j) φ_k(k_j) [v_j | 1]`
+//! (r × (Ev + 1) words, r the features of the kernel's degrees), relative to the gate sum at the
+//! last key; a call with `initial_state` continues it (its G starts from 0 at the state).
+
+use super::causal::{causal_passes_io, plan_causal, run_with as causal_run, Extras};
+use super::features::{try_feature_table_for, FeatureTable};
+use super::fit::{FitKind, Poly};
+use super::io::poly_io;
+use super::kernel_common::Variant;
+use super::plan::plan_poly_rank;
+use super::prepass::Prepass;
+use super::run::run_with as poly_run;
+use crate::api::Problem;
+use crate::budget::Budget;
+use crate::config::Config;
+use crate::device;
+use crate::error::Error;
+use crate::exact::plan::plan_exact;
+use crate::io::IoCount;
+use crate::launch::{RunOptions, RunStats};
+use crate::transfer::Uploads;
+
+/// The model's kernel and what a call adds to it.
+#[derive(Clone, Copy, Debug)]
+pub struct PolyKernel<'a> {
+    /// c_0, c_1, ...: P(x) = sum_m c_m x^m (trailing zeros allowed).
+    pub coeffs: &'a [f64],
+    pub normalize: bool,
+    /// Per-token log gates per KV unit (units x S); L = S where given.
+    pub log_gates: Option<&'a [f32]>,
+    /// A state to continue (units x rank x (Ev + 1)).
+    pub initial_state: Option<&'a [f32]>,
+    pub return_state: bool,
+}
+
+/// What [`poly_kernel_attention`] returns.
+#[derive(Debug)]
+pub struct PolyKernelRun {
+    pub out: Vec<f32>,
+    /// The state after the last key (units x rank x (Ev + 1)), where asked.
+    pub state: Option<Vec<f32>>,
+    pub degree: usize,
+    pub rank: usize,
+    pub io: IoCount,
+    pub stats: RunStats,
+    pub plan: String,
+    pub adapter: String,
+    pub backend: String,
+    pub fast_memory_words: u64,
+}
+
+/// The kernel's degree: its last nonzero coefficient.
+fn degree(coeffs: &[f64]) -> Result<usize, Error> {
+    if coeffs.iter().any(|c| !c.is_finite()) {
+        return Err(Error::InvalidInput(
+            "coeffs must be finite numbers".to_string(),
+        ));
+    }
+    coeffs.iter().rposition(|&c| c != 0.0).ok_or_else(|| {
+        Error::InvalidInput("coeffs are all zero: the kernel weighs every key 0".to_string())
+    })
+}
+
+/// The feature table of the kernel: the monomials of its nonzero degrees only.
+pub fn kernel_features(e: usize, coeffs: &[f64]) -> Result<FeatureTable, Error> {
+    let g = degree(coeffs)?;
+    try_feature_table_for(e, g, |m| coeffs[m] != 0.0).map_err(Error::TooLarge)
+}
+
+/// Features (the state's rows) of the kernel with these coefficients at head dimension `e`.
+pub fn kernel_rank(e: usize, coeffs: &[f64]) -> Result<usize, Error> {
+    Ok(kernel_features(e, coeffs)?.r)
+}
+
+/// Polynomial attention with the model's own kernel on the process's GPU; see the module docs.
+/// Arrays are contiguous, laid out as in [`Problem`] (its `scale` multiplies q.k inside P).
+pub fn poly_kernel_attention(
+    p: &Problem,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    kernel: &PolyKernel<'_>,
+    opts: &RunOptions,
+) -> Result<PolyKernelRun, Error> {
+    p.check_inputs(q, k, v)?;
+    let table = kernel_features(p.e, kernel.coeffs)?;
+    let (g, r) = (table.g, table.r);
+    let words = r * (p.ev + 1);
+    if kernel.log_gates.is_some() && p.l != p.s {
+        return Err(Error::InvalidInput(format!(
+            "log_gates need as many queries as keys (L = {}, S = {}): a gate sum is per position",
+            p.l, p.s
+        )));
+    }
+    if let Some(gates) = kernel.log_gates {
+        if gates.len() != p.units * p.s {
+            return Err(Error::InvalidInput(format!(
+                "log_gates hold {} values, expected {} (one per key of each KV head)",
+                gates.len(),
+                p.units * p.s
+            )));
+        }
+    }
+    if let Some(s0) = kernel.initial_state {
+        if s0.len() != p.units * words {
+            return Err(Error::InvalidInput(format!(
+                "initial_state holds {} values, expected {} ({} KV heads x {r} features x {})",
+                s0.len(),
+                p.units * words,
+                p.units,
+                p.ev + 1
+            )));
+        }
+    }
+    let poly = Poly {
+        degree: g,
+        beta: 0.0,
+        coeffs: kernel.coeffs[..=g].to_vec(),
+        certified_eps: 0.0,
+        kind: FitKind::Given,
+    };
+    // G in float64, per KV unit.
+    let gates: Option<Vec<f64>> = kernel.log_gates.map(|lg| {
+        lg.chunks(p.s.max(1))
+            .flat_map(|row| {
+                row.iter().scan(0.0f64, |acc, &x| {
+                    *acc += f64::from(x);
+                    Some(*acc)
+                })
+            })
+            .collect()
+    });
+    let variant = Variant {
+        gated: gates.is_some(),
+        unnormalized: !kernel.normalize,
+    };
+    let extras = Extras {
+        variant,
+        gates: gates.as_deref(),
+        initial_state: kernel.initial_state,
+        return_state: kernel.return_state,
+    };
+    let cfg = Config::from_env();
+    let gpu = device::gpu()?;
+    let _guard = gpu.exclusive();
+    let budget = Budget::for_device(&gpu.info, &cfg)?;
+    let pre = Prepass {
+        mu: vec![0.0; p.units * p.e],
+        q_max_norm: vec![0.0; p.units],
+        k_max_norm: vec![0.0; p.units],
+        v_min: vec![0.0; p.units * p.ev],
+        v_max: vec![0.0; p.units * p.ev],
+        nonfinite: [0; 3],
+    };
+    let plan = plan_poly_rank(p, g, r as u64, &budget)?;
+    let mut stats = RunStats::default();
+    let uploads = Uploads::default();
+    let xs = (q, k, v);
+    let call = (&table, &poly, &pre, extras);
+    let (out, state, io, plan) = if p.l == 0 || p.units == 0 {
+        (Vec::new(), None, IoCount::default(), "empty".to_string())
+    } else if p.causal {
+        let cp = plan_causal(p, &plan, &budget)?;
+        let (out, state) = causal_run(&gpu, p, &cp, call, xs, opts, &uploads, &mut stats)?;
+        let io = IoCount {
+            passes: causal_passes_io(p, &cp, variant.gated),
+        };
+        (out, state, io, format!("{cp:?}"))
+    } else {
+        let (out, state) = poly_run(&gpu, p, &plan, call, xs, opts, &uploads, &mut stats)?;
+        let pre_chunking = plan_exact(p, &budget)?.chunking;
+        let mut io = poly_io(p, &plan, &pre_chunking, &budget);
+        io.passes.retain(|x| x.name != "prepass");
+        for x in &mut io.passes {
+            // Gate weights: every key once per feature chunk of pass 1; a continued state: the
+            // reduction reads S' before the first key chunk too.
+            if x.name == "pass1" && variant.gated {
+                x.reads += (p.units * plan.pass1.chunks() * p.s) as u64;
+            }
+            if x.name == "reduce" && kernel.initial_state.is_some() {
+                x.reads += (p.units * words) as u64;
+            }
+        }
+        (out, state, io, format!("{plan:?}"))
+    };
+    Ok(PolyKernelRun {
+        out,
+        state,
+        degree: g,
+        rank: r,
+        io,
+        stats,
+        plan,
+        adapter: gpu.info.adapter.clone(),
+        backend: gpu.info.backend.clone(),
+        fast_memory_words: budget.fast_memory_words,
+    })
+}
