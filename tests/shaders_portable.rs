@@ -14,10 +14,13 @@ mod poly {
     pub use approx_attn::poly::kernel_coop::{
         coop_pack_source, coop_pass1_source, coop_pass2_source,
     };
-    pub use approx_attn::poly::kernel_f32::{pass1_source, pass2_source, pass2_source_causal};
+    pub use approx_attn::poly::kernel_f32::{
+        pass1_source, pass1_source_with, pass2_source, pass2_source_causal, pass2_source_variant,
+    };
     pub use approx_attn::poly::prepass::prepass_source;
 }
 use approx_attn::poly::causal as poly_causal;
+use approx_attn::poly::kernel_common::Variant;
 
 /// Words of workgroup memory the shader declares (what the planner must have budgeted).
 fn workgroup_words(module: &naga::Module) -> u64 {
@@ -185,6 +188,44 @@ fn every_kernel_translates_to_every_backend() {
                             cp.diag.fast_memory_words(),
                         );
                         // --- end causal poly ---
+                        // The polynomial primitive's variants: gates and no normalisation.
+                        // Gates add a weight per key of pass 1's tile and a gate sum per row
+                        // and key of the diagonal kernel's tiles (within GATE_FAST_MEMORY_WORDS).
+                        let reserve = approx_attn::poly::primitive::GATE_FAST_MEMORY_WORDS;
+                        let (gate1, gate_diag) = (t1.bk as u64, (cp.diag.bq + cp.diag.bk) as u64);
+                        assert!(gate1 <= reserve && gate_diag <= reserve);
+                        for (gated, unnormalized) in [(true, false), (false, true), (true, true)] {
+                            let var = Variant {
+                                gated,
+                                unnormalized,
+                            };
+                            check(
+                                &format!("gated pass1 {t1:?}"),
+                                &poly::pass1_source_with(&t1, count_io, gated),
+                                t1.fast_memory_words() + u64::from(gated) * gate1,
+                            );
+                            for causal in [false, true] {
+                                let v = Variant {
+                                    gated: gated && causal,
+                                    ..var
+                                };
+                                check(
+                                    &format!("pass2 {t2:?} {v:?} causal {causal}"),
+                                    &poly::pass2_source_variant(&t2, count_io, causal, v),
+                                    t2.fast_memory_words(),
+                                );
+                            }
+                            check(
+                                &format!("gated diag {:?}", cp.diag),
+                                &poly_causal::diag_source_with(&cp.diag, count_io, gated),
+                                cp.diag.fast_memory_words() + u64::from(gated) * gate_diag,
+                            );
+                            check(
+                                "gated scan",
+                                &poly_causal::scan_source_with(count_io, gated),
+                                0,
+                            );
+                        }
                     }
                 }
                 let rows = approx_attn::poly::prepass::prepass_tile_rows(e, words);

@@ -29,6 +29,26 @@ def attention(
     tensor_cores: bool | None = None,
     f16_inputs: bool = False,
 ) -> tuple[npt.NDArray[np.float32], dict[str, Any]]: ...
+def poly_kernel_attention(
+    q: npt.NDArray[np.float32],
+    k: npt.NDArray[np.float32],
+    v: npt.NDArray[np.float32],
+    units: int,
+    group: int,
+    l: int,
+    s: int,
+    e: int,
+    ev: int,
+    causal: bool,
+    scale: float,
+    coeffs: list[float],
+    normalize: bool,
+    log_gates: npt.NDArray[np.float32] | None = None,
+    initial_state: npt.NDArray[np.float32] | None = None,
+    return_state: bool = False,
+    count_io: bool = False,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None, dict[str, Any]]: ...
+def poly_kernel_rank(e: int, coeffs: list[float]) -> int: ...
 def io_cost(
     units: int,
     group: int,

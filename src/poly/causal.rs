@@ -403,7 +403,7 @@ pub fn scan_source(count_io: bool) -> String {
 
 /// The scan; `gated`: each chunk state is decayed by `decay` (its chunk's gate product) as the
 /// running prefix passes it.
-pub(crate) fn scan_source_with(count_io: bool, gated: bool) -> String {
+pub fn scan_source_with(count_io: bool, gated: bool) -> String {
     let [decl, add] = io_counter_slots(count_io, 3 + u32::from(gated));
     let (decay_decl, step) = if gated {
         (
@@ -433,7 +433,7 @@ pub fn diag_source(t: &DiagTiles, count_io: bool) -> String {
 
 /// The diagonal kernel; `gated`: weight P(x_ij) exp(g_i - g_j) with g the gate sums relative to
 /// the chunk (`gate`, one per row; gated calls have L = S, so rows and keys share it).
-pub(crate) fn diag_source_with(t: &DiagTiles, count_io: bool, gated: bool) -> String {
+pub fn diag_source_with(t: &DiagTiles, count_io: bool, gated: bool) -> String {
     let (n, wg) = (t.accumulators(), t.threads);
     let mut acc = String::new();
     let mut accumulate = String::new();

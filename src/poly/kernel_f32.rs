@@ -96,7 +96,7 @@ pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
 
 /// Pass 1; `gated`: each key's features are weighed by `key_w` (its gate decay to the end of its
 /// chunk; see src/poly/primitive.rs).
-pub(crate) fn pass1_source_with(t: &Pass1Tiles, count_io: bool, gated: bool) -> String {
+pub fn pass1_source_with(t: &Pass1Tiles, count_io: bool, gated: bool) -> String {
     let iw = index_words(t.g);
     debug_assert_eq!(t.rc % t.tf, 0, "{t:?}: rows are whole micro-tiles");
     let (rf, cu) = (t.rows_per_thread(), t.groups_per_thread());
@@ -399,12 +399,7 @@ pub(crate) fn pass2_source_with(t: &Pass2Tiles, count_io: bool, causal: bool) ->
 
 /// Pass 2 with the primitive's [`Variant`]: gated (causal only), each row's prefix sums are
 /// scaled by its `q_factor`; unnormalized, the sums are written undivided.
-pub(crate) fn pass2_source_variant(
-    t: &Pass2Tiles,
-    count_io: bool,
-    causal: bool,
-    v: Variant,
-) -> String {
+pub fn pass2_source_variant(t: &Pass2Tiles, count_io: bool, causal: bool, v: Variant) -> String {
     debug_assert!(
         causal || !v.gated,
         "non-causal gates are applied on the host"

@@ -42,6 +42,11 @@ use crate::io::IoCount;
 use crate::launch::{RunOptions, RunStats};
 use crate::transfer::Uploads;
 
+/// Workgroup memory the gated kernels declare beyond their tiles' count: pass 1 a weight per key
+/// of its tile (BK <= 64), the diagonal kernel a gate sum per query row and per key of its tiles
+/// (BQ + BK <= 128). Gated calls plan with this much less fast memory.
+pub const GATE_FAST_MEMORY_WORDS: u64 = 128;
+
 /// The model's kernel and what a call adds to it.
 #[derive(Clone, Copy, Debug)]
 pub struct PolyKernel<'a> {
@@ -163,7 +168,12 @@ pub fn poly_kernel_attention(
     let cfg = Config::from_env();
     let gpu = device::gpu()?;
     let _guard = gpu.exclusive();
-    let budget = Budget::for_device(&gpu.info, &cfg)?;
+    let mut budget = Budget::for_device(&gpu.info, &cfg)?;
+    if variant.gated {
+        budget.fast_memory_words = budget
+            .fast_memory_words
+            .saturating_sub(GATE_FAST_MEMORY_WORDS);
+    }
     let pre = Prepass {
         mu: vec![0.0; p.units * p.e],
         q_max_norm: vec![0.0; p.units],
@@ -177,10 +187,12 @@ pub fn poly_kernel_attention(
     let uploads = Uploads::default();
     let xs = (q, k, v);
     let call = (&table, &poly, &pre, extras);
+    debug_assert!(plan.pass1.bk as u64 <= GATE_FAST_MEMORY_WORDS);
     let (out, state, io, plan) = if p.l == 0 || p.units == 0 {
         (Vec::new(), None, IoCount::default(), "empty".to_string())
     } else if p.causal {
         let cp = plan_causal(p, &plan, &budget)?;
+        debug_assert!((cp.diag.bq + cp.diag.bk) as u64 <= GATE_FAST_MEMORY_WORDS);
         let (out, state) = causal_run(&gpu, p, &cp, call, xs, opts, &uploads, &mut stats)?;
         let io = IoCount {
             passes: causal_passes_io(p, &cp, variant.gated),
@@ -215,4 +227,59 @@ pub fn poly_kernel_attention(
         backend: gpu.info.backend.clone(),
         fast_memory_words: budget.fast_memory_words,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::poly::features::query_weights;
+
+    fn binom(n: usize, k: usize) -> usize {
+        (1..=k).fold(1, |c, i| c * (n + 1 - i) / i)
+    }
+
+    #[test]
+    fn rank_counts_only_the_kernels_degrees() {
+        for e in [1usize, 4, 64, 256] {
+            assert_eq!(kernel_rank(e, &[0.0, 0.0, 1.0]).unwrap(), binom(e + 1, 2));
+            assert_eq!(kernel_rank(e, &[1.0, 1.0, 0.5]).unwrap(), binom(e + 2, 2));
+            let odd = kernel_rank(e, &[0.0, 1.0, 0.0, 1.0]).unwrap();
+            assert_eq!(odd, e + binom(e + 2, 3));
+        }
+        assert!(kernel_rank(4, &[0.0, 0.0]).is_err());
+        assert!(kernel_rank(4, &[1.0, f64::NAN]).is_err());
+    }
+
+    #[test]
+    fn sparse_features_reproduce_the_kernel() {
+        // sum_f w_f phi_q(q)_f phi_k(k)_f == P(scale q.k) with only the nonzero degrees' rows.
+        let (e, scale) = (5usize, 0.7f64);
+        let coeffs = [0.3, 0.0, -1.5, 0.0, 0.25];
+        let t = kernel_features(e, &coeffs).unwrap();
+        assert!(t.degree.iter().all(|&m| coeffs[m as usize] != 0.0));
+        let poly = Poly {
+            degree: 4,
+            beta: 0.0,
+            coeffs: coeffs.to_vec(),
+            certified_eps: 0.0,
+            kind: FitKind::Given,
+        };
+        let w = query_weights(&t, &poly, scale);
+        let q = [0.3, -1.2, 0.5, 0.9, -0.1];
+        let k = [1.1, 0.4, -0.7, 0.2, 0.6];
+        let monomial = |x: &[f64], f: usize| -> f64 {
+            t.indices[f * t.g..(f + 1) * t.g]
+                .iter()
+                .map(|&i| if (i as usize) < e { x[i as usize] } else { 1.0 })
+                .product()
+        };
+        let got: f64 = (0..t.r).map(|f| w[f] * monomial(&q, f) * monomial(&k, f)).sum();
+        let x = scale * q.iter().zip(&k).map(|(a, b)| a * b).sum::<f64>();
+        let want: f64 = coeffs
+            .iter()
+            .enumerate()
+            .map(|(m, c)| c * x.powi(m as i32))
+            .sum();
+        assert!((got - want).abs() <= 1e-12 * want.abs().max(1.0), "{got} vs {want}");
+    }
 }
