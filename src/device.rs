@@ -343,15 +343,26 @@ impl Gpu {
         result
     }
 
-    /// Blocks until all submitted work is done.
+    /// Blocks until all submitted work is done, checking for an interrupt (Ctrl-C) every
+    /// [`crate::interrupt::CHECK_EVERY`] (the work already submitted then finishes in the
+    /// background; the next call's first wait waits for it).
     pub fn wait(&self) -> Result<(), Error> {
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map(|_| ())
-            .map_err(|e| {
-                self.lost.store(true, Ordering::SeqCst);
-                Error::DeviceLost(format!("waiting for the GPU failed: {e}"))
-            })
+        loop {
+            let poll = self.device.poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: Some(crate::interrupt::CHECK_EVERY),
+            });
+            match poll {
+                Ok(_) => return Ok(()),
+                Err(wgpu::PollError::Timeout) => crate::interrupt::check()?,
+                Err(e) => {
+                    self.lost.store(true, Ordering::SeqCst);
+                    return Err(Error::DeviceLost(format!(
+                        "waiting for the GPU failed: {e}"
+                    )));
+                }
+            }
+        }
     }
 
     /// Marks the device lost so that the next [`gpu`] call creates a new one.

@@ -18,6 +18,9 @@ pub enum Error {
     DeviceLost(String),
     /// Any other wgpu failure (raised as `approx_attn.DeviceError`).
     Gpu(String),
+    /// A signal (Ctrl-C) arrived while the call waited for the GPU (raised as
+    /// `KeyboardInterrupt`); the work already submitted finishes in the background.
+    Interrupted(String),
 }
 
 impl Error {
@@ -40,7 +43,8 @@ impl fmt::Display for Error {
             | Error::Unsupported(m)
             | Error::OutOfMemory(m)
             | Error::DeviceLost(m)
-            | Error::Gpu(m) => f.write_str(m),
+            | Error::Gpu(m)
+            | Error::Interrupted(m) => f.write_str(m),
         }
     }
 }

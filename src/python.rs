@@ -3,7 +3,9 @@
 
 use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::create_exception;
-use pyo3::exceptions::{PyMemoryError, PyNotImplementedError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{
+    PyKeyboardInterrupt, PyMemoryError, PyNotImplementedError, PyRuntimeError, PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -30,7 +32,14 @@ fn to_py(e: Error) -> PyErr {
         Error::Unsupported(m) => PyNotImplementedError::new_err(m),
         Error::OutOfMemory(m) => PyMemoryError::new_err(m),
         Error::DeviceLost(m) | Error::Gpu(m) => DeviceError::new_err(m),
+        Error::Interrupted(m) => PyKeyboardInterrupt::new_err(m),
     }
+}
+
+/// Runs Python's signal handlers (with the GIL, briefly) for a call waiting on the GPU: true
+/// where one raised (Ctrl-C raises KeyboardInterrupt), which ends the call with that exception.
+fn python_signal_raised() -> bool {
+    Python::attach(|py| py.check_signals().is_err())
 }
 
 /// Runs `f` without the GIL. A Rust panic inside becomes a `DeviceError` that names it: it would
@@ -450,6 +459,7 @@ fn _panic_for_test(py: Python<'_>) -> PyResult<()> {
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    crate::interrupt::set_check(python_signal_raised);
     m.add_function(wrap_pyfunction!(attention, m)?)?;
     m.add_function(wrap_pyfunction!(poly_kernel_attention, m)?)?;
     m.add_function(wrap_pyfunction!(poly_kernel_rank, m)?)?;
