@@ -273,13 +273,18 @@ mod tests {
                 .map(|&i| if (i as usize) < e { x[i as usize] } else { 1.0 })
                 .product()
         };
-        let got: f64 = (0..t.r).map(|f| w[f] * monomial(&q, f) * monomial(&k, f)).sum();
+        let got: f64 = (0..t.r)
+            .map(|f| w[f] * monomial(&q, f) * monomial(&k, f))
+            .sum();
         let x = scale * q.iter().zip(&k).map(|(a, b)| a * b).sum::<f64>();
         let want: f64 = coeffs
             .iter()
             .enumerate()
             .map(|(m, c)| c * x.powi(m as i32))
             .sum();
-        assert!((got - want).abs() <= 1e-12 * want.abs().max(1.0), "{got} vs {want}");
+        assert!(
+            (got - want).abs() <= 1e-12 * want.abs().max(1.0),
+            "{got} vs {want}"
+        );
     }
 }
