@@ -192,7 +192,8 @@ fn every_kernel_translates_to_every_backend() {
                         // Gates add a weight per key of pass 1's tile and a gate sum per row
                         // and key of the diagonal kernel's tiles (within GATE_FAST_MEMORY_WORDS).
                         let reserve = approx_attn::poly::primitive::GATE_FAST_MEMORY_WORDS;
-                        let (gate1, gate_diag) = (t1.bk as u64, (cp.diag.bq + cp.diag.bk) as u64);
+                        let (gate1, gate_diag) =
+                            (t1.bk as u64, 2 * (cp.diag.bq + cp.diag.bk) as u64);
                         assert!(gate1 <= reserve && gate_diag <= reserve);
                         for (gated, unnormalized) in [(true, false), (false, true), (true, true)] {
                             let var = Variant {

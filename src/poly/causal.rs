@@ -345,7 +345,7 @@ pub fn causal_io(
 
 /// The words of the causal passes alone (the polynomial primitive has no pre-pass); `gated`
 /// adds the gate factors: a weight per key per feature chunk (pass 1), a decay per chunk state
-/// element (scan), a gate per query row and per visible key of each block (diagonal), and a
+/// element (scan), a gate pair per query row and per visible key of each block (diagonal), and a
 /// factor per row per thread column (pass 2).
 pub fn causal_passes_io(p: &Problem, plan: &CausalPlan, gated: bool) -> Vec<PassIo> {
     let gated = u64::from(gated);
@@ -379,7 +379,7 @@ pub fn causal_passes_io(p: &Problem, plan: &CausalPlan, gated: bool) -> Vec<Pass
                 keys += (q0 + rows).min(kw).saturating_sub(c0) as u64;
                 dr += e + coeffs;
             }
-            t[4] += heads * (dr + lw as u64 * (e + gated) + keys * (e + ev + gated));
+            t[4] += heads * (dr + lw as u64 * (e + 2 * gated) + keys * (e + ev + 2 * gated));
             t[5] += heads * lw as u64 * ev1;
             let blocks = lw.div_ceil(b) as u64;
             t[6] += heads * (lw as u64 * (e + ev + tc + gated * tc) + blocks * r * (ev1 + iw + 1));
@@ -432,7 +432,9 @@ pub fn diag_source(t: &DiagTiles, count_io: bool) -> String {
 }
 
 /// The diagonal kernel; `gated`: weight P(x_ij) exp(g_i - g_j) with g the gate sums relative to
-/// the chunk (`gate`, one per row; gated calls have L = S, so rows and keys share it).
+/// the chunk (`gate`, a float32 pair hi + lo per row, so that the difference of two nearby sums
+/// keeps float32's relative precision however large they are; gated calls have L = S, so rows
+/// and keys share it).
 pub fn diag_source_with(t: &DiagTiles, count_io: bool, gated: bool) -> String {
     let (n, wg) = (t.accumulators(), t.threads);
     let mut acc = String::new();
@@ -469,7 +471,9 @@ pub fn diag_source_with(t: &DiagTiles, count_io: bool, gated: bool) -> String {
     }
     let gate = |on: &str| if gated { on.to_string() } else { String::new() };
     if gated {
-        horner.push_str("            p = p * exp(gq_t[r] - gk_t[j]);\n");
+        horner.push_str(
+            "            p = p * exp((gq_t[r].x - gk_t[j].x) + (gq_t[r].y - gk_t[j].y));\n",
+        );
     }
     let [decl, add] = io_counter_slots(count_io, 7 + u32::from(gated));
     fill_template(
@@ -499,23 +503,26 @@ pub fn diag_source_with(t: &DiagTiles, count_io: bool, gated: bool) -> String {
             (
                 "GATE_TILES",
                 gate(
-                    "\nvar<workgroup> gq_t: array<f32, BQ>;\nvar<workgroup> gk_t: array<f32, BK>;",
+                    "\nvar<workgroup> gq_t: array<vec2<f32>, BQ>;\n\
+                     var<workgroup> gk_t: array<vec2<f32>, BK>;",
                 ),
             ),
             (
                 "GATE_Q_LOAD",
                 gate(
-                    "    for (var i = lid; i < BQ; i += WG) {\n        var x = 0.0;\n        \
-                     if (i < rows) {\n            x = gate[unit * params.s + q0 + i];\n            \
-                     words_read += 1u;\n        }\n        gq_t[i] = x;\n    }\n",
+                    "    for (var i = lid; i < BQ; i += WG) {\n        var x = vec2<f32>();\n        \
+                     if (i < rows) {\n            let at = 2u * (unit * params.s + q0 + i);\n            \
+                     x = vec2<f32>(gate[at], gate[at + 1u]);\n            \
+                     words_read += 2u;\n        }\n        gq_t[i] = x;\n    }\n",
                 ),
             ),
             (
                 "GATE_K_LOAD",
                 gate(
                     "\n            if (c == 0u && j < kr) {\n                \
-                     gk_t[j] = gate[unit * params.s + j0 + j];\n                \
-                     words_read += 1u;\n            }",
+                     let at = 2u * (unit * params.s + j0 + j);\n                \
+                     gk_t[j] = vec2<f32>(gate[at], gate[at + 1u]);\n                \
+                     words_read += 2u;\n            }",
                 ),
             ),
             decl,
@@ -612,7 +619,8 @@ pub fn run_with(
 /// A window's gate factors (see src/poly/primitive.rs), from G in float64 so that no factor
 /// spans more than one chunk's decay: per key, exp(G_last(c) - G_j) to the chunk's last key
 /// (pass 1); per chunk, exp(G_last(c) - G_before(c)) (the scan); per row, exp(G_i -
-/// G_before(c)) (pass 2) and G_i - G_before(c) (the diagonal blocks). Gated calls have L = S.
+/// G_before(c)) (pass 2) and G_i - G_before(c) as a float32 pair hi + lo (the diagonal blocks).
+/// Gated calls have L = S.
 struct WindowGates {
     key_w: Vec<f32>,
     decay: Vec<f32>,
@@ -628,7 +636,7 @@ impl WindowGates {
             key_w: Vec::with_capacity(nu * kw),
             decay: vec![1.0; nu * states],
             q_factor: Vec::with_capacity(nu * kw),
-            local: Vec::with_capacity(nu * kw),
+            local: Vec::with_capacity(2 * nu * kw),
         };
         for u in u0..u0 + nu {
             let gu = &g[u * p.s..(u + 1) * p.s];
@@ -640,7 +648,9 @@ impl WindowGates {
                 for &gj in &gu[c0..c1] {
                     wg.key_w.push((last - gj).exp() as f32);
                     wg.q_factor.push((gj - before).exp() as f32);
-                    wg.local.push((gj - before) as f32);
+                    let local = gj - before;
+                    let hi = local as f32;
+                    wg.local.extend([hi, (local - f64::from(hi)) as f32]);
                 }
             }
         }

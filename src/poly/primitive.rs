@@ -43,9 +43,9 @@ use crate::launch::{RunOptions, RunStats};
 use crate::transfer::Uploads;
 
 /// Workgroup memory the gated kernels declare beyond their tiles' count: pass 1 a weight per key
-/// of its tile (BK <= 64), the diagonal kernel a gate sum per query row and per key of its tiles
-/// (BQ + BK <= 128). Gated calls plan with this much less fast memory.
-pub const GATE_FAST_MEMORY_WORDS: u64 = 128;
+/// of its tile (BK <= 64), the diagonal kernel a gate-sum pair per query row and per key of its
+/// tiles (2 (BQ + BK) <= 256). Gated calls plan with this much less fast memory.
+pub const GATE_FAST_MEMORY_WORDS: u64 = 256;
 
 /// The model's kernel and what a call adds to it.
 #[derive(Clone, Copy, Debug)]
@@ -192,7 +192,7 @@ pub fn poly_kernel_attention(
         (Vec::new(), None, IoCount::default(), "empty".to_string())
     } else if p.causal {
         let cp = plan_causal(p, &plan, &budget)?;
-        debug_assert!((cp.diag.bq + cp.diag.bk) as u64 <= GATE_FAST_MEMORY_WORDS);
+        debug_assert!(2 * (cp.diag.bq + cp.diag.bk) as u64 <= GATE_FAST_MEMORY_WORDS);
         let (out, state) = causal_run(&gpu, p, &cp, call, xs, opts, &uploads, &mut stats)?;
         let io = IoCount {
             passes: causal_passes_io(p, &cp, variant.gated),
