@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import math
 import subprocess
 import sys
 import time
 import traceback
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -127,6 +129,24 @@ def torch_timed(fn: Callable[[], Any], args: Any) -> tuple[Any, dict[str, Any]]:
     return out, spread(times)
 
 
+def load_power_full() -> Callable[..., Any]:
+    """Power retention's Triton `power_full` without running the package's `__init__` files:
+    they import its CUDA (vidrial) kernels, which clone a repository at import (no network on
+    the GPU machine). The Triton path needs none of them."""
+    spec = importlib.util.find_spec("power_attention")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("power_attention is not installed")
+    root = Path(spec.submodule_search_locations[0])
+    for sub in ("", "_attention", "_update_state", "_discumsum", "_query_state"):
+        name = "power_attention" + (f".{sub}" if sub else "")
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [str(root / sub)] if sub else [str(root)]
+        sys.modules[name] = pkg
+    from power_attention.triton import power_full
+
+    return power_full
+
+
 def peers(inp: dict[str, Any], E: int, args: Any) -> dict[str, dict[str, Any]]:
     """The torch methods, bf16 on device, (B, T, H, D) layout where the peer wants it."""
     found: dict[str, dict[str, Any]] = {}
@@ -164,7 +184,7 @@ def peers(inp: dict[str, Any], E: int, args: Any) -> dict[str, dict[str, Any]]:
         except Exception as exc:  # noqa: BLE001 - record why the peer is missing
             found["fla"] = {"skipped": f"{type(exc).__name__}: {exc}"}
         try:
-            from power_attention import power_full
+            power_full = load_power_full()
 
             for gated in (False, True):
                 cands[f"power_retention_deg2{'_gated' if gated else ''}"] = (
