@@ -42,7 +42,7 @@ use autotune::Tuner;
 use config::Config;
 use exact::coop::{CoopExactPlan, F16Bound};
 use exact::cost::exact_flops;
-use exact::io::exact_io;
+use exact::io::{exact_io, exact_io_checked};
 use exact::plan::{plan_exact, ExactPlan};
 use exact::run::run as exact_run;
 use io::IoCount;
@@ -575,7 +575,7 @@ pub fn io_cost(
             degree: None,
             rank: None,
             fast_memory_words: budget.fast_memory_words,
-            io: exact_io(p, &exact_plan),
+            io: exact_io_checked(p, &exact_plan)?,
         });
     }
     let g = match (degree, eps, beta) {

@@ -3,7 +3,9 @@
 
 use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::create_exception;
-use pyo3::exceptions::{PyMemoryError, PyNotImplementedError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{
+    PyMemoryError, PyNotImplementedError, PyOverflowError, PyRuntimeError, PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -28,6 +30,7 @@ fn to_py(e: Error) -> PyErr {
         Error::NoDevice(m) => NoDeviceError::new_err(m),
         Error::InvalidInput(m) | Error::TooLarge(m) => PyValueError::new_err(m),
         Error::Unsupported(m) => PyNotImplementedError::new_err(m),
+        Error::Overflow(m) => PyOverflowError::new_err(m),
         Error::OutOfMemory(m) => PyMemoryError::new_err(m),
         Error::DeviceLost(m) | Error::Gpu(m) => DeviceError::new_err(m),
     }
