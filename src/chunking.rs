@@ -50,7 +50,7 @@ pub fn chunking(
         1
     } else {
         let by_kv = max_rows / p.s.max(1) as u64;
-        let by_q = max_rows / (p.group * p.l.max(1)) as u64;
+        let by_q = max_rows / (p.group as u64).saturating_mul(p.l.max(1) as u64);
         let by_grid = max_grid / p.group as u64;
         (p.units as u64).min(by_kv).min(by_q).min(by_grid).max(1) as usize
     };

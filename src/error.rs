@@ -12,6 +12,8 @@ pub enum Error {
     TooLarge(String),
     /// Not supported yet (raised as `NotImplementedError`).
     Unsupported(String),
+    /// A count beyond the integers it is kept in (raised as `OverflowError`).
+    Overflow(String),
     /// GPU out of memory (raised as `MemoryError`).
     OutOfMemory(String),
     /// Device lost (raised as `approx_attn.DeviceError`; the next call makes a new device).
@@ -41,6 +43,7 @@ impl fmt::Display for Error {
             | Error::InvalidInput(m)
             | Error::TooLarge(m)
             | Error::Unsupported(m)
+            | Error::Overflow(m)
             | Error::OutOfMemory(m)
             | Error::DeviceLost(m)
             | Error::Gpu(m)

@@ -17,6 +17,7 @@ pub mod exact;
 pub mod interrupt;
 pub mod io;
 pub mod launch;
+pub mod numerics;
 pub mod poly;
 mod progress;
 pub mod transfer;
@@ -42,10 +43,11 @@ use autotune::Tuner;
 use config::Config;
 use exact::coop::{CoopExactPlan, F16Bound};
 use exact::cost::exact_flops;
-use exact::io::exact_io;
+use exact::io::{exact_io, exact_io_checked};
 use exact::plan::{plan_exact, ExactPlan};
 use exact::run::run as exact_run;
 use io::IoCount;
+use numerics::{all_finite, score_fold_for, times_pow2, value_columns, Magnitudes, ValueMap};
 use poly::causal::{causal_io, causal_poly_flops, plan_causal, CausalPlan};
 use poly::certificate::{poly_candidate, poly_for_eps, PolyCandidate};
 use poly::cost::poly_flops;
@@ -122,7 +124,11 @@ pub fn attention_with_inputs(
         &mut stats,
     )?;
     let plans = (&exact_plan, coop_exact.as_ref());
-    let ran = run_choice(&tuner, p, xs, plans, &choice, &uploads, &mut stats)?;
+    let (ran, note) = run_in_range(&tuner, p, xs, plans, &choice, &uploads, &mut stats)?;
+    let reason = match note {
+        Some(n) => format!("{}; {n}", choice.reason),
+        None => choice.reason,
+    };
     Ok((
         ran.out,
         Report {
@@ -139,7 +145,7 @@ pub fn attention_with_inputs(
             certificate: ran.certificate,
             predicted_exact_s: choice.predicted.map(|p| p.0),
             predicted_poly_s: choice.predicted.map(|p| p.1),
-            reason: choice.reason,
+            reason,
             tensor_cores: ran.tensor_cores,
             exact_f16: ran.exact_f16,
         },
@@ -275,13 +281,134 @@ struct Ran {
     exact_f16: Option<F16Bound>,
 }
 
-/// Runs the chosen method.
+/// Runs the chosen method within float32's range ([`numerics`]): exact on score operands
+/// rebalanced by powers of two where their magnitudes call for it, or an error where its scores
+/// can overflow; where the output is not finite although the inputs are (value sums beyond
+/// float32), once more on values mapped per column into [-1, 1]. A non-finite output from finite
+/// inputs is an error, never a result. Returns what ran and a note for the report's reason where
+/// the inputs were rescaled.
+fn run_in_range(
+    tuner: &Tuner,
+    p: &Problem,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    plans: (&ExactPlan, Option<&CoopExactPlan>),
+    choice: &Choice,
+    uploads: &Uploads,
+    stats: &mut RunStats,
+) -> Result<(Ran, Option<String>), Error> {
+    let mut notes = Vec::new();
+    // Scores: the exact kernel's (the poly passes scale the keys by their largest norm).
+    let exact_runs = !choice.use_poly && p.l > 0 && p.units > 0;
+    let mut mags = None;
+    let fold = if exact_runs {
+        // A cheap bound first (the pre-pass's where it ran, else the largest elements'), the
+        // host's row norms where it does not settle the call.
+        let quick = match &choice.pre {
+            Some(pre) => Magnitudes::from_prepass(p, &pre.q_max_norm, &pre.k_max_norm, &pre.mu),
+            None => Some(Magnitudes::quick(p, q, k)),
+        };
+        let (fold, m) = score_fold_for(p, q, k, quick)?;
+        mags = Some(m);
+        fold
+    } else {
+        None
+    };
+    let folded;
+    let (q, k, p) = match fold {
+        Some(f) => {
+            folded = (times_pow2(q, f.q_exp), times_pow2(k, f.k_exp));
+            notes.push(format!("score operands rebalanced ({f})"));
+            let p = Problem {
+                scale: f.scale,
+                ..*p
+            };
+            (&folded.0[..], &folded.1[..], p)
+        }
+        None => (q, k, *p),
+    };
+    let p = &p;
+    let before = stats.clone();
+    let ran = run_choice(
+        tuner,
+        p,
+        (q, k, v),
+        plans,
+        choice,
+        choice.pre.as_ref(),
+        uploads,
+        stats,
+    )?;
+    if all_finite(&ran.out) {
+        return Ok((ran, (!notes.is_empty()).then(|| notes.join("; "))));
+    }
+    // Not finite: NaN or Inf in (check_finite=False) runs as it is, as in PyTorch; from finite
+    // inputs, the value sums overflowed (the scores cannot: see above).
+    let (lo, hi, finite_inputs) = match &choice.pre {
+        Some(pre) => (
+            pre.v_min.clone(),
+            pre.v_max.clone(),
+            pre.nonfinite == [0; 3],
+        ),
+        None => {
+            let cols = value_columns(p, v);
+            let m = mags.unwrap_or_else(|| Magnitudes::of(p, q, k));
+            (cols.min, cols.max, cols.nonfinite == 0 && m.finite())
+        }
+    };
+    if !finite_inputs {
+        return Ok((ran, (!notes.is_empty()).then(|| notes.join("; "))));
+    }
+    let map = ValueMap::new(p, &lo, &hi);
+    let mapped_v = map.apply(v);
+    let mapped_pre = choice.pre.as_ref().map(|pre| {
+        let (v_min, v_max) = map.mapped_range();
+        Prepass {
+            v_min,
+            v_max,
+            ..pre.clone()
+        }
+    });
+    // The report describes the run that gave the result (after the pre-pass, if any).
+    *stats = before;
+    let mut ran = run_choice(
+        tuner,
+        p,
+        (q, k, &mapped_v),
+        plans,
+        choice,
+        mapped_pre.as_ref(),
+        uploads,
+        stats,
+    )?;
+    if !all_finite(&ran.out) {
+        let bad = ran.out.iter().filter(|x| !x.is_finite()).count();
+        return Err(Error::InvalidInput(format!(
+            "the {} kernel gave {bad} non-finite output value(s) of {} from finite inputs, even \
+             with the values mapped into [-1, 1] per column: an intermediate of this call \
+             leaves float32's range",
+            ran.method,
+            ran.out.len()
+        )));
+    }
+    map.restore(&mut ran.out);
+    if let Some(b) = &mut ran.exact_f16 {
+        for (x, s) in b.error_bound_per_column.iter_mut().zip(map.column_scale()) {
+            *x *= s;
+        }
+    }
+    notes.push("values mapped into [-1, 1] per column (their float32 sums overflowed)".into());
+    Ok((ran, Some(notes.join("; "))))
+}
+
+/// Runs the chosen method on these inputs (`pre`: the pre-pass, for the values given).
+#[allow(clippy::too_many_arguments)]
 fn run_choice(
     tuner: &Tuner,
     p: &Problem,
     (q, k, v): (&[f32], &[f32], &[f32]),
     (exact_plan, coop_exact): (&ExactPlan, Option<&CoopExactPlan>),
     choice: &Choice,
+    pre: Option<&Prepass>,
     uploads: &Uploads,
     stats: &mut RunStats,
 ) -> Result<Ran, Error> {
@@ -297,7 +424,7 @@ fn run_choice(
             exact_f16: None,
         });
     }
-    match (&choice.candidate, &choice.pre) {
+    match (&choice.candidate, pre) {
         (Some(c), Some(pre)) if choice.use_poly => {
             let (plan, table, poly) = (&c.plan, &c.table, &c.poly);
             let xs = (q, k, v);
@@ -353,7 +480,7 @@ fn run_choice(
                 }
             };
             stats.absorb(&st);
-            if choice.pre.is_some() {
+            if pre.is_some() {
                 // auto paid for the pre-pass before choosing exact.
                 let pre_cost = prepass_io(p, &exact_plan.chunking, budget);
                 io.passes.splice(0..0, pre_cost.passes);
@@ -449,7 +576,7 @@ pub fn io_cost(
             degree: None,
             rank: None,
             fast_memory_words: budget.fast_memory_words,
-            io: exact_io(p, &exact_plan),
+            io: exact_io_checked(p, &exact_plan)?,
         });
     }
     let g = match (degree, eps, beta) {

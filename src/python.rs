@@ -4,7 +4,8 @@
 use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::create_exception;
 use pyo3::exceptions::{
-    PyKeyboardInterrupt, PyMemoryError, PyNotImplementedError, PyRuntimeError, PyValueError,
+    PyKeyboardInterrupt, PyMemoryError, PyNotImplementedError, PyOverflowError, PyRuntimeError,
+    PyValueError,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -30,6 +31,7 @@ fn to_py(e: Error) -> PyErr {
         Error::NoDevice(m) => NoDeviceError::new_err(m),
         Error::InvalidInput(m) | Error::TooLarge(m) => PyValueError::new_err(m),
         Error::Unsupported(m) => PyNotImplementedError::new_err(m),
+        Error::Overflow(m) => PyOverflowError::new_err(m),
         Error::OutOfMemory(m) => PyMemoryError::new_err(m),
         Error::DeviceLost(m) | Error::Gpu(m) => DeviceError::new_err(m),
         Error::Interrupted(m) => PyKeyboardInterrupt::new_err(m),

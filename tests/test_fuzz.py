@@ -19,9 +19,10 @@ reproducible; a failure prints the drawn `Case`, whose seed makes the values.
 The default strategies keep out the regions of the known defects (being fixed in the Rust core);
 each has an explicit strict-xfail test at the end of this file, which fails loudly (XPASS) once
 the defect is fixed:
-  * float32 scores that overflow (scale * |q| * |k| beyond ~1e38): silent zeros. Here scale *
-    max|q| * max|k| * E stays below ~1e25;
-  * |V| near float32's maximum: the unnormalised accumulator overflows to Inf. Here |V| < 1e27;
+  * (fixed: float32 scores that overflow now raise a ValueError naming the bound, and scores
+    within float32's range run with the scale folded into the inputs; |V| near float32's maximum
+    runs on values mapped per column.) Those regions are fuzzed in tests/test_numerics.py; here
+    scale * max|q| * max|k| * E stays below ~1e25 and |V| < 1e27;
   * error_bound without float32 rounding: offset value columns, constant value columns, beta = 0
     and a polynomial error poly_eps below float32 rounding. Poly cases centre V per column, have
     S >= 2 distinct keys, beta >= 0.05 and poly_eps >= 1e-4 (POLY_EPS_FLOOR);
@@ -48,6 +49,8 @@ from hypothesis import strategies as st
 U = 2.0**-24  # float32 unit roundoff (round to nearest)
 TINY = 2.0**-126  # smallest normal float32: what flush-to-zero or underflow can lose, absolutely
 U16 = 2.0**-11  # float16 unit roundoff
+F32_MAX = float(np.finfo(np.float32).max)
+F32_TINY = float(np.finfo(np.float32).tiny)
 F16_SUBNORMAL_HALF_SPACING = 2.0**-25
 
 # The certified bound leaves out float32 rounding (a known defect): where the polynomial's own
@@ -271,6 +274,7 @@ def exact_tolerance(
     scale: float | None,
     causal: bool,
     gqa: bool,
+    values_mapped: bool = False,
 ) -> np.ndarray:
     """Elementwise bound on |O_gpu - O*| for the exact kernel, from float32 rounding alone.
 
@@ -306,14 +310,32 @@ def exact_tolerance(
     6. float16 outputs: the cast adds half an ulp, 2^-11 |O| (2^-25 for subnormals).
     The values are taken per batch/head, per query row (A_i, smax_i) and per value column
     (range_c, max|v_c| over the S keys).
+
+    A scale beyond float32's normal range runs as m in [1, 2) with its power of two folded into
+    q and k (exact, in float64, before their rounding to float32): the same scores, and a float32
+    m adds the same (1 + u) as any float32 scale in 1. A_i and smax_i are then taken from the
+    float64 values (their float32 copies were rounded after the fold; r = 1 covers it). Scores
+    rebalanced by powers of two in the Rust core (numerics.rs) round alike.
+
+    `values_mapped` (the report says "values mapped"): the kernel ran on V' = (V - shift) / sigma
+    per column, shift the midpoint and sigma a power of two at most twice the half-range h, and
+    O = O' sigma + shift in float64, then rounded to float32. Then 4. holds for V' (|V'| sigma <=
+    h (1 + u)): (2 gamma_{2S} + u) h (1 + u); rounding V' to float32 adds u h (a convex
+    combination of errors of at most u |V'_j| sigma); mapping back adds 2^-52 max|v_c| (float64)
+    and the final rounding u |O| <= u max|v_c|; r u max|v_c| as before. 5. holds for V' in units
+    of sigma: (2S + 4) TINY (1 + range') sigma <= 3 (2S + 4) TINY sigma, with range' <= 2.
     """
     r = 1 if q.dtype.itemsize == 8 else 0
     q32, k32, v32 = (np.asarray(x, dtype=np.float32).astype(np.float64) for x in (q, k, v))
+    s = abs(1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))
+    if F32_TINY <= s <= F32_MAX:
+        s = float(np.float32(s))  # the kernel's float32 scale
+    elif s > 0.0:  # folded into q and k before their rounding (see above)
+        q32, k32 = (np.asarray(x, dtype=np.float64) for x in (q, k))
     if gqa and q32.ndim >= 3 and k32.shape[-3] != q32.shape[-3]:
         group = q32.shape[-3] // k32.shape[-3]
         k32, v32 = np.repeat(k32, group, axis=-3), np.repeat(v32, group, axis=-3)
     E, S, L = q.shape[-1], k.shape[-2], q.shape[-2]
-    s = abs(1.0 / math.sqrt(E) if scale is None else float(np.float32(scale)))
     kt = np.swapaxes(k32, -1, -2)
     a = s * np.matmul(np.abs(q32), np.abs(kt))
     p = s * np.abs(np.matmul(q32, kt))
@@ -328,16 +350,36 @@ def exact_tolerance(
         w = np.where(d < 1.0, np.minimum(d / (1.0 - d), 1.0), 1.0)
     vrange = v32.max(axis=-2, keepdims=True) - v32.min(axis=-2, keepdims=True)
     vmax = np.abs(v32).max(axis=-2, keepdims=True)
-    tol = vrange * w + vmax * (2.0 * gamma(2 * S) + U * (1 + r)) + (2 * S + 4) * TINY * (1 + vrange)
+    if values_mapped:
+        h = vrange / 2.0
+        sigma = np.where(h > 0, 2.0 * h, 1.0)  # at most 2 h (1 for constant columns)
+        tol = (
+            vrange * w
+            + h * (1.0 + U) * (2.0 * gamma(2 * S) + U)
+            + U * h
+            + vmax * (U * (1 + r) + 2.0**-52)
+            + (2 * S + 4) * TINY * 3.0 * sigma
+        )
+    else:
+        tol = (
+            vrange * w
+            + vmax * (2.0 * gamma(2 * S) + U * (1 + r))
+            + (2 * S + 4) * TINY * (1 + vrange)
+        )
     tol = np.broadcast_to(tol, ref.shape)
     if q.dtype.itemsize == 2:
         tol = tol + U16 * (np.abs(ref) + tol) + F16_SUBNORMAL_HALF_SPACING
     return tol
 
 
-def check_exact(c: Case, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray) -> None:
+def check_exact(
+    c: Case, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, rep: Any
+) -> None:
     ref = exact_attention(q, k, v, scale=c.scale, is_causal=c.causal, enable_gqa=c.gqa)
-    tol = exact_tolerance(q, k, v, ref, scale=c.scale, causal=c.causal, gqa=c.gqa)
+    mapped = "values mapped" in rep.reason
+    tol = exact_tolerance(
+        q, k, v, ref, scale=c.scale, causal=c.causal, gqa=c.gqa, values_mapped=mapped
+    )
     err = np.abs(out.astype(np.float64) - ref)
     bad = ~(err <= tol)  # NaN fails
     if bad.any():
@@ -399,7 +441,7 @@ def run_case(c: Case) -> None:
         check_poly(c, q, k, v, out, rep, c.eps if c.eps is not None else 1e-3)
     else:
         assert rep.method == "exact", rep.method
-        check_exact(c, q, k, v, out)
+        check_exact(c, q, k, v, out, rep)
 
 
 @fuzz_settings("exact")
@@ -421,7 +463,8 @@ def test_fuzz_auto(c: Case) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The known defects, one test each: strict xfail, so each XPASSes (and fails the run) once fixed.
+# The known defects, one test each: strict xfail, so each XPASSes (and fails the run) once fixed;
+# the fixed ones stay as regression tests.
 
 
 def _qkv(seed: int, shape: tuple[int, ...] = (2, 8, 4), ev: int = 4) -> tuple[np.ndarray, ...]:
@@ -431,40 +474,38 @@ def _qkv(seed: int, shape: tuple[int, ...] = (2, 8, 4), ev: int = 4) -> tuple[np
     return q, k, v
 
 
-@pytest.mark.xfail(strict=True, reason="float32 scores overflow: exact returns zeros silently")
 @pytest.mark.parametrize(
     "how", ["inputs-1e30", "scale-3e38"], ids=["q=k=1e30*randn float64", "scale=3e38"]
 )
 @pytest.mark.parametrize("method", ["exact", "auto"])
-def test_defect_score_overflow_gives_silent_zeros(how: str, method: str) -> None:
-    # Finite inputs within float32's range whose scores are not: either the answer (the scores'
-    # softmax picks the largest, which float64 finds) or a ValueError that says why.
+def test_score_overflow_is_refused(how: str, method: str) -> None:
+    # Fixed defect (silent zeros): finite inputs within float32's range whose scores are not
+    # (the true largest |score| is printed below: beyond 3.4e38). A ValueError naming the
+    # Cauchy-Schwarz bound, never an answer computed from overflowed scores.
     q, k, v = _qkv(1)
     scale = None
     if how == "inputs-1e30":
         q, k = q * 1e30, k * 1e30
     else:
         scale = 3e38
-    ref = exact_attention(q, k, v, scale=scale)
-    try:
-        out = approx_attn.attention(q, k, v, method=method, scale=scale)
-    except ValueError as exc:
-        assert "overflow" in str(exc) or "range" in str(exc), str(exc)
-        return
-    tol = exact_tolerance(q, k, v, ref, scale=scale, causal=False, gqa=False)
-    assert np.isfinite(out).all() and (np.abs(out - ref) <= tol).all(), (out, ref)
+    s = 0.5 if scale is None else scale
+    true_max = np.abs(s * np.matmul(q, np.swapaxes(k, -1, -2))).max()
+    assert true_max > F32_MAX, true_max
+    with pytest.raises(ValueError, match=r"can overflow float32: scale \* max\|q_i\|"):
+        approx_attn.attention(q, k, v, method=method, scale=scale)
 
 
-@pytest.mark.xfail(strict=True, reason="|V| near float32's maximum: the accumulator gives Inf")
-@pytest.mark.parametrize("method", ["exact", "poly"])
-def test_defect_values_near_float32_max_give_inf(method: str) -> None:
+@pytest.mark.parametrize("method", ["exact", "poly", "auto"])
+def test_values_near_float32_max_are_finite(method: str) -> None:
+    # Fixed defect (Inf from the float32 value sums): the true output is 3e38 everywhere (every
+    # weight multiplies the same value); the call runs on V' = 0 and maps back exactly.
     q, k, _ = _qkv(2)
     q, k = (q * 0.1).astype(np.float32), (k * 0.1).astype(np.float32)
     v = np.full((2, 8, 4), 3e38, np.float32)
-    out = approx_attn.attention(q, k, v, method=method)
-    # The true output is 3e38 everywhere (every weight multiplies the same value).
+    out, rep = approx_attn.attention(q, k, v, method=method, return_report=True)
     assert np.isfinite(out).all(), f"{np.count_nonzero(~np.isfinite(out))} of {out.size} non-finite"
-    np.testing.assert_allclose(out, 3e38, rtol=1e-5)
+    np.testing.assert_array_equal(out, np.float32(3e38))
+    assert "values mapped" in rep.reason, rep.reason
 
 
 @pytest.mark.xfail(strict=True, reason="error_bound leaves out float32 rounding")

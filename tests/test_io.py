@@ -300,3 +300,18 @@ def test_io_cost_with_grouped_query_heads_matches_a_gqa_run(
     assert rep.io_words_counted == rep.io_words == cost["total"]
     with pytest.raises(ValueError, match="kv_heads=3 must divide heads=4"):
         approx_attn.io_cost(96, 80, 16, method="exact", heads=4, kv_heads=3)
+
+
+def test_io_cost_exact_is_closed_form_and_never_wraps() -> None:
+    # Once a loop over every dispatch and tile (2^62 grew to 23 GB) in u64 that wrapped (2^32
+    # gave less than 2^30): now closed form in u128, an OverflowError beyond u64.
+    with pytest.raises(OverflowError, match="beyond u64"):
+        approx_attn.io_cost(2**62, 2**62, 64, method="exact")
+    with pytest.raises(OverflowError, match="beyond u64"):
+        approx_attn.io_cost(2**32, 2**32, 64, method="exact", fast_memory_words=12288)
+    for causal in (False, True):
+        small, big = (
+            approx_attn.io_cost(n, n, 64, method="exact", is_causal=causal)["total"]
+            for n in (2**28, 2**30)
+        )
+        assert 15.9 < big / small < 16.1, (causal, small, big)

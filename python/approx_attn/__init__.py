@@ -290,6 +290,41 @@ def _check_host_memory(need: int, what: str) -> None:
     )
 
 
+_F32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32
+
+
+def _fold_scale(q: np.ndarray, k: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """For a scale float32 cannot hold (beyond its largest value, or below its smallest normal,
+    where the GPU may flush it to zero): scale = m 2^e with m in [1, 2), and 2^a q, 2^b k in
+    float64 (exact), a + b = e, balanced so that max|2^a m q| and max|2^b k| are about equal: the
+    same scores, with every operand inside float32's range where the scores are. The kernel
+    takes the float32 copies of these and the scale m. A ValueError where an operand would
+    still leave float32's range (then so do the scores)."""
+    m, e = math.frexp(scale)  # scale = m 2^e, 0.5 <= |m| < 1
+    m, e = 2.0 * m, e - 1
+    with np.errstate(over="ignore", invalid="ignore"):
+        qa = float(np.abs(q).max()) if q.size else 0.0
+        ka = float(np.abs(k).max()) if k.size else 0.0
+    if qa == 0.0 or ka == 0.0:
+        return q, k, 1.0  # every score is 0 whatever the scale
+    if not (math.isfinite(qa) and math.isfinite(ka)):
+        a = e  # NaN or Inf in an input: the finiteness checks report it
+    else:
+        a = round((e + math.log2(ka) - math.log2(abs(m) * qa)) / 2.0)
+    b = e - a
+    with np.errstate(over="ignore", invalid="ignore"):
+        q2 = np.ldexp(np.asarray(q, dtype=np.float64), a)
+        k2 = np.ldexp(np.asarray(k, dtype=np.float64), b)
+        q2a, k2a = float(np.abs(q2).max()), float(np.abs(k2).max())
+    if math.isfinite(qa) and math.isfinite(ka) and not (q2a <= _F32_MAX and k2a <= _F32_MAX):
+        raise ValueError(
+            f"the scores scale * q.k can overflow float32: scale = {scale!r} with max|q| = "
+            f"{qa:.4e} and max|k| = {ka:.4e} needs operands up to {max(q2a, k2a):.4e} even "
+            f"balanced, beyond float32's range ({_F32_MAX:.4e})"
+        )
+    return q2, k2, m
+
+
 def _trusted() -> bool:
     # Benchmarks only: compile shaders without wgpu's runtime bounds checks (tests keep them on).
     return os.environ.get("APPROX_ATTN_TRUSTED_SHADERS", "") not in ("", "0")
@@ -408,11 +443,9 @@ def attention(
         degree = _check_int(degree, "degree", 0)
     if scale is not None:
         scale = _check_number(scale, "scale")
-        # The GPU takes the scale as a float32: beyond its range it would be Inf there.
-        if not abs(scale) <= _F32_MAX:
-            raise ValueError(
-                f"scale must be finite in float32 (|scale| <= {_F32_MAX:.7g}), got {scale!r}"
-            )
+        # Beyond float32's range the scale is folded into the inputs below (_fold_scale).
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale!r}")
     if method != "exact" and is_causal and tensor_cores is True:
         raise NotImplementedError(
             "tensor_cores=True is not implemented for causal poly yet; use tensor_cores=None or "
@@ -451,6 +484,10 @@ def attention(
             )
         return out
 
+    f16_inputs = q.dtype == k.dtype == v.dtype == np.float16
+    scale_given = scale
+    if scale != 0.0 and not _F32_TINY <= abs(scale) <= _F32_MAX:
+        q, k, scale = _fold_scale(q, k, scale)
     # The host copies below, counted before any starts: a broadcast view of a few bytes can
     # stand for gigabytes once copied.
     out_size = math.prod(out_shape)
@@ -469,27 +506,35 @@ def attention(
         qf = np.ascontiguousarray(q, dtype=np.float32).reshape(-1)
         kf = np.ascontiguousarray(k, dtype=np.float32).reshape(-1)
         vf = np.ascontiguousarray(v, dtype=np.float32).reshape(-1)
-    flat, rep = _core.attention(
-        qf,
-        kf,
-        vf,
-        units,
-        group,
-        L,
-        S,
-        E,
-        Ev,
-        is_causal,
-        scale,
-        method,
-        eps,
-        degree,
-        check_finite,
-        _trusted(),
-        _count_io(),
-        tensor_cores,
-        q.dtype == k.dtype == v.dtype == np.float16,
-    )
+    try:
+        flat, rep = _core.attention(
+            qf,
+            kf,
+            vf,
+            units,
+            group,
+            L,
+            S,
+            E,
+            Ev,
+            is_causal,
+            scale,
+            method,
+            eps,
+            degree,
+            check_finite,
+            _trusted(),
+            _count_io(),
+            tensor_cores,
+            f16_inputs,
+        )
+    except ValueError as exc:
+        if scale_given != scale and "can overflow float32" in str(exc):
+            raise ValueError(
+                f"{exc} (scale={scale_given!r} is beyond float32's normal range: it ran as "
+                f"{scale!r} with its power of two folded into the query and key)"
+            ) from None
+        raise
     out = flat.reshape(out_shape).astype(out_dtype, copy=False)
     if not return_report:
         return out

@@ -26,6 +26,7 @@ use crate::chunking::{chunking, Chunking};
 use crate::device::Gpu;
 use crate::error::Error;
 use crate::launch::{RunOptions, RunStats};
+use crate::numerics::{row_norm_and_max, value_columns};
 use crate::wgsl::{fill_template, io_counter_slots, wgsl_element};
 
 pub(crate) const TEMPLATE: &str = include_str!("../../shaders/exact_coop.wgsl");
@@ -628,62 +629,21 @@ pub struct F16Bound {
     pub error_bound_per_column: Vec<f64>,
 }
 
-/// Largest Euclidean row norm and largest |element| of `rows` rows of width `w`, on several
-/// threads for large inputs.
-fn row_norm_and_max(x: &[f32], w: usize) -> (f64, f64) {
-    let fold = |part: &[f32]| {
-        part.chunks(w).fold((0f64, 0f64), |(n, a), row| {
-            let (ss, mx) = row.iter().fold((0f64, 0f64), |(ss, mx), &y| {
-                let y = f64::from(y);
-                (ss + y * y, mx.max(y.abs()))
-            });
-            (n.max(ss.sqrt()), a.max(mx))
-        })
-    };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-    let rows = x.len() / w.max(1);
-    if threads == 1 || x.len() < (1 << 20) {
-        return fold(x);
-    }
-    let per = rows.div_ceil(threads) * w;
-    std::thread::scope(|s| {
-        let hs: Vec<_> = x.chunks(per).map(|c| s.spawn(move || fold(c))).collect();
-        hs.into_iter()
-            .map(|h| h.join().unwrap_or((f64::NAN, f64::NAN)))
-            .fold((0f64, 0f64), |(n, a), (n2, a2)| (n.max(n2), a.max(a2)))
-    })
-}
-
-/// Per KV unit and value column: (min, max, max |v|).
-fn value_columns(p: &Problem, v: &[f32]) -> Vec<(f64, f64, f64)> {
-    let mut cols = vec![(f64::INFINITY, f64::NEG_INFINITY, 0f64); p.units * p.ev];
-    for u in 0..p.units {
-        let unit = &v[u * p.s * p.ev..(u + 1) * p.s * p.ev];
-        let c = &mut cols[u * p.ev..(u + 1) * p.ev];
-        for row in unit.chunks(p.ev) {
-            for (s, &y) in c.iter_mut().zip(row) {
-                let y = f64::from(y);
-                *s = (s.0.min(y), s.1.max(y), s.2.max(y.abs()));
-            }
-        }
-    }
-    cols
-}
-
 /// The f16 bound of this call ([`F16Bound`]), or an error where an input would overflow f16.
 pub fn f16_bound(p: &Problem, q: &[f32], k: &[f32], v: &[f32]) -> Result<F16Bound, Error> {
     let c = f64::from(p.scale.abs()) * std::f64::consts::LOG2_E;
     let (qn, qa) = row_norm_and_max(q, p.e);
     let (kn, ka) = row_norm_and_max(k, p.e);
     let cols = value_columns(p, v);
-    let va = cols.iter().map(|x| x.2).fold(0f64, f64::max);
+    // Of the finite values: with check_finite=False, NaN and Inf run as they are.
+    let va = cols.abs_max.iter().copied().fold(0f64, f64::max);
     let overflow = [
         ("query * scale * log2(e)", qa * c),
         ("key", ka),
         ("value", va),
     ]
     .into_iter()
-    .find(|(_, x)| x.is_nan() || *x >= F16_MAX);
+    .find(|(_, x)| *x >= F16_MAX);
     if let Some((name, x)) = overflow {
         return Err(Error::TooLarge(format!(
             "tensor cores need f16 operands: |{name}| reaches {x:.4e}, beyond f16's largest \
@@ -702,7 +662,8 @@ pub fn f16_bound(p: &Problem, q: &[f32], k: &[f32], v: &[f32]) -> Result<F16Boun
         .map(|col| {
             (0..p.units)
                 .map(|unit| {
-                    let (lo, hi, a) = cols[unit * p.ev + col];
+                    let i = unit * p.ev + col;
+                    let (lo, hi, a) = (cols.min[i], cols.max[i], cols.abs_max[i]);
                     (eps + sub) / (1.0 - eps) * (hi - lo) + u * a + eta
                 })
                 .fold(0f64, f64::max)
