@@ -347,6 +347,8 @@ impl Gpu {
     /// [`crate::interrupt::CHECK_EVERY`] (the work already submitted then finishes in the
     /// background; the next call's first wait waits for it).
     pub fn wait(&self) -> Result<(), Error> {
+        // Also before waiting: a call of many short dispatches may never wait 100 ms at once.
+        crate::interrupt::check()?;
         loop {
             let poll = self.device.poll(wgpu::PollType::Wait {
                 submission_index: None,
