@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import fnmatch
+import functools
 import importlib.util
 import math
 import subprocess
@@ -129,6 +131,7 @@ def torch_timed(fn: Callable[[], Any], args: Any) -> tuple[Any, dict[str, Any]]:
     return out, spread(times)
 
 
+@functools.cache
 def load_power_full() -> Callable[..., Any]:
     """Power retention's Triton `power_full` without running the package's `__init__` files:
     they import its CUDA (vidrial) kernels, which clone a repository at import (no network on
@@ -260,6 +263,8 @@ def run(args: Any) -> int:
             for kernel in ("based", "power2"):
                 for gated in (False, True):
                     name = f"ours_{kernel}{'_gated' if gated else ''}"
+                    if not any(fnmatch.fnmatch(name, pat) for pat in args.ours):
+                        continue
                     try:
                         r = ours(inp, kernel, gated, args)
                         ref = row_reference(inp, kernel, gated, inp["rows"])
@@ -290,6 +295,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--decode-n", type=int, nargs="*", default=[4096, 65536, 262144])
     p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--ours", nargs="+", default=["*"], help="our variants to run (glob patterns)")
     p.add_argument("--commit", default="unknown", help="where git is absent (the GPU machine)")
     p.add_argument("--out", default="benches/results/primitive-gpu.json")
     return p.parse_args(argv)
