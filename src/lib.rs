@@ -515,6 +515,60 @@ pub fn exact_attention(
     attention(p, q, k, v, Method::Exact, &popts, opts)
 }
 
+/// Exact attention on the f32 kernel that also returns each output row's log-sum-exp
+/// `ln sum_j exp(scale q_i.k_j)` (`(units*group, l)`), for merging partial outputs over key
+/// shards (ring attention). No score rebalancing or value mapping: scores and value sums must
+/// stay within float32's range (the caller checks the output).
+pub fn exact_attention_lse(
+    p: &Problem,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    opts: &RunOptions,
+) -> Result<(Vec<f32>, Vec<f32>, Report), Error> {
+    p.check_inputs(q, k, v)?;
+    let cfg = Config::from_env();
+    let gpu = device::gpu()?;
+    let _guard = gpu.exclusive();
+    let start = Instant::now();
+    let budget = Budget::for_device(&gpu.info, &cfg)?;
+    let tuner = Tuner {
+        gpu: &gpu,
+        cfg: &cfg,
+        budget: &budget,
+        opts: *opts,
+    };
+    let plan = exact_plan_for(&tuner, p)?;
+    let (out, lse, stats) = if p.l == 0 || p.units == 0 {
+        (Vec::new(), Vec::new(), RunStats::default())
+    } else {
+        exact::run::run_with_lse(&gpu, p, &plan, q, k, v, opts)?
+    };
+    let io = exact_io(p, &plan);
+    Ok((
+        out,
+        lse,
+        Report {
+            method: "exact",
+            adapter: gpu.info.adapter.clone(),
+            backend: gpu.info.backend.clone(),
+            fast_memory_words: budget.fast_memory_words,
+            io_words: io.total(),
+            io_reads: io.reads(),
+            io_writes: io.writes(),
+            stats,
+            elapsed_s: start.elapsed().as_secs_f64(),
+            plan: format!("{plan:?}"),
+            certificate: None,
+            predicted_exact_s: None,
+            predicted_poly_s: None,
+            reason: "exact with row log-sum-exp".into(),
+            tensor_cores: false,
+            exact_f16: None,
+        },
+    ))
+}
+
 /// The f32 poly method at `degree` with these pass tiles (the autotune's candidates). For tests;
 /// `attention` picks tiles itself.
 #[allow(clippy::too_many_arguments)]

@@ -162,6 +162,55 @@ fn attention<'py>(
     Ok((PyArray1::from_vec(py, out), report_dict(py, &report)?))
 }
 
+/// Exact attention (f32 kernel) on flattened contiguous float32 arrays that also returns each
+/// output row's log-sum-exp; returns (flat output, flat lse, report dict).
+#[pyfunction]
+#[pyo3(signature = (q, k, v, units, group, l, s, e, ev, causal, scale, count_io=false))]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn exact_attention_lse<'py>(
+    py: Python<'py>,
+    q: PyReadonlyArray1<'py, f32>,
+    k: PyReadonlyArray1<'py, f32>,
+    v: PyReadonlyArray1<'py, f32>,
+    units: usize,
+    group: usize,
+    l: usize,
+    s: usize,
+    e: usize,
+    ev: usize,
+    causal: bool,
+    scale: f32,
+    count_io: bool,
+) -> PyResult<(
+    Bound<'py, PyArray1<f32>>,
+    Bound<'py, PyArray1<f32>>,
+    Bound<'py, PyDict>,
+)> {
+    let [q, k, v] = copy_inputs([&q, &k, &v]);
+    let p = Problem {
+        units,
+        group,
+        l,
+        s,
+        e,
+        ev,
+        causal,
+        scale,
+    };
+    let opts = RunOptions {
+        trusted: false,
+        count_io,
+    };
+    let result = detached(py, || crate::exact_attention_lse(&p, &q, &k, &v, &opts));
+    give_back_inputs([q, k, v]);
+    let (out, lse, report) = result?;
+    Ok((
+        PyArray1::from_vec(py, out),
+        PyArray1::from_vec(py, lse),
+        report_dict(py, &report)?,
+    ))
+}
+
 /// Polynomial attention with the model's own kernel on flattened contiguous float32 arrays;
 /// returns (flat output, flat state or None, report dict). See `approx_attn.poly_attention`.
 #[pyfunction]
@@ -463,6 +512,7 @@ fn _panic_for_test(py: Python<'_>) -> PyResult<()> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     crate::interrupt::set_check(python_signal_raised);
     m.add_function(wrap_pyfunction!(attention, m)?)?;
+    m.add_function(wrap_pyfunction!(exact_attention_lse, m)?)?;
     m.add_function(wrap_pyfunction!(poly_kernel_attention, m)?)?;
     m.add_function(wrap_pyfunction!(poly_kernel_rank, m)?)?;
     m.add_function(wrap_pyfunction!(device_info, m)?)?;

@@ -38,7 +38,7 @@ import approx_attn
 import numpy as np
 import pytest
 from _helpers import assert_close
-from approx_attn.reference import exact_attention
+from approx_attn.reference import exact_attention, exact_attention_lse
 
 # The exact method explicitly: "auto" may pick the approximate polynomial method.
 attention = functools.partial(approx_attn.attention, method="exact")
@@ -471,3 +471,18 @@ def test_forced_exact_tiles_are_used_or_refused_loudly(monkeypatch: pytest.Monke
         monkeypatch.setenv("APPROX_ATTN_EXACT_TILES", bad)
         with pytest.raises(ValueError, match=match):
             attention(q, k, v)
+
+
+def test_exact_lse_matches_twin() -> None:
+    """The kernel's row log-sum-exp (for ring attention): |lse - lse*| <= 8 (sqrt(S) + E) u
+    (1 + max|lse*|), the float32 scores (E products) and the row sums (sqrt(S) probabilistic)."""
+    rng = np.random.default_rng(4)
+    q, k, v = (randn(rng, shape) for shape in ((2, 2, 90, 8), (2, 1, 90, 8), (2, 1, 90, 5)))
+    for causal in (False, True):
+        out, lse, _ = approx_attn._exact_attention_lse(q, k, v, is_causal=causal, enable_gqa=True)
+        ro, rl = exact_attention_lse(q, k, v, is_causal=causal, enable_gqa=True)
+        assert out.shape == ro.shape and lse.shape == rl.shape == q.shape[:-1]
+        one = attention(q, k, v, is_causal=causal, enable_gqa=True)
+        np.testing.assert_array_equal(out, one)  # the same kernel, the same plan
+        smax = float(np.abs(rl).max()) + 1.0
+        assert_close(lse, rl, 8 * (math.sqrt(90) + 8) * U32 * smax, f"lse causal={causal}")

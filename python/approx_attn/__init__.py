@@ -541,6 +541,47 @@ def attention(
     return out, _report(rep)
 
 
+def _exact_attention_lse(
+    query: Any,
+    key: Any,
+    value: Any,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    enable_gqa: bool = False,
+) -> tuple[np.ndarray, np.ndarray, Report]:
+    """Exact attention on the f32 kernel that also returns each output row's log-sum-exp,
+    ``lse_i = ln sum_j exp(scale q_i.k_j)`` over the keys row i sees (shape (..., L), float32):
+    partial outputs over disjoint key sets merge by it (ring attention, `distributed`).
+    Twin: `reference.exact_attention_lse`. Returns (out float32, lse, Report). Unlike
+    `attention` it does not rebalance extreme scores or map huge values: a non-finite output or
+    log-sum-exp from finite inputs raises ValueError."""
+    q = _as_float_array(query, "query")
+    k = _as_float_array(key, "key")
+    v = _as_float_array(value, "value")
+    is_causal = _check_bool(is_causal, "is_causal")
+    enable_gqa = _check_bool(enable_gqa, "enable_gqa")
+    lead_q, _, group, L, S, E, Ev, units = _shapes(q, k, v, enable_gqa)
+    if scale is None:
+        scale = 1.0 / math.sqrt(E)
+    scale = _check_number(scale, "scale")
+    if not (math.isfinite(scale) and (scale == 0.0 or _F32_TINY <= abs(scale) <= _F32_MAX)):
+        raise ValueError(f"scale must be a normal float32 number or 0, got {scale!r}")
+    with np.errstate(over="ignore"):
+        qf, kf, vf = (np.ascontiguousarray(x, dtype=np.float32).reshape(-1) for x in (q, k, v))
+    flat, lse, rep = _core.exact_attention_lse(
+        qf, kf, vf, units, group, L, S, E, Ev, is_causal, scale, _count_io()
+    )
+    out = flat.reshape(lead_q + (L, Ev))
+    lse = lse.reshape(lead_q + (L,))
+    if not (np.isfinite(out).all() and np.isfinite(lse).all()):
+        raise ValueError(
+            "exact attention with log-sum-exp: a non-finite output or log-sum-exp (NaN or Inf in "
+            "an input, or scores or value sums beyond float32's range)"
+        )
+    return out, lse, _report(rep)
+
+
 def _report(rep: dict[str, Any]) -> Report:
     predicted = None
     if rep.get("predicted_exact_s") is not None:

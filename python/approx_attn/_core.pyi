@@ -29,6 +29,20 @@ def attention(
     tensor_cores: bool | None = None,
     f16_inputs: bool = False,
 ) -> tuple[npt.NDArray[np.float32], dict[str, Any]]: ...
+def exact_attention_lse(
+    q: npt.NDArray[np.float32],
+    k: npt.NDArray[np.float32],
+    v: npt.NDArray[np.float32],
+    units: int,
+    group: int,
+    l: int,
+    s: int,
+    e: int,
+    ev: int,
+    causal: bool,
+    scale: float,
+    count_io: bool = False,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], dict[str, Any]]: ...
 def poly_kernel_attention(
     q: npt.NDArray[np.float32],
     k: npt.NDArray[np.float32],

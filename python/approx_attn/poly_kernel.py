@@ -208,6 +208,41 @@ def poly_attention(
     with the query orthogonal to every key) raises too. Any non-finite output is raised, never
     returned.
     """
+    return _poly_attention(
+        query,
+        key,
+        value,
+        coeffs=coeffs,
+        scale=scale,
+        is_causal=is_causal,
+        normalize=normalize,
+        log_gates=log_gates,
+        enable_gqa=enable_gqa,
+        initial_state=initial_state,
+        return_state=return_state,
+        return_report=return_report,
+    )
+
+
+def _poly_attention(
+    query: Any,
+    key: Any,
+    value: Any,
+    *,
+    coeffs: Any,
+    scale: float | None = None,
+    is_causal: bool = False,
+    normalize: bool = True,
+    log_gates: Any = None,
+    enable_gqa: bool = False,
+    initial_state: PolyState | None = None,
+    return_state: bool = False,
+    return_report: bool = False,
+    positive_on_scores: bool = False,
+) -> Any:
+    """`poly_attention`; ``positive_on_scores=True`` skips the check that the kernel is
+    nonnegative on every real x, for a caller that has certified P > 0 on the interval every
+    score lies in (the distributed certified method: a fit of exp with certified error < 1)."""
     c = _coeffs(coeffs)
     q = _as_float_array(query, "query")
     k = _as_float_array(key, "key")
@@ -217,7 +252,7 @@ def poly_attention(
     enable_gqa = _check_bool(enable_gqa, "enable_gqa")
     return_state = _check_bool(return_state, "return_state")
     return_report = _check_bool(return_report, "return_report")
-    if normalize and not _nonnegative(c):
+    if normalize and not positive_on_scores and not _nonnegative(c):
         raise ValueError(
             f"coeffs {c} give a kernel that is negative for some x: with normalize=True a row's "
             "normaliser could vanish or change sign. Use a kernel that is nonnegative on every "

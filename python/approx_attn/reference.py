@@ -48,6 +48,32 @@ def exact_attention(
     return np.matmul(w, v)
 
 
+def exact_attention_lse(
+    query: np.ndarray,
+    key: np.ndarray,
+    value: np.ndarray,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    enable_gqa: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(softmax(scale * Q K^T) V, ln sum_j exp(scale q_i.k_j)) in float64: the output and each
+    row's log-sum-exp over the keys it sees (twin of `approx_attn._exact_attention_lse`)."""
+    q = np.asarray(query, dtype=np.float64)
+    k, v = _expand_gqa(
+        q, np.asarray(key, dtype=np.float64), np.asarray(value, dtype=np.float64), enable_gqa
+    )
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    s = np.matmul(q, np.swapaxes(k, -1, -2)) * scale
+    if is_causal:
+        s = np.where(causal_mask(s.shape[-2], s.shape[-1]), -np.inf, s)
+    m = s.max(axis=-1, keepdims=True)
+    w = np.exp(s - m)
+    total = w.sum(axis=-1, keepdims=True)
+    return np.matmul(w / total, v), (m + np.log(total))[..., 0]
+
+
 def exact_attention_f16_operands(
     query: np.ndarray,
     key: np.ndarray,

@@ -40,6 +40,32 @@ pub(crate) struct ExactKernel<'a> {
     pub bq: usize,
 }
 
+/// Runs exact attention and also returns each output row's log-sum-exp,
+/// `ln sum_j exp(scale q_i.k_j)` over its visible keys (`(units*group, l)`; -inf for a row that
+/// sees no key): the kernel's per-row statistics (running maximum m and sum l, log2 domain),
+/// written as for split-KV dispatches, give `ln 2 (m + log2 l)`. The shader is the same one.
+pub fn run_with_lse(
+    gpu: &Gpu,
+    p: &Problem,
+    plan: &ExactPlan,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    opts: &RunOptions,
+) -> Result<(Vec<f32>, Vec<f32>, RunStats), Error> {
+    let t = &plan.tiles;
+    let key = format!("exact:{t:?}:{}:{}", opts.count_io, opts.trusted);
+    let pipeline = gpu.pipeline(&key, &shader_source(t, opts.count_io), opts.trusted)?;
+    let kernel = ExactKernel {
+        pass: "exact",
+        pipeline: &pipeline,
+        bq: t.bq,
+    };
+    let (out, lse, stats) =
+        run_kernel_stats(gpu, p, &plan.chunking, &kernel, (q, k, v), opts, true)?;
+    Ok((out, lse.unwrap_or_default(), stats))
+}
+
 /// The host loop of every exact kernel: cuts the problem into the dispatches of `c` and merges
 /// split-KV partial results.
 pub(crate) fn run_kernel(
@@ -47,10 +73,29 @@ pub(crate) fn run_kernel(
     p: &Problem,
     c: &Chunking,
     kernel: &ExactKernel<'_>,
-    (q, k, v): (&[f32], &[f32], &[f32]),
+    xs: (&[f32], &[f32], &[f32]),
     opts: &RunOptions,
 ) -> Result<(Vec<f32>, RunStats), Error> {
-    let split_kv = c.kv_rows < p.s;
+    let (out, _, stats) = run_kernel_stats(gpu, p, c, kernel, xs, opts, false)?;
+    Ok((out, stats))
+}
+
+/// Output, row log-sum-exp (where asked for) and statistics of a run.
+type KernelRun = (Vec<f32>, Option<Vec<f32>>, RunStats);
+
+/// [`run_kernel`]; with `want_lse` every dispatch writes its rows' (m, l) and the merged rows'
+/// log-sum-exp is returned too.
+fn run_kernel_stats(
+    gpu: &Gpu,
+    p: &Problem,
+    c: &Chunking,
+    kernel: &ExactKernel<'_>,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    opts: &RunOptions,
+    want_lse: bool,
+) -> Result<KernelRun, Error> {
+    // With want_lse the rows go through the split-KV merge even in one dispatch.
+    let split_kv = c.kv_rows < p.s || want_lse;
     let q_buf = storage_buffer(gpu, c.units * p.group * c.q_rows * p.e, "q");
     let k_buf = storage_buffer(gpu, c.units * c.kv_rows * p.e, "k");
     let v_buf = storage_buffer(gpu, c.units * c.kv_rows * p.ev, "v");
@@ -106,7 +151,14 @@ pub(crate) fn run_kernel(
             None => place_rows(p, &ch, &o_chunk, &mut out),
         }
     }
-    Ok((out, stats))
+    let lse = merge.filter(|_| want_lse).map(|m| {
+        m.run_m
+            .iter()
+            .zip(&m.run_l)
+            .map(|(&m, &l)| ((m + l.log2()) * std::f64::consts::LN_2) as f32)
+            .collect()
+    });
+    Ok((out, lse, stats))
 }
 
 /// Copies a chunk's output rows `(heads, lc, ev)` to their places in the whole output.
