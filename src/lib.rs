@@ -431,12 +431,12 @@ fn run_choice(
             let (out, io, plan) = match &choice.causal_plan {
                 Some(cp) => (
                     poly::causal::run(gpu, p, cp, table, poly, pre, xs, opts, uploads, stats)?,
-                    causal_io(p, cp, &exact_plan.chunking, budget),
+                    causal_io(p, cp, &exact_plan.chunking, budget)?,
                     format!("{cp:?}"),
                 ),
                 None => (
                     poly_run(gpu, p, plan, table, poly, pre, xs, opts, uploads, stats)?,
-                    poly_io(p, &c.plan, &exact_plan.chunking, budget),
+                    poly_io(p, &c.plan, &exact_plan.chunking, budget)?,
                     format!("{:?}", c.plan),
                 ),
             };
@@ -482,7 +482,7 @@ fn run_choice(
             stats.absorb(&st);
             if pre.is_some() {
                 // auto paid for the pre-pass before choosing exact.
-                let pre_cost = prepass_io(p, &exact_plan.chunking, budget);
+                let pre_cost = prepass_io(p, &exact_plan.chunking, budget)?;
                 io.passes.splice(0..0, pre_cost.passes);
             }
             Ok(Ran {
@@ -544,7 +544,7 @@ pub fn poly_attention_with_tiles(
     let mut st = RunStats::default();
     let tiles = F32Tiles::Given(pass1, pass2);
     let (out, c) = f32_poly(&tuner, (p, &chunking), (q, k, v), degree, tiles, &mut st)?;
-    let io = poly_io(p, &c.plan, &chunking, &budget);
+    let io = poly_io(p, &c.plan, &chunking, &budget)?;
     Ok(TiledPolyRun {
         out,
         beta: c.cert.beta,
@@ -603,9 +603,9 @@ pub fn io_cost(
     let plan = plan_poly(p, g, &budget)?;
     let io = if p.causal {
         let cp = plan_causal(p, &plan, &budget)?;
-        causal_io(p, &cp, &exact_plan.chunking, &budget)
+        causal_io(p, &cp, &exact_plan.chunking, &budget)?
     } else {
-        poly_io(p, &plan, &exact_plan.chunking, &budget)
+        poly_io(p, &plan, &exact_plan.chunking, &budget)?
     };
     Ok(IoEstimate {
         method: "poly",
