@@ -553,6 +553,43 @@ pub fn poly_attention_with_tiles(
     })
 }
 
+/// The reconstructed I/O lower bound in words (`io::closed_form`, docs/io-model.md): for
+/// `Method::Exact` Saha & Ye's, for `Method::Poly` the segment bound at rank C(E + degree,
+/// degree). Checks its arguments as [`io_cost`] does: S, E and the fast memory at least 1, a
+/// degree for poly only (and required there), no `Auto`.
+pub fn io_lower_bound(
+    l: usize,
+    s: usize,
+    e: usize,
+    method: Method,
+    degree: Option<usize>,
+    fast_memory_words: u64,
+) -> Result<f64, Error> {
+    let bad = |m: String| Err(Error::InvalidInput(m));
+    if s == 0 {
+        return bad("key/value sequence length S must be at least 1".into());
+    }
+    if e == 0 {
+        return bad("head dimension E must be at least 1".into());
+    }
+    if fast_memory_words == 0 {
+        return bad("fast_memory_words must be at least 1".into());
+    }
+    let (l, s, d, m) = (l as f64, s as f64, e as f64, fast_memory_words as f64);
+    match (method, degree) {
+        (Method::Exact, None) => Ok(io::closed_form::exact_lower_bound(l, s, d, m)),
+        (Method::Poly, Some(g)) => {
+            let r = poly::features::num_features(e, g) as f64;
+            Ok(io::closed_form::poly_lower_bound(l, s, d, r, m))
+        }
+        (Method::Exact, Some(_)) => bad("degree= applies to method='poly' only".into()),
+        (Method::Poly, None) => bad("the poly lower bound needs a degree".into()),
+        (Method::Auto, _) => {
+            bad("the lower bound is for method 'exact' or 'poly', not 'auto'".into())
+        }
+    }
+}
+
 /// The plan that would run and the words it moves, without touching the GPU when
 /// `fast_memory_words` is given (then the model has no binding limit: one dispatch).
 pub fn io_cost(
