@@ -28,6 +28,125 @@ impl IoCount {
     }
 }
 
+/// A word count in u128 whose every step is checked: `None` from the first overflow on. The
+/// closed-form counts (`exact::io`, `poly::io`, `poly::causal`) are written with it, so a sum
+/// reads as the formula it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Words(pub Option<u128>);
+
+impl Words {
+    pub const ZERO: Words = Words(Some(0));
+}
+
+/// A size or count as [`Words`].
+pub(crate) fn words(x: usize) -> Words {
+    Words(Some(x as u128))
+}
+
+impl From<u128> for Words {
+    fn from(x: u128) -> Words {
+        Words(Some(x))
+    }
+}
+
+impl From<Option<u128>> for Words {
+    fn from(x: Option<u128>) -> Words {
+        Words(x)
+    }
+}
+
+impl std::ops::Add for Words {
+    type Output = Words;
+    fn add(self, o: Words) -> Words {
+        Words(self.0.zip(o.0).and_then(|(a, b)| a.checked_add(b)))
+    }
+}
+
+impl std::ops::Mul for Words {
+    type Output = Words;
+    fn mul(self, o: Words) -> Words {
+        Words(self.0.zip(o.0).and_then(|(a, b)| a.checked_mul(b)))
+    }
+}
+
+impl std::ops::AddAssign for Words {
+    fn add_assign(&mut self, o: Words) {
+        *self = *self + o;
+    }
+}
+
+impl std::iter::Sum for Words {
+    fn sum<I: Iterator<Item = Words>>(it: I) -> Words {
+        it.fold(Words::ZERO, |a, b| a + b)
+    }
+}
+
+/// The words of each pass (name, reads, writes) as an [`IoCount`], or [`Error::Overflow`] where
+/// a count overflowed or all of them together exceed u64 (`what` names the plan).
+pub(crate) fn checked_io(
+    passes: Vec<(&'static str, Words, Words)>,
+    what: impl FnOnce() -> String,
+) -> Result<IoCount, crate::error::Error> {
+    let total = passes.iter().map(|(_, r, w)| *r + *w).sum::<Words>();
+    match total.0 {
+        Some(t) if t <= u128::from(u64::MAX) => Ok(IoCount {
+            passes: passes
+                .into_iter()
+                .map(|(name, r, w)| PassIo {
+                    name,
+                    // Each fits: their sum does.
+                    reads: r.0.unwrap_or(0) as u64,
+                    writes: w.0.unwrap_or(0) as u64,
+                })
+                .collect(),
+        }),
+        _ => Err(crate::error::Error::Overflow(format!(
+            "{} moves more than 2^64 - 1 words: beyond u64",
+            what()
+        ))),
+    }
+}
+
+/// `sum_{i < n} floor((a i + b) / m)` for m > 0, in O(log m) steps (the Euclid-like reduction
+/// of the classic floor sum); None where it overflows u128.
+pub(crate) fn floor_sum(mut n: u128, mut m: u128, mut a: u128, mut b: u128) -> Option<u128> {
+    let mut ans = 0u128;
+    loop {
+        if n == 0 {
+            return Some(ans);
+        }
+        if a >= m {
+            let tri = if n % 2 == 0 {
+                (n / 2).checked_mul(n - 1)?
+            } else {
+                n.checked_mul((n - 1) / 2)?
+            };
+            ans = ans.checked_add(tri.checked_mul(a / m)?)?;
+            a %= m;
+        }
+        if b >= m {
+            ans = ans.checked_add(n.checked_mul(b / m)?)?;
+            b %= m;
+        }
+        let y_max = a.checked_mul(n)?.checked_add(b)?;
+        if y_max < m {
+            return Some(ans);
+        }
+        n = y_max / m;
+        b = y_max % m;
+        std::mem::swap(&mut m, &mut a);
+    }
+}
+
+/// `sum_{i < n} i = n (n - 1) / 2`; None where it overflows u128.
+pub(crate) fn triangle(n: u128) -> Option<u128> {
+    if n % 2 == 0 {
+        (n / 2).checked_mul(n.saturating_sub(1))
+    } else {
+        n.checked_mul((n - 1) / 2)
+    }
+}
+
 /// Closed-form costs and the lower bound, in words. These bounds are reconstructed from the
 /// literature (Saha & Ye 2024, arXiv 2402.07443, for exact attention; the polynomial bounds follow
 /// the same Hong-Kung segment counting, see docs/io-model.md) and are not the seed paper's own constants.

@@ -431,12 +431,12 @@ fn run_choice(
             let (out, io, plan) = match &choice.causal_plan {
                 Some(cp) => (
                     poly::causal::run(gpu, p, cp, table, poly, pre, xs, opts, uploads, stats)?,
-                    causal_io(p, cp, &exact_plan.chunking, budget),
+                    causal_io(p, cp, &exact_plan.chunking, budget)?,
                     format!("{cp:?}"),
                 ),
                 None => (
                     poly_run(gpu, p, plan, table, poly, pre, xs, opts, uploads, stats)?,
-                    poly_io(p, &c.plan, &exact_plan.chunking, budget),
+                    poly_io(p, &c.plan, &exact_plan.chunking, budget)?,
                     format!("{:?}", c.plan),
                 ),
             };
@@ -482,7 +482,7 @@ fn run_choice(
             stats.absorb(&st);
             if pre.is_some() {
                 // auto paid for the pre-pass before choosing exact.
-                let pre_cost = prepass_io(p, &exact_plan.chunking, budget);
+                let pre_cost = prepass_io(p, &exact_plan.chunking, budget)?;
                 io.passes.splice(0..0, pre_cost.passes);
             }
             Ok(Ran {
@@ -598,13 +598,50 @@ pub fn poly_attention_with_tiles(
     let mut st = RunStats::default();
     let tiles = F32Tiles::Given(pass1, pass2);
     let (out, c) = f32_poly(&tuner, (p, &chunking), (q, k, v), degree, tiles, &mut st)?;
-    let io = poly_io(p, &c.plan, &chunking, &budget);
+    let io = poly_io(p, &c.plan, &chunking, &budget)?;
     Ok(TiledPolyRun {
         out,
         beta: c.cert.beta,
         words_counted: st.io_words_counted,
         words_planned: (io.reads(), io.writes()),
     })
+}
+
+/// The reconstructed I/O lower bound in words (`io::closed_form`, docs/io-model.md): for
+/// `Method::Exact` Saha & Ye's, for `Method::Poly` the segment bound at rank C(E + degree,
+/// degree). Checks its arguments as [`io_cost`] does: S, E and the fast memory at least 1, a
+/// degree for poly only (and required there), no `Auto`.
+pub fn io_lower_bound(
+    l: usize,
+    s: usize,
+    e: usize,
+    method: Method,
+    degree: Option<usize>,
+    fast_memory_words: u64,
+) -> Result<f64, Error> {
+    let bad = |m: String| Err(Error::InvalidInput(m));
+    if s == 0 {
+        return bad("key/value sequence length S must be at least 1".into());
+    }
+    if e == 0 {
+        return bad("head dimension E must be at least 1".into());
+    }
+    if fast_memory_words == 0 {
+        return bad("fast_memory_words must be at least 1".into());
+    }
+    let (l, s, d, m) = (l as f64, s as f64, e as f64, fast_memory_words as f64);
+    match (method, degree) {
+        (Method::Exact, None) => Ok(io::closed_form::exact_lower_bound(l, s, d, m)),
+        (Method::Poly, Some(g)) => {
+            let r = poly::features::num_features(e, g) as f64;
+            Ok(io::closed_form::poly_lower_bound(l, s, d, r, m))
+        }
+        (Method::Exact, Some(_)) => bad("degree= applies to method='poly' only".into()),
+        (Method::Poly, None) => bad("the poly lower bound needs a degree".into()),
+        (Method::Auto, _) => {
+            bad("the lower bound is for method 'exact' or 'poly', not 'auto'".into())
+        }
+    }
 }
 
 /// The plan that would run and the words it moves, without touching the GPU when
@@ -657,9 +694,9 @@ pub fn io_cost(
     let plan = plan_poly(p, g, &budget)?;
     let io = if p.causal {
         let cp = plan_causal(p, &plan, &budget)?;
-        causal_io(p, &cp, &exact_plan.chunking, &budget)
+        causal_io(p, &cp, &exact_plan.chunking, &budget)?
     } else {
-        poly_io(p, &plan, &exact_plan.chunking, &budget)
+        poly_io(p, &plan, &exact_plan.chunking, &budget)?
     };
     Ok(IoEstimate {
         method: "poly",

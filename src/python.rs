@@ -347,15 +347,7 @@ fn io_cost<'py>(
     beta: Option<f64>,
     fast_memory_words: Option<u64>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let method = match method {
-        "exact" => Method::Exact,
-        "poly" => Method::Poly,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "method must be 'exact' or 'poly', got {other:?}"
-            )))
-        }
-    };
+    let method = parse_method(method, &[("exact", Method::Exact), ("poly", Method::Poly)])?;
     let p = Problem {
         units,
         group,
@@ -388,19 +380,65 @@ fn io_cost<'py>(
     Ok(d)
 }
 
-/// Closed forms in words (see `io::closed_form`): (exact_tiled, poly_a, poly_b, poly_materialized,
-/// poly_lower_bound, exact_lower_bound).
+fn parse_method(method: &str, allowed: &[(&str, Method)]) -> PyResult<Method> {
+    allowed
+        .iter()
+        .find(|(name, _)| *name == method)
+        .map(|&(_, m)| m)
+        .ok_or_else(|| {
+            let names: Vec<&str> = allowed.iter().map(|(n, _)| *n).collect();
+            PyValueError::new_err(format!("method must be one of {names:?}, got {method:?}"))
+        })
+}
+
+/// The reconstructed I/O lower bound in words; see `approx_attn.io_lower_bound`.
 #[pyfunction]
-fn io_closed_form(l: f64, s: f64, d: f64, r: f64, m: f64) -> (f64, f64, f64, f64, f64, f64) {
+#[pyo3(signature = (l, s, e, method, degree, fast_memory_words))]
+fn io_lower_bound(
+    l: usize,
+    s: usize,
+    e: usize,
+    method: &str,
+    degree: Option<usize>,
+    fast_memory_words: u64,
+) -> PyResult<f64> {
+    let method = parse_method(method, &[("exact", Method::Exact), ("poly", Method::Poly)])?;
+    crate::io_lower_bound(l, s, e, method, degree, fast_memory_words).map_err(to_py)
+}
+
+/// Closed forms in words (see `io::closed_form`): (exact_tiled, poly_a, poly_b, poly_materialized,
+/// poly_lower_bound, exact_lower_bound). Sizes are finite, L and S >= 0, d, r and m > 0.
+#[pyfunction]
+fn io_closed_form(
+    l: f64,
+    s: f64,
+    d: f64,
+    r: f64,
+    m: f64,
+) -> PyResult<(f64, f64, f64, f64, f64, f64)> {
     use crate::io::closed_form as cf;
-    (
+    let sizes = [
+        ("l", l, 0.0),
+        ("s", s, 0.0),
+        ("d", d, 1.0),
+        ("r", r, 1.0),
+        ("m", m, 1.0),
+    ];
+    for (name, x, low) in sizes {
+        if !(x.is_finite() && x >= low) {
+            return Err(PyValueError::new_err(format!(
+                "{name} must be a finite number >= {low}, got {x}"
+            )));
+        }
+    }
+    Ok((
         cf::exact_tiled(l, s, d, m),
         cf::poly_a(l, s, d),
         cf::poly_b(l, s, d, r, m),
         cf::poly_materialized(l.max(s), d, r, m),
         cf::poly_lower_bound(l, s, d, r, m),
         cf::exact_lower_bound(l, s, d, m),
-    )
+    ))
 }
 
 /// C(e+g, g), the number of features of degree <= g in e variables.
@@ -519,6 +557,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(list_adapters, m)?)?;
     m.add_function(wrap_pyfunction!(io_cost, m)?)?;
     m.add_function(wrap_pyfunction!(io_closed_form, m)?)?;
+    m.add_function(wrap_pyfunction!(io_lower_bound, m)?)?;
     m.add_function(wrap_pyfunction!(num_features, m)?)?;
     m.add_function(wrap_pyfunction!(fit_polynomial, m)?)?;
     m.add_function(wrap_pyfunction!(_destroy_device, m)?)?;

@@ -230,6 +230,24 @@ def test_io_cost_accepts_numpy_scalars() -> None:
         ((10, 10, 16), {"degree": None}, ValueError, "needs degree="),
         ((10, 10, 16), {"degree": -2}, ValueError, "^degree must be a non-negative integer"),
         ((10, 10, 16), {"fast_memory_words": 0}, ValueError, "^fast_memory_words must be a pos"),
+        ((10, -1, 16), {}, ValueError, "^S must be a positive integer, got -1"),
+        ((10, 10, -3), {}, ValueError, "^E must be a positive integer, got -3"),
+        ((True, 10, 16), {}, TypeError, "^L must be an integer, not bool"),
+        ((10, np.bool_(True), 16), {}, TypeError, "^S must be an integer, not bool"),
+        ((10, 10, False), {}, TypeError, "^E must be an integer, not bool"),
+        ((10.0, 10, 16), {}, TypeError, "^L must be an integer, not float"),
+        ((10, "10", 16), {}, TypeError, "^S must be an integer, not str"),
+        ((10, 10, np.float64(16)), {}, TypeError, "^E must be an integer, not float64"),
+        ((10, 10, 16), {"degree": True}, TypeError, "^degree must be an integer, not bool"),
+        ((10, 10, 16), {"degree": 2.0}, TypeError, "^degree must be an integer, not float"),
+        ((10, 10, 16), {"method": "exact", "degree": True}, TypeError, "^degree must be an int"),
+        ((10, 10, 16), {"method": None}, TypeError, "^method must be a str, not NoneType"),
+        ((10, 10, 16), {"method": "auto"}, ValueError, "^method must be one of"),
+        ((10, 10, 16), {"fast_memory_words": True}, TypeError, "^fast_memory_words must be an int"),
+        ((10, 10, 16), {"fast_memory_words": 1.5}, TypeError, "^fast_memory_words must be an int"),
+        ((10, 10, 16), {"fast_memory_words": -8}, ValueError, "^fast_memory_words must be a pos"),
+        ((2**70, 10, 16), {}, OverflowError, f"^L={2**70} is too large"),
+        ((10, 10, 16), {"degree": 2**70}, OverflowError, f"^degree={2**70} is too large"),
     ],
     ids=lambda x: repr(x)[:30],
 )
@@ -246,6 +264,40 @@ def test_io_lower_bound_accepts_numpy_scalars() -> None:
         np.int64(1024), 1024, np.int16(16), degree=np.int8(2), fast_memory_words=np.int64(8192)
     )
     assert a == approx_attn.io_lower_bound(1024, 1024, 16, degree=2, fast_memory_words=8192) > 0
+    b = approx_attn.io_lower_bound(
+        np.uint32(0), np.uint64(7), np.int32(4), method="exact", fast_memory_words=np.uint16(512)
+    )
+    assert b == approx_attn.io_lower_bound(0, 7, 4, method="exact", fast_memory_words=512) > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((10, 0, 16, "exact", None, 8192), "^key/value sequence length S must be at least 1"),
+        ((10, 10, 0, "exact", None, 8192), "^head dimension E must be at least 1"),
+        ((10, 10, 16, "exact", None, 0), "^fast_memory_words must be at least 1"),
+        ((10, 10, 16, "auto", None, 8192), "^method must be one of"),
+        ((10, 10, 16, "bogus", 2, 8192), "^method must be one of"),
+        ((10, 10, 16, "exact", 2, 8192), "applies to method='poly' only"),
+        ((10, 10, 16, "poly", None, 8192), "needs a degree"),
+    ],
+    ids=repr,
+)
+def test_io_lower_bound_checks_its_arguments_in_rust_too(args: tuple[Any, ...], match: str) -> None:
+    # The binding behind io_lower_bound checks what the Python layer checks (io_cost's rules).
+    with pytest.raises(ValueError, match=match):
+        approx_attn._core.io_lower_bound(*args)
+    with pytest.raises(OverflowError):  # PyO3: a negative int is no usize
+        approx_attn._core.io_lower_bound(-1, 10, 16, "exact", None, 8192)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_io_closed_form_refuses_non_finite_or_negative_sizes(bad: float) -> None:
+    for i in range(5):
+        args = [100.0, 100.0, 16.0, 153.0, 8192.0]
+        args[i] = bad
+        with pytest.raises(ValueError, match="must be a finite number >="):
+            approx_attn._core.io_closed_form(*args)
 
 
 # Host memory

@@ -315,3 +315,55 @@ def test_io_cost_exact_is_closed_form_and_never_wraps() -> None:
             for n in (2**28, 2**30)
         )
         assert 15.9 < big / small < 16.1, (causal, small, big)
+
+
+@pytest.mark.parametrize("fast_memory_words", [None, 12288], ids=["device", "M=12288"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("method", ["poly", "exact"])
+def test_io_cost_answers_any_size_at_once(
+    method: str, is_causal: bool, fast_memory_words: int | None
+) -> None:
+    # Poly once looped over every dispatch, window and query block in u64: 2^62 returned a
+    # wrapped total (non-causal) or aborted allocating 1.4 PB of windows (causal), and causal
+    # 2^40 took 33 s. Now closed form in u128: an OverflowError beyond u64, no allocation.
+    kwargs: dict[str, Any] = {"degree": 2} if method == "poly" else {}
+
+    def cost(n: int) -> int:
+        return approx_attn.io_cost(
+            n,
+            n,
+            64,
+            method=method,
+            is_causal=is_causal,
+            fast_memory_words=fast_memory_words,
+            **kwargs,
+        )["total"]
+
+    rss_kib = _peak_rss_kib()
+    with pytest.raises(OverflowError, match="beyond u64"):
+        cost(2**62)
+    if method == "poly":
+        # Near-linear and within the stated constant of the lower bound (32x, Rust tests).
+        small, big = cost(2**39), cost(2**40)
+        assert 1.99 < big / small < 2.01, (small, big)
+        m = fast_memory_words or approx_attn.device_info()["fast_memory_words"]
+        lb = approx_attn.io_lower_bound(2**40, 2**40, 64, degree=2, fast_memory_words=m)
+        assert lb <= big < 32 * lb, (big, lb)
+    else:
+        # Quadratic: 2^39 already moves about 2^84 words.
+        with pytest.raises(OverflowError, match="beyond u64"):
+            cost(2**39)
+        small, big = cost(2**29), cost(2**30)
+        assert 3.99 < big / small < 4.01, (small, big)
+    if rss_kib is not None:
+        grown_mib = (_peak_rss_kib() - rss_kib) / 1024
+        assert grown_mib < 64, grown_mib
+
+
+def _peak_rss_kib() -> int | None:
+    """Peak resident memory of this process in KiB (Linux), None where unknown."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

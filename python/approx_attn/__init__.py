@@ -695,22 +695,24 @@ def io_lower_bound(
 ) -> float:
     """Reconstructed I/O lower bound in words (see README): for ``poly`` with rank
     r = C(E+degree, degree), Ω(n·d + min(n·r·d²/M, n·r·d/√M)) with the segment-argument
-    constants; for ``exact``, Ω(min(n²d²/M, n²d/√M)) (Saha & Ye 2024)."""
+    constants; for ``exact``, Ω(min(n²d²/M, n²d/√M)) (Saha & Ye 2024).
+
+    Arguments are checked as in :func:`io_cost`: sizes are integers (Python or NumPy, not
+    bools; TypeError otherwise), L ≥ 0, S, E and ``fast_memory_words`` ≥ 1 (ValueError),
+    ``method`` is ``"exact"`` or ``"poly"``, ``degree`` a non-negative integer for poly only.
+    ``fast_memory_words`` defaults to the current adapter's."""
     L, S, E = _check_int(L, "L", 0), _check_int(S, "S", 1), _check_int(E, "E", 1)
     method = _check_method(method, ("exact", "poly"))
     if degree is not None:
+        degree = _check_int(degree, "degree", 0)
         if method != "poly":
             raise ValueError("degree= applies to method='poly' only")
-        degree = _check_int(degree, "degree", 0)
     elif method == "poly":
         raise ValueError("io_lower_bound(method='poly') needs degree=")
     if fast_memory_words is None:
         fast_memory_words = device_info()["fast_memory_words"]
-    m = float(_check_int(fast_memory_words, "fast_memory_words", 1))
-    if method == "exact":
-        return _core.io_closed_form(L, S, E, 1.0, m)[5]
-    r = float(_core.num_features(E, degree))
-    return _core.io_closed_form(L, S, E, r, m)[4]
+    fast_memory_words = _check_int(fast_memory_words, "fast_memory_words", 1)
+    return _core.io_lower_bound(L, S, E, method, degree, fast_memory_words)
 
 
 # After every helper it imports is defined.

@@ -3,7 +3,7 @@
 use super::plan::ExactPlan;
 use crate::api::Problem;
 use crate::error::Error;
-use crate::io::{IoCount, PassIo};
+use crate::io::{floor_sum, IoCount, PassIo};
 
 /// Exactly the words the exact kernel loads and stores for this plan (see `shaders/exact.wgsl`):
 /// each workgroup reads its query rows once and every visible key row's K and V once, and writes
@@ -122,37 +122,6 @@ fn causal_tile_keys(nf: u128, q: u128, rem: u128, bq: u128, s: u128) -> Option<u
         sum = sum.checked_add(chunk(nf.checked_mul(q)?, rem)?)?;
     }
     Some(sum)
-}
-
-/// `sum_{i < n} floor((a i + b) / m)` for m > 0, in O(log m) steps (the Euclid-like reduction
-/// of the classic floor sum); None where it overflows u128.
-pub(crate) fn floor_sum(mut n: u128, mut m: u128, mut a: u128, mut b: u128) -> Option<u128> {
-    let mut ans = 0u128;
-    loop {
-        if n == 0 {
-            return Some(ans);
-        }
-        if a >= m {
-            let tri = if n % 2 == 0 {
-                (n / 2).checked_mul(n - 1)?
-            } else {
-                n.checked_mul((n - 1) / 2)?
-            };
-            ans = ans.checked_add(tri.checked_mul(a / m)?)?;
-            a %= m;
-        }
-        if b >= m {
-            ans = ans.checked_add(n.checked_mul(b / m)?)?;
-            b %= m;
-        }
-        let y_max = a.checked_mul(n)?.checked_add(b)?;
-        if y_max < m {
-            return Some(ans);
-        }
-        n = y_max / m;
-        b = y_max % m;
-        std::mem::swap(&mut m, &mut a);
-    }
 }
 
 #[cfg(test)]

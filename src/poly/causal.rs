@@ -69,7 +69,7 @@ use std::sync::Arc;
 
 use super::features::{index_words, pack_indices, query_weights, FeatureTable};
 use super::fit::Poly;
-use super::io::prepass_io;
+use super::io::prepass_words;
 use super::kernel_common::{Pass1Params, Variant};
 use super::kernel_f32::{pass1_source_with, pass2_source_variant};
 use super::plan::{PolyPlan, AUX_THREADS};
@@ -80,7 +80,7 @@ use crate::chunking::Chunking;
 use crate::config::Config;
 use crate::device::Gpu;
 use crate::error::Error;
-use crate::io::{IoCount, PassIo};
+use crate::io::{checked_io, floor_sum, triangle, words, IoCount, PassIo, Words};
 use crate::launch::{Launch, RunOptions, RunStats};
 use crate::transfer::{gather, read_f32, storage_buffer, storage_buffer_with, Uploads};
 use crate::wgsl::{fill_template, io_counter_slots};
@@ -332,68 +332,117 @@ fn windows(p: &Problem, plan: &CausalPlan) -> Vec<(usize, usize, usize)> {
 /// (per block: mu, the coefficients, its query rows, the visible keys' K and V rows; its [num | D]
 /// rows written) and pass 2 (per head: its query rows, each block's state with index words and
 /// weights, each row's diagonal block (Ev columns, and D once per thread column), its output).
+/// In closed form ([`causal_passes_io`]); [`Error::Overflow`] where the total exceeds u64.
 pub fn causal_io(
     p: &Problem,
     plan: &CausalPlan,
     prepass_chunking: &Chunking,
     budget: &Budget,
-) -> IoCount {
-    let mut io = prepass_io(p, prepass_chunking, budget);
-    io.passes.extend(causal_passes_io(p, plan, false));
-    io
+) -> Result<IoCount, Error> {
+    let (r, w) = prepass_words(p, prepass_chunking, budget);
+    let mut passes = vec![("prepass", r, w)];
+    passes.extend(causal_passes_words(p, plan, false));
+    checked_io(passes, || format!("the causal poly plan for {p:?}"))
 }
 
 /// The words of the causal passes alone (the polynomial primitive has no pre-pass); `gated`
 /// adds the gate factors: a weight per key per feature chunk (pass 1), a decay per chunk state
 /// element (scan), a gate pair per query row and per visible key of each block (diagonal), and a
-/// factor per row per thread column (pass 2).
-pub fn causal_passes_io(p: &Problem, plan: &CausalPlan, gated: bool) -> Vec<PassIo> {
-    let gated = u64::from(gated);
+/// factor per row per thread column (pass 2). [`Error::Overflow`] where the total exceeds u64.
+pub fn causal_passes_io(p: &Problem, plan: &CausalPlan, gated: bool) -> Result<Vec<PassIo>, Error> {
+    let passes = causal_passes_words(p, plan, gated);
+    Ok(checked_io(passes, || format!("the causal poly plan for {p:?}"))?.passes)
+}
+
+/// The windows of [`windows`] as (query rows, visible keys, how many), without a loop: the first
+/// `S_eff / W` see W keys each, the next one the rest of them, the later ones none; all have W
+/// rows but the last (`L % W`).
+fn window_kinds(p: &Problem, plan: &CausalPlan) -> Vec<(usize, usize, usize)> {
+    let s_eff = p.s.min(p.l);
+    let w = plan.window_rows().max(1);
+    let (nf, rem) = (p.l / w, p.l % w);
+    let nw = nf + usize::from(rem > 0);
+    let a = s_eff / w;
+    let mut kinds = vec![(w, w, a)];
+    if a < nw {
+        kinds.push((if a < nf { w } else { rem }, s_eff % w, 1));
+    }
+    if nf > a + 1 {
+        kinds.push((w, 0, nf - a - 1));
+    }
+    if rem > 0 && nf > a {
+        kinds.push((rem, 0, 1));
+    }
+    kinds.retain(|&(_, _, n)| n > 0);
+    kinds
+}
+
+/// Keys the diagonal kernel reads in a window of `lw` query rows and `kw` visible keys: block j
+/// (rows j·bq up to end_j = min((j + 1)·bq, lw)) reads the keys of its chunk (from
+/// c0_j = c·floor(j·bq / c)) up to min(end_j, kw). The blocks that end within the keys
+/// (j < J) read end_j − c0_j, the later ones whose chunk starts within them (j < J2)
+/// kw − c0_j, the rest none; the sum of the c0_j is a floor sum.
+fn diag_keys(lw: usize, kw: usize, bq: usize, c: usize) -> Option<u128> {
+    let (lw, kw, bq, c) = (lw as u128, kw as u128, bq.max(1) as u128, c.max(1) as u128);
+    let (blocks, full) = (lw.div_ceil(bq), lw / bq);
+    let j_full = (kw / bq).min(full);
+    let last_within = lw % bq != 0 && lw <= kw;
+    let j = j_full + u128::from(last_within);
+    let ends = bq
+        .checked_mul(triangle(j_full.checked_add(1)?)?)?
+        .checked_add(if last_within { lw } else { 0 })?;
+    let j2 = blocks.min((kw / c + 1).checked_mul(c)?.div_ceil(bq)).max(j);
+    ends.checked_add((j2 - j).checked_mul(kw)?)?
+        .checked_sub(c.checked_mul(floor_sum(j2, c, bq, 0)?)?)
+}
+
+/// [`causal_passes_io`]'s words per pass, in closed form over the kinds of window
+/// ([`window_kinds`]): per unit for pass 1 and the scan, per query head for the diagonal
+/// kernel and pass 2 (a dispatch of units moves words in proportion to its units, so the
+/// dispatches sum to all of them).
+fn causal_passes_words(
+    p: &Problem,
+    plan: &CausalPlan,
+    gated: bool,
+) -> Vec<(&'static str, Words, Words)> {
+    let g = words(usize::from(gated));
     let pp = &plan.poly;
+    let one = words(1);
     let (r, ev1, iw) = (
-        pp.r as u64,
-        (p.ev + 1) as u64,
-        index_words(pp.degree) as u64,
+        words(pp.r),
+        words(p.ev) + one,
+        words(index_words(pp.degree)),
     );
-    let (e, ev) = (p.e as u64, p.ev as u64);
-    let chunks1 = pp.pass1.chunks() as u64;
-    let (bq, b, c) = (plan.diag.bq, pp.pass2.b, plan.chunk);
-    let coeffs = (pp.degree + 1) as u64;
-    let tc = pp.pass2.tc as u64;
-    let mut t = [0u64; 8]; // (reads, writes) of pass 1, scan, diag, pass 2
-    for u0 in (0..p.units).step_by(plan.units) {
-        let nu = plan.units.min(p.units - u0) as u64;
-        let heads = nu * p.group as u64;
-        for (_, lw, kw) in windows(p, plan) {
-            let splits = kw.div_ceil(c) as u64;
-            t[0] += nu
-                * (splits * chunks1 * e + splits * r * iw + chunks1 * kw as u64 * (e + ev + gated));
-            t[1] += nu * splits * r * ev1;
-            t[2] += nu * r * ev1 * (1 + splits + gated * splits);
-            let total = u64::from(splits < plan.window_chunks as u64);
-            t[3] += nu * r * ev1 * (splits + 1 + total);
-            let (mut dr, mut keys) = (0u64, 0u64);
-            for q0 in (0..lw).step_by(bq) {
-                let rows = bq.min(lw - q0);
-                let c0 = q0 / c * c;
-                keys += (q0 + rows).min(kw).saturating_sub(c0) as u64;
-                dr += e + coeffs;
-            }
-            t[4] += heads * (dr + lw as u64 * (e + 2 * gated) + keys * (e + ev + 2 * gated));
-            t[5] += heads * lw as u64 * ev1;
-            let blocks = lw.div_ceil(b) as u64;
-            t[6] += heads * (lw as u64 * (e + ev + tc + gated * tc) + blocks * r * (ev1 + iw + 1));
-            t[7] += heads * lw as u64 * ev;
-        }
+    let (e, ev) = (words(p.e), words(p.ev));
+    let chunks1 = words(pp.pass1.chunks());
+    let (bq, b, c) = (plan.diag.bq, pp.pass2.b.max(1), plan.chunk.max(1));
+    let coeffs = words(pp.degree) + one;
+    let tc = words(pp.pass2.tc);
+    let units = words(p.units);
+    let heads = units * words(p.group);
+    let mut t = [Words::ZERO; 8]; // (reads, writes) of pass 1, scan, diag, pass 2
+    for (lw, kw, n) in window_kinds(p, plan) {
+        let (un, hn) = (units * words(n), heads * words(n));
+        let (lw_, kw_) = (words(lw), words(kw));
+        let splits = words(kw.div_ceil(c));
+        t[0] += un * (splits * chunks1 * e + splits * r * iw + chunks1 * kw_ * (e + ev + g));
+        t[1] += un * splits * r * ev1;
+        t[2] += un * r * ev1 * (one + splits + g * splits);
+        let total = words(usize::from(kw.div_ceil(c) < plan.window_chunks));
+        t[3] += un * r * ev1 * (splits + one + total);
+        let keys = Words(diag_keys(lw, kw, bq, c));
+        let dr = words(lw.div_ceil(bq.max(1))) * (e + coeffs);
+        let two_g = words(2) * g;
+        t[4] += hn * (dr + lw_ * (e + two_g) + keys * (e + ev + two_g));
+        t[5] += hn * lw_ * ev1;
+        let blocks = words(lw.div_ceil(b));
+        t[6] += hn * (lw_ * (e + ev + tc + g * tc) + blocks * r * (ev1 + iw + one));
+        t[7] += hn * lw_ * ev;
     }
     ["pass1", "scan", "diag", "pass2"]
         .into_iter()
         .enumerate()
-        .map(|(i, name)| PassIo {
-            name,
-            reads: t[2 * i],
-            writes: t[2 * i + 1],
-        })
+        .map(|(i, name)| (name, t[2 * i], t[2 * i + 1]))
         .collect()
 }
 
@@ -974,6 +1023,205 @@ mod tests {
         plan_causal(p, &plan_poly(p, g, b).unwrap(), b).unwrap()
     }
 
+    /// The old count, window by window and block by block as the kernels run (u64): the
+    /// reference for the closed form.
+    fn causal_passes_io_by_window(
+        p: &Problem,
+        plan: &CausalPlan,
+        gated: bool,
+    ) -> Vec<(&'static str, u64, u64)> {
+        let gated = u64::from(gated);
+        let pp = &plan.poly;
+        let (r, ev1, iw) = (
+            pp.r as u64,
+            (p.ev + 1) as u64,
+            index_words(pp.degree) as u64,
+        );
+        let (e, ev) = (p.e as u64, p.ev as u64);
+        let chunks1 = pp.pass1.chunks() as u64;
+        let (bq, b, c) = (plan.diag.bq, pp.pass2.b, plan.chunk);
+        let coeffs = (pp.degree + 1) as u64;
+        let tc = pp.pass2.tc as u64;
+        let mut t = [0u64; 8];
+        for u0 in (0..p.units).step_by(plan.units) {
+            let nu = plan.units.min(p.units - u0) as u64;
+            let heads = nu * p.group as u64;
+            for (_, lw, kw) in windows(p, plan) {
+                let splits = kw.div_ceil(c) as u64;
+                t[0] += nu
+                    * (splits * chunks1 * e
+                        + splits * r * iw
+                        + chunks1 * kw as u64 * (e + ev + gated));
+                t[1] += nu * splits * r * ev1;
+                t[2] += nu * r * ev1 * (1 + splits + gated * splits);
+                let total = u64::from(splits < plan.window_chunks as u64);
+                t[3] += nu * r * ev1 * (splits + 1 + total);
+                let (mut dr, mut keys) = (0u64, 0u64);
+                for q0 in (0..lw).step_by(bq) {
+                    let rows = bq.min(lw - q0);
+                    let c0 = q0 / c * c;
+                    keys += (q0 + rows).min(kw).saturating_sub(c0) as u64;
+                    dr += e + coeffs;
+                }
+                t[4] += heads * (dr + lw as u64 * (e + 2 * gated) + keys * (e + ev + 2 * gated));
+                t[5] += heads * lw as u64 * ev1;
+                let blocks = lw.div_ceil(b) as u64;
+                t[6] +=
+                    heads * (lw as u64 * (e + ev + tc + gated * tc) + blocks * r * (ev1 + iw + 1));
+                t[7] += heads * lw as u64 * ev;
+            }
+        }
+        ["pass1", "scan", "diag", "pass2"]
+            .into_iter()
+            .enumerate()
+            .map(|(i, name)| (name, t[2 * i], t[2 * i + 1]))
+            .collect()
+    }
+
+    #[test]
+    fn diag_keys_match_the_block_loop() {
+        for lw in 1usize..60 {
+            for kw in 0..=lw {
+                for bq in 1usize..9 {
+                    for c in 1usize..20 {
+                        let want: usize = (0..lw)
+                            .step_by(bq)
+                            .map(|q0| (q0 + bq.min(lw - q0)).min(kw).saturating_sub(q0 / c * c))
+                            .sum();
+                        assert_eq!(
+                            diag_keys(lw, kw, bq, c),
+                            Some(want as u128),
+                            "{lw} {kw} {bq} {c}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Plans of plan_causal and perturbed ones (chunks, windows, units per dispatch, blocks):
+    /// the closed form must count any plan as the loops do, gated or not, with the pre-pass.
+    #[test]
+    fn closed_form_equals_the_count_by_window() {
+        use crate::poly::io::{by_dispatch, Rng};
+        let mut rng = Rng(0xD1B5_4A32_D192_ED03);
+        let (mut checked, mut several_windows, mut s_over_l, mut s_under_l) = (0, 0, 0, 0);
+        for case in 0..1500 {
+            let edge = [
+                1usize, 2, 3, 7, 16, 31, 63, 64, 65, 129, 255, 513, 700, 1000,
+            ];
+            let l = if case % 3 == 0 {
+                rng.pick(&edge)
+            } else {
+                rng.range(1, 3000)
+            };
+            let s = match case % 4 {
+                0 => rng.pick(&edge),
+                1 => l,
+                _ => rng.range(1, 3000),
+            };
+            let e = rng.pick(&[1usize, 3, 4, 8, 16, 17, 32, 64]);
+            let ev = if rng.range(0, 1) == 0 {
+                e
+            } else {
+                rng.pick(&[1usize, 5, 8, 16, 33])
+            };
+            let units = rng.range(1, 6);
+            let group = rng.pick(&[1usize, 1, 2, 3, 4]);
+            let p = Problem {
+                units,
+                group,
+                l,
+                s,
+                e,
+                ev,
+                causal: true,
+                scale: 0.1,
+            };
+            let m = rng.pick(&[4096u64, 8192, 12288, 16384]);
+            let budget = match rng.range(0, 2) {
+                0 => Budget::model(m),
+                1 => Budget::with_binding(m, rng.pick(&[1u64 << 16, 1 << 18, 1 << 20])),
+                _ => Budget::with_binding(m, 128 << 20),
+            };
+            let g = rng.pick(&[1usize, 2, 2, 3]);
+            let Ok(poly) = plan_poly(&p, g, &budget) else {
+                continue;
+            };
+            let Ok(mut plan) = plan_causal(&p, &poly, &budget) else {
+                continue;
+            };
+            let Ok(exact) = plan_exact(&p, &budget) else {
+                continue;
+            };
+            match rng.range(0, 2) {
+                0 => {}
+                1 => {
+                    // Valid shapes: a chunk a multiple of both blocks, few chunks per window.
+                    let (b, bq) = (plan.poly.pass2.b, plan.diag.bq);
+                    let step = b / gcd(b, bq) * bq;
+                    plan.chunk = step * rng.range(1, 4);
+                    plan.window_chunks = rng.range(1, 5);
+                    plan.units = rng.range(1, units);
+                }
+                _ => {
+                    // Any sizes (the closed form does not need C to be a multiple of BQ).
+                    plan.chunk = rng.range(1, 200);
+                    plan.window_chunks = rng.range(1, 6);
+                    plan.diag.bq = rng.range(1, 70);
+                    plan.poly.pass2.b = rng.range(1, 70);
+                    plan.units = rng.range(1, units);
+                }
+            }
+            let gated = rng.range(0, 1) == 1;
+            let got: Vec<_> = causal_passes_io(&p, &plan, gated)
+                .unwrap()
+                .into_iter()
+                .map(|x| (x.name, x.reads, x.writes))
+                .collect();
+            assert_eq!(
+                got,
+                causal_passes_io_by_window(&p, &plan, gated),
+                "{p:?} {plan:?} gated={gated}"
+            );
+            let io = causal_io(&p, &plan, &exact.chunking, &budget).unwrap();
+            let (pr, pw) = by_dispatch::prepass_io(&p, &exact.chunking, &budget);
+            assert_eq!((io.passes[0].reads, io.passes[0].writes), (pr, pw));
+            assert_eq!(
+                io.passes[1..]
+                    .iter()
+                    .map(|x| (x.name, x.reads, x.writes))
+                    .collect::<Vec<_>>(),
+                causal_passes_io_by_window(&p, &plan, false)
+            );
+            checked += 1;
+            several_windows += usize::from(windows(&p, &plan).len() > 2);
+            s_over_l += usize::from(s > l);
+            s_under_l += usize::from(s < l);
+        }
+        assert!(
+            checked > 1000 && several_windows > 300 && s_over_l > 200 && s_under_l > 200,
+            "{checked} {several_windows} {s_over_l} {s_under_l}"
+        );
+    }
+
+    #[test]
+    fn any_size_answers_at_once_or_overflows_clearly() {
+        let p = problem(1 << 62, 1 << 62, 64);
+        for budget in [Budget::model(12288), Budget::with_binding(12288, 128 << 20)] {
+            let at = |n: usize| {
+                let p = Problem { l: n, s: n, ..p };
+                let plan = plan(&p, 2, &budget);
+                let pre = plan_exact(&p, &budget).unwrap().chunking;
+                causal_io(&p, &plan, &pre, &budget).map(|io| io.total())
+            };
+            let err = at(1 << 62).unwrap_err();
+            assert!(matches!(err, Error::Overflow(_)), "{err:?}");
+            let ratio = at(1 << 40).unwrap() as f64 / at(1 << 39).unwrap() as f64;
+            assert!((1.99..2.01).contains(&ratio), "{ratio} {budget:?}");
+        }
+    }
+
     #[test]
     fn chunk_is_a_multiple_of_both_blocks_and_near_the_optimum() {
         for m in [4096u64, 8192, 12288, 16384] {
@@ -1027,7 +1275,7 @@ mod tests {
         let p = problem(n, n, 64);
         let c = plan(&p, 2, &b);
         let pre = plan_exact(&p, &b).unwrap().chunking;
-        causal_io(&p, &c, &pre, &b).total() as f64
+        causal_io(&p, &c, &pre, &b).unwrap().total() as f64
     }
 
     #[test]

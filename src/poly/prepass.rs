@@ -69,7 +69,9 @@ pub fn prepass_loop_iterations(width: usize, tile_rows: usize, tiles: usize) -> 
         + cdiv(tile_rows * width, wg)
         + cdiv(width, cl) * (1 + cdiv(tile_rows, rl))
         + cdiv(tile_rows, wg) * (1 + cdiv(width, 2));
-    cdiv(rl * width, wg) + cdiv(width, wg) * (2 + rl as u64) + tiles as u64 * per_tile
+    // Saturating: huge row counts (io_cost at any size) only compare it against the budget.
+    (cdiv(rl * width, wg) + cdiv(width, wg) * (2 + rl as u64))
+        .saturating_add((tiles as u64).saturating_mul(per_tile))
 }
 
 /// Most rows of a pre-pass tile: small tiles leave room for more workgroups per core, which hide

@@ -195,13 +195,13 @@ pub fn poly_kernel_attention(
         debug_assert!(2 * (cp.diag.bq + cp.diag.bk) as u64 <= GATE_FAST_MEMORY_WORDS);
         let (out, state) = causal_run(&gpu, p, &cp, call, xs, opts, &uploads, &mut stats)?;
         let io = IoCount {
-            passes: causal_passes_io(p, &cp, variant.gated),
+            passes: causal_passes_io(p, &cp, variant.gated)?,
         };
         (out, state, io, format!("{cp:?}"))
     } else {
         let (out, state) = poly_run(&gpu, p, &plan, call, xs, opts, &uploads, &mut stats)?;
         let pre_chunking = plan_exact(p, &budget)?.chunking;
-        let mut io = poly_io(p, &plan, &pre_chunking, &budget);
+        let mut io = poly_io(p, &plan, &pre_chunking, &budget)?;
         io.passes.retain(|x| x.name != "prepass");
         for x in &mut io.passes {
             // Gate weights: every key once per feature chunk of pass 1; a continued state: the
