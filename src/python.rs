@@ -507,6 +507,8 @@ fn device_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("cooperative_matrix", i.cooperative_matrix)?;
     d.set_item("coop_f16", i.coop_f16)?;
     d.set_item("subgroup_size", i.subgroup_size)?;
+    d.set_item("cached_pipelines", gpu.cached_pipelines())?;
+    d.set_item("max_cached_pipelines", device::MAX_CACHED_PIPELINES)?;
     Ok(d)
 }
 
@@ -524,7 +526,10 @@ fn empty_cache(py: Python<'_>) -> PyResult<u64> {
     let copied: u64 = copies.iter().map(|c| (c.capacity() * 4) as u64).sum();
     drop(copies);
     let staging = match device::current_gpu() {
-        Some(gpu) => detached(py, || crate::transfer::release_staging(&gpu))?,
+        Some(gpu) => detached(py, || {
+            gpu.clear_pipelines();
+            crate::transfer::release_staging(&gpu)
+        })?,
         None => 0,
     };
     Ok(copied + staging)

@@ -102,6 +102,11 @@ def test_empty_cache_frees_the_kept_host_memory() -> None:
     kept = 3 * q.nbytes + out.nbytes + q.nbytes
     assert approx_attn.empty_cache() >= kept
     assert approx_attn.empty_cache() == 0
+    # The compiled kernels went too (at most max_cached_pipelines are ever kept); the next
+    # call compiles its kernel again and gives the same output.
+    info = approx_attn.device_info()
+    assert info["cached_pipelines"] == 0 and info["max_cached_pipelines"] >= 5
     again = approx_attn.attention(q, k, v, method="exact")
     assert np.array_equal(again, out)
+    assert approx_attn.device_info()["cached_pipelines"] >= 1
     assert approx_attn.empty_cache() >= kept

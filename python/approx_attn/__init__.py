@@ -106,6 +106,9 @@ def empty_cache() -> int:
     allocating them afresh cost more than the copies themselves (on an H100, NumPy to NumPy at
     n = 262,144, E = 64 took 1.6 s that way and 0.5 s reusing them). Like
     `torch.cuda.empty_cache`, this gives that memory back; the next call allocates it again.
+    It also drops the compiled kernels (at most 32 are kept, the least recently used going
+    first); the next call compiles what it needs again (the allocator may keep their pages for
+    reuse). The returned size counts the host copies and staging buffers only.
     """
     return int(_core.empty_cache())
 
