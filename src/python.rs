@@ -270,24 +270,25 @@ fn poly_kernel_attention<'py>(
     });
     give_back_inputs([q, k, v]);
     let run = result?;
-    let d = PyDict::new(py);
-    d.set_item("method", "poly_kernel")?;
-    d.set_item("adapter", &run.adapter)?;
-    d.set_item("backend", &run.backend)?;
-    d.set_item("fast_memory_words", run.fast_memory_words)?;
-    d.set_item("io_words", run.io.total())?;
-    d.set_item("io_reads", run.io.reads())?;
-    d.set_item("io_writes", run.io.writes())?;
-    d.set_item(
-        "io_words_counted",
-        run.stats.io_words_counted.map(|(a, b)| a + b),
-    )?;
-    d.set_item("kernel_s", run.stats.kernel_s)?;
-    d.set_item("dispatches", run.stats.dispatches)?;
-    d.set_item("pass_s", run.stats.pass_s.clone())?;
-    d.set_item("gpu_allocated_bytes", run.stats.gpu_allocated_bytes)?;
-    d.set_item("elapsed_s", start.elapsed().as_secs_f64())?;
-    d.set_item("plan", &run.plan)?;
+    let report = Report {
+        method: "poly_kernel",
+        adapter: run.adapter,
+        backend: run.backend,
+        fast_memory_words: run.fast_memory_words,
+        io_words: run.io.total(),
+        io_reads: run.io.reads(),
+        io_writes: run.io.writes(),
+        stats: run.stats,
+        elapsed_s: start.elapsed().as_secs_f64(),
+        plan: run.plan,
+        certificate: None,
+        predicted_exact_s: None,
+        predicted_poly_s: None,
+        reason: "the model's polynomial kernel, computed exactly (no certificate)".into(),
+        tensor_cores: false,
+        exact_f16: None,
+    };
+    let d = report_dict(py, &report)?;
     d.set_item("degree", run.degree)?;
     d.set_item("rank", run.rank)?;
     let state = run.state.map(|st| PyArray1::from_vec(py, st));

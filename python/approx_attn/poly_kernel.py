@@ -11,7 +11,6 @@ import numpy as np
 
 from . import (
     _F32_MAX,
-    Report,
     _as_float_array,
     _check_bool,
     _check_finite,
@@ -19,6 +18,7 @@ from . import (
     _check_number,
     _core,
     _count_io,
+    _report,
     _shapes,
     _type_error,
 )
@@ -345,25 +345,5 @@ def _poly_attention(
             )
         )
     if return_report:
-        result.append(
-            Report(
-                method="poly_kernel",
-                adapter=rep["adapter"],
-                backend=rep["backend"],
-                fast_memory_words=rep["fast_memory_words"],
-                io_words=rep["io_words"],
-                io_reads=rep["io_reads"],
-                io_writes=rep["io_writes"],
-                elapsed_s=rep["elapsed_s"],
-                kernel_s=rep["kernel_s"],
-                io_words_counted=rep["io_words_counted"],
-                dispatches=rep["dispatches"],
-                plan=rep["plan"],
-                reason="the model's polynomial kernel, computed exactly (no certificate)",
-                degree=rep["degree"],
-                rank=rep["rank"],
-                pass_s=tuple((str(n), float(t)) for n, t in rep.get("pass_s", [])),
-                gpu_allocated_bytes=rep.get("gpu_allocated_bytes"),
-            )
-        )
+        result.append(_report(rep))
     return result[0] if len(result) == 1 else tuple(result)
