@@ -251,6 +251,38 @@ mod tests {
     }
 
     #[test]
+    fn head_dimension_256_at_degree_2_plans_on_the_webgpu_minimum() {
+        // 16 KiB of workgroup memory (WebGPU's minimum), 128 MiB bindings and WebGPU's grid
+        // limit, no loop budget (GPU drivers), gates' reserve taken: every degree-2 kernel plans,
+        // causal and not, at every head dimension to 256. (lavapipe's loop budget is the one
+        // exception at 16 KiB; at its own 32 KiB it runs them: tests/test_poly_kernel.py.)
+        let budget = crate::budget::Budget::with_binding(4096 - GATE_FAST_MEMORY_WORDS, 128 << 20);
+        for e in [1usize, 16, 64, 128, 255, 256] {
+            for coeffs in [&[0.0, 0.0, 1.0][..], &[1.0, 1.0, 0.5]] {
+                let r = kernel_rank(e, coeffs).unwrap();
+                for causal in [false, true] {
+                    let p = Problem {
+                        units: 8,
+                        group: 1,
+                        l: 1 << 16,
+                        s: 1 << 16,
+                        e,
+                        ev: e,
+                        causal,
+                        scale: 0.1,
+                    };
+                    let plan = plan_poly_rank(&p, 2, r as u64, &budget)
+                        .unwrap_or_else(|err| panic!("E={e} r={r}: {err}"));
+                    if causal {
+                        plan_causal(&p, &plan, &budget)
+                            .unwrap_or_else(|err| panic!("causal E={e} r={r}: {err}"));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn sparse_features_reproduce_the_kernel() {
         // sum_f w_f phi_q(q)_f phi_k(k)_f == P(scale q.k) with only the nonzero degrees' rows.
         let (e, scale) = (5usize, 0.7f64);
