@@ -12,6 +12,9 @@ import os, signal, threading, time
 import numpy as np, approx_attn as a
 from approx_attn.reference import exact_attention
 
+# A background job of a non-interactive shell starts with SIGINT ignored, and Python then
+# installs no handler: install Python's own, as an interactive session has it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 rng = np.random.default_rng(0)
 q = rng.standard_normal((1, 8, 8192, 64), dtype=np.float32)
 a.attention(q[:, :, :64], q[:, :, :64], q[:, :, :64], method="exact")  # device and kernels
