@@ -91,6 +91,33 @@ pub fn poly_io(
     prepass_chunking: &Chunking,
     budget: &Budget,
 ) -> Result<IoCount, Error> {
+    let (prr, prw) = prepass_words(p, prepass_chunking, budget);
+    let mut passes = vec![("prepass", prr, prw)];
+    passes.extend(passes_words(p, plan, false, false));
+    checked_io(passes, || overflow_message(p, "poly plan"))
+}
+
+/// The words of the poly passes alone (the polynomial primitive has no pre-pass); `gated` adds
+/// pass 1's gate weight of every key once per feature chunk, `started` (a continued state) the
+/// reduction's read of S' before the first key chunk.
+pub fn poly_passes_io(
+    p: &Problem,
+    plan: &PolyPlan,
+    gated: bool,
+    started: bool,
+) -> Result<IoCount, Error> {
+    checked_io(passes_words(p, plan, gated, started), || {
+        overflow_message(p, "poly plan")
+    })
+}
+
+/// Pass 1, the reduction, the coop pack and pass 2 of [`poly_io`] and [`poly_passes_io`].
+fn passes_words(
+    p: &Problem,
+    plan: &PolyPlan,
+    gated: bool,
+    started: bool,
+) -> Vec<(&'static str, Words, Words)> {
     let c = &plan.chunking;
     let (r, ev1, iw) = (
         words(plan.r),
@@ -115,10 +142,12 @@ pub fn poly_io(
         .filter(|&(sc, n)| sc > 0 && n > 0)
         .map(|(sc, n)| words(n) * words(sc.div_ceil(kps.min(sc))))
         .sum();
-    let p1r =
-        units * (splits * chunks * (e + vnorm) + splits * r * iw + chunks * words(p.s) * (e + ev));
+    let gate = words(usize::from(gated));
+    let p1r = units
+        * (splits * chunks * (e + vnorm) + splits * r * iw + chunks * words(p.s) * (e + ev + gate));
     let p1w = units * splits * r * ev1;
-    let rdr = units * r * ev1 * (splits + words(key_chunks.saturating_sub(1)));
+    let reads_of_s = key_chunks.saturating_sub(1) + usize::from(started && key_chunks > 0);
+    let rdr = units * r * ev1 * (splits + words(reads_of_s));
     let rdw = units * r * ev1 * words(key_chunks);
     // Coop: S' is packed to f16 S'' (RP rows of EVP halves) and its f32 normaliser column.
     let (mut pkr, mut pkw) = (Words::ZERO, Words::ZERO);
@@ -147,17 +176,12 @@ pub fn poly_io(
         p2r += hn * (words(lc) * e + words(loads) * per_load + words(workgroups) * vnorm);
         p2w += hn * words(lc) * ev;
     }
-    let (prr, prw) = prepass_words(p, prepass_chunking, budget);
-    let mut passes = vec![
-        ("prepass", prr, prw),
-        ("pass1", p1r, p1w),
-        ("reduce", rdr, rdw),
-    ];
+    let mut passes = vec![("pass1", p1r, p1w), ("reduce", rdr, rdw)];
     if plan.coop.is_some() {
         passes.push(("pack", pkr, pkw));
     }
     passes.push(("pass2", p2r, p2w));
-    checked_io(passes, || overflow_message(p, "poly plan"))
+    passes
 }
 
 /// The old counts, dispatch by dispatch and block by block as the kernels run (u64): the

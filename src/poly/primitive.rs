@@ -27,7 +27,7 @@
 use super::causal::{causal_passes_io, plan_causal, run_with as causal_run, Extras};
 use super::features::{try_feature_table_for, FeatureTable};
 use super::fit::{FitKind, Poly};
-use super::io::poly_io;
+use super::io::poly_passes_io;
 use super::kernel_common::Variant;
 use super::plan::plan_poly_rank;
 use super::prepass::Prepass;
@@ -37,7 +37,6 @@ use crate::budget::Budget;
 use crate::config::Config;
 use crate::device;
 use crate::error::Error;
-use crate::exact::plan::plan_exact;
 use crate::io::IoCount;
 use crate::launch::{RunOptions, RunStats};
 use crate::transfer::Uploads;
@@ -200,19 +199,8 @@ pub fn poly_kernel_attention(
         (out, state, io, format!("{cp:?}"))
     } else {
         let (out, state) = poly_run(&gpu, p, &plan, call, xs, opts, &uploads, &mut stats)?;
-        let pre_chunking = plan_exact(p, &budget)?.chunking;
-        let mut io = poly_io(p, &plan, &pre_chunking, &budget)?;
-        io.passes.retain(|x| x.name != "prepass");
-        for x in &mut io.passes {
-            // Gate weights: every key once per feature chunk of pass 1; a continued state: the
-            // reduction reads S' before the first key chunk too.
-            if x.name == "pass1" && variant.gated {
-                x.reads += (p.units * plan.pass1.chunks() * p.s) as u64;
-            }
-            if x.name == "reduce" && kernel.initial_state.is_some() {
-                x.reads += (p.units * words) as u64;
-            }
-        }
+        let started = kernel.initial_state.is_some();
+        let io = poly_passes_io(p, &plan, variant.gated, started)?;
         (out, state, io, format!("{plan:?}"))
     };
     Ok(PolyKernelRun {
