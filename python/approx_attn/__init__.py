@@ -396,6 +396,14 @@ def _shapes(q: np.ndarray, k: np.ndarray, v: np.ndarray, enable_gqa: bool) -> _S
     return _Shapes(lead_q, lead_kv, group, L, S, E, Ev, units)
 
 
+def _float32_flat(*arrays: np.ndarray) -> list[np.ndarray]:
+    """Contiguous flat float32 copies (views where they already are) in (B, H, L, E) order, as
+    the binding takes them; any strides are accepted. float64 values beyond float32's range
+    become Inf here; the finiteness checks report them."""
+    with np.errstate(over="ignore"):
+        return [np.ascontiguousarray(x, dtype=np.float32).reshape(-1) for x in arrays]
+
+
 def attention(
     query: Any,
     key: Any,
@@ -503,12 +511,7 @@ def attention(
         f"attention on query {q.shape} {q.dtype}, key {k.shape} {k.dtype}, value {v.shape} "
         f"{v.dtype} (float32 copies of the inputs and the output {out_shape})",
     )
-    # Contiguous float32 copies in (B, H, L, E) order; any input strides are accepted.
-    # float64 values beyond float32's range become Inf here; the finiteness checks report them.
-    with np.errstate(over="ignore"):
-        qf = np.ascontiguousarray(q, dtype=np.float32).reshape(-1)
-        kf = np.ascontiguousarray(k, dtype=np.float32).reshape(-1)
-        vf = np.ascontiguousarray(v, dtype=np.float32).reshape(-1)
+    qf, kf, vf = _float32_flat(q, k, v)
     try:
         flat, rep = _core.attention(
             qf,
@@ -570,8 +573,7 @@ def _exact_attention_lse(
     scale = _check_number(scale, "scale")
     if not (math.isfinite(scale) and (scale == 0.0 or _F32_TINY <= abs(scale) <= _F32_MAX)):
         raise ValueError(f"scale must be a normal float32 number or 0, got {scale!r}")
-    with np.errstate(over="ignore"):
-        qf, kf, vf = (np.ascontiguousarray(x, dtype=np.float32).reshape(-1) for x in (q, k, v))
+    qf, kf, vf = _float32_flat(q, k, v)
     flat, lse, rep = _core.exact_attention_lse(
         qf, kf, vf, units, group, L, S, E, Ev, is_causal, scale, _count_io()
     )

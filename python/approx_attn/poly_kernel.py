@@ -18,6 +18,7 @@ from . import (
     _check_number,
     _core,
     _count_io,
+    _float32_flat,
     _report,
     _shapes,
     _type_error,
@@ -278,7 +279,7 @@ def _poly_attention(
         if L != S:
             raise ValueError(f"log_gates need L = S (a gate sum is per position), got L={L}, S={S}")
         _check_finite(g, "log_gates")
-        gates = np.ascontiguousarray(g, dtype=np.float32).reshape(-1)
+        (gates,) = _float32_flat(g)
     rank = _core.poly_kernel_rank(E, list(c))
     state0 = None
     if initial_state is not None:
@@ -292,7 +293,7 @@ def _poly_attention(
             )
         if is_causal and L != S:
             raise ValueError(f"a causal call that continues a state needs L = S, got L={L}, S={S}")
-        state0 = np.ascontiguousarray(initial_state.array, dtype=np.float32).reshape(-1)
+        (state0,) = _float32_flat(initial_state.array)
     if return_state and is_causal and L != S:
         raise ValueError(f"a causal call that returns its state needs L = S, got L={L}, S={S}")
     out_dtype = q.dtype.newbyteorder("=")
@@ -300,8 +301,7 @@ def _poly_attention(
     state_words = units * rank * (Ev + 1)
     need = 4 * (q.size + k.size + v.size + 2 * math.prod(out_shape) + 2 * state_words)
     _check_host_memory(need, f"poly_attention on query {q.shape}, key {k.shape}, value {v.shape}")
-    with np.errstate(over="ignore"):
-        qf, kf, vf = (np.ascontiguousarray(x, dtype=np.float32).reshape(-1) for x in (q, k, v))
+    qf, kf, vf = _float32_flat(q, k, v)
     flat, state, rep = _core.poly_kernel_attention(
         qf,
         kf,
