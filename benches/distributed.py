@@ -1,4 +1,4 @@
-"""Sequence-sharded attention on Ray (issue 21): time and bytes against the worker count on this
+"""Sequence-sharded attention on Ray: time and bytes against the worker count on this
 machine, and the modelled traffic at long sequences.
 
 Not a test. Writes JSON (+ PNG where matplotlib imports) under benches/results/distributed/.

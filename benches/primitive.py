@@ -1,4 +1,4 @@
-"""Polynomial attention as a model primitive on this machine's driver (issue 16, item 6).
+"""Polynomial attention as a model primitive on this machine's driver.
 
 Not a test: measures and writes JSON + PNG under benches/results/primitive/.
 
