@@ -1336,6 +1336,26 @@ mod tests {
     }
 
     #[test]
+    fn tensor_core_diagonal_blocks_set_the_block_and_the_chunk_step() {
+        // 48 KiB, 32-lane subgroups: blocks of 64 rows, a chunk a multiple of them and of B.
+        let b = Budget::with_binding(12288, 1 << 30);
+        for (l, e) in [(1usize << 16, 64usize), (1000, 20), (100, 128)] {
+            let p = problem(l, l, e);
+            let poly = plan_poly(&p, 2, &b).unwrap();
+            let c = plan_causal_with(&p, &poly, &b, Some(32)).unwrap();
+            let t = c.diag_coop.expect("tensor-core tiles");
+            assert_eq!((c.diag_rows(), t.bq()), (64, 64), "{c:?}");
+            assert_eq!(c.chunk % 64, 0);
+            assert_eq!(c.chunk % c.poly.pass2.b, 0);
+            assert!(c.fast_memory_words() <= 12288);
+            // Without a subgroup size: the f32 plan, unchanged.
+            let f = plan_causal_with(&p, &poly, &b, None).unwrap();
+            assert_eq!(f, plan_causal(&p, &poly, &b).unwrap());
+            assert!(f.diag_coop.is_none() && f.diag_rows() == f.diag.bq);
+        }
+    }
+
+    #[test]
     fn diag_tiles_fit_16_kib_at_every_head_size() {
         for e in [1usize, 8, 64, 128, 200, 256] {
             for g in [1usize, 2, 4] {
