@@ -11,7 +11,7 @@
 
 use std::fmt::Write as _;
 
-use super::fit::{horner, Poly};
+use super::fit::{certify, Poly};
 use super::plan::align4;
 use super::prepass::Prepass;
 use crate::api::Problem;
@@ -305,18 +305,18 @@ const F16_MAX: f64 = 65504.0;
 /// f16 operand errs by at most u|x| + eta (u = 2^-11, eta = 2^-25); the tensor cores add the E
 /// exact f16 products in f32 (at most 2 u32 of the running sum each, truncating adders: the
 /// exact kernel's model, src/exact/coop.rs). With y = sum_l |q'_l| |k'_l| <= beta_s (= scale
-/// max|q| max|k - mu|, Cauchy-Schwarz) a score moves by at most
-///   |dx| <= rho y + eta_a,  rho = (1+u)^2 (1+u32) (1 + 2E u32) - 1,
+/// max|q| max|k - mu|, Cauchy-Schwarz) a score x (|x| <= beta) becomes x' = x + dx with
+///   |dx| <= d = rho beta_s + eta_a,  rho = (1+u)^2 (1+u32) (1 + 2E u32) - 1,
 ///   eta_a = eta sqrt(E) (1+u) (qn' (1+u32) + kn') + E eta^2.
-/// Then |P(x + dx) - P(x)| <= Pabs(y + |dx|) - Pabs(y) <= Pabs(beta_s (1+rho) + eta_a) -
-/// Pabs(beta_s) (Pabs the polynomial of |c_m|, increasing and convex on y >= 0), against
-/// P(x) >= (1 - eps_P) e^-beta: a relative change rho_w. Rounding P to f16 adds
-/// rho_16 = u + eta e^beta / ((1 - eps_P)(1 - rho_w)). Each weight of the block is within a
-/// factor 1 +- eps_w of e^x, eps_w = (1 + eps_P)(1 + rho_w)(1 + rho_16) - 1, so the output
-/// moves by at most eps_w / (1 - eps_w) of the range (DESIGN.md, the certificate's argument),
-/// and V' = (v - vmin)/vrange in [0, 1] rounded to f16 adds (u + eta) of it. The factor returned
-/// is eps_w / (1 - eps_w) + u + eta - eps_P / (1 - eps_P). Not included, as for the f32 path:
-/// float32 rounding (of k - mu and the scalings, Horner, the sums over keys).
+/// The same coefficients certify |P(x') e^-x' - 1| <= eps_d on [-(beta + d), beta + d]
+/// ([`certify`]: rigorous for any coefficients), so P(x') = e^x e^dx (1 +- eps_d): pointwise,
+/// not the cancellation-prone Pabs bound. Rounding P(x') to f16 errs by u P(x') + eta, relative
+/// rho_16 = u + eta e^(beta + d) / (1 - eps_d). Each weight of the block lies within
+/// [(1 - eps_d) e^-d (1 - rho_16), (1 + eps_d) e^d (1 + rho_16)] times e^x, a factor 1 +- eps_w,
+/// so the output moves by at most eps_w / (1 - eps_w) of the range (DESIGN.md, the certificate's
+/// argument), and V' = (v - vmin)/vrange in [0, 1] rounded to f16 adds (u + eta) of it. The
+/// factor returned is eps_w / (1 - eps_w) + u + eta - eps_P / (1 - eps_P). Not included, as for
+/// the f32 path: float32 rounding (of k - mu and the scalings, Horner, the sums over keys).
 pub fn diag_f16_factor(p: &Problem, poly: &Poly, pre: &Prepass) -> f64 {
     let eps_p = poly.certified_eps;
     if eps_p.is_nan() || eps_p >= 1.0 {
@@ -330,19 +330,19 @@ pub fn diag_f16_factor(p: &Problem, poly: &Poly, pre: &Prepass) -> f64 {
     let (u, eta, e) = (F16_U, F16_ETA, p.e as f64);
     let rho = (1.0 + u).powi(2) * (1.0 + F32_U) * (1.0 + 2.0 * e * F32_U) - 1.0;
     let eta_a = eta * e.sqrt() * (1.0 + u) * (qn * (1.0 + F32_U) + kn) + e * eta * eta;
-    let abs_c: Vec<f64> = poly.coeffs.iter().map(|c| c.abs()).collect();
-    let top = horner(&abs_c, beta_s * (1.0 + rho) + eta_a);
-    // f16 operands: Q' entries up to qn', weights up to Pabs(top), K' and V' within [-1, 1].
-    if !(qn < F16_MAX && top < F16_MAX) {
+    let d = rho * beta_s + eta_a;
+    let reach = poly.beta + d;
+    let eps_d = certify(&poly.coeffs, reach);
+    // f16 operands: Q' entries up to qn', weights up to (1 + eps_d) e^(beta + d), K' and V'
+    // within [-1, 1].
+    let top = (1.0 + eps_d) * reach.exp();
+    if !(qn < F16_MAX && top < F16_MAX && eps_d < 1.0) {
         return f64::INFINITY;
     }
-    let e_beta = poly.beta.exp();
-    let rho_w = (top - horner(&abs_c, beta_s)) * e_beta / (1.0 - eps_p);
-    if rho_w >= 1.0 {
-        return f64::INFINITY;
-    }
-    let rho_16 = u + eta * e_beta / ((1.0 - eps_p) * (1.0 - rho_w));
-    let eps_w = (1.0 + eps_p) * (1.0 + rho_w) * (1.0 + rho_16) - 1.0;
+    let rho_16 = u + eta * reach.exp() / (1.0 - eps_d);
+    let hi = (1.0 + eps_d) * d.exp() * (1.0 + rho_16) - 1.0;
+    let lo = 1.0 - (1.0 - eps_d) * (-d).exp() * (1.0 - rho_16);
+    let eps_w = hi.max(lo);
     if eps_w >= 1.0 {
         return f64::INFINITY;
     }
@@ -423,17 +423,24 @@ mod tests {
     }
 
     #[test]
-    fn f16_factor_is_about_the_operand_rounding_times_the_condition() {
+    fn f16_factor_is_the_score_rounding_plus_two_roundings() {
         let p = problem(64, 64);
-        // beta = 0.125 * 8 * 1 = 1.
+        // beta = 0.125 * 8 * 1 = 1: scores move by about 2u, weights and values round by u each,
+        // and the fit's certificate widens from [-1, 1] to [-1 - 2u, 1 + 2u].
         let pre = prepass(2, 64, 8.0, 1.0);
+        for g in [2usize, 4, 8] {
+            let poly = Poly::fit(1.0, g);
+            let f = diag_f16_factor(&p, &poly, &pre);
+            let eps_d = certify(&poly.coeffs, 1.0 + 2.0 * F16_U);
+            let w = (1.0 + eps_d) * (2.0 * F16_U).exp() * (1.0 + F16_U) - 1.0;
+            let e = poly.certified_eps;
+            let approx = w / (1.0 - w) - e / (1.0 - e) + F16_U;
+            assert!(f > approx && f < approx * 1.02, "g={g}: {f} vs {approx}");
+            // Far below the cancellation-prone bound through Pabs and e^(2 beta).
+            assert!(f < 6.0 * F16_U, "g={g}: {f}");
+        }
         let poly = Poly::fit(1.0, 4);
         let f = diag_f16_factor(&p, &poly, &pre);
-        // At least the value rounding u, and the scores' 2u beta times Pabs'(beta) e^beta.
-        let abs_c: Vec<f64> = poly.coeffs.iter().map(|c| c.abs()).collect();
-        let d: Vec<f64> = (1..abs_c.len()).map(|m| m as f64 * abs_c[m]).collect();
-        let approx = 2.0 * F16_U * horner(&d, 1.0) * 1f64.exp() + 2.0 * F16_U;
-        assert!(f > approx * 0.95 && f < approx * 1.1, "{f} vs {approx}");
         // Larger scores, larger bound; overflowing weights, none.
         assert!(diag_f16_factor(&p, &poly, &prepass(2, 64, 16.0, 1.0)) > f);
         let big = Poly::fit(12.0, 20);
