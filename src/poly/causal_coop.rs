@@ -133,11 +133,14 @@ pub fn plan_tiles(
         .find(|t| tiles_fit(t, budget))
 }
 
-/// Whether this adapter runs the kernel (16 x 16 f16 cooperative matrices, one subgroup size);
-/// returns the subgroup size.
+/// Whether this adapter runs the kernel (16 x 16 f16 cooperative matrices, one subgroup size,
+/// subgroup barriers); returns the subgroup size.
 pub fn available(gpu: &Gpu) -> Option<usize> {
-    gpu.info
-        .coop_f16
+    let barrier = gpu
+        .device
+        .features()
+        .contains(wgpu::Features::SUBGROUP_BARRIER);
+    (gpu.info.coop_f16 && barrier)
         .then_some(gpu.info.subgroup_size as usize)
         .filter(|&sg| sg >= COOP)
 }
