@@ -25,17 +25,6 @@ pub enum Error {
     Interrupted(String),
 }
 
-impl Error {
-    /// The poly method has no causal mask yet (attention and io_cost say it alike).
-    pub fn causal_tensor_cores() -> Error {
-        Error::Unsupported(
-            "tensor_cores=True is not implemented for causal poly yet; use tensor_cores=None or \
-             False (the f32 path)"
-                .into(),
-        )
-    }
-}
-
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -48,8 +48,8 @@ use exact::plan::{plan_exact, ExactPlan};
 use exact::run::run as exact_run;
 use io::IoCount;
 use numerics::{all_finite, score_fold_for, times_pow2, value_columns, Magnitudes, ValueMap};
-use poly::causal::{causal_io, causal_poly_flops, plan_causal, CausalPlan};
-use poly::certificate::{poly_candidate, poly_for_eps, PolyCandidate};
+use poly::causal::{causal_io, causal_poly_flops, plan_causal, plan_causal_with, CausalPlan};
+use poly::certificate::{causal_poly_candidate, poly_candidate, poly_for_eps, PolyCandidate};
 use poly::cost::poly_flops;
 use poly::io::{poly_io, prepass_io};
 use poly::plan::{plan_poly, Pass1Tiles, Pass2Tiles};
@@ -86,9 +86,6 @@ pub fn attention_with_inputs(
     f16_inputs: bool,
 ) -> Result<(Vec<f32>, Report), Error> {
     p.check_inputs(q, k, v)?;
-    if method != Method::Exact && p.causal && popts.tensor_cores == Some(true) {
-        return Err(Error::causal_tensor_cores());
-    }
     popts.check()?;
     let cfg = Config::from_env();
     let gpu = device::gpu()?;
@@ -210,9 +207,18 @@ fn choose(
             }
         }
     }
-    // Causal poly runs the f32 path only.
+    // Causal poly runs its chunk passes in f32, its diagonal blocks on tensor cores where their
+    // tiles fit (at the highest degree: the coefficients are the only part that grows with it).
     let coop_sg = (gpu.info.coop_f16 && !p.causal).then_some(gpu.info.subgroup_size as usize);
-    let candidate = poly_candidate(p, &pre, popts, budget, coop_sg).and_then(|c| {
+    let diag_sg = poly::causal_coop::available(gpu).filter(|&sg| {
+        p.causal && poly::causal_coop::plan_tiles(p, MAX_DEGREE, budget, sg, 16).is_some()
+    });
+    let candidate = if p.causal {
+        causal_poly_candidate(p, &pre, popts, budget, diag_sg)
+    } else {
+        poly_candidate(p, &pre, popts, budget, coop_sg).map(|c| (c, false))
+    };
+    let candidate = candidate.and_then(|(c, diag_tc)| {
         match popts.degree.filter(|&g| c.cert.degree < g) {
             // The fit's top coefficients vanish: running it would run a lower degree under g.
             Some(g) => Err(Error::InvalidInput(format!(
@@ -221,11 +227,11 @@ fn choose(
                  degree <= {}",
                 c.cert.beta, c.cert.degree, c.cert.poly_eps, c.cert.degree
             ))),
-            None => Ok(c),
+            None => Ok((c, diag_tc)),
         }
     });
     choice.pre = Some(pre);
-    let mut c = match candidate {
+    let (mut c, diag_tc) = match candidate {
         Ok(c) => c,
         Err(e) if method == Method::Poly => return Err(e),
         Err(e) => {
@@ -236,7 +242,7 @@ fn choose(
     tune_coop_plan(tuner, p, &mut c)?;
     tune_f32_poly_plan(tuner, p, &mut c)?;
     if p.causal {
-        match plan_causal(p, &c.plan, budget) {
+        match plan_causal_with(p, &c.plan, budget, diag_sg.filter(|_| diag_tc)) {
             Ok(cp) => choice.causal_plan = Some(cp),
             Err(e) if method == Method::Poly => return Err(e),
             Err(e) => {

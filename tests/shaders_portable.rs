@@ -392,3 +392,52 @@ fn every_coop_exact_candidate_of_the_nvidia_budget_validates() {
     }
     assert!(n >= 20, "only {n} candidates");
 }
+
+/// Causal poly's diagonal blocks on cooperative matrices: every planned shape (subgroup sizes,
+/// budgets, head dims not multiples of 16, degrees, blocks capped by a forced chunk) validates
+/// with the capabilities it needs, declares the planned workgroup memory and translates to SPIR-V.
+/// The CPU driver has no cooperative matrices: running it is `tests/test_causal_poly_coop.py`'s
+/// job.
+#[test]
+fn causal_diag_coop_shaders_validate_and_translate() {
+    use approx_attn::poly::causal_coop;
+    let mut checked = 0;
+    for words in [4096u64, 8192, 12288, 16384] {
+        let budget = Budget::with_binding(words, 1 << 30);
+        for sg in [16usize, 32, 64] {
+            for (e, ev) in [
+                (1, 1),
+                (7, 9),
+                (16, 15),
+                (16, 16),
+                (33, 20),
+                (64, 64),
+                (100, 128),
+                (128, 128),
+                (200, 40),
+            ] {
+                let p = Problem {
+                    causal: true,
+                    ..problem(e, ev)
+                };
+                for g in [0usize, 1, 2, 3] {
+                    for max_bq in [usize::MAX, 32, 16] {
+                        let Some(t) = causal_coop::plan_tiles(&p, g, &budget, sg, max_bq) else {
+                            continue;
+                        };
+                        assert!(t.fast_memory_words() <= words && t.bq() <= max_bq.max(16));
+                        for count_io in [false, true] {
+                            check_coop(
+                                &format!("causal diag coop {t:?} count_io={count_io}"),
+                                &causal_coop::diag_coop_source(&t, count_io),
+                                t.fast_memory_words(),
+                            );
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 300, "only {checked} plans");
+}

@@ -455,14 +455,6 @@ def test_auto_picks_causal_exact_for_short_sequences() -> None:
     assert np.abs(out - ref).max() <= 1e-5 * value_range(v)
 
 
-def test_tensor_cores_with_causal_poly_is_not_implemented() -> None:
-    E, scale = 16, f32_scale(16)
-    q, k, v = random_problem(91, (), (), 32, 32, E, 8, 0.25, scale)
-    for method in ("poly", "auto"):
-        with pytest.raises(NotImplementedError, match="tensor_cores=True"):
-            approx_attn.attention(q, k, v, is_causal=True, method=method, tensor_cores=True)
-
-
 def test_gpu_memory_grows_linearly_and_never_holds_n_by_r(monkeypatch: pytest.MonkeyPatch) -> None:
     # As tests/test_poly.py's non-causal check: E=32, degree 2 (r = 561). Phi(K) alone would take
     # 4 n r bytes per head; the causal schedule holds the window's rows and its chunk states.

@@ -429,7 +429,8 @@ def attention(
     ``is_causal`` masks key j for query i when j > i (upper-left aligned, as in PyTorch).
     ``method``: "exact" or "auto".
     ``tensor_cores``: run on cooperative matrices (tensor cores: f16 operands, f32
-    accumulation). Poly: both passes; the certificate then adds their f16 rounding bound
+    accumulation). Poly: both passes (causal poly: the masked block inside each chunk, its passes
+    over the chunk states stay f32); the certificate then adds their f16 rounding bound
     (``Report.f16_rounding``) and the degree is chosen for what is left of eps. Exact: QK^T and
     PV, online softmax in f32; the report gives the derived f16 rounding bound
     (``Report.f16_rounding``, ``score_rounding``, ``error_bound_per_column``). ``None`` (default):
@@ -457,11 +458,6 @@ def attention(
         # Beyond float32's range the scale is folded into the inputs below (_fold_scale).
         if not math.isfinite(scale):
             raise ValueError(f"scale must be finite, got {scale!r}")
-    if method != "exact" and is_causal and tensor_cores is True:
-        raise NotImplementedError(
-            "tensor_cores=True is not implemented for causal poly yet; use tensor_cores=None or "
-            "False (the f32 path)"
-        )
     lead_q, _, group, L, S, E, Ev, units = _shapes(q, k, v, enable_gqa)
     if scale is None:
         scale = 1.0 / math.sqrt(E)

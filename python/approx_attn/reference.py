@@ -199,6 +199,119 @@ def causal_poly_attention_chunked(
     return out[..., :-1] / out[..., -1:]
 
 
+def f16_round(x: np.ndarray) -> np.ndarray:
+    """x rounded to float32, then to float16 (round to nearest even), back in float64."""
+    return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float64)
+
+
+def key_power_of_two(key: np.ndarray) -> float:
+    """P2 of the tensor-core diagonal kernel: the least power of two at or above the largest
+    centred key norm max_j |k_j - mean(k)| over every batch and head (1 where that is 0)."""
+    k = np.asarray(key, dtype=np.float64)
+    kn = float(np.linalg.norm(k - k.mean(axis=-2, keepdims=True), axis=-1).max())
+    if not (kn > 0.0 and math.isfinite(kn)):
+        return 1.0
+    p2 = 2.0 ** math.ceil(math.log2(kn))
+    while p2 < kn:
+        p2 *= 2.0
+    while p2 / 2.0 >= kn:
+        p2 /= 2.0
+    return p2
+
+
+def causal_diag_coop_operands(
+    query: np.ndarray,
+    key: np.ndarray,
+    value: np.ndarray,
+    *,
+    scale: float,
+    enable_gqa: bool = False,
+) -> dict[str, np.ndarray | float]:
+    """The f16 operands of the tensor-core diagonal kernel (src/poly/causal_coop.rs), formed as
+    it forms them in float32 from the float32 inputs: Q' = f16(q * (scale P2)), K' =
+    f16((k - mu) / P2) (mu the key mean, here rounded from float64 to float32: the GPU's own
+    float32 mean may differ in its last bits), V' = f16((v - vmin) / vrange) per batch, head and
+    value column (vrange = 1 for a constant column). K' and V' are expanded to the query heads.
+    Returns q, k, v (float64 holding f16 values), vmin, vrange (expanded), p2 and, for tests, the
+    centred keys kc = (k - mu) / P2 in float64."""
+    q32 = np.asarray(query, dtype=np.float32)
+    k32 = np.asarray(key, dtype=np.float32)
+    v32 = np.asarray(value, dtype=np.float32)
+    p2 = key_power_of_two(k32)
+    a = np.float32(np.float32(scale) * np.float32(p2))  # exact: P2 is a power of two
+    qp = f16_round(q32 * a)
+    mu64 = k32.astype(np.float64).mean(axis=-2, keepdims=True)
+    kc32 = (k32 - mu64.astype(np.float32)) * np.float32(1.0 / p2)
+    kp = f16_round(kc32)
+    vmin = v32.min(axis=-2, keepdims=True)
+    vmax = v32.max(axis=-2, keepdims=True)
+    rng = np.where(vmax > vmin, (vmax.astype(np.float64) - vmin).astype(np.float32), 1.0)
+    rng = rng.astype(np.float32)
+    inv = np.float32(1.0) / rng
+    vp = f16_round((v32 - vmin) * inv)
+    kc = (k32.astype(np.float64) - mu64) / p2
+    kp, vp = _expand_gqa(qp, kp, vp, enable_gqa)
+    kc, _ = _expand_gqa(qp, kc, kc, enable_gqa)
+    vmin_e, rng_e = _expand_gqa(qp, vmin, rng, enable_gqa)
+    return {
+        "q": qp,
+        "k": kp,
+        "v": vp,
+        "vmin": vmin_e.astype(np.float64),
+        "vrange": rng_e.astype(np.float64),
+        "p2": p2,
+        "kc": kc,
+    }
+
+
+def causal_poly_attention_f16_diag(
+    query: np.ndarray,
+    key: np.ndarray,
+    value: np.ndarray,
+    coeffs: np.ndarray,
+    *,
+    chunk: int,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> np.ndarray:
+    """Twin of causal poly with its diagonal blocks on tensor cores: the chunked schedule of
+    `causal_poly_attention_chunked` (prefix states in float64), the masked block of each chunk
+    from the kernel's f16 operands (`causal_diag_coop_operands`): X = Q' K'^T (exact sums of the
+    exact f16 products), W = f16(P(X)) masked, num = vmin D + vrange (W V'), D = sum W.
+
+    What is left between this and the kernel: the float32 sums of the tensor cores (the E
+    products of a score, the keys of W V' and of D), float32 Horner with float32 coefficients,
+    the last bits of the key mean (both only where they move an f16 rounding), float32 in the
+    prefix states and the store."""
+    q = np.asarray(query, dtype=np.float64)
+    k, v = _expand_gqa(
+        q, np.asarray(key, dtype=np.float64), np.asarray(value, dtype=np.float64), enable_gqa
+    )
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    coeffs = np.asarray(coeffs, dtype=np.float64)
+    ops = causal_diag_coop_operands(query, key, value, scale=scale, enable_gqa=enable_gqa)
+    k = k - k.mean(axis=-2, keepdims=True)
+    L, S = q.shape[-2], k.shape[-2]
+    vv = np.concatenate([v, np.ones((*v.shape[:-1], 1))], -1)
+    phi_q, _ = tensor_features(q, coeffs, scale)
+    _, phi_k = tensor_features(k, coeffs, scale)
+    state = np.zeros((*q.shape[:-2], phi_k.shape[-1], vv.shape[-1]))
+    out = np.zeros((*q.shape[:-1], vv.shape[-1]))
+    for c0 in range(0, max(L, S), chunk):
+        rows, keys = slice(c0, min(c0 + chunk, L)), slice(c0, min(c0 + chunk, S))
+        if c0 < L:
+            x = np.matmul(ops["q"][..., rows, :], np.swapaxes(ops["k"][..., keys, :], -1, -2))
+            w = f16_round(np.polynomial.polynomial.polyval(x, coeffs))
+            w = np.where(causal_mask(w.shape[-2], w.shape[-1]), 0.0, w)
+            d = w.sum(axis=-1, keepdims=True)
+            num = ops["vmin"] * d + ops["vrange"] * np.matmul(w, ops["v"][..., keys, :])
+            out[..., rows, :] = np.matmul(phi_q[..., rows, :], state) + np.concatenate([num, d], -1)
+        if c0 < S:
+            state += np.matmul(np.swapaxes(phi_k[..., keys, :], -1, -2), vv[..., keys, :])
+    return out[..., :-1] / out[..., -1:]
+
+
 def beta(query: np.ndarray, key: np.ndarray, *, scale: float | None = None) -> float:
     """scale * max_i |q_i| * max_j |k_j - mean(k)|, the largest over batches and heads."""
     q = np.asarray(query, dtype=np.float64)

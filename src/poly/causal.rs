@@ -67,6 +67,7 @@ use std::fmt::Write as _;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use super::causal_coop::{self, diag_coop_source, CoopDiagTiles};
 use super::features::{index_words, pack_indices, query_weights, FeatureTable};
 use super::fit::Poly;
 use super::io::prepass_words;
@@ -155,6 +156,8 @@ pub struct CausalPlan {
     pub window_chunks: usize,
     /// KV units per dispatch.
     pub units: usize,
+    /// The diagonal blocks on tensor cores (`causal_coop.rs`) instead of the f32 kernel.
+    pub diag_coop: Option<CoopDiagTiles>,
 }
 
 impl CausalPlan {
@@ -168,11 +171,19 @@ impl CausalPlan {
     }
     /// The most workgroup memory any of its kernels declares.
     pub fn fast_memory_words(&self) -> u64 {
+        let diag = match &self.diag_coop {
+            Some(t) => t.fast_memory_words(),
+            None => self.diag.fast_memory_words(),
+        };
         self.poly
             .pass1
             .fast_memory_words()
             .max(self.poly.pass2.fast_memory_words())
-            .max(self.diag.fast_memory_words())
+            .max(diag)
+    }
+    /// Query rows per block of the diagonal kernel that runs.
+    pub fn diag_rows(&self) -> usize {
+        self.diag_coop.map_or(self.diag.bq, |t| t.bq())
     }
 }
 
@@ -219,6 +230,17 @@ pub fn diag_tiles(
 
 /// The causal plan over the poly pass tiles of `poly` (see the module docs for C and T).
 pub fn plan_causal(p: &Problem, poly: &PolyPlan, budget: &Budget) -> Result<CausalPlan, Error> {
+    plan_causal_with(p, poly, budget, None)
+}
+
+/// [`plan_causal`] with the diagonal blocks on tensor cores where `diag_coop_sg` (the subgroup
+/// size) is given and their tiles fit (the f32 diagonal kernel otherwise: `diag_coop` says which).
+pub fn plan_causal_with(
+    p: &Problem,
+    poly: &PolyPlan,
+    budget: &Budget,
+    diag_coop_sg: Option<usize>,
+) -> Result<CausalPlan, Error> {
     let too_large = |what: String| {
         Error::TooLarge(format!(
             "causal poly with E={}, Ev={}, degree {} (rank r={}) does not fit this device: {what}",
@@ -230,11 +252,13 @@ pub fn plan_causal(p: &Problem, poly: &PolyPlan, budget: &Budget) -> Result<Caus
     let forced = cfg.causal_chunk?;
     let max_bq = forced.map_or(usize::MAX, |c| 1 << c.ilog2());
     let diag = diag_tiles(p, poly.degree, budget, max_bq)?;
+    let diag_coop =
+        diag_coop_sg.and_then(|sg| causal_coop::plan_tiles(p, poly.degree, budget, sg, max_bq));
+    let bq = diag_coop.map_or(diag.bq, |t| t.bq());
     let b = poly.pass2.b;
-    let step = b / gcd(b, diag.bq) * diag.bq; // lcm(B, BQ)
+    let step = b / gcd(b, bq) * bq; // lcm(B, BQ)
     let (r, ev1, iw) = (poly.r, p.ev + 1, index_words(poly.degree));
-    let c_star =
-        (2.0 * diag.bq as f64 * r as f64 * (3 * ev1 + iw) as f64 / (p.e + p.ev) as f64).sqrt();
+    let c_star = (2.0 * bq as f64 * r as f64 * (3 * ev1 + iw) as f64 / (p.e + p.ev) as f64).sqrt();
     let mut chunk = match forced {
         Some(c) => c.div_ceil(step) * step,
         None => ((c_star / step as f64).round() as usize).max(1) * step,
@@ -274,7 +298,7 @@ pub fn plan_causal(p: &Problem, poly: &PolyPlan, budget: &Budget) -> Result<Caus
             .min(state_cap)
             .min(rows_cap / chunk)
             .min(grid * b / chunk)
-            .min(grid * diag.bq / chunk)
+            .min(grid * bq / chunk)
             .max(1);
     if let Some(t) = cfg.causal_window? {
         window_chunks = window_chunks.min(t);
@@ -292,6 +316,7 @@ pub fn plan_causal(p: &Problem, poly: &PolyPlan, budget: &Budget) -> Result<Caus
         chunk,
         window_chunks,
         units,
+        diag_coop,
     })
 }
 
@@ -329,8 +354,8 @@ fn windows(p: &Problem, plan: &CausalPlan) -> Vec<(usize, usize, usize)> {
 /// Exactly the words the causal kernels move (see each shader's counters): the pre-pass, then
 /// per window pass 1 (as for non-causal, `keys_per_split = C`), the scan (the carry and each
 /// chunk state read, each prefix state, the total and the carry written), the diagonal kernel
-/// (per block: mu, the coefficients, its query rows, the visible keys' K and V rows; its [num | D]
-/// rows written) and pass 2 (per head: its query rows, each block's state with index words and
+/// (per block: mu, the coefficients, on tensor cores the value normalisation (vmin, 1/vrange,
+/// vrange), its query rows, the visible keys' K and V rows; its [num | D] rows written) and pass 2 (per head: its query rows, each block's state with index words and
 /// weights, each row's diagonal block (Ev columns, and D once per thread column), its output).
 /// In closed form ([`causal_passes_io`]); [`Error::Overflow`] where the total exceeds u64.
 pub fn causal_io(
@@ -415,8 +440,9 @@ fn causal_passes_words(
     );
     let (e, ev) = (words(p.e), words(p.ev));
     let chunks1 = words(pp.pass1.chunks());
-    let (bq, b, c) = (plan.diag.bq, pp.pass2.b.max(1), plan.chunk.max(1));
-    let coeffs = words(pp.degree) + one;
+    let (bq, b, c) = (plan.diag_rows(), pp.pass2.b.max(1), plan.chunk.max(1));
+    // Per block: mu and the coefficients, and on tensor cores the value normalisation.
+    let per_block = words(p.e) + words(pp.degree) + one + words(3 * p.ev) * coop_diag_words(plan);
     let tc = words(pp.pass2.tc);
     let units = words(p.units);
     let heads = units * words(p.group);
@@ -431,7 +457,7 @@ fn causal_passes_words(
         let total = words(usize::from(kw.div_ceil(c) < plan.window_chunks));
         t[3] += un * r * ev1 * (splits + one + total);
         let keys = Words(diag_keys(lw, kw, bq, c));
-        let dr = words(lw.div_ceil(bq.max(1))) * (e + coeffs);
+        let dr = words(lw.div_ceil(bq.max(1))) * per_block;
         let two_g = words(2) * g;
         t[4] += hn * (dr + lw_ * (e + two_g) + keys * (e + ev + two_g));
         t[5] += hn * lw_ * ev1;
@@ -444,6 +470,12 @@ fn causal_passes_words(
         .enumerate()
         .map(|(i, name)| (name, t[2 * i], t[2 * i + 1]))
         .collect()
+}
+
+/// 1 where the diagonal blocks run on tensor cores (they also read 3 Ev words of value
+/// normalisation per block), else 0.
+fn coop_diag_words(plan: &CausalPlan) -> Words {
+    words(usize::from(plan.diag_coop.is_some()))
 }
 
 pub fn scan_source(count_io: bool) -> String {
@@ -627,7 +659,7 @@ pub fn run_with(
     let mut out = vec![0f32; p.query_heads() * p.l * p.ev];
     let mut state = extras.return_state.then(Vec::new);
     gpu.checked(|| {
-        let run = CausalRun::new(gpu, p, plan, (table, poly), &pipelines, opts, uploads);
+        let run = CausalRun::new(gpu, p, plan, (table, poly, pre), &pipelines, opts, uploads);
         for u0 in (0..p.units).step_by(plan.units) {
             let nu = plan.units.min(p.units - u0);
             let mu = &pre.mu[u0 * p.e..(u0 + nu) * p.e];
@@ -736,10 +768,17 @@ impl CausalPipelines {
                 "causal_scan".into(),
                 scan_source_with(opts.count_io, v.gated),
             )?,
-            diag: compile(
-                format!("causal_diag:{:?}", plan.diag),
-                diag_source_with(&plan.diag, opts.count_io, v.gated),
-            )?,
+            // Gated calls (the primitive) plan the f32 diagonal kernel only.
+            diag: match plan.diag_coop.as_ref().filter(|_| !v.gated) {
+                Some(t) => compile(
+                    format!("causal_diag_coop:{t:?}"),
+                    diag_coop_source(t, opts.count_io),
+                )?,
+                None => compile(
+                    format!("causal_diag:{:?}", plan.diag),
+                    diag_source_with(&plan.diag, opts.count_io, v.gated),
+                )?,
+            },
             pass2: compile(
                 format!("causal_pass2:{:?}", pp.pass2),
                 pass2_source_variant(&pp.pass2, opts.count_io, true, v),
@@ -773,6 +812,9 @@ struct CausalRun<'a> {
     partial: wgpu::Buffer,
     states: usize,
     words: usize,
+    /// Tensor-core diagonal blocks: scale P2, 1 / P2 and the value normalisation of every unit
+    /// (`causal_coop::operand_scales`).
+    coop: Option<(f32, f32, Vec<f32>)>,
 }
 
 impl<'a> CausalRun<'a> {
@@ -780,7 +822,7 @@ impl<'a> CausalRun<'a> {
         gpu: &'a Gpu,
         p: &'a Problem,
         plan: &'a CausalPlan,
-        (table, poly): (&FeatureTable, &Poly),
+        (table, poly, pre): (&FeatureTable, &Poly, &Prepass),
         pipelines: &'a CausalPipelines,
         opts: &'a RunOptions,
         uploads: &'a Uploads,
@@ -813,6 +855,7 @@ impl<'a> CausalRun<'a> {
             partial: storage_buffer(gpu, plan.units * states * words, "chunk states"),
             states,
             words,
+            coop: plan.diag_coop.map(|_| causal_coop::operand_scales(p, pre)),
         }
     }
 
@@ -895,24 +938,53 @@ impl<'a> CausalRun<'a> {
             Some((kb, vb)) => (kb.as_ref(), vb.as_ref()),
             None => (&self.empty, &self.empty),
         };
-        let params = DiagParams {
-            l: lw as u32,
-            s: kw as u32,
-            group: p.group as u32,
-            chunk: plan.chunk as u32,
-            scale: p.scale,
-            _pad: [0; 3],
+        let grid = (lw.div_ceil(plan.diag_rows()) as u32, heads as u32, 1);
+        let st = match (&self.coop, gates) {
+            (Some((q_scale, k_inv_scale, vn)), None) => {
+                let params = CoopDiagParams {
+                    l: lw as u32,
+                    s: kw as u32,
+                    group: p.group as u32,
+                    chunk: plan.chunk as u32,
+                    q_scale: *q_scale,
+                    k_inv_scale: *k_inv_scale,
+                    _pad: [0; 2],
+                };
+                let vn = &vn[u0 * 3 * p.ev..(u0 + nu) * 3 * p.ev];
+                let vn_buf = storage_buffer_with(gpu, bytemuck::cast_slice(vn), "value norm");
+                let buffers = [&*q_buf, k_buf, v_buf, mu_buf, &self.c_buf, &d_buf, &vn_buf];
+                Launch {
+                    pass: "diag",
+                    pipeline: &self.pipelines.diag,
+                    params: &params,
+                    buffers: &buffers,
+                    grid,
+                }
+                .run(gpu, opts, &[])?
+                .1
+            }
+            _ => {
+                let params = DiagParams {
+                    l: lw as u32,
+                    s: kw as u32,
+                    group: p.group as u32,
+                    chunk: plan.chunk as u32,
+                    scale: p.scale,
+                    _pad: [0; 3],
+                };
+                let mut buffers = vec![&*q_buf, k_buf, v_buf, mu_buf, &self.c_buf, &d_buf];
+                buffers.extend(gates.map(|g| &g[3]));
+                Launch {
+                    pass: "diag",
+                    pipeline: &self.pipelines.diag,
+                    params: &params,
+                    buffers: &buffers,
+                    grid,
+                }
+                .run(gpu, opts, &[])?
+                .1
+            }
         };
-        let mut buffers = vec![&*q_buf, k_buf, v_buf, mu_buf, &self.c_buf, &d_buf];
-        buffers.extend(gates.map(|g| &g[3]));
-        let (_, st) = Launch {
-            pass: "diag",
-            pipeline: &self.pipelines.diag,
-            params: &params,
-            buffers: &buffers,
-            grid: (lw.div_ceil(plan.diag.bq) as u32, heads as u32, 1),
-        }
-        .run(gpu, opts, &[])?;
         stats.absorb(&st);
 
         let pass2 = &plan.poly.pass2;
@@ -985,6 +1057,20 @@ struct DiagParams {
     _pad: [u32; 3],
 }
 
+/// Parameters of the diagonal blocks on tensor cores (`shaders/poly_causal_diag_coop.wgsl`).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct CoopDiagParams {
+    l: u32,
+    s: u32,
+    group: u32,
+    chunk: u32,
+    /// scale * P2 and 1 / P2 (`causal_coop::key_power_of_two`).
+    q_scale: f32,
+    k_inv_scale: f32,
+    _pad: [u32; 2],
+}
+
 /// Parameters of causal pass 2 (`shaders/poly_pass2.wgsl` with CAUSAL).
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -1039,8 +1125,8 @@ mod tests {
         );
         let (e, ev) = (p.e as u64, p.ev as u64);
         let chunks1 = pp.pass1.chunks() as u64;
-        let (bq, b, c) = (plan.diag.bq, pp.pass2.b, plan.chunk);
-        let coeffs = (pp.degree + 1) as u64;
+        let (bq, b, c) = (plan.diag_rows(), pp.pass2.b, plan.chunk);
+        let coeffs = (pp.degree + 1) as u64 + 3 * ev * u64::from(plan.diag_coop.is_some());
         let tc = pp.pass2.tc as u64;
         let mut t = [0u64; 8];
         for u0 in (0..p.units).step_by(plan.units) {
@@ -1173,6 +1259,17 @@ mod tests {
                     plan.units = rng.range(1, units);
                 }
             }
+            // The diagonal blocks on tensor cores (their own block rows, value normalisation).
+            if rng.range(0, 2) == 0 {
+                plan.diag_coop = Some(CoopDiagTiles {
+                    e,
+                    ev,
+                    g,
+                    sg: 32,
+                    subgroups: rng.pick(&[1usize, 2, 4]),
+                    bk: 32,
+                });
+            }
             let gated = rng.range(0, 1) == 1;
             let got: Vec<_> = causal_passes_io(&p, &plan, gated)
                 .unwrap()
@@ -1235,6 +1332,26 @@ mod tests {
             let cs = (2.0 * c.diag.bq as f64 * 2145.0 * (3.0 * 65.0 + 1.0) / 128.0).sqrt();
             let step = c.poly.pass2.b.max(c.diag.bq) as f64;
             assert!((c.chunk as f64 - cs).abs() <= step, "C={} C*={cs}", c.chunk);
+        }
+    }
+
+    #[test]
+    fn tensor_core_diagonal_blocks_set_the_block_and_the_chunk_step() {
+        // 48 KiB, 32-lane subgroups: blocks of 64 rows, a chunk a multiple of them and of B.
+        let b = Budget::with_binding(12288, 1 << 30);
+        for (l, e) in [(1usize << 16, 64usize), (1000, 20), (100, 128)] {
+            let p = problem(l, l, e);
+            let poly = plan_poly(&p, 2, &b).unwrap();
+            let c = plan_causal_with(&p, &poly, &b, Some(32)).unwrap();
+            let t = c.diag_coop.expect("tensor-core tiles");
+            assert_eq!((c.diag_rows(), t.bq()), (64, 64), "{c:?}");
+            assert_eq!(c.chunk % 64, 0);
+            assert_eq!(c.chunk % c.poly.pass2.b, 0);
+            assert!(c.fast_memory_words() <= 12288);
+            // Without a subgroup size: the f32 plan, unchanged.
+            let f = plan_causal_with(&p, &poly, &b, None).unwrap();
+            assert_eq!(f, plan_causal(&p, &poly, &b).unwrap());
+            assert!(f.diag_coop.is_none() && f.diag_rows() == f.diag.bq);
         }
     }
 

@@ -1,6 +1,7 @@
 //! The certificate of the poly method: the degree from `eps` (derived here only), the f16 rounding
 //! bound of the tensor-core passes, and the plan that runs it.
 
+use super::causal_coop::diag_f16_factor;
 use super::features::{num_features, try_feature_table, FeatureTable};
 use super::fit::{choose_degree, horner, monomial_condition, Poly};
 use super::plan::{plan_poly, plan_poly_coop, PolyPlan};
@@ -149,6 +150,105 @@ pub(crate) fn poly_candidate(
         table,
         cert,
     })
+}
+
+/// Degree, plan and certificate of causal poly. Its chunk passes run the f32 kernels; its
+/// diagonal blocks run on tensor cores where `diag_sg` (the subgroup size) is given and
+/// `tensor_cores` asks for them (`Some(true)`), or allows them (`None`) and their f16 bound
+/// ([`diag_f16_factor`], relative to the value range) is at most half of eps, as for the
+/// non-causal passes. The certificate then adds that bound, and the polynomial certifies eps less
+/// it (estimated from the f32 fit, then checked). Returns the candidate and whether the diagonal
+/// blocks run on tensor cores.
+pub(crate) fn causal_poly_candidate(
+    p: &Problem,
+    pre: &Prepass,
+    popts: &PolyOptions,
+    budget: &Budget,
+    diag_sg: Option<usize>,
+) -> Result<(PolyCandidate, bool), Error> {
+    let required = popts.tensor_cores == Some(true);
+    match (popts.tensor_cores, diag_sg) {
+        (Some(false), _) | (None, None) => {
+            return Ok((poly_candidate(p, pre, popts, budget, None)?, false))
+        }
+        (Some(true), None) => {
+            return Err(Error::Unsupported(
+                "tensor_cores=True needs 16x16 f16 cooperative matrices, f16 shaders and one \
+                 subgroup size, and a tile of causal poly's diagonal blocks that fits E and Ev; \
+                 this adapter or shape lacks them (see device_info())"
+                    .into(),
+            ))
+        }
+        _ => {}
+    }
+    let f32_opts = PolyOptions {
+        tensor_cores: Some(false),
+        ..*popts
+    };
+    let base = poly_candidate(p, pre, &f32_opts, budget, None)?;
+    let beta = base.cert.beta;
+    let f16_est = diag_f16_factor(p, &base.poly, pre);
+    let refuse = |why: String| {
+        Error::TooLarge(format!(
+            "tensor_cores=True cannot certify causal poly at beta={beta:.4}: {why}; use \
+             tensor_cores=None or False"
+        ))
+    };
+    if !f16_est.is_finite() {
+        return match required {
+            true => Err(refuse(
+                "the diagonal blocks' f16 operands or weights would overflow f16".into(),
+            )),
+            false => Ok((base, false)),
+        };
+    }
+    if !required && f16_est > 0.5 * popts.eps {
+        return Ok((base, false));
+    }
+    let mut c = match popts.degree {
+        Some(_) => base,
+        None => {
+            let room = popts.eps - f16_est;
+            let tighter = PolyOptions {
+                eps: room,
+                ..f32_opts
+            };
+            let refit = (room > 0.0)
+                .then(|| poly_candidate(p, pre, &tighter, budget, None).ok())
+                .flatten();
+            match refit {
+                Some(c) => c,
+                None if required => {
+                    return Err(refuse(format!(
+                        "f16 rounding up to {f16_est:.2e} of the value range leaves no \
+                         polynomial that certifies eps={}",
+                        popts.eps
+                    )))
+                }
+                None => return Ok((base, false)),
+            }
+        }
+    };
+    let f16 = diag_f16_factor(p, &c.poly, pre);
+    let factor = c.cert.poly_eps / (1.0 - c.cert.poly_eps) + f16;
+    if !f16.is_finite() || (popts.degree.is_none() && factor > popts.eps) {
+        if required {
+            return Err(refuse(format!(
+                "f16 rounding up to {f16:.2e} of the value range, eps={}",
+                popts.eps
+            )));
+        }
+        return Ok((poly_candidate(p, pre, &f32_opts, budget, None)?, false));
+    }
+    c.cert.f16_rounding = Some(f16);
+    c.cert.error_bound_per_column = (0..p.ev)
+        .map(|col| {
+            (0..p.units)
+                .map(|u| factor * (pre.v_max[u * p.ev + col] - pre.v_min[u * p.ev + col]))
+                .fold(0.0, f64::max)
+        })
+        .collect();
+    Ok((c, true))
 }
 
 /// The polynomial of [`fit`], and whether the tensor-core passes run it.

@@ -3,6 +3,7 @@
 //! WGSL, the host loop, the words moved and the FLOPs.
 
 pub mod causal;
+pub mod causal_coop;
 pub mod certificate;
 pub mod cost;
 pub mod features;
