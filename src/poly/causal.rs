@@ -418,6 +418,7 @@ fn causal_passes_words(
     let (bq, b, c) = (plan.diag.bq, pp.pass2.b.max(1), plan.chunk.max(1));
     let coeffs = words(pp.degree) + one;
     let tc = words(pp.pass2.tc);
+    let folds = words(pp.pass2_ranges.max(1) - 1);
     let units = words(p.units);
     let heads = units * words(p.group);
     let mut t = [Words::ZERO; 8]; // (reads, writes) of pass 1, scan, diag, pass 2
@@ -438,6 +439,10 @@ fn causal_passes_words(
         let blocks = words(lw.div_ceil(b));
         t[6] += hn * (lw_ * (e + ev + tc + g * tc) + blocks * r * (ev1 + iw + one));
         t[7] += hn * lw_ * ev;
+        // A split pass 2: each range before the last reads Q, adds its rows into the diagonal
+        // blocks (read and written, Ev + 1 words) with the gate factor once per thread column.
+        t[6] += hn * folds * lw_ * (e + ev1 + g * tc);
+        t[7] += hn * folds * lw_ * ev1;
     }
     ["pass1", "scan", "diag", "pass2"]
         .into_iter()
@@ -741,8 +746,16 @@ impl CausalPipelines {
                 diag_source_with(&plan.diag, opts.count_io, v.gated),
             )?,
             pass2: compile(
-                format!("causal_pass2:{:?}", pp.pass2),
-                pass2_source_variant(&pp.pass2, opts.count_io, true, v),
+                format!("causal_pass2:{:?}:ranges{}", pp.pass2, pp.pass2_ranges > 1),
+                pass2_source_variant(
+                    &pp.pass2,
+                    opts.count_io,
+                    true,
+                    Variant {
+                        feature_range: pp.pass2_ranges > 1,
+                        ..v
+                    },
+                ),
             )?,
         })
     }
@@ -919,34 +932,47 @@ impl<'a> CausalRun<'a> {
         let blocks = lw.div_ceil(pass2.b);
         let o_words = heads * lw * p.ev;
         let o_buf = storage_buffer(gpu, o_words, "o");
-        let params = CausalPass2Params {
-            l: lw as u32,
-            blocks: blocks as u32,
-            group: p.group as u32,
-            chunks: pass2.chunks() as u32,
-            seq_chunk: plan.chunk as u32,
-            splits: kw.div_ceil(plan.chunk) as u32,
-            states: self.states as u32,
-            _pad: 0,
-        };
-        let mut buffers = vec![
-            &*q_buf,
-            &self.partial,
-            &self.idx_buf,
-            &self.w_buf,
-            &o_buf,
-            &d_buf,
-        ];
-        buffers.extend(gates.map(|g| &g[2]));
-        let (oc, st) = Launch {
-            pass: "pass2",
-            pipeline: &self.pipelines.pass2,
-            params: &params,
-            buffers: &buffers,
-            grid: (blocks as u32, heads as u32, 1),
+        // A split pass 2 adds the ranges before its last into the diagonal blocks.
+        let chunks = pass2.chunks();
+        let per_range = pass2.chunks_per_range(plan.poly.pass2_ranges);
+        let mut oc = Vec::new();
+        for chunk0 in (0..chunks).step_by(per_range) {
+            let end = (chunk0 + per_range).min(chunks);
+            let params = CausalPass2Params {
+                l: lw as u32,
+                blocks: blocks as u32,
+                group: p.group as u32,
+                chunks: end as u32,
+                seq_chunk: plan.chunk as u32,
+                splits: kw.div_ceil(plan.chunk) as u32,
+                states: self.states as u32,
+                chunk0: chunk0 as u32,
+            };
+            let mut buffers = vec![
+                &*q_buf,
+                &self.partial,
+                &self.idx_buf,
+                &self.w_buf,
+                &o_buf,
+                &d_buf,
+            ];
+            buffers.extend(gates.map(|g| &g[2]));
+            let read_back: &[(&wgpu::Buffer, usize)] = if end == chunks {
+                &[(&o_buf, o_words)]
+            } else {
+                &[]
+            };
+            let (o_read, st) = Launch {
+                pass: "pass2",
+                pipeline: &self.pipelines.pass2,
+                params: &params,
+                buffers: &buffers,
+                grid: (blocks as u32, heads as u32, 1),
+            }
+            .run(gpu, opts, read_back)?;
+            stats.absorb(&st);
+            oc = o_read;
         }
-        .run(gpu, opts, &[(&o_buf, o_words)])?;
-        stats.absorb(&st);
         for h in 0..heads {
             for row in 0..lw {
                 let dst = ((u0 * p.group + h) * p.l + w0 + row) * p.ev;
@@ -997,7 +1023,8 @@ struct CausalPass2Params {
     seq_chunk: u32,
     splits: u32,
     states: u32,
-    _pad: u32,
+    /// Split: the first S' chunk of this dispatch's range (`chunks` is its end).
+    chunk0: u32,
 }
 
 #[cfg(test)]
@@ -1069,6 +1096,15 @@ mod tests {
                 t[6] +=
                     heads * (lw as u64 * (e + ev + tc + gated * tc) + blocks * r * (ev1 + iw + 1));
                 t[7] += heads * lw as u64 * ev;
+                // Each range of a split pass 2 before the last: Q, the gate factor per thread
+                // column, and its rows added into the diagonal blocks.
+                let per_range = pp.pass2.chunks_per_range(pp.pass2_ranges);
+                for chunk0 in (0..pp.pass2.chunks()).step_by(per_range) {
+                    if chunk0 + per_range < pp.pass2.chunks() {
+                        t[6] += heads * lw as u64 * (e + gated * tc + ev1);
+                        t[7] += heads * lw as u64 * ev1;
+                    }
+                }
             }
         }
         ["pass1", "scan", "diag", "pass2"]
@@ -1172,6 +1208,12 @@ mod tests {
                     plan.poly.pass2.b = rng.range(1, 70);
                     plan.units = rng.range(1, units);
                 }
+            }
+            if !plan.poly.pass2.resident() && rng.range(0, 1) == 1 {
+                // A split pass 2 of any number of feature ranges.
+                let chunks = plan.poly.pass2.chunks();
+                let per_range = plan.poly.pass2.chunks_per_range(rng.range(1, chunks));
+                plan.poly.pass2_ranges = chunks.div_ceil(per_range);
             }
             let gated = rng.range(0, 1) == 1;
             let got: Vec<_> = causal_passes_io(&p, &plan, gated)

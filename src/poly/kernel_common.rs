@@ -121,6 +121,18 @@ pub(crate) fn pass1_prefetch(
 /// build reads them for every row) and `wz_t` (the f32 pass takes the normaliser column from its
 /// S' rows and stores only the weights).
 pub(crate) fn table_prefetch(wg: usize, rc: usize, g: usize, z: bool) -> Prefetch {
+    table_prefetch_from(wg, rc, g, z, "0u")
+}
+
+/// [`table_prefetch`] whose first chunk starts at feature row `first_row` (a split pass 2's
+/// range).
+pub(crate) fn table_prefetch_from(
+    wg: usize,
+    rc: usize,
+    g: usize,
+    z: bool,
+    first_row: &str,
+) -> Prefetch {
     let ni = (rc * index_words(g)).div_ceil(wg);
     let nw = rc.div_ceil(wg);
     let mut decl = String::new();
@@ -180,7 +192,7 @@ pub(crate) fn table_prefetch(wg: usize, rc: usize, g: usize, z: bool) -> Prefetc
     }
     Prefetch {
         decl: decl.trim_end().to_string(),
-        first: load("0u", 2),
+        first: load(first_row, 2),
         next: load("f0 + RC", 4),
         store: store.trim_end().to_string(),
     }
@@ -196,6 +208,10 @@ pub struct Variant {
     pub gated: bool,
     /// Pass 2 writes the weighted sums without dividing by their normaliser.
     pub unnormalized: bool,
+    /// Pass 2 streams one range of S' chunks per dispatch (`chunk0` up to `chunks`): the ranges
+    /// before the last add their sums [num | D] into `diag` (Ev + 1 words per row; causal: the
+    /// masked blocks already there), the last adds `diag` to its own before dividing.
+    pub feature_range: bool,
 }
 
 /// Parameters of pass 1 (f32 and coop; `shaders/poly_pass1.wgsl`, `poly_coop_pass1.wgsl`).
@@ -232,11 +248,13 @@ pub(crate) struct Pass2Params {
     pub blocks: u32,
     /// Query heads per KV head.
     pub group: u32,
-    /// S' chunks.
+    /// S' chunks (split: the end of this dispatch's range).
     pub chunks: u32,
     /// The coop pass's key scale (queries are scaled by it).
     pub k_scale: f32,
     /// Key rows per unit (S'' = S' / keys).
     pub keys: f32,
-    pub _pad: [u32; 2],
+    pub _pad: u32,
+    /// Split: the first S' chunk of this dispatch's range (`chunk0` in the f32 shader).
+    pub chunk0: u32,
 }

@@ -157,6 +157,7 @@ pub fn poly_kernel_attention(
     let variant = Variant {
         gated: gates.is_some(),
         unnormalized: !kernel.normalize,
+        feature_range: false,
     };
     let extras = Extras {
         variant,
