@@ -70,7 +70,7 @@ use std::sync::Arc;
 use super::features::{index_words, pack_indices, query_weights, FeatureTable};
 use super::fit::Poly;
 use super::io::prepass_words;
-use super::kernel_common::{Pass1Params, Variant};
+use super::kernel_common::{word_slices, word_slots, Pass1Params, Variant};
 use super::kernel_f32::{pass1_source_with, pass2_source_variant};
 use super::plan::{PolyPlan, AUX_THREADS};
 use super::prepass::Prepass;
@@ -458,6 +458,12 @@ pub fn scan_source(count_io: bool) -> String {
 /// The scan; `gated`: each chunk state is decayed by `decay` (its chunk's gate product) as the
 /// running prefix passes it.
 pub fn scan_source_with(count_io: bool, gated: bool) -> String {
+    scan_source_sliced(count_io, gated, false)
+}
+
+/// The scan; `sliced`: each dispatch covers the words from `first_word` on (see
+/// [`word_slices`]).
+pub fn scan_source_sliced(count_io: bool, gated: bool, sliced: bool) -> String {
     let [decl, add] = io_counter_slots(count_io, 3 + u32::from(gated));
     let (decay_decl, step) = if gated {
         (
@@ -468,16 +474,15 @@ pub fn scan_source_with(count_io: bool, gated: bool) -> String {
     } else {
         ("", "            running += x;")
     };
-    fill_template(
-        SCAN,
-        &[
-            ("WG", AUX_THREADS.to_string()),
-            ("DECAY_DECL", decay_decl.to_string()),
-            ("SCAN_STEP", step.to_string()),
-            decl,
-            add,
-        ],
-    )
+    let mut slots = vec![
+        ("WG", AUX_THREADS.to_string()),
+        ("DECAY_DECL", decay_decl.to_string()),
+        ("SCAN_STEP", step.to_string()),
+        decl,
+        add,
+    ];
+    slots.extend(word_slots(sliced));
+    fill_template(SCAN, &slots)
 }
 
 /// The diagonal kernel for these tiles, its accumulators unrolled into named registers.
@@ -728,6 +733,8 @@ struct CausalPipelines {
 impl CausalPipelines {
     fn new(gpu: &Gpu, plan: &CausalPlan, opts: &RunOptions, v: Variant) -> Result<Self, Error> {
         let pp = &plan.poly;
+        let words = pp.r * (pp.pass1.ev + 1);
+        let sliced = word_slices(words, gpu.info.max_compute_workgroups_per_dimension).len() > 1;
         let compile = |name: String, src: String| {
             let key = format!("{name}:{}:{}:{v:?}", opts.count_io, opts.trusted);
             gpu.pipeline(&key, &src, opts.trusted)
@@ -739,7 +746,7 @@ impl CausalPipelines {
             )?,
             scan: compile(
                 "causal_scan".into(),
-                scan_source_with(opts.count_io, v.gated),
+                scan_source_sliced(opts.count_io, v.gated, sliced),
             )?,
             diag: compile(
                 format!("causal_diag:{:?}", plan.diag),
@@ -868,23 +875,26 @@ impl<'a> CausalRun<'a> {
             .run(gpu, opts, &[])?;
             stats.absorb(&st);
         }
-        let params = ScanParams {
-            splits: splits as u32,
-            states: self.states as u32,
-            words: self.words as u32,
-            _pad: 0,
-        };
         let mut buffers = vec![&self.partial, carry];
         buffers.extend(gates.map(|g| &g[1]));
-        let (_, st) = Launch {
-            pass: "scan",
-            pipeline: &self.pipelines.scan,
-            params: &params,
-            buffers: &buffers,
-            grid: (self.words.div_ceil(AUX_THREADS) as u32, nu as u32, 1),
+        let max_groups = gpu.info.max_compute_workgroups_per_dimension;
+        for (first_word, groups) in word_slices(self.words, max_groups) {
+            let params = ScanParams {
+                splits: splits as u32,
+                states: self.states as u32,
+                words: self.words as u32,
+                first_word: first_word as u32,
+            };
+            let (_, st) = Launch {
+                pass: "scan",
+                pipeline: &self.pipelines.scan,
+                params: &params,
+                buffers: &buffers,
+                grid: (groups as u32, nu as u32, 1),
+            }
+            .run(gpu, opts, &[])?;
+            stats.absorb(&st);
         }
-        .run(gpu, opts, &[])?;
-        stats.absorb(&st);
         Ok(kv)
     }
 
@@ -994,7 +1004,8 @@ struct ScanParams {
     states: u32,
     /// R * (Ev + 1) per state.
     words: u32,
-    _pad: u32,
+    /// The first word of this dispatch (sliced; see [`word_slices`]).
+    first_word: u32,
 }
 
 /// Parameters of the masked diagonal blocks (`shaders/poly_causal_diag.wgsl`).

@@ -10,8 +10,38 @@ use crate::wgsl::{fill_template, io_counter_slots, Emitter};
 pub(crate) const REDUCE: &str = include_str!("../../shaders/poly_reduce.wgsl");
 
 pub fn reduce_source(count_io: bool) -> String {
+    reduce_source_with(count_io, false)
+}
+
+/// The reduction; `sliced`: each dispatch covers the words from `first_word` on (see
+/// [`word_slices`]).
+pub fn reduce_source_with(count_io: bool, sliced: bool) -> String {
     let [decl, add] = io_counter_slots(count_io, 3);
-    fill_template(REDUCE, &[("WG", AUX_THREADS.to_string()), decl, add])
+    let mut slots = vec![("WG", AUX_THREADS.to_string()), decl, add];
+    slots.extend(word_slots(sliced));
+    fill_template(REDUCE, &slots)
+}
+
+/// The reduction's and the scan's word index and last parameter: `first_word` where sliced.
+pub(crate) fn word_slots(sliced: bool) -> [(&'static str, String); 2] {
+    let (param, word) = if sliced {
+        ("first_word", "params.first_word + gid.x")
+    } else {
+        ("_pad", "gid.x")
+    };
+    [("LAST_PARAM", param.into()), ("WORD", word.into())]
+}
+
+/// The dispatches of an elementwise pass over `words` words per unit (the reduction, the scan):
+/// (first word, workgroups) each, at most `max_workgroups` workgroups of AUX_THREADS apiece.
+/// One dispatch unless S' has more words than one grid dimension covers.
+pub(crate) fn word_slices(words: usize, max_workgroups: u32) -> Vec<(usize, usize)> {
+    let groups = words.div_ceil(AUX_THREADS);
+    let per = (max_workgroups as usize).max(1);
+    (0..groups.max(1))
+        .step_by(per)
+        .map(|g0| (g0 * AUX_THREADS, per.min(groups - g0)))
+        .collect()
 }
 
 /// Declarations of a thread's `count` registers of a tile streamed through registers: element
@@ -235,7 +265,8 @@ pub(crate) struct ReduceParams {
     pub accumulate: u32,
     /// R * (Ev + 1) per unit.
     pub words: u32,
-    pub _pad: u32,
+    /// The first word of this dispatch (sliced; see [`word_slices`]).
+    pub first_word: u32,
 }
 
 /// Parameters of pass 2 (f32 and coop; the f32 shader reads the first four).

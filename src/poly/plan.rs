@@ -1286,6 +1286,23 @@ mod feature_range_tests {
     }
 
     #[test]
+    fn word_slices_cover_every_word_within_the_grid() {
+        use crate::poly::kernel_common::word_slices;
+        for (words, max) in [(33_153 * 257, 65_535u32), (1000, 65_535), (128 * 7 + 1, 3)] {
+            let slices = word_slices(words, max);
+            let mut next = 0;
+            for &(first, groups) in &slices {
+                assert_eq!(first, next);
+                assert!((1..=max as usize).contains(&groups));
+                next = first + groups * AUX_THREADS;
+            }
+            assert!(next >= words && next - words < AUX_THREADS, "{slices:?}");
+        }
+        assert_eq!(word_slices(33_153 * 257, 65_535).len(), 2);
+        assert_eq!(word_slices(47_905 * 65, 65_535).len(), 1);
+    }
+
+    #[test]
     fn smaller_loop_budgets_give_more_ranges() {
         let p = problem(16, false);
         let mut last = 0;

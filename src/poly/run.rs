@@ -6,7 +6,9 @@ use std::sync::Arc;
 use super::causal::Extras;
 use super::features::{pack_indices, query_weights, FeatureTable};
 use super::fit::Poly;
-use super::kernel_common::{reduce_source, Pass1Params, Pass2Params, ReduceParams, Variant};
+use super::kernel_common::{
+    reduce_source_with, word_slices, Pass1Params, Pass2Params, ReduceParams, Variant,
+};
 use super::kernel_coop::{coop_pack_source, coop_pass1_source, coop_pass2_source, PackParams};
 use super::kernel_f32::{pass1_source_with, pass2_source_variant};
 use super::plan::{PolyPlan, AUX_THREADS};
@@ -185,9 +187,11 @@ impl Pipelines {
         let mode = format!("{}:{}:{v:?}", opts.count_io, opts.trusted);
         let pass1 = gpu.pipeline(&format!("{key1}:{mode}"), &src1, opts.trusted)?;
         let key2 = format!("{key2}:ranges{}", plan.pass2_ranges > 1);
+        let words = plan.r * (plan.pass1.ev + 1);
+        let sliced = word_slices(words, gpu.info.max_compute_workgroups_per_dimension).len() > 1;
         let reduce = gpu.pipeline(
-            &format!("reduce:{mode}"),
-            &reduce_source(opts.count_io),
+            &format!("reduce:{sliced}:{mode}"),
+            &reduce_source_with(opts.count_io, sliced),
             opts.trusted,
         )?;
         let pack = match &plan.coop {
@@ -310,21 +314,24 @@ impl PolyRun<'_> {
             .run(gpu, self.opts, &[])?;
             stats.absorb(&st);
             let words = plan.r * (p.ev + 1);
-            let params = ReduceParams {
-                splits: splits as u32,
-                accumulate: u32::from(ci > 0 || started),
-                words: words as u32,
-                _pad: 0,
-            };
-            let (_, st) = Launch {
-                pass: "reduce",
-                pipeline: &self.pipelines.reduce,
-                params: &params,
-                buffers: &[&self.partial_buf, &self.sp_buf],
-                grid: (words.div_ceil(AUX_THREADS) as u32, nu as u32, 1),
+            let max_groups = gpu.info.max_compute_workgroups_per_dimension;
+            for (first_word, groups) in word_slices(words, max_groups) {
+                let params = ReduceParams {
+                    splits: splits as u32,
+                    accumulate: u32::from(ci > 0 || started),
+                    words: words as u32,
+                    first_word: first_word as u32,
+                };
+                let (_, st) = Launch {
+                    pass: "reduce",
+                    pipeline: &self.pipelines.reduce,
+                    params: &params,
+                    buffers: &[&self.partial_buf, &self.sp_buf],
+                    grid: (groups as u32, nu as u32, 1),
+                }
+                .run(gpu, self.opts, &[])?;
+                stats.absorb(&st);
             }
-            .run(gpu, self.opts, &[])?;
-            stats.absorb(&st);
         }
         Ok(())
     }
