@@ -745,7 +745,7 @@ impl CausalPipelines {
                 pass1_source_with(&pp.pass1, opts.count_io, v.gated),
             )?,
             scan: compile(
-                "causal_scan".into(),
+                format!("causal_scan:{sliced}"),
                 scan_source_sliced(opts.count_io, v.gated, sliced),
             )?,
             diag: compile(

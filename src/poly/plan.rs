@@ -706,6 +706,16 @@ pub fn plan_poly_with(
     }
     chunking.units = chunking.units.min(max_words / s_prime_words).max(1);
     let units = chunking.units;
+    // A large S' leaves room for few partial states (key splits) in one binding; where those
+    // cannot take a key chunk's keys within the loop budget, shorter key chunks (one pass-1
+    // dispatch each, summed by the reduction) can.
+    let keys_fit = largest_fitting(chunking.kv_rows, |k| {
+        pass1.loop_iterations(k) <= budget.max_loop_iterations
+    });
+    let splits_fit = max_words / (units * s_prime_words);
+    chunking.kv_rows = chunking
+        .kv_rows
+        .min(keys_fit.saturating_mul(splits_fit).max(1));
     let (splits, keys_per_split) = key_splits(
         p,
         &chunking,
@@ -1234,27 +1244,37 @@ mod feature_range_tests {
 
     #[test]
     fn ranks_beyond_the_loop_budget_split_pass2_over_feature_ranges() {
-        // (E, degree, rank, fast memory words): degree 3 at E = 64 and degree 4 at E = 32 in
-        // lavapipe's 32 KiB; the primitive's degree 2 at E = 256 in WebGPU's minimum 16 KiB.
-        for (e, g, r, words) in [
-            (64usize, 3usize, 47_905u64, 8192u64),
-            (32, 4, 58_905, 8192),
-            (256, 2, 33_153, 4096),
+        // (E, Ev, degree, rank, fast memory words, split): degree 3 at E = 64 and degree 4 at
+        // E = 32 in lavapipe's 32 KiB; the primitive's degree 2 at E = 256, Ev = 8 in WebGPU's
+        // minimum 16 KiB, whose query block the split search picks at one chunk per dispatch and
+        // whose tile then streams all of S' in one dispatch after all.
+        for (e, ev, g, r, words, split) in [
+            (64usize, 64usize, 3usize, 47_905u64, 8192u64, true),
+            (32, 32, 4, 58_905, 8192, true),
+            (256, 8, 2, 33_153, 4096, false),
         ] {
             assert_eq!(num_features(e, g), r);
-            let (p, budget) = (problem(e, false), lavapipe(words));
+            let p = Problem {
+                ev,
+                ..problem(e, false)
+            };
+            let budget = lavapipe(words);
             let grid = ThreadGrid::new(&p, g, r as usize, &budget);
-            // What refused them: no pass-2 tile streams all of S' within the loop budget.
+            // What refused them: no pass-2 tile of the one-dispatch search streams all of S'
+            // within the loop budget (pass 1 fits).
             assert!(grid.pass1().is_some());
             assert!(grid.pass2_within(false, false).is_none(), "E={e} g={g}");
             let plan = plan_poly(&p, g, &budget).unwrap();
             let t = plan.pass2;
-            assert!(plan.pass2_ranges > 1, "{plan:?}");
+            assert_eq!(plan.pass2_ranges > 1, split, "{plan:?}");
             let per_range = t.chunks_per_range(plan.pass2_ranges);
             assert_eq!(t.chunks().div_ceil(per_range), plan.pass2_ranges);
             assert!(t.range_loop_iterations(1, per_range) <= budget.max_loop_iterations);
-            // The fewest ranges: one chunk more per range exceeds the budget.
-            assert!(t.range_loop_iterations(1, per_range + 1) > budget.max_loop_iterations);
+            if split {
+                // The fewest ranges: one range fewer exceeds the budget.
+                let fewer = t.chunks_per_range(plan.pass2_ranges - 1);
+                assert!(t.range_loop_iterations(1, fewer) > budget.max_loop_iterations);
+            }
             assert!(t.fast_memory_words() <= words && plan.pass1.fast_memory_words() <= words);
             // Without a loop budget the same rank runs in one dispatch.
             let gpu = Budget::with_binding(words, 128 << 20);
