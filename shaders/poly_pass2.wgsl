@@ -16,7 +16,7 @@ struct Params {
     seq_chunk: u32,
     splits: u32,
     states: u32,
-    _pad: u32,
+    {{LAST_PARAM}}: u32,
 }
 
 const E: u32 = {{E}}u;
@@ -156,7 +156,7 @@ fn main(
 {{ACC_DECL}}
 {{D_DECL}}
 {{LOAD_FIRST}}
-        for (var ch = 0u; ch < params.chunks; ch++) {
+        for (var ch = {{FIRST_CHUNK}}; ch < params.chunks; ch++) {
             let f0 = ch * RC;
             if (!RESIDENT) {
                 // A streamed chunk's tiles are rewritten once the previous chunk's products are

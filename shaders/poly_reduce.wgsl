@@ -4,7 +4,7 @@ struct Params {
     splits: u32,
     accumulate: u32, // add to S' from an earlier key chunk instead of overwriting it
     words: u32,      // R * (Ev + 1) per unit
-    _pad: u32,
+    {{LAST_PARAM}}: u32,
 }
 
 const WG: u32 = {{WG}}u;
@@ -16,7 +16,7 @@ const WG: u32 = {{WG}}u;
 
 @compute @workgroup_size({{WG}})
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let i = gid.x;
+    let i = {{WORD}};
     let unit = gid.y;
     var words_read = 0u;
     var words_written = 0u;

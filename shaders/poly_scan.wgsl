@@ -9,7 +9,7 @@ struct Params {
     splits: u32, // key chunks of this window (pass 1's splits)
     states: u32, // slots per unit: the window's chunks
     words: u32,  // R * (Ev + 1)
-    _pad: u32,
+    {{LAST_PARAM}}: u32,
 }
 
 const WG: u32 = {{WG}}u;
@@ -21,7 +21,7 @@ const WG: u32 = {{WG}}u;
 
 @compute @workgroup_size({{WG}})
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let i = gid.x;
+    let i = {{WORD}};
     let unit = gid.y;
     var words_read = 0u;
     var words_written = 0u;

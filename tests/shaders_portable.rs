@@ -10,7 +10,7 @@ use approx_attn::poly::plan::{plan_poly, Pass1Tiles};
 
 /// The WGSL generators of the poly method, by their short names.
 mod poly {
-    pub use approx_attn::poly::kernel_common::reduce_source;
+    pub use approx_attn::poly::kernel_common::{reduce_source, reduce_source_with};
     pub use approx_attn::poly::kernel_coop::{
         coop_pack_source, coop_pass1_source, coop_pass2_source,
     };
@@ -199,22 +199,32 @@ fn every_kernel_translates_to_every_backend() {
                             let var = Variant {
                                 gated,
                                 unnormalized,
+                                feature_range: false,
                             };
                             check(
                                 &format!("gated pass1 {t1:?}"),
                                 &poly::pass1_source_with(&t1, count_io, gated),
                                 t1.fast_memory_words() + u64::from(gated) * gate1,
                             );
+                            // A split pass 2 (feature ranges) streams S', never resident.
+                            let ranges: &[bool] = if t2.resident() {
+                                &[false]
+                            } else {
+                                &[false, true]
+                            };
                             for causal in [false, true] {
-                                let v = Variant {
-                                    gated: gated && causal,
-                                    ..var
-                                };
-                                check(
-                                    &format!("pass2 {t2:?} {v:?} causal {causal}"),
-                                    &poly::pass2_source_variant(&t2, count_io, causal, v),
-                                    t2.fast_memory_words(),
-                                );
+                                for &feature_range in ranges {
+                                    let v = Variant {
+                                        gated: gated && causal,
+                                        feature_range,
+                                        ..var
+                                    };
+                                    check(
+                                        &format!("pass2 {t2:?} {v:?} causal {causal}"),
+                                        &poly::pass2_source_variant(&t2, count_io, causal, v),
+                                        t2.fast_memory_words(),
+                                    );
+                                }
                             }
                             check(
                                 &format!("gated diag {:?}", cp.diag),
@@ -242,6 +252,19 @@ fn every_kernel_translates_to_every_backend() {
                 );
                 check("reduce", &poly::reduce_source(count_io), 0);
                 check("causal scan", &poly_causal::scan_source(count_io), 0);
+                // Sliced over dispatches (S' beyond one grid dimension of workgroups).
+                check(
+                    "sliced reduce",
+                    &poly::reduce_source_with(count_io, true),
+                    0,
+                );
+                for gated in [false, true] {
+                    check(
+                        "sliced scan",
+                        &poly_causal::scan_source_sliced(count_io, gated, true),
+                        0,
+                    );
+                }
             }
         }
     }

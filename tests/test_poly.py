@@ -251,8 +251,8 @@ def check_certificate(
 # 1. Kernel vs twin
 
 # (E, g): every degree up to 4 whose rank r = C(E+g, g) stays below ~50k on lavapipe.
-# E=64, g=3 (r=47,905) is left out: llvmpipe's 65,535-iteration loop cap leaves no pass-2 tile
-# (the planner refuses it with a ValueError); E=32, g=4 (58,905) and E=128, g>=3 are too large.
+# E=64, g=3 (r=47,905) and E=32, g=4 (58,905) pass llvmpipe's 65,535-iteration loop cap only with
+# pass 2 split over feature ranges: tests/test_any_rank.py; E=128, g>=3 is too large.
 KERNEL_CASES = [
     (16, 1),
     (16, 2),

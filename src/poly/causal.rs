@@ -71,7 +71,7 @@ use super::causal_coop::{self, diag_coop_source, CoopDiagTiles};
 use super::features::{index_words, pack_indices, query_weights, FeatureTable};
 use super::fit::Poly;
 use super::io::prepass_words;
-use super::kernel_common::{Pass1Params, Variant};
+use super::kernel_common::{word_slices, word_slots, Pass1Params, Variant};
 use super::kernel_f32::{pass1_source_with, pass2_source_variant};
 use super::plan::{PolyPlan, AUX_THREADS};
 use super::prepass::Prepass;
@@ -444,6 +444,7 @@ fn causal_passes_words(
     // Per block: mu and the coefficients, and on tensor cores the value normalisation.
     let per_block = words(p.e) + words(pp.degree) + one + words(3 * p.ev) * coop_diag_words(plan);
     let tc = words(pp.pass2.tc);
+    let folds = words(pp.pass2_ranges.max(1) - 1);
     let units = words(p.units);
     let heads = units * words(p.group);
     let mut t = [Words::ZERO; 8]; // (reads, writes) of pass 1, scan, diag, pass 2
@@ -464,6 +465,10 @@ fn causal_passes_words(
         let blocks = words(lw.div_ceil(b));
         t[6] += hn * (lw_ * (e + ev + tc + g * tc) + blocks * r * (ev1 + iw + one));
         t[7] += hn * lw_ * ev;
+        // A split pass 2: each range before the last reads Q, adds its rows into the diagonal
+        // blocks (read and written, Ev + 1 words) with the gate factor once per thread column.
+        t[6] += hn * folds * lw_ * (e + ev1 + g * tc);
+        t[7] += hn * folds * lw_ * ev1;
     }
     ["pass1", "scan", "diag", "pass2"]
         .into_iter()
@@ -485,6 +490,12 @@ pub fn scan_source(count_io: bool) -> String {
 /// The scan; `gated`: each chunk state is decayed by `decay` (its chunk's gate product) as the
 /// running prefix passes it.
 pub fn scan_source_with(count_io: bool, gated: bool) -> String {
+    scan_source_sliced(count_io, gated, false)
+}
+
+/// The scan; `sliced`: each dispatch covers the words from `first_word` on (see
+/// [`word_slices`]).
+pub fn scan_source_sliced(count_io: bool, gated: bool, sliced: bool) -> String {
     let [decl, add] = io_counter_slots(count_io, 3 + u32::from(gated));
     let (decay_decl, step) = if gated {
         (
@@ -495,16 +506,15 @@ pub fn scan_source_with(count_io: bool, gated: bool) -> String {
     } else {
         ("", "            running += x;")
     };
-    fill_template(
-        SCAN,
-        &[
-            ("WG", AUX_THREADS.to_string()),
-            ("DECAY_DECL", decay_decl.to_string()),
-            ("SCAN_STEP", step.to_string()),
-            decl,
-            add,
-        ],
-    )
+    let mut slots = vec![
+        ("WG", AUX_THREADS.to_string()),
+        ("DECAY_DECL", decay_decl.to_string()),
+        ("SCAN_STEP", step.to_string()),
+        decl,
+        add,
+    ];
+    slots.extend(word_slots(sliced));
+    fill_template(SCAN, &slots)
 }
 
 /// The diagonal kernel for these tiles, its accumulators unrolled into named registers.
@@ -755,6 +765,8 @@ struct CausalPipelines {
 impl CausalPipelines {
     fn new(gpu: &Gpu, plan: &CausalPlan, opts: &RunOptions, v: Variant) -> Result<Self, Error> {
         let pp = &plan.poly;
+        let words = pp.r * (pp.pass1.ev + 1);
+        let sliced = word_slices(words, gpu.info.max_compute_workgroups_per_dimension).len() > 1;
         let compile = |name: String, src: String| {
             let key = format!("{name}:{}:{}:{v:?}", opts.count_io, opts.trusted);
             gpu.pipeline(&key, &src, opts.trusted)
@@ -765,8 +777,8 @@ impl CausalPipelines {
                 pass1_source_with(&pp.pass1, opts.count_io, v.gated),
             )?,
             scan: compile(
-                "causal_scan".into(),
-                scan_source_with(opts.count_io, v.gated),
+                format!("causal_scan:{sliced}"),
+                scan_source_sliced(opts.count_io, v.gated, sliced),
             )?,
             // Gated calls (the primitive) plan the f32 diagonal kernel only.
             diag: match plan.diag_coop.as_ref().filter(|_| !v.gated) {
@@ -780,8 +792,16 @@ impl CausalPipelines {
                 )?,
             },
             pass2: compile(
-                format!("causal_pass2:{:?}", pp.pass2),
-                pass2_source_variant(&pp.pass2, opts.count_io, true, v),
+                format!("causal_pass2:{:?}:ranges{}", pp.pass2, pp.pass2_ranges > 1),
+                pass2_source_variant(
+                    &pp.pass2,
+                    opts.count_io,
+                    true,
+                    Variant {
+                        feature_range: pp.pass2_ranges > 1,
+                        ..v
+                    },
+                ),
             )?,
         })
     }
@@ -898,23 +918,26 @@ impl<'a> CausalRun<'a> {
             .run(gpu, opts, &[])?;
             stats.absorb(&st);
         }
-        let params = ScanParams {
-            splits: splits as u32,
-            states: self.states as u32,
-            words: self.words as u32,
-            _pad: 0,
-        };
         let mut buffers = vec![&self.partial, carry];
         buffers.extend(gates.map(|g| &g[1]));
-        let (_, st) = Launch {
-            pass: "scan",
-            pipeline: &self.pipelines.scan,
-            params: &params,
-            buffers: &buffers,
-            grid: (self.words.div_ceil(AUX_THREADS) as u32, nu as u32, 1),
+        let max_groups = gpu.info.max_compute_workgroups_per_dimension;
+        for (first_word, groups) in word_slices(self.words, max_groups) {
+            let params = ScanParams {
+                splits: splits as u32,
+                states: self.states as u32,
+                words: self.words as u32,
+                first_word: first_word as u32,
+            };
+            let (_, st) = Launch {
+                pass: "scan",
+                pipeline: &self.pipelines.scan,
+                params: &params,
+                buffers: &buffers,
+                grid: (groups as u32, nu as u32, 1),
+            }
+            .run(gpu, opts, &[])?;
+            stats.absorb(&st);
         }
-        .run(gpu, opts, &[])?;
-        stats.absorb(&st);
         Ok(kv)
     }
 
@@ -991,34 +1014,47 @@ impl<'a> CausalRun<'a> {
         let blocks = lw.div_ceil(pass2.b);
         let o_words = heads * lw * p.ev;
         let o_buf = storage_buffer(gpu, o_words, "o");
-        let params = CausalPass2Params {
-            l: lw as u32,
-            blocks: blocks as u32,
-            group: p.group as u32,
-            chunks: pass2.chunks() as u32,
-            seq_chunk: plan.chunk as u32,
-            splits: kw.div_ceil(plan.chunk) as u32,
-            states: self.states as u32,
-            _pad: 0,
-        };
-        let mut buffers = vec![
-            &*q_buf,
-            &self.partial,
-            &self.idx_buf,
-            &self.w_buf,
-            &o_buf,
-            &d_buf,
-        ];
-        buffers.extend(gates.map(|g| &g[2]));
-        let (oc, st) = Launch {
-            pass: "pass2",
-            pipeline: &self.pipelines.pass2,
-            params: &params,
-            buffers: &buffers,
-            grid: (blocks as u32, heads as u32, 1),
+        // A split pass 2 adds the ranges before its last into the diagonal blocks.
+        let chunks = pass2.chunks();
+        let per_range = pass2.chunks_per_range(plan.poly.pass2_ranges);
+        let mut oc = Vec::new();
+        for chunk0 in (0..chunks).step_by(per_range) {
+            let end = (chunk0 + per_range).min(chunks);
+            let params = CausalPass2Params {
+                l: lw as u32,
+                blocks: blocks as u32,
+                group: p.group as u32,
+                chunks: end as u32,
+                seq_chunk: plan.chunk as u32,
+                splits: kw.div_ceil(plan.chunk) as u32,
+                states: self.states as u32,
+                chunk0: chunk0 as u32,
+            };
+            let mut buffers = vec![
+                &*q_buf,
+                &self.partial,
+                &self.idx_buf,
+                &self.w_buf,
+                &o_buf,
+                &d_buf,
+            ];
+            buffers.extend(gates.map(|g| &g[2]));
+            let read_back: &[(&wgpu::Buffer, usize)] = if end == chunks {
+                &[(&o_buf, o_words)]
+            } else {
+                &[]
+            };
+            let (o_read, st) = Launch {
+                pass: "pass2",
+                pipeline: &self.pipelines.pass2,
+                params: &params,
+                buffers: &buffers,
+                grid: (blocks as u32, heads as u32, 1),
+            }
+            .run(gpu, opts, read_back)?;
+            stats.absorb(&st);
+            oc = o_read;
         }
-        .run(gpu, opts, &[(&o_buf, o_words)])?;
-        stats.absorb(&st);
         for h in 0..heads {
             for row in 0..lw {
                 let dst = ((u0 * p.group + h) * p.l + w0 + row) * p.ev;
@@ -1040,7 +1076,8 @@ struct ScanParams {
     states: u32,
     /// R * (Ev + 1) per state.
     words: u32,
-    _pad: u32,
+    /// The first word of this dispatch (sliced; see [`word_slices`]).
+    first_word: u32,
 }
 
 /// Parameters of the masked diagonal blocks (`shaders/poly_causal_diag.wgsl`).
@@ -1083,7 +1120,8 @@ struct CausalPass2Params {
     seq_chunk: u32,
     splits: u32,
     states: u32,
-    _pad: u32,
+    /// Split: the first S' chunk of this dispatch's range (`chunks` is its end).
+    chunk0: u32,
 }
 
 #[cfg(test)]
@@ -1155,6 +1193,15 @@ mod tests {
                 t[6] +=
                     heads * (lw as u64 * (e + ev + tc + gated * tc) + blocks * r * (ev1 + iw + 1));
                 t[7] += heads * lw as u64 * ev;
+                // Each range of a split pass 2 before the last: Q, the gate factor per thread
+                // column, and its rows added into the diagonal blocks.
+                let per_range = pp.pass2.chunks_per_range(pp.pass2_ranges);
+                for chunk0 in (0..pp.pass2.chunks()).step_by(per_range) {
+                    if chunk0 + per_range < pp.pass2.chunks() {
+                        t[6] += heads * lw as u64 * (e + gated * tc + ev1);
+                        t[7] += heads * lw as u64 * ev1;
+                    }
+                }
             }
         }
         ["pass1", "scan", "diag", "pass2"]
@@ -1269,6 +1316,12 @@ mod tests {
                     subgroups: rng.pick(&[1usize, 2, 4]),
                     bk: 32,
                 });
+            }
+            if !plan.poly.pass2.resident() && rng.range(0, 1) == 1 {
+                // A split pass 2 of any number of feature ranges.
+                let chunks = plan.poly.pass2.chunks();
+                let per_range = plan.poly.pass2.chunks_per_range(rng.range(1, chunks));
+                plan.poly.pass2_ranges = chunks.div_ceil(per_range);
             }
             let gated = rng.range(0, 1) == 1;
             let got: Vec<_> = causal_passes_io(&p, &plan, gated)

@@ -164,6 +164,22 @@ fn passes_words(
         None => (plan.pass2.b, plan.pass2.resident()),
     };
     let per_load = packed.unwrap_or(r * (ev1 + iw + words(1)));
+    // A split pass 2 (k ranges) reads Q once per range; the k - 1 ranges before the last write
+    // their [num | D] rows, those after the first read them back, and the last reads them
+    // (Ev columns, D once per thread column) as causal pass 2 reads its masked blocks.
+    let ranges = if plan.coop.is_none() {
+        plan.pass2_ranges.max(1)
+    } else {
+        1
+    };
+    let (fold_reads, fold_writes) = if ranges > 1 {
+        (
+            words(ranges - 2) * ev1 + ev + words(plan.pass2.tc),
+            words(ranges - 1) * ev1,
+        )
+    } else {
+        (Words::ZERO, Words::ZERO)
+    };
     let (mut p2r, mut p2w) = (Words::ZERO, Words::ZERO);
     for (lc, n) in parts(p.l, c.q_rows) {
         if lc == 0 || n == 0 {
@@ -173,8 +189,13 @@ fn passes_words(
         let workgroups = plan.pass2_workgroups.min(blocks);
         let loads = if resident { workgroups } else { blocks };
         let hn = heads * words(n);
-        p2r += hn * (words(lc) * e + words(loads) * per_load + words(workgroups) * vnorm);
-        p2w += hn * words(lc) * ev;
+        let lc = words(lc);
+        p2r += hn
+            * (lc * e * words(ranges)
+                + words(loads) * per_load
+                + words(workgroups) * vnorm
+                + lc * fold_reads);
+        p2w += hn * (lc * ev + lc * fold_writes);
     }
     let mut passes = vec![("pass1", p1r, p1w), ("reduce", rdr, rdw)];
     if plan.coop.is_some() {
@@ -282,8 +303,31 @@ pub(crate) mod by_dispatch {
                 let workgroups = plan.pass2_workgroups.min(blocks) as u64;
                 let loads = if resident { workgroups } else { blocks as u64 };
                 let per_load = packed.unwrap_or(r * (ev1 + iw + 1));
-                p2r += heads * (lc as u64 * p.e as u64 + loads * per_load + workgroups * vnorm);
+                p2r += heads * (loads * per_load + workgroups * vnorm);
                 p2w += heads * (lc * p.ev) as u64;
+                // Each range's dispatch: Q, its chunks' rows of S' (counted above), and the
+                // range sums: written before the last range, read after the first.
+                let chunks2 = plan.pass2.chunks();
+                let ranges = if plan.coop.is_none() {
+                    plan.pass2_ranges
+                } else {
+                    1
+                };
+                let per_range = chunks2.div_ceil(ranges);
+                let (lc, ev, tc) = (lc as u64, p.ev as u64, plan.pass2.tc as u64);
+                for (k, chunk0) in (0..chunks2.max(1)).step_by(per_range.max(1)).enumerate() {
+                    let last = chunk0 + per_range >= chunks2;
+                    p2r += heads * lc * p.e as u64;
+                    if ranges == 1 {
+                        continue;
+                    }
+                    if k > 0 {
+                        p2r += heads * lc * if last { ev + tc } else { ev1 };
+                    }
+                    if !last {
+                        p2w += heads * lc * ev1;
+                    }
+                }
             }
         }
         let (prr, prw) = prepass_io(p, prepass_chunking, budget);
@@ -342,6 +386,7 @@ mod closed_form_tests {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         let mut checked = 0;
         let mut coop = 0;
+        let mut ranged = 0;
         for case in 0..1500 {
             let edge = [
                 1usize, 2, 3, 7, 16, 31, 64, 65, 127, 128, 129, 255, 511, 513, 1000,
@@ -400,6 +445,13 @@ mod closed_form_tests {
                 };
                 plan.keys_per_split = rng.range(1, s + 5);
                 plan.pass2_workgroups = rng.range(1, 40);
+                if plan.coop.is_none() && !plan.pass2.resident() {
+                    // A split pass 2 of any number of feature ranges.
+                    let chunks = plan.pass2.chunks();
+                    let per_range = plan.pass2.chunks_per_range(rng.range(1, chunks));
+                    plan.pass2_ranges = chunks.div_ceil(per_range);
+                    ranged += usize::from(plan.pass2_ranges > 1);
+                }
                 pre = Chunking {
                     units: rng.range(1, units),
                     q_rows: rng.range(1, l.max(1) + 3),
@@ -415,7 +467,10 @@ mod closed_form_tests {
             checked += 1;
             coop += usize::from(plan.coop.is_some());
         }
-        assert!(checked > 1000 && coop > 100, "{checked} {coop}");
+        assert!(
+            checked > 1000 && coop > 100 && ranged > 100,
+            "{checked} {coop} {ranged}"
+        );
     }
 
     #[test]

@@ -10,8 +10,38 @@ use crate::wgsl::{fill_template, io_counter_slots, Emitter};
 pub(crate) const REDUCE: &str = include_str!("../../shaders/poly_reduce.wgsl");
 
 pub fn reduce_source(count_io: bool) -> String {
+    reduce_source_with(count_io, false)
+}
+
+/// The reduction; `sliced`: each dispatch covers the words from `first_word` on (see
+/// [`word_slices`]).
+pub fn reduce_source_with(count_io: bool, sliced: bool) -> String {
     let [decl, add] = io_counter_slots(count_io, 3);
-    fill_template(REDUCE, &[("WG", AUX_THREADS.to_string()), decl, add])
+    let mut slots = vec![("WG", AUX_THREADS.to_string()), decl, add];
+    slots.extend(word_slots(sliced));
+    fill_template(REDUCE, &slots)
+}
+
+/// The reduction's and the scan's word index and last parameter: `first_word` where sliced.
+pub(crate) fn word_slots(sliced: bool) -> [(&'static str, String); 2] {
+    let (param, word) = if sliced {
+        ("first_word", "params.first_word + gid.x")
+    } else {
+        ("_pad", "gid.x")
+    };
+    [("LAST_PARAM", param.into()), ("WORD", word.into())]
+}
+
+/// The dispatches of an elementwise pass over `words` words per unit (the reduction, the scan):
+/// (first word, workgroups) each, at most `max_workgroups` workgroups of AUX_THREADS apiece.
+/// One dispatch unless S' has more words than one grid dimension covers.
+pub(crate) fn word_slices(words: usize, max_workgroups: u32) -> Vec<(usize, usize)> {
+    let groups = words.div_ceil(AUX_THREADS);
+    let per = (max_workgroups as usize).max(1);
+    (0..groups.max(1))
+        .step_by(per)
+        .map(|g0| (g0 * AUX_THREADS, per.min(groups - g0)))
+        .collect()
 }
 
 /// Declarations of a thread's `count` registers of a tile streamed through registers: element
@@ -121,6 +151,18 @@ pub(crate) fn pass1_prefetch(
 /// build reads them for every row) and `wz_t` (the f32 pass takes the normaliser column from its
 /// S' rows and stores only the weights).
 pub(crate) fn table_prefetch(wg: usize, rc: usize, g: usize, z: bool) -> Prefetch {
+    table_prefetch_from(wg, rc, g, z, "0u")
+}
+
+/// [`table_prefetch`] whose first chunk starts at feature row `first_row` (a split pass 2's
+/// range).
+pub(crate) fn table_prefetch_from(
+    wg: usize,
+    rc: usize,
+    g: usize,
+    z: bool,
+    first_row: &str,
+) -> Prefetch {
     let ni = (rc * index_words(g)).div_ceil(wg);
     let nw = rc.div_ceil(wg);
     let mut decl = String::new();
@@ -180,7 +222,7 @@ pub(crate) fn table_prefetch(wg: usize, rc: usize, g: usize, z: bool) -> Prefetc
     }
     Prefetch {
         decl: decl.trim_end().to_string(),
-        first: load("0u", 2),
+        first: load(first_row, 2),
         next: load("f0 + RC", 4),
         store: store.trim_end().to_string(),
     }
@@ -196,6 +238,10 @@ pub struct Variant {
     pub gated: bool,
     /// Pass 2 writes the weighted sums without dividing by their normaliser.
     pub unnormalized: bool,
+    /// Pass 2 streams one range of S' chunks per dispatch (`chunk0` up to `chunks`): the ranges
+    /// before the last add their sums [num | D] into `diag` (Ev + 1 words per row; causal: the
+    /// masked blocks already there), the last adds `diag` to its own before dividing.
+    pub feature_range: bool,
 }
 
 /// Parameters of pass 1 (f32 and coop; `shaders/poly_pass1.wgsl`, `poly_coop_pass1.wgsl`).
@@ -219,7 +265,8 @@ pub(crate) struct ReduceParams {
     pub accumulate: u32,
     /// R * (Ev + 1) per unit.
     pub words: u32,
-    pub _pad: u32,
+    /// The first word of this dispatch (sliced; see [`word_slices`]).
+    pub first_word: u32,
 }
 
 /// Parameters of pass 2 (f32 and coop; the f32 shader reads the first four).
@@ -232,11 +279,13 @@ pub(crate) struct Pass2Params {
     pub blocks: u32,
     /// Query heads per KV head.
     pub group: u32,
-    /// S' chunks.
+    /// S' chunks (split: the end of this dispatch's range).
     pub chunks: u32,
     /// The coop pass's key scale (queries are scaled by it).
     pub k_scale: f32,
     /// Key rows per unit (S'' = S' / keys).
     pub keys: f32,
-    pub _pad: [u32; 2],
+    pub _pad: u32,
+    /// Split: the first S' chunk of this dispatch's range (`chunk0` in the f32 shader).
+    pub chunk0: u32,
 }

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use super::features::index_words;
 use super::kernel_common::{
-    element_registers, feature_product, pass1_prefetch, pass2_feature_build, table_prefetch,
+    element_registers, feature_product, pass1_prefetch, pass2_feature_build, table_prefetch_from,
     Prefetch, Variant,
 };
 use super::plan::{align4, Pass1Tiles, Pass2Tiles};
@@ -429,10 +429,25 @@ pub fn pass2_source_variant(t: &Pass2Tiles, count_io: bool, causal: bool, v: Var
         |row, p| format!("phi_set(f * FS + {row}, {p})"),
         |row, d| format!("phi_set(fb * B + {row}, {d})"),
     );
-    let store = pass2_store(t, (rb, cu), vec4_rows, causal, v);
+    let ranged = v.feature_range;
+    debug_assert!(!ranged || !t.resident(), "{t:?}: a split S' is streamed");
+    let store = if ranged {
+        // Ranges before the last fold their sums into `diag`; the last one stores the output
+        // from its sums and `diag`, as causal pass 2 does.
+        format!(
+            "        if (params.chunks < {}u) {{\n{}        }} else {{\n{}        }}",
+            t.chunks(),
+            pass2_fold_store(t, (rb, cu), vec4_rows, causal, v),
+            pass2_store(t, (rb, cu), vec4_rows, true, v)
+        )
+    } else {
+        pass2_store(t, (rb, cu), vec4_rows, causal, v)
+    };
     let state = if causal { "st" } else { "unit" };
-    let chunk = (!t.resident()).then(|| pass2_chunk_prefetch(t, state));
-    let table = (!t.resident()).then(|| table_prefetch(t.threads(), t.rc, t.g, false));
+    let first_row = if ranged { "params.chunk0 * RC" } else { "0u" };
+    let chunk = (!t.resident()).then(|| pass2_chunk_prefetch(t, state, first_row));
+    let table =
+        (!t.resident()).then(|| table_prefetch_from(t.threads(), t.rc, t.g, false, first_row));
     let slot = |f: &dyn Fn(&Prefetch) -> String| {
         chunk
             .iter()
@@ -446,14 +461,18 @@ pub fn pass2_source_variant(t: &Pass2Tiles, count_io: bool, causal: bool, v: Var
     // chunks load the next one and store this one.
     let (load_next, chunk_store) = (slot(&|p| p.next.clone()), slot(&|p| p.store.clone()));
     let gated = causal && v.gated;
-    let [decl, add] = io_counter_slots(count_io, 6 + u32::from(causal) + u32::from(gated));
-    let diag_decl = match (causal, gated) {
-        (true, true) => {
-            "@group(0) @binding(6) var<storage, read> diag: array<f32>;\n\
+    let [decl, add] =
+        io_counter_slots(count_io, 6 + u32::from(causal || ranged) + u32::from(gated));
+    let diag_access = if ranged { "read_write" } else { "read" };
+    let diag_decl = match (causal || ranged, gated) {
+        (true, true) => format!(
+            "@group(0) @binding(6) var<storage, {diag_access}> diag: array<f32>;\n\
              @group(0) @binding(7) var<storage, read> q_factor: array<f32>;"
+        ),
+        (true, false) => {
+            format!("@group(0) @binding(6) var<storage, {diag_access}> diag: array<f32>;")
         }
-        (true, false) => "@group(0) @binding(6) var<storage, read> diag: array<f32>;",
-        _ => "",
+        _ => String::new(),
     };
     let mut slots = vec![
         ("E", t.e.to_string()),
@@ -463,7 +482,15 @@ pub fn pass2_source_variant(t: &Pass2Tiles, count_io: bool, causal: bool, v: Var
         ("RC", t.rc.to_string()),
         ("RESIDENT", t.resident().to_string()),
         ("CAUSAL", causal.to_string()),
-        ("DIAG_DECL", diag_decl.to_string()),
+        ("DIAG_DECL", diag_decl),
+        (
+            "LAST_PARAM",
+            (if ranged { "chunk0" } else { "_pad" }).to_string(),
+        ),
+        (
+            "FIRST_CHUNK",
+            (if ranged { "params.chunk0" } else { "0u" }).to_string(),
+        ),
         ("B", t.b.to_string()),
         ("G", t.g.to_string()),
         ("IW", iw.to_string()),
@@ -497,7 +524,7 @@ pub fn pass2_source_variant(t: &Pass2Tiles, count_io: bool, causal: bool, v: Var
 /// Pass 2's next S' chunk in registers: element u of a thread is chunk word lid + WG * u (row
 /// and column fixed for the whole dispatch), stored into the S' tile or, for the last column,
 /// the normaliser column beside the weights.
-fn pass2_chunk_prefetch(t: &Pass2Tiles, state: &str) -> Prefetch {
+fn pass2_chunk_prefetch(t: &Pass2Tiles, state: &str, first_row: &str) -> Prefetch {
     let wg = t.threads();
     let n = (t.rc * (t.ev + 1)).div_ceil(wg);
     let mut decl = String::new();
@@ -529,10 +556,71 @@ fn pass2_chunk_prefetch(t: &Pass2Tiles, state: &str) -> Prefetch {
     }
     Prefetch {
         decl: decl.trim_end().to_string(),
-        first: load("0u", 2),
+        first: load(first_row, 2),
         next: load("f0 + RC", 4),
         store: store.trim_end().to_string(),
     }
+}
+
+/// A split pass 2's store before its last range: each of the thread's rows adds its sums (times
+/// the row's gate factor, gated) to `diag` (read first where an earlier range or the causal
+/// masked block wrote it), the normaliser by thread column 0 alone.
+fn pass2_fold_store(
+    t: &Pass2Tiles,
+    (rb, cu): (usize, usize),
+    vec4_rows: bool,
+    causal: bool,
+    v: Variant,
+) -> String {
+    let gated = causal && v.gated;
+    let mut e = Emitter::new(3);
+    let add = |e: &mut Emitter, at: &str| {
+        let read = |e: &mut Emitter| {
+            e.line(format!("x += diag[{at}];"));
+            e.line("words_read += 1u;");
+        };
+        if causal {
+            read(e);
+        } else {
+            e.block("if (params.chunk0 > 0u)", read);
+        }
+        e.line(format!("diag[{at}] = x;"));
+        e.line("words_written += 1u;");
+    };
+    for a in 0..rb {
+        let row = micro_tile_row(a, ("tr", t.tr), vec4_rows);
+        e.scope(|e| {
+            e.line(format!("let r = {row};"));
+            e.block("if (r < rows)", |e| {
+                e.line(format!("var d_{a} = 0.0;"));
+                e.block("for (var h = 0u; h < TPR; h++)", |e| {
+                    e.line(format!("d_{a} += phi_get(h * B + r);"));
+                });
+                e.line("let drow = (head * params.l + q0 + r) * EV1;");
+                let factor = if gated {
+                    e.line(format!("let qf_{a} = q_factor[unit * params.l + q0 + r];"));
+                    e.line("words_read += 1u;");
+                    format!(" * qf_{a}")
+                } else {
+                    String::new()
+                };
+                e.block("if (tc == 0u)", |e| {
+                    e.line(format!("var x = d_{a}{factor};"));
+                    add(e, "drow + EV");
+                });
+                for u in 0..cu {
+                    e.line(format!("let c_{u} = 4u * (tc + {}u);", u * t.tc));
+                    for (k, comp) in wgsl_element(4).1.iter().enumerate() {
+                        e.block(format!("if (c_{u} + {k}u < EV)"), |e| {
+                            e.line(format!("var x = acc_{a}_{u}{comp}{factor};"));
+                            add(e, &format!("drow + c_{u} + {k}u"));
+                        });
+                    }
+                }
+            });
+        });
+    }
+    e.finish() + "\n"
 }
 
 /// Pass 2's output: each of the thread's rows, divided by its normaliser (the sum of the TPR

@@ -208,9 +208,36 @@ impl Pass2Tiles {
 }
 
 impl Pass2Tiles {
+    /// Feature ranges pass 2 is split into (one dispatch each, S' chunks balanced over them):
+    /// one where every chunk fits the loop budget `max_loop_iterations` in one dispatch, else the
+    /// fewest whose chunks do; None where not even one chunk per dispatch fits (or S' is resident:
+    /// a resident S' is one chunk).
+    pub fn feature_ranges(&self, max_loop_iterations: u64) -> Option<usize> {
+        let chunks = self.chunks();
+        if self.loop_iterations(1) <= max_loop_iterations {
+            return Some(1);
+        }
+        let per_range = largest_fitting(chunks, |c| {
+            self.range_loop_iterations(1, c) <= max_loop_iterations
+        });
+        (per_range > 0 && !self.resident()).then(|| chunks.div_ceil(per_range))
+    }
+
+    /// S' chunks per feature range of a pass 2 split into `ranges` (balanced; the last range
+    /// takes the rest).
+    pub fn chunks_per_range(&self, ranges: usize) -> usize {
+        self.chunks().div_ceil(ranges.max(1))
+    }
+
     /// Loop iterations of one pass-2 invocation over `blocks` query blocks (see poly_pass2.wgsl;
     /// the streamed chunks are loaded by unrolled code, a resident S' by loops).
     pub fn loop_iterations(&self, blocks: usize) -> u64 {
+        self.range_loop_iterations(blocks, self.chunks())
+    }
+
+    /// [`Pass2Tiles::loop_iterations`] of a dispatch that streams `chunks` of the S' chunks (one
+    /// feature range of a split pass 2; its store has no further loops).
+    pub fn range_loop_iterations(&self, blocks: usize, chunks: usize) -> u64 {
         let (wg, e1, ev1) = (self.threads(), self.e + 1, self.ev + 1);
         let load = cdiv(self.rc * ev1, wg)
             + cdiv(self.rc * index_words(self.g), wg) * (1 + self.g as u64)
@@ -219,7 +246,7 @@ impl Pass2Tiles {
             1 + cdiv(self.rc, self.builders_per_row()) * (1 + self.g as u64) + self.rc as u64;
         let per_block = 1
             + cdiv(self.b * e1, wg)
-            + self.chunks() as u64 * per_chunk
+            + chunks as u64 * per_chunk
             + (self.rows_per_thread() * self.builders_per_row()) as u64;
         cdiv(self.rc * self.padded_ev() / 4, wg)
             + (if self.resident() { load } else { 0 })
@@ -435,6 +462,10 @@ pub struct PolyPlan {
     pub pass2: Pass2Tiles,
     /// Query blocks per head handled by distinct workgroups (< blocks: persistent workgroups).
     pub pass2_workgroups: usize,
+    /// Dispatches of pass 2 per query chunk, each over one range of S' chunks (1: one dispatch;
+    /// more where the driver's loop budget cannot stream all of S' in one, see
+    /// [`Pass2Tiles::feature_ranges`]).
+    pub pass2_ranges: usize,
     pub chunking: Chunking,
     /// Run both passes on cooperative matrices with these tiles (f16 operands) instead of the
     /// f32 tiles above.
@@ -595,11 +626,25 @@ impl<'a> ThreadGrid<'a> {
     /// Pass 2: schedule A keeps all of S' resident (where pass 1 has one chunk, `one_chunk`);
     /// otherwise the largest query block b (pass-2 I/O ~ L*r*(Ev+3)/b) whose S' chunk still has
     /// at least min(r, 16) feature rows. Blocks are whole micro-tiles, b = tr * (rows per
-    /// thread) at most 64, of enough threads where one fits.
+    /// thread) at most 64, of enough threads where one fits. Where no streamed S' fits the loop
+    /// budget in one dispatch, the same choice with one chunk per dispatch (the feature ranges of
+    /// [`Pass2Tiles::feature_ranges`]).
     fn pass2(&self, one_chunk: bool) -> Option<Pass2Tiles> {
+        self.pass2_within(one_chunk, false)
+            .or_else(|| self.pass2_within(false, true))
+    }
+
+    /// [`ThreadGrid::pass2`] in one dispatch, or (`split`) in feature ranges.
+    fn pass2_within(&self, one_chunk: bool, split: bool) -> Option<Pass2Tiles> {
         let (r, m, tc) = (self.r, self.budget.fast_memory_words, self.tc);
+        let max_loops = self.budget.max_loop_iterations;
         let iters_ok = |t: Pass2Tiles| {
-            t.builds_fit() && t.loop_iterations(1) <= self.budget.max_loop_iterations
+            t.builds_fit()
+                && if split {
+                    t.rc < r && t.range_loop_iterations(1, 1) <= max_loops
+                } else {
+                    t.loop_iterations(1) <= max_loops
+                }
         };
         let blocks: Vec<(usize, usize)> = self
             .thread_rows
@@ -620,7 +665,15 @@ impl<'a> ThreadGrid<'a> {
             return Some(self.t2(b, tr, r));
         }
         let (b, tr) = largest_block(r.min(16)).unwrap_or((1, 1));
-        let rc = largest_fitting(r, |rc| self.t2(b, tr, rc).fast_memory_words() <= m);
+        let rc = if split {
+            // Within one chunk per dispatch, and at least two chunks.
+            largest_fitting(r - 1, |rc| {
+                let t = self.t2(b, tr, rc);
+                t.fast_memory_words() <= m && t.range_loop_iterations(1, 1) <= max_loops
+            })
+        } else {
+            largest_fitting(r, |rc| self.t2(b, tr, rc).fast_memory_words() <= m)
+        };
         (rc > 0 && iters_ok(self.t2(b, tr, rc))).then(|| self.t2(b, tr, rc))
     }
 }
@@ -653,6 +706,16 @@ pub fn plan_poly_with(
     }
     chunking.units = chunking.units.min(max_words / s_prime_words).max(1);
     let units = chunking.units;
+    // A large S' leaves room for few partial states (key splits) in one binding; where those
+    // cannot take a key chunk's keys within the loop budget, shorter key chunks (one pass-1
+    // dispatch each, summed by the reduction) can.
+    let keys_fit = largest_fitting(chunking.kv_rows, |k| {
+        pass1.loop_iterations(k) <= budget.max_loop_iterations
+    });
+    let splits_fit = max_words / (units * s_prime_words);
+    chunking.kv_rows = chunking
+        .kv_rows
+        .min(keys_fit.saturating_mul(splits_fit).max(1));
     let (splits, keys_per_split) = key_splits(
         p,
         &chunking,
@@ -661,6 +724,12 @@ pub fn plan_poly_with(
         budget,
     )
     .map_err(|e| too_large(&e))?;
+    let pass2_ranges = pass2
+        .feature_ranges(budget.max_loop_iterations)
+        .ok_or_else(|| too_large("no pass-2 tile fits the driver's loop budget"))?;
+    let pass2_ranges = pass2
+        .chunks()
+        .div_ceil(pass2.chunks_per_range(pass2_ranges));
     let blocks = chunking.q_rows.div_ceil(pass2.b);
     let pass2_workgroups = if pass2.resident() {
         // Persistent workgroups loop over query blocks: as many as the loop budget needs.
@@ -688,6 +757,7 @@ pub fn plan_poly_with(
         keys_per_split,
         pass2,
         pass2_workgroups,
+        pass2_ranges,
         chunking,
         coop: None,
     })
@@ -790,7 +860,7 @@ pub fn poly_tiles_fit(t1: &Pass1Tiles, t2: &Pass2Tiles, budget: &Budget) -> bool
         && registers(t2.rows_per_thread(), t2.groups_per_thread())
         && t2.fast_memory_words() <= m
         && t2.builds_fit()
-        && t2.loop_iterations(1) <= budget.max_loop_iterations
+        && t2.feature_ranges(budget.max_loop_iterations).is_some()
 }
 
 /// Autotune candidates around the planner's f32 pass tiles: pass-1 variants (key tile, thread
@@ -839,7 +909,13 @@ pub fn poly_candidates(plan: &PolyPlan, budget: &Budget) -> (Vec<Pass1Tiles>, Ve
                     rc,
                     ..t2
                 };
-                if c.b <= 128 && poly_tiles_fit(&t1, &c, budget) && !pass2.contains(&c) {
+                // Split plans stay split, one dispatch stays one.
+                let split = c.feature_ranges(budget.max_loop_iterations) != Some(1);
+                if c.b <= 128
+                    && poly_tiles_fit(&t1, &c, budget)
+                    && split == (plan.pass2_ranges > 1)
+                    && !pass2.contains(&c)
+                {
                     pass2.push(c);
                 }
             }
@@ -911,6 +987,7 @@ pub fn plan_poly_coop_with(
         .div_ceil(t.b2())
         .min(budget.max_workgroups_per_dimension as usize);
     plan.schedule = Schedule::B;
+    plan.pass2_ranges = 1;
     plan.coop = Some(t);
     Ok(plan)
 }
@@ -1137,6 +1214,128 @@ mod poly_plan_tests {
             let (it1, it2) = iterations(u64::MAX);
             assert!(it1.max(it2) > 60_000, "{it1} {it2}");
         }
+    }
+}
+
+#[cfg(test)]
+mod feature_range_tests {
+    use super::*;
+
+    /// lavapipe's planner budget: 32 KiB of workgroup memory (or the `fast` words given), its
+    /// loop budget with the planner's margin.
+    fn lavapipe(fast_memory_words: u64) -> Budget {
+        let mut b = Budget::with_binding(fast_memory_words, 128 << 20);
+        b.max_loop_iterations = 60_000;
+        b
+    }
+
+    fn problem(e: usize, causal: bool) -> Problem {
+        Problem {
+            units: 2,
+            group: 2,
+            l: 300,
+            s: 200,
+            e,
+            ev: e,
+            causal,
+            scale: 0.1,
+        }
+    }
+
+    #[test]
+    fn ranks_beyond_the_loop_budget_split_pass2_over_feature_ranges() {
+        // (E, Ev, degree, rank, fast memory words, split): degree 3 at E = 64 and degree 4 at
+        // E = 32 in lavapipe's 32 KiB; the primitive's degree 2 at E = 256, Ev = 8 in WebGPU's
+        // minimum 16 KiB, whose query block the split search picks at one chunk per dispatch and
+        // whose tile then streams all of S' in one dispatch after all.
+        for (e, ev, g, r, words, split) in [
+            (64usize, 64usize, 3usize, 47_905u64, 8192u64, true),
+            (32, 32, 4, 58_905, 8192, true),
+            (256, 8, 2, 33_153, 4096, false),
+        ] {
+            assert_eq!(num_features(e, g), r);
+            let p = Problem {
+                ev,
+                ..problem(e, false)
+            };
+            let budget = lavapipe(words);
+            let grid = ThreadGrid::new(&p, g, r as usize, &budget);
+            // What refused them: no pass-2 tile of the one-dispatch search streams all of S'
+            // within the loop budget (pass 1 fits).
+            assert!(grid.pass1().is_some());
+            assert!(grid.pass2_within(false, false).is_none(), "E={e} g={g}");
+            let plan = plan_poly(&p, g, &budget).unwrap();
+            let t = plan.pass2;
+            assert_eq!(plan.pass2_ranges > 1, split, "{plan:?}");
+            let per_range = t.chunks_per_range(plan.pass2_ranges);
+            assert_eq!(t.chunks().div_ceil(per_range), plan.pass2_ranges);
+            assert!(t.range_loop_iterations(1, per_range) <= budget.max_loop_iterations);
+            if split {
+                // The fewest ranges: one range fewer exceeds the budget.
+                let fewer = t.chunks_per_range(plan.pass2_ranges - 1);
+                assert!(t.range_loop_iterations(1, fewer) > budget.max_loop_iterations);
+            }
+            assert!(t.fast_memory_words() <= words && plan.pass1.fast_memory_words() <= words);
+            // Without a loop budget the same rank runs in one dispatch.
+            let gpu = Budget::with_binding(words, 128 << 20);
+            assert_eq!(plan_poly(&p, g, &gpu).unwrap().pass2_ranges, 1);
+        }
+    }
+
+    #[test]
+    fn one_dispatch_where_it_fits() {
+        for (e, g) in [(16usize, 2usize), (64, 2), (128, 2), (8, 6), (32, 3)] {
+            for words in [4096u64, 8192] {
+                let plan = plan_poly(&problem(e, false), g, &lavapipe(words)).unwrap();
+                if plan.pass2.loop_iterations(1) <= 60_000 {
+                    assert_eq!(plan.pass2_ranges, 1, "{plan:?}");
+                }
+            }
+        }
+        // The autotune's pass-2 candidates of a one-dispatch plan all run in one dispatch.
+        let budget = lavapipe(8192);
+        let plan = plan_poly(&problem(64, false), 2, &budget).unwrap();
+        assert_eq!(plan.pass2_ranges, 1);
+        for c in poly_candidates(&plan, &budget).1 {
+            assert_eq!(
+                c.feature_ranges(budget.max_loop_iterations),
+                Some(1),
+                "{c:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn word_slices_cover_every_word_within_the_grid() {
+        use crate::poly::kernel_common::word_slices;
+        for (words, max) in [(33_153 * 257, 65_535u32), (1000, 65_535), (128 * 7 + 1, 3)] {
+            let slices = word_slices(words, max);
+            let mut next = 0;
+            for &(first, groups) in &slices {
+                assert_eq!(first, next);
+                assert!((1..=max as usize).contains(&groups));
+                next = first + groups * AUX_THREADS;
+            }
+            assert!(next >= words && next - words < AUX_THREADS, "{slices:?}");
+        }
+        assert_eq!(word_slices(33_153 * 257, 65_535).len(), 2);
+        assert_eq!(word_slices(47_905 * 65, 65_535).len(), 1);
+    }
+
+    #[test]
+    fn smaller_loop_budgets_give_more_ranges() {
+        let p = problem(16, false);
+        let mut last = 0;
+        for limit in [u64::MAX, 4000, 1500, 600] {
+            let mut b = lavapipe(4096);
+            b.max_loop_iterations = limit;
+            let plan = plan_poly(&p, 3, &b).unwrap();
+            assert!(plan.pass2_ranges >= last, "{limit}: {plan:?}");
+            let per_range = plan.pass2.chunks_per_range(plan.pass2_ranges);
+            assert!(plan.pass2.range_loop_iterations(1, per_range) <= limit);
+            last = plan.pass2_ranges;
+        }
+        assert!(last > 2, "{last}");
     }
 }
 

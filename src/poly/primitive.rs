@@ -157,6 +157,7 @@ pub fn poly_kernel_attention(
     let variant = Variant {
         gated: gates.is_some(),
         unnormalized: !kernel.normalize,
+        feature_range: false,
     };
     let extras = Extras {
         variant,
@@ -241,11 +242,16 @@ mod tests {
     #[test]
     fn head_dimension_256_at_degree_2_plans_on_the_webgpu_minimum() {
         // 16 KiB of workgroup memory (WebGPU's minimum), 128 MiB bindings and WebGPU's grid
-        // limit, no loop budget (GPU drivers), gates' reserve taken: every degree-2 kernel plans,
-        // causal and not, at every head dimension to 256. (lavapipe's loop budget is the one
-        // exception at 16 KiB; at its own 32 KiB it runs them: tests/test_poly_kernel.py.)
-        let budget = crate::budget::Budget::with_binding(4096 - GATE_FAST_MEMORY_WORDS, 128 << 20);
-        for e in [1usize, 16, 64, 128, 255, 256] {
+        // limit, gates' reserve taken, no loop budget (GPU drivers) or lavapipe's (pass 2 split
+        // over feature ranges where needed): every degree-2 kernel plans, causal and not, at
+        // every head dimension to 256.
+        let mut budget =
+            crate::budget::Budget::with_binding(4096 - GATE_FAST_MEMORY_WORDS, 128 << 20);
+        for (e, loops) in [1usize, 16, 64, 128, 255, 256]
+            .into_iter()
+            .flat_map(|e| [(e, u64::MAX), (e, 60_000)])
+        {
+            budget.max_loop_iterations = loops;
             for coeffs in [&[0.0, 0.0, 1.0][..], &[1.0, 1.0, 0.5]] {
                 let r = kernel_rank(e, coeffs).unwrap();
                 for causal in [false, true] {

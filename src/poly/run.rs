@@ -6,7 +6,9 @@ use std::sync::Arc;
 use super::causal::Extras;
 use super::features::{pack_indices, query_weights, FeatureTable};
 use super::fit::Poly;
-use super::kernel_common::{reduce_source, Pass1Params, Pass2Params, ReduceParams, Variant};
+use super::kernel_common::{
+    reduce_source_with, word_slices, Pass1Params, Pass2Params, ReduceParams, Variant,
+};
 use super::kernel_coop::{coop_pack_source, coop_pass1_source, coop_pass2_source, PackParams};
 use super::kernel_f32::{pass1_source_with, pass2_source_variant};
 use super::plan::{PolyPlan, AUX_THREADS};
@@ -172,7 +174,11 @@ impl Pipelines {
                     &plan.pass2,
                     opts.count_io,
                     false,
-                    Variant { gated: false, ..v },
+                    Variant {
+                        gated: false,
+                        feature_range: plan.pass2_ranges > 1,
+                        ..v
+                    },
                 ),
                 format!("pass1:{:?}", plan.pass1),
                 format!("pass2:{:?}", plan.pass2),
@@ -180,9 +186,12 @@ impl Pipelines {
         };
         let mode = format!("{}:{}:{v:?}", opts.count_io, opts.trusted);
         let pass1 = gpu.pipeline(&format!("{key1}:{mode}"), &src1, opts.trusted)?;
+        let key2 = format!("{key2}:ranges{}", plan.pass2_ranges > 1);
+        let words = plan.r * (plan.pass1.ev + 1);
+        let sliced = word_slices(words, gpu.info.max_compute_workgroups_per_dimension).len() > 1;
         let reduce = gpu.pipeline(
-            &format!("reduce:{mode}"),
-            &reduce_source(opts.count_io),
+            &format!("reduce:{sliced}:{mode}"),
+            &reduce_source_with(opts.count_io, sliced),
             opts.trusted,
         )?;
         let pack = match &plan.coop {
@@ -305,21 +314,24 @@ impl PolyRun<'_> {
             .run(gpu, self.opts, &[])?;
             stats.absorb(&st);
             let words = plan.r * (p.ev + 1);
-            let params = ReduceParams {
-                splits: splits as u32,
-                accumulate: u32::from(ci > 0 || started),
-                words: words as u32,
-                _pad: 0,
-            };
-            let (_, st) = Launch {
-                pass: "reduce",
-                pipeline: &self.pipelines.reduce,
-                params: &params,
-                buffers: &[&self.partial_buf, &self.sp_buf],
-                grid: (words.div_ceil(AUX_THREADS) as u32, nu as u32, 1),
+            let max_groups = gpu.info.max_compute_workgroups_per_dimension;
+            for (first_word, groups) in word_slices(words, max_groups) {
+                let params = ReduceParams {
+                    splits: splits as u32,
+                    accumulate: u32::from(ci > 0 || started),
+                    words: words as u32,
+                    first_word: first_word as u32,
+                };
+                let (_, st) = Launch {
+                    pass: "reduce",
+                    pipeline: &self.pipelines.reduce,
+                    params: &params,
+                    buffers: &[&self.partial_buf, &self.sp_buf],
+                    grid: (groups as u32, nu as u32, 1),
+                }
+                .run(gpu, self.opts, &[])?;
+                stats.absorb(&st);
             }
-            .run(gpu, self.opts, &[])?;
-            stats.absorb(&st);
         }
         Ok(())
     }
@@ -381,30 +393,50 @@ impl PolyRun<'_> {
                 None => (plan.pass2.b, plan.pass2.chunks()),
             };
             let blocks = lc.div_ceil(b);
-            let params = Pass2Params {
-                l: lc as u32,
-                blocks: blocks as u32,
-                group: p.group as u32,
-                chunks: chunks2 as u32,
-                k_scale: self.k_scale,
-                keys: p.s as f32,
-                _pad: [0; 2],
+            // A split pass 2 sums its ranges' [num | D] rows here (see Variant::feature_range).
+            let ranged = plan.coop.is_none() && plan.pass2_ranges > 1;
+            let sums = ranged.then(|| storage_buffer(gpu, qh * lc * (p.ev + 1), "range sums"));
+            let per_range = if ranged {
+                plan.pass2.chunks_per_range(plan.pass2_ranges)
+            } else {
+                chunks2
             };
-            let bufs = match coop {
-                Some(((s16, z), vn2)) => {
-                    vec![&*q_buf, s16, z, &self.idx_buf, &self.w_buf, vn2, &o_buf]
+            let mut oc = Vec::new();
+            for chunk0 in (0..chunks2).step_by(per_range) {
+                let end = (chunk0 + per_range).min(chunks2);
+                let params = Pass2Params {
+                    l: lc as u32,
+                    blocks: blocks as u32,
+                    group: p.group as u32,
+                    chunks: end as u32,
+                    k_scale: self.k_scale,
+                    keys: p.s as f32,
+                    _pad: 0,
+                    chunk0: chunk0 as u32,
+                };
+                let mut bufs = match coop {
+                    Some(((s16, z), vn2)) => {
+                        vec![&*q_buf, s16, z, &self.idx_buf, &self.w_buf, vn2, &o_buf]
+                    }
+                    None => vec![&*q_buf, &self.sp_buf, &self.idx_buf, &self.w_buf, &o_buf],
+                };
+                bufs.extend(sums.as_ref());
+                let read_back: &[(&wgpu::Buffer, usize)] = if end == chunks2 {
+                    &[(&o_buf, o_words)]
+                } else {
+                    &[]
+                };
+                let (o_read, st) = Launch {
+                    pass: "pass2",
+                    pipeline: &self.pipelines.pass2,
+                    params: &params,
+                    buffers: &bufs,
+                    grid: (plan.pass2_workgroups.min(blocks) as u32, qh as u32, 1),
                 }
-                None => vec![&*q_buf, &self.sp_buf, &self.idx_buf, &self.w_buf, &o_buf],
-            };
-            let (oc, st) = Launch {
-                pass: "pass2",
-                pipeline: &self.pipelines.pass2,
-                params: &params,
-                buffers: &bufs,
-                grid: (plan.pass2_workgroups.min(blocks) as u32, qh as u32, 1),
+                .run(gpu, self.opts, read_back)?;
+                stats.absorb(&st);
+                oc = o_read;
             }
-            .run(gpu, self.opts, &[(&o_buf, o_words)])?;
-            stats.absorb(&st);
             if oc.len() == out.len() {
                 // One dispatch for the whole output: it is already in place.
                 *out = oc;
