@@ -6,6 +6,7 @@ use approx_attn::budget::Budget;
 use approx_attn::exact::coop as coop_exact;
 use approx_attn::exact::kernel as exact;
 use approx_attn::exact::plan::{exact_candidates, exact_tiles_fit, plan_exact, ExactTiles};
+use approx_attn::exact::storage::Storage;
 use approx_attn::poly::plan::{plan_poly, Pass1Tiles};
 
 /// The WGSL generators of the poly method, by their short names.
@@ -133,6 +134,12 @@ fn every_kernel_translates_to_every_backend() {
                         check(
                             &format!("exact {t:?}"),
                             &exact::shader_source(&t, count_io),
+                            t.fast_memory_words(),
+                        );
+                        // f16 storage: no capability beyond the f32 kernel's (unpack2x16float).
+                        check(
+                            &format!("exact f16 storage {t:?}"),
+                            &exact::shader_source_for(&t, count_io, Storage::F16),
                             t.fast_memory_words(),
                         );
                     }
