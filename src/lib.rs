@@ -106,6 +106,13 @@ pub fn attention_with_inputs(
         opts: *opts,
     };
     let coop_exact = coop_exact_plan(&tuner, p, method, popts, f16_inputs)?;
+    // f16 storage needs unpack2x16float; elsewhere the float32 copies (converted on the host) run.
+    let f16_storage_off = match f16_storage {
+        Some(_) if cfg.no_f16_storage => Some("APPROX_ATTN_NO_F16_STORAGE is set"),
+        Some(_) if !gpu.info.f16_storage => Some("this adapter lacks unpack2x16float"),
+        _ => None,
+    };
+    let f16_storage = f16_storage.filter(|_| f16_storage_off.is_none());
     // method='poly' uses the exact plan only for the pre-pass chunking: the planner's tiles do,
     // without timing the exact kernel's candidates (nor does exact on tensor cores).
     let exact_plan = if method == Method::Poly || coop_exact.is_some() {
@@ -138,10 +145,15 @@ pub fn attention_with_inputs(
         &uploads,
         &mut stats,
     )?;
-    let reason = match note {
+    let mut reason = match note {
         Some(n) => format!("{}; {n}", choice.reason),
         None => choice.reason,
     };
+    if let Some(why) = f16_storage_off.filter(|_| ran.method == "exact") {
+        reason.push_str(&format!(
+            "; float32 storage ({why}): float16 inputs converted to float32 on the host"
+        ));
+    }
     Ok((
         ran.out,
         Report {

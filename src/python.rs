@@ -548,6 +548,7 @@ fn device_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("timestamp_queries", i.timestamp_queries)?;
     d.set_item("cooperative_matrix", i.cooperative_matrix)?;
     d.set_item("coop_f16", i.coop_f16)?;
+    d.set_item("f16_storage", i.f16_storage)?;
     d.set_item("subgroup_size", i.subgroup_size)?;
     d.set_item("cached_pipelines", gpu.cached_pipelines())?;
     d.set_item("max_cached_pipelines", device::MAX_CACHED_PIPELINES)?;

@@ -48,13 +48,15 @@ fn parse_planned(name: &str, src: &str, planned_words: u64) -> naga::Module {
 }
 
 fn check(name: &str, src: &str, planned_words: u64) {
+    check_with(name, src, planned_words, naga::valid::Capabilities::empty());
+}
+
+/// [`check`] with these capabilities.
+fn check_with(name: &str, src: &str, planned_words: u64, caps: naga::valid::Capabilities) {
     let module = parse_planned(name, src, planned_words);
-    let info = naga::valid::Validator::new(
-        naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::empty(),
-    )
-    .validate(&module)
-    .unwrap_or_else(|e| panic!("{name}: validation error: {e:?}"));
+    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{name}: validation error: {e:?}"));
 
     naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
         .unwrap_or_else(|e| panic!("{name}: SPIR-V: {e}"));
@@ -136,11 +138,12 @@ fn every_kernel_translates_to_every_backend() {
                             &exact::shader_source(&t, count_io),
                             t.fast_memory_words(),
                         );
-                        // f16 storage: no capability beyond the f32 kernel's (unpack2x16float).
-                        check(
+                        // f16 storage: unpack2x16float only (f16 values in f32), no shader f16.
+                        check_with(
                             &format!("exact f16 storage {t:?}"),
                             &exact::shader_source_for(&t, count_io, Storage::F16),
                             t.fast_memory_words(),
+                            naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32,
                         );
                     }
                 }

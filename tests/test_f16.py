@@ -90,6 +90,7 @@ def case_id(c: tuple[Any, ...]) -> str:
     return f"L{L}-S{S}-E{E}-Ev{Ev}{'-causal' if causal else ''}{gqa}"
 
 
+@pytest.mark.needs_feature("f16_storage")
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_float16_inputs_run_f16_storage_against_float64(case: tuple[Any, ...]) -> None:
     lead_q, lead_kv, L, S, E, Ev, causal = case
@@ -104,6 +105,7 @@ def test_float16_inputs_run_f16_storage_against_float64(case: tuple[Any, ...]) -
     assert_close(out, ref, tol, case_id(case))
 
 
+@pytest.mark.needs_feature("f16_storage")
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_f16_and_f32_storage_of_the_same_values_agree_bit_for_bit(case: tuple[Any, ...]) -> None:
     lead_q, lead_kv, L, S, E, Ev, causal = case
@@ -125,6 +127,7 @@ def test_f16_and_f32_storage_of_the_same_values_agree_bit_for_bit(case: tuple[An
     np.testing.assert_array_equal(h16, o32.astype(np.float16))
 
 
+@pytest.mark.needs_feature("f16_storage")
 @pytest.mark.parametrize("binding", [None, "8192"], ids=["one-dispatch", "split-queries-and-keys"])
 @pytest.mark.parametrize("shape", [(64, 64, False), (24, 80, True), (3, 5, False)])
 def test_counted_words_equal_the_model_and_halve_the_input_reads(
@@ -161,6 +164,7 @@ def test_counted_words_equal_the_model_and_halve_the_input_reads(
     assert_close(out, ref, f16_output_tolerance(ref, tolerance32(q, k, v, None)), "counted run")
 
 
+@pytest.mark.needs_feature("f16_storage")
 @pytest.mark.parametrize("causal", [False, True])
 def test_float32_inputs_stored_as_float16_within_the_reported_bound(causal: bool) -> None:
     rng = np.random.default_rng(11)
@@ -211,6 +215,7 @@ def test_bad_storage(storage: Any, exc: type[Exception], match: str) -> None:
         attention(q, q, q, storage=storage)
 
 
+@pytest.mark.needs_feature("f16_storage")
 def test_storage_accepts_numpy_dtypes_and_refuses_float16_for_poly() -> None:
     q = np.ones((1, 4, 8), dtype=np.float32)
     _, rep = attention(q, q, q, storage=np.float16, return_report=True)
@@ -219,6 +224,23 @@ def test_storage_accepts_numpy_dtypes_and_refuses_float16_for_poly() -> None:
         approx_attn.attention(q, q, q, method="poly", storage="float16")
     with pytest.raises(ValueError, match="method='exact' only"):
         approx_attn.io_cost(8, 8, 8, method="poly", degree=2, storage="float16")
+
+
+def test_without_f16_storage_float16_inputs_are_converted_on_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What adapters without unpack2x16float (device_info()["f16_storage"] False) do, forced.
+    monkeypatch.setenv("APPROX_ATTN_COUNT_IO", "1")
+    q, k, v = f16_inputs(8, (2,), (2,), 70, 90, 24, 24)
+    want, r32 = attention(q, k, v, storage="float32", return_report=True)
+    monkeypatch.setenv("APPROX_ATTN_NO_F16_STORAGE", "1")
+    out, rep = attention(q, k, v, return_report=True)
+    assert rep.storage == "float32" and rep.input_rounding is None
+    assert "converted to float32 on the host" in rep.reason, rep.reason
+    assert rep.io_words == rep.io_words_counted == r32.io_words
+    np.testing.assert_array_equal(out, want)
+    ref = exact_attention(q, k, v)
+    assert_close(out, ref, f16_output_tolerance(ref, tolerance32(q, k, v, None)), "host path")
 
 
 def test_bfloat16_arrays_are_refused_clearly() -> None:

@@ -503,8 +503,10 @@ def attention(
     has none); ``False`` keeps the portable f32 path. ``Report.tensor_cores`` says which ran.
     ``storage``: the format in which the f32 exact kernel reads the inputs from GPU memory.
     ``None`` (default): precision follows the dtype, as in PyTorch: float16 inputs (all three)
-    are stored as float16 (half the words uploaded and read; on every adapter: no shader-f16
-    feature is needed), the rest as float32. ``"float16"`` rounds float32/float64 inputs to
+    are stored as float16 (half the words uploaded and read; no shader-f16 feature needed, only
+    ``unpack2x16float``: ``device_info()["f16_storage"]``, which Mesa's Vulkan drivers lack
+    without shader f16; there, or with APPROX_ATTN_NO_F16_STORAGE=1, they are converted to
+    float32 on the host and ``Report.reason`` says so), the rest as float32. ``"float16"`` rounds float32/float64 inputs to
     float16 for storage (``Report.input_rounding`` bounds what that adds); ``"float32"`` keeps
     float32. Accumulation and the softmax are float32 either way and the output has the query's
     dtype. The poly method reads float32 (float16 inputs are converted on the host);
