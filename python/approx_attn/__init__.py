@@ -592,7 +592,11 @@ def attention(
     for arr in (q, k, v):
         copied = not (arr.flags.c_contiguous and arr.dtype == np.float32)
         need += arr.size * 4 * (2 if copied else 1)  # our float32 copy, then the binding's
-        need += arr.size * 2 * 2 if use_f16_storage else 0  # float16 bits, then the packing
+        if use_f16_storage:  # the float16 bits (a copy unless they are already), then packed
+            f16_view = arr.dtype == np.float16 and arr.flags.c_contiguous and arr.dtype.isnative
+            need += (0 if f16_view else arr.size * 2) + arr.size // arr.shape[-1] * (
+                (arr.shape[-1] + 1) // 2 * 4
+            )
     _check_host_memory(
         need,
         f"attention on query {q.shape} {q.dtype}, key {k.shape} {k.dtype}, value {v.shape} "
@@ -736,8 +740,8 @@ def io_cost(
 ) -> dict[str, Any]:
     """Words the plan that would run moves between storage buffers and workgroup memory.
 
-    Returns ``{"method", "schedule", "degree", "rank", "fast_memory_words", "passes": [(name,
-    reads, writes), ...], "reads", "writes", "total"}``. ``fast_memory_words`` defaults to the
+    Returns ``{"method", "schedule", "degree", "rank", "fast_memory_words", "storage", "passes":
+    [(name, reads, writes), ...], "reads", "writes", "total"}``. ``fast_memory_words`` defaults to the
     current adapter's (and its binding limits); any value may be given to study other GPUs (then
     the model is one dispatch). For ``method="poly"`` give ``degree``, or ``eps`` and ``beta``.
     ``heads`` counts query heads; ``kv_heads`` (default: ``heads``) the key/value heads they
