@@ -1,8 +1,9 @@
 //! The format in which the exact kernel's inputs sit in storage buffers: f32, or f16 packed two
-//! to a u32 word (`unpack2x16float`, core WGSL: no `shader-f16` feature needed, so every backend
-//! runs it, GL included). Accumulation and the softmax stay f32 either way; f16 storage halves the
-//! words uploaded and read. Here: the packing, the words a row takes, and the bound on what
-//! rounding f32 inputs to f16 does to the output.
+//! to a u32 word and unpacked with `unpack2x16float` (core WGSL; no `shader-f16` feature, only
+//! wgpu's downlevel SHADER_F16_IN_F32, which GL has and Mesa's Vulkan drivers lack without shader
+//! f16: `DeviceInfo::f16_storage`). Accumulation and the softmax stay f32 either way; f16 storage
+//! halves the words uploaded and read. Here: the packing, the words a row takes, and the bound on
+//! what rounding f32 inputs to f16 does to the output.
 
 use crate::api::Problem;
 use crate::error::Error;
