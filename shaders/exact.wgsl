@@ -44,9 +44,7 @@ const V_BUFFER: u32 = {{V_BUFFER}}u;
 const NEG: f32 = -3.0e38;
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> q: array<T>;
-@group(0) @binding(2) var<storage, read> k: array<T>;
-@group(0) @binding(3) var<storage, read> v: array<T>;
+{{INPUT_DECL}}
 @group(0) @binding(4) var<storage, read_write> o: array<f32>;
 @group(0) @binding(5) var<storage, read_write> stats: array<f32>;
 {{IO_COUNTER_DECL}}
@@ -66,20 +64,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let q_rows = min(BQ, params.l - q0);
     let tq = lid / TK;
     let tk = lid % TK;
-    let q_base = (head * params.l + q0) * EW;
-    let k_base = kv_head * params.s * EW;
-    let v_base = kv_head * params.s * EVW;
+    let q_base = (head * params.l + q0) * {{IN_EW}};
+    let k_base = kv_head * params.s * {{IN_EW}};
+    let v_base = kv_head * params.s * {{IN_EVW}};
     var words_read = 0u;
     var words_written = 0u;
 
-    for (var idx = lid; idx < BQ * EW; idx += WG) {
-        var x = T();
-        if (idx / EW < q_rows) {
-            x = q[q_base + idx] * params.scale_log2;
-            words_read += LANES;
-        }
-        q_tile[(idx / EW) * QS + idx % EW] = x;
-    }
+{{Q_LOAD}}
     // Every thread keeps the running maximum m and its own partial sum l of its rows (the TK
     // threads of a row hold the same m), and the output accumulators.
 {{O_DECL}}

@@ -145,6 +145,11 @@ pub struct Report {
     pub tensor_cores: bool,
     /// The exact kernel's f16 rounding bound, where it ran on cooperative matrices.
     pub exact_f16: Option<crate::exact::coop::F16Bound>,
+    /// The format of the inputs in the storage buffers the kernels read.
+    pub storage: crate::exact::storage::Storage,
+    /// With f16 storage: bound on max |O - O*| that rounding the inputs to f16 adds (0 where
+    /// they were float16 already; `exact::storage::f16_input_rounding`).
+    pub input_rounding: Option<f64>,
 }
 
 /// The plan that would run and the words it moves, without touching the GPU when

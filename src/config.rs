@@ -8,6 +8,7 @@
 //! | `APPROX_ATTN_BACKEND` | vulkan, metal, dx12 or gl: only adapters of that API |
 //! | `APPROX_ATTN_ADAPTER` | only adapters whose name contains this (case-insensitive) |
 //! | `APPROX_ATTN_NO_COOP` | 1: never use cooperative matrices (tensor cores) |
+//! | `APPROX_ATTN_NO_F16_STORAGE` | 1: float16 inputs are converted to float32 on the host |
 //! | `APPROX_ATTN_FAST_MEMORY_BYTES` | lowers (never raises) the workgroup memory the planner uses |
 //! | `APPROX_ATTN_MAX_BINDING_BYTES` | lowers the storage binding size the planner uses |
 //! | `APPROX_ATTN_MAX_LOOP_ITERATIONS` | loop iterations one invocation may run (llvmpipe: 60,000) |
@@ -38,6 +39,8 @@ pub struct Config {
     pub adapter: Option<String>,
     /// `APPROX_ATTN_NO_COOP`.
     pub no_coop: bool,
+    /// `APPROX_ATTN_NO_F16_STORAGE`.
+    pub no_f16_storage: bool,
     /// `APPROX_ATTN_FAST_MEMORY_BYTES`.
     pub fast_memory_bytes: Result<Option<u64>, Error>,
     /// `APPROX_ATTN_MAX_BINDING_BYTES`.
@@ -144,6 +147,7 @@ impl Config {
             backends: backends(),
             adapter: var("APPROX_ATTN_ADAPTER"),
             no_coop: flag("APPROX_ATTN_NO_COOP"),
+            no_f16_storage: flag("APPROX_ATTN_NO_F16_STORAGE"),
             fast_memory_bytes: bytes("APPROX_ATTN_FAST_MEMORY_BYTES"),
             max_binding_bytes: bytes("APPROX_ATTN_MAX_BINDING_BYTES"),
             max_loop_iterations: bytes("APPROX_ATTN_MAX_LOOP_ITERATIONS"),

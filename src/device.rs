@@ -36,6 +36,9 @@ pub struct DeviceInfo {
     pub coop_f16: bool,
     /// Subgroup size when the adapter has exactly one (0 otherwise).
     pub subgroup_size: u32,
+    /// Shaders may use `unpack2x16float` (wgpu's downlevel SHADER_F16_IN_F32; Mesa's Vulkan
+    /// drivers lack it without shader f16): the exact kernel can read f16 storage.
+    pub f16_storage: bool,
 }
 
 /// The shared GPU: device, queue and compiled pipelines. All GPU work is serialized by `run_lock`.
@@ -308,6 +311,10 @@ impl Gpu {
             cooperative_matrix: af.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
             coop_f16,
             subgroup_size,
+            f16_storage: adapter
+                .get_downlevel_capabilities()
+                .flags
+                .contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32),
         };
         Ok(Gpu {
             device,

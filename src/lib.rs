@@ -43,9 +43,10 @@ use autotune::Tuner;
 use config::Config;
 use exact::coop::{CoopExactPlan, F16Bound};
 use exact::cost::exact_flops;
-use exact::io::{exact_io, exact_io_checked};
+use exact::io::{exact_io, exact_io_checked, exact_io_for};
 use exact::plan::{plan_exact, ExactPlan};
 use exact::run::run as exact_run;
+use exact::storage::{f16_input_rounding, F16Inputs, Storage};
 use io::IoCount;
 use numerics::{all_finite, score_fold_for, times_pow2, value_columns, Magnitudes, ValueMap};
 use poly::causal::{causal_io, causal_poly_flops, plan_causal, plan_causal_with, CausalPlan};
@@ -67,13 +68,15 @@ pub fn attention(
     popts: &PolyOptions,
     opts: &RunOptions,
 ) -> Result<(Vec<f32>, Report), Error> {
-    attention_with_inputs(p, q, k, v, method, popts, opts, false)
+    attention_with_inputs(p, q, k, v, method, popts, opts, false, None)
 }
 
 /// [`attention`] for inputs that were float16 (`f16_inputs`): as in PyTorch, precision follows
 /// the dtype, so exact attention runs on cooperative matrices there (where the adapter has them)
 /// unless `popts.tensor_cores` says otherwise; float32 inputs keep the f32 kernel unless it says
-/// `Some(true)`.
+/// `Some(true)`. With `f16_storage` (the inputs as f16, packed) the f32 exact kernel reads them
+/// from f16 storage instead (half the words), where its operands are those values: not after a
+/// rebalancing of extreme scores or a mapping of the values (then it reads `q`, `k`, `v`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_with_inputs(
     p: &Problem,
@@ -84,6 +87,7 @@ pub fn attention_with_inputs(
     popts: &PolyOptions,
     opts: &RunOptions,
     f16_inputs: bool,
+    f16_storage: Option<&F16Inputs>,
 ) -> Result<(Vec<f32>, Report), Error> {
     p.check_inputs(q, k, v)?;
     popts.check()?;
@@ -99,6 +103,13 @@ pub fn attention_with_inputs(
         opts: *opts,
     };
     let coop_exact = coop_exact_plan(&tuner, p, method, popts, f16_inputs)?;
+    // f16 storage needs unpack2x16float; elsewhere the float32 copies (converted on the host) run.
+    let f16_storage_off = match f16_storage {
+        Some(_) if cfg.no_f16_storage => Some("APPROX_ATTN_NO_F16_STORAGE is set"),
+        Some(_) if !gpu.info.f16_storage => Some("this adapter lacks unpack2x16float"),
+        _ => None,
+    };
+    let f16_storage = f16_storage.filter(|_| f16_storage_off.is_none());
     // method='poly' uses the exact plan only for the pre-pass chunking: the planner's tiles do,
     // without timing the exact kernel's candidates (nor does exact on tensor cores).
     let exact_plan = if method == Method::Poly || coop_exact.is_some() {
@@ -121,11 +132,25 @@ pub fn attention_with_inputs(
         &mut stats,
     )?;
     let plans = (&exact_plan, coop_exact.as_ref());
-    let (ran, note) = run_in_range(&tuner, p, xs, plans, &choice, &uploads, &mut stats)?;
-    let reason = match note {
+    let (ran, note) = run_in_range(
+        &tuner,
+        p,
+        xs,
+        plans,
+        &choice,
+        f16_storage,
+        &uploads,
+        &mut stats,
+    )?;
+    let mut reason = match note {
         Some(n) => format!("{}; {n}", choice.reason),
         None => choice.reason,
     };
+    if let Some(why) = f16_storage_off.filter(|_| ran.method == "exact") {
+        reason.push_str(&format!(
+            "; float32 storage ({why}): float16 inputs converted to float32 on the host"
+        ));
+    }
     Ok((
         ran.out,
         Report {
@@ -145,6 +170,8 @@ pub fn attention_with_inputs(
             reason,
             tensor_cores: ran.tensor_cores,
             exact_f16: ran.exact_f16,
+            storage: ran.storage,
+            input_rounding: ran.input_rounding,
         },
     ))
 }
@@ -285,6 +312,9 @@ struct Ran {
     /// Whether the kernels used cooperative matrices, and the exact kernel's f16 bound there.
     tensor_cores: bool,
     exact_f16: Option<F16Bound>,
+    /// The inputs' format in storage, and the bound on what rounding them to it added.
+    storage: Storage,
+    input_rounding: Option<f64>,
 }
 
 /// Runs the chosen method within float32's range ([`numerics`]): exact on score operands
@@ -292,13 +322,16 @@ struct Ran {
 /// can overflow; where the output is not finite although the inputs are (value sums beyond
 /// float32), once more on values mapped per column into [-1, 1]. A non-finite output from finite
 /// inputs is an error, never a result. Returns what ran and a note for the report's reason where
-/// the inputs were rescaled.
+/// the inputs were rescaled. `f16_storage` is used only on the operands it holds: not once the
+/// scores are rebalanced or the values mapped.
+#[allow(clippy::too_many_arguments)]
 fn run_in_range(
     tuner: &Tuner,
     p: &Problem,
     (q, k, v): (&[f32], &[f32], &[f32]),
     plans: (&ExactPlan, Option<&CoopExactPlan>),
     choice: &Choice,
+    f16_storage: Option<&F16Inputs>,
     uploads: &Uploads,
     stats: &mut RunStats,
 ) -> Result<(Ran, Option<String>), Error> {
@@ -320,10 +353,14 @@ fn run_in_range(
         None
     };
     let folded;
+    let mut f16_storage = f16_storage;
     let (q, k, p) = match fold {
         Some(f) => {
             folded = (times_pow2(q, f.q_exp), times_pow2(k, f.k_exp));
             notes.push(format!("score operands rebalanced ({f})"));
+            if f16_storage.take().is_some() {
+                notes.push("float32 storage: the rebalanced operands are not float16".into());
+            }
             let p = Problem {
                 scale: f.scale,
                 ..*p
@@ -341,6 +378,7 @@ fn run_in_range(
         plans,
         choice,
         choice.pre.as_ref(),
+        f16_storage,
         uploads,
         stats,
     )?;
@@ -383,6 +421,7 @@ fn run_in_range(
         plans,
         choice,
         mapped_pre.as_ref(),
+        None,
         uploads,
         stats,
     )?;
@@ -406,7 +445,8 @@ fn run_in_range(
     Ok((ran, Some(notes.join("; "))))
 }
 
-/// Runs the chosen method on these inputs (`pre`: the pre-pass, for the values given).
+/// Runs the chosen method on these inputs (`pre`: the pre-pass, for the values given; the f32
+/// exact kernel reads `f16_storage` where given, the same values stored as f16).
 #[allow(clippy::too_many_arguments)]
 fn run_choice(
     tuner: &Tuner,
@@ -415,6 +455,7 @@ fn run_choice(
     (exact_plan, coop_exact): (&ExactPlan, Option<&CoopExactPlan>),
     choice: &Choice,
     pre: Option<&Prepass>,
+    f16_storage: Option<&F16Inputs>,
     uploads: &Uploads,
     stats: &mut RunStats,
 ) -> Result<Ran, Error> {
@@ -428,6 +469,8 @@ fn run_choice(
             method: "exact",
             tensor_cores: false,
             exact_f16: None,
+            storage: Storage::F32,
+            input_rounding: None,
         });
     }
     match (&choice.candidate, pre) {
@@ -454,6 +497,8 @@ fn run_choice(
                 method: "poly",
                 tensor_cores: c.cert.f16_rounding.is_some(),
                 exact_f16: None,
+                storage: Storage::F32,
+                input_rounding: None,
             })
         }
         _ => {
@@ -480,11 +525,25 @@ fn run_choice(
                     )
                 }
                 None => {
-                    let (out, st) = exact_run(gpu, p, exact_plan, q, k, v, opts)?;
-                    let io = exact_io(p, exact_plan);
+                    let (out, st) = match f16_storage {
+                        Some(xs) => exact::run::run_f16(gpu, p, exact_plan, xs, opts)?,
+                        None => exact_run(gpu, p, exact_plan, q, k, v, opts)?,
+                    };
+                    let io = exact_io_for(p, exact_plan, storage_of(f16_storage));
                     (out, st, io, format!("{exact_plan:?}"), None)
                 }
             };
+            // f16 storage where the f32 kernel ran on it.
+            let f16_storage = f16_storage.filter(|_| coop_exact.is_none());
+            let input_rounding = f16_storage.map(|xs| {
+                if xs.rounded {
+                    f16_input_rounding(p, q, k, v)
+                        .into_iter()
+                        .fold(0f64, f64::max)
+                } else {
+                    0.0
+                }
+            });
             stats.absorb(&st);
             if pre.is_some() {
                 // auto paid for the pre-pass before choosing exact.
@@ -499,9 +558,15 @@ fn run_choice(
                 method: "exact",
                 tensor_cores: exact_f16.is_some(),
                 exact_f16,
+                storage: storage_of(f16_storage),
+                input_rounding,
             })
         }
     }
+}
+
+fn storage_of(f16_storage: Option<&F16Inputs>) -> Storage {
+    f16_storage.map_or(Storage::F32, |_| Storage::F16)
 }
 
 /// Exact attention; see [`attention`].
@@ -571,6 +636,8 @@ pub fn exact_attention_lse(
             reason: "exact with row log-sum-exp".into(),
             tensor_cores: false,
             exact_f16: None,
+            storage: Storage::F32,
+            input_rounding: None,
         },
     ))
 }
@@ -651,7 +718,8 @@ pub fn io_lower_bound(
 }
 
 /// The plan that would run and the words it moves, without touching the GPU when
-/// `fast_memory_words` is given (then the model has no binding limit: one dispatch).
+/// `fast_memory_words` is given (then the model has no binding limit: one dispatch). `storage`:
+/// the format of the exact kernel's inputs (the poly kernels read f32 only).
 pub fn io_cost(
     p: &Problem,
     method: Method,
@@ -659,8 +727,15 @@ pub fn io_cost(
     eps: Option<f64>,
     beta: Option<f64>,
     fast_memory_words: Option<u64>,
+    storage: Storage,
 ) -> Result<IoEstimate, Error> {
     p.check_sizes()?;
+    if method != Method::Exact && storage != Storage::F32 {
+        return Err(Error::InvalidInput(format!(
+            "storage={:?} applies to method='exact' only: the poly kernels read float32",
+            storage.name()
+        )));
+    }
     let budget = match fast_memory_words {
         Some(m) => Budget::model(m),
         None => budget(&device::gpu()?.info)?,
@@ -673,7 +748,7 @@ pub fn io_cost(
             degree: None,
             rank: None,
             fast_memory_words: budget.fast_memory_words,
-            io: exact_io_checked(p, &exact_plan)?,
+            io: exact_io_checked(p, &exact_plan, storage)?,
         });
     }
     let g = match (degree, eps, beta) {

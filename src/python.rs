@@ -86,6 +86,9 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
     d.set_item("predicted_poly_s", r.predicted_poly_s)?;
     d.set_item("reason", &r.reason)?;
     d.set_item("tensor_cores", r.tensor_cores)?;
+    d.set_item("storage", r.storage.name())?;
+    d.set_item("unit_roundoff", r.storage.unit_roundoff())?;
+    d.set_item("input_rounding", r.input_rounding)?;
     if let Some(b) = &r.exact_f16 {
         d.set_item("f16_rounding", b.weight_factor)?;
         d.set_item("score_rounding", b.score_rounding)?;
@@ -105,7 +108,7 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
 
 /// Attention on flattened contiguous float32 arrays; returns (flat output, report dict).
 #[pyfunction]
-#[pyo3(signature = (q, k, v, units, group, l, s, e, ev, causal, scale, method, eps, degree, check_finite, trusted=false, count_io=false, tensor_cores=None, f16_inputs=false))]
+#[pyo3(signature = (q, k, v, units, group, l, s, e, ev, causal, scale, method, eps, degree, check_finite, trusted=false, count_io=false, tensor_cores=None, f16_inputs=false, f16_storage=None, f16_rounded=false))]
 #[allow(clippy::too_many_arguments)]
 fn attention<'py>(
     py: Python<'py>,
@@ -128,6 +131,8 @@ fn attention<'py>(
     count_io: bool,
     tensor_cores: Option<bool>,
     f16_inputs: bool,
+    f16_storage: Option<[PyReadonlyArray1<'py, u16>; 3]>,
+    f16_rounded: bool,
 ) -> PyResult<(Bound<'py, PyArray1<f32>>, Bound<'py, PyDict>)> {
     let method = match method {
         "exact" => Method::Exact,
@@ -154,8 +159,27 @@ fn attention<'py>(
         tensor_cores,
     };
     let opts = RunOptions { trusted, count_io };
+    // The float16 bits, packed for f16 storage (a copy, made while holding the GIL).
+    let halves = match &f16_storage {
+        Some([a, b, c]) => {
+            let xs = (a.as_slice()?, b.as_slice()?, c.as_slice()?);
+            let packed = crate::exact::storage::F16Inputs::pack(&p, xs, f16_rounded);
+            Some(packed.map_err(to_py)?)
+        }
+        None => None,
+    };
     let result = detached(py, || {
-        crate::attention_with_inputs(&p, &q, &k, &v, method, &popts, &opts, f16_inputs)
+        crate::attention_with_inputs(
+            &p,
+            &q,
+            &k,
+            &v,
+            method,
+            &popts,
+            &opts,
+            f16_inputs,
+            halves.as_ref(),
+        )
     });
     give_back_inputs([q, k, v]);
     let (out, report) = result?;
@@ -287,6 +311,8 @@ fn poly_kernel_attention<'py>(
         reason: "the model's polynomial kernel, computed exactly (no certificate)".into(),
         tensor_cores: false,
         exact_f16: None,
+        storage: Default::default(),
+        input_rounding: None,
     };
     let d = report_dict(py, &report)?;
     d.set_item("degree", run.degree)?;
@@ -331,7 +357,7 @@ fn give_back_inputs(copies: [Vec<f32>; 3]) {
 
 /// The words the plan for this problem would move; see `approx_attn.io_cost`.
 #[pyfunction]
-#[pyo3(signature = (units, group, l, s, e, ev, causal, method, degree=None, eps=None, beta=None, fast_memory_words=None))]
+#[pyo3(signature = (units, group, l, s, e, ev, causal, method, degree=None, eps=None, beta=None, fast_memory_words=None, storage="float32"))]
 #[allow(clippy::too_many_arguments)]
 fn io_cost<'py>(
     py: Python<'py>,
@@ -347,8 +373,10 @@ fn io_cost<'py>(
     eps: Option<f64>,
     beta: Option<f64>,
     fast_memory_words: Option<u64>,
+    storage: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
     let method = parse_method(method, &[("exact", Method::Exact), ("poly", Method::Poly)])?;
+    let storage = parse_storage(storage)?;
     let p = Problem {
         units,
         group,
@@ -360,7 +388,7 @@ fn io_cost<'py>(
         scale: 1.0,
     };
     let est = detached(py, || {
-        crate::io_cost(&p, method, degree, eps, beta, fast_memory_words)
+        crate::io_cost(&p, method, degree, eps, beta, fast_memory_words, storage)
     })?;
     let d = PyDict::new(py);
     d.set_item("method", est.method)?;
@@ -368,6 +396,7 @@ fn io_cost<'py>(
     d.set_item("degree", est.degree)?;
     d.set_item("rank", est.rank)?;
     d.set_item("fast_memory_words", est.fast_memory_words)?;
+    d.set_item("storage", storage.name())?;
     let passes: Vec<(String, u64, u64)> = est
         .io
         .passes
@@ -379,6 +408,18 @@ fn io_cost<'py>(
     d.set_item("writes", est.io.writes())?;
     d.set_item("total", est.io.total())?;
     Ok(d)
+}
+
+fn parse_storage(storage: &str) -> PyResult<crate::exact::storage::Storage> {
+    use crate::exact::storage::Storage;
+    [Storage::F32, Storage::F16]
+        .into_iter()
+        .find(|s| s.name() == storage)
+        .ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "storage must be 'float32' or 'float16', got {storage:?}"
+            ))
+        })
 }
 
 fn parse_method(method: &str, allowed: &[(&str, Method)]) -> PyResult<Method> {
@@ -507,6 +548,7 @@ fn device_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("timestamp_queries", i.timestamp_queries)?;
     d.set_item("cooperative_matrix", i.cooperative_matrix)?;
     d.set_item("coop_f16", i.coop_f16)?;
+    d.set_item("f16_storage", i.f16_storage)?;
     d.set_item("subgroup_size", i.subgroup_size)?;
     d.set_item("cached_pipelines", gpu.cached_pipelines())?;
     d.set_item("max_cached_pipelines", device::MAX_CACHED_PIPELINES)?;

@@ -6,6 +6,7 @@ use approx_attn::budget::Budget;
 use approx_attn::exact::coop as coop_exact;
 use approx_attn::exact::kernel as exact;
 use approx_attn::exact::plan::{exact_candidates, exact_tiles_fit, plan_exact, ExactTiles};
+use approx_attn::exact::storage::Storage;
 use approx_attn::poly::plan::{plan_poly, Pass1Tiles};
 
 /// The WGSL generators of the poly method, by their short names.
@@ -47,13 +48,15 @@ fn parse_planned(name: &str, src: &str, planned_words: u64) -> naga::Module {
 }
 
 fn check(name: &str, src: &str, planned_words: u64) {
+    check_with(name, src, planned_words, naga::valid::Capabilities::empty());
+}
+
+/// [`check`] with these capabilities.
+fn check_with(name: &str, src: &str, planned_words: u64, caps: naga::valid::Capabilities) {
     let module = parse_planned(name, src, planned_words);
-    let info = naga::valid::Validator::new(
-        naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::empty(),
-    )
-    .validate(&module)
-    .unwrap_or_else(|e| panic!("{name}: validation error: {e:?}"));
+    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{name}: validation error: {e:?}"));
 
     naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
         .unwrap_or_else(|e| panic!("{name}: SPIR-V: {e}"));
@@ -134,6 +137,13 @@ fn every_kernel_translates_to_every_backend() {
                             &format!("exact {t:?}"),
                             &exact::shader_source(&t, count_io),
                             t.fast_memory_words(),
+                        );
+                        // f16 storage: unpack2x16float only (f16 values in f32), no shader f16.
+                        check_with(
+                            &format!("exact f16 storage {t:?}"),
+                            &exact::shader_source_for(&t, count_io, Storage::F16),
+                            t.fast_memory_words(),
+                            naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32,
                         );
                     }
                 }

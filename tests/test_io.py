@@ -24,6 +24,7 @@ KEYS = {
     "degree",
     "rank",
     "fast_memory_words",
+    "storage",
     "passes",
     "reads",
     "writes",
@@ -57,7 +58,7 @@ def test_io_cost_returns_the_documented_keys() -> None:
         None,
         None,
     )
-    assert exact["fast_memory_words"] == M
+    assert exact["fast_memory_words"] == M and exact["storage"] == "float32"
     assert [p[0] for p in exact["passes"]] == ["exact"]
     # Q and O once, K and V at least once.
     reads, writes = passes(exact)["exact"]

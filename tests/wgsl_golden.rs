@@ -11,6 +11,7 @@ use approx_attn::api::Problem;
 use approx_attn::budget::Budget;
 use approx_attn::exact::kernel as exact;
 use approx_attn::exact::plan::{exact_candidates, plan_exact, ExactTiles};
+use approx_attn::exact::storage::Storage;
 use approx_attn::poly::plan::{coop_candidates, plan_coop, plan_poly, poly_candidates, Pass1Tiles};
 use approx_attn::poly::prepass::prepass_tile_rows;
 
@@ -82,6 +83,10 @@ fn sources() -> BTreeMap<String, String> {
                         format!("exact flipped-v {at}"),
                         exact::shader_source(&split, io),
                     );
+                    for (name, t) in [("planned", t), ("flipped-v", split)] {
+                        let src = exact::shader_source_for(&t, io, Storage::F16);
+                        add(format!("exact f16-storage {name} {at}"), src);
+                    }
                 }
                 // The autotune's candidates on one budget, for a few shapes.
                 let candidates = words == 12288 && matches!(e, 3 | 16 | 64);

@@ -77,6 +77,19 @@ class Report:
     column (``error_bound_per_column``; derivation in src/exact/coop.rs)."""
     tensor_cores: bool = False
     """Whether the kernels that ran used cooperative matrices (tensor cores)."""
+    storage: str = "float32"
+    """Format of the inputs in the storage buffers the kernels read: "float16" where the f32
+    exact kernel read them as f16 (half the words; ``storage=``), else "float32". Together with
+    ``tensor_cores`` this names the path: f32, f16 storage, or tensor cores."""
+    unit_roundoff: float | None = None
+    """Unit roundoff u of that format (2^-24 for float32, 2^-11 for float16): storing x in it
+    moves x by at most u|x|. Accumulation and the softmax are float32 on every path."""
+    input_rounding: float | None = None
+    """With float16 storage: bound on max |O - O*| that rounding the inputs to float16 adds
+    (0.0 where they were float16 already). Scores move by at most about 2u |scale| max|q|
+    max|k|, so each weight by a factor e^(+-that); then (e^d - 1)/(2 - e^d) * range(v) +
+    u max|v| per column (derivation in src/exact/storage.rs). The float32 sums and the final
+    rounding of a float16 output (2^-11 |O|) are not included."""
     score_rounding: float | None = None
     """Exact on tensor cores: bound on the change of any score scale*q.k by the f16 rounding of
     q and k (at most about 2^-10 scale max|q| max|k|)."""
@@ -171,6 +184,12 @@ def _check_method(val: Any, allowed: tuple[str, ...]) -> str:
 
 def _as_float_array(x: Any, name: str) -> np.ndarray:
     arr = np.asarray(x)
+    if arr.dtype.name == "bfloat16":  # ml_dtypes: a NumPy extension type, not kind "f"
+        raise TypeError(
+            f"{name} has dtype bfloat16, which approx_attn does not take: NumPy has no native "
+            "bfloat16 and the kernels have no bfloat16 path. Convert with .astype(np.float32) "
+            "(exact) and back, or to float16 (rounds, and overflows beyond 65504)"
+        )
     # Any byte order: big-endian float32/float64 is converted with the float32 copy below.
     if arr.dtype.kind != "f" or arr.dtype.itemsize not in (2, 4, 8):
         raise TypeError(
@@ -396,6 +415,50 @@ def _shapes(q: np.ndarray, k: np.ndarray, v: np.ndarray, enable_gqa: bool) -> _S
     return _Shapes(lead_q, lead_kv, group, L, S, E, Ev, units)
 
 
+_STORAGE = ("float16", "float32")
+
+
+def _check_storage(val: Any) -> str | None:
+    """None, or "float16"/"float32" (a NumPy dtype or type of those is taken too)."""
+    if val is None:
+        return None
+    if isinstance(val, str):
+        if val not in _STORAGE:
+            raise ValueError(f"storage must be None, 'float16' or 'float32', got {val!r}")
+        return val
+    try:
+        name = np.dtype(val).name
+    except TypeError:
+        raise _type_error("storage", "None, 'float16' or 'float32'", val) from None
+    if name not in _STORAGE:
+        raise ValueError(f"storage must be None, float16 or float32, got {val!r}")
+    return name
+
+
+def _float16_bits(
+    arrays: tuple[np.ndarray, ...], flat32: list[np.ndarray], f16_inputs: bool
+) -> tuple[np.ndarray, ...]:
+    """The inputs as float16 bits (flat uint16, native order): their own where they are float16,
+    else the float32 copies rounded to float16, refused where a finite value leaves float16's
+    range."""
+    if f16_inputs:
+        return tuple(
+            np.ascontiguousarray(x, dtype=np.float16).reshape(-1).view(np.uint16) for x in arrays
+        )
+    out = []
+    for name, xf in zip(("query", "key", "value"), flat32):
+        with np.errstate(over="ignore"):
+            h = xf.astype(np.float16)
+        beyond = int(np.count_nonzero(np.isinf(h) & np.isfinite(xf)))
+        if beyond:
+            raise ValueError(
+                f"storage='float16': {name} has {beyond} value(s) beyond float16's range "
+                "(|x| > 65504); use storage='float32'"
+            )
+        out.append(h.view(np.uint16))
+    return tuple(out)
+
+
 def _float32_flat(*arrays: np.ndarray) -> list[np.ndarray]:
     """Contiguous flat float32 copies (views where they already are) in (B, H, L, E) order, as
     the binding takes them; any strides are accepted. float64 values beyond float32's range
@@ -417,6 +480,7 @@ def attention(
     degree: int | None = None,
     check_finite: bool = True,
     tensor_cores: bool | None = None,
+    storage: str | None = None,
     return_report: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, Report]:
     """softmax(scale * query @ key^T) @ value, computed on the GPU.
@@ -438,6 +502,17 @@ def attention(
     cores where the adapter has them, float32 inputs keep the f32 kernel; poly uses them where
     their bound is at most eps/2. ``True`` requires them (NotImplementedError where the adapter
     has none); ``False`` keeps the portable f32 path. ``Report.tensor_cores`` says which ran.
+    ``storage``: the format in which the f32 exact kernel reads the inputs from GPU memory.
+    ``None`` (default): precision follows the dtype, as in PyTorch: float16 inputs (all three)
+    are stored as float16 (half the words uploaded and read; no shader-f16 feature needed, only
+    ``unpack2x16float``: ``device_info()["f16_storage"]``, which Mesa's Vulkan drivers lack
+    without shader f16; there, or with APPROX_ATTN_NO_F16_STORAGE=1, they are converted to
+    float32 on the host and ``Report.reason`` says so), the rest as float32. ``"float16"`` rounds float32/float64 inputs to
+    float16 for storage (``Report.input_rounding`` bounds what that adds); ``"float32"`` keeps
+    float32. Accumulation and the softmax are float32 either way and the output has the query's
+    dtype. The poly method reads float32 (float16 inputs are converted on the host);
+    ``storage="float16"`` with ``method="poly"`` is a ValueError. ``Report.storage`` says which
+    ran. bfloat16 arrays (ml_dtypes) are refused with a TypeError.
     """
     q = _as_float_array(query, "query")
     k = _as_float_array(key, "key")
@@ -447,7 +522,12 @@ def attention(
     check_finite = _check_bool(check_finite, "check_finite")
     return_report = _check_bool(return_report, "return_report")
     tensor_cores = _check_bool(tensor_cores, "tensor_cores", none=True)
+    storage = _check_storage(storage)
     method = _check_method(method, _METHODS)
+    if method == "poly" and storage == "float16":
+        raise ValueError(
+            "storage='float16' applies to the exact kernel; the poly kernels read float32"
+        )
     eps = _check_eps(eps)
     if degree is not None:
         if method != "poly":
@@ -493,8 +573,14 @@ def attention(
 
     f16_inputs = q.dtype == k.dtype == v.dtype == np.float16
     scale_given = scale
+    # The kernel's operands are the inputs' own values unless the scale is folded into them.
+    use_f16_storage = (
+        storage == "float16" or (storage is None and f16_inputs)
+    ) and method != "poly"
+    inputs = (q, k, v)
     if scale != 0.0 and not _F32_TINY <= abs(scale) <= _F32_MAX:
         q, k, scale = _fold_scale(q, k, scale)
+        use_f16_storage = storage == "float16"
     # The host copies below, counted before any starts: a broadcast view of a few bytes can
     # stand for gigabytes once copied.
     out_size = math.prod(out_shape)
@@ -502,12 +588,21 @@ def attention(
     for arr in (q, k, v):
         copied = not (arr.flags.c_contiguous and arr.dtype == np.float32)
         need += arr.size * 4 * (2 if copied else 1)  # our float32 copy, then the binding's
+        if use_f16_storage:  # the float16 bits (a copy unless they are already), then packed
+            f16_view = arr.dtype == np.float16 and arr.flags.c_contiguous and arr.dtype.isnative
+            need += (0 if f16_view else arr.size * 2) + arr.size // arr.shape[-1] * (
+                (arr.shape[-1] + 1) // 2 * 4
+            )
     _check_host_memory(
         need,
         f"attention on query {q.shape} {q.dtype}, key {k.shape} {k.dtype}, value {v.shape} "
         f"{v.dtype} (float32 copies of the inputs and the output {out_shape})",
     )
     qf, kf, vf = _float32_flat(q, k, v)
+    f16_storage, exact16 = None, False
+    if use_f16_storage:
+        exact16 = f16_inputs and q is inputs[0] and k is inputs[1]
+        f16_storage = _float16_bits((q, k, v) if exact16 else (), [qf, kf, vf], exact16)
     try:
         flat, rep = _core.attention(
             qf,
@@ -529,6 +624,8 @@ def attention(
             _count_io(),
             tensor_cores,
             f16_inputs,
+            f16_storage,
+            f16_storage is not None and not exact16,
         )
     except ValueError as exc:
         if scale_given != scale and "can overflow float32" in str(exc):
@@ -615,6 +712,9 @@ def _report(rep: dict[str, Any]) -> Report:
         gpu_allocated_bytes=rep.get("gpu_allocated_bytes"),
         tensor_cores=bool(rep.get("tensor_cores", False)),
         score_rounding=rep.get("score_rounding"),
+        storage=str(rep.get("storage", "float32")),
+        unit_roundoff=rep.get("unit_roundoff"),
+        input_rounding=rep.get("input_rounding"),
     )
 
 
@@ -632,15 +732,18 @@ def io_cost(
     is_causal: bool = False,
     heads: int = 1,
     kv_heads: int | None = None,
+    storage: str = "float32",
 ) -> dict[str, Any]:
     """Words the plan that would run moves between storage buffers and workgroup memory.
 
-    Returns ``{"method", "schedule", "degree", "rank", "fast_memory_words", "passes": [(name,
-    reads, writes), ...], "reads", "writes", "total"}``. ``fast_memory_words`` defaults to the
+    Returns ``{"method", "schedule", "degree", "rank", "fast_memory_words", "storage", "passes":
+    [(name, reads, writes), ...], "reads", "writes", "total"}``. ``fast_memory_words`` defaults to the
     current adapter's (and its binding limits); any value may be given to study other GPUs (then
     the model is one dispatch). For ``method="poly"`` give ``degree``, or ``eps`` and ``beta``.
     ``heads`` counts query heads; ``kv_heads`` (default: ``heads``) the key/value heads they
-    share, as with ``enable_gqa``.
+    share, as with ``enable_gqa``. ``storage`` ("float32" or "float16", method "exact" only):
+    the format the exact kernel reads its inputs in, as ``attention(storage=...)``; a float16
+    row of E values is ceil(E/2) words (the output is written as float32 either way).
     """
     L, S, E = _check_int(L, "L", 0), _check_int(S, "S", 1), _check_int(E, "E", 1)
     Ev = E if Ev is None else _check_int(Ev, "Ev", 1)
@@ -667,6 +770,11 @@ def io_cost(
         )
     if fast_memory_words is not None:
         fast_memory_words = _check_int(fast_memory_words, "fast_memory_words", 1)
+    storage_name = _check_storage(storage)
+    if storage_name is None:
+        raise ValueError("io_cost's storage must be 'float16' or 'float32', got None")
+    if method != "exact" and storage_name != "float32":
+        raise ValueError("storage='float16' applies to method='exact' only")
     return dict(
         _core.io_cost(
             kv_heads,
@@ -681,6 +789,7 @@ def io_cost(
             eps,
             beta,
             fast_memory_words,
+            storage_name,
         )
     )
 

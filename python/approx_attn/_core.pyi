@@ -28,6 +28,9 @@ def attention(
     count_io: bool = False,
     tensor_cores: bool | None = None,
     f16_inputs: bool = False,
+    f16_storage: tuple[npt.NDArray[np.uint16], npt.NDArray[np.uint16], npt.NDArray[np.uint16]]
+    | None = None,
+    f16_rounded: bool = False,
 ) -> tuple[npt.NDArray[np.float32], dict[str, Any]]: ...
 def exact_attention_lse(
     q: npt.NDArray[np.float32],
@@ -76,6 +79,7 @@ def io_cost(
     eps: float | None = None,
     beta: float | None = None,
     fast_memory_words: int | None = None,
+    storage: str = "float32",
 ) -> dict[str, Any]: ...
 def io_closed_form(
     l: float, s: float, d: float, r: float, m: float

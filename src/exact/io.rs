@@ -1,6 +1,7 @@
 //! Words the exact kernel moves for a plan.
 
 use super::plan::ExactPlan;
+use super::storage::Storage;
 use crate::api::Problem;
 use crate::error::Error;
 use crate::io::{floor_sum, IoCount, PassIo};
@@ -10,7 +11,14 @@ use crate::io::{floor_sum, IoCount, PassIo};
 /// its output rows (plus two statistics per row when the keys are split over dispatches). Counts
 /// beyond u64 saturate (no problem that runs comes near; [`exact_io_checked`] says so instead).
 pub fn exact_io(p: &Problem, plan: &ExactPlan) -> IoCount {
-    let (reads, writes) = exact_words(p, plan).map_or((u64::MAX, u64::MAX), |(r, w)| {
+    exact_io_for(p, plan, Storage::F32)
+}
+
+/// [`exact_io`] for inputs stored in `storage`: an f16 row of E halves is ceil(E / 2) words (odd
+/// widths are padded to whole words, and the kernel reads the pad); the output and the split-KV
+/// statistics are f32 either way.
+pub fn exact_io_for(p: &Problem, plan: &ExactPlan, storage: Storage) -> IoCount {
+    let (reads, writes) = exact_words(p, plan, storage).map_or((u64::MAX, u64::MAX), |(r, w)| {
         (
             u64::try_from(r).unwrap_or(u64::MAX),
             u64::try_from(w).unwrap_or(u64::MAX),
@@ -20,8 +28,8 @@ pub fn exact_io(p: &Problem, plan: &ExactPlan) -> IoCount {
 }
 
 /// [`exact_io`], or an error where a count (or the total) does not fit u64.
-pub fn exact_io_checked(p: &Problem, plan: &ExactPlan) -> Result<IoCount, Error> {
-    let words = exact_words(p, plan)
+pub fn exact_io_checked(p: &Problem, plan: &ExactPlan, storage: Storage) -> Result<IoCount, Error> {
+    let words = exact_words(p, plan, storage)
         .filter(|(r, w)| r.checked_add(*w).is_some_and(|t| t <= u128::from(u64::MAX)));
     match words {
         Some((r, w)) => Ok(io_count(r as u64, w as u64)),
@@ -48,10 +56,12 @@ fn io_count(reads: u64, writes: u64) -> IoCount {
 /// `n_s = ceil(S / K)` chunks of K = `kv_rows` keys; causal masks skip those whose first key
 /// comes after their last query. A chunk of lc rows reads lc E query words and writes lc (Ev + 2
 /// split) words; each query tile reads (E + Ev) words per visible key. Summed over a tile's key
-/// chunks, its visible keys are `min(end, S)` (end: one past its last row; causal) or S.
-fn exact_words(p: &Problem, plan: &ExactPlan) -> Option<(u128, u128)> {
+/// chunks, its visible keys are `min(end, S)` (end: one past its last row; causal) or S. Reads
+/// count a row of E inputs as `storage.row_words(E)` words.
+fn exact_words(p: &Problem, plan: &ExactPlan, storage: Storage) -> Option<(u128, u128)> {
     let w = |x: usize| x as u128;
-    let (l, s, e, ev) = (w(p.l), w(p.s), w(p.e), w(p.ev));
+    let (l, s, ev) = (w(p.l), w(p.s), w(p.ev));
+    let (e_in, ev_in) = (w(storage.row_words(p.e)), w(storage.row_words(p.ev)));
     let (bq, q, kr) = (
         w(plan.tiles.bq.max(1)),
         w(plan.chunking.q_rows.max(1)),
@@ -81,8 +91,8 @@ fn exact_words(p: &Problem, plan: &ExactPlan) -> Option<(u128, u128)> {
         tiles.checked_mul(s)?
     };
     let reads = rows_x_chunks
-        .checked_mul(e)?
-        .checked_add(key_rows.checked_mul(e.checked_add(ev)?)?)?;
+        .checked_mul(e_in)?
+        .checked_add(key_rows.checked_mul(e_in.checked_add(ev_in)?)?)?;
     let writes = rows_x_chunks.checked_mul(ev.checked_add(2 * split)?)?;
     Some((heads.checked_mul(reads)?, heads.checked_mul(writes)?))
 }
@@ -142,7 +152,8 @@ mod tests {
 
     /// The count dispatch by dispatch and tile by tile, as the kernel runs: the reference for the
     /// closed form.
-    fn exact_io_by_chunks(p: &Problem, plan: &ExactPlan) -> (u64, u64) {
+    fn exact_io_by_chunks(p: &Problem, plan: &ExactPlan, storage: Storage) -> (u64, u64) {
+        let (e_in, ev_in) = (storage.row_words(p.e), storage.row_words(p.ev));
         let t = &plan.tiles;
         let split_kv = plan.chunking.kv_rows < p.s;
         let (mut reads, mut writes) = (0u64, 0u64);
@@ -152,7 +163,7 @@ mod tests {
             for q0 in (0..ch.lc).step_by(t.bq) {
                 let rows = t.bq.min(ch.lc - q0);
                 let keys = exact_keys_visible(p, ch.l0 + q0 + rows, ch.s0, ch.sc);
-                r += (rows * p.e + keys * (p.e + p.ev)) as u64;
+                r += (rows * e_in + keys * (e_in + ev_in)) as u64;
                 w += (rows * p.ev + if split_kv { 2 * rows } else { 0 }) as u64;
             }
             reads += heads * r;
@@ -212,12 +223,14 @@ mod tests {
                                     tiles: ExactTiles { bq, ..plan.tiles },
                                     ..plan
                                 };
-                                let io = exact_io(&p, &plan);
-                                assert_eq!(
-                                    (io.reads(), io.writes()),
-                                    exact_io_by_chunks(&p, &plan),
-                                    "{p:?} {plan:?}"
-                                );
+                                for storage in [Storage::F32, Storage::F16] {
+                                    let io = exact_io_for(&p, &plan, storage);
+                                    assert_eq!(
+                                        (io.reads(), io.writes()),
+                                        exact_io_by_chunks(&p, &plan, storage),
+                                        "{p:?} {plan:?} {storage:?}"
+                                    );
+                                }
                                 checked += 1;
                             }
                         }
@@ -243,16 +256,17 @@ mod tests {
         for budget in [Budget::model(12288), Budget::with_binding(12288, 128 << 20)] {
             let plan = plan_exact(&p, &budget).unwrap();
             let t = std::time::Instant::now();
-            let err = exact_io_checked(&p, &plan).unwrap_err();
+            let err = exact_io_checked(&p, &plan, Storage::F32).unwrap_err();
             assert!(matches!(err, Error::Overflow(_)), "{err:?}");
-            assert!(exact_io_checked(&Problem { causal: true, ..p }, &plan).is_err());
+            let causal = Problem { causal: true, ..p };
+            assert!(exact_io_checked(&causal, &plan, Storage::F32).is_err());
             assert!(t.elapsed().as_secs_f64() < 1.0);
             // Quadratic up to u64 (2^30: about 2^61 words), then an error instead of a wrapped
             // total (2^32 once gave less than 2^30).
             let at = |n: usize| {
                 let p = Problem { l: n, s: n, ..p };
                 let plan = plan_exact(&p, &budget).unwrap();
-                exact_io_checked(&p, &plan).map(|io| io.total() as f64)
+                exact_io_checked(&p, &plan, Storage::F32).map(|io| io.total() as f64)
             };
             let ratio = at(1 << 30).unwrap() / at(1 << 28).unwrap();
             assert!((15.9..16.1).contains(&ratio), "{ratio} {budget:?}");
@@ -282,6 +296,42 @@ mod tests {
         let tiles = p.l.div_ceil(plan.tiles.bq) as u64;
         assert_eq!(io.reads(), heads * (100 * 16 + tiles * 70 * 24));
         assert_eq!(io.writes(), heads * 100 * 8);
+    }
+
+    #[test]
+    fn f16_storage_reads_half_the_input_words_and_writes_the_same() {
+        // Even widths: exactly half of every input read; odd widths: rows of ceil(E / 2) words
+        // (the pad half is read too).
+        for (e, ev, causal) in [(64usize, 64usize, false), (24, 80, true), (3, 5, false)] {
+            let p = Problem {
+                units: 2,
+                group: 3,
+                l: 77,
+                s: 131,
+                e,
+                ev,
+                causal,
+                scale: 1.0,
+            };
+            let plan = plan_exact(&p, &budget()).unwrap();
+            let f32_io = exact_io_for(&p, &plan, Storage::F32);
+            let f16_io = exact_io_for(&p, &plan, Storage::F16);
+            assert_eq!(f16_io.writes(), f32_io.writes());
+            let heads = 6u64;
+            let tiles = p.l.div_ceil(plan.tiles.bq) as u64;
+            let keys = if causal {
+                (0..tiles)
+                    .map(|t| ((t + 1) * plan.tiles.bq as u64).min(p.l as u64).min(131))
+                    .sum::<u64>()
+            } else {
+                tiles * 131
+            };
+            let (we, wev) = (e.div_ceil(2) as u64, ev.div_ceil(2) as u64);
+            assert_eq!(f16_io.reads(), heads * (77 * we + keys * (we + wev)));
+            if e % 2 == 0 && ev % 2 == 0 {
+                assert_eq!(2 * f16_io.reads(), f32_io.reads());
+            }
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use super::plan::ExactTiles;
+use super::storage::Storage;
 use crate::wgsl::{constant_loop, fill_template, io_counter_slots, wgsl_element, Emitter};
 
 pub(crate) const TEMPLATE: &str = include_str!("../../shaders/exact.wgsl");
@@ -36,7 +37,14 @@ pub(crate) struct Params {
 /// elements are vec4 where both widths allow (`ExactTiles::lanes`): 16-byte loads from workgroup
 /// memory, four multiply-adds per loaded pair.
 pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
-    let g = Gen::new(t);
+    shader_source_for(t, count_io, Storage::F32)
+}
+
+/// [`shader_source`] for inputs stored in `storage`. The f16 variant reads Q, K and V packed two
+/// halves to a u32 word and unpacks them (exactly) to f32 on their way to workgroup memory: from
+/// there on it is the f32 kernel, whose results it gives bit for bit on the same values.
+pub fn shader_source_for(t: &ExactTiles, count_io: bool, storage: Storage) -> String {
+    let g = Gen::new(t, storage);
     let (elem, _) = wgsl_element(g.lanes);
     let (p_elem, _) = wgsl_element(t.p_lanes());
     let (k_store, v_store) = g.tile_stores();
@@ -44,7 +52,7 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
     // prefetch fits in EARLY_K_PREFETCH_FLOATS registers. Measured on the H100 (n = 65,536, 8
     // heads, tuned 32 x 32 tiles of 128 threads): early took 0.496 s instead of 0.515 s at E = 64
     // (32 floats of prefetch), but 1.040 s instead of 1.026 s at E = 128 (64 floats).
-    let early = (g.nk + g.nv) * g.lanes <= EARLY_K_PREFETCH_FLOATS;
+    let early = (g.nk + g.nv) * g.reg_words <= EARLY_K_PREFETCH_FLOATS;
     let [decl, add] = io_counter_slots(count_io, 6);
     fill_template(
         TEMPLATE,
@@ -87,6 +95,10 @@ pub fn shader_source(t: &ExactTiles, count_io: bool) -> String {
             ("PV", g.pv()),
             ("ROW_SUMS", g.row_sums().trim_end().to_string()),
             ("STORE", g.store().trim_end().to_string()),
+            ("INPUT_DECL", g.input_decl()),
+            ("IN_EW", g.ew_name.to_string()),
+            ("IN_EVW", g.evw_name.to_string()),
+            ("Q_LOAD", g.q_load()),
             decl,
             add,
         ],
@@ -107,16 +119,39 @@ struct Gen<'a> {
     /// Elements per row of the K and V tiles.
     ew: usize,
     /// Prefetch registers per thread of the K and V tiles: element u of a thread's prefetch is
-    /// tile element lid + WG * u (row-major, unpadded).
+    /// storage element lid + WG * u of the tile (row-major, unpadded).
     nk: usize,
     nv: usize,
+    storage: Storage,
+    /// Row widths of Q/K and V in storage elements, their WGSL names, the type of a storage
+    /// element (and of a prefetch register) and the words it takes.
+    sew: usize,
+    sevw: usize,
+    ew_name: &'static str,
+    evw_name: &'static str,
+    reg: &'static str,
+    reg_words: usize,
 }
 
 impl<'a> Gen<'a> {
-    fn new(t: &'a ExactTiles) -> Self {
+    fn new(t: &'a ExactTiles, storage: Storage) -> Self {
         let lanes = t.lanes();
         let wg = t.threads();
         let (ew, evw) = (t.e / lanes, t.ev / lanes);
+        // f16: a vec4 tile element is one vec2<u32> of storage; scalar elements go in pairs
+        // (one u32 each, rows padded to whole words).
+        let (sew, sevw, ew_name, evw_name, reg, reg_words) = match storage {
+            Storage::F32 => (ew, evw, "EW", "EVW", "T", lanes),
+            Storage::F16 if lanes == 4 => (ew, evw, "EWS", "EVWS", "S", 2),
+            Storage::F16 => (
+                storage.row_words(t.e),
+                storage.row_words(t.ev),
+                "EWS",
+                "EVWS",
+                "S",
+                1,
+            ),
+        };
         Gen {
             t,
             rq: t.rows_per_thread(),
@@ -125,9 +160,92 @@ impl<'a> Gen<'a> {
             cv: t.out_cols_per_thread() / lanes,
             wg,
             ew,
-            nk: (t.bk * ew).div_ceil(wg),
-            nv: (t.bk * evw).div_ceil(wg),
+            nk: (t.bk * sew).div_ceil(wg),
+            nv: (t.bk * sevw).div_ceil(wg),
+            storage,
+            sew,
+            sevw,
+            ew_name,
+            evw_name,
+            reg,
+            reg_words,
         }
+    }
+
+    /// Words read per storage element, as the counter adds them.
+    fn words_per_load(&self) -> String {
+        match self.storage {
+            Storage::F32 => "LANES".into(),
+            Storage::F16 => format!("{}u", self.reg_words),
+        }
+    }
+
+    /// The bindings of Q, K and V (and, for f16, their element type and unpacking).
+    fn input_decl(&self) -> String {
+        let elem = match self.storage {
+            Storage::F32 => "T",
+            Storage::F16 => "S",
+        };
+        let mut s = String::new();
+        if self.storage == Storage::F16 {
+            let packed = if self.lanes == 4 { "vec2<u32>" } else { "u32" };
+            let _ = writeln!(
+                s,
+                "// Q, K and V are f16 in storage, two to a u32 word (the lower half first, rows padded to\n\
+                 // whole words): S holds {h} of them, EWS and EVWS are the row widths of Q/K and V in S.\n\
+                 alias S = {packed};\nconst EWS: u32 = {}u;\nconst EVWS: u32 = {}u;",
+                self.sew,
+                self.sevw,
+                h = 2 * self.reg_words,
+            );
+            if self.lanes == 4 {
+                s.push_str(
+                    "fn unpack_t(w: S) -> T {\n    return T(unpack2x16float(w.x), unpack2x16float(w.y));\n}\n",
+                );
+            }
+        }
+        for (b, name) in [(1, "q"), (2, "k"), (3, "v")] {
+            let _ = writeln!(
+                s,
+                "@group(0) @binding({b}) var<storage, read> {name}: array<{elem}>;"
+            );
+        }
+        s.trim_end().to_string()
+    }
+
+    /// The query tile, scaled by scale * log2(e), into workgroup memory.
+    fn q_load(&self) -> String {
+        let mut e = Emitter::new(1);
+        let w = self.ew_name;
+        let count = format!("words_read += {};", self.words_per_load());
+        let pairs = self.storage == Storage::F16 && self.lanes == 1;
+        e.block(
+            format!("for (var idx = lid; idx < BQ * {w}; idx += WG)"),
+            |e| {
+                let (zero, load) = match self.storage {
+                    Storage::F32 => ("T()", "q[q_base + idx]".to_string()),
+                    Storage::F16 if pairs => {
+                        ("vec2<f32>()", "unpack2x16float(q[q_base + idx])".into())
+                    }
+                    Storage::F16 => ("T()", "unpack_t(q[q_base + idx])".into()),
+                };
+                e.line(format!("var x = {zero};"));
+                e.block(format!("if (idx / {w} < q_rows)"), |e| {
+                    e.line(format!("x = {load} * params.scale_log2;"));
+                    e.line(&count);
+                });
+                if pairs {
+                    e.line("let c = 2u * (idx % EWS);");
+                    e.line("q_tile[(idx / EWS) * QS + c] = x.x;");
+                    e.block("if (c + 1u < E)", |e| {
+                        e.line("q_tile[(idx / EWS) * QS + c + 1u] = x.y;");
+                    });
+                } else {
+                    e.line(format!("q_tile[(idx / {w}) * QS + idx % {w}] = x;"));
+                }
+            },
+        );
+        e.finish()
     }
 
     /// Query row of register row `a`.
@@ -149,11 +267,12 @@ impl<'a> Gen<'a> {
 
     fn prefetch_registers(&self) -> String {
         let mut pre_decl = String::new();
+        let r = self.reg;
         for u in 0..self.nk {
-            let _ = writeln!(pre_decl, "    var kx_{u} = T();");
+            let _ = writeln!(pre_decl, "    var kx_{u} = {r}();");
         }
         for u in 0..self.nv {
-            let _ = writeln!(pre_decl, "    var vx_{u} = T();");
+            let _ = writeln!(pre_decl, "    var vx_{u} = {r}();");
         }
         pre_decl
     }
@@ -171,12 +290,14 @@ impl<'a> Gen<'a> {
     }
 
     fn emit_v_loads(&self, e: &mut Emitter, j0: &str, rows: &str) {
+        let (r, w) = (self.reg, self.evw_name);
+        let count = format!("words_read += {};", self.words_per_load());
         for u in 0..self.nv {
             let o = self.wg * u;
-            e.line(format!("vx_{u} = T();"));
-            e.block(format!("if (lid + {o}u < {rows} * EVW)"), |e| {
-                e.line(format!("vx_{u} = v[v_base + ({j0}) * EVW + lid + {o}u];"));
-                e.line("words_read += LANES;");
+            e.line(format!("vx_{u} = {r}();"));
+            e.block(format!("if (lid + {o}u < {rows} * {w})"), |e| {
+                e.line(format!("vx_{u} = v[v_base + ({j0}) * {w} + lid + {o}u];"));
+                e.line(&count);
             });
         }
     }
@@ -185,13 +306,15 @@ impl<'a> Gen<'a> {
     /// deep.
     fn tile_load(&self, j0: &str, depth: usize, with_v: bool) -> String {
         let mut e = Emitter::new(depth);
+        let (r, w) = (self.reg, self.ew_name);
+        let count = format!("words_read += {};", self.words_per_load());
         e.line(format!("let kr = min(BK, kv_end - ({j0}));"));
         for u in 0..self.nk {
             let o = self.wg * u;
-            e.line(format!("kx_{u} = T();"));
-            e.block(format!("if (lid + {o}u < kr * EW)"), |e| {
-                e.line(format!("kx_{u} = k[k_base + ({j0}) * EW + lid + {o}u];"));
-                e.line("words_read += LANES;");
+            e.line(format!("kx_{u} = {r}();"));
+            e.block(format!("if (lid + {o}u < kr * {w})"), |e| {
+                e.line(format!("kx_{u} = k[k_base + ({j0}) * {w} + lid + {o}u];"));
+                e.line(&count);
             });
         }
         if with_v {
@@ -203,19 +326,57 @@ impl<'a> Gen<'a> {
     /// The stores of the K registers into the tile, and of the V registers (one level deeper:
     /// the template stores V under a switch).
     fn tile_stores(&self) -> (String, String) {
+        let (w, vw) = (self.ew_name, self.evw_name);
+        let pairs = self.storage == Storage::F16 && self.lanes == 1;
+        let unpack = |x: String| match self.storage {
+            Storage::F32 => x,
+            Storage::F16 => format!("unpack_t({x})"),
+        };
+        // f16 pairs: two tile elements per register, the second only inside the row (the first
+        // may be a pad half at an odd width's end).
+        let pair = |e: &mut Emitter, reg: String, at: String, col: &str, width: &str| {
+            e.line(format!("let h = unpack2x16float({reg});"));
+            e.line(format!("let c = 2u * (idx % {col});"));
+            e.line(format!("kv_tile[{at}] = h.x;"));
+            e.block(format!("if (c + 1u < {width})"), |e| {
+                e.line(format!("kv_tile[{at} + 1u] = h.y;"));
+            });
+        };
         let mut k = Emitter::new(2);
         for u in 0..self.nk {
             let o = self.wg * u;
-            k.block(format!("if (lid + {o}u < BK * EW)"), |e| {
+            k.block(format!("if (lid + {o}u < BK * {w})"), |e| {
                 e.line(format!("let idx = lid + {o}u;"));
-                e.line(format!("kv_tile[(idx / EW) * KS + idx % EW] = kx_{u};"));
+                if pairs {
+                    pair(
+                        e,
+                        format!("kx_{u}"),
+                        "(idx / EWS) * KS + c".into(),
+                        "EWS",
+                        "E",
+                    );
+                } else {
+                    e.line(format!(
+                        "kv_tile[(idx / {w}) * KS + idx % {w}] = {};",
+                        unpack(format!("kx_{u}"))
+                    ));
+                }
             });
         }
         let mut v = Emitter::new(3);
         for u in 0..self.nv {
             let o = self.wg * u;
-            v.block(format!("if (lid + {o}u < BK * EVW)"), |e| {
-                e.line(format!("kv_tile[vbase + lid + {o}u] = vx_{u};"));
+            v.block(format!("if (lid + {o}u < BK * {vw})"), |e| {
+                if pairs {
+                    e.line(format!("let idx = lid + {o}u;"));
+                    let at = "vbase + (idx / EVWS) * EVW + c".to_string();
+                    pair(e, format!("vx_{u}"), at, "EVWS", "EV");
+                } else {
+                    e.line(format!(
+                        "kv_tile[vbase + lid + {o}u] = {};",
+                        unpack(format!("vx_{u}"))
+                    ));
+                }
             });
         }
         (k.finish(), v.finish())

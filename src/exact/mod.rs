@@ -7,3 +7,4 @@ pub mod io;
 pub mod kernel;
 pub mod plan;
 pub mod run;
+pub mod storage;

@@ -1,8 +1,9 @@
 //! The host loop of the exact kernel: cuts the problem into dispatches and merges split-KV partial
 //! results.
 
-use super::kernel::{shader_source, Params};
+use super::kernel::{shader_source, shader_source_for, Params};
 use super::plan::ExactPlan;
+use super::storage::{F16Inputs, Storage};
 use crate::api::Problem;
 use crate::chunking::{chunks, Chunk, Chunking};
 use crate::device::Gpu;
@@ -30,6 +31,42 @@ pub fn run(
         bq: t.bq,
     };
     run_kernel(gpu, p, &plan.chunking, &kernel, (q, k, v), opts)
+}
+
+/// Runs exact attention on inputs stored as f16 (`F16Inputs`, packed two to a word): the f32
+/// kernel's schedule and arithmetic, half the words uploaded and read.
+pub fn run_f16(
+    gpu: &Gpu,
+    p: &Problem,
+    plan: &ExactPlan,
+    xs: &F16Inputs,
+    opts: &RunOptions,
+) -> Result<(Vec<f32>, RunStats), Error> {
+    let t = &plan.tiles;
+    let key = format!("exact_f16:{t:?}:{}:{}", opts.count_io, opts.trusted);
+    let src = shader_source_for(t, opts.count_io, Storage::F16);
+    let pipeline = gpu.pipeline(&key, &src, opts.trusted)?;
+    let kernel = ExactKernel {
+        pass: "exact",
+        pipeline: &pipeline,
+        bq: t.bq,
+    };
+    // The packed words travel as f32 slices: the host loop only copies them (bit for bit).
+    fn words(x: &[u32]) -> &[f32] {
+        bytemuck::cast_slice(x)
+    }
+    let widths = (Storage::F16.row_words(p.e), Storage::F16.row_words(p.ev));
+    let (out, _, stats) = run_kernel_stats(
+        gpu,
+        p,
+        &plan.chunking,
+        &kernel,
+        (words(&xs.q), words(&xs.k), words(&xs.v)),
+        widths,
+        opts,
+        false,
+    )?;
+    Ok((out, stats))
 }
 
 /// A compiled exact kernel (f32 or cooperative-matrix): both take [`Params`] and the bindings
@@ -61,8 +98,17 @@ pub fn run_with_lse(
         pipeline: &pipeline,
         bq: t.bq,
     };
-    let (out, lse, stats) =
-        run_kernel_stats(gpu, p, &plan.chunking, &kernel, (q, k, v), opts, true)?;
+    let widths = (p.e, p.ev);
+    let (out, lse, stats) = run_kernel_stats(
+        gpu,
+        p,
+        &plan.chunking,
+        &kernel,
+        (q, k, v),
+        widths,
+        opts,
+        true,
+    )?;
     Ok((out, lse.unwrap_or_default(), stats))
 }
 
@@ -76,7 +122,7 @@ pub(crate) fn run_kernel(
     xs: (&[f32], &[f32], &[f32]),
     opts: &RunOptions,
 ) -> Result<(Vec<f32>, RunStats), Error> {
-    let (out, _, stats) = run_kernel_stats(gpu, p, c, kernel, xs, opts, false)?;
+    let (out, _, stats) = run_kernel_stats(gpu, p, c, kernel, xs, (p.e, p.ev), opts, false)?;
     Ok((out, stats))
 }
 
@@ -84,21 +130,24 @@ pub(crate) fn run_kernel(
 type KernelRun = (Vec<f32>, Option<Vec<f32>>, RunStats);
 
 /// [`run_kernel`]; with `want_lse` every dispatch writes its rows' (m, l) and the merged rows'
-/// log-sum-exp is returned too.
+/// log-sum-exp is returned too. Rows of Q/K and of V take `qk_words` and `v_words` words in
+/// storage (E and Ev for f32).
+#[allow(clippy::too_many_arguments)]
 fn run_kernel_stats(
     gpu: &Gpu,
     p: &Problem,
     c: &Chunking,
     kernel: &ExactKernel<'_>,
     (q, k, v): (&[f32], &[f32], &[f32]),
+    (qk_words, v_words): (usize, usize),
     opts: &RunOptions,
     want_lse: bool,
 ) -> Result<KernelRun, Error> {
     // With want_lse the rows go through the split-KV merge even in one dispatch.
     let split_kv = c.kv_rows < p.s || want_lse;
-    let q_buf = storage_buffer(gpu, c.units * p.group * c.q_rows * p.e, "q");
-    let k_buf = storage_buffer(gpu, c.units * c.kv_rows * p.e, "k");
-    let v_buf = storage_buffer(gpu, c.units * c.kv_rows * p.ev, "v");
+    let q_buf = storage_buffer(gpu, c.units * p.group * c.q_rows * qk_words, "q");
+    let k_buf = storage_buffer(gpu, c.units * c.kv_rows * qk_words, "k");
+    let v_buf = storage_buffer(gpu, c.units * c.kv_rows * v_words, "v");
     let o_buf = storage_buffer(gpu, c.units * p.group * c.q_rows * p.ev, "o");
     let stats_words = if split_kv {
         c.units * p.group * c.q_rows * 2
@@ -112,9 +161,9 @@ fn run_kernel_stats(
     let mut stats = RunStats::default();
     for ch in chunks(p, c) {
         let qh = ch.units * p.group;
-        let qc = gather(q, ch.unit0 * p.group, qh, p.l, ch.l0, ch.lc, p.e);
-        let kc = gather(k, ch.unit0, ch.units, p.s, ch.s0, ch.sc, p.e);
-        let vc = gather(v, ch.unit0, ch.units, p.s, ch.s0, ch.sc, p.ev);
+        let qc = gather(q, ch.unit0 * p.group, qh, p.l, ch.l0, ch.lc, qk_words);
+        let kc = gather(k, ch.unit0, ch.units, p.s, ch.s0, ch.sc, qk_words);
+        let vc = gather(v, ch.unit0, ch.units, p.s, ch.s0, ch.sc, v_words);
         let params = Params {
             l: ch.lc as u32,
             s: ch.sc as u32,
