@@ -45,7 +45,7 @@ use exact::coop::{CoopExactPlan, F16Bound};
 use exact::cost::exact_flops;
 use exact::io::{exact_io, exact_io_checked};
 use exact::plan::{plan_exact, ExactPlan};
-use exact::run::run as exact_run;
+use exact::run::run_into as exact_run_into;
 use io::IoCount;
 use numerics::{all_finite, score_fold_for, times_pow2, value_columns, Magnitudes, ValueMap};
 use poly::causal::{causal_io, causal_poly_flops, plan_causal, CausalPlan};
@@ -54,8 +54,8 @@ use poly::cost::poly_flops;
 use poly::io::{poly_io, prepass_io};
 use poly::plan::{plan_poly, Pass1Tiles, Pass2Tiles};
 use poly::prepass::{prepass, Prepass};
-use poly::run::run as poly_run;
-use transfer::Uploads;
+use poly::run::run_into as poly_run_into;
+use transfer::{assign_slice, Uploads};
 
 /// Attention on the process's GPU. Arrays are contiguous, laid out as in [`Problem`].
 pub fn attention(
@@ -85,7 +85,25 @@ pub fn attention_with_inputs(
     opts: &RunOptions,
     f16_inputs: bool,
 ) -> Result<(Vec<f32>, Report), Error> {
+    let mut out = vec![0f32; p.query_heads() * p.l * p.ev];
+    let report = attention_into(p, (q, k, v), method, popts, opts, f16_inputs, &mut out)?;
+    Ok((out, report))
+}
+
+/// [`attention_with_inputs`] writing the output `(units*group, l, ev)` into `out` (a caller's
+/// array): no host copy of the inputs or the output beyond the slices in flight.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_into(
+    p: &Problem,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    method: Method,
+    popts: &PolyOptions,
+    opts: &RunOptions,
+    f16_inputs: bool,
+    out: &mut [f32],
+) -> Result<Report, Error> {
     p.check_inputs(q, k, v)?;
+    p.check_output(out)?;
     if method != Method::Exact && p.causal && popts.tensor_cores == Some(true) {
         return Err(Error::causal_tensor_cores());
     }
@@ -94,7 +112,8 @@ pub fn attention_with_inputs(
     let gpu = device::gpu()?;
     let _guard = gpu.exclusive();
     let start = Instant::now();
-    let budget = Budget::for_device(&gpu.info, &cfg)?;
+    let traffic = gpu.traffic.now();
+    let budget = Budget::for_device(&gpu.info, &cfg)?.for_problem(p)?;
     let tuner = Tuner {
         gpu: &gpu,
         cfg: &cfg,
@@ -110,8 +129,8 @@ pub fn attention_with_inputs(
         exact_plan_for(&tuner, p)?
     };
     let mut stats = RunStats::default();
-    // K, V and Q go to the GPU once for the pre-pass and both poly passes.
-    let uploads = Uploads::default();
+    // K, V and Q go to the GPU once for the pre-pass and both poly passes, unless they stream.
+    let uploads = Uploads::new(budget.streams(p));
     let xs = (q, k, v);
     let choice = choose(
         &tuner,
@@ -124,32 +143,31 @@ pub fn attention_with_inputs(
         &mut stats,
     )?;
     let plans = (&exact_plan, coop_exact.as_ref());
-    let (ran, note) = run_in_range(&tuner, p, xs, plans, &choice, &uploads, &mut stats)?;
+    let (ran, note) = run_in_range(&tuner, p, xs, plans, &choice, &uploads, &mut stats, out)?;
     let reason = match note {
         Some(n) => format!("{}; {n}", choice.reason),
         None => choice.reason,
     };
-    Ok((
-        ran.out,
-        Report {
-            method: ran.method,
-            adapter: gpu.info.adapter.clone(),
-            backend: gpu.info.backend.clone(),
-            fast_memory_words: budget.fast_memory_words,
-            io_words: ran.io.total(),
-            io_reads: ran.io.reads(),
-            io_writes: ran.io.writes(),
-            stats,
-            elapsed_s: start.elapsed().as_secs_f64(),
-            plan: ran.plan,
-            certificate: ran.certificate,
-            predicted_exact_s: choice.predicted.map(|p| p.0),
-            predicted_poly_s: choice.predicted.map(|p| p.1),
-            reason,
-            tensor_cores: ran.tensor_cores,
-            exact_f16: ran.exact_f16,
-        },
-    ))
+    drop(uploads);
+    stats.traffic = traffic.until(gpu.traffic.now());
+    Ok(Report {
+        method: ran.method,
+        adapter: gpu.info.adapter.clone(),
+        backend: gpu.info.backend.clone(),
+        fast_memory_words: budget.fast_memory_words,
+        io_words: ran.io.total(),
+        io_reads: ran.io.reads(),
+        io_writes: ran.io.writes(),
+        stats,
+        elapsed_s: start.elapsed().as_secs_f64(),
+        plan: ran.plan,
+        certificate: ran.certificate,
+        predicted_exact_s: choice.predicted.map(|p| p.0),
+        predicted_poly_s: choice.predicted.map(|p| p.1),
+        reason,
+        tensor_cores: ran.tensor_cores,
+        exact_f16: ran.exact_f16,
+    })
 }
 
 /// What `attention` decided to run, and why.
@@ -269,9 +287,9 @@ fn choose(
     Ok(choice)
 }
 
-/// What ran: the output, the words its plan moves, the plan, the certificate and the method.
+/// What ran (its output is in the caller's array): the words its plan moves, the plan, the
+/// certificate and the method.
 struct Ran {
-    out: Vec<f32>,
     io: IoCount,
     plan: String,
     certificate: Option<Certificate>,
@@ -287,6 +305,7 @@ struct Ran {
 /// float32), once more on values mapped per column into [-1, 1]. A non-finite output from finite
 /// inputs is an error, never a result. Returns what ran and a note for the report's reason where
 /// the inputs were rescaled.
+#[allow(clippy::too_many_arguments)]
 fn run_in_range(
     tuner: &Tuner,
     p: &Problem,
@@ -295,6 +314,7 @@ fn run_in_range(
     choice: &Choice,
     uploads: &Uploads,
     stats: &mut RunStats,
+    out: &mut [f32],
 ) -> Result<(Ran, Option<String>), Error> {
     let mut notes = Vec::new();
     // Scores: the exact kernel's (the poly passes scale the keys by their largest norm).
@@ -337,8 +357,9 @@ fn run_in_range(
         choice.pre.as_ref(),
         uploads,
         stats,
+        out,
     )?;
-    if all_finite(&ran.out) {
+    if all_finite(out) {
         return Ok((ran, (!notes.is_empty()).then(|| notes.join("; "))));
     }
     // Not finite: NaN or Inf in (check_finite=False) runs as it is, as in PyTorch; from finite
@@ -379,18 +400,19 @@ fn run_in_range(
         mapped_pre.as_ref(),
         uploads,
         stats,
+        out,
     )?;
-    if !all_finite(&ran.out) {
-        let bad = ran.out.iter().filter(|x| !x.is_finite()).count();
+    if !all_finite(out) {
+        let bad = out.iter().filter(|x| !x.is_finite()).count();
         return Err(Error::InvalidInput(format!(
             "the {} kernel gave {bad} non-finite output value(s) of {} from finite inputs, even \
              with the values mapped into [-1, 1] per column: an intermediate of this call \
              leaves float32's range",
             ran.method,
-            ran.out.len()
+            out.len()
         )));
     }
-    map.restore(&mut ran.out);
+    map.restore(out);
     if let Some(b) = &mut ran.exact_f16 {
         for (x, s) in b.error_bound_per_column.iter_mut().zip(map.column_scale()) {
             *x *= s;
@@ -411,11 +433,11 @@ fn run_choice(
     pre: Option<&Prepass>,
     uploads: &Uploads,
     stats: &mut RunStats,
+    out: &mut [f32],
 ) -> Result<Ran, Error> {
     let (gpu, budget, opts) = (tuner.gpu, tuner.budget, &tuner.opts);
     if p.l == 0 || p.units == 0 {
         return Ok(Ran {
-            out: Vec::new(),
             io: IoCount::default(),
             plan: "empty".to_string(),
             certificate: None,
@@ -428,20 +450,26 @@ fn run_choice(
         (Some(c), Some(pre)) if choice.use_poly => {
             let (plan, table, poly) = (&c.plan, &c.table, &c.poly);
             let xs = (q, k, v);
-            let (out, io, plan) = match &choice.causal_plan {
-                Some(cp) => (
-                    poly::causal::run(gpu, p, cp, table, poly, pre, xs, opts, uploads, stats)?,
-                    causal_io(p, cp, &exact_plan.chunking, budget)?,
-                    format!("{cp:?}"),
-                ),
-                None => (
-                    poly_run(gpu, p, plan, table, poly, pre, xs, opts, uploads, stats)?,
-                    poly_io(p, &c.plan, &exact_plan.chunking, budget)?,
-                    format!("{:?}", c.plan),
-                ),
+            let (io, plan) = match &choice.causal_plan {
+                Some(cp) => {
+                    let o =
+                        poly::causal::run(gpu, p, cp, table, poly, pre, xs, opts, uploads, stats)?;
+                    assign_slice(out, &o);
+                    (
+                        causal_io(p, cp, &exact_plan.chunking, budget)?,
+                        format!("{cp:?}"),
+                    )
+                }
+                None => {
+                    let call = (table, poly, pre);
+                    poly_run_into(gpu, p, plan, call, xs, opts, uploads, stats, out)?;
+                    (
+                        poly_io(p, &c.plan, &exact_plan.chunking, budget)?,
+                        format!("{:?}", c.plan),
+                    )
+                }
             };
             Ok(Ran {
-                out,
                 io,
                 plan,
                 certificate: Some(c.cert.clone()),
@@ -452,10 +480,11 @@ fn run_choice(
         }
         _ => {
             uploads.clear();
-            let (out, st, mut io, plan, exact_f16) = match coop_exact {
+            let (st, mut io, plan, exact_f16) = match coop_exact {
                 Some(cplan) => {
                     let bound = exact::coop::f16_bound(p, q, k, v)?;
-                    let (out, st) = exact::coop::run(gpu, p, cplan, q, k, v, opts)?;
+                    let (o, st) = exact::coop::run(gpu, p, cplan, q, k, v, opts)?;
+                    assign_slice(out, &o);
                     // The f32 kernel's words: the same storage reads (f32) per block of bq rows.
                     let tiles = exact::plan::ExactTiles {
                         bq: cplan.tiles.bq(),
@@ -465,18 +494,12 @@ fn run_choice(
                         tiles,
                         chunking: cplan.chunking,
                     };
-                    (
-                        out,
-                        st,
-                        exact_io(p, &as_f32),
-                        format!("{cplan:?}"),
-                        Some(bound),
-                    )
+                    (st, exact_io(p, &as_f32), format!("{cplan:?}"), Some(bound))
                 }
                 None => {
-                    let (out, st) = exact_run(gpu, p, exact_plan, q, k, v, opts)?;
+                    let st = exact_run_into(gpu, p, exact_plan, q, k, v, opts, out)?;
                     let io = exact_io(p, exact_plan);
-                    (out, st, io, format!("{exact_plan:?}"), None)
+                    (st, io, format!("{exact_plan:?}"), None)
                 }
             };
             stats.absorb(&st);
@@ -486,7 +509,6 @@ fn run_choice(
                 io.passes.splice(0..0, pre_cost.passes);
             }
             Ok(Ran {
-                out,
                 io,
                 plan,
                 certificate: None,
@@ -531,7 +553,7 @@ pub fn exact_attention_lse(
     let gpu = device::gpu()?;
     let _guard = gpu.exclusive();
     let start = Instant::now();
-    let budget = Budget::for_device(&gpu.info, &cfg)?;
+    let budget = Budget::for_device(&gpu.info, &cfg)?.for_problem(p)?;
     let tuner = Tuner {
         gpu: &gpu,
         cfg: &cfg,
@@ -539,11 +561,13 @@ pub fn exact_attention_lse(
         opts: *opts,
     };
     let plan = exact_plan_for(&tuner, p)?;
-    let (out, lse, stats) = if p.l == 0 || p.units == 0 {
+    let traffic = gpu.traffic.now();
+    let (out, lse, mut stats) = if p.l == 0 || p.units == 0 {
         (Vec::new(), Vec::new(), RunStats::default())
     } else {
         exact::run::run_with_lse(&gpu, p, &plan, q, k, v, opts)?
     };
+    stats.traffic = traffic.until(gpu.traffic.now());
     let io = exact_io(p, &plan);
     Ok((
         out,

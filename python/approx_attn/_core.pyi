@@ -12,6 +12,7 @@ def attention(
     q: npt.NDArray[np.float32],
     k: npt.NDArray[np.float32],
     v: npt.NDArray[np.float32],
+    out: npt.NDArray[np.float32],
     units: int,
     group: int,
     l: int,
@@ -28,7 +29,7 @@ def attention(
     count_io: bool = False,
     tensor_cores: bool | None = None,
     f16_inputs: bool = False,
-) -> tuple[npt.NDArray[np.float32], dict[str, Any]]: ...
+) -> dict[str, Any]: ...
 def exact_attention_lse(
     q: npt.NDArray[np.float32],
     k: npt.NDArray[np.float32],
@@ -47,6 +48,7 @@ def poly_kernel_attention(
     q: npt.NDArray[np.float32],
     k: npt.NDArray[np.float32],
     v: npt.NDArray[np.float32],
+    out: npt.NDArray[np.float32],
     units: int,
     group: int,
     l: int,
@@ -61,7 +63,7 @@ def poly_kernel_attention(
     initial_state: npt.NDArray[np.float32] | None = None,
     return_state: bool = False,
     count_io: bool = False,
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None, dict[str, Any]]: ...
+) -> tuple[npt.NDArray[np.float32] | None, dict[str, Any]]: ...
 def poly_kernel_rank(e: int, coeffs: list[float]) -> int: ...
 def io_cost(
     units: int,
