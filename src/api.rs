@@ -182,6 +182,8 @@ pub struct IoEstimate {
     pub rank: Option<usize>,
     pub fast_memory_words: u64,
     pub io: IoCount,
+    /// Words between host and device memory (the third level; see `host_io`).
+    pub host_device: crate::host_io::HostDeviceWords,
 }
 
 /// What [`poly_attention_with_tiles`] returns.

@@ -14,6 +14,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod exact;
+pub mod host_io;
 pub mod interrupt;
 pub mod io;
 pub mod launch;
@@ -681,7 +682,7 @@ pub fn io_cost(
     p.check_sizes()?;
     let budget = match fast_memory_words {
         Some(m) => Budget::model(m),
-        None => budget(&device::gpu()?.info)?,
+        None => budget(&device::gpu()?.info)?.for_problem(p)?,
     };
     let exact_plan = plan_exact(p, &budget)?;
     if method == Method::Exact {
@@ -692,6 +693,7 @@ pub fn io_cost(
             rank: None,
             fast_memory_words: budget.fast_memory_words,
             io: exact_io_checked(p, &exact_plan)?,
+            host_device: host_io::exact_host_io(p, &exact_plan.chunking)?,
         });
     }
     let g = match (degree, eps, beta) {
@@ -716,11 +718,21 @@ pub fn io_cost(
         }
     };
     let plan = plan_poly(p, g, &budget)?;
-    let io = if p.causal {
+    let pre = &exact_plan.chunking;
+    let streams = budget.streams(p);
+    let (io, host_device) = if p.causal {
         let cp = plan_causal(p, &plan, &budget)?;
-        causal_io(p, &cp, &exact_plan.chunking, &budget)?
+        let w = cp.window_rows();
+        (
+            causal_io(p, &cp, pre, &budget)?,
+            host_io::poly_host_io(p, pre, (cp.units, w, w), streams)?,
+        )
     } else {
-        poly_io(p, &plan, &exact_plan.chunking, &budget)?
+        let c = &plan.chunking;
+        (
+            poly_io(p, &plan, pre, &budget)?,
+            host_io::poly_host_io(p, pre, (c.units, c.kv_rows, c.q_rows), streams)?,
+        )
     };
     Ok(IoEstimate {
         method: "poly",
@@ -729,5 +741,6 @@ pub fn io_cost(
         rank: Some(plan.r),
         fast_memory_words: budget.fast_memory_words,
         io,
+        host_device,
     })
 }

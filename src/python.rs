@@ -375,6 +375,8 @@ fn io_cost<'py>(
     d.set_item("reads", est.io.reads())?;
     d.set_item("writes", est.io.writes())?;
     d.set_item("total", est.io.total())?;
+    d.set_item("host_to_device", est.host_device.to_device)?;
+    d.set_item("device_to_host", est.host_device.to_host)?;
     Ok(d)
 }
 

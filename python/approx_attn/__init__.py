@@ -86,6 +86,13 @@ class Report:
     gpu_allocated_bytes: int | None = None
     """Peak bytes wgpu's allocator held for the device, sampled after each dispatch of the call
     (inputs, outputs, intermediates; None where the backend does not report it)."""
+    slices: int = 0
+    """Slices of the inputs uploaded (each a block of rows of Q, K or V for one dispatch; an
+    input kept on the device for the whole call counts once per block)."""
+    host_to_device_bytes: int = 0
+    """Bytes the call wrote to the device: input slices, parameters, small host results."""
+    device_to_host_bytes: int = 0
+    """Bytes the call read back: output slices, split statistics, pre-pass results, timings."""
 
 
 def device_info() -> dict[str, Any]:
@@ -660,6 +667,9 @@ def _report(rep: dict[str, Any]) -> Report:
         gpu_allocated_bytes=rep.get("gpu_allocated_bytes"),
         tensor_cores=bool(rep.get("tensor_cores", False)),
         score_rounding=rep.get("score_rounding"),
+        slices=int(rep.get("slices", 0)),
+        host_to_device_bytes=int(rep.get("host_to_device_bytes", 0)),
+        device_to_host_bytes=int(rep.get("device_to_host_bytes", 0)),
     )
 
 
@@ -681,9 +691,11 @@ def io_cost(
     """Words the plan that would run moves between storage buffers and workgroup memory.
 
     Returns ``{"method", "schedule", "degree", "rank", "fast_memory_words", "passes": [(name,
-    reads, writes), ...], "reads", "writes", "total"}``. ``fast_memory_words`` defaults to the
-    current adapter's (and its binding limits); any value may be given to study other GPUs (then
-    the model is one dispatch). For ``method="poly"`` give ``degree``, or ``eps`` and ``beta``.
+    reads, writes), ...], "reads", "writes", "total", "host_to_device", "device_to_host"}``: the
+    last two are the third memory level, words between host and device memory (input slices
+    uploaded, output slices read back; see docs/io-model.md). ``fast_memory_words`` defaults to
+    the current adapter's (and its binding and device memory limits); any value may be given to
+    study other GPUs (then the model is one dispatch, all on the device). For ``method="poly"`` give ``degree``, or ``eps`` and ``beta``.
     ``heads`` counts query heads; ``kv_heads`` (default: ``heads``) the key/value heads they
     share, as with ``enable_gqa``.
     """
