@@ -17,7 +17,6 @@ import argparse
 import statistics
 
 import numpy as np
-
 from approx_attn import _core
 from bench import make_inputs  # benches/ is on sys.path when this file is run
 

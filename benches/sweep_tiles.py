@@ -20,7 +20,6 @@ import os
 import statistics
 
 import numpy as np
-
 from approx_attn import _core
 from passes import median_passes, profiling_inputs  # benches/ is on sys.path when run
 

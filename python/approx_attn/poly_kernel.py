@@ -23,8 +23,8 @@ from . import (
     _in_place,
     _new_out,
     _report,
-    _slices,
     _shapes,
+    _slices,
     _type_error,
 )
 
