@@ -89,14 +89,14 @@ def test_a_row_that_cannot_stream_names_the_limit(monkeypatch) -> None:
         approx_attn.attention(q, k, v, method="exact")
 
 
-# 2 heads of 4096 rows, E = 8, small scores (degree 2, r = 45): 1 MB of inputs and output; at
-# 300 kB every binding holds 37.5 kB, 937 rows of 10 words: 5 key and 5 query slices per head.
-POLY_LIMIT = 300_000
+# 2 heads of 2048 rows, E = 8: 512 kB of inputs and output; at 150 kB every binding holds
+# 18.75 kB, 468 rows of 10 words: 5 key and 5 query slices per head.
+POLY_LIMIT = 150_000
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_poly_streamed_in_slices_is_certified(is_causal, monkeypatch) -> None:
-    q, k, v = qkv(np.random.default_rng(3), 2, 4096, 4096, 8, f=0.3)
+    q, k, v = qkv(np.random.default_rng(3), 2, 2048, 2048, 8, f=0.3)
     scale = 1 / np.sqrt(8)
     kw = {"method": "poly", "eps": 1e-3, "is_causal": is_causal, "return_report": True}
     whole, rep0 = approx_attn.attention(q, k, v, **kw)
@@ -129,7 +129,7 @@ def test_poly_streamed_in_slices_is_certified(is_causal, monkeypatch) -> None:
 
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_polynomial_primitive_streams(is_causal, monkeypatch) -> None:
-    q, k, v = qkv(np.random.default_rng(4), 2, 4096, 4096, 8, f=0.5)
+    q, k, v = qkv(np.random.default_rng(4), 2, 2048, 2048, 8, f=0.5)
     monkeypatch.setenv(LIMIT, str(POLY_LIMIT))
     check_primitive(q, k, v, "based", is_causal=is_causal, what="streamed primitive")
 
@@ -199,15 +199,17 @@ def test_memmap_inputs_give_the_same_result(tmp_path: Path) -> None:
         )
 
 
-# Peak host memory of one large call: one head of n = 2.5 x 2^20 rows, E = 16 (160 MiB per
-# input and for the output, beyond lavapipe's real 128 MiB storage binding), poly, streamed
-# through 64 MiB of device memory. On lavapipe device memory is host memory, so the call's peak
-# beyond its inputs and output is bounded by what it holds at once: the device slices (at most
-# the 64 MiB limit), the pooled staging buffers (4 uploads and 2 readbacks, one slice of at most
-# 8 MiB each: 48 MiB), one gathered slice copy (8 MiB): 120 MiB, plus 40 MiB for the driver's
-# own allocations (lavapipe's command buffers, kernel launch state): 160 MiB, O(slice). The
-# inputs and output are 640 MiB: a whole host copy of them would break the bound. NumPy
-# allocates nothing beyond the finiteness checks' slices (tracemalloc: at most 1 MiB).
+# Peak host memory of one call, one head of E = 16, poly, streamed through `limit` bytes of
+# device memory. On lavapipe device memory is host memory, so the call's peak beyond its inputs
+# and output is bounded by what it holds at once: the device slices (at most the limit), the
+# pooled staging buffers (4 uploads and 2 readbacks of at most one slice, limit / 8, each), one
+# gathered slice copy (limit / 8): 15/8 of the limit, plus 40 MiB for the driver's own
+# allocations (command buffers, launch state): O(slice). A whole host copy of the inputs would
+# break the bound. NumPy allocates nothing beyond the finiteness checks' slices (tracemalloc: at
+# most 1 MiB). The large case, one head of 2.5 x 2^20 rows (160 MiB per input and for the
+# output, beyond lavapipe's real 128 MiB storage binding), runs with APPROX_ATTN_LARGE_TESTS=1
+# (about 45 s on the 2-core CI VM under load; the default case about a third of that).
+LARGE = os.environ.get("APPROX_ATTN_LARGE_TESTS", "") not in ("", "0")
 PEAK_SCRIPT = textwrap.dedent(
     """
     import json, os, sys, time, tracemalloc
@@ -220,7 +222,7 @@ PEAK_SCRIPT = textwrap.dedent(
 
     n, e = int(sys.argv[1]), 16
     rng = np.random.default_rng(0)
-    q, k, v = (0.3 * rng.standard_normal((1, 1, n, e), dtype=np.float32) for _ in range(3))
+    q, k, v = (0.05 * rng.standard_normal((1, 1, n, e), dtype=np.float32) for _ in range(3))
     out = np.ones((1, 1, n, e), np.float32)
     # A warm-up of the same plan on a few rows compiles the kernels and starts the device.
     small = n // 64
@@ -243,8 +245,19 @@ PEAK_SCRIPT = textwrap.dedent(
 )
 
 
-def test_peak_host_memory_of_a_streamed_call_is_o_slice(tmp_path: Path) -> None:
-    n, limit = 5 << 19, 64 << 20
+@pytest.mark.parametrize(
+    ("n", "limit"),
+    [
+        pytest.param(1 << 20, 32 << 20, id="n1M"),
+        pytest.param(
+            5 << 19,
+            64 << 20,
+            id="n2.5M-beyond-128MiB-binding",
+            marks=pytest.mark.skipif(not LARGE, reason="set APPROX_ATTN_LARGE_TESTS=1"),
+        ),
+    ],
+)
+def test_peak_host_memory_of_a_streamed_call_is_o_slice(n, limit, tmp_path: Path) -> None:
     env = dict(os.environ, **{LIMIT: str(limit)})
     script = tmp_path / "peak.py"
     script.write_text(PEAK_SCRIPT)
@@ -258,5 +271,6 @@ def test_peak_host_memory_of_a_streamed_call_is_o_slice(tmp_path: Path) -> None:
     assert r["inputs"] + r["out"] == 4 * n * 16 * 4
     assert r["finite"] and r["dispatches"] > 4
     peak_beyond = r["hwm"] - r["rss0"]
-    assert peak_beyond <= 160 << 20, (peak_beyond, r)
+    assert peak_beyond <= limit * 15 // 8 + (40 << 20), (peak_beyond, r)
+    assert peak_beyond < r["inputs"] // 2  # far below one copy of the inputs
     assert r["traced"] <= 1 << 20, r
