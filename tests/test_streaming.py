@@ -163,6 +163,20 @@ def test_out_receives_the_result(tmp_path: Path) -> None:
     assert np.array_equal(prim, approx_attn.poly_attention(q, k, v, coeffs="based"))
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_out_content_does_not_matter(is_causal, monkeypatch) -> None:
+    # Split over keys (2 kB bindings: 512 words, 51 rows of E + 2 = 10), the partial outputs
+    # merge into out: NaN there before the call must not leak into the result.
+    q, k, v = qkv(np.random.default_rng(8), 1, 64, 96, 8)
+    monkeypatch.setenv("APPROX_ATTN_MAX_BINDING_BYTES", "2048")
+    zeros, nans = np.zeros((1, 1, 64, 8), np.float32), np.full((1, 1, 64, 8), np.nan, np.float32)
+    kw = {"method": "exact", "is_causal": is_causal}
+    _, rep = approx_attn.attention(q, k, v, out=zeros, return_report=True, **kw)
+    approx_attn.attention(q, k, v, out=nans, **kw)
+    assert rep.dispatches > 1 and "kv_rows: 51" in rep.plan, rep.plan
+    assert np.array_equal(nans, zeros)
+
+
 def test_wrong_out_raises() -> None:
     q, k, v = qkv(np.random.default_rng(6), 1, 32, 32, 8)
     shape = (1, 1, 32, 8)

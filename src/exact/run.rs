@@ -146,6 +146,11 @@ fn run_kernel_stats(
     let stats_buf = storage_buffer(gpu, stats_words, "stats");
 
     debug_assert_eq!(out.len(), p.query_heads() * p.l * p.ev);
+    if split_kv {
+        // The merge weighs what `out` holds (a caller's array, uninitialised) by 0 at first:
+        // 0 x NaN would stay NaN.
+        out.fill(0.0);
+    }
     let mut merge = split_kv.then(|| SplitMerge::new(p));
     let mut stats = RunStats::default();
     for ch in chunks(p, c) {
