@@ -28,7 +28,9 @@ fn checked(p: &Problem, up: Words, down: Words) -> Result<HostDeviceWords, Error
 
 /// Exact attention over the dispatches of `c`: each dispatch uploads its query rows and its key
 /// and value rows and reads back its output rows (and, split over keys, two statistics per row).
-/// Q crosses once per key chunk it meets, K and V once per query chunk.
+/// Q crosses once per key chunk it meets, K and V once per query chunk, except where a dispatch's
+/// key chunk is the previous dispatch's (it stays in place: one key chunk, or causal query chunks
+/// that meet only the first).
 ///
 /// In closed form as `exact::io` counts the kernels' words: `Nf = L / Q` query chunks of Q rows
 /// and one of `L % Q`; chunk i meets min(n_s, ceil((i + 1) Q / K)) key chunks under the causal
@@ -64,6 +66,18 @@ fn exact_words(p: &Problem, c: &Chunking) -> Option<(u128, u128)> {
     } else {
         (l.checked_mul(n_s)?, s.checked_mul(l.div_ceil(q))?)
     };
+    // A query chunk whose first key chunk is the previous one's last finds it in place: with
+    // one key chunk every chunk after the first, causal the chunks i >= 1 whose predecessor
+    // met only key chunk 0 (i Q <= K).
+    let n_l = l.div_ceil(q);
+    let kept = if n_s == 1 {
+        n_l.saturating_sub(1)
+    } else if p.causal {
+        n_l.saturating_sub(1).min(kr / q)
+    } else {
+        0
+    };
+    let keys = keys.checked_sub(kept.checked_mul(kr.min(s))?)?;
     let units = w(p.units);
     let heads = units.checked_mul(w(p.group))?;
     let up = heads
@@ -162,13 +176,21 @@ mod tests {
     use super::*;
     use crate::chunking::chunks;
 
-    /// The loop the closed form replaces: every dispatch's slices.
+    /// The loop the closed form replaces: every dispatch's slices, K and V where they differ
+    /// from the previous dispatch's.
     fn exact_by_dispatch(p: &Problem, c: &Chunking) -> (u64, u64) {
         let split = if c.kv_rows < p.s { 2 } else { 0 };
+        let mut last = None;
         chunks(p, c).iter().fold((0, 0), |(up, down), ch| {
             let qh = (ch.units * p.group) as u64;
             let (lc, sc) = (ch.lc as u64, ch.sc as u64);
-            let kv = ch.units as u64 * sc * (p.e + p.ev) as u64;
+            let slice = Some((ch.unit0, ch.s0));
+            let kv = if slice == last {
+                0
+            } else {
+                ch.units as u64 * sc * (p.e + p.ev) as u64
+            };
+            last = slice;
             (
                 up + qh * lc * p.e as u64 + kv,
                 down + qh * lc * (p.ev as u64 + split),

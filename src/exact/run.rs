@@ -153,11 +153,20 @@ fn run_kernel_stats(
     }
     let mut merge = split_kv.then(|| SplitMerge::new(p));
     let mut stats = RunStats::default();
+    // The key/value slice in the buffers: consecutive dispatches with the same one (one key
+    // chunk, several query chunks) upload it once.
+    let mut kv_in_place = None;
     for ch in chunks(p, c) {
         let qh = ch.units * p.group;
         let qc = gather(q, ch.unit0 * p.group, qh, p.l, ch.l0, ch.lc, p.e);
-        let kc = gather(k, ch.unit0, ch.units, p.s, ch.s0, ch.sc, p.e);
-        let vc = gather(v, ch.unit0, ch.units, p.s, ch.s0, ch.sc, p.ev);
+        let kv_slice = (ch.unit0, ch.units, ch.s0, ch.sc);
+        let kv = (kv_in_place != Some(kv_slice)).then(|| {
+            (
+                gather(k, ch.unit0, ch.units, p.s, ch.s0, ch.sc, p.e),
+                gather(v, ch.unit0, ch.units, p.s, ch.s0, ch.sc, p.ev),
+            )
+        });
+        kv_in_place = Some(kv_slice);
         let params = Params {
             l: ch.lc as u32,
             s: ch.sc as u32,
@@ -172,8 +181,10 @@ fn run_kernel_stats(
         let s_words = if split_kv { qh * ch.lc * 2 } else { 0 };
         let ((), st) = gpu.checked(|| {
             upload_slice(gpu, &q_buf, bytemuck::cast_slice(&qc));
-            upload_slice(gpu, &k_buf, bytemuck::cast_slice(&kc));
-            upload_slice(gpu, &v_buf, bytemuck::cast_slice(&vc));
+            if let Some((kc, vc)) = &kv {
+                upload_slice(gpu, &k_buf, bytemuck::cast_slice(kc));
+                upload_slice(gpu, &v_buf, bytemuck::cast_slice(vc));
+            }
             Launch {
                 pass: kernel.pass,
                 pipeline: kernel.pipeline,
