@@ -24,6 +24,31 @@ impl Problem {
         self.units * self.group
     }
 
+    /// Bytes of the inputs and the output (float32), saturating.
+    pub fn host_bytes(&self) -> u64 {
+        let (h, kv) = (self.query_heads() as u64, self.units as u64);
+        let words = h
+            .saturating_mul(self.l as u64)
+            .saturating_mul((self.e + self.ev) as u64)
+            .saturating_add(
+                kv.saturating_mul(self.s as u64)
+                    .saturating_mul((self.e + self.ev) as u64),
+            );
+        words.saturating_mul(4)
+    }
+
+    /// `out` has the output's length, `(units*group, l, ev)`.
+    pub fn check_output(&self, out: &[f32]) -> Result<(), Error> {
+        let want = self.query_heads() * self.l * self.ev;
+        if out.len() != want {
+            return Err(Error::InvalidInput(format!(
+                "the output has {} elements, the problem {self:?} needs {want}",
+                out.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// The problem's sizes are usable and the inputs have the lengths it needs.
     /// S, the head dimensions and the group are at least 1.
     pub fn check_sizes(&self) -> Result<(), Error> {
@@ -162,6 +187,8 @@ pub struct IoEstimate {
     pub rank: Option<usize>,
     pub fast_memory_words: u64,
     pub io: IoCount,
+    /// Words between host and device memory (the third level; see `host_io`).
+    pub host_device: crate::host_io::HostDeviceWords,
 }
 
 /// What [`poly_attention_with_tiles`] returns.

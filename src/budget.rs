@@ -18,7 +18,14 @@ pub struct Budget {
     /// (lavapipe) silently stops every loop of an invocation after 65,535 iterations in total
     /// (LP_MAX_TGSI_LOOP_ITERATIONS), so plans there are cut to stay below it.
     pub max_loop_iterations: u64,
+    /// Device memory one call may use, in bytes. A problem whose inputs and output exceed it
+    /// streams them in slices ([`Budget::for_problem`]).
+    pub max_device_bytes: u64,
 }
+
+/// Storage bindings of one streamed dispatch's slices, with room for the next slice's upload:
+/// each gets at most this fraction of the device memory a streaming call may use.
+pub const STREAM_BINDINGS: u64 = 8;
 
 impl Budget {
     /// The I/O model's budget: only the fast memory is limited (one dispatch, any grid), with the
@@ -30,7 +37,35 @@ impl Budget {
             max_workgroups_per_dimension: u32::MAX,
             max_invocations_per_workgroup: 256,
             max_loop_iterations: u64::MAX,
+            max_device_bytes: u64::MAX,
         }
+    }
+
+    /// Whether `p`'s inputs and output together exceed the device memory a call may use: then
+    /// they stream from host memory in slices, none kept on the device for the whole call.
+    pub fn streams(&self, p: &crate::api::Problem) -> bool {
+        p.host_bytes() > self.max_device_bytes
+    }
+
+    /// This budget for problem `p`: where it streams, every binding gets at most
+    /// 1/[`STREAM_BINDINGS`] of the device memory, so that the dispatches' slices fit it
+    /// together; where one row's slice cannot, an error that names the limit.
+    pub fn for_problem(mut self, p: &crate::api::Problem) -> Result<Budget, Error> {
+        if !self.streams(p) {
+            return Ok(self);
+        }
+        let per_binding = self.max_device_bytes / STREAM_BINDINGS;
+        let row = 4 * (p.e.max(p.ev) as u64 + 2) * p.group as u64;
+        if per_binding < row {
+            return Err(Error::TooLarge(format!(
+                "the device memory limit of {} bytes (APPROX_ATTN_MAX_DEVICE_BYTES, or what the \
+                 adapter has) is too small to stream this problem: each of its {STREAM_BINDINGS} \
+                 slices must hold at least {row} bytes",
+                self.max_device_bytes
+            )));
+        }
+        self.max_binding_bytes = self.max_binding_bytes.min(per_binding);
+        Ok(self)
     }
 
     /// [`Budget::model`] with a storage binding limit and the WebGPU grid limit.
@@ -77,7 +112,11 @@ impl Budget {
             } else {
                 u64::MAX
             },
+            max_device_bytes: default_device_bytes(info),
         };
+        if let Some(bytes) = cfg.max_device_bytes.clone()? {
+            b.max_device_bytes = b.max_device_bytes.min(bytes);
+        }
         if let Some(n) = cfg.max_loop_iterations.clone()? {
             b.max_loop_iterations = n;
         }
@@ -89,6 +128,21 @@ impl Budget {
         }
         Ok(b)
     }
+}
+
+/// The device memory a call may use where `APPROX_ATTN_MAX_DEVICE_BYTES` does not say: wgpu
+/// reports no size of device memory, so no limit on GPUs; a CPU adapter's device memory is the
+/// host's, of which it may use half of what is available now.
+fn default_device_bytes(info: &DeviceInfo) -> u64 {
+    if info.device_type != "Cpu" {
+        return u64::MAX;
+    }
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    });
+    available.map_or(u64::MAX, |kb| kb.saturating_mul(1024) / 2)
 }
 
 pub(crate) fn cdiv(a: usize, b: usize) -> u64 {

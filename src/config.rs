@@ -11,6 +11,7 @@
 //! | `APPROX_ATTN_NO_F16_STORAGE` | 1: float16 inputs are converted to float32 on the host |
 //! | `APPROX_ATTN_FAST_MEMORY_BYTES` | lowers (never raises) the workgroup memory the planner uses |
 //! | `APPROX_ATTN_MAX_BINDING_BYTES` | lowers the storage binding size the planner uses |
+//! | `APPROX_ATTN_MAX_DEVICE_BYTES` | device memory a call may use; beyond it inputs stream in slices |
 //! | `APPROX_ATTN_MAX_LOOP_ITERATIONS` | loop iterations one invocation may run (llvmpipe: 60,000) |
 //! | `APPROX_ATTN_AUTOTUNE` | 1 or 0: tune tiles and rates (default: on GPUs, off on CPU drivers) |
 //! | `APPROX_ATTN_TUNE_LOG` | 1: print every candidate's time while tuning |
@@ -45,6 +46,8 @@ pub struct Config {
     pub fast_memory_bytes: Result<Option<u64>, Error>,
     /// `APPROX_ATTN_MAX_BINDING_BYTES`.
     pub max_binding_bytes: Result<Option<u64>, Error>,
+    /// `APPROX_ATTN_MAX_DEVICE_BYTES`.
+    pub max_device_bytes: Result<Option<u64>, Error>,
     /// `APPROX_ATTN_MAX_LOOP_ITERATIONS`.
     pub max_loop_iterations: Result<Option<u64>, Error>,
     /// `APPROX_ATTN_AUTOTUNE`: Some(on) where set.
@@ -150,6 +153,7 @@ impl Config {
             no_f16_storage: flag("APPROX_ATTN_NO_F16_STORAGE"),
             fast_memory_bytes: bytes("APPROX_ATTN_FAST_MEMORY_BYTES"),
             max_binding_bytes: bytes("APPROX_ATTN_MAX_BINDING_BYTES"),
+            max_device_bytes: bytes("APPROX_ATTN_MAX_DEVICE_BYTES"),
             max_loop_iterations: bytes("APPROX_ATTN_MAX_LOOP_ITERATIONS"),
             autotune: var("APPROX_ATTN_AUTOTUNE").map(|v| !v.is_empty() && v != "0"),
             tune_log: flag("APPROX_ATTN_TUNE_LOG"),

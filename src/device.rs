@@ -54,6 +54,9 @@ pub struct Gpu {
     /// buffers, mapped for writing, and idle readback buffers.
     pub(crate) upload_pool: Arc<StagingPool>,
     pub(crate) readback_pool: Arc<StagingPool>,
+    /// Host <-> device traffic since the device was created (see `transfer::Traffic`); a call
+    /// reports the difference over its run, which holds `exclusive`.
+    pub(crate) traffic: crate::transfer::Traffic,
 }
 
 /// Idle staging buffers of one direction, and the bytes of all buffers the pool created that
@@ -326,6 +329,7 @@ impl Gpu {
             run_lock: Mutex::new(()),
             upload_pool: Arc::default(),
             readback_pool: Arc::default(),
+            traffic: Default::default(),
         })
     }
 

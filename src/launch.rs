@@ -6,6 +6,7 @@ use crate::device::Gpu;
 use crate::error::Error;
 use crate::transfer::{
     assign_parallel, read_mapped, readback_buffer, storage_buffer, uniform_buffer, PooledReadback,
+    TrafficCount,
 };
 
 /// What a run measured besides its output.
@@ -22,6 +23,9 @@ pub struct RunStats {
     /// Most bytes wgpu's memory allocator held for the device after any dispatch of the call,
     /// where the backend reports it (see [`allocated_bytes`]).
     pub gpu_allocated_bytes: Option<u64>,
+    /// Bytes moved host <-> device and input slices uploaded over the whole call (set by the
+    /// call once it ends; dispatches leave it zero).
+    pub traffic: TrafficCount,
 }
 
 impl RunStats {
@@ -39,6 +43,7 @@ impl RunStats {
             dispatches: 1,
             pass_s: kernel_s.map(|t| vec![(name, t)]).unwrap_or_default(),
             gpu_allocated_bytes: allocated_bytes(gpu),
+            traffic: TrafficCount::default(),
         }
     }
 
@@ -173,6 +178,22 @@ impl<P: bytemuck::Pod> Launch<'_, P> {
         opts: &RunOptions,
         reads: &[(&wgpu::Buffer, usize)],
     ) -> Result<(Vec<f32>, RunStats), Error> {
+        self.run_reading(gpu, opts, reads, |words| {
+            let mut out = Vec::new();
+            assign_parallel(&mut out, words);
+            out
+        })
+    }
+
+    /// [`Launch::run`] handing the mapped words read back to `read` (empty where `reads` is)
+    /// instead of copying them into a new vector: a caller places them where they belong.
+    pub(crate) fn run_reading<T>(
+        &self,
+        gpu: &Gpu,
+        opts: &RunOptions,
+        reads: &[(&wgpu::Buffer, usize)],
+        read: impl FnOnce(&[f32]) -> T,
+    ) -> Result<(T, RunStats), Error> {
         let params = uniform_buffer(gpu, bytemuck::bytes_of(self.params));
         let counter = opts.count_io.then(|| storage_buffer(gpu, 2, "io_words"));
         let bound = std::iter::once(&params)
@@ -195,7 +216,7 @@ impl<P: bytemuck::Pod> Launch<'_, P> {
         });
         let timer = Timer::new(gpu);
         let words: usize = reads.iter().map(|(_, w)| w).sum();
-        let read = (words > 0).then(|| PooledReadback::new(gpu, (words * 4) as u64));
+        let buf = (words > 0).then(|| PooledReadback::new(gpu, (words * 4) as u64));
         let counter_read = counter.as_ref().map(|_| readback_buffer(gpu, 8));
         let mut enc = gpu.device.create_command_encoder(&Default::default());
         {
@@ -208,7 +229,7 @@ impl<P: bytemuck::Pod> Launch<'_, P> {
         if let Some(tm) = &timer {
             tm.stop(&mut enc);
         }
-        if let Some(r) = &read {
+        if let Some(r) = &buf {
             let mut at = 0u64;
             for &(buf, w) in reads.iter().filter(|(_, w)| *w > 0) {
                 enc.copy_buffer_to_buffer(buf, 0, r, at, (w * 4) as u64);
@@ -219,15 +240,13 @@ impl<P: bytemuck::Pod> Launch<'_, P> {
             enc.copy_buffer_to_buffer(cb, 0, cr, 0, 8);
         }
         gpu.queue.submit([enc.finish()]);
-        let out = match &read {
+        let out = match &buf {
             Some(r) => read_mapped(gpu, r, (words * 4) as u64, |b| {
-                let mut out = Vec::new();
-                assign_parallel(&mut out, bytemuck::cast_slice::<u8, f32>(b));
-                out
+                read(bytemuck::cast_slice::<u8, f32>(b))
             })?,
             None => {
                 gpu.wait()?;
-                Vec::new()
+                read(&[])
             }
         };
         let counted = match &counter_read {

@@ -14,6 +14,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod exact;
+pub mod host_io;
 pub mod interrupt;
 pub mod io;
 pub mod launch;
@@ -45,7 +46,7 @@ use exact::coop::{CoopExactPlan, F16Bound};
 use exact::cost::exact_flops;
 use exact::io::{exact_io, exact_io_checked, exact_io_for};
 use exact::plan::{plan_exact, ExactPlan};
-use exact::run::run as exact_run;
+use exact::run::run_into as exact_run_into;
 use exact::storage::{f16_input_rounding, F16Inputs, Storage};
 use io::IoCount;
 use numerics::{all_finite, score_fold_for, times_pow2, value_columns, Magnitudes, ValueMap};
@@ -55,8 +56,8 @@ use poly::cost::poly_flops;
 use poly::io::{poly_io, prepass_io};
 use poly::plan::{plan_poly, Pass1Tiles, Pass2Tiles};
 use poly::prepass::{prepass, Prepass};
-use poly::run::run as poly_run;
-use transfer::Uploads;
+use poly::run::run_into as poly_run_into;
+use transfer::{assign_slice, Uploads};
 
 /// Attention on the process's GPU. Arrays are contiguous, laid out as in [`Problem`].
 pub fn attention(
@@ -89,13 +90,42 @@ pub fn attention_with_inputs(
     f16_inputs: bool,
     f16_storage: Option<&F16Inputs>,
 ) -> Result<(Vec<f32>, Report), Error> {
+    let mut out = vec![0f32; p.query_heads() * p.l * p.ev];
+    let report = attention_into(
+        p,
+        (q, k, v),
+        method,
+        popts,
+        opts,
+        f16_inputs,
+        f16_storage,
+        &mut out,
+    )?;
+    Ok((out, report))
+}
+
+/// [`attention_with_inputs`] writing the output `(units*group, l, ev)` into `out` (a caller's
+/// array): no host copy of the inputs or the output beyond the slices in flight.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_into(
+    p: &Problem,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    method: Method,
+    popts: &PolyOptions,
+    opts: &RunOptions,
+    f16_inputs: bool,
+    f16_storage: Option<&F16Inputs>,
+    out: &mut [f32],
+) -> Result<Report, Error> {
     p.check_inputs(q, k, v)?;
+    p.check_output(out)?;
     popts.check()?;
     let cfg = Config::from_env();
     let gpu = device::gpu()?;
     let _guard = gpu.exclusive();
     let start = Instant::now();
-    let budget = Budget::for_device(&gpu.info, &cfg)?;
+    let traffic = gpu.traffic.now();
+    let budget = Budget::for_device(&gpu.info, &cfg)?.for_problem(p)?;
     let tuner = Tuner {
         gpu: &gpu,
         cfg: &cfg,
@@ -118,8 +148,8 @@ pub fn attention_with_inputs(
         exact_plan_for(&tuner, p)?
     };
     let mut stats = RunStats::default();
-    // K, V and Q go to the GPU once for the pre-pass and both poly passes.
-    let uploads = Uploads::default();
+    // K, V and Q go to the GPU once for the pre-pass and both poly passes, unless they stream.
+    let uploads = Uploads::new(budget.streams(p));
     let xs = (q, k, v);
     let choice = choose(
         &tuner,
@@ -141,6 +171,7 @@ pub fn attention_with_inputs(
         f16_storage,
         &uploads,
         &mut stats,
+        out,
     )?;
     let mut reason = match note {
         Some(n) => format!("{}; {n}", choice.reason),
@@ -151,29 +182,28 @@ pub fn attention_with_inputs(
             "; float32 storage ({why}): float16 inputs converted to float32 on the host"
         ));
     }
-    Ok((
-        ran.out,
-        Report {
-            method: ran.method,
-            adapter: gpu.info.adapter.clone(),
-            backend: gpu.info.backend.clone(),
-            fast_memory_words: budget.fast_memory_words,
-            io_words: ran.io.total(),
-            io_reads: ran.io.reads(),
-            io_writes: ran.io.writes(),
-            stats,
-            elapsed_s: start.elapsed().as_secs_f64(),
-            plan: ran.plan,
-            certificate: ran.certificate,
-            predicted_exact_s: choice.predicted.map(|p| p.0),
-            predicted_poly_s: choice.predicted.map(|p| p.1),
-            reason,
-            tensor_cores: ran.tensor_cores,
-            exact_f16: ran.exact_f16,
-            storage: ran.storage,
-            input_rounding: ran.input_rounding,
-        },
-    ))
+    drop(uploads);
+    stats.traffic = traffic.until(gpu.traffic.now());
+    Ok(Report {
+        method: ran.method,
+        adapter: gpu.info.adapter.clone(),
+        backend: gpu.info.backend.clone(),
+        fast_memory_words: budget.fast_memory_words,
+        io_words: ran.io.total(),
+        io_reads: ran.io.reads(),
+        io_writes: ran.io.writes(),
+        stats,
+        elapsed_s: start.elapsed().as_secs_f64(),
+        plan: ran.plan,
+        certificate: ran.certificate,
+        predicted_exact_s: choice.predicted.map(|p| p.0),
+        predicted_poly_s: choice.predicted.map(|p| p.1),
+        reason,
+        tensor_cores: ran.tensor_cores,
+        exact_f16: ran.exact_f16,
+        storage: ran.storage,
+        input_rounding: ran.input_rounding,
+    })
 }
 
 /// What `attention` decided to run, and why.
@@ -302,9 +332,9 @@ fn choose(
     Ok(choice)
 }
 
-/// What ran: the output, the words its plan moves, the plan, the certificate and the method.
+/// What ran (its output is in the caller's array): the words its plan moves, the plan, the
+/// certificate and the method.
 struct Ran {
-    out: Vec<f32>,
     io: IoCount,
     plan: String,
     certificate: Option<Certificate>,
@@ -334,6 +364,7 @@ fn run_in_range(
     f16_storage: Option<&F16Inputs>,
     uploads: &Uploads,
     stats: &mut RunStats,
+    out: &mut [f32],
 ) -> Result<(Ran, Option<String>), Error> {
     let mut notes = Vec::new();
     // Scores: the exact kernel's (the poly passes scale the keys by their largest norm).
@@ -381,8 +412,9 @@ fn run_in_range(
         f16_storage,
         uploads,
         stats,
+        out,
     )?;
-    if all_finite(&ran.out) {
+    if all_finite(out) {
         return Ok((ran, (!notes.is_empty()).then(|| notes.join("; "))));
     }
     // Not finite: NaN or Inf in (check_finite=False) runs as it is, as in PyTorch; from finite
@@ -424,18 +456,19 @@ fn run_in_range(
         None,
         uploads,
         stats,
+        out,
     )?;
-    if !all_finite(&ran.out) {
-        let bad = ran.out.iter().filter(|x| !x.is_finite()).count();
+    if !all_finite(out) {
+        let bad = out.iter().filter(|x| !x.is_finite()).count();
         return Err(Error::InvalidInput(format!(
             "the {} kernel gave {bad} non-finite output value(s) of {} from finite inputs, even \
              with the values mapped into [-1, 1] per column: an intermediate of this call \
              leaves float32's range",
             ran.method,
-            ran.out.len()
+            out.len()
         )));
     }
-    map.restore(&mut ran.out);
+    map.restore(out);
     if let Some(b) = &mut ran.exact_f16 {
         for (x, s) in b.error_bound_per_column.iter_mut().zip(map.column_scale()) {
             *x *= s;
@@ -458,11 +491,11 @@ fn run_choice(
     f16_storage: Option<&F16Inputs>,
     uploads: &Uploads,
     stats: &mut RunStats,
+    out: &mut [f32],
 ) -> Result<Ran, Error> {
     let (gpu, budget, opts) = (tuner.gpu, tuner.budget, &tuner.opts);
     if p.l == 0 || p.units == 0 {
         return Ok(Ran {
-            out: Vec::new(),
             io: IoCount::default(),
             plan: "empty".to_string(),
             certificate: None,
@@ -477,20 +510,26 @@ fn run_choice(
         (Some(c), Some(pre)) if choice.use_poly => {
             let (plan, table, poly) = (&c.plan, &c.table, &c.poly);
             let xs = (q, k, v);
-            let (out, io, plan) = match &choice.causal_plan {
-                Some(cp) => (
-                    poly::causal::run(gpu, p, cp, table, poly, pre, xs, opts, uploads, stats)?,
-                    causal_io(p, cp, &exact_plan.chunking, budget)?,
-                    format!("{cp:?}"),
-                ),
-                None => (
-                    poly_run(gpu, p, plan, table, poly, pre, xs, opts, uploads, stats)?,
-                    poly_io(p, &c.plan, &exact_plan.chunking, budget)?,
-                    format!("{:?}", c.plan),
-                ),
+            let (io, plan) = match &choice.causal_plan {
+                Some(cp) => {
+                    let o =
+                        poly::causal::run(gpu, p, cp, table, poly, pre, xs, opts, uploads, stats)?;
+                    assign_slice(out, &o);
+                    (
+                        causal_io(p, cp, &exact_plan.chunking, budget)?,
+                        format!("{cp:?}"),
+                    )
+                }
+                None => {
+                    let call = (table, poly, pre);
+                    poly_run_into(gpu, p, plan, call, xs, opts, uploads, stats, out)?;
+                    (
+                        poly_io(p, &c.plan, &exact_plan.chunking, budget)?,
+                        format!("{:?}", c.plan),
+                    )
+                }
             };
             Ok(Ran {
-                out,
                 io,
                 plan,
                 certificate: Some(c.cert.clone()),
@@ -503,10 +542,11 @@ fn run_choice(
         }
         _ => {
             uploads.clear();
-            let (out, st, mut io, plan, exact_f16) = match coop_exact {
+            let (st, mut io, plan, exact_f16) = match coop_exact {
                 Some(cplan) => {
                     let bound = exact::coop::f16_bound(p, q, k, v)?;
-                    let (out, st) = exact::coop::run(gpu, p, cplan, q, k, v, opts)?;
+                    let (o, st) = exact::coop::run(gpu, p, cplan, q, k, v, opts)?;
+                    assign_slice(out, &o);
                     // The f32 kernel's words: the same storage reads (f32) per block of bq rows.
                     let tiles = exact::plan::ExactTiles {
                         bq: cplan.tiles.bq(),
@@ -516,21 +556,15 @@ fn run_choice(
                         tiles,
                         chunking: cplan.chunking,
                     };
-                    (
-                        out,
-                        st,
-                        exact_io(p, &as_f32),
-                        format!("{cplan:?}"),
-                        Some(bound),
-                    )
+                    (st, exact_io(p, &as_f32), format!("{cplan:?}"), Some(bound))
                 }
                 None => {
-                    let (out, st) = match f16_storage {
-                        Some(xs) => exact::run::run_f16(gpu, p, exact_plan, xs, opts)?,
-                        None => exact_run(gpu, p, exact_plan, q, k, v, opts)?,
+                    let st = match f16_storage {
+                        Some(xs) => exact::run::run_f16(gpu, p, exact_plan, xs, opts, out)?,
+                        None => exact_run_into(gpu, p, exact_plan, q, k, v, opts, out)?,
                     };
                     let io = exact_io_for(p, exact_plan, storage_of(f16_storage));
-                    (out, st, io, format!("{exact_plan:?}"), None)
+                    (st, io, format!("{exact_plan:?}"), None)
                 }
             };
             // f16 storage where the f32 kernel ran on it.
@@ -551,7 +585,6 @@ fn run_choice(
                 io.passes.splice(0..0, pre_cost.passes);
             }
             Ok(Ran {
-                out,
                 io,
                 plan,
                 certificate: None,
@@ -602,7 +635,7 @@ pub fn exact_attention_lse(
     let gpu = device::gpu()?;
     let _guard = gpu.exclusive();
     let start = Instant::now();
-    let budget = Budget::for_device(&gpu.info, &cfg)?;
+    let budget = Budget::for_device(&gpu.info, &cfg)?.for_problem(p)?;
     let tuner = Tuner {
         gpu: &gpu,
         cfg: &cfg,
@@ -610,11 +643,13 @@ pub fn exact_attention_lse(
         opts: *opts,
     };
     let plan = exact_plan_for(&tuner, p)?;
-    let (out, lse, stats) = if p.l == 0 || p.units == 0 {
+    let traffic = gpu.traffic.now();
+    let (out, lse, mut stats) = if p.l == 0 || p.units == 0 {
         (Vec::new(), Vec::new(), RunStats::default())
     } else {
         exact::run::run_with_lse(&gpu, p, &plan, q, k, v, opts)?
     };
+    stats.traffic = traffic.until(gpu.traffic.now());
     let io = exact_io(p, &plan);
     Ok((
         out,
@@ -738,7 +773,7 @@ pub fn io_cost(
     }
     let budget = match fast_memory_words {
         Some(m) => Budget::model(m),
-        None => budget(&device::gpu()?.info)?,
+        None => budget(&device::gpu()?.info)?.for_problem(p)?,
     };
     let exact_plan = plan_exact(p, &budget)?;
     if method == Method::Exact {
@@ -749,6 +784,7 @@ pub fn io_cost(
             rank: None,
             fast_memory_words: budget.fast_memory_words,
             io: exact_io_checked(p, &exact_plan, storage)?,
+            host_device: host_io::exact_host_io(p, &exact_plan.chunking)?,
         });
     }
     let g = match (degree, eps, beta) {
@@ -773,11 +809,21 @@ pub fn io_cost(
         }
     };
     let plan = plan_poly(p, g, &budget)?;
-    let io = if p.causal {
+    let pre = &exact_plan.chunking;
+    let streams = budget.streams(p);
+    let (io, host_device) = if p.causal {
         let cp = plan_causal(p, &plan, &budget)?;
-        causal_io(p, &cp, &exact_plan.chunking, &budget)?
+        let w = cp.window_rows();
+        (
+            causal_io(p, &cp, pre, &budget)?,
+            host_io::poly_host_io(p, pre, (cp.units, w, w), streams)?,
+        )
     } else {
-        poly_io(p, &plan, &exact_plan.chunking, &budget)?
+        let c = &plan.chunking;
+        (
+            poly_io(p, &plan, pre, &budget)?,
+            host_io::poly_host_io(p, pre, (c.units, c.kv_rows, c.q_rows), streams)?,
+        )
     };
     Ok(IoEstimate {
         method: "poly",
@@ -786,5 +832,6 @@ pub fn io_cost(
         rank: Some(plan.r),
         fast_memory_words: budget.fast_memory_words,
         io,
+        host_device,
     })
 }

@@ -1,7 +1,7 @@
 //! PyO3 bindings only: NumPy in and out, GIL release, error mapping. Validation of shapes and
 //! dtypes happens in `python/approx_attn/__init__.py`; the logic lives in the crate.
 
-use numpy::{PyArray1, PyReadonlyArray1};
+use numpy::{PyArray1, PyReadonlyArray1, PyReadwriteArray1};
 use pyo3::create_exception;
 use pyo3::exceptions::{
     PyKeyboardInterrupt, PyMemoryError, PyNotImplementedError, PyOverflowError, PyRuntimeError,
@@ -80,6 +80,9 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
     d.set_item("dispatches", r.stats.dispatches)?;
     d.set_item("pass_s", r.stats.pass_s.clone())?;
     d.set_item("gpu_allocated_bytes", r.stats.gpu_allocated_bytes)?;
+    d.set_item("slices", r.stats.traffic.input_slices)?;
+    d.set_item("host_to_device_bytes", r.stats.traffic.to_device_bytes)?;
+    d.set_item("device_to_host_bytes", r.stats.traffic.to_host_bytes)?;
     d.set_item("elapsed_s", r.elapsed_s)?;
     d.set_item("plan", &r.plan)?;
     d.set_item("predicted_exact_s", r.predicted_exact_s)?;
@@ -106,15 +109,25 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
     Ok(d)
 }
 
-/// Attention on flattened contiguous float32 arrays; returns (flat output, report dict).
+/// The contiguous float32 data of a flat array, read in place (no copy): the Python layer hands
+/// over only contiguous arrays. While the GIL is released other Python threads could write to
+/// it, as with any NumPy function that releases the GIL.
+fn contiguous<'a>(x: &'a PyReadonlyArray1<'_, f32>, name: &str) -> PyResult<&'a [f32]> {
+    x.as_slice()
+        .map_err(|_| PyValueError::new_err(format!("{name} must be contiguous")))
+}
+
+/// Attention on flattened contiguous float32 arrays, read in place, into the flat float32
+/// array `out`; returns the report dict.
 #[pyfunction]
-#[pyo3(signature = (q, k, v, units, group, l, s, e, ev, causal, scale, method, eps, degree, check_finite, trusted=false, count_io=false, tensor_cores=None, f16_inputs=false, f16_storage=None, f16_rounded=false))]
+#[pyo3(signature = (q, k, v, out, units, group, l, s, e, ev, causal, scale, method, eps, degree, check_finite, trusted=false, count_io=false, tensor_cores=None, f16_inputs=false, f16_storage=None, f16_rounded=false))]
 #[allow(clippy::too_many_arguments)]
 fn attention<'py>(
     py: Python<'py>,
     q: PyReadonlyArray1<'py, f32>,
     k: PyReadonlyArray1<'py, f32>,
     v: PyReadonlyArray1<'py, f32>,
+    mut out: PyReadwriteArray1<'py, f32>,
     units: usize,
     group: usize,
     l: usize,
@@ -133,15 +146,21 @@ fn attention<'py>(
     f16_inputs: bool,
     f16_storage: Option<[PyReadonlyArray1<'py, u16>; 3]>,
     f16_rounded: bool,
-) -> PyResult<(Bound<'py, PyArray1<f32>>, Bound<'py, PyDict>)> {
+) -> PyResult<Bound<'py, PyDict>> {
     let method = match method {
         "exact" => Method::Exact,
         "poly" => Method::Poly,
         "auto" => Method::Auto,
         other => return Err(PyValueError::new_err(format!("unknown method {other:?}"))),
     };
-    // Copy while holding the GIL: other Python threads may mutate the arrays once it is released.
-    let [q, k, v] = copy_inputs([&q, &k, &v]);
+    let (q, k, v) = (
+        contiguous(&q, "query")?,
+        contiguous(&k, "key")?,
+        contiguous(&v, "value")?,
+    );
+    let out = out
+        .as_slice_mut()
+        .map_err(|_| PyValueError::new_err("out must be contiguous"))?;
     let p = Problem {
         units,
         group,
@@ -168,22 +187,19 @@ fn attention<'py>(
         }
         None => None,
     };
-    let result = detached(py, || {
-        crate::attention_with_inputs(
+    let report = detached(py, || {
+        crate::attention_into(
             &p,
-            &q,
-            &k,
-            &v,
+            (q, k, v),
             method,
             &popts,
             &opts,
             f16_inputs,
             halves.as_ref(),
+            out,
         )
-    });
-    give_back_inputs([q, k, v]);
-    let (out, report) = result?;
-    Ok((PyArray1::from_vec(py, out), report_dict(py, &report)?))
+    })?;
+    report_dict(py, &report)
 }
 
 /// Exact attention (f32 kernel) on flattened contiguous float32 arrays that also returns each
@@ -210,7 +226,11 @@ fn exact_attention_lse<'py>(
     Bound<'py, PyArray1<f32>>,
     Bound<'py, PyDict>,
 )> {
-    let [q, k, v] = copy_inputs([&q, &k, &v]);
+    let (q, k, v) = (
+        contiguous(&q, "query")?,
+        contiguous(&k, "key")?,
+        contiguous(&v, "value")?,
+    );
     let p = Problem {
         units,
         group,
@@ -225,9 +245,7 @@ fn exact_attention_lse<'py>(
         trusted: false,
         count_io,
     };
-    let result = detached(py, || crate::exact_attention_lse(&p, &q, &k, &v, &opts));
-    give_back_inputs([q, k, v]);
-    let (out, lse, report) = result?;
+    let (out, lse, report) = detached(py, || crate::exact_attention_lse(&p, q, k, v, &opts))?;
     Ok((
         PyArray1::from_vec(py, out),
         PyArray1::from_vec(py, lse),
@@ -238,13 +256,14 @@ fn exact_attention_lse<'py>(
 /// Polynomial attention with the model's own kernel on flattened contiguous float32 arrays;
 /// returns (flat output, flat state or None, report dict). See `approx_attn.poly_attention`.
 #[pyfunction]
-#[pyo3(signature = (q, k, v, units, group, l, s, e, ev, causal, scale, coeffs, normalize, log_gates=None, initial_state=None, return_state=false, count_io=false))]
+#[pyo3(signature = (q, k, v, out, units, group, l, s, e, ev, causal, scale, coeffs, normalize, log_gates=None, initial_state=None, return_state=false, count_io=false))]
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn poly_kernel_attention<'py>(
     py: Python<'py>,
     q: PyReadonlyArray1<'py, f32>,
     k: PyReadonlyArray1<'py, f32>,
     v: PyReadonlyArray1<'py, f32>,
+    mut out: PyReadwriteArray1<'py, f32>,
     units: usize,
     group: usize,
     l: usize,
@@ -259,12 +278,15 @@ fn poly_kernel_attention<'py>(
     initial_state: Option<PyReadonlyArray1<'py, f32>>,
     return_state: bool,
     count_io: bool,
-) -> PyResult<(
-    Bound<'py, PyArray1<f32>>,
-    Option<Bound<'py, PyArray1<f32>>>,
-    Bound<'py, PyDict>,
-)> {
-    let [q, k, v] = copy_inputs([&q, &k, &v]);
+) -> PyResult<(Option<Bound<'py, PyArray1<f32>>>, Bound<'py, PyDict>)> {
+    let (q, k, v) = (
+        contiguous(&q, "query")?,
+        contiguous(&k, "key")?,
+        contiguous(&v, "value")?,
+    );
+    let out = out
+        .as_slice_mut()
+        .map_err(|_| PyValueError::new_err("out must be contiguous"))?;
     let gates = log_gates.map(|g| g.as_array().iter().copied().collect::<Vec<f32>>());
     let state0 = initial_state.map(|x| x.as_array().iter().copied().collect::<Vec<f32>>());
     let p = Problem {
@@ -289,11 +311,12 @@ fn poly_kernel_attention<'py>(
         count_io,
     };
     let start = std::time::Instant::now();
-    let result = detached(py, || {
-        crate::poly::primitive::poly_kernel_attention(&p, (&q, &k, &v), &kernel, &opts)
-    });
-    give_back_inputs([q, k, v]);
-    let run = result?;
+    let run = detached(py, || {
+        p.check_output(out)?;
+        let run = crate::poly::primitive::poly_kernel_attention(&p, (q, k, v), &kernel, &opts)?;
+        crate::transfer::assign_slice(out, &run.out);
+        Ok(run)
+    })?;
     let report = Report {
         method: "poly_kernel",
         adapter: run.adapter,
@@ -318,7 +341,7 @@ fn poly_kernel_attention<'py>(
     d.set_item("degree", run.degree)?;
     d.set_item("rank", run.rank)?;
     let state = run.state.map(|st| PyArray1::from_vec(py, st));
-    Ok((PyArray1::from_vec(py, run.out), state, d))
+    Ok((state, d))
 }
 
 /// Features of the polynomial kernel with these coefficients at head dimension `e` (the rows of
@@ -326,33 +349,6 @@ fn poly_kernel_attention<'py>(
 #[pyfunction]
 fn poly_kernel_rank(e: usize, coeffs: Vec<f64>) -> PyResult<usize> {
     crate::poly::primitive::kernel_rank(e, &coeffs).map_err(to_py)
-}
-
-/// Host copies of the inputs, kept between calls: copying into memory allocated afresh touches
-/// every page for the first time, which costs more than the copy itself (time outside Rust for a
-/// call with two 268 MB inputs on the 2-core CI VM: 0.42-0.61 s with fresh copies, 0.11-0.13 s
-/// reusing them). A call takes them out and puts them back, so concurrent calls never wait for
-/// each other (one that finds them taken allocates); they hold as much host memory as the
-/// largest inputs seen.
-static INPUT_COPIES: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
-
-fn copy_inputs(arrays: [&PyReadonlyArray1<'_, f32>; 3]) -> [Vec<f32>; 3] {
-    // In the order they were given back: each input reuses its own copy's memory.
-    let mut kept =
-        std::mem::take(&mut *INPUT_COPIES.lock().unwrap_or_else(|e| e.into_inner())).into_iter();
-    arrays.map(|a| {
-        let mut dst = kept.next().unwrap_or_default();
-        dst.clear();
-        match a.as_slice() {
-            Ok(src) => crate::transfer::assign_parallel(&mut dst, src),
-            Err(_) => dst.extend(a.as_array().iter().copied()),
-        }
-        dst
-    })
-}
-
-fn give_back_inputs(copies: [Vec<f32>; 3]) {
-    *INPUT_COPIES.lock().unwrap_or_else(|e| e.into_inner()) = copies.into();
 }
 
 /// The words the plan for this problem would move; see `approx_attn.io_cost`.
@@ -407,6 +403,8 @@ fn io_cost<'py>(
     d.set_item("reads", est.io.reads())?;
     d.set_item("writes", est.io.writes())?;
     d.set_item("total", est.io.total())?;
+    d.set_item("host_to_device", est.host_device.to_device)?;
+    d.set_item("device_to_host", est.host_device.to_host)?;
     Ok(d)
 }
 
@@ -561,13 +559,10 @@ fn list_adapters(py: Python<'_>) -> PyResult<Vec<(String, String, String)>> {
     detached(py, device::list_adapters)
 }
 
-/// Frees the host memory kept between calls (the inputs' host copies and the pooled staging
-/// buffers of the current device); returns its bytes.
+/// Frees the host memory kept between calls (the pooled staging buffers of the current device)
+/// and its compiled pipelines; returns the staging buffers' bytes.
 #[pyfunction]
 fn empty_cache(py: Python<'_>) -> PyResult<u64> {
-    let copies = std::mem::take(&mut *INPUT_COPIES.lock().unwrap_or_else(|e| e.into_inner()));
-    let copied: u64 = copies.iter().map(|c| (c.capacity() * 4) as u64).sum();
-    drop(copies);
     let staging = match device::current_gpu() {
         Some(gpu) => detached(py, || {
             gpu.clear_pipelines();
@@ -575,7 +570,7 @@ fn empty_cache(py: Python<'_>) -> PyResult<u64> {
         })?,
         None => 0,
     };
-    Ok(copied + staging)
+    Ok(staging)
 }
 
 /// Destroys the current device, as a driver reset would; the next call must create a new one.

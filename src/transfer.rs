@@ -6,11 +6,55 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ptr::NonNull;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 
 use crate::device::{Gpu, StagingPool};
 use crate::error::Error;
+
+/// Host <-> device traffic counters of a device: bytes written to and read from it, and the
+/// slices of the inputs uploaded (each a block of rows of Q, K or V for one dispatch).
+#[derive(Default, Debug)]
+pub(crate) struct Traffic {
+    to_device_bytes: AtomicU64,
+    to_host_bytes: AtomicU64,
+    input_slices: AtomicU64,
+}
+
+/// What moved between host and device over a part of a call: a difference of [`Traffic`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficCount {
+    pub to_device_bytes: u64,
+    pub to_host_bytes: u64,
+    pub input_slices: u64,
+}
+
+impl Traffic {
+    pub(crate) fn now(&self) -> TrafficCount {
+        TrafficCount {
+            to_device_bytes: self.to_device_bytes.load(Ordering::Relaxed),
+            to_host_bytes: self.to_host_bytes.load(Ordering::Relaxed),
+            input_slices: self.input_slices.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl TrafficCount {
+    /// The traffic between `self` (taken earlier) and `later`.
+    pub fn until(self, later: TrafficCount) -> TrafficCount {
+        TrafficCount {
+            to_device_bytes: later.to_device_bytes.wrapping_sub(self.to_device_bytes),
+            to_host_bytes: later.to_host_bytes.wrapping_sub(self.to_host_bytes),
+            input_slices: later.input_slices.wrapping_sub(self.input_slices),
+        }
+    }
+}
+
+fn count_to_device(gpu: &Gpu, bytes: usize) {
+    gpu.traffic
+        .to_device_bytes
+        .fetch_add(bytes as u64, Ordering::Relaxed);
+}
 
 pub fn storage_buffer(gpu: &Gpu, words: usize, label: &str) -> wgpu::Buffer {
     gpu.device.create_buffer(&wgpu::BufferDescriptor {
@@ -26,6 +70,7 @@ pub fn storage_buffer(gpu: &Gpu, words: usize, label: &str) -> wgpu::Buffer {
 /// A storage buffer holding `data` (whole f32/u32 words).
 pub fn storage_buffer_with(gpu: &Gpu, data: &[u8], label: &str) -> wgpu::Buffer {
     let buf = storage_buffer(gpu, data.len() / 4, label);
+    count_to_device(gpu, data.len());
     gpu.queue.write_buffer(&buf, 0, data);
     buf
 }
@@ -37,6 +82,7 @@ pub fn uniform_buffer(gpu: &Gpu, bytes: &[u8]) -> wgpu::Buffer {
         usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     });
+    count_to_device(gpu, bytes.len());
     gpu.queue.write_buffer(&buf, 0, bytes);
     buf
 }
@@ -126,6 +172,7 @@ impl StagingPool {
 /// allocation of pinned host memory cost more than the copy itself.
 pub(crate) fn upload(gpu: &Gpu, dst: &wgpu::Buffer, data: &[u8]) {
     let bytes = data.len() as u64;
+    count_to_device(gpu, data.len());
     if bytes < POOLED_BYTES || bytes % wgpu::COPY_BUFFER_ALIGNMENT != 0 {
         gpu.queue.write_buffer(dst, 0, data);
         return;
@@ -160,6 +207,12 @@ pub(crate) fn upload(gpu: &Gpu, dst: &wgpu::Buffer, data: &[u8]) {
             Ok(()) => pool.give_back(buf, POOLED_UPLOADS),
             Err(_) => pool.forget(&buf),
         });
+}
+
+/// [`upload`] of one slice of an input (counted as one in the call's report).
+pub(crate) fn upload_slice(gpu: &Gpu, dst: &wgpu::Buffer, data: &[u8]) {
+    gpu.traffic.input_slices.fetch_add(1, Ordering::Relaxed);
+    upload(gpu, dst, data);
 }
 
 /// Frees the pooled staging buffers of `gpu` once its queue is idle; returns their bytes.
@@ -231,6 +284,9 @@ pub(crate) fn read_mapped<T>(
             ))
         }
     }
+    gpu.traffic
+        .to_host_bytes
+        .fetch_add(bytes, Ordering::Relaxed);
     let out = buf
         .slice(..bytes.max(4))
         .get_mapped_range()
@@ -315,6 +371,22 @@ pub fn assign_parallel<T: Copy + Send + Sync>(dst: &mut Vec<T>, src: &[T]) {
     unsafe { dst.set_len(src.len()) };
 }
 
+/// Copies `src` into `dst` (of the same length), on several threads for large slices.
+pub fn assign_slice<T: Copy + Send + Sync>(dst: &mut [T], src: &[T]) {
+    assert_eq!(dst.len(), src.len(), "assign_slice: lengths differ");
+    let threads = copy_threads(std::mem::size_of_val(src));
+    if threads == 1 {
+        dst.copy_from_slice(src);
+        return;
+    }
+    let chunk = src.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        for (d, s) in dst.chunks_mut(chunk).zip(src.chunks(chunk)) {
+            scope.spawn(move || d.copy_from_slice(s));
+        }
+    });
+}
+
 /// Copies rows `r0..r0+rc` of each of `heads` consecutive `(rows, width)` matrices starting at
 /// matrix `h0` into one contiguous block.
 pub(crate) fn gather(
@@ -341,13 +413,23 @@ pub(crate) fn gather(
 /// The caller's input arrays uploaded once per attention call: the pre-pass and both passes bind
 /// the same storage buffer wherever they take the same rows of an input (a borrowed slice of it;
 /// the inputs live and stay unchanged for the whole call). Copies gathered for a chunk are
-/// uploaded on their own.
+/// uploaded on their own, and so is everything where the call streams (inputs beyond the
+/// device memory it may use): each slice is freed once its dispatches are done.
 #[derive(Default)]
 pub struct Uploads {
     buffers: RefCell<HashMap<(usize, usize), Rc<wgpu::Buffer>>>,
+    streaming: bool,
 }
 
 impl Uploads {
+    /// Uploads kept for the whole call where `streaming` is false, else none.
+    pub fn new(streaming: bool) -> Self {
+        Uploads {
+            buffers: RefCell::default(),
+            streaming,
+        }
+    }
+
     /// Frees the uploaded inputs (before a kernel that uploads its own).
     pub fn clear(&self) {
         self.buffers.borrow_mut().clear();
@@ -356,17 +438,17 @@ impl Uploads {
     pub(crate) fn buffer(&self, gpu: &Gpu, data: Cow<'_, [f32]>, label: &str) -> Rc<wgpu::Buffer> {
         let upload = || {
             let buf = storage_buffer(gpu, data.len(), label);
-            upload(gpu, &buf, bytemuck::cast_slice(&data));
+            upload_slice(gpu, &buf, bytemuck::cast_slice(&data));
             Rc::new(buf)
         };
         match &data {
-            Cow::Borrowed(rows) => self
+            Cow::Borrowed(rows) if !self.streaming => self
                 .buffers
                 .borrow_mut()
                 .entry((rows.as_ptr() as usize, rows.len()))
                 .or_insert_with(upload)
                 .clone(),
-            Cow::Owned(_) => upload(),
+            _ => upload(),
         }
     }
 }

@@ -91,7 +91,7 @@ def test_list_adapters() -> None:
 
 
 def test_empty_cache_frees_the_kept_host_memory() -> None:
-    # A call with 2 MiB inputs keeps their host copies (3 x 2 MiB) and pooled staging buffers
+    # A call with 2 MiB inputs (read in place, no host copies) keeps pooled staging buffers
     # (transfers of at least 1 MiB: the readback of the 2 MiB output, and at least one 2 MiB
     # upload buffer: an upload may reuse the buffer of one whose copy is done); empty_cache
     # frees them and says how much (earlier tests may have left more), a second empty_cache
@@ -99,7 +99,7 @@ def test_empty_cache_frees_the_kept_host_memory() -> None:
     rng = np.random.default_rng(3)
     q, k, v = (rng.standard_normal((2, 2048, 128)).astype(np.float32) for _ in range(3))
     out = approx_attn.attention(q, k, v, method="exact")
-    kept = 3 * q.nbytes + out.nbytes + q.nbytes
+    kept = out.nbytes + q.nbytes
     assert approx_attn.empty_cache() >= kept
     assert approx_attn.empty_cache() == 0
     # The compiled kernels went too (at most max_cached_pipelines are ever kept); the next

@@ -29,6 +29,8 @@ KEYS = {
     "reads",
     "writes",
     "total",
+    "host_to_device",
+    "device_to_host",
 }
 # Stated in src/io.rs (poly_stays_within_a_constant_of_the_lower_bound): the planned count stays
 # below 32x the reconstructed lower bound.

@@ -99,6 +99,13 @@ class Report:
     gpu_allocated_bytes: int | None = None
     """Peak bytes wgpu's allocator held for the device, sampled after each dispatch of the call
     (inputs, outputs, intermediates; None where the backend does not report it)."""
+    slices: int = 0
+    """Slices of the inputs uploaded (each a block of rows of Q, K or V for one dispatch; an
+    input kept on the device for the whole call counts once per block)."""
+    host_to_device_bytes: int = 0
+    """Bytes the call wrote to the device: input slices, parameters, small host results."""
+    device_to_host_bytes: int = 0
+    """Bytes the call read back: output slices, split statistics, pre-pass results, timings."""
 
 
 def device_info() -> dict[str, Any]:
@@ -459,12 +466,40 @@ def _float16_bits(
     return tuple(out)
 
 
+def _in_place(x: np.ndarray) -> bool:
+    """Whether the binding reads `x` in place: C-contiguous float32 in native byte order."""
+    return x.flags.c_contiguous and x.dtype == np.float32
+
+
 def _float32_flat(*arrays: np.ndarray) -> list[np.ndarray]:
-    """Contiguous flat float32 copies (views where they already are) in (B, H, L, E) order, as
-    the binding takes them; any strides are accepted. float64 values beyond float32's range
-    become Inf here; the finiteness checks report them."""
+    """Contiguous flat float32 copies (views where they already are: the binding reads those in
+    place) in (B, H, L, E) order, as the binding takes them; any strides are accepted. float64
+    values beyond float32's range become Inf here; the finiteness checks report them."""
     with np.errstate(over="ignore"):
         return [np.ascontiguousarray(x, dtype=np.float32).reshape(-1) for x in arrays]
+
+
+def _check_out(out: Any, shape: tuple[int, ...], inputs: tuple[np.ndarray, ...]) -> np.ndarray:
+    """The caller's output array: float32 (native byte order), C-contiguous, writeable, of the
+    output's shape and sharing no memory with the inputs (an ``np.memmap`` is one)."""
+    if not isinstance(out, np.ndarray):
+        raise _type_error("out", "a NumPy array (float32, C-contiguous)", out)
+    if out.dtype != np.float32:
+        raise TypeError(f"out must have dtype float32 (native byte order), got {out.dtype}")
+    if out.shape != shape:
+        raise ValueError(f"out must have the output's shape {shape}, got {out.shape}")
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError("out must be writeable, got a read-only array")
+    if any(np.may_share_memory(out, x) for x in inputs):
+        raise ValueError("out must not share memory with query, key or value")
+    return out
+
+
+def _new_out(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """`out`, else a new float32 array of `shape`: the binding writes the output into it."""
+    return np.empty(shape, dtype=np.float32) if out is None else out
 
 
 def attention(
@@ -482,6 +517,7 @@ def attention(
     tensor_cores: bool | None = None,
     storage: str | None = None,
     return_report: bool = False,
+    out: np.ndarray | None = None,
 ) -> np.ndarray | tuple[np.ndarray, Report]:
     """softmax(scale * query @ key^T) @ value, computed on the GPU.
 
@@ -513,6 +549,12 @@ def attention(
     dtype. The poly method reads float32 (float16 inputs are converted on the host);
     ``storage="float16"`` with ``method="poly"`` is a ValueError. ``Report.storage`` says which
     ran. bfloat16 arrays (ml_dtypes) are refused with a TypeError.
+    ``out``: a float32 C-contiguous writeable array of the output's shape (an ``np.memmap``
+    works) that receives the result and is returned (then the output is float32 whatever the
+    query's dtype). Contiguous float32 inputs (``np.memmap`` too) are read in place, slice by
+    slice; others are converted to one float32 copy first. Inputs and output beyond the device
+    memory a call may use (``APPROX_ATTN_MAX_DEVICE_BYTES``; on CPU adapters half the available
+    memory by default) stream through it in slices.
     """
     q = _as_float_array(query, "query")
     k = _as_float_array(key, "key")
@@ -543,6 +585,9 @@ def attention(
         scale = 1.0 / math.sqrt(E)
     out_dtype = q.dtype.newbyteorder("=")  # big-endian in, native out
     out_shape = lead_q + (L, Ev)
+    if out is not None:
+        out = _check_out(out, out_shape, (q, k, v))
+        out_dtype = np.dtype(np.float32)
     # poly and auto (causal or not) run a GPU pre-pass over all three inputs that counts
     # their NaN and Inf values (after the float32 conversion): no second pass over them here
     # (on an H100 this one took about a quarter of a call's time at n = 262,144).
@@ -551,7 +596,7 @@ def attention(
         for arr, name in ((q, "query"), (k, "key"), (v, "value")):
             _check_finite(arr, name)
     if L == 0 or units == 0:
-        out = np.zeros(out_shape, dtype=out_dtype)
+        out = np.zeros(out_shape, dtype=out_dtype) if out is None else out
         if return_report:
             info = device_info()
             return out, Report(
@@ -581,13 +626,13 @@ def attention(
     if scale != 0.0 and not _F32_TINY <= abs(scale) <= _F32_MAX:
         q, k, scale = _fold_scale(q, k, scale)
         use_f16_storage = storage == "float16"
-    # The host copies below, counted before any starts: a broadcast view of a few bytes can
-    # stand for gigabytes once copied.
+    # The host memory below, counted before any allocation: a broadcast view of a few bytes
+    # can stand for gigabytes once copied. Contiguous float32 inputs are read in place.
     out_size = math.prod(out_shape)
-    need = out_size * 4 + (out_size * out_dtype.itemsize if out_dtype != np.float32 else 0)
+    need = 0 if out is not None else out_size * 4
+    need += out_size * out_dtype.itemsize if out_dtype != np.float32 else 0
     for arr in (q, k, v):
-        copied = not (arr.flags.c_contiguous and arr.dtype == np.float32)
-        need += arr.size * 4 * (2 if copied else 1)  # our float32 copy, then the binding's
+        need += 0 if _in_place(arr) else arr.size * 4
         if use_f16_storage:  # the float16 bits (a copy unless they are already), then packed
             f16_view = arr.dtype == np.float16 and arr.flags.c_contiguous and arr.dtype.isnative
             need += (0 if f16_view else arr.size * 2) + arr.size // arr.shape[-1] * (
@@ -596,18 +641,21 @@ def attention(
     _check_host_memory(
         need,
         f"attention on query {q.shape} {q.dtype}, key {k.shape} {k.dtype}, value {v.shape} "
-        f"{v.dtype} (float32 copies of the inputs and the output {out_shape})",
+        f"{v.dtype} (float32 copies of the inputs that are not float32 and contiguous, and the "
+        f"output {out_shape})",
     )
     qf, kf, vf = _float32_flat(q, k, v)
     f16_storage, exact16 = None, False
     if use_f16_storage:
         exact16 = f16_inputs and q is inputs[0] and k is inputs[1]
         f16_storage = _float16_bits((q, k, v) if exact16 else (), [qf, kf, vf], exact16)
+    result = _new_out(out, out_shape)
     try:
-        flat, rep = _core.attention(
+        rep = _core.attention(
             qf,
             kf,
             vf,
+            result.reshape(-1),
             units,
             group,
             L,
@@ -634,10 +682,10 @@ def attention(
                 f"{scale!r} with its power of two folded into the query and key)"
             ) from None
         raise
-    out = flat.reshape(out_shape).astype(out_dtype, copy=False)
+    result = result.astype(out_dtype, copy=False)
     if not return_report:
-        return out
-    return out, _report(rep)
+        return result
+    return result, _report(rep)
 
 
 def _exact_attention_lse(
@@ -715,6 +763,9 @@ def _report(rep: dict[str, Any]) -> Report:
         storage=str(rep.get("storage", "float32")),
         unit_roundoff=rep.get("unit_roundoff"),
         input_rounding=rep.get("input_rounding"),
+        slices=int(rep.get("slices", 0)),
+        host_to_device_bytes=int(rep.get("host_to_device_bytes", 0)),
+        device_to_host_bytes=int(rep.get("device_to_host_bytes", 0)),
     )
 
 
@@ -737,9 +788,12 @@ def io_cost(
     """Words the plan that would run moves between storage buffers and workgroup memory.
 
     Returns ``{"method", "schedule", "degree", "rank", "fast_memory_words", "storage", "passes":
-    [(name, reads, writes), ...], "reads", "writes", "total"}``. ``fast_memory_words`` defaults to the
-    current adapter's (and its binding limits); any value may be given to study other GPUs (then
-    the model is one dispatch). For ``method="poly"`` give ``degree``, or ``eps`` and ``beta``.
+    [(name, reads, writes), ...], "reads", "writes", "total", "host_to_device",
+    "device_to_host"}``: the last two are the third memory level, words between host and device
+    memory (input slices uploaded, output slices read back; see docs/io-model.md).
+    ``fast_memory_words`` defaults to the current adapter's (and its binding and device memory
+    limits); any value may be given to study other GPUs (then the model is one dispatch, all on
+    the device). For ``method="poly"`` give ``degree``, or ``eps`` and ``beta``.
     ``heads`` counts query heads; ``kv_heads`` (default: ``heads``) the key/value heads they
     share, as with ``enable_gqa``. ``storage`` ("float32" or "float16", method "exact" only):
     the format the exact kernel reads its inputs in, as ``attention(storage=...)``; a float16

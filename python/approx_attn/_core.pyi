@@ -12,6 +12,7 @@ def attention(
     q: npt.NDArray[np.float32],
     k: npt.NDArray[np.float32],
     v: npt.NDArray[np.float32],
+    out: npt.NDArray[np.float32],
     units: int,
     group: int,
     l: int,
@@ -31,7 +32,7 @@ def attention(
     f16_storage: tuple[npt.NDArray[np.uint16], npt.NDArray[np.uint16], npt.NDArray[np.uint16]]
     | None = None,
     f16_rounded: bool = False,
-) -> tuple[npt.NDArray[np.float32], dict[str, Any]]: ...
+) -> dict[str, Any]: ...
 def exact_attention_lse(
     q: npt.NDArray[np.float32],
     k: npt.NDArray[np.float32],
@@ -50,6 +51,7 @@ def poly_kernel_attention(
     q: npt.NDArray[np.float32],
     k: npt.NDArray[np.float32],
     v: npt.NDArray[np.float32],
+    out: npt.NDArray[np.float32],
     units: int,
     group: int,
     l: int,
@@ -64,7 +66,7 @@ def poly_kernel_attention(
     initial_state: npt.NDArray[np.float32] | None = None,
     return_state: bool = False,
     count_io: bool = False,
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None, dict[str, Any]]: ...
+) -> tuple[npt.NDArray[np.float32] | None, dict[str, Any]]: ...
 def poly_kernel_rank(e: int, coeffs: list[float]) -> int: ...
 def io_cost(
     units: int,

@@ -16,11 +16,15 @@ from . import (
     _check_finite,
     _check_host_memory,
     _check_number,
+    _check_out,
     _core,
     _count_io,
     _float32_flat,
+    _in_place,
+    _new_out,
     _report,
     _shapes,
+    _slices,
     _type_error,
 )
 
@@ -187,6 +191,7 @@ def poly_attention(
     initial_state: PolyState | None = None,
     return_state: bool = False,
     return_report: bool = False,
+    out: np.ndarray | None = None,
 ) -> Any:
     """Polynomial attention with the model's own kernel, on the GPU.
 
@@ -208,6 +213,9 @@ def poly_attention(
     leading coefficient, no real root of odd multiplicity); a row whose weights all vanish (x^p
     with the query orthogonal to every key) raises too. Any non-finite output is raised, never
     returned.
+
+    ``out``: a float32 C-contiguous writeable array of the output's shape (an ``np.memmap``
+    works) that receives the result and is returned, as in ``attention``.
     """
     return _poly_attention(
         query,
@@ -222,6 +230,7 @@ def poly_attention(
         initial_state=initial_state,
         return_state=return_state,
         return_report=return_report,
+        out=out,
     )
 
 
@@ -240,6 +249,7 @@ def _poly_attention(
     return_state: bool = False,
     return_report: bool = False,
     positive_on_scores: bool = False,
+    out: np.ndarray | None = None,
 ) -> Any:
     """`poly_attention`; ``positive_on_scores=True`` skips the check that the kernel is
     nonnegative on every real x, for a caller that has certified P > 0 on the interval every
@@ -298,14 +308,22 @@ def _poly_attention(
         raise ValueError(f"a causal call that returns its state needs L = S, got L={L}, S={S}")
     out_dtype = q.dtype.newbyteorder("=")
     out_shape = lead_q + (L, Ev)
+    if out is not None:
+        out = _check_out(out, out_shape, (q, k, v))
+        out_dtype = np.dtype(np.float32)
     state_words = units * rank * (Ev + 1)
-    need = 4 * (q.size + k.size + v.size + 2 * math.prod(out_shape) + 2 * state_words)
+    # The float32 copies of inputs not read in place, the output (where not given) and the
+    # kernel's own output and states.
+    copies = sum(0 if _in_place(x) else x.size for x in (q, k, v))
+    need = 4 * (copies + (2 if out is None else 1) * math.prod(out_shape) + 2 * state_words)
     _check_host_memory(need, f"poly_attention on query {q.shape}, key {k.shape}, value {v.shape}")
     qf, kf, vf = _float32_flat(q, k, v)
-    flat, state, rep = _core.poly_kernel_attention(
+    flat = _new_out(out, out_shape)
+    state, rep = _core.poly_kernel_attention(
         qf,
         kf,
         vf,
+        flat.reshape(-1),
         units,
         group,
         L,
@@ -321,8 +339,9 @@ def _poly_attention(
         return_state,
         _count_io(),
     )
-    out = flat.reshape(out_shape)
-    if L > 0 and units > 0 and not np.isfinite(out).all():
+    out = flat
+    # Slice by slice: no temporary the size of the output (which may be a caller's memmap).
+    if L > 0 and units > 0 and not all(np.isfinite(part).all() for part in _slices(out)):
         rows = int(np.count_nonzero(~np.isfinite(out).all(axis=-1)))
         why = (
             "the weights of those rows all vanish (a zero normaliser), e.g. x^p with the query "

@@ -9,7 +9,7 @@ use crate::chunking::{chunks, Chunk, Chunking};
 use crate::device::Gpu;
 use crate::error::Error;
 use crate::launch::{Launch, RunOptions, RunStats};
-use crate::transfer::{gather, storage_buffer, upload};
+use crate::transfer::{assign_slice, gather, storage_buffer, upload_slice};
 
 /// Runs exact attention. `q`, `k`, `v` are contiguous `(units*group, l, e)`, `(units, s, e)`,
 /// `(units, s, ev)`; the result is `(units*group, l, ev)`.
@@ -33,15 +33,16 @@ pub fn run(
     run_kernel(gpu, p, &plan.chunking, &kernel, (q, k, v), opts)
 }
 
-/// Runs exact attention on inputs stored as f16 (`F16Inputs`, packed two to a word): the f32
-/// kernel's schedule and arithmetic, half the words uploaded and read.
+/// Runs exact attention on inputs stored as f16 (`F16Inputs`, packed two to a word) into `out`:
+/// the f32 kernel's schedule and arithmetic, half the words uploaded and read.
 pub fn run_f16(
     gpu: &Gpu,
     p: &Problem,
     plan: &ExactPlan,
     xs: &F16Inputs,
     opts: &RunOptions,
-) -> Result<(Vec<f32>, RunStats), Error> {
+    out: &mut [f32],
+) -> Result<RunStats, Error> {
     let t = &plan.tiles;
     let key = format!("exact_f16:{t:?}:{}:{}", opts.count_io, opts.trusted);
     let src = shader_source_for(t, opts.count_io, Storage::F16);
@@ -56,17 +57,45 @@ pub fn run_f16(
         bytemuck::cast_slice(x)
     }
     let widths = (Storage::F16.row_words(p.e), Storage::F16.row_words(p.ev));
-    let (out, _, stats) = run_kernel_stats(
+    let xs = (words(&xs.q), words(&xs.k), words(&xs.v));
+    let c = &plan.chunking;
+    let (_, stats) = run_kernel_stats(gpu, p, c, &kernel, xs, widths, opts, false, out)?;
+    Ok(stats)
+}
+
+/// [`run`] writing the output `(units*group, l, ev)` into `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn run_into(
+    gpu: &Gpu,
+    p: &Problem,
+    plan: &ExactPlan,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    opts: &RunOptions,
+    out: &mut [f32],
+) -> Result<RunStats, Error> {
+    let t = &plan.tiles;
+    let key = format!("exact:{t:?}:{}:{}", opts.count_io, opts.trusted);
+    let pipeline = gpu.pipeline(&key, &shader_source(t, opts.count_io), opts.trusted)?;
+    let kernel = ExactKernel {
+        pass: "exact",
+        pipeline: &pipeline,
+        bq: t.bq,
+    };
+    let widths = (p.e, p.ev);
+    let (_, stats) = run_kernel_stats(
         gpu,
         p,
         &plan.chunking,
         &kernel,
-        (words(&xs.q), words(&xs.k), words(&xs.v)),
+        (q, k, v),
         widths,
         opts,
         false,
+        out,
     )?;
-    Ok((out, stats))
+    Ok(stats)
 }
 
 /// A compiled exact kernel (f32 or cooperative-matrix): both take [`Params`] and the bindings
@@ -99,7 +128,8 @@ pub fn run_with_lse(
         bq: t.bq,
     };
     let widths = (p.e, p.ev);
-    let (out, lse, stats) = run_kernel_stats(
+    let mut out = vec![0f32; p.query_heads() * p.l * p.ev];
+    let (lse, stats) = run_kernel_stats(
         gpu,
         p,
         &plan.chunking,
@@ -108,6 +138,7 @@ pub fn run_with_lse(
         widths,
         opts,
         true,
+        &mut out,
     )?;
     Ok((out, lse.unwrap_or_default(), stats))
 }
@@ -122,16 +153,18 @@ pub(crate) fn run_kernel(
     xs: (&[f32], &[f32], &[f32]),
     opts: &RunOptions,
 ) -> Result<(Vec<f32>, RunStats), Error> {
-    let (out, _, stats) = run_kernel_stats(gpu, p, c, kernel, xs, (p.e, p.ev), opts, false)?;
+    let mut out = vec![0f32; p.query_heads() * p.l * p.ev];
+    let (_, stats) = run_kernel_stats(gpu, p, c, kernel, xs, (p.e, p.ev), opts, false, &mut out)?;
     Ok((out, stats))
 }
 
-/// Output, row log-sum-exp (where asked for) and statistics of a run.
-type KernelRun = (Vec<f32>, Option<Vec<f32>>, RunStats);
+/// Row log-sum-exp (where asked for) and statistics of a run.
+type KernelRun = (Option<Vec<f32>>, RunStats);
 
-/// [`run_kernel`]; with `want_lse` every dispatch writes its rows' (m, l) and the merged rows'
-/// log-sum-exp is returned too. Rows of Q/K and of V take `qk_words` and `v_words` words in
-/// storage (E and Ev for f32).
+/// [`run_kernel`] into `out`; with `want_lse` every dispatch writes its rows' (m, l) and the
+/// merged rows' log-sum-exp is returned too. Rows of Q/K and of V take `qk_words` and `v_words`
+/// words in storage (E and Ev for f32). Each dispatch's output is placed (or merged) into `out`
+/// straight from the mapped readback.
 #[allow(clippy::too_many_arguments)]
 fn run_kernel_stats(
     gpu: &Gpu,
@@ -142,6 +175,7 @@ fn run_kernel_stats(
     (qk_words, v_words): (usize, usize),
     opts: &RunOptions,
     want_lse: bool,
+    out: &mut [f32],
 ) -> Result<KernelRun, Error> {
     // With want_lse the rows go through the split-KV merge even in one dispatch.
     let split_kv = c.kv_rows < p.s || want_lse;
@@ -156,14 +190,28 @@ fn run_kernel_stats(
     };
     let stats_buf = storage_buffer(gpu, stats_words, "stats");
 
-    let mut out = vec![0f32; p.query_heads() * p.l * p.ev];
+    debug_assert_eq!(out.len(), p.query_heads() * p.l * p.ev);
+    if split_kv {
+        // The merge weighs what `out` holds (a caller's array, uninitialised) by 0 at first:
+        // 0 x NaN would stay NaN.
+        out.fill(0.0);
+    }
     let mut merge = split_kv.then(|| SplitMerge::new(p));
     let mut stats = RunStats::default();
+    // The key/value slice in the buffers: consecutive dispatches with the same one (one key
+    // chunk, several query chunks) upload it once.
+    let mut kv_in_place = None;
     for ch in chunks(p, c) {
         let qh = ch.units * p.group;
         let qc = gather(q, ch.unit0 * p.group, qh, p.l, ch.l0, ch.lc, qk_words);
-        let kc = gather(k, ch.unit0, ch.units, p.s, ch.s0, ch.sc, qk_words);
-        let vc = gather(v, ch.unit0, ch.units, p.s, ch.s0, ch.sc, v_words);
+        let kv_slice = (ch.unit0, ch.units, ch.s0, ch.sc);
+        let kv = (kv_in_place != Some(kv_slice)).then(|| {
+            (
+                gather(k, ch.unit0, ch.units, p.s, ch.s0, ch.sc, qk_words),
+                gather(v, ch.unit0, ch.units, p.s, ch.s0, ch.sc, v_words),
+            )
+        });
+        kv_in_place = Some(kv_slice);
         let params = Params {
             l: ch.lc as u32,
             s: ch.sc as u32,
@@ -176,10 +224,12 @@ fn run_kernel_stats(
         };
         let o_words = qh * ch.lc * p.ev;
         let s_words = if split_kv { qh * ch.lc * 2 } else { 0 };
-        let (mut o_chunk, st) = gpu.checked(|| {
-            upload(gpu, &q_buf, bytemuck::cast_slice(&qc));
-            upload(gpu, &k_buf, bytemuck::cast_slice(&kc));
-            upload(gpu, &v_buf, bytemuck::cast_slice(&vc));
+        let ((), st) = gpu.checked(|| {
+            upload_slice(gpu, &q_buf, bytemuck::cast_slice(&qc));
+            if let Some((kc, vc)) = &kv {
+                upload_slice(gpu, &k_buf, bytemuck::cast_slice(kc));
+                upload_slice(gpu, &v_buf, bytemuck::cast_slice(vc));
+            }
             Launch {
                 pass: kernel.pass,
                 pipeline: kernel.pipeline,
@@ -187,18 +237,22 @@ fn run_kernel_stats(
                 buffers: &[&q_buf, &k_buf, &v_buf, &o_buf, &stats_buf],
                 grid: (ch.lc.div_ceil(kernel.bq) as u32, qh as u32, 1),
             }
-            .run(gpu, opts, &[(&o_buf, o_words), (&stats_buf, s_words)])
+            .run_reading(
+                gpu,
+                opts,
+                &[(&o_buf, o_words), (&stats_buf, s_words)],
+                |read| {
+                    let (o_chunk, st_chunk) = read.split_at(o_words);
+                    match &mut merge {
+                        Some(m) => m.absorb(p, &ch, o_chunk, st_chunk, out),
+                        // One dispatch for the whole output: one copy into place.
+                        None if o_chunk.len() == out.len() => assign_slice(out, o_chunk),
+                        None => place_rows(p, &ch, o_chunk, out),
+                    }
+                },
+            )
         })?;
         stats.absorb(&st);
-        match &mut merge {
-            Some(m) => {
-                let st_chunk = o_chunk.split_off(o_words);
-                m.absorb(p, &ch, &o_chunk, &st_chunk, &mut out);
-            }
-            // One dispatch for the whole output: it is already in place.
-            None if o_chunk.len() == out.len() => out = o_chunk,
-            None => place_rows(p, &ch, &o_chunk, &mut out),
-        }
     }
     let lse = merge.filter(|_| want_lse).map(|m| {
         m.run_m
@@ -207,7 +261,7 @@ fn run_kernel_stats(
             .map(|(&m, &l)| ((m + l.log2()) * std::f64::consts::LN_2) as f32)
             .collect()
     });
-    Ok((out, lse, stats))
+    Ok((lse, stats))
 }
 
 /// Copies a chunk's output rows `(heads, lc, ev)` to their places in the whole output.

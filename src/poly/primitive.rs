@@ -168,7 +168,8 @@ pub fn poly_kernel_attention(
     let cfg = Config::from_env();
     let gpu = device::gpu()?;
     let _guard = gpu.exclusive();
-    let mut budget = Budget::for_device(&gpu.info, &cfg)?;
+    let traffic = gpu.traffic.now();
+    let mut budget = Budget::for_device(&gpu.info, &cfg)?.for_problem(p)?;
     if variant.gated {
         budget.fast_memory_words = budget
             .fast_memory_words
@@ -184,7 +185,7 @@ pub fn poly_kernel_attention(
     };
     let plan = plan_poly_rank(p, g, r as u64, &budget)?;
     let mut stats = RunStats::default();
-    let uploads = Uploads::default();
+    let uploads = Uploads::new(budget.streams(p));
     let xs = (q, k, v);
     let call = (&table, &poly, &pre, extras);
     debug_assert!(plan.pass1.bk as u64 <= GATE_FAST_MEMORY_WORDS);
@@ -204,6 +205,8 @@ pub fn poly_kernel_attention(
         let io = poly_passes_io(p, &plan, variant.gated, started)?;
         (out, state, io, format!("{plan:?}"))
     };
+    drop(uploads);
+    stats.traffic = traffic.until(gpu.traffic.now());
     Ok(PolyKernelRun {
         out,
         state,

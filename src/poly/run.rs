@@ -17,7 +17,9 @@ use crate::api::Problem;
 use crate::device::Gpu;
 use crate::error::Error;
 use crate::launch::{Launch, RunOptions, RunStats};
-use crate::transfer::{gather, read_f32, storage_buffer, storage_buffer_with, upload, Uploads};
+use crate::transfer::{
+    assign_slice, gather, read_f32, storage_buffer, storage_buffer_with, upload, Uploads,
+};
 
 /// Passes 1 and 2 for a planned degree. `weights` are the per-feature query weights (f64 -> f32).
 #[allow(clippy::too_many_arguments)]
@@ -37,6 +39,24 @@ pub fn run(
     Ok(run_with(gpu, p, plan, call, (q, k, v), opts, uploads, stats)?.0)
 }
 
+/// [`run`] writing the output `(units*group, l, ev)` into `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn run_into(
+    gpu: &Gpu,
+    p: &Problem,
+    plan: &PolyPlan,
+    (table, poly, pre): (&FeatureTable, &Poly, &Prepass),
+    xs: (&[f32], &[f32], &[f32]),
+    opts: &RunOptions,
+    uploads: &Uploads,
+    stats: &mut RunStats,
+    out: &mut [f32],
+) -> Result<(), Error> {
+    let call = (table, poly, pre, Extras::default());
+    run_with_into(gpu, p, plan, call, xs, opts, uploads, stats, out)?;
+    Ok(())
+}
+
 /// [`run`] with the primitive's [`Extras`]. Gates weigh key j by exp(G_last - G_j) in pass 1
 /// and query row i by exp(G_i - G_last) on the host (where the output is unnormalized; a
 /// normalised row does not change), the initial state counts as keys before the first with
@@ -46,12 +66,31 @@ pub fn run_with(
     gpu: &Gpu,
     p: &Problem,
     plan: &PolyPlan,
+    call: (&FeatureTable, &Poly, &Prepass, Extras<'_>),
+    xs: (&[f32], &[f32], &[f32]),
+    opts: &RunOptions,
+    uploads: &Uploads,
+    stats: &mut RunStats,
+) -> Result<(Vec<f32>, Option<Vec<f32>>), Error> {
+    let mut out = vec![0f32; p.query_heads() * p.l * p.ev];
+    let state = run_with_into(gpu, p, plan, call, xs, opts, uploads, stats, &mut out)?;
+    Ok((out, state))
+}
+
+/// [`run_with`] writing the output into `out`; returns the state where asked for.
+#[allow(clippy::too_many_arguments)]
+fn run_with_into(
+    gpu: &Gpu,
+    p: &Problem,
+    plan: &PolyPlan,
     (table, poly, pre, extras): (&FeatureTable, &Poly, &Prepass, Extras<'_>),
     (q, k, v): (&[f32], &[f32], &[f32]),
     opts: &RunOptions,
     uploads: &Uploads,
     stats: &mut RunStats,
-) -> Result<(Vec<f32>, Option<Vec<f32>>), Error> {
+    out: &mut [f32],
+) -> Result<Option<Vec<f32>>, Error> {
+    debug_assert_eq!(out.len(), p.query_heads() * p.l * p.ev);
     let variant = extras.variant;
     let g_last = |u: usize| extras.gates.map_or(0.0, |g| g[(u + 1) * p.s - 1]);
     let key_w: Option<Vec<f32>> = extras.gates.map(|g| {
@@ -70,7 +109,6 @@ pub fn run_with(
         .map(|w| w as f32)
         .collect();
     let pipelines = Pipelines::new(gpu, plan, opts, variant)?;
-    let mut out = vec![0f32; p.query_heads() * p.l * p.ev];
     let mut state = extras.return_state.then(Vec::new);
     gpu.checked(|| {
         let (c, rows) = (&plan.chunking, plan.r * (p.ev + 1));
@@ -123,7 +161,7 @@ pub fn run_with(
             }
             let packed = run.pack(nu, stats)?;
             let vn2 = vn_bufs.as_ref().map(|b| &b.1);
-            run.pass2(q, (u0, nu), packed.as_ref().zip(vn2), &mut out, stats)?;
+            run.pass2(q, (u0, nu), packed.as_ref().zip(vn2), out, stats)?;
         }
         Ok(())
     })?;
@@ -136,7 +174,7 @@ pub fn run_with(
             }
         }
     }
-    Ok((out, state))
+    Ok(state)
 }
 
 /// The coop passes scale keys into [-1, 1] by the largest centred key norm (queries by its
@@ -376,7 +414,7 @@ impl PolyRun<'_> {
         q: &[f32],
         (u0, nu): (usize, usize),
         coop: Option<(&(wgpu::Buffer, wgpu::Buffer), &wgpu::Buffer)>,
-        out: &mut Vec<f32>,
+        out: &mut [f32],
         stats: &mut RunStats,
     ) -> Result<(), Error> {
         let (gpu, p, plan) = (self.gpu, self.p, self.plan);
@@ -401,7 +439,6 @@ impl PolyRun<'_> {
             } else {
                 chunks2
             };
-            let mut oc = Vec::new();
             for chunk0 in (0..chunks2).step_by(per_range) {
                 let end = (chunk0 + per_range).min(chunks2);
                 let params = Pass2Params {
@@ -421,33 +458,33 @@ impl PolyRun<'_> {
                     None => vec![&*q_buf, &self.sp_buf, &self.idx_buf, &self.w_buf, &o_buf],
                 };
                 bufs.extend(sums.as_ref());
-                let read_back: &[(&wgpu::Buffer, usize)] = if end == chunks2 {
-                    &[(&o_buf, o_words)]
-                } else {
-                    &[]
-                };
-                let (o_read, st) = Launch {
+                let launch = Launch {
                     pass: "pass2",
                     pipeline: &self.pipelines.pass2,
                     params: &params,
                     buffers: &bufs,
                     grid: (plan.pass2_workgroups.min(blocks) as u32, qh as u32, 1),
+                };
+                if end < chunks2 {
+                    // A range before the last adds into `sums`: nothing to read back yet.
+                    let (_, st) = launch.run(gpu, self.opts, &[])?;
+                    stats.absorb(&st);
+                    continue;
                 }
-                .run(gpu, self.opts, read_back)?;
+                let ((), st) = launch.run_reading(gpu, self.opts, &[(&o_buf, o_words)], |oc| {
+                    if oc.len() == out.len() {
+                        // One dispatch for the whole output: one copy into place.
+                        assign_slice(out, oc);
+                        return;
+                    }
+                    for h in 0..qh {
+                        // The chunk's rows of one head are consecutive rows of the output.
+                        let dst = ((u0 * p.group + h) * p.l + l0) * p.ev;
+                        out[dst..dst + lc * p.ev]
+                            .copy_from_slice(&oc[h * lc * p.ev..(h + 1) * lc * p.ev]);
+                    }
+                })?;
                 stats.absorb(&st);
-                oc = o_read;
-            }
-            if oc.len() == out.len() {
-                // One dispatch for the whole output: it is already in place.
-                *out = oc;
-                continue;
-            }
-            for h in 0..qh {
-                for row in 0..lc {
-                    let dst = ((u0 * p.group + h) * p.l + l0 + row) * p.ev;
-                    out[dst..dst + p.ev]
-                        .copy_from_slice(&oc[(h * lc + row) * p.ev..(h * lc + row + 1) * p.ev]);
-                }
             }
         }
         Ok(())
