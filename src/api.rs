@@ -112,9 +112,15 @@ pub struct Certificate {
     pub beta: f64,
     /// Certified max |P(x) e^-x - 1| on [-beta, beta].
     pub poly_eps: f64,
-    /// Certified absolute bound on |O - O*| per output column (max over units), the f16
-    /// rounding bound included.
+    /// Bound on |O - O*| per output column (max over units): the approximation part plus the
+    /// float32 rounding part.
     pub error_bound_per_column: Vec<f64>,
+    /// The approximation part, `(eps_P/(1-eps_P) + f16_rounding) * range` per column: what `eps`
+    /// bounds and what `auto` decides on.
+    pub approximation_bound_per_column: Vec<f64>,
+    /// The float32 rounding part (kernels, pre-pass norms, value centring; `poly::rounding`);
+    /// empty until the plan that runs is final.
+    pub rounding_bound_per_column: Vec<f64>,
     /// Bound on the f16 rounding of the tensor-core passes, relative to each value column's
     /// range; None on the f32 path.
     pub f16_rounding: Option<f64>,

@@ -245,6 +245,9 @@ fn choose(
             }
         }
     }
+    if let Some(pre) = &choice.pre {
+        c.add_rounding(p, pre, choice.causal_plan.as_ref());
+    }
     if method == Method::Poly {
         choice.reason = "poly: requested".into();
         choice.use_poly = true;
@@ -427,6 +430,25 @@ fn run_choice(
     match (&choice.candidate, pre) {
         (Some(c), Some(pre)) if choice.use_poly => {
             let (plan, table, poly) = (&c.plan, &c.table, &c.poly);
+            // The passes run on values centred and scaled per column (`poly::rounding`): their
+            // rounding then scales with each column's range, not its magnitude.
+            // Non-finite values (check_finite=False) run as they are.
+            let finite = |x: &[f64]| x.iter().all(|y| y.is_finite());
+            let map = (finite(&pre.v_min) && finite(&pre.v_max))
+                .then(|| ValueMap::new(p, &pre.v_min, &pre.v_max));
+            let mapped = map.as_ref().map(|map| {
+                let (v_min, v_max) = map.mapped_range();
+                let pre = Prepass {
+                    v_min,
+                    v_max,
+                    ..pre.clone()
+                };
+                (map.apply(v), pre)
+            });
+            let (v, pre) = match &mapped {
+                Some((v, pre)) => (&v[..], pre),
+                None => (v, pre),
+            };
             let xs = (q, k, v);
             let (out, io, plan) = match &choice.causal_plan {
                 Some(cp) => (
@@ -440,6 +462,10 @@ fn run_choice(
                     format!("{:?}", c.plan),
                 ),
             };
+            let mut out = out;
+            if let (Some(map), true) = (&map, all_finite(&out)) {
+                map.restore(&mut out);
+            }
             Ok(Ran {
                 out,
                 io,

@@ -97,6 +97,11 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
         d.set_item("beta", c.beta)?;
         d.set_item("poly_eps", c.poly_eps)?;
         d.set_item("error_bound_per_column", c.error_bound_per_column.clone())?;
+        d.set_item(
+            "approximation_bound_per_column",
+            c.approximation_bound_per_column.clone(),
+        )?;
+        d.set_item("rounding_bound_per_column", c.rounding_bound_per_column.clone())?;
         d.set_item("f16_rounding", c.f16_rounding)?;
         d.set_item("schedule", format!("{:?}", c.schedule))?;
     }

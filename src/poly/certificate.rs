@@ -5,6 +5,8 @@ use super::features::{num_features, try_feature_table, FeatureTable};
 use super::fit::{choose_degree, horner, monomial_condition, Poly};
 use super::plan::{plan_poly, plan_poly_coop, PolyPlan};
 use super::prepass::Prepass;
+use super::causal::CausalPlan;
+use super::rounding::rounding_bound_per_column;
 use crate::api::{Certificate, PolyOptions, Problem};
 use crate::budget::Budget;
 use crate::error::Error;
@@ -127,7 +129,7 @@ pub(crate) fn poly_candidate(
             f16_rounding.unwrap_or(0.0)
         )));
     }
-    let error_bound_per_column = (0..p.ev)
+    let approximation_bound_per_column: Vec<f64> = (0..p.ev)
         .map(|c| {
             (0..p.units)
                 .map(|u| factor * (pre.v_max[u * p.ev + c] - pre.v_min[u * p.ev + c]))
@@ -139,7 +141,9 @@ pub(crate) fn poly_candidate(
         rank: plan.r,
         beta,
         poly_eps: poly.certified_eps,
-        error_bound_per_column,
+        error_bound_per_column: approximation_bound_per_column.clone(),
+        approximation_bound_per_column,
+        rounding_bound_per_column: Vec::new(),
         f16_rounding,
         schedule: plan.schedule,
     };
@@ -149,6 +153,23 @@ pub(crate) fn poly_candidate(
         table,
         cert,
     })
+}
+
+impl PolyCandidate {
+    /// Adds the float32 rounding part of the bound (`poly::rounding`) for the plan that runs
+    /// (after tuning; `causal` where the chunked causal schedule runs).
+    pub(crate) fn add_rounding(&mut self, p: &Problem, pre: &Prepass, causal: Option<&CausalPlan>) {
+        let plan = causal.map_or(&self.plan, |cp| &cp.poly);
+        let rounding = rounding_bound_per_column(p, pre, &self.poly, plan, causal);
+        self.cert.error_bound_per_column = self
+            .cert
+            .approximation_bound_per_column
+            .iter()
+            .zip(&rounding)
+            .map(|(a, r)| a + r)
+            .collect();
+        self.cert.rounding_bound_per_column = rounding;
+    }
 }
 
 /// The polynomial of [`fit`], and whether the tensor-core passes run it.
