@@ -101,7 +101,10 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
             "approximation_bound_per_column",
             c.approximation_bound_per_column.clone(),
         )?;
-        d.set_item("rounding_bound_per_column", c.rounding_bound_per_column.clone())?;
+        d.set_item(
+            "rounding_bound_per_column",
+            c.rounding_bound_per_column.clone(),
+        )?;
         d.set_item("f16_rounding", c.f16_rounding)?;
         d.set_item("schedule", format!("{:?}", c.schedule))?;
     }

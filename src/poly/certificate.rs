@@ -1,11 +1,11 @@
 //! The certificate of the poly method: the degree from `eps` (derived here only), the f16 rounding
 //! bound of the tensor-core passes, and the plan that runs it.
 
+use super::causal::CausalPlan;
 use super::features::{num_features, try_feature_table, FeatureTable};
 use super::fit::{choose_degree, horner, monomial_condition, Poly};
 use super::plan::{plan_poly, plan_poly_coop, PolyPlan};
 use super::prepass::Prepass;
-use super::causal::CausalPlan;
 use super::rounding::rounding_bound_per_column;
 use crate::api::{Certificate, PolyOptions, Problem};
 use crate::budget::Budget;

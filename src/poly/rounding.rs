@@ -119,7 +119,12 @@ pub fn path_roundings(p: &Problem, plan: &PolyPlan) -> usize {
 fn causal_extra(p: &Problem, cp: &CausalPlan, poly: &Poly, beta: f64) -> (f64, usize) {
     let g = poly.coeffs.len().saturating_sub(1);
     let (pa, dpa) = pabs(poly, beta);
-    let horner_err = gamma(2 * g + 1) + if pa > 0.0 { dpa * gamma(p.e + 3) * beta / pa } else { 0.0 };
+    let horner_err = gamma(2 * g + 1)
+        + if pa > 0.0 {
+            dpa * gamma(p.e + 3) * beta / pa
+        } else {
+            0.0
+        };
     let chunk = cp.chunk.max(1);
     let chunks = p.l.max(p.s).div_ceil(chunk) + 2;
     (horner_err, chunks + chunk + 4)
