@@ -24,6 +24,27 @@ impl Problem {
         self.units * self.group
     }
 
+    /// Elements of Q, K, V (and of the output, Q's rows times Ev), or an `Overflow` error where
+    /// one is beyond `usize`: sizes come from Python and may be anything up to 2^64 - 1.
+    pub fn input_lengths(&self) -> Result<[usize; 3], Error> {
+        let p = self;
+        let product = |xs: &[usize]| {
+            xs.iter()
+                .try_fold(1usize, |a, &x| a.checked_mul(x))
+                .ok_or_else(|| {
+                    Error::Overflow(format!(
+                        "the problem {p:?} has more elements than a usize counts"
+                    ))
+                })
+        };
+        product(&[p.units, p.group, p.l, p.ev.max(p.e)])?;
+        Ok([
+            product(&[p.units, p.group, p.l, p.e])?,
+            product(&[p.units, p.s, p.e])?,
+            product(&[p.units, p.s, p.ev])?,
+        ])
+    }
+
     /// The problem's sizes are usable and the inputs have the lengths it needs.
     /// S, the head dimensions and the group are at least 1.
     pub fn check_sizes(&self) -> Result<(), Error> {
@@ -37,16 +58,36 @@ impl Problem {
                 "head dimensions must be at least 1".into(),
             ));
         }
+        // Row counts the planners multiply by head dimensions and tile sizes (in checked or
+        // wider arithmetic); the counts themselves must fit a usize.
+        let rows = [
+            ("query heads", self.units.checked_mul(self.group)),
+            (
+                "query rows",
+                self.units
+                    .checked_mul(self.group)
+                    .and_then(|h| h.checked_mul(self.l)),
+            ),
+            ("key rows", self.units.checked_mul(self.s)),
+        ];
+        for (what, n) in rows {
+            if n.is_none() {
+                return Err(Error::Overflow(format!(
+                    "the problem {self:?} has more {what} than a usize counts"
+                )));
+            }
+        }
         Ok(())
     }
 
     pub fn check_inputs(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<(), Error> {
         let p = self;
         p.check_sizes()?;
+        let [nq, nk, nv] = p.input_lengths()?;
         let want = [
-            ("query", q.len(), p.units * p.group * p.l * p.e),
-            ("key", k.len(), p.units * p.s * p.e),
-            ("value", v.len(), p.units * p.s * p.ev),
+            ("query", q.len(), nq),
+            ("key", k.len(), nk),
+            ("value", v.len(), nv),
         ];
         for (name, got, expect) in want {
             if got != expect {
@@ -91,6 +132,9 @@ impl PolyOptions {
                 "eps must lie in (0, 1), got {}",
                 self.eps
             )));
+        }
+        if let Some(g) = self.degree {
+            crate::poly::certificate::check_forced_degree(g)?;
         }
         Ok(())
     }

@@ -659,7 +659,14 @@ pub fn io_lower_bound(
     match (method, degree) {
         (Method::Exact, None) => Ok(io::closed_form::exact_lower_bound(l, s, d, m)),
         (Method::Poly, Some(g)) => {
-            let r = poly::features::num_features(e, g) as f64;
+            let r = match poly::features::num_features(e, g) {
+                u64::MAX => {
+                    return Err(Error::Overflow(format!(
+                        "the rank C(E+degree, degree) for E={e}, degree={g} is beyond 2^64 - 1"
+                    )))
+                }
+                r => r as f64,
+            };
             Ok(io::closed_form::poly_lower_bound(l, s, d, r, m))
         }
         (Method::Exact, Some(_)) => bad("degree= applies to method='poly' only".into()),

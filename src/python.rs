@@ -452,8 +452,13 @@ fn io_closed_form(
 
 /// C(e+g, g), the number of features of degree <= g in e variables.
 #[pyfunction]
-fn num_features(e: usize, g: usize) -> u64 {
-    crate::poly::features::num_features(e, g)
+fn num_features(e: usize, g: usize) -> PyResult<u64> {
+    match crate::poly::features::num_features(e, g) {
+        u64::MAX => Err(to_py(Error::Overflow(format!(
+            "C(e+g, g) for e={e}, g={g} is beyond 2^64 - 1"
+        )))),
+        r => Ok(r),
+    }
 }
 
 /// (degree, coefficients, certified eps) of the best fit of exp on [-beta, beta].
@@ -470,7 +475,10 @@ fn fit_polynomial(
         )));
     }
     let poly = match (degree, eps) {
-        (Some(g), _) => crate::poly::fit::Poly::fit(beta, g),
+        (Some(g), _) => {
+            crate::poly::certificate::check_forced_degree(g).map_err(to_py)?;
+            crate::poly::fit::Poly::fit(beta, g)
+        }
         (None, Some(eps)) => crate::poly::fit::choose_degree(beta, eps, crate::MAX_DEGREE)
             .ok_or_else(|| {
                 PyValueError::new_err(format!(
