@@ -82,6 +82,9 @@ fn main() {
     let (device, queue) =
         pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor::default()))
             .expect("a device");
+    if mode.starts_with("prepass") {
+        return prepass(&device, &queue, &mode, dispatches);
+    }
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: None,
         source: wgpu::ShaderSource::Wgsl(shader(&mode).into()),
@@ -157,4 +160,119 @@ fn main() {
         "{:.2} ms per dispatch",
         start.elapsed().as_secs_f64() * 1e3 / dispatches as f64
     );
+}
+
+fn storage(device: &wgpu::Device, words: usize, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: (words * 4) as u64,
+        usage: usage | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
+}
+
+/// The poly pre-pass as the package generates it (E = 16, 512 rows, 8 units), its parameters in a
+/// uniform buffer: `prepass-fresh` creates the parameter buffer and the bind group per dispatch
+/// (as the package does), `prepass-reuse` creates them once, `prepass-alternate` reuses two
+/// bind groups whose parameters differ and alternates them, `prepass-storage` reuses them with
+/// the parameters in a storage buffer instead.
+fn prepass(device: &wgpu::Device, queue: &wgpu::Queue, mode: &str, dispatches: usize) {
+    let (w, rows, units) = (16usize, 512usize, 8usize);
+    let tile_rows = approx_attn::poly::prepass::prepass_tile_rows(w, 8192);
+    let mut src = approx_attn::poly::prepass::prepass_source(w, tile_rows, false);
+    let params_usage = if mode == "prepass-storage" {
+        // The same shader with its parameters in a read-only storage buffer.
+        src = src.replace("var<uniform> params", "var<storage, read> params");
+        wgpu::BufferUsages::STORAGE
+    } else {
+        wgpu::BufferUsages::UNIFORM
+    };
+    if std::env::var_os("DUMP_WGSL").is_some() {
+        println!("{src}");
+    }
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: None,
+        source: wgpu::ShaderSource::Wgsl(src.into()),
+    });
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: None,
+        layout: None,
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    let rows_per_block = tile_rows * 2;
+    let blocks = rows.div_ceil(rows_per_block);
+    let st = wgpu::BufferUsages::STORAGE;
+    let x = storage(device, units * rows * w, st);
+    let x_data: Vec<f32> = (0..units * rows * w)
+        .map(|i| (i % 7) as f32 * 0.1)
+        .collect();
+    queue.write_buffer(&x, 0, bytemuck::cast_slice(&x_data));
+    let mu = storage(device, units * w, st);
+    let out = storage(device, units * blocks * (3 * w + 2), st);
+    let bind_for = |use_mu: u32| {
+        let params = storage(device, 4, params_usage);
+        let p = [rows as u32, rows_per_block as u32, blocks as u32, use_mu];
+        queue.write_buffer(&params, 0, bytemuck::cast_slice(&p));
+        let bind = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &[
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: params.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: x.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 2,
+                    resource: mu.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 3,
+                    resource: out.as_entire_binding(),
+                },
+            ],
+        });
+        (params, bind)
+    };
+    let kept = [bind_for(0), bind_for(1)];
+    let before = memory();
+    for i in 0..=dispatches {
+        if i % (dispatches / 4).max(1) == 0 {
+            let (rss, exec) = memory();
+            println!(
+                "after {i:5} dispatches: VmRSS {rss:8.1} MiB ({:+.1}), executable mappings {exec} ({:+})",
+                rss - before.0,
+                exec as i64 - before.1 as i64
+            );
+        }
+        let fresh;
+        let bind = match mode {
+            "prepass-fresh" => {
+                fresh = bind_for(1);
+                &fresh.1
+            }
+            "prepass-alternate" => &kept[i % 2].1,
+            _ => &kept[1].1,
+        };
+        let mut enc = device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, bind, &[]);
+            pass.dispatch_workgroups(blocks as u32, units as u32, 1);
+        }
+        queue.submit([enc.finish()]);
+        device
+            .poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: None,
+            })
+            .expect("poll");
+    }
 }
