@@ -81,8 +81,9 @@ class Report:
     f16_rounding: float | None = None
     """Bound on the tensor-core passes' f16 rounding relative to the value range (None: f32 path).
     Exact on tensor cores: eps, the bound on the relative change of each unnormalised attention
-    weight; then |O - O*| <= (eps + S 2^-36)/(1 - eps) range(v) + 2^-11 max|v| + 2^-25 per
-    column (``error_bound_per_column``; derivation in src/exact/coop.rs)."""
+    weight; then |O - O*| <= (eps + S 2^-36)/(1 - eps) range(v) + 2^-11 max|v| + 2^-25 +
+    (2 gamma_2S + 2^-24) max|v| per column, the last term the f32 sums over the keys
+    (``error_bound_per_column``; derivation in src/exact/coop.rs)."""
     tensor_cores: bool = False
     """Whether the kernels that ran used cooperative matrices (tensor cores)."""
     score_rounding: float | None = None
