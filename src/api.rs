@@ -49,6 +49,27 @@ impl Problem {
         Ok(())
     }
 
+    /// Elements of Q, K, V (and of the output, Q's rows times Ev), or an `Overflow` error where
+    /// one is beyond `usize`: sizes come from Python and may be anything up to 2^64 - 1.
+    pub fn input_lengths(&self) -> Result<[usize; 3], Error> {
+        let p = self;
+        let product = |xs: &[usize]| {
+            xs.iter()
+                .try_fold(1usize, |a, &x| a.checked_mul(x))
+                .ok_or_else(|| {
+                    Error::Overflow(format!(
+                        "the problem {p:?} has more elements than a usize counts"
+                    ))
+                })
+        };
+        product(&[p.units, p.group, p.l, p.ev.max(p.e)])?;
+        Ok([
+            product(&[p.units, p.group, p.l, p.e])?,
+            product(&[p.units, p.s, p.e])?,
+            product(&[p.units, p.s, p.ev])?,
+        ])
+    }
+
     /// The problem's sizes are usable and the inputs have the lengths it needs.
     /// S, the head dimensions and the group are at least 1.
     pub fn check_sizes(&self) -> Result<(), Error> {
@@ -62,16 +83,36 @@ impl Problem {
                 "head dimensions must be at least 1".into(),
             ));
         }
+        // Row counts the planners multiply by head dimensions and tile sizes (in checked or
+        // wider arithmetic); the counts themselves must fit a usize.
+        let rows = [
+            ("query heads", self.units.checked_mul(self.group)),
+            (
+                "query rows",
+                self.units
+                    .checked_mul(self.group)
+                    .and_then(|h| h.checked_mul(self.l)),
+            ),
+            ("key rows", self.units.checked_mul(self.s)),
+        ];
+        for (what, n) in rows {
+            if n.is_none() {
+                return Err(Error::Overflow(format!(
+                    "the problem {self:?} has more {what} than a usize counts"
+                )));
+            }
+        }
         Ok(())
     }
 
     pub fn check_inputs(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<(), Error> {
         let p = self;
         p.check_sizes()?;
+        let [nq, nk, nv] = p.input_lengths()?;
         let want = [
-            ("query", q.len(), p.units * p.group * p.l * p.e),
-            ("key", k.len(), p.units * p.s * p.e),
-            ("value", v.len(), p.units * p.s * p.ev),
+            ("query", q.len(), nq),
+            ("key", k.len(), nk),
+            ("value", v.len(), nv),
         ];
         for (name, got, expect) in want {
             if got != expect {
@@ -117,6 +158,9 @@ impl PolyOptions {
                 self.eps
             )));
         }
+        if let Some(g) = self.degree {
+            crate::poly::certificate::check_forced_degree(g)?;
+        }
         Ok(())
     }
 }
@@ -137,9 +181,15 @@ pub struct Certificate {
     pub beta: f64,
     /// Certified max |P(x) e^-x - 1| on [-beta, beta].
     pub poly_eps: f64,
-    /// Certified absolute bound on |O - O*| per output column (max over units), the f16
-    /// rounding bound included.
+    /// Bound on |O - O*| per output column (max over units): the approximation part plus the
+    /// float32 rounding part.
     pub error_bound_per_column: Vec<f64>,
+    /// The approximation part, `(eps_P/(1-eps_P) + f16_rounding) * range` per column: what `eps`
+    /// bounds and what `auto` decides on.
+    pub approximation_bound_per_column: Vec<f64>,
+    /// The float32 rounding part (kernels, pre-pass norms, value centring; `poly::rounding`);
+    /// empty until the plan that runs is final.
+    pub rounding_bound_per_column: Vec<f64>,
     /// Bound on the f16 rounding of the tensor-core passes, relative to each value column's
     /// range; None on the f32 path.
     pub f16_rounding: Option<f64>,

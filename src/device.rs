@@ -14,6 +14,9 @@ use crate::error::Error;
 /// What the planner and the user need to know about the adapter.
 #[derive(Clone, Debug)]
 pub struct DeviceInfo {
+    /// Kernel parameters bound as read-only storage instead of uniform buffers (lavapipe
+    /// through Vulkan: see `Gpu::pipeline`).
+    pub params_in_storage: bool,
     pub adapter: String,
     pub backend: String,
     pub device_type: String,
@@ -294,6 +297,7 @@ impl Gpu {
         }));
 
         let info = DeviceInfo {
+            params_in_storage: ai.backend == wgpu::Backend::Vulkan && ai.name.contains("llvmpipe"),
             adapter: ai.name.clone(),
             backend: format!("{:?}", ai.backend).to_lowercase(),
             device_type: format!("{:?}", ai.device_type),
@@ -349,6 +353,15 @@ impl Gpu {
             return Ok(p.clone());
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        // Mesa's lavapipe (22.x) inlines the values of uniform buffers that steer loops and
+        // compiles a new variant of the shader at every dispatch, keeping each one: about one
+        // executable mapping and 0.5 MiB per dispatch (examples/leak_repro.rs). Parameters in a
+        // read-only storage buffer are not inlined; `uniform_buffer` makes buffers for either.
+        let source = if self.info.params_in_storage {
+            source.replace("var<uniform> ", "var<storage, read> ")
+        } else {
+            source.to_string()
+        };
         let desc = wgpu::ShaderModuleDescriptor {
             label: Some(key),
             source: wgpu::ShaderSource::Wgsl(source.into()),

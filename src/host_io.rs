@@ -122,7 +122,8 @@ fn input_words(units: usize, all: Words, readers: &[Reader], streams: bool) -> W
 /// (K and V once in pass 1, Q once in pass 2, over `rows` rows per key/query slice and `units`
 /// KV units per slice; causal: windows of `rows` rows over min(S, L) keys). The output crosses
 /// once. Streaming (`streams`) nothing stays on the device, so K crosses three times, Q and V
-/// twice; otherwise each input once where its slices are whole rows of the same units.
+/// twice; otherwise Q and K once where their slices are whole rows of the same units, and V
+/// twice (as it is, for the pre-pass's value range, then mapped per column for the passes).
 pub fn poly_host_io(
     p: &Problem,
     pre: &Chunking,
@@ -153,7 +154,10 @@ pub fn poly_host_io(
         &[prepass(k_all), prepass(k_all), pass(k_pass)],
         streams,
     );
-    let v_up = input_words(p.units, v_all, &[prepass(v_all), pass(v_pass)], streams);
+    // The passes read V centred and scaled per column (a new host array, `numerics::ValueMap`):
+    // it never shares the pre-pass's upload.
+    let v_up = input_words(p.units, v_all, &[prepass(v_all)], streams)
+        + input_words(p.units, v_all, &[pass(v_pass)], streams);
     let q_readers = [
         Reader {
             whole_rows: pre.q_rows >= p.l,
@@ -229,7 +233,7 @@ mod tests {
     }
 
     #[test]
-    fn poly_inputs_cross_once_on_the_device_and_k_three_times_streaming() {
+    fn poly_inputs_cross_once_on_the_device_v_twice_and_k_three_times_streaming() {
         let p = Problem {
             units: 4,
             group: 2,
@@ -248,7 +252,7 @@ mod tests {
         let (q, k, v) = (4 * 2 * 100 * 8, 4 * 80 * 8, 4 * 80 * 6);
         let o = 4 * 2 * 100 * 6;
         let kept = poly_host_io(&p, &whole, (4, 80, 100), false).unwrap();
-        assert_eq!((kept.to_device, kept.to_host), (q + k + v, o));
+        assert_eq!((kept.to_device, kept.to_host), (q + k + 2 * v, o));
         let streamed = poly_host_io(&p, &whole, (4, 80, 100), true).unwrap();
         assert_eq!(streamed.to_device, 2 * q + 3 * k + 2 * v);
         // Other units per slice in the passes: the pre-pass's uploads are not theirs.

@@ -308,6 +308,9 @@ fn choose(
             }
         }
     }
+    if let Some(pre) = &choice.pre {
+        c.add_rounding(p, pre, choice.causal_plan.as_ref());
+    }
     if method == Method::Poly {
         choice.reason = "poly: requested".into();
         choice.use_poly = true;
@@ -509,6 +512,25 @@ fn run_choice(
     match (&choice.candidate, pre) {
         (Some(c), Some(pre)) if choice.use_poly => {
             let (plan, table, poly) = (&c.plan, &c.table, &c.poly);
+            // The passes run on values centred and scaled per column (`poly::rounding`): their
+            // rounding then scales with each column's range, not its magnitude.
+            // Non-finite values (check_finite=False) run as they are.
+            let finite = |x: &[f64]| x.iter().all(|y| y.is_finite());
+            let map = (finite(&pre.v_min) && finite(&pre.v_max))
+                .then(|| ValueMap::new(p, &pre.v_min, &pre.v_max));
+            let mapped = map.as_ref().map(|map| {
+                let (v_min, v_max) = map.mapped_range();
+                let pre = Prepass {
+                    v_min,
+                    v_max,
+                    ..pre.clone()
+                };
+                (map.apply(v), pre)
+            });
+            let (v, pre) = match &mapped {
+                Some((v, pre)) => (&v[..], pre),
+                None => (v, pre),
+            };
             let xs = (q, k, v);
             let (io, plan) = match &choice.causal_plan {
                 Some(cp) => {
@@ -529,6 +551,9 @@ fn run_choice(
                     )
                 }
             };
+            if let (Some(map), true) = (&map, all_finite(out)) {
+                map.restore(out);
+            }
             Ok(Ran {
                 io,
                 plan,
@@ -741,7 +766,14 @@ pub fn io_lower_bound(
     match (method, degree) {
         (Method::Exact, None) => Ok(io::closed_form::exact_lower_bound(l, s, d, m)),
         (Method::Poly, Some(g)) => {
-            let r = poly::features::num_features(e, g) as f64;
+            let r = match poly::features::num_features(e, g) {
+                u64::MAX => {
+                    return Err(Error::Overflow(format!(
+                        "the rank C(E+degree, degree) for E={e}, degree={g} is beyond 2^64 - 1"
+                    )))
+                }
+                r => r as f64,
+            };
             Ok(io::closed_form::poly_lower_bound(l, s, d, r, m))
         }
         (Method::Exact, Some(_)) => bad("degree= applies to method='poly' only".into()),

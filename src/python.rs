@@ -103,6 +103,14 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
         d.set_item("beta", c.beta)?;
         d.set_item("poly_eps", c.poly_eps)?;
         d.set_item("error_bound_per_column", c.error_bound_per_column.clone())?;
+        d.set_item(
+            "approximation_bound_per_column",
+            c.approximation_bound_per_column.clone(),
+        )?;
+        d.set_item(
+            "rounding_bound_per_column",
+            c.rounding_bound_per_column.clone(),
+        )?;
         d.set_item("f16_rounding", c.f16_rounding)?;
         d.set_item("schedule", format!("{:?}", c.schedule))?;
     }
@@ -483,8 +491,13 @@ fn io_closed_form(
 
 /// C(e+g, g), the number of features of degree <= g in e variables.
 #[pyfunction]
-fn num_features(e: usize, g: usize) -> u64 {
-    crate::poly::features::num_features(e, g)
+fn num_features(e: usize, g: usize) -> PyResult<u64> {
+    match crate::poly::features::num_features(e, g) {
+        u64::MAX => Err(to_py(Error::Overflow(format!(
+            "C(e+g, g) for e={e}, g={g} is beyond 2^64 - 1"
+        )))),
+        r => Ok(r),
+    }
 }
 
 /// (degree, coefficients, certified eps) of the best fit of exp on [-beta, beta].
@@ -501,7 +514,10 @@ fn fit_polynomial(
         )));
     }
     let poly = match (degree, eps) {
-        (Some(g), _) => crate::poly::fit::Poly::fit(beta, g),
+        (Some(g), _) => {
+            crate::poly::certificate::check_forced_degree(g).map_err(to_py)?;
+            crate::poly::fit::Poly::fit(beta, g)
+        }
         (None, Some(eps)) => crate::poly::fit::choose_degree(beta, eps, crate::MAX_DEGREE)
             .ok_or_else(|| {
                 PyValueError::new_err(format!(

@@ -79,7 +79,10 @@ pub fn uniform_buffer(gpu: &Gpu, bytes: &[u8]) -> wgpu::Buffer {
     let buf = gpu.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("params"),
         size: bytes.len() as u64,
-        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        // Bound as uniform or, where the device binds parameters as storage, read-only storage.
+        usage: wgpu::BufferUsages::UNIFORM
+            | wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     });
     count_to_device(gpu, bytes.len());

@@ -15,6 +15,7 @@ from typing import Any
 import approx_attn
 import numpy as np
 import pytest
+from approx_attn import _core
 from approx_attn.reference import exact_attention
 
 
@@ -395,3 +396,81 @@ def test_finiteness_check_allocates_at_most_a_slice(layout: str, bad: int) -> No
     base[1, 0, -2] = np.inf  # in every view; repeated 2**16 times in the broadcast one
     with pytest.raises(ValueError, match=f"^x contains {bad} NaN or Inf"):
         approx_attn._check_finite(view(), "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes near 2^64: every call raises OverflowError or ValueError, never panics or wraps.
+
+HUGE = [2**62, 2**63 + 1, 2**64 - 1]
+
+
+@pytest.mark.parametrize("n", HUGE)
+def test_huge_row_counts_overflow_cleanly(n: int) -> None:
+    empty = np.zeros(0, np.float32)
+    # A wrapped element count (2^62 rows x E = 4 is 0 mod 2^64) once let this through to a
+    # panic in the pre-pass.
+    with pytest.raises(OverflowError, match="than a usize counts"):
+        _core.attention(
+            empty,
+            np.zeros(32, np.float32),
+            np.zeros(32, np.float32),
+            np.zeros(0, np.float32),
+            1,
+            1,
+            n,
+            8,
+            4,
+            4,
+            False,
+            0.5,
+            "poly",
+            1e-3,
+            None,
+            True,
+        )
+    with pytest.raises((OverflowError, ValueError)):
+        _core.attention(
+            empty,
+            empty,
+            empty,
+            empty.copy(),
+            n,
+            4,
+            8,
+            8,
+            4,
+            4,
+            False,
+            0.5,
+            "exact",
+            1e-3,
+            None,
+            True,
+        )
+    for kw in ({"method": "exact"}, {"method": "poly", "degree": 2}):
+        with pytest.raises(OverflowError):
+            approx_attn.io_cost(2**62, 16, 64, heads=n, fast_memory_words=8192, **kw)
+        with pytest.raises(OverflowError):
+            approx_attn.io_cost(n, n, 64, heads=4, kv_heads=4, fast_memory_words=8192, **kw)
+
+
+@pytest.mark.parametrize("degree", [65, 2**62, 2**64 - 1])
+def test_huge_forced_degree_is_refused_at_once(degree: int) -> None:
+    # Fitting degree g fits every degree below it first: 2^62 never ended.
+    q = np.zeros((4, 4), np.float32)
+    with pytest.raises(ValueError, match="largest degree that can be forced"):
+        approx_attn.attention(q, q, q, method="poly", degree=degree)
+    with pytest.raises(ValueError, match="largest degree that can be forced"):
+        _core.fit_polynomial(1.0, degree=degree)
+    with pytest.raises((OverflowError, ValueError)):
+        approx_attn.io_cost(64, 64, 64, method="poly", degree=degree, fast_memory_words=8192)
+
+
+def test_saturated_ranks_raise_instead_of_returning_2_64() -> None:
+    with pytest.raises(OverflowError, match="beyond 2\\^64 - 1"):
+        _core.num_features(2**20, 10)
+    with pytest.raises(OverflowError, match="beyond 2\\^64 - 1"):
+        approx_attn.io_lower_bound(
+            2**62, 2**62, 2**20, method="poly", degree=10, fast_memory_words=8192
+        )
+    assert _core.num_features(64, 2) == 2145

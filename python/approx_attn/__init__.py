@@ -65,16 +65,25 @@ class Report:
     poly_eps: float | None = None
     """Certified max |P(x) e^-x - 1| on [-beta, beta]."""
     error_bound: float | None = None
-    """Bound on max |O - O*| over all output entries: certified (poly), or the derived f16
-    rounding bound (exact on tensor cores)."""
+    """Bound on max |O - O*| over all output entries, O* exact attention of the inputs as given:
+    poly, the approximation part plus the rounding part (per column below); exact on tensor
+    cores, the derived f16 rounding bound."""
     error_bound_per_column: tuple[float, ...] | None = None
-    """Certified bound on max |O - O*| per output column: (poly_eps/(1-poly_eps) + f16_rounding)
-    * value range."""
+    """Bound on max |O - O*| per output column: poly, ``approximation_bound_per_column +
+    rounding_bound_per_column``."""
+    approximation_bound_per_column: tuple[float, ...] | None = None
+    """Poly: (poly_eps/(1-poly_eps) + f16_rounding) * value range per column, the part that
+    ``eps`` bounds (and that ``auto`` decides on)."""
+    rounding_bound_per_column: tuple[float, ...] | None = None
+    """Poly: the float32 rounding part, worst case: the kernels' arithmetic (on values centred
+    per column, so it scales with each column's range), the pre-pass's norms, the float32 output,
+    and the conversions (float64 inputs and the scale to float32, a float16 output)."""
     f16_rounding: float | None = None
     """Bound on the tensor-core passes' f16 rounding relative to the value range (None: f32 path).
     Exact on tensor cores: eps, the bound on the relative change of each unnormalised attention
-    weight; then |O - O*| <= (eps + S 2^-36)/(1 - eps) range(v) + 2^-11 max|v| + 2^-25 per
-    column (``error_bound_per_column``; derivation in src/exact/coop.rs)."""
+    weight; then |O - O*| <= (eps + S 2^-36)/(1 - eps) range(v) + 2^-11 max|v| + 2^-25 +
+    (2 gamma_2S + 2^-24) max|v| per column, the last term the f32 sums over the keys
+    (``error_bound_per_column``; derivation in src/exact/coop.rs)."""
     tensor_cores: bool = False
     """Whether the kernels that ran used cooperative matrices (tensor cores)."""
     storage: str = "float32"
@@ -618,7 +627,6 @@ def attention(
 
     f16_inputs = q.dtype == k.dtype == v.dtype == np.float16
     scale_given = scale
-    # The kernel's operands are the inputs' own values unless the scale is folded into them.
     use_f16_storage = (
         storage == "float16" or (storage is None and f16_inputs)
     ) and method != "poly"
@@ -685,7 +693,10 @@ def attention(
     result = result.astype(out_dtype, copy=False)
     if not return_report:
         return result
-    return result, _report(rep)
+    report = _report(rep)
+    if report.method == "poly":
+        report = _conversion_rounding(report, inputs, scale_given, scale, out_dtype)
+    return result, report
 
 
 def _exact_attention_lse(
@@ -728,6 +739,67 @@ def _exact_attention_lse(
     return out, lse, _report(rep)
 
 
+def _tuple_or_none(x: Any) -> tuple[float, ...] | None:
+    return tuple(float(y) for y in x) if x else None
+
+
+def _conversion_rounding(
+    rep: Report,
+    inputs: tuple[np.ndarray, np.ndarray, np.ndarray],
+    scale: float,
+    scale_run: float,
+    out_dtype: np.dtype,
+) -> Report:
+    """Adds to a poly report's rounding part what the conversions around the GPU call change,
+    against exact attention of the inputs as given (the GPU's part covers its float32 inputs):
+
+    * the scale rounded to float32 (or folded into float64 inputs) moves each score x by
+      |scale_f32/scale - 1| |x - c| <= that times beta (c = scale q.mu: the softmax ignores it);
+    * float64 Q, K (or any folded by a scale beyond float32's range) rounded to float32: every
+      product q_l k_l moves by (2u + u^2) |q_l| |k_l|, each score by that times
+      |scale| max|q_i| max|k_j| (Cauchy-Schwarz, uncentred norms);
+    * with every score off by at most d, each weight is off by a factor within e^(+-d), so the
+      output moves by at most (e^(2d) - 1) range(v) per column;
+    * float64 V rounded to float32: a convex combination of values each off by u |v|, u max|v|;
+    * a float16 output: the cast, 2^-11 max|v| + 2^-25 (|O| <= max|v|).
+    """
+    q, k, v = inputs
+    if rep.error_bound_per_column is None or rep.rounding_bound_per_column is None:
+        return rep
+    u = 2.0**-24
+    # scale_run: the scale after a fold into the inputs (a power of two, exact in float64).
+    scale_f32 = float(np.float32(scale_run))
+    d = abs(scale_run / scale_f32 - 1.0) * (rep.beta or 0.0) if scale_f32 != 0.0 else 0.0
+    inputs_rounded = q.dtype.itemsize == 8 or k.dtype.itemsize == 8 or scale != scale_run
+    if inputs_rounded and q.size and k.size:
+        qn = float(np.sqrt(np.max(np.sum(np.square(q, dtype=np.float64), axis=-1))))
+        kn = float(np.sqrt(np.max(np.sum(np.square(k, dtype=np.float64), axis=-1))))
+        d += (2.0 * u + u * u) * abs(scale) * qn * kn * (1.0 + 1e-12)
+    if d == 0.0 and v.dtype.itemsize != 8 and out_dtype.itemsize != 2:
+        return rep
+    # Per unit and column extremes, exact in the inputs' dtype (no float64 copy of V).
+    vv = v.reshape(-1, v.shape[-2], v.shape[-1])
+    hi, lo = vv.max(axis=-2).astype(np.float64), vv.min(axis=-2).astype(np.float64)
+    extra = np.zeros(v.shape[-1])
+    if d > 0.0:
+        extra += math.expm1(2.0 * d) * (hi - lo).max(axis=0)
+    vmax = np.maximum(np.abs(hi), np.abs(lo)).max(axis=0)
+    if v.dtype.itemsize == 8:
+        extra += u * vmax
+    if out_dtype.itemsize == 2:
+        extra += 2.0**-11 * vmax + 2.0**-25
+    if not extra.any():
+        return rep
+    rounding = np.asarray(rep.rounding_bound_per_column) + extra
+    total = np.asarray(rep.approximation_bound_per_column) + rounding
+    return dataclasses.replace(
+        rep,
+        rounding_bound_per_column=tuple(rounding.tolist()),
+        error_bound_per_column=tuple(total.tolist()),
+        error_bound=float(total.max()),
+    )
+
+
 def _report(rep: dict[str, Any]) -> Report:
     predicted = None
     if rep.get("predicted_exact_s") is not None:
@@ -754,6 +826,8 @@ def _report(rep: dict[str, Any]) -> Report:
         poly_eps=rep.get("poly_eps"),
         error_bound=max(per_col) if per_col else None,
         error_bound_per_column=tuple(per_col) if per_col else None,
+        approximation_bound_per_column=_tuple_or_none(rep.get("approximation_bound_per_column")),
+        rounding_bound_per_column=_tuple_or_none(rep.get("rounding_bound_per_column")),
         f16_rounding=rep.get("f16_rounding"),
         schedule=rep.get("schedule"),
         pass_s=tuple((str(n), float(t)) for n, t in rep.get("pass_s", [])),

@@ -617,8 +617,10 @@ pub const F16_MAX: f64 = 65504.0;
 /// sum. With every weight off by a factor in [1 - eps, 1 + eps] the output moves by at most
 /// eps/(1 - eps) times the value range (DESIGN.md, the poly certificate's argument), and the
 /// rounding of V adds u |v| + eta. Per output column c:
-///   |O_c - O*_c| <= (eps + S eta 2^-11) / (1 - eps) * range_c + u max|v_c| + eta.
-/// Not included, as for the f32 kernel: the f32 sums over the S keys (P V and the row sum).
+///   |O_c - O*_c| <= (eps + S eta 2^-11) / (1 - eps) * range_c + u max|v_c| + eta
+///                   + (2 gamma_2S + u32) max|v_c|,
+/// the last term the f32 sums over the S keys (P V and the row sum, at most 2S roundings each
+/// with the online softmax's rescales, gamma_n = n u32 / (1 - n u32)) and the division.
 #[derive(Clone, Debug, PartialEq)]
 pub struct F16Bound {
     /// Largest change of a score (natural log units) by the rounding of Q and K.
@@ -658,13 +660,21 @@ pub fn f16_bound(p: &Problem, q: &[f32], k: &[f32], v: &[f32]) -> Result<F16Boun
     let e_exp = 83.0 * 2f64.powi(-23);
     let eps = score_rounding.exp() * (1.0 + e_exp) * (1.0 + u) - 1.0;
     let sub = p.s as f64 * eta / 2f64.powf(f64::from(OFF));
+    // The f32 sums over the S keys (P V and the row sum, with the rescales of the online
+    // softmax: at most 2S roundings each, relative to sums of positive weights) and the division.
+    let n32 = 2.0 * p.s as f64 * F32_U;
+    let sums = if n32 < 1.0 {
+        2.0 * n32 / (1.0 - n32) + F32_U
+    } else {
+        f64::INFINITY
+    };
     let error_bound_per_column = (0..p.ev)
         .map(|col| {
             (0..p.units)
                 .map(|unit| {
                     let i = unit * p.ev + col;
                     let (lo, hi, a) = (cols.min[i], cols.max[i], cols.abs_max[i]);
-                    (eps + sub) / (1.0 - eps) * (hi - lo) + u * a + eta
+                    (eps + sub) / (1.0 - eps) * (hi - lo) + u * a + eta + sums * a
                 })
                 .fold(0f64, f64::max)
         })

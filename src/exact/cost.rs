@@ -15,7 +15,7 @@ pub fn visible_pairs(p: &Problem) -> f64 {
 
 /// Floating-point operations of exact attention (two products of E and Ev per pair).
 pub fn exact_flops(p: &Problem) -> f64 {
-    p.query_heads() as f64 * visible_pairs(p) * 2.0 * (p.e + p.ev) as f64
+    p.units as f64 * p.group as f64 * visible_pairs(p) * 2.0 * (p.e as f64 + p.ev as f64)
 }
 
 #[cfg(test)]

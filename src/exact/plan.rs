@@ -51,7 +51,7 @@ impl ExactTiles {
     /// Row stride of the Q and K tiles in tile elements: one element longer than a row, so the
     /// rows that the threads of a warp read start in different memory banks.
     pub fn row_stride(&self) -> usize {
-        self.e / self.lanes() + 1
+        (self.e / self.lanes()).saturating_add(1)
     }
     /// Width of the shared K/V tile row in tile elements; V reuses K's memory after the scores are
     /// formed.
@@ -61,14 +61,21 @@ impl ExactTiles {
     /// Tile elements of one V buffer (with `split_v`): BK rows of Ev, plus one element per thread
     /// column of tail padding (threads read past Ev where it is not a multiple of tk).
     pub fn v_buffer_elements(&self) -> usize {
-        self.bk * (self.ev / self.lanes()) + self.tk
+        // Saturating (here and below): sizes from Python may be huge; such tiles never fit.
+        self.bk
+            .saturating_mul(self.ev / self.lanes())
+            .saturating_add(self.tk)
     }
     /// Tile elements of the K/V array: the shared tile, or K's tile followed by two V buffers.
     pub fn kv_elements(&self) -> usize {
         if self.split_v {
-            self.bk * self.row_stride() + 2 * self.v_buffer_elements()
+            self.bk
+                .saturating_mul(self.row_stride())
+                .saturating_add(self.v_buffer_elements().saturating_mul(2))
         } else {
-            self.bk * self.kv_width() + self.tk
+            self.bk
+                .saturating_mul(self.kv_width())
+                .saturating_add(self.tk)
         }
     }
     /// Floats per element of the P tile: vec4 (four keys per load in the P V product) where the
@@ -88,9 +95,13 @@ impl ExactTiles {
     /// conflicts, K/V tail padding of one element per thread column), the P tile (rows padded by
     /// one element) and one partial row statistic per row and thread column.
     pub fn fast_memory_words(&self) -> u64 {
-        (self.lanes() * (self.bq * self.row_stride() + self.kv_elements())
-            + self.p_lanes() * self.bq * self.p_row_stride()
-            + self.bq * self.tk) as u64
+        let tiles = self
+            .bq
+            .saturating_mul(self.row_stride())
+            .saturating_add(self.kv_elements());
+        (self.lanes().saturating_mul(tiles))
+            .saturating_add(self.p_lanes() * self.bq * self.p_row_stride())
+            .saturating_add(self.bq * self.tk) as u64
     }
 }
 
@@ -103,10 +114,10 @@ pub struct ExactPlan {
 /// Picks the exact kernel's tiles: the largest query tile (I/O falls as 1/bq) that fits the fast
 /// memory and the register limits, then the largest key tile.
 pub fn exact_tiles(p: &Problem, budget: &Budget) -> Result<ExactTiles, Error> {
-    let bq_cap = p.l.max(1).next_power_of_two().min(64);
+    let bq_cap = p.l.clamp(1, 64).next_power_of_two();
     // Key tiles of at least 8 keep tk = 8 so wide values (Ev up to 256) stay within the register
     // cap; padded keys are masked.
-    let bk_cap = p.s.max(1).next_power_of_two().clamp(8, 64);
+    let bk_cap = p.s.clamp(8, 64).next_power_of_two();
     let mut best: Option<ExactTiles> = None;
     for bq in [64usize, 32, 16, 8, 4, 2, 1]
         .into_iter()

@@ -257,17 +257,18 @@ pub fn plan_causal_with(
     let bq = diag_coop.map_or(diag.bq, |t| t.bq());
     let b = poly.pass2.b;
     let step = b / gcd(b, bq) * bq; // lcm(B, BQ)
-    let (r, ev1, iw) = (poly.r, p.ev + 1, index_words(poly.degree));
+    let (r, ev1, iw) = (poly.r, p.ev.saturating_add(1), index_words(poly.degree));
     let c_star = (2.0 * bq as f64 * r as f64 * (3 * ev1 + iw) as f64 / (p.e + p.ev) as f64).sqrt();
     let mut chunk = match forced {
         Some(c) => c.div_ceil(step) * step,
         None => ((c_star / step as f64).round() as usize).max(1) * step,
     };
     // No longer than the sequence (one chunk then holds every row).
-    chunk = chunk.min(p.l.max(1).div_ceil(step) * step);
+    chunk = chunk.min(p.l.max(1).div_ceil(step).saturating_mul(step));
     let max_words = (budget.max_binding_bytes / 4) as usize;
     let width = p.e.max(ev1);
-    let rows_cap = max_words / (p.group * width);
+    // Saturating: sizes from Python may be huge (then nothing fits).
+    let rows_cap = max_words / p.group.saturating_mul(width);
     if rows_cap < chunk {
         chunk = rows_cap / step * step;
     }
@@ -284,7 +285,7 @@ pub fn plan_causal_with(
              budget"
         )));
     }
-    let state_words = r * ev1;
+    let state_words = r.saturating_mul(ev1);
     let state_cap = (max_words as u64).min(STATE_BUDGET_WORDS) as usize / state_words;
     if state_cap < 1 {
         return Err(too_large(format!(
@@ -306,7 +307,7 @@ pub fn plan_causal_with(
     let w = chunk * window_chunks;
     let units = p
         .units
-        .min(max_words / (p.group * w * width))
+        .min(max_words / p.group.saturating_mul(w).saturating_mul(width))
         .min(state_cap / window_chunks)
         .min(grid / p.group)
         .max(1);

@@ -1,17 +1,35 @@
 //! The certificate of the poly method: the degree from `eps` (derived here only), the f16 rounding
 //! bound of the tensor-core passes, and the plan that runs it.
 
+use super::causal::CausalPlan;
 use super::causal_coop::diag_f16_factor;
 use super::features::{num_features, try_feature_table, FeatureTable};
 use super::fit::{choose_degree, horner, monomial_condition, Poly};
 use super::plan::{plan_poly, plan_poly_coop, PolyPlan};
 use super::prepass::Prepass;
+use super::rounding::rounding_bound_per_column;
 use crate::api::{Certificate, PolyOptions, Problem};
 use crate::budget::Budget;
 use crate::error::Error;
 
 /// Highest degree the planner tries when choosing one from `eps`.
 pub const MAX_DEGREE: usize = 20;
+
+/// Highest degree that may be forced: fitting degree g takes the fits of every degree below it
+/// (about 1.7 s for 100 and 29 s for 200 on one core), and far below 64 the fit's top
+/// coefficients vanish below float precision for any beta the float32 kernels can certify.
+pub const MAX_FORCED_DEGREE: usize = 64;
+
+/// A forced degree above [`MAX_FORCED_DEGREE`] is refused before anything is fitted.
+pub fn check_forced_degree(degree: usize) -> Result<(), Error> {
+    if degree > MAX_FORCED_DEGREE {
+        return Err(Error::InvalidInput(format!(
+            "degree={degree} is above the largest degree that can be forced \
+             ({MAX_FORCED_DEGREE})"
+        )));
+    }
+    Ok(())
+}
 
 /// Unit roundoff of f16 (2^-11) and half its subnormal spacing (2^-25): an f16 rounding of x
 /// errs by at most `F16_U * |x| + F16_TINY`.
@@ -128,7 +146,7 @@ pub(crate) fn poly_candidate(
             f16_rounding.unwrap_or(0.0)
         )));
     }
-    let error_bound_per_column = (0..p.ev)
+    let approximation_bound_per_column: Vec<f64> = (0..p.ev)
         .map(|c| {
             (0..p.units)
                 .map(|u| factor * (pre.v_max[u * p.ev + c] - pre.v_min[u * p.ev + c]))
@@ -140,7 +158,9 @@ pub(crate) fn poly_candidate(
         rank: plan.r,
         beta,
         poly_eps: poly.certified_eps,
-        error_bound_per_column,
+        error_bound_per_column: approximation_bound_per_column.clone(),
+        approximation_bound_per_column,
+        rounding_bound_per_column: Vec::new(),
         f16_rounding,
         schedule: plan.schedule,
     };
@@ -241,14 +261,34 @@ pub(crate) fn causal_poly_candidate(
         return Ok((poly_candidate(p, pre, &f32_opts, budget, None)?, false));
     }
     c.cert.f16_rounding = Some(f16);
-    c.cert.error_bound_per_column = (0..p.ev)
+    // The approximation part (the f16 term included); the float32 rounding part is added
+    // once the plan is final (`add_rounding`).
+    c.cert.approximation_bound_per_column = (0..p.ev)
         .map(|col| {
             (0..p.units)
                 .map(|u| factor * (pre.v_max[u * p.ev + col] - pre.v_min[u * p.ev + col]))
                 .fold(0.0, f64::max)
         })
         .collect();
+    c.cert.error_bound_per_column = c.cert.approximation_bound_per_column.clone();
     Ok((c, true))
+}
+
+impl PolyCandidate {
+    /// Adds the float32 rounding part of the bound (`poly::rounding`) for the plan that runs
+    /// (after tuning; `causal` where the chunked causal schedule runs).
+    pub(crate) fn add_rounding(&mut self, p: &Problem, pre: &Prepass, causal: Option<&CausalPlan>) {
+        let plan = causal.map_or(&self.plan, |cp| &cp.poly);
+        let rounding = rounding_bound_per_column(p, pre, &self.poly, plan, causal);
+        self.cert.error_bound_per_column = self
+            .cert
+            .approximation_bound_per_column
+            .iter()
+            .zip(&rounding)
+            .map(|(a, r)| a + r)
+            .collect();
+        self.cert.rounding_bound_per_column = rounding;
+    }
 }
 
 /// The polynomial of [`fit`], and whether the tensor-core passes run it.

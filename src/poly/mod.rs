@@ -15,4 +15,5 @@ pub mod kernel_f32;
 pub mod plan;
 pub mod prepass;
 pub mod primitive;
+pub mod rounding;
 pub mod run;
