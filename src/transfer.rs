@@ -303,7 +303,7 @@ pub(crate) fn read_mapped<T>(
 /// memory and back at every call.
 const PARALLEL_COPY_BYTES: usize = 32 << 20;
 
-fn copy_threads(bytes: usize) -> usize {
+pub(crate) fn copy_threads(bytes: usize) -> usize {
     if bytes < PARALLEL_COPY_BYTES {
         return 1;
     }
