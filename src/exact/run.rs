@@ -22,15 +22,9 @@ pub fn run(
     v: &[f32],
     opts: &RunOptions,
 ) -> Result<(Vec<f32>, RunStats), Error> {
-    let t = &plan.tiles;
-    let key = format!("exact:{t:?}:{}:{}", opts.count_io, opts.trusted);
-    let pipeline = gpu.pipeline(&key, &shader_source(t, opts.count_io), opts.trusted)?;
-    let kernel = ExactKernel {
-        pass: "exact",
-        pipeline: &pipeline,
-        bq: t.bq,
-    };
-    run_kernel(gpu, p, &plan.chunking, &kernel, (q, k, v), opts)
+    let mut out = vec![0f32; p.query_heads() * p.l * p.ev];
+    let stats = run_into(gpu, p, plan, q, k, v, opts, &mut out)?;
+    Ok((out, stats))
 }
 
 /// Runs exact attention on inputs stored as f16 (`F16Inputs`, packed two to a word) into `out`:
