@@ -1,8 +1,10 @@
 //! The host loop of the exact kernel: cuts the problem into dispatches and merges split-KV partial
 //! results.
 
-use super::kernel::{shader_source, shader_source_for, Params};
-use super::plan::ExactPlan;
+use std::sync::Arc;
+
+use super::kernel::{shader_source_for, Params};
+use super::plan::{ExactPlan, ExactTiles};
 use super::storage::{F16Inputs, Storage};
 use crate::api::Problem;
 use crate::chunking::{chunks, Chunk, Chunking};
@@ -37,14 +39,11 @@ pub fn run_f16(
     opts: &RunOptions,
     out: &mut [f32],
 ) -> Result<RunStats, Error> {
-    let t = &plan.tiles;
-    let key = format!("exact_f16:{t:?}:{}:{}", opts.count_io, opts.trusted);
-    let src = shader_source_for(t, opts.count_io, Storage::F16);
-    let pipeline = gpu.pipeline(&key, &src, opts.trusted)?;
+    let pipeline = pipeline(gpu, &plan.tiles, Storage::F16, opts)?;
     let kernel = ExactKernel {
         pass: "exact",
         pipeline: &pipeline,
-        bq: t.bq,
+        bq: plan.tiles.bq,
     };
     // The packed words travel as f32 slices: the host loop only copies them (bit for bit).
     fn words(x: &[u32]) -> &[f32] {
@@ -69,13 +68,11 @@ pub fn run_into(
     opts: &RunOptions,
     out: &mut [f32],
 ) -> Result<RunStats, Error> {
-    let t = &plan.tiles;
-    let key = format!("exact:{t:?}:{}:{}", opts.count_io, opts.trusted);
-    let pipeline = gpu.pipeline(&key, &shader_source(t, opts.count_io), opts.trusted)?;
+    let pipeline = pipeline(gpu, &plan.tiles, Storage::F32, opts)?;
     let kernel = ExactKernel {
         pass: "exact",
         pipeline: &pipeline,
-        bq: t.bq,
+        bq: plan.tiles.bq,
     };
     let widths = (p.e, p.ev);
     let (_, stats) = run_kernel_stats(
@@ -90,6 +87,23 @@ pub fn run_into(
         out,
     )?;
     Ok(stats)
+}
+
+/// The f32 kernel's pipeline for inputs stored in `storage` (cached by tiles, storage and
+/// options).
+fn pipeline(
+    gpu: &Gpu,
+    t: &ExactTiles,
+    storage: Storage,
+    opts: &RunOptions,
+) -> Result<Arc<wgpu::ComputePipeline>, Error> {
+    let name = match storage {
+        Storage::F32 => "exact",
+        Storage::F16 => "exact_f16",
+    };
+    let key = format!("{name}:{t:?}:{}:{}", opts.count_io, opts.trusted);
+    let source = shader_source_for(t, opts.count_io, storage);
+    gpu.pipeline(&key, &source, opts.trusted)
 }
 
 /// A compiled exact kernel (f32 or cooperative-matrix): both take [`Params`] and the bindings
@@ -113,13 +127,11 @@ pub fn run_with_lse(
     v: &[f32],
     opts: &RunOptions,
 ) -> Result<(Vec<f32>, Vec<f32>, RunStats), Error> {
-    let t = &plan.tiles;
-    let key = format!("exact:{t:?}:{}:{}", opts.count_io, opts.trusted);
-    let pipeline = gpu.pipeline(&key, &shader_source(t, opts.count_io), opts.trusted)?;
+    let pipeline = pipeline(gpu, &plan.tiles, Storage::F32, opts)?;
     let kernel = ExactKernel {
         pass: "exact",
         pipeline: &pipeline,
-        bq: t.bq,
+        bq: plan.tiles.bq,
     };
     let widths = (p.e, p.ev);
     let mut out = vec![0f32; p.query_heads() * p.l * p.ev];
