@@ -569,10 +569,13 @@ fn run_choice(
             uploads.clear();
             let (st, mut io, plan, exact_f16) = match coop_exact {
                 Some(cplan) => {
-                    let bound = exact::coop::f16_bound(p, q, k, v)?;
-                    let (o, st) = exact::coop::run(gpu, p, cplan, q, k, v, opts)?;
+                    let rounded = f16_storage.is_some_and(|xs| xs.rounded);
+                    let bound = exact::coop::f16_bound(p, q, k, v, rounded)?;
+                    let unmasked = false;
+                    let xs = (q, k, v);
+                    let (o, st) = exact::coop::run(gpu, p, cplan, xs, f16_storage, unmasked, opts)?;
                     assign_slice(out, &o);
-                    // The f32 kernel's words: the same storage reads (f32) per block of bq rows.
+                    // The f32 kernel's words: the same storage reads per block of bq rows.
                     let tiles = exact::plan::ExactTiles {
                         bq: cplan.tiles.bq(),
                         ..exact_plan.tiles
@@ -581,7 +584,8 @@ fn run_choice(
                         tiles,
                         chunking: cplan.chunking,
                     };
-                    (st, exact_io(p, &as_f32), format!("{cplan:?}"), Some(bound))
+                    let io = exact_io_for(p, &as_f32, storage_of(f16_storage));
+                    (st, io, format!("{cplan:?}"), Some(bound))
                 }
                 None => {
                     let st = match f16_storage {
@@ -592,8 +596,7 @@ fn run_choice(
                     (st, io, format!("{exact_plan:?}"), None)
                 }
             };
-            // f16 storage where the f32 kernel ran on it.
-            let f16_storage = f16_storage.filter(|_| coop_exact.is_none());
+            // On tensor cores the f16 bound already includes the input rounding.
             let input_rounding = f16_storage.map(|xs| {
                 if xs.rounded {
                     f16_input_rounding(p, q, k, v)

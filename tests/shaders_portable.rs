@@ -360,6 +360,28 @@ fn check_coop_exact(t: &coop_exact::CoopExactTiles, count_io: bool) {
     check_coop(&name, &src, t.fast_memory_words());
 }
 
+/// [`check_coop_exact`] for every variant: f32 and f16 storage, key tiles seen whole masked or
+/// not. The default variant is the one `shader_source` gives.
+fn check_coop_exact_variants(t: &coop_exact::CoopExactTiles, count_io: bool) {
+    use approx_attn::exact::storage::Storage;
+    for storage in [Storage::F32, Storage::F16] {
+        for unmasked_tiles in [false, true] {
+            let var = coop_exact::CoopExactVariant {
+                storage,
+                unmasked_tiles,
+            };
+            let name = format!("coop exact {t:?} {var:?} count_io={count_io}");
+            let src = coop_exact::shader_source_for(t, count_io, &var);
+            if var == coop_exact::CoopExactVariant::default() {
+                assert_eq!(src, coop_exact::shader_source(t, count_io), "{name}");
+            } else {
+                assert_ne!(src, coop_exact::shader_source(t, count_io), "{name}");
+            }
+            check_coop(&name, &src, t.fast_memory_words());
+        }
+    }
+}
+
 /// The tensor-core exact kernel's problems: GQA groups, L != S, causal or not.
 fn coop_exact_problem(e: usize, ev: usize, causal: bool) -> Problem {
     Problem {
@@ -403,7 +425,8 @@ fn coop_exact_shaders_validate_and_translate_over_head_dims_and_budgets() {
                         continue;
                     };
                     assert!(t.fast_memory_words() <= words);
-                    check_coop_exact(&t, causal); // the I/O counter variant on one of the two
+                    // The I/O counter variant on one of the two.
+                    check_coop_exact_variants(&t, causal);
                     checked += 1;
                 }
             }

@@ -318,7 +318,8 @@ fn autotune_coop_exact(tuner: &Tuner, class: &Problem, sg: usize) -> Result<Coop
     let time = |t: CoopExactTiles| -> Result<f64, Error> {
         let plan = coop::plan_with(class, budget, t)?;
         let start = Instant::now();
-        let (_, st) = coop::run(gpu, class, &plan, &q, &k, &v, &opts)?;
+        // The default variant (f32 storage, every tile masked): the tiles serve every variant.
+        let (_, st) = coop::run(gpu, class, &plan, (&q, &k, &v), None, false, &opts)?;
         Ok(st.kernel_s.unwrap_or_else(|| start.elapsed().as_secs_f64()))
     };
     if let Some(&t) = candidates.first() {
