@@ -571,7 +571,7 @@ fn run_choice(
                 Some(cplan) => {
                     let rounded = f16_storage.is_some_and(|xs| xs.rounded);
                     let bound = exact::coop::f16_bound(p, q, k, v, rounded)?;
-                    let unmasked = false;
+                    let unmasked = tuner.cfg.coop_exact_unmasked;
                     let xs = (q, k, v);
                     let (o, st) = exact::coop::run(gpu, p, cplan, xs, f16_storage, unmasked, opts)?;
                     assign_slice(out, &o);
