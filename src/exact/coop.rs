@@ -348,9 +348,9 @@ pub fn shader_source_for(t: &CoopExactTiles, count_io: bool, var: &CoopExactVari
             elem_words(var.storage)
         ),
     };
-    // Keys every row of the subgroup sees: its first row sees the fewest (causal).
     let jfull = if var.unmasked_tiles {
-        "\n    var jfull = kv_end;\n    if (params.causal != 0u) {\n        \
+        "\n    // Keys every row of this subgroup sees (its first row sees the fewest).\n    \
+         var jfull = kv_end;\n    if (params.causal != 0u) {\n        \
          let g0 = params.q_offset + q0 + row0;\n        \
          jfull = min(kv_end, max(g0 + 1u, params.kv_offset) - params.kv_offset);\n    }"
     } else {
