@@ -96,17 +96,9 @@ fn main(
     // Accumulators start from a zero tile loaded from memory: naga writes a zero-constructed
     // coop_mat as OpConstantNull, which gave garbage on NVIDIA's driver (poly passes, H100).
     let zero_acc = coopLoadT<coop_mat16x16<f32, C>>(&s_t[sb], 16u);
-    for (var idx = lid; idx < BQ * EW; idx += WG) {
-        let row = idx / EW;
-        let c = (idx % EW) * LANES;
-{{Q_LOAD}}
-{{Q_STORE}}
-    }
-    workgroupBarrier();
-{{Q_FRAGS}}
-    workgroupBarrier();
+{{Q_BLOCK}}
     // Q's values would sit in the padding columns of the V tiles: zero the block again.
-    for (var i = lid; i < BQ * KS; i += WG) {
+    for (var i = lid; i < {{Q_HALVES}}; i += WG) {
         kv_t[i] = f16(0.0);
     }
 {{O_DECL}}

@@ -436,6 +436,70 @@ fn coop_exact_shaders_validate_and_translate_over_head_dims_and_budgets() {
 }
 
 #[test]
+fn coop_exact_q_staged_in_parts_validates_and_fits_eight_subgroups_at_e128() {
+    // 48 KiB: at E = 128 the whole Q block of 8 subgroups (128 rows) does not fit beside the
+    // scores and probabilities; in two parts it does.
+    let budget = Budget::with_binding(12288, 1 << 30);
+    let mut n = 0;
+    for (e, ev) in [
+        (1usize, 1usize),
+        (33, 20),
+        (64, 64),
+        (128, 128),
+        (200, 40),
+        (256, 256),
+    ] {
+        for (subgroups, rt, bk) in [
+            (8usize, 1usize, 16usize),
+            (8, 1, 32),
+            (4, 2, 32),
+            (2, 1, 16),
+        ] {
+            for q_parts in [1usize, 2, 4, 8] {
+                let t = coop_exact::CoopExactTiles {
+                    e,
+                    ev,
+                    sg: 32,
+                    subgroups,
+                    rt,
+                    bk,
+                    q_parts,
+                };
+                if !coop_exact::tiles_fit(&t, &budget) {
+                    continue;
+                }
+                check_coop_exact_variants(&t, n % 2 == 0);
+                n += 1;
+            }
+        }
+    }
+    assert!(n >= 30, "only {n} shapes");
+    let whole = coop_exact::CoopExactTiles {
+        e: 128,
+        ev: 128,
+        sg: 32,
+        subgroups: 8,
+        rt: 1,
+        bk: 16,
+        q_parts: 1,
+    };
+    assert!(!coop_exact::tiles_fit(&whole, &budget));
+    let halves = coop_exact::CoopExactTiles {
+        q_parts: 2,
+        ..whole
+    };
+    assert!(coop_exact::tiles_fit(&halves, &budget));
+    // Parts must divide the subgroups.
+    assert!(!coop_exact::tiles_fit(
+        &coop_exact::CoopExactTiles {
+            q_parts: 3,
+            ..whole
+        },
+        &budget
+    ));
+}
+
+#[test]
 fn every_coop_exact_candidate_of_the_nvidia_budget_validates() {
     // 48 KiB and 32-lane subgroups (the H200): the shapes a sweep or an autotune times.
     let budget = Budget::with_binding(12288, 1 << 30);

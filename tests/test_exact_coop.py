@@ -220,6 +220,35 @@ def test_f16_and_f32_storage_and_unmasked_tiles_agree_bit_for_bit(
 
 
 @needs_coop
+def test_q_staged_in_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same tiles with the Q block in 1, 2 or 4 parts: the same arithmetic, bit for bit.
+    q, k, v = inputs(13, 1, 4, 2, 300, 257, 64, 64)
+    kw = {"method": "exact", "enable_gqa": True, "tensor_cores": True}
+    monkeypatch.setenv("APPROX_ATTN_COOP_EXACT_TILES", "8 1 16")
+    for causal in (False, True):
+        outs = []
+        for parts in ("1", "2", "4"):
+            monkeypatch.setenv("APPROX_ATTN_COOP_EXACT_Q_PARTS", parts)
+            out, rep = approx_attn.attention(q, k, v, is_causal=causal, return_report=True, **kw)
+            assert f"q_parts: {parts}" in rep.plan, rep.plan
+            outs.append(out)
+        np.testing.assert_array_equal(outs[0], outs[1])
+        np.testing.assert_array_equal(outs[0], outs[2])
+    # E = 128: 8 subgroups fit 48 KiB only with Q in parts; against float64 within the bound.
+    q, k, v = inputs(14, 1, 2, 2, 200, 333, 128, 128)
+    monkeypatch.setenv("APPROX_ATTN_COOP_EXACT_Q_PARTS", "2")
+    for causal in (False, True):
+        out, rep = approx_attn.attention(q, k, v, is_causal=causal, return_report=True, **kw)
+        assert "subgroups: 8" in rep.plan and "q_parts: 2" in rep.plan, rep.plan
+        ref = reference.exact_attention(q, k, v, is_causal=causal)
+        tol = np.asarray(rep.error_bound_per_column) + f32_sums(v, 333)
+        assert_close(out, ref, tol, f"Q in parts causal={causal}")
+    monkeypatch.setenv("APPROX_ATTN_COOP_EXACT_Q_PARTS", "3")
+    with pytest.raises(ValueError, match="Q_PARTS"):
+        approx_attn.attention(q, k, v, **kw)
+
+
+@needs_coop
 def test_split_kv_dispatches_merge_within_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     # A binding of 64 KiB holds 256 rows of 64 floats: S = 700 keys take three dispatches.
     monkeypatch.setenv("APPROX_ATTN_MAX_BINDING_BYTES", str(64 << 10))

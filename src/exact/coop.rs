@@ -44,7 +44,10 @@ const MAX_THREADS: usize = 256;
 
 /// Tiles of the exact kernel on cooperative matrices. A workgroup is `subgroups` subgroups of `sg`
 /// lanes; subgroup s owns `rt` 16-row tiles of the query block (bq = 16 * rt * subgroups rows) and
-/// all its 16-column output tiles; keys stream in tiles of `bk`.
+/// all its 16-column output tiles; keys stream in tiles of `bk`. The Q block goes through
+/// workgroup memory (into the subgroups' registers) in `q_parts` parts of bq / q_parts rows, in
+/// the K/V buffers' memory: more parts, less memory where the Q block is larger than the
+/// buffers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CoopExactTiles {
     pub e: usize,
@@ -53,6 +56,7 @@ pub struct CoopExactTiles {
     pub subgroups: usize,
     pub rt: usize,
     pub bk: usize,
+    pub q_parts: usize,
 }
 
 impl CoopExactTiles {
@@ -89,9 +93,15 @@ impl CoopExactTiles {
     pub fn v_stride(&self) -> usize {
         self.padded_ev() + 8
     }
-    /// Halves of the K/V array: two [K | V] buffers, or the Q block where that is larger.
+    /// Halves of the K/V array: two [K | V] buffers, or a part of the Q block where that is
+    /// larger.
     pub fn kv_halves(&self) -> usize {
-        (2 * self.bk * (self.k_stride() + self.v_stride())).max(self.bq() * self.k_stride())
+        (2 * self.bk * (self.k_stride() + self.v_stride()))
+            .max(self.q_part_rows() * self.k_stride())
+    }
+    /// Rows of a part of the Q block.
+    pub fn q_part_rows(&self) -> usize {
+        self.bq() / self.q_parts.max(1)
     }
     pub fn score_words(&self) -> usize {
         self.bq() * (self.bk + 4)
@@ -151,6 +161,8 @@ pub fn tiles_fit(t: &CoopExactTiles, budget: &Budget) -> bool {
         && t.sg.is_power_of_two()
         && t.subgroups > 0
         && t.rt > 0
+        && t.q_parts > 0
+        && t.subgroups % t.q_parts == 0
         && COOP * t.rt <= t.sg
         && t.bk >= COOP
         && t.bk % COOP == 0
@@ -194,6 +206,7 @@ pub fn candidates(p: &Problem, budget: &Budget, sg: usize) -> Vec<CoopExactTiles
             subgroups,
             rt,
             bk,
+            q_parts: 1,
         })
         .filter(|t| tiles_fit(t, budget))
         .collect()
@@ -356,7 +369,7 @@ pub fn shader_source_for(t: &CoopExactTiles, count_io: bool, var: &CoopExactVari
     } else {
         ""
     };
-    let (q_store, q_frags, o_decl) = query_slots(t, var);
+    let (q_block, q_halves, o_decl) = query_slots(t, var, &q_load);
     let sm = softmax_slot(t, var.unmasked_tiles);
     let (scores, pv, store) = (scores_slot(t), pv_slot(t), store_slot(t));
     let pre = prefetch(t, var);
@@ -364,7 +377,6 @@ pub fn shader_source_for(t: &CoopExactTiles, count_io: bool, var: &CoopExactVari
     // The storage declarations carry slots of their own: filled first.
     let template = TEMPLATE
         .replace("{{STORAGE_DECL}}", &storage_decl)
-        .replace("{{Q_LOAD}}", &q_load)
         .replace("{{JFULL}}", jfull);
     fill_template(
         &template,
@@ -385,8 +397,8 @@ pub fn shader_source_for(t: &CoopExactTiles, count_io: bool, var: &CoopExactVari
             ("KV_T", t.kv_halves().to_string()),
             ("S_T", t.score_words().to_string()),
             ("P_T", t.prob_halves().to_string()),
-            ("Q_STORE", q_store.trim_end().to_string()),
-            ("Q_FRAGS", q_frags.trim_end().to_string()),
+            ("Q_BLOCK", q_block),
+            ("Q_HALVES", q_halves),
             ("O_DECL", o_decl.trim_end().to_string()),
             ("PREFETCH_DECL", pre.decl),
             ("LOAD_FIRST", pre.first),
@@ -416,26 +428,92 @@ fn tile_counts(t: &CoopExactTiles) -> (usize, usize, usize, usize, usize, usize)
     )
 }
 
-/// The query tile's store, its fragments and the output accumulators' declarations.
-fn query_slots(t: &CoopExactTiles, var: &CoopExactVariant) -> (String, String, String) {
+/// The Q block's trip through workgroup memory into the subgroups' fragments (`q_load`: the
+/// load of one storage element into `x`), the halves it occupies there, and the output
+/// accumulators' declarations.
+fn query_slots(
+    t: &CoopExactTiles,
+    var: &CoopExactVariant,
+    q_load: &str,
+) -> (String, String, String) {
     let rt = t.rt;
     let (dt, _, ct, _, _, _) = tile_counts(t);
     let (_, comps) = element(var.storage, var.lanes(t));
-    let mut q_store = String::new();
-    for (l, c) in comps.iter().enumerate() {
-        let _ = writeln!(q_store, "        kv_t[row * KS + c + {l}u] = f16(x{c});");
-    }
-    let mut q_frags = String::new();
-    for a in 0..rt {
-        for d in 0..dt {
+    let parts = t.q_parts.max(1);
+    let pr = t.q_part_rows();
+    let mut q = String::new();
+    if parts == 1 {
+        q.push_str(
+            "    for (var idx = lid; idx < BQ * EW; idx += WG) {\n        let row = idx / EW;\n        \
+             let c = (idx % EW) * LANES;\n",
+        );
+        let _ = writeln!(q, "{q_load}");
+        for (l, c) in comps.iter().enumerate() {
+            let _ = writeln!(q, "        kv_t[row * KS + c + {l}u] = f16(x{c});");
+        }
+        q.push_str("    }\n    workgroupBarrier();\n");
+        for a in 0..rt {
+            for d in 0..dt {
+                let _ = writeln!(
+                    q,
+                    "    let qf_{a}_{d} = coopLoadT<coop_mat16x16<f16, A>>(&kv_t[(row0 + {}u) * KS + {}u], KS);",
+                    16 * a,
+                    16 * d
+                );
+            }
+        }
+        q.push_str("    workgroupBarrier();");
+    } else {
+        let spp = t.subgroups / parts;
+        let _ = writeln!(
+            q,
+            "    // The Q block in {parts} parts of {pr} rows, in the K/V buffers' memory: subgroup s takes\n    \
+             // its fragments from part s / {spp}, in a loop that runs at most once (naga's uniformity\n    \
+             // analysis rejects cooperative operations under an `if` on the subgroup id)."
+        );
+        for a in 0..rt {
+            for d in 0..dt {
+                let _ = writeln!(q, "    var qf_{a}_{d}: coop_mat16x16<f16, A>;");
+            }
+        }
+        let _ = writeln!(
+            q,
+            "    for (var qp = 0u; qp < {parts}u; qp += 1u) {{\n        \
+             for (var pidx = lid; pidx < {pr}u * EW; pidx += WG) {{\n            \
+             let idx = qp * {pr}u * EW + pidx;\n            let row = idx / EW;\n            \
+             let c = (idx % EW) * LANES;"
+        );
+        for line in q_load.lines() {
+            let _ = writeln!(q, "    {line}");
+        }
+        for (l, c) in comps.iter().enumerate() {
             let _ = writeln!(
-                q_frags,
-                "    let qf_{a}_{d} = coopLoadT<coop_mat16x16<f16, A>>(&kv_t[(row0 + {}u) * KS + {}u], KS);",
-                16 * a,
-                16 * d
+                q,
+                "            kv_t[(row - qp * {pr}u) * KS + c + {l}u] = f16(x{c});"
             );
         }
+        let _ = writeln!(
+            q,
+            "        }}\n        workgroupBarrier();\n        \
+             for (var once = sg / {spp}u == qp; once; once = false) {{"
+        );
+        for a in 0..rt {
+            for d in 0..dt {
+                let _ = writeln!(
+                    q,
+                    "            qf_{a}_{d} = coopLoadT<coop_mat16x16<f16, A>>(&kv_t[(row0 - qp * {pr}u + {}u) * KS + {}u], KS);",
+                    16 * a,
+                    16 * d
+                );
+            }
+        }
+        q.push_str("        }\n        workgroupBarrier();\n    }");
     }
+    let q_halves = if parts == 1 {
+        "BQ * KS".to_string()
+    } else {
+        format!("{pr}u * KS")
+    };
     let mut o_decl = String::new();
     for a in 0..rt {
         for c in 0..ct {
@@ -443,7 +521,7 @@ fn query_slots(t: &CoopExactTiles, var: &CoopExactVariant) -> (String, String, S
         }
     }
 
-    (q_store, q_frags, o_decl)
+    (q, q_halves, o_decl)
 }
 
 /// S = Q K^T one 16-key column tile at a time (RT accumulators live), staged row-major.
@@ -899,6 +977,7 @@ mod tests {
                             subgroups: 1,
                             rt: 1,
                             bk: COOP,
+                            q_parts: 1,
                         };
                         assert!(!tiles_fit(&smallest, &b), "E={e} words={words}");
                         assert!(smallest.fast_memory_words() > words, "E={e}");
