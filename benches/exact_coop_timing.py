@@ -18,7 +18,8 @@ adapter has no cooperative matrices the f32 kernel runs in their place (rows say
 The process holds a CUDA context throughout (without one the driver may keep the GPU's clocks
 idle while wgpu runs). Shaders run without wgpu's runtime checks (APPROX_ATTN_TRUSTED_SHADERS=1,
 as benches/bench.py --trusted). With --sweep, every tile shape of the planner's candidates is
-timed at each (n, E) by APPROX_ATTN_COOP_EXACT_TILES. This is a benchmark: nothing here asserts.
+timed at each (n, E) by APPROX_ATTN_COOP_EXACT_TILES, with the Q block staged in each of
+--sweep-q-parts parts (APPROX_ATTN_COOP_EXACT_Q_PARTS). This is a benchmark: nothing here asserts.
 """
 
 from __future__ import annotations
@@ -80,11 +81,16 @@ def ours(
     tiles: str | None,
     variant: str = "f32",
     tensor_cores: bool = True,
+    q_parts: int | None = None,
 ):
     if tiles is None:
         os.environ.pop("APPROX_ATTN_COOP_EXACT_TILES", None)
     else:
         os.environ["APPROX_ATTN_COOP_EXACT_TILES"] = tiles
+    if q_parts is None:
+        os.environ.pop("APPROX_ATTN_COOP_EXACT_Q_PARTS", None)
+    else:
+        os.environ["APPROX_ATTN_COOP_EXACT_Q_PARTS"] = str(q_parts)
     storage, unmasked = VARIANTS[variant]
     os.environ["APPROX_ATTN_COOP_EXACT_UNMASKED"] = "1" if unmasked else "0"
     secs, rep = [], None
@@ -137,6 +143,14 @@ def main() -> None:
     ap.add_argument("--causal", choices=["both", "no", "yes"], default="both")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-n", type=int, default=16384)
+    ap.add_argument(
+        "--sweep-q-parts",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="with --sweep: also stage the Q block in these numbers of parts (2: 8 subgroups fit "
+        "48 KiB at E = 128)",
+    )
     ap.add_argument("--autotune", action="store_true", help="tune the tiles per class first")
     ap.add_argument(
         "--f32-at", type=int, nargs="*", default=[], help="also time the f32 kernel at these n"
@@ -214,13 +228,17 @@ def main() -> None:
             ]
             for causal in causals:
                 for s in shapes:
-                    try:
-                        _, rep, secs = ours(q, k, v, causal, 2, s, args.variants[0], tensor_cores)
-                        row = {"n": n, "E": E, "causal": causal, "tiles": s, "kernel_s": min(secs)}
-                    except ValueError as e:  # shapes that do not fit are refused
-                        row = {"n": n, "E": E, "causal": causal, "tiles": s, "error": str(e)[:200]}
-                    print(json.dumps(row), flush=True)
-                    results["sweep"].append(row)
+                    for qp in args.sweep_q_parts:
+                        row = {"n": n, "E": E, "causal": causal, "tiles": s, "q_parts": qp}
+                        try:
+                            _, rep, secs = ours(
+                                q, k, v, causal, 2, s, args.variants[0], tensor_cores, qp
+                            )
+                            row["kernel_s"] = min(secs)
+                        except ValueError as e:  # shapes that do not fit are refused
+                            row["error"] = str(e)[:200]
+                        print(json.dumps(row), flush=True)
+                        results["sweep"].append(row)
         for n in args.n:
             q, k, v = (
                 rng.standard_normal((1, args.heads, n, E), dtype=np.float32) for _ in range(3)
