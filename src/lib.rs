@@ -75,9 +75,10 @@ pub fn attention(
 /// [`attention`] for inputs that were float16 (`f16_inputs`): as in PyTorch, precision follows
 /// the dtype, so exact attention runs on cooperative matrices there (where the adapter has them)
 /// unless `popts.tensor_cores` says otherwise; float32 inputs keep the f32 kernel unless it says
-/// `Some(true)`. With `f16_storage` (the inputs as f16, packed) the f32 exact kernel reads them
-/// from f16 storage instead (half the words), where its operands are those values: not after a
-/// rebalancing of extreme scores or a mapping of the values (then it reads `q`, `k`, `v`).
+/// `Some(true)`. With `f16_storage` (the inputs as f16, packed) the exact kernel (f32 or on
+/// tensor cores) reads them from f16 storage instead (half the words), where its operands are
+/// those values: not after a rebalancing of extreme scores or a mapping of the values (then it
+/// reads `q`, `k`, `v`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_with_inputs(
     p: &Problem,
@@ -481,8 +482,8 @@ fn run_in_range(
     Ok((ran, Some(notes.join("; "))))
 }
 
-/// Runs the chosen method on these inputs (`pre`: the pre-pass, for the values given; the f32
-/// exact kernel reads `f16_storage` where given, the same values stored as f16).
+/// Runs the chosen method on these inputs (`pre`: the pre-pass, for the values given; the
+/// exact kernels read `f16_storage` where given, the same values stored as f16).
 #[allow(clippy::too_many_arguments)]
 fn run_choice(
     tuner: &Tuner,
