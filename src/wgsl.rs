@@ -33,6 +33,17 @@ pub(crate) fn fill_template(template: &str, slots: &[(&str, String)]) -> String 
     s
 }
 
+/// A fragment template (`shaders/*_store.wgsl`: a block that a kernel repeats once per unrolled
+/// register tile, barriers and guards included) filled like [`fill_template`]; its leading `//`
+/// lines describe it and are not part of the code.
+pub(crate) fn fill_fragment(fragment: &str, slots: &[(&str, String)]) -> String {
+    let mut code = fragment;
+    while code.starts_with("//") {
+        code = code.split_once('\n').map_or("", |(_, rest)| rest);
+    }
+    fill_template(code, slots)
+}
+
 /// Writes generated WGSL line by line at a tracked depth (four spaces a level), so that generators
 /// do not thread indentation strings by hand.
 pub(crate) struct Emitter {
@@ -166,5 +177,12 @@ mod tests {
             )
         });
         assert!(unused.is_err());
+    }
+
+    #[test]
+    fn fragment_drops_its_description_and_fills_its_slots() {
+        let f = "// what it is\n// more\n    x_{{A}} = {{A}}u;\n    // kept\n";
+        let filled = fill_fragment(f, &[("A", "3".into())]);
+        assert_eq!(filled, "    x_3 = 3u;\n    // kept\n");
     }
 }
