@@ -916,7 +916,7 @@ pub fn io_cost(
     p.check_sizes()?;
     if method != Method::Exact && storage != Storage::F32 {
         return Err(Error::InvalidInput(format!(
-            "storage={:?} applies to method='exact' only: the poly kernels read float32",
+            "storage='{}' applies to method='exact' only: the poly kernels read float32",
             storage.name()
         )));
     }

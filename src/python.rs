@@ -122,7 +122,7 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
 /// it, as with any NumPy function that releases the GIL.
 fn contiguous<'a>(x: &'a PyReadonlyArray1<'_, f32>, name: &str) -> PyResult<&'a [f32]> {
     x.as_slice()
-        .map_err(|_| PyValueError::new_err(format!("{name} must be contiguous")))
+        .map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous")))
 }
 
 /// Attention on flattened contiguous float32 arrays, read in place, into the flat float32
@@ -155,12 +155,14 @@ fn attention<'py>(
     f16_storage: Option<[PyReadonlyArray1<'py, u16>; 3]>,
     f16_rounded: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let method = match method {
-        "exact" => Method::Exact,
-        "poly" => Method::Poly,
-        "auto" => Method::Auto,
-        other => return Err(PyValueError::new_err(format!("unknown method {other:?}"))),
-    };
+    let method = parse_method(
+        method,
+        &[
+            ("auto", Method::Auto),
+            ("exact", Method::Exact),
+            ("poly", Method::Poly),
+        ],
+    )?;
     let (q, k, v) = (
         contiguous(&q, "query")?,
         contiguous(&k, "key")?,
@@ -168,7 +170,7 @@ fn attention<'py>(
     );
     let out = out
         .as_slice_mut()
-        .map_err(|_| PyValueError::new_err("out must be contiguous"))?;
+        .map_err(|_| PyValueError::new_err("out must be C-contiguous"))?;
     let p = Problem {
         units,
         group,
@@ -294,7 +296,7 @@ fn poly_kernel_attention<'py>(
     );
     let out = out
         .as_slice_mut()
-        .map_err(|_| PyValueError::new_err("out must be contiguous"))?;
+        .map_err(|_| PyValueError::new_err("out must be C-contiguous"))?;
     let gates = log_gates.map(|g| g.as_array().iter().copied().collect::<Vec<f32>>());
     let state0 = initial_state.map(|x| x.as_array().iter().copied().collect::<Vec<f32>>());
     let p = Problem {
@@ -423,7 +425,7 @@ fn parse_storage(storage: &str) -> PyResult<crate::exact::storage::Storage> {
         .find(|s| s.name() == storage)
         .ok_or_else(|| {
             PyValueError::new_err(format!(
-                "storage must be 'float32' or 'float16', got {storage:?}"
+                "storage must be 'float16' or 'float32', got '{storage}'"
             ))
         })
 }
@@ -434,8 +436,12 @@ fn parse_method(method: &str, allowed: &[(&str, Method)]) -> PyResult<Method> {
         .find(|(name, _)| *name == method)
         .map(|&(_, m)| m)
         .ok_or_else(|| {
+            // The Python wrappers' wording: the allowed names as a tuple, the value as its repr.
             let names: Vec<&str> = allowed.iter().map(|(n, _)| *n).collect();
-            PyValueError::new_err(format!("method must be one of {names:?}, got {method:?}"))
+            PyValueError::new_err(format!(
+                "method must be one of ('{}'), got '{method}'",
+                names.join("', '")
+            ))
         })
 }
 
@@ -510,7 +516,7 @@ fn fit_polynomial(
 ) -> PyResult<(usize, Vec<f64>, f64)> {
     if !(beta >= 0.0 && beta.is_finite()) {
         return Err(PyValueError::new_err(format!(
-            "beta must be finite and >= 0, got {beta}"
+            "beta must be a finite number >= 0, got {beta}"
         )));
     }
     let poly = match (degree, eps) {
@@ -521,7 +527,7 @@ fn fit_polynomial(
         (None, Some(eps)) => crate::poly::fit::choose_degree(beta, eps, crate::MAX_DEGREE)
             .ok_or_else(|| {
                 PyValueError::new_err(format!(
-                    "no degree <= {} certifies {eps} at beta={beta}",
+                    "no degree <= {} certifies eps={eps} at beta={beta}",
                     crate::MAX_DEGREE
                 ))
             })?,
