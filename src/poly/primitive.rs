@@ -32,7 +32,7 @@ use super::kernel_common::Variant;
 use super::plan::plan_poly_rank;
 use super::prepass::Prepass;
 use super::run::run_with as poly_run;
-use crate::api::Problem;
+use crate::api::{Problem, Report};
 use crate::budget::Budget;
 use crate::config::Config;
 use crate::device;
@@ -73,6 +73,34 @@ pub struct PolyKernelRun {
     pub adapter: String,
     pub backend: String,
     pub fast_memory_words: u64,
+}
+
+impl PolyKernelRun {
+    /// The [`Report`] of this run (`elapsed_s`: the call's time, as the caller measured it) and
+    /// the state where asked; the output stays with the caller.
+    pub fn into_report(self, elapsed_s: f64) -> (Report, Option<Vec<f32>>) {
+        let report = Report {
+            method: "poly_kernel",
+            adapter: self.adapter,
+            backend: self.backend,
+            fast_memory_words: self.fast_memory_words,
+            io_words: self.io.total(),
+            io_reads: self.io.reads(),
+            io_writes: self.io.writes(),
+            stats: self.stats,
+            elapsed_s,
+            plan: self.plan,
+            certificate: None,
+            predicted_exact_s: None,
+            predicted_poly_s: None,
+            reason: "the model's polynomial kernel, computed exactly (no certificate)".into(),
+            tensor_cores: false,
+            exact_f16: None,
+            storage: Default::default(),
+            input_rounding: None,
+        };
+        (report, self.state)
+    }
 }
 
 /// The kernel's degree: its last nonzero coefficient.
