@@ -930,7 +930,7 @@ def io_lower_bound(
     degree: int | None = None,
     fast_memory_words: int | None = None,
 ) -> float:
-    """Reconstructed I/O lower bound in words (see README): for ``poly`` with rank
+    """Reconstructed I/O lower bound in words (docs/io-model.md): for ``poly`` with rank
     r = C(E+degree, degree), Ω(n·d + min(n·r·d²/M, n·r·d/√M)) with the segment-argument
     constants; for ``exact``, Ω(min(n²d²/M, n²d/√M)) (Saha & Ye 2024).
 
