@@ -953,10 +953,34 @@ impl<'a> CausalRun<'a> {
         out: &mut [f32],
         stats: &mut RunStats,
     ) -> Result<(), Error> {
-        let (gpu, p, plan, opts) = (self.gpu, self.p, self.plan, self.opts);
+        let (gpu, p) = (self.gpu, self.p);
         let heads = nu * p.group;
         let qc = gather(q, u0 * p.group, heads, p.l, w0, lw, p.e);
         let q_buf = self.uploads.buffer(gpu, qc, "q");
+        let d_buf = self.diagonal_blocks(&q_buf, (u0, nu, mu_buf), (lw, kw), (kv, gates), stats)?;
+        let oc = self.pass2_rows(&q_buf, &d_buf, heads, (lw, kw), gates, stats)?;
+        for h in 0..heads {
+            for row in 0..lw {
+                let dst = ((u0 * p.group + h) * p.l + w0 + row) * p.ev;
+                out[dst..dst + p.ev]
+                    .copy_from_slice(&oc[(h * lw + row) * p.ev..(h * lw + row + 1) * p.ev]);
+            }
+        }
+        Ok(())
+    }
+
+    /// The window's masked diagonal blocks, `[num | D]` (Ev + 1 words per row), on the GPU: on
+    /// tensor cores where planned (and not gated), else in f32.
+    fn diagonal_blocks(
+        &self,
+        q_buf: &wgpu::Buffer,
+        (u0, nu, mu_buf): (usize, usize, &wgpu::Buffer),
+        (lw, kw): (usize, usize),
+        (kv, gates): (Option<&KeyValues>, Option<&GateBuffers>),
+        stats: &mut RunStats,
+    ) -> Result<wgpu::Buffer, Error> {
+        let (gpu, p, plan, opts) = (self.gpu, self.p, self.plan, self.opts);
+        let heads = nu * p.group;
         let d_buf = storage_buffer(gpu, heads * lw * (p.ev + 1), "diagonal blocks");
         let (k_buf, v_buf) = match kv {
             Some((kb, vb)) => (kb.as_ref(), vb.as_ref()),
@@ -976,7 +1000,7 @@ impl<'a> CausalRun<'a> {
                 };
                 let vn = &vn[u0 * 3 * p.ev..(u0 + nu) * 3 * p.ev];
                 let vn_buf = storage_buffer_with(gpu, bytemuck::cast_slice(vn), "value norm");
-                let buffers = [&*q_buf, k_buf, v_buf, mu_buf, &self.c_buf, &d_buf, &vn_buf];
+                let buffers = [q_buf, k_buf, v_buf, mu_buf, &self.c_buf, &d_buf, &vn_buf];
                 Launch {
                     pass: "diag",
                     pipeline: &self.pipelines.diag,
@@ -996,7 +1020,7 @@ impl<'a> CausalRun<'a> {
                     scale: p.scale,
                     _pad: [0; 3],
                 };
-                let mut buffers = vec![&*q_buf, k_buf, v_buf, mu_buf, &self.c_buf, &d_buf];
+                let mut buffers = vec![q_buf, k_buf, v_buf, mu_buf, &self.c_buf, &d_buf];
                 buffers.extend(gates.map(|g| &g[3]));
                 Launch {
                     pass: "diag",
@@ -1010,7 +1034,21 @@ impl<'a> CausalRun<'a> {
             }
         };
         stats.absorb(&st);
+        Ok(d_buf)
+    }
 
+    /// Pass 2 over the window's prefix states and diagonal blocks (split over feature ranges
+    /// where planned): the window's output rows, read back.
+    fn pass2_rows(
+        &self,
+        q_buf: &wgpu::Buffer,
+        d_buf: &wgpu::Buffer,
+        heads: usize,
+        (lw, kw): (usize, usize),
+        gates: Option<&GateBuffers>,
+        stats: &mut RunStats,
+    ) -> Result<Vec<f32>, Error> {
+        let (gpu, p, plan, opts) = (self.gpu, self.p, self.plan, self.opts);
         let pass2 = &plan.poly.pass2;
         let blocks = lw.div_ceil(pass2.b);
         let o_words = heads * lw * p.ev;
@@ -1032,12 +1070,12 @@ impl<'a> CausalRun<'a> {
                 chunk0: chunk0 as u32,
             };
             let mut buffers = vec![
-                &*q_buf,
+                q_buf,
                 &self.partial,
                 &self.idx_buf,
                 &self.w_buf,
                 &o_buf,
-                &d_buf,
+                d_buf,
             ];
             buffers.extend(gates.map(|g| &g[2]));
             let read_back: &[(&wgpu::Buffer, usize)] = if end == chunks {
@@ -1056,14 +1094,7 @@ impl<'a> CausalRun<'a> {
             stats.absorb(&st);
             oc = o_read;
         }
-        for h in 0..heads {
-            for row in 0..lw {
-                let dst = ((u0 * p.group + h) * p.l + w0 + row) * p.ev;
-                out[dst..dst + p.ev]
-                    .copy_from_slice(&oc[(h * lw + row) * p.ev..(h * lw + row + 1) * p.ev]);
-            }
-        }
-        Ok(())
+        Ok(oc)
     }
 }
 
