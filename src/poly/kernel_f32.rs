@@ -171,7 +171,7 @@ pub fn pass1_source_with(t: &Pass1Tiles, count_io: bool, gated: bool) -> String 
         "j * RC",
         |u| format!("v_tile[j * CW + tc + {}u]", u * t.tc),
     );
-    let product = tile_loop("        ", ("j", "kr", ("BK", t.bk)), &product);
+    let product = tile_loop(2, ("j", "kr", ("BK", t.bk)), &product);
     let store = pass1_store(t, (rf, cu), vec4_rows);
     let (build_decl, build, d_store) = pass1_feature_build(t, gated);
     let tiles = pass1_tile_loads(t);
@@ -234,14 +234,21 @@ fn micro_tile_row(a: usize, (trow, side): (&str, usize), vec4_rows: bool) -> Str
 
 /// A product loop over `i` < `count` rows of a tile of `full` rows: full tiles (all but the
 /// last, mostly) are written out by [`constant_loop`], the last tile loops.
-fn tile_loop(indent: &str, (i, count, full): (&str, &str, (&str, usize)), body: &str) -> String {
+fn tile_loop(depth: usize, (i, count, full): (&str, &str, (&str, usize)), body: &str) -> String {
     let body = body.trim_end();
-    let full_tile = constant_loop(&format!("{indent}    "), i, full, body);
-    let full_name = full.0;
-    format!(
-        "{indent}if ({count} == {full_name}) {{\n{full_tile}\n{indent}}} else {{\n\
-         {indent}    for (var {i} = 0u; {i} < {count}; {i}++) {{\n{body}\n{indent}    }}\n{indent}}}"
-    )
+    let mut e = Emitter::new(depth);
+    e.if_else(
+        format!("{count} == {}", full.0),
+        |e| {
+            e.code(&constant_loop(depth + 1, i, full, body));
+        },
+        |e| {
+            e.block(format!("for (var {i} = 0u; {i} < {count}; {i}++)"), |e| {
+                e.code(body);
+            });
+        },
+    );
+    e.finish()
 }
 
 /// The unrolled body of a micro-tile product step of both passes over a feature tile `phi` whose
@@ -472,7 +479,7 @@ pub fn pass2_source_variant(t: &Pass2Tiles, count_io: bool, causal: bool, v: Var
         "f * FS",
         |u| format!("s_tile[f * CW + tc + {}u]", u * t.tc),
     );
-    let product = tile_loop("            ", ("f", "rows_f", ("RC", t.rc)), &product);
+    let product = tile_loop(3, ("f", "rows_f", ("RC", t.rc)), &product);
     let build = pass2_feature_build(
         (rpt, t.g),
         ("q_tile", "dq"),
