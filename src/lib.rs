@@ -77,9 +77,10 @@ pub fn attention(
 /// [`attention`] for inputs that were float16 (`f16_inputs`): as in PyTorch, precision follows
 /// the dtype, so exact attention runs on cooperative matrices there (where the adapter has them)
 /// unless `popts.tensor_cores` says otherwise; float32 inputs keep the f32 kernel unless it says
-/// `Some(true)`. With `f16_storage` (the inputs as f16, packed) the f32 exact kernel reads them
-/// from f16 storage instead (half the words), where its operands are those values: not after a
-/// rebalancing of extreme scores or a mapping of the values (then it reads `q`, `k`, `v`).
+/// `Some(true)`. With `f16_storage` (the inputs as f16, packed) the exact kernel (f32 or on
+/// tensor cores) reads them from f16 storage instead (half the words), where its operands are
+/// those values: not after a rebalancing of extreme scores or a mapping of the values (then it
+/// reads `q`, `k`, `v`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_with_inputs(
     p: &Problem,
@@ -546,8 +547,8 @@ fn value_range_of_finite_inputs(
     finite_inputs.then_some((lo, hi))
 }
 
-/// Runs the chosen method on these inputs (`pre`: the pre-pass, for the values given; the f32
-/// exact kernel reads `f16_storage` where given, the same values stored as f16).
+/// Runs the chosen method on these inputs (`pre`: the pre-pass, for the values given; the
+/// exact kernels read `f16_storage` where given, the same values stored as f16).
 #[allow(clippy::too_many_arguments)]
 fn run_choice(
     tuner: &Tuner,
@@ -670,7 +671,7 @@ fn run_poly(
 }
 
 /// Runs the exact method on these inputs: on tensor cores where `coop_exact` is planned, else
-/// the f32 kernel (reading `f16_storage` where given). `after_prepass`: `auto` paid for the
+/// the f32 kernel (either reading `f16_storage` where given). `after_prepass`: `auto` paid for the
 /// pre-pass before choosing exact, and the words count it.
 #[allow(clippy::too_many_arguments)]
 fn run_exact(
@@ -688,10 +689,13 @@ fn run_exact(
     uploads.clear();
     let (st, mut io, plan, exact_f16) = match coop_exact {
         Some(cplan) => {
-            let bound = exact::coop::f16_bound(p, q, k, v)?;
-            let (o, st) = exact::coop::run(gpu, p, cplan, q, k, v, opts)?;
+            let rounded = f16_storage.is_some_and(|xs| xs.rounded);
+            let bound = exact::coop::f16_bound(p, q, k, v, rounded)?;
+            let unmasked = tuner.cfg.coop_exact_unmasked;
+            let xs = (q, k, v);
+            let (o, st) = exact::coop::run(gpu, p, cplan, xs, f16_storage, unmasked, opts)?;
             assign_slice(out, &o);
-            // The f32 kernel's words: the same storage reads (f32) per block of bq rows.
+            // The f32 kernel's words: the same storage reads per block of bq rows.
             let tiles = exact::plan::ExactTiles {
                 bq: cplan.tiles.bq(),
                 ..exact_plan.tiles
@@ -700,7 +704,8 @@ fn run_exact(
                 tiles,
                 chunking: cplan.chunking,
             };
-            (st, exact_io(p, &as_f32), format!("{cplan:?}"), Some(bound))
+            let io = exact_io_for(p, &as_f32, storage_of(f16_storage));
+            (st, io, format!("{cplan:?}"), Some(bound))
         }
         None => {
             let st = match f16_storage {
@@ -711,8 +716,7 @@ fn run_exact(
             (st, io, format!("{exact_plan:?}"), None)
         }
     };
-    // f16 storage where the f32 kernel ran on it.
-    let f16_storage = f16_storage.filter(|_| coop_exact.is_none());
+    // On tensor cores the f16 bound already includes the input rounding.
     let input_rounding = f16_storage.map(|xs| {
         if xs.rounded {
             f16_input_rounding(p, q, k, v)

@@ -202,6 +202,34 @@ fn sources() -> BTreeMap<String, String> {
                         let src = approx_attn::exact::coop::shader_source(t, io);
                         add(format!("exact coop candidate{i} sg{sg} {at}"), src);
                     }
+                    // The Q block staged in two parts, for the planned tiles where that fits.
+                    for t in cands.iter().take(1) {
+                        let t2 = approx_attn::exact::coop::CoopExactTiles { q_parts: 2, ..*t };
+                        if approx_attn::exact::coop::tiles_fit(&t2, &b) {
+                            let src = approx_attn::exact::coop::shader_source(&t2, io);
+                            add(format!("exact coop q_parts2 sg{sg} {at}"), src);
+                        }
+                    }
+                    // The variants (f16 storage, unmasked key tiles) of the planned tiles.
+                    for (storage, unmasked_tiles) in [
+                        (Storage::F16, false),
+                        (Storage::F32, true),
+                        (Storage::F16, true),
+                    ] {
+                        let var = approx_attn::exact::coop::CoopExactVariant {
+                            storage,
+                            unmasked_tiles,
+                        };
+                        for t in cands.iter().take(1) {
+                            let src = approx_attn::exact::coop::shader_source_for(t, io, &var);
+                            let name = format!(
+                                "exact coop {} unmasked{} sg{sg} {at}",
+                                storage.name(),
+                                u8::from(unmasked_tiles)
+                            );
+                            add(name, src);
+                        }
+                    }
                 }
                 let rows = prepass_tile_rows(e, words);
                 add(format!("prepass {at}"), poly::prepass_source(e, rows, io));

@@ -87,15 +87,15 @@ class Report:
     tensor_cores: bool = False
     """Whether the kernels that ran used cooperative matrices (tensor cores)."""
     storage: str = "float32"
-    """Format of the inputs in the storage buffers the kernels read: "float16" where the f32
-    exact kernel read them as f16 (half the words; ``storage=``), else "float32". Together with
-    ``tensor_cores`` this names the path: f32, f16 storage, or tensor cores."""
+    """Format of the inputs in the storage buffers the kernels read: "float16" where the exact
+    kernel (f32 or on tensor cores) read them as f16 (half the words; ``storage=``), else
+    "float32". Together with ``tensor_cores`` this names the path."""
     unit_roundoff: float | None = None
     """Unit roundoff u of that format (2^-24 for float32, 2^-11 for float16): storing x in it
     moves x by at most u|x|. Accumulation and the softmax are float32 on every path."""
     input_rounding: float | None = None
     """With float16 storage: bound on max |O - O*| that rounding the inputs to float16 adds
-    (0.0 where they were float16 already). Scores move by at most about 2u |scale| max|q|
+    (0.0 where they were float16 already); on tensor cores ``error_bound`` already includes it. Scores move by at most about 2u |scale| max|q|
     max|k|, so each weight by a factor e^(+-that); then (e^d - 1)/(2 - e^d) * range(v) +
     u max|v| per column (derivation in src/exact/storage.rs). The float32 sums and the final
     rounding of a float16 output (2^-11 |O|) are not included."""
@@ -548,7 +548,8 @@ def attention(
     cores where the adapter has them, float32 inputs keep the f32 kernel; poly uses them where
     their bound is at most eps/2. ``True`` requires them (NotImplementedError where the adapter
     has none); ``False`` keeps the portable f32 path. ``Report.tensor_cores`` says which ran.
-    ``storage``: the format in which the f32 exact kernel reads the inputs from GPU memory.
+    ``storage``: the format in which the exact kernel (f32 or on tensor cores) reads the inputs
+    from GPU memory.
     ``None`` (default): precision follows the dtype, as in PyTorch: float16 inputs (all three)
     are stored as float16 (half the words uploaded and read; no shader-f16 feature needed, only
     ``unpack2x16float``: ``device_info()["f16_storage"]``, which Mesa's Vulkan drivers lack
