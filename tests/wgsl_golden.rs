@@ -25,6 +25,7 @@ mod poly {
     pub use approx_attn::poly::prepass::prepass_source;
 }
 use approx_attn::poly::causal as poly_causal;
+use approx_attn::poly::causal_coop as poly_causal_coop;
 
 /// FNV-1a, 64 bits: stable across Rust versions and platforms (std's hasher is not).
 fn fnv1a(text: &str) -> u64 {
@@ -148,6 +149,20 @@ fn sources() -> BTreeMap<String, String> {
                             add(
                                 format!("pass2 candidate{i} g{g} {at}"),
                                 poly::pass2_source(t, io),
+                            );
+                        }
+                    }
+                    // Causal poly's diagonal blocks on tensor cores: the tallest block that
+                    // fits and the 16-row one, where they differ.
+                    for sg in [16usize, 32, 64] {
+                        let pc = Problem { causal: true, ..p };
+                        let tall = poly_causal_coop::plan_tiles(&pc, g, &b, sg, usize::MAX);
+                        let short = poly_causal_coop::plan_tiles(&pc, g, &b, sg, 16)
+                            .filter(|t| tall.as_ref().is_none_or(|u| u.bq() != t.bq()));
+                        for t in tall.iter().chain(short.iter()) {
+                            add(
+                                format!("causal diag coop g{g} sg{sg} bq{} {at}", t.bq()),
+                                poly_causal_coop::diag_coop_source(t, io),
                             );
                         }
                     }

@@ -259,10 +259,11 @@ def _check_finite(arr: np.ndarray, name: str) -> None:
     bad = repeats * sum(
         part.size - int(np.count_nonzero(_finite_in_float32(part))) for part in _slices(rest)
     )
-    beyond = " (or beyond float32's range)" if arr.dtype.itemsize == 8 else ""
+    # The wording of the GPU pre-pass's check (src/lib.rs): float64 values beyond float32's
+    # range become Inf in the conversion.
     raise ValueError(
-        f"{name} contains {bad} NaN or Inf value(s){beyond}; pass check_finite=False to "
-        "skip this check"
+        f"{name} contains {bad} NaN or Inf value(s) (after conversion to float32); pass "
+        "check_finite=False to skip this check"
     )
 
 
@@ -422,7 +423,7 @@ def _shapes(q: np.ndarray, k: np.ndarray, v: np.ndarray, enable_gqa: bool) -> _S
     L, E = q.shape[-2], q.shape[-1]
     S, Ev = k.shape[-2], v.shape[-1]
     if S == 0:
-        raise ValueError(f"key and value must have at least one row (S >= 1), got key {k.shape}")
+        raise ValueError(f"key/value sequence length S must be at least 1, got key {k.shape}")
     if E == 0 or Ev == 0:
         raise ValueError(
             f"head dimensions must be at least 1, got query {q.shape} and value {v.shape}"
@@ -447,7 +448,7 @@ def _check_storage(val: Any) -> str | None:
     except TypeError:
         raise _type_error("storage", "None, 'float16' or 'float32'", val) from None
     if name not in _STORAGE:
-        raise ValueError(f"storage must be None, float16 or float32, got {val!r}")
+        raise ValueError(f"storage must be None, 'float16' or 'float32', got {val!r}")
     return name
 
 
@@ -578,7 +579,7 @@ def attention(
     method = _check_method(method, _METHODS)
     if method == "poly" and storage == "float16":
         raise ValueError(
-            "storage='float16' applies to the exact kernel; the poly kernels read float32"
+            "storage='float16' applies to method='exact' only: the poly kernels read float32"
         )
     eps = _check_eps(eps)
     if degree is not None:
@@ -901,9 +902,7 @@ def io_cost(
         fast_memory_words = _check_int(fast_memory_words, "fast_memory_words", 1)
     storage_name = _check_storage(storage)
     if storage_name is None:
-        raise ValueError("io_cost's storage must be 'float16' or 'float32', got None")
-    if method != "exact" and storage_name != "float32":
-        raise ValueError("storage='float16' applies to method='exact' only")
+        raise ValueError("storage must be 'float16' or 'float32', got None")
     return dict(
         _core.io_cost(
             kv_heads,
@@ -932,7 +931,7 @@ def io_lower_bound(
     degree: int | None = None,
     fast_memory_words: int | None = None,
 ) -> float:
-    """Reconstructed I/O lower bound in words (see README): for ``poly`` with rank
+    """Reconstructed I/O lower bound in words (docs/io-model.md): for ``poly`` with rank
     r = C(E+degree, degree), Ω(n·d + min(n·r·d²/M, n·r·d/√M)) with the segment-argument
     constants; for ``exact``, Ω(min(n²d²/M, n²d/√M)) (Saha & Ye 2024).
 
