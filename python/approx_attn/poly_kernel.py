@@ -4,6 +4,7 @@ constant-size recurrent state for decoding."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -73,6 +74,10 @@ def _nonnegative(c: tuple[float, ...]) -> bool:
     real = crit[np.abs(crit.imag) <= 1e-9 * np.maximum(1.0, np.abs(crit))].real
     scale = np.abs(p.coef).sum()
     return bool(np.all(p(real) >= -1e-12 * scale * np.maximum(1.0, np.abs(real)) ** g))
+
+
+# Checked at every device step: the roots of P once per kernel, not per token.
+_nonnegative_kernel = functools.lru_cache(maxsize=64)(_nonnegative)
 
 
 class PolyState:
@@ -238,7 +243,7 @@ class PolyState:
             and units > 0
             and lead_kv + (self.rank, Ev + 1) == self._shape
             and abs(self.scale) <= _F32_MAX
-            and (not self.normalize or _nonnegative(self.coeffs))
+            and (not self.normalize or _nonnegative_kernel(self.coeffs))
         ):
             return None
         with np.errstate(over="ignore", invalid="ignore"):
@@ -247,7 +252,9 @@ class PolyState:
             if log_gates is not None:
                 g = log_gates
                 if not (
-                    isinstance(g, np.ndarray) and g.dtype.kind in "iuf" and g.shape == lead_kv + (S,)
+                    isinstance(g, np.ndarray)
+                    and g.dtype.kind in "iuf"
+                    and g.shape == lead_kv + (S,)
                 ):
                     return None
                 (gates,) = _float32_flat(g)
