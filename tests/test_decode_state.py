@@ -13,7 +13,7 @@ its magnitude:
     g (the key's monomial: g products) + g + 1 (the query's: the float32 weight and g products)
     + 1 (phi_k v) + (i - j + 1) (the additions into the state entry since j)
     + d_r (the sum over the r features: sequential sums of BR = 64 rows per workgroup, then the
-    blocks in order, d_r = min(r, 64 + ceil(r / 64))) + 1 (phi_q times s)
+    blocks, strided and by a tree, d_r = min(r, BR + ceil(r / BR))) + 1 (phi_q times s)
     + 1 (the division, normalised) and, gated, 4 (i - j) + 2 |G_i - G_j| (per later token one
     product by exp(log_gate) plus WGSL's exp error of (3 + 2 |x|) ulp).
 With A_ij = sum_m |c_m| (|s| |q_i| . |k_j|)^m exp(G_i - G_j) (the sum over features of
