@@ -31,6 +31,9 @@ from __future__ import annotations
 
 import math
 import pickle
+import subprocess
+import sys
+import textwrap
 
 import approx_attn
 import numpy as np
@@ -304,3 +307,52 @@ def test_the_device_state_checks_its_own_arguments():
         st.step(x, x[:3], x, 1)
     out, took = st.step(x, x, x, 1)
     assert took and out.shape == (4,)
+
+
+def test_changed_kernel_attributes_take_a_new_device_state():
+    """A caller who changes `normalize` (or the scale) between steps gets that kernel, as on the
+    host path, not the one the device state was made for."""
+    rng = np.random.default_rng(7)
+    e = 4
+    q, k, v = rand(rng, (1, 2, 6, e)), rand(rng, (1, 2, 6, e)), rand(rng, (1, 2, 6, 3))
+    dev, host = zero_state((1, 2), e, 3, "based"), zero_state((1, 2), e, 3, "based", host_only=True)
+    tol = 1e-6 * np.abs(run(host, q[..., :3, :], k[..., :3, :], v[..., :3, :], None, [3])).max()
+    run(dev, q[..., :3, :], k[..., :3, :], v[..., :3, :], None, [3])
+    for st in (dev, host):
+        st.normalize, st.scale = False, 0.3
+    tail = (q[..., 3:, :], k[..., 3:, :], v[..., 3:, :], None, [1, 1, 1])
+    a, b = run(dev, *tail), run(host, *tail)
+    assert dev._device is not None
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max() + tol
+
+
+def test_device_loss_raises_and_a_saved_copy_continues():
+    # In a subprocess: destroying the device must not leak into the other tests.
+    code = textwrap.dedent(
+        """
+        import numpy as np, approx_attn
+        rng = np.random.default_rng(0)
+        x = [rng.standard_normal((1, 2, 1, 4), dtype=np.float32) for _ in range(3)]
+        r = approx_attn._core.poly_kernel_rank(4, [1.0, 1.0, 0.5])
+        z = np.zeros((1, 2, r, 5), np.float32)
+        st = approx_attn.PolyState.from_numpy(z, coeffs="based", scale=0.5, head_dim=4)
+        st.step(*x)
+        saved = st.to_numpy()
+        approx_attn._core._destroy_device()
+        try:
+            st.step(*x)
+            print("no error")
+        except approx_attn.DeviceError as err:
+            print("DeviceError", err)
+        back = approx_attn.PolyState.from_numpy(saved, coeffs="based", scale=0.5, head_dim=4)
+        back.step(*x)
+        print("continued", back._device is not None)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("DeviceError"), lines
+    assert lines[-1] == "continued True", lines

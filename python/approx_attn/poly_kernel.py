@@ -118,7 +118,7 @@ class PolyState:
         # The state in GPU memory after a step on the device (then `_array` is stale), and
         # whether this state's sizes cannot be held there (every step then takes the host path).
         self._device: Any = None
-        self._device_group = 0
+        self._device_key: tuple[Any, ...] = ()
         self._host_only = False
 
     @property
@@ -277,11 +277,13 @@ class PolyState:
     ) -> np.ndarray | None:
         """One GPU step; None where its outputs are not finite (the state is then unchanged and
         the host path raises) or the GPU cannot hold this state."""
-        if self._device is not None and self._device_group != group:
-            self._array = self.array  # other query heads per KV head: a new device state
+        # The kernel as the device state was made for it (a caller may change the attributes).
+        key = (group, self.coeffs, self.scale, self.normalize)
+        if self._device is not None and self._device_key != key:
+            self._array = self.array  # a new device state for this kernel
         if self._device is None:
             units = math.prod(self._shape[:-2])
-            self._device_group = group
+            self._device_key = key
             try:
                 self._device = _core.DeviceState(
                     _float32_flat(self._array)[0],

@@ -443,14 +443,42 @@ impl DeviceState {
             });
         }
         let out_bytes = (n * self.out_stride) as u64;
-        let read = gpu.checked(|| {
+        let read = self.submit(&gpu, &step, &slab, &pairs, gated, n, out_bytes);
+        if read.is_err() {
+            // An interrupted wait leaves its mapping pending: the next step reads into a new one.
+            self.readback = readback_buffer(&gpu, (MAX_STEP_TOKENS * self.out_stride) as u64);
+        }
+        let read = read?;
+        let finite = read.iter().all(|x| x.is_finite());
+        if finite {
+            self.cur = pairs[n - 1].1;
+        }
+        Ok((read, finite))
+    }
+
+    /// Uploads the tokens, runs the step's dispatches in one submission and reads the outputs
+    /// back in the caller's layout (head, t, Ev).
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &self,
+        gpu: &Gpu,
+        step: &wgpu::ComputePipeline,
+        slab: &[f32],
+        pairs: &[(usize, usize)],
+        gated: bool,
+        n: usize,
+        out_bytes: u64,
+    ) -> Result<Vec<f32>, Error> {
+        let s = self.shape;
+        let heads = s.units * s.group;
+        gpu.checked(|| {
             gpu.queue
-                .write_buffer(&self.tokens, 0, bytemuck::cast_slice(&slab));
+                .write_buffer(&self.tokens, 0, bytemuck::cast_slice(slab));
             let mut enc = gpu.device.create_command_encoder(&Default::default());
             {
                 let mut pass = enc.begin_compute_pass(&Default::default());
                 for (t, &(src, dst)) in pairs.iter().enumerate() {
-                    pass.set_pipeline(&step);
+                    pass.set_pipeline(step);
                     pass.set_bind_group(0, &self.step_binds[&(gated, t, src, dst)], &[]);
                     pass.dispatch_workgroups(self.blocks as u32, s.units as u32, 1);
                     pass.set_pipeline(&self.reduce_pipeline);
@@ -460,7 +488,7 @@ impl DeviceState {
             }
             enc.copy_buffer_to_buffer(&self.out, 0, &self.readback, 0, out_bytes);
             gpu.queue.submit([enc.finish()]);
-            read_mapped(&gpu, &self.readback, out_bytes, |b| {
+            read_mapped(gpu, &self.readback, out_bytes, |b| {
                 let words: &[f32] = bytemuck::cast_slice(b);
                 // Slot t holds (head, Ev); the caller's layout is (head, t, Ev).
                 let mut out = vec![0f32; heads * n * s.ev];
@@ -473,12 +501,7 @@ impl DeviceState {
                 }
                 out
             })
-        })?;
-        let finite = read.iter().all(|x| x.is_finite());
-        if finite {
-            self.cur = pairs[n - 1].1;
-        }
-        Ok((read, finite))
+        })
     }
 }
 
