@@ -72,26 +72,7 @@ fn main(
     let decay = {{DECAY}};
     for (var c = lid; c < EV1; c += WG) {
         let vc = select(1.0, tok[V_AT + unit * EV + min(c, EV - 1u)], c < EV);
-        // The block's column in registers: all loads issued before the first store (src and dst
-        // may alias as far as the compiler knows), and the query heads reuse the updated values.
-        var col: array<f32, BR>;
-        for (var f = 0u; f < BR; f++) {
-            if (f < rows) {
-                col[f] = src[(unit * R + f0 + f) * EV1 + c];
-            }
-        }
-        for (var f = 0u; f < BR; f++) {
-            if (f < rows) {
-                col[f] = col[f] * decay + phik[f] * vc;
-                dst[(unit * R + f0 + f) * EV1 + c] = col[f];
-            }
-        }
-        for (var h = 0u; h < GROUP; h++) {
-            var acc = 0.0;
-            for (var f = 0u; f < BR; f++) {
-                acc += phiq[h * BR + f] * col[f];
-            }
-            partial[((unit * GROUP + h) * BLOCKS + block) * EV1 + c] = acc;
-        }
+        let col0 = (unit * R + f0) * EV1 + c;
+{{COLUMN}}
     }
 }

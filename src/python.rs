@@ -637,9 +637,10 @@ struct DeviceState {
 
 #[pymethods]
 impl DeviceState {
-    /// Uploads a flat float32 state (units x rank x (ev + 1)) for the kernel `coeffs`, `scale`.
+    /// Uploads a flat float32 state (units x rank x (ev + 1)) for the kernel `coeffs`, `scale`;
+    /// `unrolled` picks the step kernel's form (None: by the adapter; tests run both).
     #[new]
-    #[pyo3(signature = (state, units, group, e, ev, coeffs, scale, normalize))]
+    #[pyo3(signature = (state, units, group, e, ev, coeffs, scale, normalize, unrolled=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -651,11 +652,12 @@ impl DeviceState {
         coeffs: Vec<f64>,
         scale: f64,
         normalize: bool,
+        unrolled: Option<bool>,
     ) -> PyResult<Self> {
         let state = contiguous(&state, "state")?;
         let inner = detached(py, || {
             crate::poly::decode::DeviceState::new(
-                state, units, group, e, ev, &coeffs, scale, normalize,
+                state, units, group, e, ev, &coeffs, scale, normalize, unrolled,
             )
         })?;
         Ok(DeviceState { inner })

@@ -23,7 +23,8 @@ With A_ij = sum_m |c_m| (|s| |q_i| . |k_j|)^m exp(G_i - G_j) (the sum over featu
 The state entry (f, c) after token t: u sum_j n'_tj |phi_k(k_j)_f| |[v_j | 1]_c| exp(G_t - G_j),
 n'_tj = g + 2 + (t - j + 1) + gated (4 (t - j) + 2 |G_t - G_j|). The host path does the same sums
 with no more roundings per term (its decays are float64 values rounded once), so the two paths
-differ by at most twice the bound. `test_tolerance_has_teeth` checks that a 1e-3 change of one
+differ by at most twice the bound. Both forms of the step kernel run (the unrolled column of GPUs
+and the loop of CPU adapters): the same sums in the same order. `test_tolerance_has_teeth` checks that a 1e-3 change of one
 coefficient lands far outside it.
 """
 
@@ -56,7 +57,9 @@ def rand(rng, shape, f=1.0):
     return (f * rng.standard_normal(shape)).astype(np.float32)
 
 
-def zero_state(lead_kv, e, ev, coeffs, *, host_only=False, enable_gqa=False, normalize=True):
+def zero_state(
+    lead_kv, e, ev, coeffs, *, host_only=False, enable_gqa=False, normalize=True, unrolled=None
+):
     rank = approx_attn._core.poly_kernel_rank(e, list(coeffs_of(coeffs)))
     st = PolyState.from_numpy(
         np.zeros(lead_kv + (rank, ev + 1), np.float32),
@@ -67,6 +70,7 @@ def zero_state(lead_kv, e, ev, coeffs, *, host_only=False, enable_gqa=False, nor
         enable_gqa=enable_gqa,
     )
     st._host_only = host_only
+    st._device_unrolled = unrolled
     return st
 
 
@@ -157,14 +161,17 @@ CASES = [
 
 @pytest.mark.parametrize("e,ev,coeffs,normalize,kv,heads", CASES)
 @pytest.mark.parametrize("gated", [False, True])
-def test_steps_match_the_twin_and_the_host_path(e, ev, coeffs, normalize, kv, heads, gated):
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_steps_match_the_twin_and_the_host_path(
+    e, ev, coeffs, normalize, kv, heads, gated, unrolled
+):
     rng = np.random.default_rng(e + 100 * gated + kv + heads)
     sizes = [1] * 12 + [3, 2, MAX_TOKENS, MAX_TOKENS + 1, 1, 1] if e < 64 else [1] * 6 + [4, 1]
     n = sum(sizes)
     gqa = heads != kv
     q, k, v = rand(rng, (1, heads, n, e)), rand(rng, (1, kv, n, e)), rand(rng, (1, kv, n, ev))
     gates = -rng.uniform(0, 0.3, (1, kv, n)).astype(np.float32) if gated else None
-    dev = zero_state((1, kv), e, ev, coeffs, enable_gqa=gqa, normalize=normalize)
+    dev = zero_state((1, kv), e, ev, coeffs, enable_gqa=gqa, normalize=normalize, unrolled=unrolled)
     host = zero_state((1, kv), e, ev, coeffs, host_only=True, enable_gqa=gqa, normalize=normalize)
     got = run(dev, q, k, v, gates, sizes)
     assert dev._device is not None  # the GPU path ran (and holds the state now)

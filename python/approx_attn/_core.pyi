@@ -110,6 +110,7 @@ class DeviceState:
         coeffs: list[float],
         scale: float,
         normalize: bool,
+        unrolled: bool | None = None,
     ) -> None: ...
     def step(
         self,

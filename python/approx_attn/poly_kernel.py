@@ -89,7 +89,15 @@ class PolyState:
     phi are the monomials of the kernel's nonzero degrees in the key's E coordinates (in graded
     lexicographic order); the scale and coefficients act on the query side only, so a state
     depends on the keys, values and gates and on which degrees the kernel has.
+
+    After its first ``step`` the state lives in GPU memory (``_core.DeviceState``): a step of a
+    few tokens uploads only them and reads back only their outputs. ``to_numpy()`` and pickling
+    copy it back and leave it there; ``array`` copies it back and hands it to the host (writes
+    into that array are seen by the next step, which uploads it again).
     """
+
+    # The step kernel's form on the device (None: by the adapter); tests run both.
+    _device_unrolled: bool | None = None
 
     def __init__(
         self,
@@ -278,7 +286,7 @@ class PolyState:
         """One GPU step; None where its outputs are not finite (the state is then unchanged and
         the host path raises) or the GPU cannot hold this state."""
         # The kernel as the device state was made for it (a caller may change the attributes).
-        key = (group, self.coeffs, self.scale, self.normalize)
+        key = (group, self.coeffs, self.scale, self.normalize, self._device_unrolled)
         if self._device is not None and self._device_key != key:
             self._array = self.array  # a new device state for this kernel
         if self._device is None:
@@ -294,6 +302,7 @@ class PolyState:
                     list(self.coeffs),
                     float(np.float32(self.scale)),
                     self.normalize,
+                    self._device_unrolled,
                 )
             except ValueError:
                 self._host_only = True

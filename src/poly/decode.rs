@@ -90,6 +90,52 @@ fn step_tiles(s: &StepShape, gpu: &Gpu) -> Result<(usize, usize), Error> {
     Ok((br, wg))
 }
 
+/// The step kernel's work on its column `c` of the block's rows: dst = decay * src + phi_k vc,
+/// stored, and per query head the partial dot product with phi_q.
+///
+/// `unrolled` (GPUs): one `let` per row, so every load is issued before the first store (src and
+/// dst may alias as far as the compiler knows: a loop would wait for each load in turn) and the
+/// query heads reuse the updated values in registers; rows past the block's last repeat its last
+/// row (their features are 0, so they add 0) and are not stored. Otherwise (CPU adapters, where
+/// BR live values spill: lavapipe ran a step in half the time this way) a loop over the rows,
+/// the query heads after the first reading back what it stored.
+fn column_code(br: usize, unrolled: bool) -> String {
+    let rows = |line: &dyn Fn(usize) -> String| -> String {
+        (0..br)
+            .map(|f| format!("        {}\n", line(f)))
+            .collect::<String>()
+    };
+    if unrolled {
+        format!(
+            "        let last = rows - 1u;\n{}{}        for (var h = 0u; h < GROUP; h++) {{\n            \
+             let p = h * BR;\n            var acc = 0.0;\n{}            \
+             partial[((unit * GROUP + h) * BLOCKS + block) * EV1 + c] = acc;\n        }}",
+            rows(&|f| format!(
+                "let x{f} = src[col0 + min({f}u, last) * EV1] * decay + phik[{f}] * vc;"
+            )),
+            rows(&|f| format!("if ({f}u < rows) {{ dst[col0 + {f}u * EV1] = x{f}; }}")),
+            rows(&|f| format!("    acc += phiq[p + {f}u] * x{f};")),
+        )
+    } else {
+        "        for (var h = 0u; h < GROUP; h++) {
+            var acc = 0.0;
+            for (var f = 0u; f < rows; f++) {
+                let at = col0 + f * EV1;
+                var x: f32;
+                if (h == 0u) {
+                    x = src[at] * decay + phik[f] * vc;
+                    dst[at] = x;
+                } else {
+                    x = dst[at];
+                }
+                acc += phiq[h * BR + f] * x;
+            }
+            partial[((unit * GROUP + h) * BLOCKS + block) * EV1 + c] = acc;
+        }"
+        .to_string()
+    }
+}
+
 fn aligned(bytes: usize, align: usize) -> usize {
     bytes.max(4).next_multiple_of(align.max(4))
 }
@@ -102,6 +148,8 @@ pub struct DeviceState {
     br: usize,
     wg: usize,
     blocks: usize,
+    /// The column code's form (see [`column_code`]).
+    unrolled: bool,
     indices: wgpu::Buffer,
     weights: wgpu::Buffer,
     /// The committed state is `states[cur]`; a step writes the others.
@@ -123,7 +171,8 @@ pub struct DeviceState {
 
 impl DeviceState {
     /// Uploads `state` (units x r x (Ev + 1) floats, the host layout) for the kernel with these
-    /// coefficients and scale (`scale` multiplies q.k inside P, on the query side).
+    /// coefficients and scale (`scale` multiplies q.k inside P, on the query side). `unrolled`:
+    /// the step kernel's column code (see [`column_code`]); `None` picks it by the adapter.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         state: &[f32],
@@ -134,6 +183,7 @@ impl DeviceState {
         coeffs: &[f64],
         scale: f64,
         normalize: bool,
+        unrolled: Option<bool>,
     ) -> Result<Self, Error> {
         if units == 0 || group == 0 || e == 0 || ev == 0 {
             return Err(Error::InvalidInput(format!(
@@ -234,6 +284,7 @@ impl DeviceState {
                 br,
                 wg,
                 blocks,
+                unrolled: unrolled.unwrap_or(gpu.info.device_type != "Cpu"),
                 states,
                 cur: 0,
                 tokens,
@@ -293,6 +344,7 @@ impl DeviceState {
                 ("BLOCKS", self.blocks.to_string()),
                 ("WG", self.wg.to_string()),
                 ("PHIQ_WORDS", (self.br * s.group).to_string()),
+                ("COLUMN", column_code(self.br, self.unrolled)),
                 (
                     "DECAY",
                     if gated {
@@ -305,8 +357,8 @@ impl DeviceState {
             ],
         );
         let key = format!(
-            "poly_step/{}/{}/{}/{}/{}/{}/{}/{}/{gated}",
-            s.e, s.ev, s.r, s.g, s.units, s.group, self.br, self.wg
+            "poly_step/{}/{}/{}/{}/{}/{}/{}/{}/{gated}/{}",
+            s.e, s.ev, s.r, s.g, s.units, s.group, self.br, self.wg, self.unrolled
         );
         let p = self.gpu.pipeline(&key, &src, false)?;
         self.step_pipelines[usize::from(gated)] = Some(p.clone());
