@@ -363,3 +363,18 @@ def test_device_loss_raises_and_a_saved_copy_continues():
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("DeviceError"), lines
     assert lines[-1] == "continued True", lines
+
+
+def test_pickles_of_host_states_still_load():
+    """A pickle of a state made before states lived on the device (its dict holds `array`)."""
+    rng = np.random.default_rng(8)
+    e = 4
+    x = [rand(rng, (1, 2, 1, e)) for _ in range(3)]
+    st = zero_state((1, 2), e, e, "based")
+    st.step(*x)
+    old = {k: v for k, v in st.__getstate__().items() if not k.startswith("_")}
+    old["array"] = st.to_numpy()
+    back = PolyState.__new__(PolyState)
+    back.__setstate__(old)
+    assert back.nbytes == st.nbytes and back.rank == st.rank
+    np.testing.assert_array_equal(back.step(*x), st.step(*x))

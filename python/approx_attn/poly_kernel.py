@@ -152,6 +152,16 @@ class PolyState:
         state["_device"] = None
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Pickles of the host-only class hold `array` and none of the device attributes.
+        if "array" in state:
+            state["_array"] = state.pop("array")
+        state.setdefault("_shape", state["_array"].shape)
+        state.setdefault("_device", None)
+        state.setdefault("_device_key", ())
+        state.setdefault("_host_only", False)
+        self.__dict__.update(state)
+
     @classmethod
     def from_numpy(
         cls,
@@ -182,7 +192,7 @@ class PolyState:
     @property
     def nbytes(self) -> int:
         """Bytes of the state: constant in the number of tokens consumed."""
-        return 4 * math.prod(self._shape)
+        return self._array.itemsize * math.prod(self._shape)
 
     @property
     def rank(self) -> int:
