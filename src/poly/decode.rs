@@ -90,6 +90,49 @@ fn step_tiles(s: &StepShape, gpu: &Gpu) -> Result<(usize, usize), Error> {
     Ok((br, wg))
 }
 
+/// WGSL of the step kernel for this shape: `br` feature rows and `wg` threads per workgroup,
+/// grid (blocks, units); `gated` reads a log gate per unit; `unrolled`: see [`column_code`].
+/// It declares `br · (group + 1)` words of workgroup memory.
+pub fn step_source(s: &StepShape, br: usize, wg: usize, gated: bool, unrolled: bool) -> String {
+    let decay = if gated {
+        "exp(tok[GATE_AT + unit])"
+    } else {
+        "1.0"
+    };
+    fill_template(
+        STEP,
+        &[
+            ("E", s.e.to_string()),
+            ("EV", s.ev.to_string()),
+            ("R", s.r.to_string()),
+            ("G", s.g.to_string()),
+            ("UNITS", s.units.to_string()),
+            ("GROUP", s.group.to_string()),
+            ("BR", br.to_string()),
+            ("BLOCKS", s.r.div_ceil(br).to_string()),
+            ("WG", wg.to_string()),
+            ("PHIQ_WORDS", (br * s.group).to_string()),
+            ("COLUMN", column_code(br, unrolled)),
+            ("DECAY", decay.to_string()),
+        ],
+    )
+}
+
+/// WGSL of the reduce kernel: the sum over `blocks` partial products by `wg` threads (a power of
+/// two), grid (Ev, query heads). It declares `2 · wg` words of workgroup memory.
+pub fn step_reduce_source(ev: usize, blocks: usize, wg: usize, normalize: bool) -> String {
+    let result = if normalize { "num / den" } else { "num" };
+    fill_template(
+        REDUCE,
+        &[
+            ("EV", ev.to_string()),
+            ("BLOCKS", blocks.to_string()),
+            ("WG", wg.to_string()),
+            ("RESULT", result.to_string()),
+        ],
+    )
+}
+
 /// The step kernel's work on its column `c` of the block's rows: dst = decay * src + phi_k vc,
 /// stored, and per query head the partial dot product with phi_q.
 ///
@@ -253,18 +296,7 @@ impl DeviceState {
         let token_stride = aligned(4 * shape.token_words(), align);
         let out_stride = aligned(4 * shape.out_words(), align);
         gpu.checked(|| {
-            let reduce_src = fill_template(
-                REDUCE,
-                &[
-                    ("EV", ev.to_string()),
-                    ("BLOCKS", blocks.to_string()),
-                    ("WG", reduce_wg.to_string()),
-                    (
-                        "RESULT",
-                        if normalize { "num / den" } else { "num" }.to_string(),
-                    ),
-                ],
-            );
+            let reduce_src = step_reduce_source(ev, blocks, reduce_wg, normalize);
             let key = format!("poly_step_reduce/{ev}/{blocks}/{reduce_wg}/{normalize}");
             let reduce_pipeline = gpu.pipeline(&key, &reduce_src, false)?;
             let states = vec![
@@ -331,31 +363,7 @@ impl DeviceState {
             return Ok(p.clone());
         }
         let s = &self.shape;
-        let src = fill_template(
-            STEP,
-            &[
-                ("E", s.e.to_string()),
-                ("EV", s.ev.to_string()),
-                ("R", s.r.to_string()),
-                ("G", s.g.to_string()),
-                ("UNITS", s.units.to_string()),
-                ("GROUP", s.group.to_string()),
-                ("BR", self.br.to_string()),
-                ("BLOCKS", self.blocks.to_string()),
-                ("WG", self.wg.to_string()),
-                ("PHIQ_WORDS", (self.br * s.group).to_string()),
-                ("COLUMN", column_code(self.br, self.unrolled)),
-                (
-                    "DECAY",
-                    if gated {
-                        "exp(tok[GATE_AT + unit])"
-                    } else {
-                        "1.0"
-                    }
-                    .to_string(),
-                ),
-            ],
-        );
+        let src = step_source(s, self.br, self.wg, gated, self.unrolled);
         let key = format!(
             "poly_step/{}/{}/{}/{}/{}/{}/{}/{}/{gated}/{}",
             s.e, s.ev, s.r, s.g, s.units, s.group, self.br, self.wg, self.unrolled
