@@ -591,7 +591,84 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_destroy_device, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
     m.add_function(wrap_pyfunction!(empty_cache, m)?)?;
+    m.add_class::<DeviceState>()?;
     m.add("NoDeviceError", m.py().get_type::<NoDeviceError>())?;
     m.add("DeviceError", m.py().get_type::<DeviceError>())?;
     Ok(())
+}
+
+/// A polynomial-attention state held in GPU memory between decoding steps
+/// (`crate::poly::decode`); `approx_attn.PolyState` keeps one after its first step.
+#[pyclass(module = "approx_attn._core")]
+struct DeviceState {
+    inner: crate::poly::decode::DeviceState,
+}
+
+#[pymethods]
+impl DeviceState {
+    /// Uploads a flat float32 state (units x rank x (ev + 1)) for the kernel `coeffs`, `scale`;
+    /// `unrolled` picks the step kernel's form (None: by the adapter; tests run both).
+    #[new]
+    #[pyo3(signature = (state, units, group, e, ev, coeffs, scale, normalize, unrolled=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        state: PyReadonlyArray1<'_, f32>,
+        units: usize,
+        group: usize,
+        e: usize,
+        ev: usize,
+        coeffs: Vec<f64>,
+        scale: f64,
+        normalize: bool,
+        unrolled: Option<bool>,
+    ) -> PyResult<Self> {
+        let state = contiguous(&state, "state")?;
+        let inner = detached(py, || {
+            crate::poly::decode::DeviceState::new(
+                state, units, group, e, ev, &coeffs, scale, normalize, unrolled,
+            )
+        })?;
+        Ok(DeviceState { inner })
+    }
+
+    /// Consumes n tokens (flat q (heads, n, e), k (units, n, e), v (units, n, ev), log gates
+    /// (units, n) or None); returns (flat outputs (heads, n, ev), whether the state took them:
+    /// false where an output is not finite, the state then unchanged).
+    #[pyo3(signature = (q, k, v, n, log_gates=None))]
+    fn step<'py>(
+        &mut self,
+        py: Python<'py>,
+        q: PyReadonlyArray1<'py, f32>,
+        k: PyReadonlyArray1<'py, f32>,
+        v: PyReadonlyArray1<'py, f32>,
+        n: usize,
+        log_gates: Option<PyReadonlyArray1<'py, f32>>,
+    ) -> PyResult<(Bound<'py, PyArray1<f32>>, bool)> {
+        let (q, k, v) = (
+            contiguous(&q, "query")?,
+            contiguous(&k, "key")?,
+            contiguous(&v, "value")?,
+        );
+        let gates = match &log_gates {
+            Some(g) => Some(contiguous(g, "log_gates")?),
+            None => None,
+        };
+        let inner = &mut self.inner;
+        let (out, took) = detached(py, || inner.step((q, k, v), gates, n))?;
+        Ok((PyArray1::from_vec(py, out), took))
+    }
+
+    /// A flat float32 copy of the state in host memory.
+    fn to_numpy<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let inner = &self.inner;
+        let st = detached(py, || inner.to_host())?;
+        Ok(PyArray1::from_vec(py, st))
+    }
+
+    /// Most tokens one step takes.
+    #[classattr]
+    fn max_step_tokens() -> usize {
+        crate::poly::decode::MAX_STEP_TOKENS
+    }
 }

@@ -561,3 +561,32 @@ fn causal_diag_coop_shaders_validate_and_translate() {
     }
     assert!(checked > 300, "only {checked} plans");
 }
+
+#[test]
+fn decode_step_shaders_validate_and_translate() {
+    use approx_attn::poly::decode::{step_reduce_source, step_source, StepShape};
+    for (e, ev, r, g, group) in [(64, 64, 2145, 2, 1), (7, 5, 36, 2, 3), (5, 3, 40, 3, 1)] {
+        let s = StepShape {
+            units: 2,
+            group,
+            e,
+            ev,
+            r,
+            g,
+        };
+        for (br, wg) in [(64, 96), (16, 64)] {
+            for gated in [false, true] {
+                for unrolled in [false, true] {
+                    let name = format!("poly_step {s:?} br={br} gated={gated} unrolled={unrolled}");
+                    let src = step_source(&s, br, wg, gated, unrolled);
+                    check(&name, &src, (br * (group + 1)) as u64);
+                }
+            }
+        }
+        let blocks = r.div_ceil(64);
+        for normalize in [false, true] {
+            let src = step_reduce_source(ev, blocks, 64, normalize);
+            check(&format!("poly_step_reduce ev={ev}"), &src, 128);
+        }
+    }
+}

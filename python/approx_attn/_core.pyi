@@ -95,3 +95,29 @@ def list_adapters() -> list[tuple[str, str, str]]: ...
 def _destroy_device() -> None: ...
 def _panic_for_test() -> None: ...
 def empty_cache() -> int: ...
+
+class DeviceState:
+    """A polynomial-attention state in GPU memory between decoding steps."""
+
+    max_step_tokens: int
+    def __init__(
+        self,
+        state: npt.NDArray[np.float32],
+        units: int,
+        group: int,
+        e: int,
+        ev: int,
+        coeffs: list[float],
+        scale: float,
+        normalize: bool,
+        unrolled: bool | None = None,
+    ) -> None: ...
+    def step(
+        self,
+        q: npt.NDArray[np.float32],
+        k: npt.NDArray[np.float32],
+        v: npt.NDArray[np.float32],
+        n: int,
+        log_gates: npt.NDArray[np.float32] | None = None,
+    ) -> tuple[npt.NDArray[np.float32], bool]: ...
+    def to_numpy(self) -> npt.NDArray[np.float32]: ...

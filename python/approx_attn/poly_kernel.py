@@ -4,6 +4,7 @@ constant-size recurrent state for decoding."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -75,6 +76,10 @@ def _nonnegative(c: tuple[float, ...]) -> bool:
     return bool(np.all(p(real) >= -1e-12 * scale * np.maximum(1.0, np.abs(real)) ** g))
 
 
+# Checked at every device step: the roots of P once per kernel, not per token.
+_nonnegative_kernel = functools.lru_cache(maxsize=64)(_nonnegative)
+
+
 class PolyState:
     """The recurrent state of polynomial attention: per batch and key/value head,
     sum_j exp(G_last - G_j) phi(k_j) [v_j | 1] (``rank`` x (Ev + 1) float32), its size constant
@@ -84,7 +89,15 @@ class PolyState:
     phi are the monomials of the kernel's nonzero degrees in the key's E coordinates (in graded
     lexicographic order); the scale and coefficients act on the query side only, so a state
     depends on the keys, values and gates and on which degrees the kernel has.
+
+    After its first ``step`` the state lives in GPU memory (``_core.DeviceState``): a step of a
+    few tokens uploads only them and reads back only their outputs. ``to_numpy()`` and pickling
+    copy it back and leave it there; ``array`` copies it back and hands it to the host (writes
+    into that array are seen by the next step, which uploads it again).
     """
+
+    # The step kernel's form on the device (None: by the adapter); tests run both.
+    _device_unrolled: bool | None = None
 
     def __init__(
         self,
@@ -108,7 +121,46 @@ class PolyState:
                 f"a state for head dimension {self.head_dim} and coeffs {self.coeffs} has shape "
                 f"(..., {rank}, Ev + 1), got {arr.shape}"
             )
-        self.array = arr
+        self._array = arr
+        self._shape: tuple[int, ...] = arr.shape
+        # The state in GPU memory after a step on the device (then `_array` is stale), and
+        # whether this state's sizes cannot be held there (every step then takes the host path).
+        self._device: Any = None
+        self._device_key: tuple[Any, ...] = ()
+        self._host_only = False
+
+    @property
+    def array(self) -> np.ndarray:
+        """The state array, shape (..., kv heads, rank, Ev + 1). Reading it copies a
+        device-resident state back to host memory and hands it to the host: writes into the
+        returned array are seen by the next step, as for any host state."""
+        if self._device is not None:
+            self._array = self._device.to_numpy().reshape(self._shape)
+            self._device = None
+        return self._array
+
+    @array.setter
+    def array(self, value: np.ndarray) -> None:
+        self._array = value
+        self._shape = value.shape
+        self._device = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self._device is not None:
+            state["_array"] = self._device.to_numpy().reshape(self._shape)
+        state["_device"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Pickles of the host-only class hold `array` and none of the device attributes.
+        if "array" in state:
+            state["_array"] = state.pop("array")
+        state.setdefault("_shape", state["_array"].shape)
+        state.setdefault("_device", None)
+        state.setdefault("_device_key", ())
+        state.setdefault("_host_only", False)
+        self.__dict__.update(state)
 
     @classmethod
     def from_numpy(
@@ -133,16 +185,18 @@ class PolyState:
 
     def to_numpy(self) -> np.ndarray:
         """A copy of the state array, shape (..., kv heads, rank, Ev + 1)."""
-        return self.array.copy()
+        if self._device is not None:
+            return self._device.to_numpy().reshape(self._shape)
+        return self._array.copy()
 
     @property
     def nbytes(self) -> int:
         """Bytes of the state: constant in the number of tokens consumed."""
-        return int(self.array.nbytes)
+        return self._array.itemsize * math.prod(self._shape)
 
     @property
     def rank(self) -> int:
-        return int(self.array.shape[-2])
+        return int(self._shape[-2])
 
     def step(
         self,
@@ -153,7 +207,17 @@ class PolyState:
     ) -> np.ndarray:
         """Consumes new tokens (query (..., n, E), key (..., n, E), value (..., n, Ev); causal among
         themselves, attending to everything before) and returns their outputs (..., n, Ev); the
-        state then includes them. The cost does not depend on the context length."""
+        state then includes them. The cost does not depend on the context length.
+
+        Up to ``_core.DeviceState.max_step_tokens`` tokens run on the GPU against the state kept
+        in GPU memory from the previous step (one submission, only the tokens and their outputs
+        cross the bus); longer inputs, and any input the GPU step does not take, run through
+        ``poly_attention`` with this state, which raises for bad inputs."""
+        ready = self._device_inputs(query, key, value, log_gates)
+        if ready is not None:
+            out = self._device_step(*ready)
+            if out is not None:
+                return out
         out, state = poly_attention(
             query,
             key,
@@ -170,9 +234,97 @@ class PolyState:
         self.array = state.array
         return out
 
+    def _device_inputs(
+        self, query: Any, key: Any, value: Any, log_gates: Any
+    ) -> tuple[Any, ...] | None:
+        """The step's inputs as flat float32 for the GPU step, or None where it does not take
+        them (bad inputs included: the host path then raises its own error)."""
+        if self._host_only:
+            return None
+        arrays = (query, key, value)
+        if not all(
+            isinstance(x, np.ndarray) and x.dtype.kind == "f" and x.dtype.itemsize in (2, 4, 8)
+            for x in arrays
+        ):
+            return None
+        q, k, v = arrays
+        if not q.ndim == k.ndim == v.ndim >= 2:
+            return None
+        try:
+            lead_q, lead_kv, group, L, S, E, Ev, units = _shapes(q, k, v, self.enable_gqa)
+        except ValueError:
+            return None
+        if not (
+            L == S
+            and 1 <= L <= _core.DeviceState.max_step_tokens
+            and E == self.head_dim
+            and units > 0
+            and lead_kv + (self.rank, Ev + 1) == self._shape
+            and abs(self.scale) <= _F32_MAX
+            and (not self.normalize or _nonnegative_kernel(self.coeffs))
+        ):
+            return None
+        with np.errstate(over="ignore", invalid="ignore"):
+            flat = _float32_flat(q, k, v)
+            gates = None
+            if log_gates is not None:
+                g = log_gates
+                if not (
+                    isinstance(g, np.ndarray)
+                    and g.dtype.kind in "iuf"
+                    and g.shape == lead_kv + (S,)
+                ):
+                    return None
+                (gates,) = _float32_flat(g)
+                flat.append(gates)
+            if not all(np.isfinite(x).all() for x in flat):
+                return None
+        out_shape = lead_q + (L, Ev)
+        return flat[0], flat[1], flat[2], gates, group, L, out_shape, q.dtype.newbyteorder("=")
+
+    def _device_step(
+        self,
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        gates: np.ndarray | None,
+        group: int,
+        n: int,
+        out_shape: tuple[int, ...],
+        out_dtype: np.dtype,
+    ) -> np.ndarray | None:
+        """One GPU step; None where its outputs are not finite (the state is then unchanged and
+        the host path raises) or the GPU cannot hold this state."""
+        # The kernel as the device state was made for it (a caller may change the attributes).
+        key = (group, self.coeffs, self.scale, self.normalize, self._device_unrolled)
+        if self._device is not None and self._device_key != key:
+            self._array = self.array  # a new device state for this kernel
+        if self._device is None:
+            units = math.prod(self._shape[:-2])
+            self._device_key = key
+            try:
+                self._device = _core.DeviceState(
+                    _float32_flat(self._array)[0],
+                    units,
+                    group,
+                    self.head_dim,
+                    self._shape[-1] - 1,
+                    list(self.coeffs),
+                    float(np.float32(self.scale)),
+                    self.normalize,
+                    self._device_unrolled,
+                )
+            except ValueError:
+                self._host_only = True
+                return None
+        flat, took = self._device.step(q, k, v, n, gates)
+        if not took:
+            return None
+        return flat.reshape(out_shape).astype(out_dtype, copy=False)
+
     def __repr__(self) -> str:
         return (
-            f"PolyState(shape={self.array.shape}, coeffs={self.coeffs}, scale={self.scale}, "
+            f"PolyState(shape={self._shape}, coeffs={self.coeffs}, scale={self.scale}, "
             f"nbytes={self.nbytes})"
         )
 

@@ -5,6 +5,7 @@ Same semantics as `approx_attn.attention` (scale, upper-left causal mask, groupe
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -436,3 +437,54 @@ def polynomial_kernel_attention_chunked(
         )
     o = out[..., :-1] / out[..., -1:] if normalize else out[..., :-1]
     return o, state
+
+
+def monomial_features(x: np.ndarray, coeffs: np.ndarray, scale: float) -> tuple[np.ndarray, ...]:
+    """The GPU's feature maps, the rows of a `PolyState` in their order: for each degree m whose
+    coefficient is not zero, in increasing m, the monomials of degree m as sorted index tuples in
+    lexicographic order (graded lexicographic); the key side x^alpha, the query side
+    coeffs[m] scale^m (m choose alpha) x^alpha, so <phi_q(q), phi_k(k)> = P(scale q.k)."""
+    x = np.asarray(x, dtype=np.float64)
+    q_side, k_side = [], []
+    for m, c in enumerate(np.asarray(coeffs, dtype=np.float64)):
+        if c == 0:
+            continue
+        for alpha in itertools.combinations_with_replacement(range(x.shape[-1]), m):
+            mono = np.prod(x[..., list(alpha)], axis=-1)
+            counts = [alpha.count(i) for i in set(alpha)]
+            mult = math.factorial(m) // math.prod(math.factorial(a) for a in counts)
+            k_side.append(mono)
+            q_side.append(c * scale**m * mult * mono)
+    return np.stack(q_side, -1), np.stack(k_side, -1)
+
+
+def polynomial_state_step(
+    state: np.ndarray,
+    query: np.ndarray,
+    key: np.ndarray,
+    value: np.ndarray,
+    coeffs: np.ndarray,
+    *,
+    scale: float,
+    normalize: bool = True,
+    log_gate: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One token of decoding in float64 on the GPU's state layout (`PolyState.array`: per kv
+    head, sum_j exp(G_t - G_j) phi_k(k_j) [v_j | 1] over `monomial_features`): state
+    (..., kv heads, r, Ev + 1), query (..., heads, E) with heads a multiple of kv heads (GQA:
+    consecutive query heads share a kv head), key (..., kv heads, E), value (..., kv heads, Ev),
+    log_gate (..., kv heads) or None. The state first decays by exp(log_gate) and takes the token,
+    which then attends to itself and everything before. Returns (output (..., heads, Ev), state)."""
+    state = np.asarray(state, dtype=np.float64)
+    k = np.asarray(key, dtype=np.float64)
+    v = np.asarray(value, dtype=np.float64)
+    vv = np.concatenate([v, np.ones((*v.shape[:-1], 1))], -1)
+    _, phi_k = monomial_features(k, coeffs, scale)
+    if log_gate is not None:
+        state = np.exp(np.asarray(log_gate, dtype=np.float64))[..., None, None] * state
+    state = state + phi_k[..., :, None] * vv[..., None, :]
+    phi_q, _ = monomial_features(query, coeffs, scale)
+    group = phi_q.shape[-2] // state.shape[-3]
+    num = np.einsum("...hf,...hfc->...hc", phi_q, np.repeat(state, group, axis=-3))
+    out = num[..., :-1] / num[..., -1:] if normalize else num[..., :-1]
+    return out, state

@@ -6,6 +6,7 @@ pub mod causal;
 pub mod causal_coop;
 pub mod certificate;
 pub mod cost;
+pub mod decode;
 pub mod features;
 pub mod fit;
 pub mod io;
