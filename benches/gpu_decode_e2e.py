@@ -127,8 +127,9 @@ def end_to_end(args: Any) -> list[dict[str, Any]]:
     beta = certified_beta(2, 1e-2)
     for n in args.n:
         q, k, v = (rng.standard_normal((1, h, n, e), dtype=np.float32) for _ in range(3))
-        # q and k scaled so that degree 2 certifies eps = 1e-2 (beta just below its limit).
-        f = np.float32(math.sqrt(0.98 * beta / beta_of(q, k, 1.0 / math.sqrt(e))))
+        # q and k scaled so that degree 2 certifies eps = 1e-2 (beta at 0.9 of its limit: the
+        # pre-pass widens beta for its float32 rounding).
+        f = np.float32(math.sqrt(0.9 * beta / beta_of(q, k, 1.0 / math.sqrt(e))))
         q, k = q * f, k * f
         for causal in (False, True):
             times, kern = [], []
