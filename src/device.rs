@@ -60,6 +60,9 @@ pub struct Gpu {
     /// Host <-> device traffic since the device was created (see `transfer::Traffic`); a call
     /// reports the difference over its run, which holds `exclusive`.
     pub(crate) traffic: crate::transfer::Traffic,
+    /// Dispatches submitted without waiting whose timestamps and counters are read at the call's
+    /// next wait (see `launch::Launch::run`).
+    pub(crate) pending: Mutex<Vec<crate::launch::Pending>>,
 }
 
 /// Idle staging buffers of one direction, and the bytes of all buffers the pool created that
@@ -67,6 +70,8 @@ pub struct Gpu {
 #[derive(Default)]
 pub(crate) struct StagingPool {
     pub(crate) idle: Mutex<Vec<wgpu::Buffer>>,
+    /// Submissions of copies out of this pool's buffers not yet known to be done, oldest first.
+    pub(crate) in_flight: Mutex<std::collections::VecDeque<wgpu::SubmissionIndex>>,
     pub(crate) live_bytes: std::sync::atomic::AtomicU64,
 }
 
@@ -334,12 +339,16 @@ impl Gpu {
             upload_pool: Arc::default(),
             readback_pool: Arc::default(),
             traffic: Default::default(),
+            pending: Mutex::default(),
         })
     }
 
     /// Serializes GPU work of all threads; error scopes are per thread and must not interleave.
     pub fn exclusive(&self) -> MutexGuard<'_, ()> {
-        lock(&self.run_lock)
+        let guard = lock(&self.run_lock);
+        // Left by a call that failed: not this call's dispatches.
+        lock(&self.pending).clear();
+        guard
     }
 
     /// A compute pipeline for `source` (WGSL), compiled once per device and cached by `key`.
@@ -443,11 +452,23 @@ impl Gpu {
     /// [`crate::interrupt::CHECK_EVERY`] (the work already submitted then finishes in the
     /// background; the next call's first wait waits for it).
     pub fn wait(&self) -> Result<(), Error> {
+        self.wait_for(None)
+    }
+
+    /// [`Gpu::wait`] for the submission `index` and those before it only (all where None): later
+    /// submissions keep the device busy meanwhile.
+    pub fn wait_for(&self, index: Option<wgpu::SubmissionIndex>) -> Result<(), Error> {
+        crate::transfer::timed(self, crate::transfer::HostStage::Wait, || {
+            self.wait_untimed(index)
+        })
+    }
+
+    fn wait_untimed(&self, index: Option<wgpu::SubmissionIndex>) -> Result<(), Error> {
         // Also before waiting: a call of many short dispatches may never wait 100 ms at once.
         crate::interrupt::check()?;
         loop {
             let poll = self.device.poll(wgpu::PollType::Wait {
-                submission_index: None,
+                submission_index: index.clone(),
                 timeout: Some(crate::interrupt::CHECK_EVERY),
             });
             match poll {

@@ -57,7 +57,7 @@ use poly::io::{poly_io, prepass_io};
 use poly::plan::{plan_poly, Pass1Tiles, Pass2Tiles};
 use poly::prepass::{prepass, Prepass};
 use poly::run::run_into as poly_run_into;
-use transfer::{assign_slice, Uploads};
+use transfer::{assign_slice, timed, HostStage, Uploads};
 
 /// Attention on the process's GPU. Arrays are contiguous, laid out as in [`Problem`].
 pub fn attention(
@@ -183,6 +183,8 @@ pub fn attention_into(
         ));
     }
     drop(uploads);
+    // Timestamps of dispatches no readback waited for.
+    stats.absorb(&launch::settle_pending(&gpu, true)?);
     stats.traffic = traffic.until(gpu.traffic.now());
     Ok(Report {
         method: ran.method,
@@ -525,7 +527,7 @@ fn run_choice(
                     v_max,
                     ..pre.clone()
                 };
-                (map.apply(v), pre)
+                (timed(gpu, HostStage::Compute, || map.apply(v)), pre)
             });
             let (v, pre) = match &mapped {
                 Some((v, pre)) => (&v[..], pre),
@@ -552,7 +554,7 @@ fn run_choice(
                 }
             };
             if let (Some(map), true) = (&map, all_finite(out)) {
-                map.restore(out);
+                timed(gpu, HostStage::Compute, || map.restore(out));
             }
             Ok(Ran {
                 io,
