@@ -519,20 +519,18 @@ fn run_choice(
             // Non-finite values (check_finite=False) run as they are.
             let finite = |x: &[f64]| x.iter().all(|y| y.is_finite());
             let map = (finite(&pre.v_min) && finite(&pre.v_max))
-                .then(|| ValueMap::new(p, &pre.v_min, &pre.v_max));
+                .then(|| std::sync::Arc::new(ValueMap::new(p, &pre.v_min, &pre.v_max)));
+            // V is mapped slice by slice as it is uploaded: no mapped host copy.
             let mapped = map.as_ref().map(|map| {
+                uploads.map_input(v, map.clone());
                 let (v_min, v_max) = map.mapped_range();
-                let pre = Prepass {
+                Prepass {
                     v_min,
                     v_max,
                     ..pre.clone()
-                };
-                (timed(gpu, HostStage::Compute, || map.apply(v)), pre)
+                }
             });
-            let (v, pre) = match &mapped {
-                Some((v, pre)) => (&v[..], pre),
-                None => (v, pre),
-            };
+            let pre = mapped.as_ref().unwrap_or(pre);
             let xs = (q, k, v);
             let (io, plan) = match &choice.causal_plan {
                 Some(cp) => {

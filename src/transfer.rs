@@ -7,6 +7,7 @@ use std::ptr::NonNull;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::sync::Arc;
 
 use crate::device::{Gpu, StagingPool};
 use crate::error::Error;
@@ -231,15 +232,15 @@ impl StagingPool {
 /// `Queue::write_buffer`, which allocates fresh staging memory for every write: on the H100 that
 /// allocation of pinned host memory cost more than the copy itself.
 pub(crate) fn upload(gpu: &Gpu, dst: &wgpu::Buffer, data: &[u8]) {
-    upload_parts(gpu, dst, &[data]);
+    upload_parts(gpu, dst, &[Part::copy(data)]);
 }
 
 /// [`upload`] of the concatenation of `parts`, each copied straight into the staging memory.
 /// At most [`POOLED_UPLOADS`] copies are in flight: a further one waits for the oldest to finish
 /// (the device keeps running the work submitted after it), so the staging memory stays bounded
 /// however far the host runs ahead of the device.
-pub(crate) fn upload_parts(gpu: &Gpu, dst: &wgpu::Buffer, parts: &[&[u8]]) {
-    let len: usize = parts.iter().map(|p| p.len()).sum();
+pub(crate) fn upload_parts(gpu: &Gpu, dst: &wgpu::Buffer, parts: &[Part<'_>]) {
+    let len: usize = parts.iter().map(|p| p.bytes.len()).sum();
     let bytes = len as u64;
     count_to_device(gpu, len);
     let pooled = bytes >= POOLED_BYTES && bytes % wgpu::COPY_BUFFER_ALIGNMENT == 0;
@@ -257,8 +258,13 @@ pub(crate) fn upload_parts(gpu: &Gpu, dst: &wgpu::Buffer, parts: &[&[u8]]) {
         }
     }
     timed(gpu, HostStage::Upload, || {
+        let concat = || {
+            let mut all = Vec::with_capacity(len);
+            parts.iter().for_each(|p| p.append_to(&mut all));
+            all
+        };
         if !pooled {
-            gpu.queue.write_buffer(dst, 0, &parts.concat());
+            gpu.queue.write_buffer(dst, 0, &concat());
             return;
         }
         let staging = gpu.upload_pool.take(bytes, || {
@@ -273,7 +279,7 @@ pub(crate) fn upload_parts(gpu: &Gpu, dst: &wgpu::Buffer, parts: &[&[u8]]) {
             Ok(mut view) => {
                 let mut rest = view.slice(..);
                 for part in parts {
-                    let (d, tail) = rest.split_at(part.len());
+                    let (d, tail) = rest.split_at(part.bytes.len());
                     rest = tail;
                     copy_to_mapped(d, part);
                 }
@@ -281,7 +287,7 @@ pub(crate) fn upload_parts(gpu: &Gpu, dst: &wgpu::Buffer, parts: &[&[u8]]) {
             Err(_) => {
                 // Not mapped after all: wgpu's own staging instead (the buffer is dropped).
                 gpu.upload_pool.forget(&staging);
-                gpu.queue.write_buffer(dst, 0, &parts.concat());
+                gpu.queue.write_buffer(dst, 0, &concat());
                 return;
             }
         }
@@ -306,16 +312,22 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// [`upload`] of one slice of an input (counted as one in the call's report).
-pub(crate) fn upload_slice(gpu: &Gpu, dst: &wgpu::Buffer, data: &[u8]) {
-    gpu.traffic.input_slices.fetch_add(1, Ordering::Relaxed);
-    upload(gpu, dst, data);
-}
-
 /// Uploads the rows of `rows` into `dst` (one slice of an input), without a host copy first.
 pub(crate) fn upload_rows(gpu: &Gpu, dst: &wgpu::Buffer, rows: &Rows<'_>) {
+    upload_rows_mapped(gpu, dst, rows, None);
+}
+
+/// [`upload_rows`] with the rows of each unit (matrix) mapped by `map` on the way.
+fn upload_rows_mapped(gpu: &Gpu, dst: &wgpu::Buffer, rows: &Rows<'_>, map: Option<&dyn RowMap>) {
     gpu.traffic.input_slices.fetch_add(1, Ordering::Relaxed);
-    let parts: Vec<&[u8]> = rows.parts().map(bytemuck::cast_slice).collect();
+    let parts: Vec<Part<'_>> = rows
+        .parts()
+        .zip(rows.h0..)
+        .map(|(x, unit)| Part {
+            bytes: bytemuck::cast_slice(x),
+            map: map.map(|m| (m, unit)),
+        })
+        .collect();
     upload_parts(gpu, dst, &parts);
 }
 
@@ -409,40 +421,84 @@ pub(crate) fn copy_threads(bytes: usize) -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
 
+/// A map of an input's rows applied while a slice of it is copied to the device (the value map
+/// of the poly passes): no mapped host copy of the whole input.
+pub(crate) trait RowMap: Sync + Send {
+    /// Row width.
+    fn width(&self) -> usize;
+    /// Writes the map of `src`, whole rows of `unit`, into `dst` (the same length).
+    fn map_rows(&self, unit: usize, src: &[f32], dst: &mut [f32]);
+}
+
+/// One piece of an upload: bytes copied as they are, or rows of one unit of an f32 input mapped
+/// by a [`RowMap`].
+pub(crate) struct Part<'a> {
+    bytes: &'a [u8],
+    map: Option<(&'a dyn RowMap, usize)>,
+}
+
+impl<'a> Part<'a> {
+    pub(crate) fn copy(bytes: &'a [u8]) -> Self {
+        Part { bytes, map: None }
+    }
+
+    /// Into a host vector (small uploads).
+    fn append_to(&self, out: &mut Vec<u8>) {
+        match self.map {
+            None => out.extend_from_slice(self.bytes),
+            Some((m, unit)) => {
+                let mut mapped = vec![0f32; self.bytes.len() / 4];
+                m.map_rows(unit, bytemuck::cast_slice(self.bytes), &mut mapped);
+                out.extend_from_slice(bytemuck::cast_slice(&mapped));
+            }
+        }
+    }
+}
+
 /// Writes `src` into a mapped staging view of the same length, on several threads for large
 /// data.
-fn copy_to_mapped(mut view: wgpu::WriteOnly<'_, [u8]>, src: &[u8]) {
+fn copy_to_mapped(view: wgpu::WriteOnly<'_, [u8]>, src: &Part<'_>) {
     /// A part of the mapped range handed to one thread (`WriteOnly<[u8]>` is not `Send`).
-    struct Part(NonNull<[u8]>);
+    struct Dst(NonNull<[u8]>);
     // SAFETY: the parts are disjoint and only written while `view` is borrowed, by one thread
     // each (see below).
-    unsafe impl Send for Part {}
+    unsafe impl Send for Dst {}
 
-    let threads = copy_threads(src.len());
+    let bytes = src.bytes;
+    let threads = copy_threads(bytes.len());
+    // Whole rows per thread where mapped.
+    let row = src.map.map_or(1, |(m, _)| 4 * m.width().max(1));
+    let chunk = bytes.len().div_ceil(threads).div_ceil(row).max(1) * row;
+    let write = move |d: Dst, s: &[u8]| {
+        let d = d;
+        match src.map {
+            // SAFETY: `d` is a mapped range of exactly `s.len()` bytes, valid for writes for as
+            // long as `view` is borrowed (the whole scope), written by this thread only; `s` is
+            // host memory that cannot overlap it.
+            None => unsafe {
+                std::ptr::copy_nonoverlapping(s.as_ptr(), d.0.as_ptr().cast::<u8>(), s.len());
+            },
+            Some((m, unit)) => {
+                // SAFETY: as above; staging memory is 4-byte aligned (mapped offsets are
+                // multiples of 4 and every part holds whole f32 words) and only written.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(d.0.as_ptr().cast::<f32>(), s.len() / 4)
+                };
+                m.map_rows(unit, bytemuck::cast_slice(s), dst);
+            }
+        }
+    };
+    let mut rest = view;
     if threads == 1 {
-        view.copy_from_slice(src);
+        write(Dst(rest.as_raw_ptr()), bytes);
         return;
     }
-    let chunk = src.len().div_ceil(threads);
-    let mut rest = view;
     std::thread::scope(|scope| {
-        for s in src.chunks(chunk) {
+        for s in bytes.chunks(chunk) {
             let (mut d, tail) = rest.split_at(s.len());
             rest = tail;
-            let part = Part(d.as_raw_ptr());
-            scope.spawn(move || {
-                let part = part;
-                // SAFETY: `part` is a mapped range of exactly `s.len()` bytes, valid for writes
-                // for as long as `view` is borrowed (the whole scope), written by this thread
-                // only; `s` is host memory that cannot overlap it.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        s.as_ptr(),
-                        part.0.as_ptr().cast::<u8>(),
-                        s.len(),
-                    );
-                }
-            });
+            let d = Dst(d.as_raw_ptr());
+            scope.spawn(move || write(d, s));
         }
     });
 }
@@ -558,10 +614,13 @@ impl<'a> Rows<'a> {
 /// label reused slice after slice ([`Uploads::scratch`]): no fresh memory per slice.
 #[derive(Default)]
 pub struct Uploads {
-    buffers: RefCell<HashMap<(usize, usize), Rc<wgpu::Buffer>>>,
+    /// Whole rows kept for the call by (address, length, mapped).
+    buffers: RefCell<HashMap<(usize, usize, bool), Rc<wgpu::Buffer>>>,
     /// Per label, least recently used first.
     slots: RefCell<HashMap<String, Vec<Rc<wgpu::Buffer>>>>,
     streaming: bool,
+    /// An input (address, length) read through a map from some point of the call on.
+    mapped: RefCell<Option<(usize, usize, Arc<dyn RowMap>)>>,
 }
 
 /// Storage buffers kept per label: a slice is uploaded into one while a dispatch reads the other.
@@ -576,6 +635,17 @@ impl Uploads {
         }
     }
 
+    /// Whether the call streams its inputs (nothing kept on the device).
+    pub fn streams(&self) -> bool {
+        self.streaming
+    }
+
+    /// From now on the slices of `x` are uploaded mapped by `map` (the value map of the poly
+    /// passes), each as it is copied to the device.
+    pub(crate) fn map_input(&self, x: &[f32], map: Arc<dyn RowMap>) {
+        *self.mapped.borrow_mut() = Some((x.as_ptr() as usize, x.len(), map));
+    }
+
     /// Frees the uploaded inputs (before a kernel that uploads its own).
     pub fn clear(&self) {
         self.buffers.borrow_mut().clear();
@@ -583,20 +653,27 @@ impl Uploads {
     }
 
     pub(crate) fn buffer(&self, gpu: &Gpu, data: Rows<'_>, label: &str) -> Rc<wgpu::Buffer> {
+        let map = self
+            .mapped
+            .borrow()
+            .as_ref()
+            .filter(|(at, len, _)| (*at, *len) == (data.x.as_ptr() as usize, data.x.len()))
+            .map(|(_, _, m)| m.clone());
+        let map = map.as_deref();
         match data.whole() {
             Some(rows) if !self.streaming && data.r0 == 0 && data.rc == data.rows => self
                 .buffers
                 .borrow_mut()
-                .entry((rows.as_ptr() as usize, rows.len()))
+                .entry((rows.as_ptr() as usize, rows.len(), map.is_some()))
                 .or_insert_with(|| {
                     let buf = storage_buffer(gpu, rows.len(), label);
-                    upload_slice(gpu, &buf, bytemuck::cast_slice(rows));
+                    upload_rows_mapped(gpu, &buf, &data, map);
                     Rc::new(buf)
                 })
                 .clone(),
             _ => {
                 let buf = self.scratch(gpu, data.len(), label);
-                upload_rows(gpu, &buf, &data);
+                upload_rows_mapped(gpu, &buf, &data, map);
                 buf
             }
         }
