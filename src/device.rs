@@ -459,13 +459,29 @@ impl Gpu {
     /// submissions keep the device busy meanwhile.
     pub fn wait_for(&self, index: Option<wgpu::SubmissionIndex>) -> Result<(), Error> {
         crate::transfer::timed(self, crate::transfer::HostStage::Wait, || {
-            self.wait_untimed(index)
+            self.wait_untimed(index, true)
         })
     }
 
-    fn wait_untimed(&self, index: Option<wgpu::SubmissionIndex>) -> Result<(), Error> {
+    /// [`Gpu::wait_for`] that leaves a Ctrl-C to the call's next interruptible wait: for waits
+    /// that cannot return an error (an upload waiting for staging memory).
+    pub(crate) fn wait_for_quietly(&self, index: wgpu::SubmissionIndex) {
+        crate::transfer::timed(self, crate::transfer::HostStage::Wait, || {
+            let _ = self.wait_untimed(Some(index), false);
+        })
+    }
+
+    fn wait_untimed(
+        &self,
+        index: Option<wgpu::SubmissionIndex>,
+        interruptible: bool,
+    ) -> Result<(), Error> {
+        let check = || match interruptible {
+            true => crate::interrupt::check(),
+            false => Ok(()),
+        };
         // Also before waiting: a call of many short dispatches may never wait 100 ms at once.
-        crate::interrupt::check()?;
+        check()?;
         loop {
             let poll = self.device.poll(wgpu::PollType::Wait {
                 submission_index: index.clone(),
@@ -473,7 +489,7 @@ impl Gpu {
             });
             match poll {
                 Ok(_) => return Ok(()),
-                Err(wgpu::PollError::Timeout) => crate::interrupt::check()?,
+                Err(wgpu::PollError::Timeout) => check()?,
                 Err(e) => {
                     self.lost.store(true, Ordering::SeqCst);
                     return Err(Error::DeviceLost(format!(

@@ -244,17 +244,19 @@ pub(crate) fn upload_parts(gpu: &Gpu, dst: &wgpu::Buffer, parts: &[Part<'_>]) {
     let bytes = len as u64;
     count_to_device(gpu, len);
     let pooled = bytes >= POOLED_BYTES && bytes % wgpu::COPY_BUFFER_ALIGNMENT == 0;
-    while pooled {
-        let oldest = {
-            let mut in_flight = lock(&gpu.upload_pool.in_flight);
-            if in_flight.len() < POOLED_UPLOADS {
-                break;
+    if pooled {
+        loop {
+            let oldest = {
+                let mut in_flight = lock(&gpu.upload_pool.in_flight);
+                if in_flight.len() < POOLED_UPLOADS {
+                    break;
+                }
+                in_flight.pop_front()
+            };
+            // An error here (device lost, Ctrl-C) shows at the call's next wait.
+            if let Some(index) = oldest {
+                gpu.wait_for_quietly(index);
             }
-            in_flight.pop_front()
-        };
-        // An error here (device lost, Ctrl-C) shows at the call's next wait.
-        if gpu.wait_for(oldest).is_err() {
-            break;
         }
     }
     timed(gpu, HostStage::Upload, || {
@@ -470,7 +472,6 @@ fn copy_to_mapped(view: wgpu::WriteOnly<'_, [u8]>, src: &Part<'_>) {
     let row = src.map.map_or(1, |(m, _)| 4 * m.width().max(1));
     let chunk = bytes.len().div_ceil(threads).div_ceil(row).max(1) * row;
     let write = move |d: Dst, s: &[u8]| {
-        let d = d;
         match src.map {
             // SAFETY: `d` is a mapped range of exactly `s.len()` bytes, valid for writes for as
             // long as `view` is borrowed (the whole scope), written by this thread only; `s` is
@@ -620,8 +621,11 @@ pub struct Uploads {
     slots: RefCell<HashMap<String, Vec<Rc<wgpu::Buffer>>>>,
     streaming: bool,
     /// An input (address, length) read through a map from some point of the call on.
-    mapped: RefCell<Option<(usize, usize, Arc<dyn RowMap>)>>,
+    mapped: RefCell<Option<MappedInput>>,
 }
+
+/// The address and length of an input and the map its slices go through.
+type MappedInput = (usize, usize, Arc<dyn RowMap>);
 
 /// Storage buffers kept per label: a slice is uploaded into one while a dispatch reads the other.
 const SLOTS: usize = 2;
