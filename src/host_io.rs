@@ -121,8 +121,8 @@ fn input_words(units: usize, all: Words, readers: &[Reader], streams: bool) -> W
 /// The poly method: the pre-pass (over `pre`'s dispatches: K twice, V and Q once) and the passes
 /// (K and V once in pass 1, Q once in pass 2, over `rows` rows per key/query slice and `units`
 /// KV units per slice; causal: windows of `rows` rows over min(S, L) keys). The output crosses
-/// once. Streaming (`streams`) the pre-pass runs on the host, so every input crosses once, for
-/// the passes; otherwise Q and K once where their slices are whole rows of the same units, and V
+/// once. Streaming (`streams`), or where the pre-pass's slices are not whole rows, the pre-pass
+/// runs on the host, so every input crosses once, for the passes; otherwise Q and K once where their slices are whole rows of the same units, and V
 /// twice (as it is, for the pre-pass's value range, then mapped per column for the passes).
 pub fn poly_host_io(
     p: &Problem,
@@ -148,8 +148,9 @@ pub fn poly_host_io(
         units_per_slice: units,
         words: w,
     };
-    if streams {
-        // The pre-pass runs on the host: each input crosses once, for the passes.
+    if streams || pre.kv_rows < p.s || pre.q_rows < p.l {
+        // The pre-pass runs on the host (`poly::prepass`): each input crosses once, for the
+        // passes.
         let down = u * g * words(p.l) * words(p.ev);
         return checked(p, k_pass + v_pass + q_all, down);
     }
@@ -268,6 +269,13 @@ mod tests {
         };
         let streamed = poly_host_io(&causal, &whole, (4, 80, 50), true).unwrap();
         assert_eq!(streamed.to_device, q / 2 + 4 * 50 * (8 + 6));
+        // Pre-pass slices of part of the rows are not kept: it runs on the host.
+        let cut = Chunking {
+            kv_rows: 40,
+            ..whole
+        };
+        let host = poly_host_io(&p, &cut, (4, 80, 100), false).unwrap();
+        assert_eq!(host.to_device, q + k + v);
         // Other units per slice in the passes: the pre-pass's uploads are not theirs.
         let other = poly_host_io(&p, &whole, (1, 80, 100), false).unwrap();
         assert_eq!(other.to_device, 2 * (q + k + v));

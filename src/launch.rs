@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use crate::device::Gpu;
 use crate::error::Error;
 use crate::transfer::{
-    assign_parallel, readback_buffer, storage_buffer, timed, uniform_buffer, HostStage,
+    assign_parallel, readback_buffer, storage_buffer, submit, timed, uniform_buffer, HostStage,
     PooledReadback, TrafficCount,
 };
 
@@ -138,7 +138,11 @@ impl Mapping {
         let got = match self.got.map_or_else(|| self.rx.try_recv(), Ok) {
             Ok(r) => Ok(r),
             Err(_) => {
-                gpu.wait_for(Some(index.clone()))?;
+                if let Err(e) = gpu.wait_for(Some(index.clone())) {
+                    // Interrupted or lost: the mapping is cancelled (the buffer may be pooled).
+                    buf.unmap();
+                    return Err(e);
+                }
                 self.rx.recv()
             }
         };
@@ -284,7 +288,7 @@ pub(crate) fn settle_pending(gpu: &Gpu, wait: bool) -> Result<RunStats, Error> {
 
 /// A submitted dispatch whose readback is mapped once it is done ([`Submitted::finish`]).
 pub(crate) struct Submitted<'g> {
-    pending: Pending,
+    pending: Option<Pending>,
     out: Option<(PooledReadback<'g>, Mapping, u64)>,
     allocated: Option<u64>,
 }
@@ -294,12 +298,15 @@ impl Submitted<'_> {
     /// (empty where nothing was read) and returns its stats with those of the dispatches
     /// submitted before it without waiting.
     pub(crate) fn finish<T>(
-        self,
+        mut self,
         gpu: &Gpu,
         read: impl FnOnce(&[f32]) -> T,
     ) -> Result<(T, RunStats), Error> {
-        let index = self.pending.index.clone();
-        let out = match self.out {
+        let index = match &self.pending {
+            Some(p) => p.index.clone(),
+            None => return Err(Error::Gpu("a dispatch was finished twice".into())),
+        };
+        let out = match self.out.take() {
             Some((buf, m, bytes)) => m.read(gpu, &index, &buf, bytes, |b| {
                 read(bytemuck::cast_slice::<u8, f32>(b))
             })?,
@@ -310,12 +317,23 @@ impl Submitted<'_> {
         };
         // Those submitted before this one are done; later ones (overlapping) stay pending.
         let mut stats = settle_pending(gpu, false)?;
+        let pending = self.pending.take().expect("present until finished");
         stats.absorb(&RunStats {
             dispatches: 1,
             gpu_allocated_bytes: self.allocated,
-            ..self.pending.resolve(gpu)?
+            ..pending.resolve(gpu)?
         });
         Ok((out, stats))
+    }
+}
+
+impl Drop for Submitted<'_> {
+    fn drop(&mut self) {
+        // Not finished (an error came first): cancel the mapping before the readback buffer
+        // goes back to its pool.
+        if let Some((buf, _, _)) = &self.out {
+            buf.unmap();
+        }
     }
 }
 
@@ -343,11 +361,12 @@ impl<P: bytemuck::Pod> Launch<'_, P> {
         reads: &[(&wgpu::Buffer, usize)],
     ) -> Result<(Vec<f32>, RunStats), Error> {
         if reads.is_empty() && overlap() {
-            let sub = self.submit(gpu, opts, reads);
+            let mut sub = self.submit(gpu, opts, reads);
+            let pending = sub.pending.take().expect("present until finished");
             gpu.pending
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push(sub.pending);
+                .push(pending);
             let stats = RunStats {
                 dispatches: 1,
                 gpu_allocated_bytes: sub.allocated,
@@ -427,14 +446,14 @@ impl<P: bytemuck::Pod> Launch<'_, P> {
         if let (Some(cb), Some(cr)) = (&counter, &counter_read) {
             enc.copy_buffer_to_buffer(cb, 0, cr, 0, 8);
         }
-        let index = gpu.queue.submit([enc.finish()]);
+        let index = submit(gpu, enc);
         let bytes = (words * 4) as u64;
         Submitted {
             out: buf.map(|r| {
                 let m = Mapping::request(&r, bytes);
                 (r, m, bytes)
             }),
-            pending: Pending {
+            pending: Some(Pending {
                 pass: self.pass,
                 index,
                 timer: timer.map(|tm| {
@@ -445,7 +464,7 @@ impl<P: bytemuck::Pod> Launch<'_, P> {
                     let m = Mapping::request(&cr, 8);
                     (cr, m)
                 }),
-            },
+            }),
             allocated: allocated_bytes(gpu),
         }
     }

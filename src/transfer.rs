@@ -30,6 +30,8 @@ pub enum HostStage {
     Upload,
     /// Blocked until the device finished work a result needs.
     Wait,
+    /// Handing command buffers to the driver.
+    Submit,
     /// Copying results out of mapped readback memory into place.
     Readback,
     /// Host arithmetic on whole arrays: the value map and its inverse, merges.
@@ -37,9 +39,10 @@ pub enum HostStage {
 }
 
 impl HostStage {
-    pub const ALL: [HostStage; 4] = [
+    pub const ALL: [HostStage; 5] = [
         HostStage::Upload,
         HostStage::Wait,
+        HostStage::Submit,
         HostStage::Readback,
         HostStage::Compute,
     ];
@@ -48,6 +51,7 @@ impl HostStage {
         match self {
             HostStage::Upload => "upload",
             HostStage::Wait => "wait",
+            HostStage::Submit => "submit",
             HostStage::Readback => "readback",
             HostStage::Compute => "compute",
         }
@@ -259,7 +263,7 @@ pub(crate) fn upload_parts(gpu: &Gpu, dst: &wgpu::Buffer, parts: &[Part<'_>]) {
             }
         }
     }
-    timed(gpu, HostStage::Upload, || {
+    let staging = timed(gpu, HostStage::Upload, || {
         let concat = || {
             let mut all = Vec::with_capacity(len);
             parts.iter().for_each(|p| p.append_to(&mut all));
@@ -267,7 +271,7 @@ pub(crate) fn upload_parts(gpu: &Gpu, dst: &wgpu::Buffer, parts: &[Part<'_>]) {
         };
         if !pooled {
             gpu.queue.write_buffer(dst, 0, &concat());
-            return;
+            return None;
         }
         let staging = gpu.upload_pool.take(bytes, || {
             gpu.device.create_buffer(&wgpu::BufferDescriptor {
@@ -290,24 +294,33 @@ pub(crate) fn upload_parts(gpu: &Gpu, dst: &wgpu::Buffer, parts: &[Part<'_>]) {
                 // Not mapped after all: wgpu's own staging instead (the buffer is dropped).
                 gpu.upload_pool.forget(&staging);
                 gpu.queue.write_buffer(dst, 0, &concat());
-                return;
+                return None;
             }
         }
         staging.unmap();
-        let mut enc = gpu.device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(&staging, 0, dst, 0, bytes);
-        let index = gpu.queue.submit([enc.finish()]);
-        lock(&gpu.upload_pool.in_flight).push_back(index);
-        // Mapped again once the copy is done (at a later poll), then idle in the pool.
-        let pool = gpu.upload_pool.clone();
-        let buf = staging.clone();
-        staging
-            .slice(..)
-            .map_async(wgpu::MapMode::Write, move |r| match r {
-                Ok(()) => pool.give_back(buf, POOLED_UPLOADS),
-                Err(_) => pool.forget(&buf),
-            });
+        Some(staging)
     });
+    let Some(staging) = staging else { return };
+    let mut enc = gpu.device.create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(&staging, 0, dst, 0, bytes);
+    let index = submit(gpu, enc);
+    lock(&gpu.upload_pool.in_flight).push_back(index);
+    // Mapped again once the copy is done (at a later poll), then idle in the pool.
+    let pool = gpu.upload_pool.clone();
+    let buf = staging.clone();
+    staging
+        .slice(..)
+        .map_async(wgpu::MapMode::Write, move |r| match r {
+            Ok(()) => pool.give_back(buf, POOLED_UPLOADS),
+            Err(_) => pool.forget(&buf),
+        });
+}
+
+/// Submits `enc`, timed as [`HostStage::Submit`] (a driver may block there while the device
+/// is busy).
+pub(crate) fn submit(gpu: &Gpu, enc: wgpu::CommandEncoder) -> wgpu::SubmissionIndex {
+    let commands = enc.finish();
+    timed(gpu, HostStage::Submit, || gpu.queue.submit([commands]))
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -156,7 +156,7 @@ def test_overlap_changes_no_bit(method, is_causal, limit, monkeypatch) -> None:
     assert [n for n, _ in rep.pass_s] == [n for n, _ in rep1.pass_s]
     assert (rep.kernel_s is None) == (rep1.kernel_s is None)
     stages = dict(rep.host_s)
-    assert set(stages) == {"upload", "wait", "readback", "compute"}
+    assert set(stages) == {"upload", "wait", "submit", "readback", "compute"}
     assert all(0 <= t <= rep.elapsed_s for t in stages.values()), rep.host_s
 
 

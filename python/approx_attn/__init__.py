@@ -116,10 +116,12 @@ class Report:
     device_to_host_bytes: int = 0
     """Bytes the call read back: output slices, split statistics, pre-pass results, timings."""
     host_s: tuple[tuple[str, float], ...] = ()
-    """Host wall-clock seconds per stage: ``upload`` (input slices into staging memory),
-    ``wait`` (blocked on the device), ``readback`` (results out of mapped memory into place),
-    ``compute`` (host arithmetic over whole arrays). With ``elapsed_s`` and ``kernel_s`` they
-    say where a call's time went; the stages overlap the kernels, not each other."""
+    """Host wall-clock seconds per stage: ``upload`` (input slices into staging memory, V mapped
+    on the way), ``wait`` (blocked on the device), ``submit`` (handing work to the driver, which
+    may block while the device is busy), ``readback`` (results out of mapped memory into place),
+    ``compute`` (host arithmetic over whole arrays: the streamed pre-pass, the value map's
+    inverse). With ``elapsed_s`` and ``kernel_s`` they say where a call's time went; the stages
+    overlap the kernels, not each other."""
 
 
 def device_info() -> dict[str, Any]:

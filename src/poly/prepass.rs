@@ -301,8 +301,9 @@ impl RowStats {
 }
 
 /// The pre-pass: Q and V once, K twice (its mean first, then the norms around it). Where the
-/// call streams (nothing stays on the device) it runs on the host, in float64: the inputs then
-/// cross the bus once, for the passes only.
+/// call streams (nothing stays on the device), or its slices are not whole rows (not kept for
+/// the passes), it runs on the host, in float64: the inputs then cross the bus once, for the
+/// passes only.
 #[allow(clippy::too_many_arguments)]
 pub fn prepass(
     gpu: &Gpu,
@@ -328,7 +329,8 @@ pub fn prepass(
         units_per_dispatch: plan_chunk.units * p.group,
         rows_per_dispatch: plan_chunk.q_rows,
     };
-    let host = uploads.streams();
+    // On the device only where its uploads stay there for the passes (whole rows, kept).
+    let host = uploads.streams() || plan_chunk.kv_rows < p.s || plan_chunk.q_rows < p.l;
     let stats_of = |x: &[f32], mu: Option<&[f32]>, sh: PrepassShape, stats: &mut RunStats| {
         if host {
             let dims = (sh.units, sh.rows, sh.width);
