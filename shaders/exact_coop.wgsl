@@ -29,11 +29,7 @@ const SG: u32 = {{SG}}u;   // subgroup size (the adapter has exactly one)
 const RT: u32 = {{RT}}u;   // 16-row tiles per subgroup
 const R16: u32 = 16u * RT; // query rows per subgroup
 const NP: u32 = SG / R16;  // lanes per query row in the softmax
-// Storage elements (vec4 where E and Ev are multiples of 4) and row widths in them.
-alias T = {{ELEM}};
-const LANES: u32 = {{LANES}}u;
-const EW: u32 = E / LANES;
-const EVW: u32 = EV / LANES;
+{{STORAGE_DECL}}
 // Row strides in workgroup memory: K/Q and V rows padded to 16 columns (zeros) plus 8 halves,
 // scores plus 4 floats, probabilities plus 8 halves: every row starts on 16 bytes (NVIDIA returns
 // garbage for cooperative loads from other addresses) and rows fall in different banks.
@@ -100,21 +96,9 @@ fn main(
     // Accumulators start from a zero tile loaded from memory: naga writes a zero-constructed
     // coop_mat as OpConstantNull, which gave garbage on NVIDIA's driver (poly passes, H100).
     let zero_acc = coopLoadT<coop_mat16x16<f32, C>>(&s_t[sb], 16u);
-    for (var idx = lid; idx < BQ * EW; idx += WG) {
-        let row = idx / EW;
-        let c = (idx % EW) * LANES;
-        var x = T();
-        if (row < q_rows) {
-            x = q[q_base + idx] * params.scale_log2;
-            words_read += LANES;
-        }
-{{Q_STORE}}
-    }
-    workgroupBarrier();
-{{Q_FRAGS}}
-    workgroupBarrier();
+{{Q_BLOCK}}
     // Q's values would sit in the padding columns of the V tiles: zero the block again.
-    for (var i = lid; i < BQ * KS; i += WG) {
+    for (var i = lid; i < {{Q_HALVES}}; i += WG) {
         kv_t[i] = f16(0.0);
     }
 {{O_DECL}}
@@ -132,7 +116,7 @@ fn main(
     if (params.causal != 0u) {
         let gi = params.q_offset + q0 + row0 + r;
         jmax = min(kv_end, max(gi + 1u, params.kv_offset) - params.kv_offset);
-    }
+    }{{JFULL}}
     // The next K/V tile is loaded into registers (as f16) while this one is multiplied.
 {{PREFETCH_DECL}}
     if (kv_end > 0u) {

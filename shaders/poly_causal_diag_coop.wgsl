@@ -165,6 +165,12 @@ fn main(
         subgroupBarrier();
 {{PV}}
     }
+    coopStoreT(o_{{D_TILE}}, &s_t[sb], 16u);
+    subgroupBarrier();
+    for (var i = lane; i < 16u; i += SG) {
+        d_t[row0 + i] = s_t[sb + i * 16u + {{D_COL}}u];
+    }
+    subgroupBarrier();
 {{STORE}}
 {{IO_COUNTER_ADD}}
 }

@@ -141,6 +141,7 @@ fn main(
 {{MMA}}
             }
         }
+        workgroupBarrier();
 {{D_STORE}}
         workgroupBarrier();
         if (lid < BQ) {

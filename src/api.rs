@@ -154,7 +154,7 @@ impl PolyOptions {
     pub fn check(&self) -> Result<(), Error> {
         if !(self.eps > 0.0 && self.eps < 1.0) {
             return Err(Error::InvalidInput(format!(
-                "eps must lie in (0, 1), got {}",
+                "eps must be a number in (0, 1), got {}",
                 self.eps
             )));
         }

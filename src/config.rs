@@ -18,6 +18,8 @@
 //! | `APPROX_ATTN_EXACT_TILES` | "bq bk tq tk split_v": forced exact tiles |
 //! | `APPROX_ATTN_POLY_TILES` | "bk tf rc1 b tr rc2 prefetch": forced f32 poly tiles |
 //! | `APPROX_ATTN_COOP_EXACT_TILES` | "subgroups rt bk": forced tensor-core exact tiles |
+//! | `APPROX_ATTN_COOP_EXACT_UNMASKED` | 1: tensor-core exact skips the mask on key tiles seen whole |
+//! | `APPROX_ATTN_COOP_EXACT_Q_PARTS` | tensor-core exact stages the Q block in this many parts |
 //! | `APPROX_ATTN_CAUSAL_CHUNK` | rows per chunk of causal poly (rounded up to what the tiles need) |
 //! | `APPROX_ATTN_CAUSAL_WINDOW` | chunks per window of causal poly (at most the planned one) |
 //! | `APPROX_ATTN_RATES` | "exact_flops_per_s poly_flops_per_s": `auto`'s rates, not measured |
@@ -60,6 +62,10 @@ pub struct Config {
     pub poly_tiles: Option<String>,
     /// `APPROX_ATTN_COOP_EXACT_TILES`, unparsed.
     pub coop_exact_tiles: Option<String>,
+    /// `APPROX_ATTN_COOP_EXACT_UNMASKED` (off until measured on a GPU).
+    pub coop_exact_unmasked: bool,
+    /// `APPROX_ATTN_COOP_EXACT_Q_PARTS` (1 where unset: the whole block at once).
+    pub coop_exact_q_parts: Result<Option<usize>, Error>,
     /// `APPROX_ATTN_CAUSAL_CHUNK` and `APPROX_ATTN_CAUSAL_WINDOW`.
     pub causal_chunk: Result<Option<usize>, Error>,
     pub causal_window: Result<Option<usize>, Error>,
@@ -160,6 +166,8 @@ impl Config {
             exact_tiles: var("APPROX_ATTN_EXACT_TILES"),
             poly_tiles: var("APPROX_ATTN_POLY_TILES"),
             coop_exact_tiles: var("APPROX_ATTN_COOP_EXACT_TILES"),
+            coop_exact_unmasked: flag("APPROX_ATTN_COOP_EXACT_UNMASKED"),
+            coop_exact_q_parts: count("APPROX_ATTN_COOP_EXACT_Q_PARTS"),
             causal_chunk: count("APPROX_ATTN_CAUSAL_CHUNK"),
             causal_window: count("APPROX_ATTN_CAUSAL_WINDOW"),
             rates: rates(),

@@ -49,7 +49,9 @@ use exact::plan::{plan_exact, ExactPlan};
 use exact::run::run_into as exact_run_into;
 use exact::storage::{f16_input_rounding, F16Inputs, Storage};
 use io::IoCount;
-use numerics::{all_finite, score_fold_for, times_pow2, value_columns, Magnitudes, ValueMap};
+use numerics::{
+    all_finite, score_fold_for, times_pow2, value_columns, Magnitudes, ScoreFold, ValueMap,
+};
 use poly::causal::{causal_io, causal_poly_flops, plan_causal, plan_causal_with, CausalPlan};
 use poly::certificate::{causal_poly_candidate, poly_candidate, poly_for_eps, PolyCandidate};
 use poly::cost::poly_flops;
@@ -75,9 +77,10 @@ pub fn attention(
 /// [`attention`] for inputs that were float16 (`f16_inputs`): as in PyTorch, precision follows
 /// the dtype, so exact attention runs on cooperative matrices there (where the adapter has them)
 /// unless `popts.tensor_cores` says otherwise; float32 inputs keep the f32 kernel unless it says
-/// `Some(true)`. With `f16_storage` (the inputs as f16, packed) the f32 exact kernel reads them
-/// from f16 storage instead (half the words), where its operands are those values: not after a
-/// rebalancing of extreme scores or a mapping of the values (then it reads `q`, `k`, `v`).
+/// `Some(true)`. With `f16_storage` (the inputs as f16, packed) the exact kernel (f32 or on
+/// tensor cores) reads them from f16 storage instead (half the words), where its operands are
+/// those values: not after a rebalancing of extreme scores or a mapping of the values (then it
+/// reads `q`, `k`, `v`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_with_inputs(
     p: &Problem,
@@ -253,42 +256,22 @@ fn choose(
         }
         return Ok(choice);
     }
-    let (gpu, budget) = (tuner.gpu, tuner.budget);
     let chunking = &exact_plan.chunking;
-    let pre = prepass(gpu, p, chunking, xs, budget, &tuner.opts, uploads, stats)?;
+    let pre = prepass(
+        tuner.gpu,
+        p,
+        chunking,
+        xs,
+        tuner.budget,
+        &tuner.opts,
+        uploads,
+        stats,
+    )?;
     if popts.check_finite {
-        for (name, bad) in ["query", "key", "value"].iter().zip(pre.nonfinite) {
-            if bad > 0 {
-                return Err(Error::InvalidInput(format!(
-                    "{name} contains {bad} NaN or Inf value(s) (after conversion to \
-                     float32); pass check_finite=False to skip this check"
-                )));
-            }
-        }
+        check_prepass_finite(&pre)?;
     }
-    // Causal poly runs its chunk passes in f32, its diagonal blocks on tensor cores where their
-    // tiles fit (at the highest degree: the coefficients are the only part that grows with it).
-    let coop_sg = (gpu.info.coop_f16 && !p.causal).then_some(gpu.info.subgroup_size as usize);
-    let diag_sg = poly::causal_coop::available(gpu).filter(|&sg| {
-        p.causal && poly::causal_coop::plan_tiles(p, MAX_DEGREE, budget, sg, 16).is_some()
-    });
-    let candidate = if p.causal {
-        causal_poly_candidate(p, &pre, popts, budget, diag_sg)
-    } else {
-        poly_candidate(p, &pre, popts, budget, coop_sg).map(|c| (c, false))
-    };
-    let candidate = candidate.and_then(|(c, diag_tc)| {
-        match popts.degree.filter(|&g| c.cert.degree < g) {
-            // The fit's top coefficients vanish: running it would run a lower degree under g.
-            Some(g) => Err(Error::InvalidInput(format!(
-                "degree={g} cannot run at beta={:.4}: the degree-{g} fit's coefficients above \
-                 degree {} vanish below float precision (it certifies {:.1e} already); use \
-                 degree <= {}",
-                c.cert.beta, c.cert.degree, c.cert.poly_eps, c.cert.degree
-            ))),
-            None => Ok((c, diag_tc)),
-        }
-    });
+    let diag_sg = causal_diag_subgroup(tuner, p);
+    let candidate = certified_candidate(tuner, p, &pre, popts, diag_sg);
     choice.pre = Some(pre);
     let (mut c, diag_tc) = match candidate {
         Ok(c) => c,
@@ -301,7 +284,7 @@ fn choose(
     tune_coop_plan(tuner, p, &mut c)?;
     tune_f32_poly_plan(tuner, p, &mut c)?;
     if p.causal {
-        match plan_causal_with(p, &c.plan, budget, diag_sg.filter(|_| diag_tc)) {
+        match plan_causal_with(p, &c.plan, tuner.budget, diag_sg.filter(|_| diag_tc)) {
             Ok(cp) => choice.causal_plan = Some(cp),
             Err(e) if method == Method::Poly => return Err(e),
             Err(e) => {
@@ -317,24 +300,89 @@ fn choose(
         choice.reason = "poly: requested".into();
         choice.use_poly = true;
     } else {
-        let g = c.cert.degree;
-        let r = rates(tuner, p, g)?;
-        let te = exact_flops(p) / r.exact_flops_per_s;
-        let flops = match &choice.causal_plan {
-            Some(cp) => causal_poly_flops(p, cp),
-            None => poly_flops(p, &c.plan),
-        };
-        let tp = flops / r.poly_flops_per_s;
-        choice.predicted = Some((te, tp));
-        choice.use_poly = tp < te;
-        choice.reason = if tp < te {
-            format!("poly: certifies eps at degree {g} and is predicted faster ({tp:.3e} s vs {te:.3e} s)")
-        } else {
-            format!("exact: predicted faster ({te:.3e} s vs poly {tp:.3e} s at degree {g})")
-        };
+        predict_auto(tuner, p, &c, &mut choice)?;
     }
     choice.candidate = Some(c);
     Ok(choice)
+}
+
+/// `check_finite`: the pre-pass's count of NaN or Inf per input, as an error naming the input.
+fn check_prepass_finite(pre: &Prepass) -> Result<(), Error> {
+    for (name, bad) in ["query", "key", "value"].iter().zip(pre.nonfinite) {
+        if bad > 0 {
+            return Err(Error::InvalidInput(format!(
+                "{name} contains {bad} NaN or Inf value(s) (after conversion to \
+                 float32); pass check_finite=False to skip this check"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Causal poly runs its chunk passes in f32, its diagonal blocks on tensor cores where their
+/// tiles fit (at the highest degree: the coefficients are the only part that grows with it):
+/// the subgroup size there.
+fn causal_diag_subgroup(tuner: &Tuner, p: &Problem) -> Option<usize> {
+    poly::causal_coop::available(tuner.gpu).filter(|&sg| {
+        p.causal && poly::causal_coop::plan_tiles(p, MAX_DEGREE, tuner.budget, sg, 16).is_some()
+    })
+}
+
+/// The poly method's certificate and plan at the pre-pass's beta, and whether causal diagonal
+/// blocks run on tensor cores (`diag_sg`: their subgroup size where they fit).
+fn certified_candidate(
+    tuner: &Tuner,
+    p: &Problem,
+    pre: &Prepass,
+    popts: &PolyOptions,
+    diag_sg: Option<usize>,
+) -> Result<(PolyCandidate, bool), Error> {
+    let info = &tuner.gpu.info;
+    let coop_sg = (info.coop_f16 && !p.causal).then_some(info.subgroup_size as usize);
+    let candidate = if p.causal {
+        causal_poly_candidate(p, pre, popts, tuner.budget, diag_sg)
+    } else {
+        poly_candidate(p, pre, popts, tuner.budget, coop_sg).map(|c| (c, false))
+    };
+    candidate.and_then(|(c, diag_tc)| {
+        match popts.degree.filter(|&g| c.cert.degree < g) {
+            // The fit's top coefficients vanish: running it would run a lower degree under g.
+            Some(g) => Err(Error::InvalidInput(format!(
+                "degree={g} cannot run at beta={:.4}: the degree-{g} fit's coefficients above \
+                 degree {} vanish below float precision (it certifies {:.1e} already); use \
+                 degree <= {}",
+                c.cert.beta, c.cert.degree, c.cert.poly_eps, c.cert.degree
+            ))),
+            None => Ok((c, diag_tc)),
+        }
+    })
+}
+
+/// `auto`: poly where its FLOPs at the measured rates take less time than exact's.
+fn predict_auto(
+    tuner: &Tuner,
+    p: &Problem,
+    c: &PolyCandidate,
+    choice: &mut Choice,
+) -> Result<(), Error> {
+    let g = c.cert.degree;
+    let r = rates(tuner, p, g)?;
+    let te = exact_flops(p) / r.exact_flops_per_s;
+    let flops = match &choice.causal_plan {
+        Some(cp) => causal_poly_flops(p, cp),
+        None => poly_flops(p, &c.plan),
+    };
+    let tp = flops / r.poly_flops_per_s;
+    choice.predicted = Some((te, tp));
+    choice.use_poly = tp < te;
+    choice.reason = if tp < te {
+        format!(
+            "poly: certifies eps at degree {g} and is predicted faster ({tp:.3e} s vs {te:.3e} s)"
+        )
+    } else {
+        format!("exact: predicted faster ({te:.3e} s vs poly {tp:.3e} s at degree {g})")
+    };
+    Ok(())
 }
 
 /// What ran (its output is in the caller's array): the words its plan moves, the plan, the
@@ -372,22 +420,7 @@ fn run_in_range(
     out: &mut [f32],
 ) -> Result<(Ran, Option<String>), Error> {
     let mut notes = Vec::new();
-    // Scores: the exact kernel's (the poly passes scale the keys by their largest norm).
-    let exact_runs = !choice.use_poly && p.l > 0 && p.units > 0;
-    let mut mags = None;
-    let fold = if exact_runs {
-        // A cheap bound first (the pre-pass's where it ran, else the largest elements'), the
-        // host's row norms where it does not settle the call.
-        let quick = match &choice.pre {
-            Some(pre) => Magnitudes::from_prepass(p, &pre.q_max_norm, &pre.k_max_norm, &pre.mu),
-            None => Some(Magnitudes::quick(p, q, k)),
-        };
-        let (fold, m) = score_fold_for(p, q, k, quick)?;
-        mags = Some(m);
-        fold
-    } else {
-        None
-    };
+    let (fold, mags) = exact_score_fold(p, q, k, choice)?;
     let folded;
     let mut f16_storage = f16_storage;
     let (q, k, p) = match fold {
@@ -424,21 +457,9 @@ fn run_in_range(
     }
     // Not finite: NaN or Inf in (check_finite=False) runs as it is, as in PyTorch; from finite
     // inputs, the value sums overflowed (the scores cannot: see above).
-    let (lo, hi, finite_inputs) = match &choice.pre {
-        Some(pre) => (
-            pre.v_min.clone(),
-            pre.v_max.clone(),
-            pre.nonfinite == [0; 3],
-        ),
-        None => {
-            let cols = value_columns(p, v);
-            let m = mags.unwrap_or_else(|| Magnitudes::of(p, q, k));
-            (cols.min, cols.max, cols.nonfinite == 0 && m.finite())
-        }
-    };
-    if !finite_inputs {
+    let Some((lo, hi)) = value_range_of_finite_inputs(p, (q, k, v), choice, mags) else {
         return Ok((ran, (!notes.is_empty()).then(|| notes.join("; "))));
-    }
+    };
     let map = ValueMap::new(p, &lo, &hi);
     let mapped_v = map.apply(v);
     let mapped_pre = choice.pre.as_ref().map(|pre| {
@@ -483,8 +504,53 @@ fn run_in_range(
     Ok((ran, Some(notes.join("; "))))
 }
 
-/// Runs the chosen method on these inputs (`pre`: the pre-pass, for the values given; the f32
-/// exact kernel reads `f16_storage` where given, the same values stored as f16).
+/// The exact kernel's score operands rebalanced by powers of two where their magnitudes call for
+/// it (the poly passes scale the keys by their largest norm: nothing to do there), and the
+/// magnitudes that decided it. A cheap bound first (the pre-pass's where it ran, else the largest
+/// elements'), the host's row norms where it does not settle the call.
+fn exact_score_fold(
+    p: &Problem,
+    q: &[f32],
+    k: &[f32],
+    choice: &Choice,
+) -> Result<(Option<ScoreFold>, Option<Magnitudes>), Error> {
+    let exact_runs = !choice.use_poly && p.l > 0 && p.units > 0;
+    if !exact_runs {
+        return Ok((None, None));
+    }
+    let quick = match &choice.pre {
+        Some(pre) => Magnitudes::from_prepass(p, &pre.q_max_norm, &pre.k_max_norm, &pre.mu),
+        None => Some(Magnitudes::quick(p, q, k)),
+    };
+    let (fold, m) = score_fold_for(p, q, k, quick)?;
+    Ok((fold, Some(m)))
+}
+
+/// Each value column's (min, max) where every input is finite (from the pre-pass where it ran,
+/// else from the host; `mags`: the score magnitudes already computed), else `None`.
+fn value_range_of_finite_inputs(
+    p: &Problem,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    choice: &Choice,
+    mags: Option<Magnitudes>,
+) -> Option<(Vec<f64>, Vec<f64>)> {
+    let (lo, hi, finite_inputs) = match &choice.pre {
+        Some(pre) => (
+            pre.v_min.clone(),
+            pre.v_max.clone(),
+            pre.nonfinite == [0; 3],
+        ),
+        None => {
+            let cols = value_columns(p, v);
+            let m = mags.unwrap_or_else(|| Magnitudes::of(p, q, k));
+            (cols.min, cols.max, cols.nonfinite == 0 && m.finite())
+        }
+    };
+    finite_inputs.then_some((lo, hi))
+}
+
+/// Runs the chosen method on these inputs (`pre`: the pre-pass, for the values given; the
+/// exact kernels read `f16_storage` where given, the same values stored as f16).
 #[allow(clippy::too_many_arguments)]
 fn run_choice(
     tuner: &Tuner,
@@ -498,7 +564,6 @@ fn run_choice(
     stats: &mut RunStats,
     out: &mut [f32],
 ) -> Result<Ran, Error> {
-    let (gpu, budget, opts) = (tuner.gpu, tuner.budget, &tuner.opts);
     if p.l == 0 || p.units == 0 {
         return Ok(Ran {
             io: IoCount::default(),
@@ -512,115 +577,171 @@ fn run_choice(
         });
     }
     match (&choice.candidate, pre) {
-        (Some(c), Some(pre)) if choice.use_poly => {
-            let (plan, table, poly) = (&c.plan, &c.table, &c.poly);
-            // The passes run on values centred and scaled per column (`poly::rounding`): their
-            // rounding then scales with each column's range, not its magnitude.
-            // Non-finite values (check_finite=False) run as they are.
-            let finite = |x: &[f64]| x.iter().all(|y| y.is_finite());
-            let map = (finite(&pre.v_min) && finite(&pre.v_max))
-                .then(|| std::sync::Arc::new(ValueMap::new(p, &pre.v_min, &pre.v_max)));
-            // V is mapped slice by slice as it is uploaded: no mapped host copy.
-            let mapped = map.as_ref().map(|map| {
-                uploads.map_input(v, map.clone());
-                let (v_min, v_max) = map.mapped_range();
-                Prepass {
-                    v_min,
-                    v_max,
-                    ..pre.clone()
-                }
-            });
-            let pre = mapped.as_ref().unwrap_or(pre);
-            let xs = (q, k, v);
-            let (io, plan) = match &choice.causal_plan {
-                Some(cp) => {
-                    let o =
-                        poly::causal::run(gpu, p, cp, table, poly, pre, xs, opts, uploads, stats)?;
-                    assign_slice(out, &o);
-                    (
-                        causal_io(p, cp, &exact_plan.chunking, budget)?,
-                        format!("{cp:?}"),
-                    )
-                }
-                None => {
-                    let call = (table, poly, pre);
-                    poly_run_into(gpu, p, plan, call, xs, opts, uploads, stats, out)?;
-                    (
-                        poly_io(p, &c.plan, &exact_plan.chunking, budget)?,
-                        format!("{:?}", c.plan),
-                    )
-                }
-            };
-            if let (Some(map), true) = (&map, all_finite(out)) {
-                timed(gpu, HostStage::Compute, || map.restore(out));
-            }
-            Ok(Ran {
-                io,
-                plan,
-                certificate: Some(c.cert.clone()),
-                method: "poly",
-                tensor_cores: c.cert.f16_rounding.is_some(),
-                exact_f16: None,
-                storage: Storage::F32,
-                input_rounding: None,
-            })
-        }
-        _ => {
-            uploads.clear();
-            let (st, mut io, plan, exact_f16) = match coop_exact {
-                Some(cplan) => {
-                    let bound = exact::coop::f16_bound(p, q, k, v)?;
-                    let (o, st) = exact::coop::run(gpu, p, cplan, q, k, v, opts)?;
-                    assign_slice(out, &o);
-                    // The f32 kernel's words: the same storage reads (f32) per block of bq rows.
-                    let tiles = exact::plan::ExactTiles {
-                        bq: cplan.tiles.bq(),
-                        ..exact_plan.tiles
-                    };
-                    let as_f32 = ExactPlan {
-                        tiles,
-                        chunking: cplan.chunking,
-                    };
-                    (st, exact_io(p, &as_f32), format!("{cplan:?}"), Some(bound))
-                }
-                None => {
-                    let st = match f16_storage {
-                        Some(xs) => exact::run::run_f16(gpu, p, exact_plan, xs, opts, out)?,
-                        None => exact_run_into(gpu, p, exact_plan, q, k, v, opts, out)?,
-                    };
-                    let io = exact_io_for(p, exact_plan, storage_of(f16_storage));
-                    (st, io, format!("{exact_plan:?}"), None)
-                }
-            };
-            // f16 storage where the f32 kernel ran on it.
-            let f16_storage = f16_storage.filter(|_| coop_exact.is_none());
-            let input_rounding = f16_storage.map(|xs| {
-                if xs.rounded {
-                    f16_input_rounding(p, q, k, v)
-                        .into_iter()
-                        .fold(0f64, f64::max)
-                } else {
-                    0.0
-                }
-            });
-            stats.absorb(&st);
-            if pre.is_some() {
-                // auto paid for the pre-pass before choosing exact.
-                let pre_cost = prepass_io(p, &exact_plan.chunking, budget)?;
-                io.passes.splice(0..0, pre_cost.passes);
-            }
-            Ok(Ran {
-                io,
-                plan,
-                certificate: None,
-                method: "exact",
-                tensor_cores: exact_f16.is_some(),
-                exact_f16,
-                storage: storage_of(f16_storage),
-                input_rounding,
-            })
-        }
+        (Some(c), Some(pre)) if choice.use_poly => run_poly(
+            tuner,
+            p,
+            (q, k, v),
+            exact_plan,
+            c,
+            choice.causal_plan.as_ref(),
+            pre,
+            uploads,
+            stats,
+            out,
+        ),
+        _ => run_exact(
+            tuner,
+            p,
+            (q, k, v),
+            (exact_plan, coop_exact),
+            pre.is_some(),
+            f16_storage,
+            uploads,
+            stats,
+            out,
+        ),
     }
+}
+
+/// Runs the poly method (causal where `causal_plan` is given) on these inputs.
+#[allow(clippy::too_many_arguments)]
+fn run_poly(
+    tuner: &Tuner,
+    p: &Problem,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    exact_plan: &ExactPlan,
+    c: &PolyCandidate,
+    causal_plan: Option<&CausalPlan>,
+    pre: &Prepass,
+    uploads: &Uploads,
+    stats: &mut RunStats,
+    out: &mut [f32],
+) -> Result<Ran, Error> {
+    let (gpu, budget, opts) = (tuner.gpu, tuner.budget, &tuner.opts);
+    let (plan, table, poly) = (&c.plan, &c.table, &c.poly);
+    // The passes run on values centred and scaled per column (`poly::rounding`): their
+    // rounding then scales with each column's range, not its magnitude.
+    // Non-finite values (check_finite=False) run as they are.
+    let finite = |x: &[f64]| x.iter().all(|y| y.is_finite());
+    let map = (finite(&pre.v_min) && finite(&pre.v_max))
+        .then(|| std::sync::Arc::new(ValueMap::new(p, &pre.v_min, &pre.v_max)));
+    // V is mapped slice by slice as it is uploaded: no mapped host copy.
+    let mapped = map.as_ref().map(|map| {
+        uploads.map_input(v, map.clone());
+        let (v_min, v_max) = map.mapped_range();
+        Prepass {
+            v_min,
+            v_max,
+            ..pre.clone()
+        }
+    });
+    let pre = mapped.as_ref().unwrap_or(pre);
+    let xs = (q, k, v);
+    let (io, plan) = match causal_plan {
+        Some(cp) => {
+            let o = poly::causal::run(gpu, p, cp, table, poly, pre, xs, opts, uploads, stats)?;
+            assign_slice(out, &o);
+            (
+                causal_io(p, cp, &exact_plan.chunking, budget)?,
+                format!("{cp:?}"),
+            )
+        }
+        None => {
+            let call = (table, poly, pre);
+            poly_run_into(gpu, p, plan, call, xs, opts, uploads, stats, out)?;
+            (
+                poly_io(p, &c.plan, &exact_plan.chunking, budget)?,
+                format!("{:?}", c.plan),
+            )
+        }
+    };
+    if let (Some(map), true) = (&map, all_finite(out)) {
+        timed(gpu, HostStage::Compute, || map.restore(out));
+    }
+    Ok(Ran {
+        io,
+        plan,
+        certificate: Some(c.cert.clone()),
+        method: "poly",
+        tensor_cores: c.cert.f16_rounding.is_some(),
+        exact_f16: None,
+        storage: Storage::F32,
+        input_rounding: None,
+    })
+}
+
+/// Runs the exact method on these inputs: on tensor cores where `coop_exact` is planned, else
+/// the f32 kernel (either reading `f16_storage` where given). `after_prepass`: `auto` paid for the
+/// pre-pass before choosing exact, and the words count it.
+#[allow(clippy::too_many_arguments)]
+fn run_exact(
+    tuner: &Tuner,
+    p: &Problem,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    (exact_plan, coop_exact): (&ExactPlan, Option<&CoopExactPlan>),
+    after_prepass: bool,
+    f16_storage: Option<&F16Inputs>,
+    uploads: &Uploads,
+    stats: &mut RunStats,
+    out: &mut [f32],
+) -> Result<Ran, Error> {
+    let (gpu, budget, opts) = (tuner.gpu, tuner.budget, &tuner.opts);
+    uploads.clear();
+    let (st, mut io, plan, exact_f16) = match coop_exact {
+        Some(cplan) => {
+            let rounded = f16_storage.is_some_and(|xs| xs.rounded);
+            let bound = exact::coop::f16_bound(p, q, k, v, rounded)?;
+            let unmasked = tuner.cfg.coop_exact_unmasked;
+            let xs = (q, k, v);
+            let (o, st) = exact::coop::run(gpu, p, cplan, xs, f16_storage, unmasked, opts)?;
+            assign_slice(out, &o);
+            // The f32 kernel's words: the same storage reads per block of bq rows.
+            let tiles = exact::plan::ExactTiles {
+                bq: cplan.tiles.bq(),
+                ..exact_plan.tiles
+            };
+            let as_f32 = ExactPlan {
+                tiles,
+                chunking: cplan.chunking,
+            };
+            let io = exact_io_for(p, &as_f32, storage_of(f16_storage));
+            (st, io, format!("{cplan:?}"), Some(bound))
+        }
+        None => {
+            let st = match f16_storage {
+                Some(xs) => exact::run::run_f16(gpu, p, exact_plan, xs, opts, out)?,
+                None => exact_run_into(gpu, p, exact_plan, q, k, v, opts, out)?,
+            };
+            let io = exact_io_for(p, exact_plan, storage_of(f16_storage));
+            (st, io, format!("{exact_plan:?}"), None)
+        }
+    };
+    // On tensor cores the f16 bound already includes the input rounding.
+    let input_rounding = f16_storage.map(|xs| {
+        if xs.rounded {
+            f16_input_rounding(p, q, k, v)
+                .into_iter()
+                .fold(0f64, f64::max)
+        } else {
+            0.0
+        }
+    });
+    stats.absorb(&st);
+    if after_prepass {
+        // auto paid for the pre-pass before choosing exact.
+        let pre_cost = prepass_io(p, &exact_plan.chunking, budget)?;
+        io.passes.splice(0..0, pre_cost.passes);
+    }
+    Ok(Ran {
+        io,
+        plan,
+        certificate: None,
+        method: "exact",
+        tensor_cores: exact_f16.is_some(),
+        exact_f16,
+        storage: storage_of(f16_storage),
+        input_rounding,
+    })
 }
 
 fn storage_of(f16_storage: Option<&F16Inputs>) -> Storage {
@@ -799,7 +920,7 @@ pub fn io_cost(
     p.check_sizes()?;
     if method != Method::Exact && storage != Storage::F32 {
         return Err(Error::InvalidInput(format!(
-            "storage={:?} applies to method='exact' only: the poly kernels read float32",
+            "storage='{}' applies to method='exact' only: the poly kernels read float32",
             storage.name()
         )));
     }

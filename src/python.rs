@@ -123,7 +123,40 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
 /// it, as with any NumPy function that releases the GIL.
 fn contiguous<'a>(x: &'a PyReadonlyArray1<'_, f32>, name: &str) -> PyResult<&'a [f32]> {
     x.as_slice()
-        .map_err(|_| PyValueError::new_err(format!("{name} must be contiguous")))
+        .map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous")))
+}
+
+/// Query, key and value, read in place ([`contiguous`]).
+fn inputs<'a>(
+    q: &'a PyReadonlyArray1<'_, f32>,
+    k: &'a PyReadonlyArray1<'_, f32>,
+    v: &'a PyReadonlyArray1<'_, f32>,
+) -> PyResult<(&'a [f32], &'a [f32], &'a [f32])> {
+    Ok((
+        contiguous(q, "query")?,
+        contiguous(k, "key")?,
+        contiguous(v, "value")?,
+    ))
+}
+
+/// The caller's output array, written in place.
+fn output<'a>(out: &'a mut PyReadwriteArray1<'_, f32>) -> PyResult<&'a mut [f32]> {
+    out.as_slice_mut()
+        .map_err(|_| PyValueError::new_err("out must be C-contiguous"))
+}
+
+/// The problem every binding describes by the same sizes: `[units, group, l, s, e, ev]`.
+fn problem([units, group, l, s, e, ev]: [usize; 6], causal: bool, scale: f32) -> Problem {
+    Problem {
+        units,
+        group,
+        l,
+        s,
+        e,
+        ev,
+        causal,
+        scale,
+    }
 }
 
 /// Attention on flattened contiguous float32 arrays, read in place, into the flat float32
@@ -156,30 +189,17 @@ fn attention<'py>(
     f16_storage: Option<[PyReadonlyArray1<'py, u16>; 3]>,
     f16_rounded: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let method = match method {
-        "exact" => Method::Exact,
-        "poly" => Method::Poly,
-        "auto" => Method::Auto,
-        other => return Err(PyValueError::new_err(format!("unknown method {other:?}"))),
-    };
-    let (q, k, v) = (
-        contiguous(&q, "query")?,
-        contiguous(&k, "key")?,
-        contiguous(&v, "value")?,
-    );
-    let out = out
-        .as_slice_mut()
-        .map_err(|_| PyValueError::new_err("out must be contiguous"))?;
-    let p = Problem {
-        units,
-        group,
-        l,
-        s,
-        e,
-        ev,
-        causal,
-        scale,
-    };
+    let method = parse_method(
+        method,
+        &[
+            ("auto", Method::Auto),
+            ("exact", Method::Exact),
+            ("poly", Method::Poly),
+        ],
+    )?;
+    let (q, k, v) = inputs(&q, &k, &v)?;
+    let out = output(&mut out)?;
+    let p = problem([units, group, l, s, e, ev], causal, scale);
     let popts = PolyOptions {
         eps,
         degree,
@@ -235,21 +255,8 @@ fn exact_attention_lse<'py>(
     Bound<'py, PyArray1<f32>>,
     Bound<'py, PyDict>,
 )> {
-    let (q, k, v) = (
-        contiguous(&q, "query")?,
-        contiguous(&k, "key")?,
-        contiguous(&v, "value")?,
-    );
-    let p = Problem {
-        units,
-        group,
-        l,
-        s,
-        e,
-        ev,
-        causal,
-        scale,
-    };
+    let (q, k, v) = inputs(&q, &k, &v)?;
+    let p = problem([units, group, l, s, e, ev], causal, scale);
     let opts = RunOptions {
         trusted: false,
         count_io,
@@ -288,26 +295,11 @@ fn poly_kernel_attention<'py>(
     return_state: bool,
     count_io: bool,
 ) -> PyResult<(Option<Bound<'py, PyArray1<f32>>>, Bound<'py, PyDict>)> {
-    let (q, k, v) = (
-        contiguous(&q, "query")?,
-        contiguous(&k, "key")?,
-        contiguous(&v, "value")?,
-    );
-    let out = out
-        .as_slice_mut()
-        .map_err(|_| PyValueError::new_err("out must be contiguous"))?;
+    let (q, k, v) = inputs(&q, &k, &v)?;
+    let out = output(&mut out)?;
     let gates = log_gates.map(|g| g.as_array().iter().copied().collect::<Vec<f32>>());
     let state0 = initial_state.map(|x| x.as_array().iter().copied().collect::<Vec<f32>>());
-    let p = Problem {
-        units,
-        group,
-        l,
-        s,
-        e,
-        ev,
-        causal,
-        scale,
-    };
+    let p = problem([units, group, l, s, e, ev], causal, scale);
     let kernel = crate::poly::primitive::PolyKernel {
         coeffs: &coeffs,
         normalize,
@@ -326,30 +318,12 @@ fn poly_kernel_attention<'py>(
         crate::transfer::assign_slice(out, &run.out);
         Ok(run)
     })?;
-    let report = Report {
-        method: "poly_kernel",
-        adapter: run.adapter,
-        backend: run.backend,
-        fast_memory_words: run.fast_memory_words,
-        io_words: run.io.total(),
-        io_reads: run.io.reads(),
-        io_writes: run.io.writes(),
-        stats: run.stats,
-        elapsed_s: start.elapsed().as_secs_f64(),
-        plan: run.plan,
-        certificate: None,
-        predicted_exact_s: None,
-        predicted_poly_s: None,
-        reason: "the model's polynomial kernel, computed exactly (no certificate)".into(),
-        tensor_cores: false,
-        exact_f16: None,
-        storage: Default::default(),
-        input_rounding: None,
-    };
+    let (degree, rank) = (run.degree, run.rank);
+    let (report, state) = run.into_report(start.elapsed().as_secs_f64());
     let d = report_dict(py, &report)?;
-    d.set_item("degree", run.degree)?;
-    d.set_item("rank", run.rank)?;
-    let state = run.state.map(|st| PyArray1::from_vec(py, st));
+    d.set_item("degree", degree)?;
+    d.set_item("rank", rank)?;
+    let state = state.map(|st| PyArray1::from_vec(py, st));
     Ok((state, d))
 }
 
@@ -382,16 +356,7 @@ fn io_cost<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let method = parse_method(method, &[("exact", Method::Exact), ("poly", Method::Poly)])?;
     let storage = parse_storage(storage)?;
-    let p = Problem {
-        units,
-        group,
-        l,
-        s,
-        e,
-        ev,
-        causal,
-        scale: 1.0,
-    };
+    let p = problem([units, group, l, s, e, ev], causal, 1.0);
     let est = detached(py, || {
         crate::io_cost(&p, method, degree, eps, beta, fast_memory_words, storage)
     })?;
@@ -424,7 +389,7 @@ fn parse_storage(storage: &str) -> PyResult<crate::exact::storage::Storage> {
         .find(|s| s.name() == storage)
         .ok_or_else(|| {
             PyValueError::new_err(format!(
-                "storage must be 'float32' or 'float16', got {storage:?}"
+                "storage must be 'float16' or 'float32', got '{storage}'"
             ))
         })
 }
@@ -435,8 +400,12 @@ fn parse_method(method: &str, allowed: &[(&str, Method)]) -> PyResult<Method> {
         .find(|(name, _)| *name == method)
         .map(|&(_, m)| m)
         .ok_or_else(|| {
+            // The Python wrappers' wording: the allowed names as a tuple, the value as its repr.
             let names: Vec<&str> = allowed.iter().map(|(n, _)| *n).collect();
-            PyValueError::new_err(format!("method must be one of {names:?}, got {method:?}"))
+            PyValueError::new_err(format!(
+                "method must be one of ('{}'), got '{method}'",
+                names.join("', '")
+            ))
         })
 }
 
@@ -511,7 +480,7 @@ fn fit_polynomial(
 ) -> PyResult<(usize, Vec<f64>, f64)> {
     if !(beta >= 0.0 && beta.is_finite()) {
         return Err(PyValueError::new_err(format!(
-            "beta must be finite and >= 0, got {beta}"
+            "beta must be a finite number >= 0, got {beta}"
         )));
     }
     let poly = match (degree, eps) {
@@ -522,7 +491,7 @@ fn fit_polynomial(
         (None, Some(eps)) => crate::poly::fit::choose_degree(beta, eps, crate::MAX_DEGREE)
             .ok_or_else(|| {
                 PyValueError::new_err(format!(
-                    "no degree <= {} certifies {eps} at beta={beta}",
+                    "no degree <= {} certifies eps={eps} at beta={beta}",
                     crate::MAX_DEGREE
                 ))
             })?,

@@ -33,6 +33,17 @@ pub(crate) fn fill_template(template: &str, slots: &[(&str, String)]) -> String 
     s
 }
 
+/// A fragment template (`shaders/*_store.wgsl`: a block that a kernel repeats once per unrolled
+/// register tile, barriers and guards included) filled like [`fill_template`]; its leading `//`
+/// lines describe it and are not part of the code.
+pub(crate) fn fill_fragment(fragment: &str, slots: &[(&str, String)]) -> String {
+    let mut code = fragment;
+    while code.starts_with("//") {
+        code = code.split_once('\n').map_or("", |(_, rest)| rest);
+    }
+    fill_template(code, slots)
+}
+
 /// Writes generated WGSL line by line at a tracked depth (four spaces a level), so that generators
 /// do not thread indentation strings by hand.
 pub(crate) struct Emitter {
@@ -81,6 +92,30 @@ impl Emitter {
         self.line("}")
     }
 
+    /// `if (cond) {`, the lines of `then` one level deeper, `} else {`, those of `otherwise`,
+    /// and `}`.
+    pub(crate) fn if_else(
+        &mut self,
+        cond: impl AsRef<str>,
+        then: impl FnOnce(&mut Self),
+        otherwise: impl FnOnce(&mut Self),
+    ) -> &mut Self {
+        self.block(format!("if ({})", cond.as_ref()), then);
+        self.out.truncate(self.out.len() - "}\n".len());
+        self.out.push_str("} else {\n");
+        self.depth += 1;
+        otherwise(self);
+        self.depth -= 1;
+        self.line("}")
+    }
+
+    /// Code generated elsewhere at this depth (its lines indented already), as one more line.
+    pub(crate) fn code(&mut self, text: &str) -> &mut Self {
+        self.out.push_str(text);
+        self.out.push('\n');
+        self
+    }
+
     /// The lines written, without the last newline.
     pub(crate) fn finish(mut self) -> String {
         if self.out.ends_with('\n') {
@@ -127,25 +162,31 @@ pub(crate) fn io_counter_slots(count_io: bool, binding: u32) -> [(&'static str, 
 /// Most steps a loop of constant trip count is written out into (one block per step).
 pub(crate) const MAX_UNROLLED_STEPS: usize = 32;
 
-/// A loop over `i` in `0..steps`, `steps` known when the WGSL is generated: written out step by
-/// step with `i` a constant up to [`MAX_UNROLLED_STEPS`], a constant-trip loop beyond. NVIDIA's
+/// A loop over `i` in `0..steps`, `steps` known when the WGSL is generated, `depth` levels deep
+/// (`body`: its lines one level deeper): written out step by step with `i` a constant up to
+/// [`MAX_UNROLLED_STEPS`], a constant-trip loop beyond. NVIDIA's
 /// Vulkan compiler did not unroll such loops itself (H100: poly pass 2 at E = 128 took 49 instead
 /// of 66 ms written out).
 pub(crate) fn constant_loop(
-    indent: &str,
+    depth: usize,
     i: &str,
     (name, steps): (&str, usize),
     body: &str,
 ) -> String {
     let body = body.trim_end();
+    let mut e = Emitter::new(depth);
     if steps <= MAX_UNROLLED_STEPS {
-        (0..steps)
-            .map(|k| format!("{indent}{{\n{indent}    let {i} = {k}u;\n{body}\n{indent}}}"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        for k in 0..steps {
+            e.scope(|e| {
+                e.line(format!("let {i} = {k}u;")).code(body);
+            });
+        }
     } else {
-        format!("{indent}for (var {i} = 0u; {i} < {name}; {i}++) {{\n{body}\n{indent}}}")
+        e.block(format!("for (var {i} = 0u; {i} < {name}; {i}++)"), |e| {
+            e.code(body);
+        });
     }
+    e.finish()
 }
 
 #[cfg(test)]
@@ -166,5 +207,42 @@ mod tests {
             )
         });
         assert!(unused.is_err());
+    }
+
+    #[test]
+    fn constant_loops_are_written_out_or_loop_at_their_depth() {
+        let body = "            x += y[i];\n";
+        assert_eq!(
+            constant_loop(2, "i", ("N", 2), body),
+            "        {\n            let i = 0u;\n            x += y[i];\n        }\n\
+             \u{20}       {\n            let i = 1u;\n            x += y[i];\n        }"
+        );
+        let many = MAX_UNROLLED_STEPS + 1;
+        assert_eq!(
+            constant_loop(2, "i", ("N", many), body),
+            "        for (var i = 0u; i < N; i++) {\n            x += y[i];\n        }"
+        );
+        assert_eq!(constant_loop(2, "i", ("N", 0), body), "");
+        let mut e = Emitter::new(1);
+        e.if_else(
+            "a",
+            |e| {
+                e.line("b();");
+            },
+            |e| {
+                e.line("c();");
+            },
+        );
+        assert_eq!(
+            e.finish(),
+            "    if (a) {\n        b();\n    } else {\n        c();\n    }"
+        );
+    }
+
+    #[test]
+    fn fragment_drops_its_description_and_fills_its_slots() {
+        let f = "// what it is\n// more\n    x_{{A}} = {{A}}u;\n    // kept\n";
+        let filled = fill_fragment(f, &[("A", "3".into())]);
+        assert_eq!(filled, "    x_3 = 3u;\n    // kept\n");
     }
 }

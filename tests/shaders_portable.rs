@@ -360,6 +360,28 @@ fn check_coop_exact(t: &coop_exact::CoopExactTiles, count_io: bool) {
     check_coop(&name, &src, t.fast_memory_words());
 }
 
+/// [`check_coop_exact`] for every variant: f32 and f16 storage, key tiles seen whole masked or
+/// not. The default variant is the one `shader_source` gives.
+fn check_coop_exact_variants(t: &coop_exact::CoopExactTiles, count_io: bool) {
+    use approx_attn::exact::storage::Storage;
+    for storage in [Storage::F32, Storage::F16] {
+        for unmasked_tiles in [false, true] {
+            let var = coop_exact::CoopExactVariant {
+                storage,
+                unmasked_tiles,
+            };
+            let name = format!("coop exact {t:?} {var:?} count_io={count_io}");
+            let src = coop_exact::shader_source_for(t, count_io, &var);
+            if var == coop_exact::CoopExactVariant::default() {
+                assert_eq!(src, coop_exact::shader_source(t, count_io), "{name}");
+            } else {
+                assert_ne!(src, coop_exact::shader_source(t, count_io), "{name}");
+            }
+            check_coop(&name, &src, t.fast_memory_words());
+        }
+    }
+}
+
 /// The tensor-core exact kernel's problems: GQA groups, L != S, causal or not.
 fn coop_exact_problem(e: usize, ev: usize, causal: bool) -> Problem {
     Problem {
@@ -403,13 +425,78 @@ fn coop_exact_shaders_validate_and_translate_over_head_dims_and_budgets() {
                         continue;
                     };
                     assert!(t.fast_memory_words() <= words);
-                    check_coop_exact(&t, causal); // the I/O counter variant on one of the two
+                    // The I/O counter variant on one of the two.
+                    check_coop_exact_variants(&t, causal);
                     checked += 1;
                 }
             }
         }
     }
     assert!(checked > 90, "only {checked} plans");
+}
+
+#[test]
+fn coop_exact_q_staged_in_parts_validates_and_fits_eight_subgroups_at_e128() {
+    // 48 KiB: at E = 128 the whole Q block of 8 subgroups (128 rows) does not fit beside the
+    // scores and probabilities; in two parts it does.
+    let budget = Budget::with_binding(12288, 1 << 30);
+    let mut n = 0;
+    for (e, ev) in [
+        (1usize, 1usize),
+        (33, 20),
+        (64, 64),
+        (128, 128),
+        (200, 40),
+        (256, 256),
+    ] {
+        for (subgroups, rt, bk) in [
+            (8usize, 1usize, 16usize),
+            (8, 1, 32),
+            (4, 2, 32),
+            (2, 1, 16),
+        ] {
+            for q_parts in [1usize, 2, 4, 8] {
+                let t = coop_exact::CoopExactTiles {
+                    e,
+                    ev,
+                    sg: 32,
+                    subgroups,
+                    rt,
+                    bk,
+                    q_parts,
+                };
+                if !coop_exact::tiles_fit(&t, &budget) {
+                    continue;
+                }
+                check_coop_exact_variants(&t, n % 2 == 0);
+                n += 1;
+            }
+        }
+    }
+    assert!(n >= 30, "only {n} shapes");
+    let whole = coop_exact::CoopExactTiles {
+        e: 128,
+        ev: 128,
+        sg: 32,
+        subgroups: 8,
+        rt: 1,
+        bk: 16,
+        q_parts: 1,
+    };
+    assert!(!coop_exact::tiles_fit(&whole, &budget));
+    let halves = coop_exact::CoopExactTiles {
+        q_parts: 2,
+        ..whole
+    };
+    assert!(coop_exact::tiles_fit(&halves, &budget));
+    // Parts must divide the subgroups.
+    assert!(!coop_exact::tiles_fit(
+        &coop_exact::CoopExactTiles {
+            q_parts: 3,
+            ..whole
+        },
+        &budget
+    ));
 }
 
 #[test]

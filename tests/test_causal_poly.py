@@ -491,3 +491,24 @@ def test_auto_calibrates_causal_rates_apart(monkeypatch: pytest.MonkeyPatch, tmp
     classes = [ln.split("\t")[0] for ln in lines]
     assert len(lines) == 1 and classes[0].startswith(f"{E} 8 "), lines
     assert classes[0].endswith(" causal"), lines
+
+
+def test_causal_rates_are_keyed_by_the_causal_kernels(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    # The rates cache keys each class by the WGSL of the kernels it times: a causal class is
+    # timed on the causal schedule (its pass 2, diagonal blocks and scan), so its fingerprint
+    # differs from the non-causal class of the same sizes, and a change to a causal kernel
+    # measures it again.
+    monkeypatch.delenv("APPROX_ATTN_RATES", raising=False)
+    monkeypatch.delenv("APPROX_ATTN_CAUSAL_CHUNK", raising=False)
+    monkeypatch.setenv("APPROX_ATTN_CACHE_DIR", str(tmp_path))
+    E, scale = 16, f32_scale(16)
+    q, k, v = random_problem(94, (), (), 64, 64, E, 8, 0.25, scale)
+    for causal in (True, False):
+        _, rep = approx_attn.attention(q, k, v, is_causal=causal, scale=scale, return_report=True)
+        assert rep.predicted_cost is not None, rep.reason
+    lines = [ln for f in tmp_path.glob("rates-*") for ln in f.read_text().splitlines()]
+    fingerprint = {ln.split("\t")[0].endswith(" causal"): ln.split("\t")[1] for ln in lines}
+    assert len(lines) == 2 and set(fingerprint) == {True, False}, lines
+    assert fingerprint[True] != fingerprint[False], lines

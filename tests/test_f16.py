@@ -30,8 +30,8 @@ import pytest
 from _helpers import assert_close
 from approx_attn.reference import exact_attention
 
-# The f32 kernel, where f16 storage lives (on adapters with cooperative matrices float16 inputs
-# would otherwise run exact on tensor cores, which reads float32 storage).
+# The f32 kernel (on adapters with cooperative matrices float16 inputs would otherwise run exact
+# on tensor cores; tests/test_exact_coop.py tests f16 storage there).
 attention = functools.partial(approx_attn.attention, method="exact", tensor_cores=False)
 
 U32 = 2.0**-24

@@ -240,7 +240,7 @@ def test_poly_within_a_constant_of_the_lower_bound(M: int) -> None:
 
 
 def test_poly_beats_exact_asymptotically() -> None:
-    # THEORY.md's example: d=64, g=2, n=2^20, M=65,536: poly ~9.7e8 words vs exact ~2.8e11.
+    # docs/io-model.md's worked example: d=64, g=2, n=2^20, M=65,536 (the planner: 537x).
     n, E, M = 1 << 20, 64, 65536
     poly = approx_attn.io_cost(n, n, E, method="poly", degree=2, fast_memory_words=M)["total"]
     exact = approx_attn.io_cost(n, n, E, method="exact", fast_memory_words=M)["total"]

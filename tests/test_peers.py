@@ -400,7 +400,7 @@ POWER_CASES = [
 ]
 POWER_IDS = ["x".join(map(str, c[:5])) + f"-gate{c[5]}" for c in POWER_CASES]
 # On the GPU: degree 4 at E = 32 has rank C(35, 4) = 52,360 features, which lavapipe's fast
-# memory does not fit (the issue promises any E only at degree 2); degree 4 runs at E <= 16.
+# memory does not fit (any E is promised only at degree 2); degree 4 runs at E <= 16.
 POWER_GPU = [
     pytest.param(case, deg, id=f"{cid}-{deg}")
     for case, cid in zip(POWER_CASES, POWER_IDS)

@@ -81,7 +81,7 @@ SHAPE_ERRORS = [
         ["except the head dimension", "(3, 2, 5, 8)"],
         id="gqa-batch-mismatch",
     ),
-    pytest.param((4, 8), (0, 8), (0, 8), False, ["S >= 1", "key", "(0, 8)"], id="S0"),
+    pytest.param((4, 8), (0, 8), (0, 8), False, ["S must be at least 1", "key", "(0, 8)"], id="S0"),
     pytest.param((4, 0), (5, 0), (5, 8), False, ["at least 1", "(4, 0)"], id="E0"),
     pytest.param((4, 8), (5, 8), (5, 0), False, ["at least 1", "(5, 0)"], id="Ev0"),
 ]

@@ -25,6 +25,7 @@ mod poly {
     pub use approx_attn::poly::prepass::prepass_source;
 }
 use approx_attn::poly::causal as poly_causal;
+use approx_attn::poly::causal_coop as poly_causal_coop;
 
 /// FNV-1a, 64 bits: stable across Rust versions and platforms (std's hasher is not).
 fn fnv1a(text: &str) -> u64 {
@@ -151,6 +152,20 @@ fn sources() -> BTreeMap<String, String> {
                             );
                         }
                     }
+                    // Causal poly's diagonal blocks on tensor cores: the tallest block that
+                    // fits and the 16-row one, where they differ.
+                    for sg in [16usize, 32, 64] {
+                        let pc = Problem { causal: true, ..p };
+                        let tall = poly_causal_coop::plan_tiles(&pc, g, &b, sg, usize::MAX);
+                        let short = poly_causal_coop::plan_tiles(&pc, g, &b, sg, 16)
+                            .filter(|t| tall.as_ref().is_none_or(|u| u.bq() != t.bq()));
+                        for t in tall.iter().chain(short.iter()) {
+                            add(
+                                format!("causal diag coop g{g} sg{sg} bq{} {at}", t.bq()),
+                                poly_causal_coop::diag_coop_source(t, io),
+                            );
+                        }
+                    }
                     for sg in [16usize, 32, 64] {
                         let Some(t) = plan_coop(&p, g, &b, sg) else {
                             continue;
@@ -186,6 +201,34 @@ fn sources() -> BTreeMap<String, String> {
                     for (i, t) in cands.iter().take(n).enumerate() {
                         let src = approx_attn::exact::coop::shader_source(t, io);
                         add(format!("exact coop candidate{i} sg{sg} {at}"), src);
+                    }
+                    // The Q block staged in two parts, for the planned tiles where that fits.
+                    for t in cands.iter().take(1) {
+                        let t2 = approx_attn::exact::coop::CoopExactTiles { q_parts: 2, ..*t };
+                        if approx_attn::exact::coop::tiles_fit(&t2, &b) {
+                            let src = approx_attn::exact::coop::shader_source(&t2, io);
+                            add(format!("exact coop q_parts2 sg{sg} {at}"), src);
+                        }
+                    }
+                    // The variants (f16 storage, unmasked key tiles) of the planned tiles.
+                    for (storage, unmasked_tiles) in [
+                        (Storage::F16, false),
+                        (Storage::F32, true),
+                        (Storage::F16, true),
+                    ] {
+                        let var = approx_attn::exact::coop::CoopExactVariant {
+                            storage,
+                            unmasked_tiles,
+                        };
+                        for t in cands.iter().take(1) {
+                            let src = approx_attn::exact::coop::shader_source_for(t, io, &var);
+                            let name = format!(
+                                "exact coop {} unmasked{} sg{sg} {at}",
+                                storage.name(),
+                                u8::from(unmasked_tiles)
+                            );
+                            add(name, src);
+                        }
                     }
                 }
                 let rows = prepass_tile_rows(e, words);

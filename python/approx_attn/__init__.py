@@ -87,15 +87,15 @@ class Report:
     tensor_cores: bool = False
     """Whether the kernels that ran used cooperative matrices (tensor cores)."""
     storage: str = "float32"
-    """Format of the inputs in the storage buffers the kernels read: "float16" where the f32
-    exact kernel read them as f16 (half the words; ``storage=``), else "float32". Together with
-    ``tensor_cores`` this names the path: f32, f16 storage, or tensor cores."""
+    """Format of the inputs in the storage buffers the kernels read: "float16" where the exact
+    kernel (f32 or on tensor cores) read them as f16 (half the words; ``storage=``), else
+    "float32". Together with ``tensor_cores`` this names the path."""
     unit_roundoff: float | None = None
     """Unit roundoff u of that format (2^-24 for float32, 2^-11 for float16): storing x in it
     moves x by at most u|x|. Accumulation and the softmax are float32 on every path."""
     input_rounding: float | None = None
     """With float16 storage: bound on max |O - O*| that rounding the inputs to float16 adds
-    (0.0 where they were float16 already). Scores move by at most about 2u |scale| max|q|
+    (0.0 where they were float16 already); on tensor cores ``error_bound`` already includes it. Scores move by at most about 2u |scale| max|q|
     max|k|, so each weight by a factor e^(+-that); then (e^d - 1)/(2 - e^d) * range(v) +
     u max|v| per column (derivation in src/exact/storage.rs). The float32 sums and the final
     rounding of a float16 output (2^-11 |O|) are not included."""
@@ -266,10 +266,11 @@ def _check_finite(arr: np.ndarray, name: str) -> None:
     bad = repeats * sum(
         part.size - int(np.count_nonzero(_finite_in_float32(part))) for part in _slices(rest)
     )
-    beyond = " (or beyond float32's range)" if arr.dtype.itemsize == 8 else ""
+    # The wording of the GPU pre-pass's check (src/lib.rs): float64 values beyond float32's
+    # range become Inf in the conversion.
     raise ValueError(
-        f"{name} contains {bad} NaN or Inf value(s){beyond}; pass check_finite=False to "
-        "skip this check"
+        f"{name} contains {bad} NaN or Inf value(s) (after conversion to float32); pass "
+        "check_finite=False to skip this check"
     )
 
 
@@ -429,7 +430,7 @@ def _shapes(q: np.ndarray, k: np.ndarray, v: np.ndarray, enable_gqa: bool) -> _S
     L, E = q.shape[-2], q.shape[-1]
     S, Ev = k.shape[-2], v.shape[-1]
     if S == 0:
-        raise ValueError(f"key and value must have at least one row (S >= 1), got key {k.shape}")
+        raise ValueError(f"key/value sequence length S must be at least 1, got key {k.shape}")
     if E == 0 or Ev == 0:
         raise ValueError(
             f"head dimensions must be at least 1, got query {q.shape} and value {v.shape}"
@@ -454,7 +455,7 @@ def _check_storage(val: Any) -> str | None:
     except TypeError:
         raise _type_error("storage", "None, 'float16' or 'float32'", val) from None
     if name not in _STORAGE:
-        raise ValueError(f"storage must be None, float16 or float32, got {val!r}")
+        raise ValueError(f"storage must be None, 'float16' or 'float32', got {val!r}")
     return name
 
 
@@ -554,7 +555,8 @@ def attention(
     cores where the adapter has them, float32 inputs keep the f32 kernel; poly uses them where
     their bound is at most eps/2. ``True`` requires them (NotImplementedError where the adapter
     has none); ``False`` keeps the portable f32 path. ``Report.tensor_cores`` says which ran.
-    ``storage``: the format in which the f32 exact kernel reads the inputs from GPU memory.
+    ``storage``: the format in which the exact kernel (f32 or on tensor cores) reads the inputs
+    from GPU memory.
     ``None`` (default): precision follows the dtype, as in PyTorch: float16 inputs (all three)
     are stored as float16 (half the words uploaded and read; no shader-f16 feature needed, only
     ``unpack2x16float``: ``device_info()["f16_storage"]``, which Mesa's Vulkan drivers lack
@@ -584,7 +586,7 @@ def attention(
     method = _check_method(method, _METHODS)
     if method == "poly" and storage == "float16":
         raise ValueError(
-            "storage='float16' applies to the exact kernel; the poly kernels read float32"
+            "storage='float16' applies to method='exact' only: the poly kernels read float32"
         )
     eps = _check_eps(eps)
     if degree is not None:
@@ -908,9 +910,7 @@ def io_cost(
         fast_memory_words = _check_int(fast_memory_words, "fast_memory_words", 1)
     storage_name = _check_storage(storage)
     if storage_name is None:
-        raise ValueError("io_cost's storage must be 'float16' or 'float32', got None")
-    if method != "exact" and storage_name != "float32":
-        raise ValueError("storage='float16' applies to method='exact' only")
+        raise ValueError("storage must be 'float16' or 'float32', got None")
     return dict(
         _core.io_cost(
             kv_heads,
@@ -939,7 +939,7 @@ def io_lower_bound(
     degree: int | None = None,
     fast_memory_words: int | None = None,
 ) -> float:
-    """Reconstructed I/O lower bound in words (see README): for ``poly`` with rank
+    """Reconstructed I/O lower bound in words (docs/io-model.md): for ``poly`` with rank
     r = C(E+degree, degree), Ω(n·d + min(n·r·d²/M, n·r·d/√M)) with the segment-argument
     constants; for ``exact``, Ω(min(n²d²/M, n²d/√M)) (Saha & Ye 2024).
 

@@ -444,19 +444,26 @@ class _Call:
                 out.append(ray.get(ref))
             except ray.exceptions.RayTaskError as exc:
                 cause = getattr(exc, "cause", None)
+                # Ray may report the death of the actor running the task wrapped in a task error.
+                if isinstance(cause, ray.exceptions.RayActorError):
+                    raise self._dead(i, step, cause) from exc
                 if isinstance(cause, Exception):
                     raise cause from None
                 raise
             except ray.exceptions.RayActorError as exc:
-                dead = self.actors[i]
-                if dead in _POOL["actors"]:
-                    _POOL["actors"].remove(dead)
-                raise RuntimeError(
-                    f"distributed attention: the worker of shard {i} died during {step} "
-                    f"({type(exc).__name__}); no result was returned. Run the call again: a "
-                    "new worker replaces it"
-                ) from exc
+                raise self._dead(i, step, exc) from exc
         return out
+
+    def _dead(self, i: int, step: str, exc: Exception) -> RuntimeError:
+        """Drops shard i's worker from the pool; the error to raise."""
+        dead = self.actors[i]
+        if dead in _POOL["actors"]:
+            _POOL["actors"].remove(dead)
+        return RuntimeError(
+            f"distributed attention: the worker of shard {i} died during {step} "
+            f"({type(exc).__name__}); no result was returned. Run the call again: a "
+            "new worker replaces it"
+        )
 
 
 def _split(x: Any, name: str, num_workers: int, axis_from_end: int = 2) -> list:

@@ -1,8 +1,9 @@
 //! The tuning cache on disk: one file per kind of record and adapter (name, driver, backend), one
 //! line per entry: `<class>\t<fingerprint>\t<values>`, the last entry of a class winning. The
 //! fingerprint is that of the WGSL of the class's kernels ([`crate::wgsl::fingerprint`]): an entry
-//! whose kernels changed is stale. Stale and unreadable entries are ignored, with one warning per
-//! file and process; a cache that cannot be written costs only a re-measurement.
+//! whose kernels changed is stale. Stale and unreadable entries (and files that are not text) are
+//! ignored, with one warning per file and process; a cache that cannot be written costs only a
+//! re-measurement.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -66,7 +67,13 @@ impl CacheFile {
         fingerprint: u64,
         parse: impl Fn(&[&str]) -> Option<T>,
     ) -> Option<T> {
-        let text = read_cache(self.path.as_ref()?)?;
+        let path = self.path.as_ref()?;
+        let Some(text) = read_cache(path) else {
+            if path.exists() {
+                self.warn_once("contents that are not text (a damaged file)");
+            }
+            return None;
+        };
         let fp = format!("{fingerprint:016x}");
         let mut skipped = 0usize;
         let mut found = None;
@@ -108,17 +115,22 @@ impl CacheFile {
         }
     }
 
-    /// Says once per process and file that some of its entries are ignored.
-    pub(crate) fn warn_once(&self, what: &str) {
-        let Some(path) = &self.path else { return };
+    /// Says once per process and file that some of its entries are ignored; true where it said
+    /// so now.
+    pub(crate) fn warn_once(&self, what: &str) -> bool {
+        let Some(path) = &self.path else {
+            return false;
+        };
         let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
-        if warned.get_or_insert_with(HashSet::new).insert(path.clone()) {
+        let first = warned.get_or_insert_with(HashSet::new).insert(path.clone());
+        if first {
             eprintln!(
                 "approx_attn: the tuning cache {} has {what}; they are ignored and measured again \
                  where needed",
                 path.display()
             );
         }
+        first
     }
 }
 
@@ -168,6 +180,35 @@ mod tests {
         text.push_str("garbage without fields\n64 64 0\t0000000000000001\t32 x 16 8\n");
         write_cache(path, text);
         assert_eq!(tiles.load("64 64 0", 1, usizes), Some(vec![32, 32, 16, 8]));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn corrupt_files_are_ignored_with_one_warning_and_drivers_keep_apart() {
+        let dir = std::env::temp_dir().join(format!("aa-cache-corrupt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // The adapter key names the file: another driver of the same adapter never reads it.
+        let old = CacheFile::new(Some(&dir), "tiles", "Test GPU 1.0 Vulkan");
+        let new = CacheFile::new(Some(&dir), "tiles", "Test GPU 1.1 Vulkan");
+        assert_ne!(old.path(), new.path());
+        // Bytes that are not text, and text that is not entries: nothing loads, nothing fails.
+        std::fs::write(old.path().unwrap(), [0xff, 0xfe, 0x00, b'\t', 0x80]).unwrap();
+        assert_eq!(old.load("64 64 0", 1, usizes), None);
+        assert!(!old.warn_once("anything"));
+        std::fs::write(
+            new.path().unwrap(),
+            "64 64 0\t0000000000000001\t-3 x\n\0\0\n",
+        )
+        .unwrap();
+        assert_eq!(new.load("64 64 0", 1, usizes), None);
+        // The damaged file warned when it was read; a second reason is not said again.
+        assert!(!new.warn_once("anything"));
+        // A file whose only entry is stale warns once, however often it is read.
+        let stale = CacheFile::new(Some(&dir), "rates", "Test GPU 1.0 Vulkan");
+        std::fs::write(stale.path().unwrap(), "64 64 2\t0000000000000007\t1 2\n").unwrap();
+        assert_eq!(stale.load("64 64 2", 8, usizes), None);
+        assert_eq!(stale.load("64 64 2", 8, usizes), None);
+        assert!(!stale.warn_once("anything"));
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -251,11 +251,22 @@ pub(crate) fn coop_exact_plan(
     let Some(sg) = sg.filter(|_| wanted && method != Method::Poly && p.l > 0 && p.units > 0) else {
         return Ok(None);
     };
-    let planned = match coop::plan(p, budget, sg) {
+    let mut planned = match coop::plan(p, budget, sg) {
         Ok(plan) => plan,
         Err(e) if popts.tensor_cores == Some(true) => return Err(e),
         Err(_) => return Ok(None), // float16 inputs run the f32 kernel where no tile fits
     };
+    // Q staged in parts: for every tile this call runs (tuned or forced), as asked.
+    if let Some(parts) = tuner.cfg.coop_exact_q_parts.clone()? {
+        planned.tiles.q_parts = parts;
+        if !coop::tiles_fit(&planned.tiles, budget) {
+            return Err(Error::InvalidInput(format!(
+                "APPROX_ATTN_COOP_EXACT_Q_PARTS={parts} must divide the subgroups of the planned \
+                 tiles {:?}",
+                planned.tiles
+            )));
+        }
+    }
     if p.l < 64 || p.s < 64 {
         return Ok(Some(planned));
     }
@@ -318,7 +329,8 @@ fn autotune_coop_exact(tuner: &Tuner, class: &Problem, sg: usize) -> Result<Coop
     let time = |t: CoopExactTiles| -> Result<f64, Error> {
         let plan = coop::plan_with(class, budget, t)?;
         let start = Instant::now();
-        let (_, st) = coop::run(gpu, class, &plan, &q, &k, &v, &opts)?;
+        // The default variant (f32 storage, every tile masked): the tiles serve every variant.
+        let (_, st) = coop::run(gpu, class, &plan, (&q, &k, &v), None, false, &opts)?;
         Ok(st.kernel_s.unwrap_or_else(|| start.elapsed().as_secs_f64()))
     };
     if let Some(&t) = candidates.first() {

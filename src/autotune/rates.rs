@@ -13,9 +13,9 @@ use crate::exact::kernel::shader_source;
 use crate::exact::plan::plan_exact;
 use crate::exact::run::run as exact_run;
 use crate::launch::RunStats;
-use crate::poly::causal::{causal_poly_flops, plan_causal};
+use crate::poly::causal::{causal_poly_flops, diag_source, plan_causal, scan_source};
 use crate::poly::cost::poly_flops;
-use crate::poly::kernel_f32::{pass1_source, pass2_source};
+use crate::poly::kernel_f32::{pass1_source, pass2_source, pass2_source_causal};
 use crate::poly::plan::plan_poly;
 
 /// Effective throughputs (FLOP/s) of the two kernel families on one adapter.
@@ -68,6 +68,15 @@ pub(crate) fn rates(tuner: &Tuner, caller: &Problem, degree: usize) -> Result<Ra
         if let Ok(plan) = plan_poly(&p, degree, tuner.budget) {
             k.push(pass1_source(&plan.pass1, false));
             k.push(pass2_source(&plan.pass2, false));
+            // Causal classes are timed on the causal schedule: its own kernels count too.
+            let causal_plan = plan_causal(&p, &plan, tuner.budget)
+                .ok()
+                .filter(|_| p.causal);
+            if let Some(cp) = causal_plan {
+                k.push(pass2_source_causal(&plan.pass2, false));
+                k.push(diag_source(&cp.diag, false));
+                k.push(scan_source(false));
+            }
         }
         k
     };

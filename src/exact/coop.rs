@@ -20,6 +20,7 @@
 use std::fmt::Write as _;
 
 use super::run::{run_kernel, ExactKernel};
+use super::storage::{F16Inputs, Storage};
 use crate::api::Problem;
 use crate::budget::Budget;
 use crate::chunking::{chunking, Chunking};
@@ -43,7 +44,10 @@ const MAX_THREADS: usize = 256;
 
 /// Tiles of the exact kernel on cooperative matrices. A workgroup is `subgroups` subgroups of `sg`
 /// lanes; subgroup s owns `rt` 16-row tiles of the query block (bq = 16 * rt * subgroups rows) and
-/// all its 16-column output tiles; keys stream in tiles of `bk`.
+/// all its 16-column output tiles; keys stream in tiles of `bk`. The Q block goes through
+/// workgroup memory (into the subgroups' registers) in `q_parts` parts of bq / q_parts rows, in
+/// the K/V buffers' memory: more parts, less memory where the Q block is larger than the
+/// buffers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CoopExactTiles {
     pub e: usize,
@@ -52,6 +56,7 @@ pub struct CoopExactTiles {
     pub subgroups: usize,
     pub rt: usize,
     pub bk: usize,
+    pub q_parts: usize,
 }
 
 impl CoopExactTiles {
@@ -88,9 +93,15 @@ impl CoopExactTiles {
     pub fn v_stride(&self) -> usize {
         self.padded_ev() + 8
     }
-    /// Halves of the K/V array: two [K | V] buffers, or the Q block where that is larger.
+    /// Halves of the K/V array: two [K | V] buffers, or a part of the Q block where that is
+    /// larger.
     pub fn kv_halves(&self) -> usize {
-        (2 * self.bk * (self.k_stride() + self.v_stride())).max(self.bq() * self.k_stride())
+        (2 * self.bk * (self.k_stride() + self.v_stride()))
+            .max(self.q_part_rows() * self.k_stride())
+    }
+    /// Rows of a part of the Q block.
+    pub fn q_part_rows(&self) -> usize {
+        self.bq() / self.q_parts.max(1)
     }
     pub fn score_words(&self) -> usize {
         self.bq() * (self.bk + 4)
@@ -109,6 +120,40 @@ impl CoopExactTiles {
     }
 }
 
+/// What a generated kernel does besides its tiles: the format of Q, K and V in storage, and
+/// whether key tiles that every row of a subgroup sees whole skip the mask.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CoopExactVariant {
+    pub storage: Storage,
+    pub unmasked_tiles: bool,
+}
+
+impl CoopExactVariant {
+    /// Halves per storage element: f32 storage as [`CoopExactTiles::lanes`]; f16 storage in
+    /// vec4<f16> where both widths are multiples of 4, else vec2<f16> (one u32 word: rows of odd
+    /// width carry the zero half that `pack_f16_rows` pads them with).
+    pub fn lanes(&self, t: &CoopExactTiles) -> usize {
+        match self.storage {
+            Storage::F32 => t.lanes(),
+            Storage::F16 if t.lanes() == 4 => 4,
+            Storage::F16 => 2,
+        }
+    }
+    /// Storage elements per row of `width` values.
+    fn row_elems(&self, t: &CoopExactTiles, width: usize) -> usize {
+        width.div_ceil(self.lanes(t))
+    }
+}
+
+/// The storage element type and its components, for `lanes` values per element.
+fn element(storage: Storage, lanes: usize) -> (&'static str, &'static [&'static str]) {
+    match (storage, lanes) {
+        (Storage::F32, _) => wgsl_element(lanes),
+        (Storage::F16, 4) => ("vec4<f16>", &[".x", ".y", ".z", ".w"]),
+        (Storage::F16, _) => ("vec2<f16>", &[".x", ".y"]),
+    }
+}
+
 /// Whether these tiles are well formed for their subgroup size and fit the budget.
 pub fn tiles_fit(t: &CoopExactTiles, budget: &Budget) -> bool {
     let max_threads = MAX_THREADS.min(budget.max_invocations_per_workgroup as usize);
@@ -116,6 +161,8 @@ pub fn tiles_fit(t: &CoopExactTiles, budget: &Budget) -> bool {
         && t.sg.is_power_of_two()
         && t.subgroups > 0
         && t.rt > 0
+        && t.q_parts > 0
+        && t.subgroups % t.q_parts == 0
         && COOP * t.rt <= t.sg
         && t.bk >= COOP
         && t.bk % COOP == 0
@@ -159,6 +206,7 @@ pub fn candidates(p: &Problem, budget: &Budget, sg: usize) -> Vec<CoopExactTiles
             subgroups,
             rt,
             bk,
+            q_parts: 1,
         })
         .filter(|t| tiles_fit(t, budget))
         .collect()
@@ -203,12 +251,17 @@ struct Prefetch {
     store: String,
 }
 
-fn prefetch(t: &CoopExactTiles) -> Prefetch {
-    let lanes = t.lanes();
+fn prefetch(t: &CoopExactTiles, var: &CoopExactVariant) -> Prefetch {
+    let lanes = var.lanes(t);
     let wg = t.threads();
-    let (ew, evw) = (t.e / lanes, t.ev / lanes);
+    let (ew, evw) = (var.row_elems(t, t.e), var.row_elems(t, t.ev));
     let (nk, nv) = ((t.bk * ew).div_ceil(wg), (t.bk * evw).div_ceil(wg));
-    let half = if lanes == 4 { "vec4<f16>" } else { "f16" };
+    let half = match lanes {
+        4 => "vec4<f16>",
+        2 => "vec2<f16>",
+        _ => "f16",
+    };
+    let words = elem_words(var.storage);
     let mut decl = String::new();
     for (name, n) in [("kx", nk), ("vx", nv)] {
         for u in 0..n {
@@ -226,14 +279,14 @@ fn prefetch(t: &CoopExactTiles) -> Prefetch {
                     s,
                     "{ind}{name}_{u} = {half}();\n{ind}if (lid + {o}u < kr * {width}) {{\n\
                      {ind}    {name}_{u} = {half}({buf}[{base} + ({j0}) * {width} + lid + {o}u]);\n\
-                     {ind}    words_read += LANES;\n{ind}}}",
+                     {ind}    words_read += {words};\n{ind}}}",
                     o = wg * u
                 );
             }
         }
         s.trim_end().to_string()
     };
-    let comps = wgsl_element(lanes).1;
+    let comps = element(var.storage, lanes).1;
     let mut store = String::new();
     for (name, n, width, base, stride) in
         [("kx", nk, "EW", "kb", "KS"), ("vx", nv, "EVW", "vb", "VS")]
@@ -259,17 +312,74 @@ fn prefetch(t: &CoopExactTiles) -> Prefetch {
     }
 }
 
-/// The WGSL of the kernel for these tiles.
-/// The tensor-core exact kernel for these tiles: straight-line WGSL for every slot of
-/// `shaders/exact_coop.wgsl` (the schedule and its barriers are in the template).
+/// Words the I/O counter adds per storage element read (f16: a vec2<f16> is one word).
+fn elem_words(storage: Storage) -> &'static str {
+    match storage {
+        Storage::F32 => "LANES",
+        Storage::F16 => "(LANES / 2u)",
+    }
+}
+
+/// The tensor-core exact kernel for these tiles on f32 storage, every tile masked: straight-line
+/// WGSL for every slot of `shaders/exact_coop.wgsl` (the schedule and its barriers are in the
+/// template).
 pub fn shader_source(t: &CoopExactTiles, count_io: bool) -> String {
-    let (elem, _) = wgsl_element(t.lanes());
-    let (q_store, q_frags, o_decl) = query_slots(t);
-    let (scores, sm, pv, store) = (scores_slot(t), softmax_slot(t), pv_slot(t), store_slot(t));
-    let pre = prefetch(t);
+    shader_source_for(t, count_io, &CoopExactVariant::default())
+}
+
+/// [`shader_source`] for this variant: Q, K and V read from f16 storage (the values as they are,
+/// not rounded again; Q is scaled in f32 and rounded to f16 as with f32 storage), and/or the
+/// unmasked softmax on key tiles every row of the subgroup sees whole.
+pub fn shader_source_for(t: &CoopExactTiles, count_io: bool, var: &CoopExactVariant) -> String {
+    let lanes = var.lanes(t);
+    let (elem, _) = element(var.storage, lanes);
+    let storage_decl = match var.storage {
+        Storage::F32 => {
+            "// Storage elements (vec4 where E and Ev are multiples of 4) and row widths in them.\n\
+             alias T = {{ELEM}};\nconst LANES: u32 = {{LANES}}u;\nconst EW: u32 = E / LANES;\n\
+             const EVW: u32 = EV / LANES;"
+                .to_string()
+        }
+        Storage::F16 => format!(
+            "// Q, K and V are f16 in storage: vec4<f16> where E and Ev are multiples of 4, else\n\
+             // vec2<f16> (rows of odd width end in a zero half); row widths in elements.\n\
+             alias T = {{{{ELEM}}}};\nconst LANES: u32 = {{{{LANES}}}}u;\nconst EW: u32 = {}u;\n\
+             const EVW: u32 = {}u;",
+            var.row_elems(t, t.e),
+            var.row_elems(t, t.ev)
+        ),
+    };
+    let q_load = match var.storage {
+        Storage::F32 => "        var x = T();\n        if (row < q_rows) {\n            \
+             x = q[q_base + idx] * params.scale_log2;\n            words_read += LANES;\n        }"
+            .to_string(),
+        // Scaled in f32 (as the f32 storage path does), then rounded to f16 by the store.
+        Storage::F16 => format!(
+            "        var x = vec{lanes}<f32>();\n        if (row < q_rows) {{\n            \
+             x = vec{lanes}<f32>(q[q_base + idx]) * params.scale_log2;\n            \
+             words_read += {};\n        }}",
+            elem_words(var.storage)
+        ),
+    };
+    let jfull = if var.unmasked_tiles {
+        "\n    // Keys every row of this subgroup sees (its first row sees the fewest).\n    \
+         var jfull = kv_end;\n    if (params.causal != 0u) {\n        \
+         let g0 = params.q_offset + q0 + row0;\n        \
+         jfull = min(kv_end, max(g0 + 1u, params.kv_offset) - params.kv_offset);\n    }"
+    } else {
+        ""
+    };
+    let (q_block, q_halves, o_decl) = query_slots(t, var, &q_load);
+    let sm = softmax_slot(t, var.unmasked_tiles);
+    let (scores, pv, store) = (scores_slot(t), pv_slot(t), store_slot(t));
+    let pre = prefetch(t, var);
     let [decl, add] = io_counter_slots(count_io, 6);
+    // The storage declarations carry slots of their own: filled first.
+    let template = TEMPLATE
+        .replace("{{STORAGE_DECL}}", &storage_decl)
+        .replace("{{JFULL}}", jfull);
     fill_template(
-        TEMPLATE,
+        &template,
         &[
             ("E", t.e.to_string()),
             ("EV", t.ev.to_string()),
@@ -279,7 +389,7 @@ pub fn shader_source(t: &CoopExactTiles, count_io: bool) -> String {
             ("SG", t.sg.to_string()),
             ("RT", t.rt.to_string()),
             ("ELEM", elem.to_string()),
-            ("LANES", t.lanes().to_string()),
+            ("LANES", lanes.to_string()),
             ("KS", t.k_stride().to_string()),
             ("VS", t.v_stride().to_string()),
             ("TAU", format!("{TAU:?}")),
@@ -287,8 +397,8 @@ pub fn shader_source(t: &CoopExactTiles, count_io: bool) -> String {
             ("KV_T", t.kv_halves().to_string()),
             ("S_T", t.score_words().to_string()),
             ("P_T", t.prob_halves().to_string()),
-            ("Q_STORE", q_store.trim_end().to_string()),
-            ("Q_FRAGS", q_frags.trim_end().to_string()),
+            ("Q_BLOCK", q_block),
+            ("Q_HALVES", q_halves),
             ("O_DECL", o_decl.trim_end().to_string()),
             ("PREFETCH_DECL", pre.decl),
             ("LOAD_FIRST", pre.first),
@@ -318,26 +428,92 @@ fn tile_counts(t: &CoopExactTiles) -> (usize, usize, usize, usize, usize, usize)
     )
 }
 
-/// The query tile's store, its fragments and the output accumulators' declarations.
-fn query_slots(t: &CoopExactTiles) -> (String, String, String) {
+/// The Q block's trip through workgroup memory into the subgroups' fragments (`q_load`: the
+/// load of one storage element into `x`), the halves it occupies there, and the output
+/// accumulators' declarations.
+fn query_slots(
+    t: &CoopExactTiles,
+    var: &CoopExactVariant,
+    q_load: &str,
+) -> (String, String, String) {
     let rt = t.rt;
     let (dt, _, ct, _, _, _) = tile_counts(t);
-    let (_, comps) = wgsl_element(t.lanes());
-    let mut q_store = String::new();
-    for (l, c) in comps.iter().enumerate() {
-        let _ = writeln!(q_store, "        kv_t[row * KS + c + {l}u] = f16(x{c});");
-    }
-    let mut q_frags = String::new();
-    for a in 0..rt {
-        for d in 0..dt {
+    let (_, comps) = element(var.storage, var.lanes(t));
+    let parts = t.q_parts.max(1);
+    let pr = t.q_part_rows();
+    let mut q = String::new();
+    if parts == 1 {
+        q.push_str(
+            "    for (var idx = lid; idx < BQ * EW; idx += WG) {\n        let row = idx / EW;\n        \
+             let c = (idx % EW) * LANES;\n",
+        );
+        let _ = writeln!(q, "{q_load}");
+        for (l, c) in comps.iter().enumerate() {
+            let _ = writeln!(q, "        kv_t[row * KS + c + {l}u] = f16(x{c});");
+        }
+        q.push_str("    }\n    workgroupBarrier();\n");
+        for a in 0..rt {
+            for d in 0..dt {
+                let _ = writeln!(
+                    q,
+                    "    let qf_{a}_{d} = coopLoadT<coop_mat16x16<f16, A>>(&kv_t[(row0 + {}u) * KS + {}u], KS);",
+                    16 * a,
+                    16 * d
+                );
+            }
+        }
+        q.push_str("    workgroupBarrier();");
+    } else {
+        let spp = t.subgroups / parts;
+        let _ = writeln!(
+            q,
+            "    // The Q block in {parts} parts of {pr} rows, in the K/V buffers' memory: subgroup s takes\n    \
+             // its fragments from part s / {spp}, in a loop that runs at most once (naga's uniformity\n    \
+             // analysis rejects cooperative operations under an `if` on the subgroup id)."
+        );
+        for a in 0..rt {
+            for d in 0..dt {
+                let _ = writeln!(q, "    var qf_{a}_{d}: coop_mat16x16<f16, A>;");
+            }
+        }
+        let _ = writeln!(
+            q,
+            "    for (var qp = 0u; qp < {parts}u; qp += 1u) {{\n        \
+             for (var pidx = lid; pidx < {pr}u * EW; pidx += WG) {{\n            \
+             let idx = qp * {pr}u * EW + pidx;\n            let row = idx / EW;\n            \
+             let c = (idx % EW) * LANES;"
+        );
+        for line in q_load.lines() {
+            let _ = writeln!(q, "    {line}");
+        }
+        for (l, c) in comps.iter().enumerate() {
             let _ = writeln!(
-                q_frags,
-                "    let qf_{a}_{d} = coopLoadT<coop_mat16x16<f16, A>>(&kv_t[(row0 + {}u) * KS + {}u], KS);",
-                16 * a,
-                16 * d
+                q,
+                "            kv_t[(row - qp * {pr}u) * KS + c + {l}u] = f16(x{c});"
             );
         }
+        let _ = writeln!(
+            q,
+            "        }}\n        workgroupBarrier();\n        \
+             for (var once = sg / {spp}u == qp; once; once = false) {{"
+        );
+        for a in 0..rt {
+            for d in 0..dt {
+                let _ = writeln!(
+                    q,
+                    "            qf_{a}_{d} = coopLoadT<coop_mat16x16<f16, A>>(&kv_t[(row0 - qp * {pr}u + {}u) * KS + {}u], KS);",
+                    16 * a,
+                    16 * d
+                );
+            }
+        }
+        q.push_str("        }\n        workgroupBarrier();\n    }");
     }
+    let q_halves = if parts == 1 {
+        "BQ * KS".to_string()
+    } else {
+        format!("{pr}u * KS")
+    };
     let mut o_decl = String::new();
     for a in 0..rt {
         for c in 0..ct {
@@ -345,7 +521,7 @@ fn query_slots(t: &CoopExactTiles) -> (String, String, String) {
         }
     }
 
-    (q_store, q_frags, o_decl)
+    (q, q_halves, o_decl)
 }
 
 /// S = Q K^T one 16-key column tile at a time (RT accumulators live), staged row-major.
@@ -387,19 +563,43 @@ fn scores_slot(t: &CoopExactTiles) -> String {
 }
 
 /// The online softmax of one key tile, with the lazy rescale of the output accumulators.
-fn softmax_slot(t: &CoopExactTiles) -> String {
+fn softmax_slot(t: &CoopExactTiles, unmasked_tiles: bool) -> String {
     let rt = t.rt;
     let (_, _, ct, _, per_lane, stage_elems) = tile_counts(t);
     // Softmax: lane (r, part) takes columns NP * (i + r) + part (mod BK), a rotation that puts
     // the lanes of one read into different banks; scores of masked keys become NEG.
     let mut sm =
         String::from("        let lim = max(jmax, j0) - j0; // visible keys of the tile\n");
-    for i in 0..per_lane {
-        let _ = writeln!(
-            sm,
-            "        let c_{i} = (NP * ({i}u + r) + part) % BK;\n        \
-             let x_{i} = select(NEG, s_t[sb + r * SS + c_{i}], c_{i} < lim);"
-        );
+    if unmasked_tiles {
+        // Tiles that every row of the subgroup sees whole (all but the causal diagonal and the
+        // ragged last tile) read their scores without the mask: a branch uniform over the
+        // subgroup, with no subgroup or cooperative operation inside.
+        for i in 0..per_lane {
+            let _ = writeln!(
+                sm,
+                "        let c_{i} = (NP * ({i}u + r) + part) % BK;\n        var x_{i} = NEG;"
+            );
+        }
+        sm.push_str("        if (j0 + BK <= jfull) {\n");
+        for i in 0..per_lane {
+            let _ = writeln!(sm, "            x_{i} = s_t[sb + r * SS + c_{i}];");
+        }
+        sm.push_str("        } else {\n");
+        for i in 0..per_lane {
+            let _ = writeln!(
+                sm,
+                "            x_{i} = select(NEG, s_t[sb + r * SS + c_{i}], c_{i} < lim);"
+            );
+        }
+        sm.push_str("        }\n");
+    } else {
+        for i in 0..per_lane {
+            let _ = writeln!(
+                sm,
+                "        let c_{i} = (NP * ({i}u + r) + part) % BK;\n        \
+                 let x_{i} = select(NEG, s_t[sb + r * SS + c_{i}], c_{i} < lim);"
+            );
+        }
     }
     let mx = (1..per_lane).fold("x_0".to_string(), |acc, i| format!("max({acc}, x_{i})"));
     let _ = writeln!(sm, "        var mt = {mx};");
@@ -568,25 +768,47 @@ pub fn available(gpu: &Gpu) -> Option<usize> {
 
 /// Runs exact attention on cooperative matrices. `q`, `k`, `v` are contiguous
 /// `(units*group, l, e)`, `(units, s, e)`, `(units, s, ev)`; the result is `(units*group, l, ev)`.
+/// With `f16` (the same inputs packed as f16) the kernel reads those instead: half the words.
+/// `unmasked_tiles`: the kernel variant whose key tiles seen whole skip the mask.
 /// Dispatches, their cuts and the merge of split-KV partial results are the f32 kernel's.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     gpu: &Gpu,
     p: &Problem,
     plan: &CoopExactPlan,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    f16: Option<&F16Inputs>,
+    unmasked_tiles: bool,
     opts: &RunOptions,
 ) -> Result<(Vec<f32>, RunStats), Error> {
     let t = &plan.tiles;
-    let key = format!("exact_coop:{t:?}:{}:{}", opts.count_io, opts.trusted);
-    let pipeline = gpu.pipeline(&key, &shader_source(t, opts.count_io), opts.trusted)?;
+    let var = CoopExactVariant {
+        storage: f16.map_or(Storage::F32, |_| Storage::F16),
+        unmasked_tiles,
+    };
+    let key = format!(
+        "exact_coop:{t:?}:{var:?}:{}:{}",
+        opts.count_io, opts.trusted
+    );
+    let source = shader_source_for(t, opts.count_io, &var);
+    let pipeline = gpu.pipeline(&key, &source, opts.trusted)?;
     let kernel = ExactKernel {
         pass: "exact_coop",
         pipeline: &pipeline,
         bq: t.bq(),
     };
-    run_kernel(gpu, p, &plan.chunking, &kernel, (q, k, v), opts)
+    let c = &plan.chunking;
+    match f16 {
+        None => run_kernel(gpu, p, c, &kernel, (q, k, v), (p.e, p.ev), opts),
+        Some(xs) => {
+            fn words(x: &[u32]) -> &[f32] {
+                bytemuck::cast_slice(x)
+            }
+            let widths = (Storage::F16.row_words(p.e), Storage::F16.row_words(p.ev));
+            let xs = (words(&xs.q), words(&xs.k), words(&xs.v));
+            run_kernel(gpu, p, c, &kernel, xs, widths, opts)
+        }
+    }
 }
 
 /// Unit roundoff of f16 (round to nearest), and half the spacing of its subnormals: the largest
@@ -621,6 +843,15 @@ pub const F16_MAX: f64 = 65504.0;
 ///                   + (2 gamma_2S + u32) max|v_c|,
 /// the last term the f32 sums over the S keys (P V and the row sum, at most 2S roundings each
 /// with the online softmax's rescales, gamma_n = n u32 / (1 - n u32)) and the division.
+///
+/// f16 storage of float32 inputs (`rounded_to_f16`): K and V are rounded to f16 once, as above;
+/// Q twice, q' = fl16(fl32(c fl16(q))). Per element that is q' = c q (1 + tq)(1 + t32) + hq
+/// with |tq| <= uq = (1+u)^2 - 1 (two f16 roundings) and |hq| <= etaq = eta (1 + c (1+u)(1+u32))
+/// (a subnormal rounding before and after the scaling). In general
+///   d2 = c|q||k| ((1+uq)(1+u)(1+u32)(1 + 2E u32) - 1)
+///        + sqrt(E) (eta c|q| (1+uq)(1+u32) + etaq (1+u)|k|) + E eta etaq,
+/// the formula above where uq = u and etaq = eta. The bound is against the float32 inputs as
+/// given: it includes what storing them as f16 adds.
 #[derive(Clone, Debug, PartialEq)]
 pub struct F16Bound {
     /// Largest change of a score (natural log units) by the rounding of Q and K.
@@ -632,15 +863,24 @@ pub struct F16Bound {
 }
 
 /// The f16 bound of this call ([`F16Bound`]), or an error where an input would overflow f16.
-pub fn f16_bound(p: &Problem, q: &[f32], k: &[f32], v: &[f32]) -> Result<F16Bound, Error> {
+/// `rounded_to_f16`: the kernel reads these float32 inputs from f16 storage (rounded there).
+pub fn f16_bound(
+    p: &Problem,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    rounded_to_f16: bool,
+) -> Result<F16Bound, Error> {
     let c = f64::from(p.scale.abs()) * std::f64::consts::LOG2_E;
     let (qn, qa) = row_norm_and_max(q, p.e);
     let (kn, ka) = row_norm_and_max(k, p.e);
     let cols = value_columns(p, v);
     // Of the finite values: with check_finite=False, NaN and Inf run as they are.
     let va = cols.abs_max.iter().copied().fold(0f64, f64::max);
+    // f16 storage rounds q before it is scaled: by at most a factor 1 + u more.
+    let q_grow = if rounded_to_f16 { 1.0 + F16_U } else { 1.0 };
     let overflow = [
-        ("query * scale * log2(e)", qa * c),
+        ("query * scale * log2(e)", qa * c * q_grow),
         ("key", ka),
         ("value", va),
     ]
@@ -653,9 +893,17 @@ pub fn f16_bound(p: &Problem, q: &[f32], k: &[f32], v: &[f32]) -> Result<F16Boun
         )));
     }
     let (u, eta, e) = (F16_U, F16_ETA, p.e as f64);
-    let d2 = c * qn * kn * ((1.0 + u).powi(2) * (1.0 + F32_U) * (1.0 + 2.0 * e * F32_U) - 1.0)
-        + eta * e.sqrt() * (1.0 + u) * (c * qn * (1.0 + F32_U) + kn)
-        + e * eta * eta;
+    let (uq, etaq) = if rounded_to_f16 {
+        (
+            (1.0 + u).powi(2) - 1.0,
+            eta * (1.0 + c * (1.0 + u) * (1.0 + F32_U)),
+        )
+    } else {
+        (u, eta)
+    };
+    let d2 = c * qn * kn * ((1.0 + uq) * (1.0 + u) * (1.0 + F32_U) * (1.0 + 2.0 * e * F32_U) - 1.0)
+        + e.sqrt() * (eta * c * qn * (1.0 + uq) * (1.0 + F32_U) + etaq * (1.0 + u) * kn)
+        + e * eta * etaq;
     let score_rounding = std::f64::consts::LN_2 * d2;
     let e_exp = 83.0 * 2f64.powi(-23);
     let eps = score_rounding.exp() * (1.0 + e_exp) * (1.0 + u) - 1.0;
@@ -729,6 +977,7 @@ mod tests {
                             subgroups: 1,
                             rt: 1,
                             bk: COOP,
+                            q_parts: 1,
                         };
                         assert!(!tiles_fit(&smallest, &b), "E={e} words={words}");
                         assert!(smallest.fast_memory_words() > words, "E={e}");
@@ -751,9 +1000,9 @@ mod tests {
         };
         let q = vec![1.0f32; 16];
         let v: Vec<f32> = (0..8).map(|i| i as f32).collect();
-        let small = f16_bound(&p, &q, &q, &v).unwrap();
+        let small = f16_bound(&p, &q, &q, &v, false).unwrap();
         let q4: Vec<f32> = q.iter().map(|x| x * 4.0).collect();
-        let large = f16_bound(&p, &q4, &q4, &v).unwrap();
+        let large = f16_bound(&p, &q4, &q4, &v, false).unwrap();
         // |q||k| = 4 and 64 at c = 0.5 log2(e): about 2u c |q||k| ln 2 = 4u and 64u.
         assert!(
             (small.score_rounding / (4.0 * F16_U) - 1.0).abs() < 0.01,
@@ -762,9 +1011,20 @@ mod tests {
         assert!(large.score_rounding > 15.0 * small.score_rounding);
         // Range 6 per column, |v| up to 7.
         assert!(small.error_bound_per_column[1] > small.weight_factor * 6.0 + F16_U * 7.0);
+        // f16 storage of these float32 inputs: Q rounded once more, about u c |q||k| ln 2 = 2u
+        // more score rounding; the bound covers what storing them as f16 adds
+        // (`storage::f16_input_rounding`, the f32 kernel's bound for it).
+        let stored = f16_bound(&p, &q, &q, &v, true).unwrap();
+        let more = stored.score_rounding - small.score_rounding;
+        assert!((more / (2.0 * F16_U) - 1.0).abs() < 0.01, "{more}");
+        let input = crate::exact::storage::f16_input_rounding(&p, &q, &q, &v);
+        for (c, b) in stored.error_bound_per_column.iter().enumerate() {
+            assert!(*b > small.error_bound_per_column[c], "{stored:?}");
+            assert!(*b > input[c], "{b} {input:?}");
+        }
         let huge = vec![70000.0f32; 8];
         assert!(matches!(
-            f16_bound(&p, &q, &q, &huge),
+            f16_bound(&p, &q, &q, &huge, false),
             Err(Error::TooLarge(_))
         ));
     }

@@ -417,7 +417,7 @@ impl<'a> Gen<'a> {
                 }
             }
         }
-        scores.push_str(&constant_loop("        ", "e", ("EW", self.ew), &step));
+        scores.push_str(&constant_loop(2, "e", ("EW", self.ew), &step));
         scores.push('\n');
         for a in 0..rq {
             for b in 0..rk {
@@ -516,7 +516,7 @@ impl<'a> Gen<'a> {
             }
         }
         let pv_steps = format!("BK / {p_step}u");
-        constant_loop("        ", "jp", (&pv_steps, t.bk / p_step), &step)
+        constant_loop(2, "jp", (&pv_steps, t.bk / p_step), &step)
     }
 
     /// Each thread's partial sums of its rows, for the row sums after the barrier.

@@ -150,17 +150,19 @@ pub fn run_with_lse(
 }
 
 /// The host loop of every exact kernel: cuts the problem into the dispatches of `c` and merges
-/// split-KV partial results.
+/// split-KV partial results. Rows of Q/K and of V take `widths` words in storage ((E, Ev) for
+/// f32; the words of packed f16 rows travel as f32 slices, copied bit for bit).
 pub(crate) fn run_kernel(
     gpu: &Gpu,
     p: &Problem,
     c: &Chunking,
     kernel: &ExactKernel<'_>,
     xs: (&[f32], &[f32], &[f32]),
+    widths: (usize, usize),
     opts: &RunOptions,
 ) -> Result<(Vec<f32>, RunStats), Error> {
     let mut out = vec![0f32; p.query_heads() * p.l * p.ev];
-    let (_, stats) = run_kernel_stats(gpu, p, c, kernel, xs, (p.e, p.ev), opts, false, &mut out)?;
+    let (_, stats) = run_kernel_stats(gpu, p, c, kernel, xs, widths, opts, false, &mut out)?;
     Ok((out, stats))
 }
 

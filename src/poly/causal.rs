@@ -953,10 +953,34 @@ impl<'a> CausalRun<'a> {
         out: &mut [f32],
         stats: &mut RunStats,
     ) -> Result<(), Error> {
-        let (gpu, p, plan, opts) = (self.gpu, self.p, self.plan, self.opts);
+        let (gpu, p) = (self.gpu, self.p);
         let heads = nu * p.group;
         let qc = gather(q, u0 * p.group, heads, p.l, w0, lw, p.e);
         let q_buf = self.uploads.buffer(gpu, qc, "q");
+        let d_buf = self.diagonal_blocks(&q_buf, (u0, nu, mu_buf), (lw, kw), (kv, gates), stats)?;
+        let oc = self.pass2_rows(&q_buf, &d_buf, heads, (lw, kw), gates, stats)?;
+        for h in 0..heads {
+            for row in 0..lw {
+                let dst = ((u0 * p.group + h) * p.l + w0 + row) * p.ev;
+                out[dst..dst + p.ev]
+                    .copy_from_slice(&oc[(h * lw + row) * p.ev..(h * lw + row + 1) * p.ev]);
+            }
+        }
+        Ok(())
+    }
+
+    /// The window's masked diagonal blocks, `[num | D]` (Ev + 1 words per row), on the GPU: on
+    /// tensor cores where planned (and not gated), else in f32.
+    fn diagonal_blocks(
+        &self,
+        q_buf: &wgpu::Buffer,
+        (u0, nu, mu_buf): (usize, usize, &wgpu::Buffer),
+        (lw, kw): (usize, usize),
+        (kv, gates): (Option<&KeyValues>, Option<&GateBuffers>),
+        stats: &mut RunStats,
+    ) -> Result<wgpu::Buffer, Error> {
+        let (gpu, p, plan, opts) = (self.gpu, self.p, self.plan, self.opts);
+        let heads = nu * p.group;
         let d_buf = storage_buffer(gpu, heads * lw * (p.ev + 1), "diagonal blocks");
         let (k_buf, v_buf) = match kv {
             Some((kb, vb)) => (kb.as_ref(), vb.as_ref()),
@@ -976,7 +1000,7 @@ impl<'a> CausalRun<'a> {
                 };
                 let vn = &vn[u0 * 3 * p.ev..(u0 + nu) * 3 * p.ev];
                 let vn_buf = storage_buffer_with(gpu, bytemuck::cast_slice(vn), "value norm");
-                let buffers = [&*q_buf, k_buf, v_buf, mu_buf, &self.c_buf, &d_buf, &vn_buf];
+                let buffers = [q_buf, k_buf, v_buf, mu_buf, &self.c_buf, &d_buf, &vn_buf];
                 Launch {
                     pass: "diag",
                     pipeline: &self.pipelines.diag,
@@ -996,7 +1020,7 @@ impl<'a> CausalRun<'a> {
                     scale: p.scale,
                     _pad: [0; 3],
                 };
-                let mut buffers = vec![&*q_buf, k_buf, v_buf, mu_buf, &self.c_buf, &d_buf];
+                let mut buffers = vec![q_buf, k_buf, v_buf, mu_buf, &self.c_buf, &d_buf];
                 buffers.extend(gates.map(|g| &g[3]));
                 Launch {
                     pass: "diag",
@@ -1010,7 +1034,21 @@ impl<'a> CausalRun<'a> {
             }
         };
         stats.absorb(&st);
+        Ok(d_buf)
+    }
 
+    /// Pass 2 over the window's prefix states and diagonal blocks (split over feature ranges
+    /// where planned): the window's output rows, read back.
+    fn pass2_rows(
+        &self,
+        q_buf: &wgpu::Buffer,
+        d_buf: &wgpu::Buffer,
+        heads: usize,
+        (lw, kw): (usize, usize),
+        gates: Option<&GateBuffers>,
+        stats: &mut RunStats,
+    ) -> Result<Vec<f32>, Error> {
+        let (gpu, p, plan, opts) = (self.gpu, self.p, self.plan, self.opts);
         let pass2 = &plan.poly.pass2;
         let blocks = lw.div_ceil(pass2.b);
         let o_words = heads * lw * p.ev;
@@ -1032,12 +1070,12 @@ impl<'a> CausalRun<'a> {
                 chunk0: chunk0 as u32,
             };
             let mut buffers = vec![
-                &*q_buf,
+                q_buf,
                 &self.partial,
                 &self.idx_buf,
                 &self.w_buf,
                 &o_buf,
-                &d_buf,
+                d_buf,
             ];
             buffers.extend(gates.map(|g| &g[2]));
             let read_back: &[(&wgpu::Buffer, usize)] = if end == chunks {
@@ -1056,14 +1094,7 @@ impl<'a> CausalRun<'a> {
             stats.absorb(&st);
             oc = o_read;
         }
-        for h in 0..heads {
-            for row in 0..lw {
-                let dst = ((u0 * p.group + h) * p.l + w0 + row) * p.ev;
-                out[dst..dst + p.ev]
-                    .copy_from_slice(&oc[(h * lw + row) * p.ev..(h * lw + row + 1) * p.ev]);
-            }
-        }
-        Ok(())
+        Ok(oc)
     }
 }
 
@@ -1235,43 +1266,95 @@ mod tests {
 
     /// Plans of plan_causal and perturbed ones (chunks, windows, units per dispatch, blocks):
     /// the closed form must count any plan as the loops do, gated or not, with the pre-pass.
+    /// A causal problem of random sizes (`case` picks how L and S are drawn: edge sizes, S = L,
+    /// or any).
+    fn random_problem(rng: &mut crate::poly::io::Rng, case: usize) -> Problem {
+        let edge = [
+            1usize, 2, 3, 7, 16, 31, 63, 64, 65, 129, 255, 513, 700, 1000,
+        ];
+        let l = if case % 3 == 0 {
+            rng.pick(&edge)
+        } else {
+            rng.range(1, 3000)
+        };
+        let s = match case % 4 {
+            0 => rng.pick(&edge),
+            1 => l,
+            _ => rng.range(1, 3000),
+        };
+        let e = rng.pick(&[1usize, 3, 4, 8, 16, 17, 32, 64]);
+        let ev = if rng.range(0, 1) == 0 {
+            e
+        } else {
+            rng.pick(&[1usize, 5, 8, 16, 33])
+        };
+        let units = rng.range(1, 6);
+        let group = rng.pick(&[1usize, 1, 2, 3, 4]);
+        Problem {
+            units,
+            group,
+            l,
+            s,
+            e,
+            ev,
+            causal: true,
+            scale: 0.1,
+        }
+    }
+
+    /// Random sizes for a planned causal schedule (`units`, `e`, `ev`, `g` of its problem):
+    /// valid block multiples, or any sizes; tensor-core diagonal blocks; a split pass 2.
+    fn random_plan_sizes(
+        rng: &mut crate::poly::io::Rng,
+        plan: &mut CausalPlan,
+        (units, e, ev, g): (usize, usize, usize, usize),
+    ) {
+        match rng.range(0, 2) {
+            0 => {}
+            1 => {
+                // Valid shapes: a chunk a multiple of both blocks, few chunks per window.
+                let (b, bq) = (plan.poly.pass2.b, plan.diag.bq);
+                let step = b / gcd(b, bq) * bq;
+                plan.chunk = step * rng.range(1, 4);
+                plan.window_chunks = rng.range(1, 5);
+                plan.units = rng.range(1, units);
+            }
+            _ => {
+                // Any sizes (the closed form does not need C to be a multiple of BQ).
+                plan.chunk = rng.range(1, 200);
+                plan.window_chunks = rng.range(1, 6);
+                plan.diag.bq = rng.range(1, 70);
+                plan.poly.pass2.b = rng.range(1, 70);
+                plan.units = rng.range(1, units);
+            }
+        }
+        // The diagonal blocks on tensor cores (their own block rows, value normalisation).
+        if rng.range(0, 2) == 0 {
+            plan.diag_coop = Some(CoopDiagTiles {
+                e,
+                ev,
+                g,
+                sg: 32,
+                subgroups: rng.pick(&[1usize, 2, 4]),
+                bk: 32,
+            });
+        }
+        if !plan.poly.pass2.resident() && rng.range(0, 1) == 1 {
+            // A split pass 2 of any number of feature ranges.
+            let chunks = plan.poly.pass2.chunks();
+            let per_range = plan.poly.pass2.chunks_per_range(rng.range(1, chunks));
+            plan.poly.pass2_ranges = chunks.div_ceil(per_range);
+        }
+    }
+
     #[test]
     fn closed_form_equals_the_count_by_window() {
         use crate::poly::io::{by_dispatch, Rng};
         let mut rng = Rng(0xD1B5_4A32_D192_ED03);
         let (mut checked, mut several_windows, mut s_over_l, mut s_under_l) = (0, 0, 0, 0);
         for case in 0..1500 {
-            let edge = [
-                1usize, 2, 3, 7, 16, 31, 63, 64, 65, 129, 255, 513, 700, 1000,
-            ];
-            let l = if case % 3 == 0 {
-                rng.pick(&edge)
-            } else {
-                rng.range(1, 3000)
-            };
-            let s = match case % 4 {
-                0 => rng.pick(&edge),
-                1 => l,
-                _ => rng.range(1, 3000),
-            };
-            let e = rng.pick(&[1usize, 3, 4, 8, 16, 17, 32, 64]);
-            let ev = if rng.range(0, 1) == 0 {
-                e
-            } else {
-                rng.pick(&[1usize, 5, 8, 16, 33])
-            };
-            let units = rng.range(1, 6);
-            let group = rng.pick(&[1usize, 1, 2, 3, 4]);
-            let p = Problem {
-                units,
-                group,
-                l,
-                s,
-                e,
-                ev,
-                causal: true,
-                scale: 0.1,
-            };
+            let p = random_problem(&mut rng, case);
+            let (units, l, s, e, ev) = (p.units, p.l, p.s, p.e, p.ev);
             let m = rng.pick(&[4096u64, 8192, 12288, 16384]);
             let budget = match rng.range(0, 2) {
                 0 => Budget::model(m),
@@ -1288,42 +1371,7 @@ mod tests {
             let Ok(exact) = plan_exact(&p, &budget) else {
                 continue;
             };
-            match rng.range(0, 2) {
-                0 => {}
-                1 => {
-                    // Valid shapes: a chunk a multiple of both blocks, few chunks per window.
-                    let (b, bq) = (plan.poly.pass2.b, plan.diag.bq);
-                    let step = b / gcd(b, bq) * bq;
-                    plan.chunk = step * rng.range(1, 4);
-                    plan.window_chunks = rng.range(1, 5);
-                    plan.units = rng.range(1, units);
-                }
-                _ => {
-                    // Any sizes (the closed form does not need C to be a multiple of BQ).
-                    plan.chunk = rng.range(1, 200);
-                    plan.window_chunks = rng.range(1, 6);
-                    plan.diag.bq = rng.range(1, 70);
-                    plan.poly.pass2.b = rng.range(1, 70);
-                    plan.units = rng.range(1, units);
-                }
-            }
-            // The diagonal blocks on tensor cores (their own block rows, value normalisation).
-            if rng.range(0, 2) == 0 {
-                plan.diag_coop = Some(CoopDiagTiles {
-                    e,
-                    ev,
-                    g,
-                    sg: 32,
-                    subgroups: rng.pick(&[1usize, 2, 4]),
-                    bk: 32,
-                });
-            }
-            if !plan.poly.pass2.resident() && rng.range(0, 1) == 1 {
-                // A split pass 2 of any number of feature ranges.
-                let chunks = plan.poly.pass2.chunks();
-                let per_range = plan.poly.pass2.chunks_per_range(rng.range(1, chunks));
-                plan.poly.pass2_ranges = chunks.div_ceil(per_range);
-            }
+            random_plan_sizes(&mut rng, &mut plan, (units, e, ev, g));
             let gated = rng.range(0, 1) == 1;
             let got: Vec<_> = causal_passes_io(&p, &plan, gated)
                 .unwrap()

@@ -17,9 +17,11 @@ use super::prepass::Prepass;
 use crate::api::Problem;
 use crate::budget::Budget;
 use crate::device::Gpu;
-use crate::wgsl::{fill_template, io_counter_slots};
+use crate::wgsl::{fill_fragment, fill_template, io_counter_slots};
 
 pub(crate) const DIAG_COOP: &str = include_str!("../../shaders/poly_causal_diag_coop.wgsl");
+
+const DIAG_COOP_STORE: &str = include_str!("../../shaders/poly_causal_diag_coop_store.wgsl");
 
 /// Side of the cooperative matrices.
 const COOP: usize = 16;
@@ -200,28 +202,14 @@ pub fn diag_coop_source(t: &CoopDiagTiles, count_io: bool) -> String {
     for m in (0..t.g).rev() {
         let _ = writeln!(horner, "            p = fma(p, x, c_t[{m}u]);");
     }
-    // The store: D (column EV) of each row first, then every column through the staging slice,
-    // num = vmin D + vrange num'.
-    let cd = t.ev / COOP;
-    let mut store = format!(
-        "    coopStoreT(o_{cd}, &s_t[sb], 16u);\n    subgroupBarrier();\n    \
-         for (var i = lane; i < 16u; i += SG) {{\n        \
-         d_t[row0 + i] = s_t[sb + i * 16u + {}u];\n    }}\n    subgroupBarrier();\n",
-        t.ev % COOP
-    );
-    for c in 0..ct {
-        let _ = writeln!(
-            store,
-            "    coopStoreT(o_{c}, &s_t[sb], 16u);\n    subgroupBarrier();\n    \
-             for (var i = lane; i < 256u; i += SG) {{\n        let row = row0 + i / 16u;\n        \
-             let col = {}u + i % 16u;\n        if (row < rows && col < EV1) {{\n            \
-             var x = s_t[sb + i];\n            if (col < EV) {{\n                \
-             x = vn_t[col] * d_t[row] + vn_t[2u * EV + col] * x;\n            }}\n            \
-             diag[(head * params.l + q0 + row) * EV1 + col] = x;\n            \
-             words_written += 1u;\n        }}\n    }}\n    subgroupBarrier();",
-            COOP * c
-        );
-    }
+    // The store (the template): D (column EV) of each row first, from accumulator D_TILE at
+    // column D_COL, then every column through the staging slice, num = vmin D + vrange num'.
+    let store: String = (0..ct)
+        .map(|c| {
+            let slots = [("C", c.to_string()), ("COL", (COOP * c).to_string())];
+            fill_fragment(DIAG_COOP_STORE, &slots)
+        })
+        .collect();
     let [decl, add] = io_counter_slots(count_io, 8);
     fill_template(
         DIAG_COOP,
@@ -246,6 +234,8 @@ pub fn diag_coop_source(t: &CoopDiagTiles, count_io: bool) -> String {
             ("SCORES", scores.trim_end().to_string()),
             ("HORNER", horner.trim_end().to_string()),
             ("PV", pv.trim_end().to_string()),
+            ("D_TILE", (t.ev / COOP).to_string()),
+            ("D_COL", (t.ev % COOP).to_string()),
             ("STORE", store.trim_end().to_string()),
             decl,
             add,

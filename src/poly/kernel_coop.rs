@@ -9,11 +9,15 @@ use super::kernel_common::{
     Prefetch,
 };
 use super::plan::{align4, CoopTiles, AUX_THREADS, COOP_PASS2_ROWS_PER_THREAD};
-use crate::wgsl::{fill_template, io_counter_slots, wgsl_element, Emitter};
+use crate::wgsl::{fill_fragment, fill_template, io_counter_slots, wgsl_element, Emitter};
 
 pub(crate) const COOP_PASS1: &str = include_str!("../../shaders/poly_coop_pass1.wgsl");
 
 pub(crate) const COOP_PASS2: &str = include_str!("../../shaders/poly_coop_pass2.wgsl");
+
+const COOP_PASS1_STORE: &str = include_str!("../../shaders/poly_coop_pass1_store.wgsl");
+
+const COOP_PASS2_STORE: &str = include_str!("../../shaders/poly_coop_pass2_store.wgsl");
 
 pub(crate) const COOP_PACK: &str = include_str!("../../shaders/poly_coop_pack.wgsl");
 
@@ -61,31 +65,20 @@ fn coop_mma(
     e.finish()
 }
 
-/// Writes each accumulator through the subgroup's staging tile, which starts at `stage_at`
-/// (an array and index prefix, e.g. "stage["): `store(indent)` is the guarded write of one element
-/// (row: the tile row, col: the value column).
-fn coop_store(
-    (rows, cols): (usize, usize),
-    stage_at: &str,
-    indent: &str,
-    store: impl Fn(&str) -> String,
-) -> String {
+/// Writes each accumulator through the subgroup's staging tile: `fragment` (a template of the
+/// pass's store) once per accumulator, row tile A and column tile C (value columns from COL).
+fn coop_store((rows, cols): (usize, usize), fragment: &str) -> String {
     let mut s = String::new();
     for a in 0..rows {
         for c in 0..cols {
-            let _ = write!(
-                s,
-                "{indent}coopStoreT(acc_{a}_{c}, &{stage_at}sg * 256u], 16u);\n\
-                 {indent}workgroupBarrier();\n\
-                 {indent}for (var i = lane; i < 256u; i += SG) {{\n\
-                 {indent}    let row = (sg * RT + {a}u) * 16u + i / 16u;\n\
-                 {indent}    let col = {}u + i % 16u;\n\
-                 {}\
-                 {indent}}}\n\
-                 {indent}workgroupBarrier();\n",
-                16 * c,
-                store(&format!("{indent}    ")),
-            );
+            s.push_str(&fill_fragment(
+                fragment,
+                &[
+                    ("A", a.to_string()),
+                    ("C", c.to_string()),
+                    ("COL", (16 * c).to_string()),
+                ],
+            ));
         }
     }
     s.trim_end().to_string()
@@ -270,14 +263,7 @@ pub fn coop_pass1_source(t: &CoopTiles, count_io: bool) -> String {
     let index_decl: String = (0..t.g)
         .map(|i| format!("    let i_{i} = feature_index(fb, {i}u);\n"))
         .collect();
-    let store = coop_store((rt, ct), "stage[", "    ", |ind| {
-        format!(
-            "{ind}if (row < rows_f && col < EV) {{\n\
-             {ind}    partial[o + row * EV1 + col] = stage[sg * 256u + i];\n\
-             {ind}    words_written += 1u;\n\
-             {ind}}}\n"
-        )
-    });
+    let store = coop_store((rt, ct), COOP_PASS1_STORE);
     let pre = coop_prefetch(t);
     let [decl, add] = io_counter_slots(count_io, 7);
     let mut slots = coop_common_slots(t, (t.threads(), rt));
@@ -365,24 +351,14 @@ fn coop_chunk_prefetch(t: &CoopTiles) -> Prefetch {
 /// Pass 2 on cooperative matrices for these tiles.
 pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
     let (rt, ct) = (t.rt2, t.col_tiles());
-    let store = coop_store((rt, ct), "q_t[STAGE0 + ", "        ", |ind| {
-        format!(
-            "{ind}if (row < rows && col < EV) {{\n\
-             {ind}    o[(head * params.l + q0 + row) * EV + col] =\n\
-             {ind}        vn_t[col] + vn_t[EV + col] * (q_t[STAGE0 + sg * 256u + i] * q_t[DT0 + DS + row]);\n\
-             {ind}    words_written += 1u;\n\
-             {ind}}}\n"
-        )
-    });
+    let store = coop_store((rt, ct), COOP_PASS2_STORE);
     let rpt = COOP_PASS2_ROWS_PER_THREAD;
-    let mut build = pass2_feature_build(
+    let build = pass2_feature_build(
         (rpt, t.g),
         ("q_t", "d"),
         |row, p| format!("phi[f * FS + {row}] = f16({p})"),
         |row, d| format!("q_t[DT0 + fb * BQ + {row}] = {d}"),
     );
-    // The partials go into the query tile: every thread must be past the feature build.
-    build.d_store.insert_str(0, "        workgroupBarrier();\n");
     let pre = coop_chunk_prefetch(t);
     let table = table_prefetch(t.threads2(), t.rc2, t.g, true);
     let [decl, add] = io_counter_slots(count_io, 8);
@@ -410,6 +386,8 @@ pub fn coop_pass2_source(t: &CoopTiles, count_io: bool) -> String {
         ("RPT", rpt.to_string()),
         ("D_DECL", build.d_decl),
         ("FEATURE", build.feature),
+        // The partials go into the query tile: the template's barrier before D_STORE keeps
+        // every thread past the feature build.
         ("D_STORE", build.d_store),
         ("ACC_DECL", coop_accumulators(rt, ct, 2)),
         (

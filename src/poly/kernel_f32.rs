@@ -94,23 +94,8 @@ pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
     pass1_source_with(t, count_io, false)
 }
 
-/// Pass 1; `gated`: each key's features are weighed by `key_w` (its gate decay to the end of its
-/// chunk; see src/poly/primitive.rs).
-pub fn pass1_source_with(t: &Pass1Tiles, count_io: bool, gated: bool) -> String {
-    let iw = index_words(t.g);
-    debug_assert_eq!(t.rc % t.tf, 0, "{t:?}: rows are whole micro-tiles");
-    let (rf, cu) = (t.rows_per_thread(), t.groups_per_thread());
-    let vec4_rows = t.vec4_rows();
-    let mut product = String::new();
-    product_step(
-        &mut product,
-        4,
-        (rf, cu, ("tf", t.tf)),
-        vec4_rows,
-        "j * RC",
-        |u| format!("v_tile[j * CW + tc + {}u]", u * t.tc),
-    );
-    let product = tile_loop("        ", ("j", "kr", ("BK", t.bk)), &product);
+/// Pass 1's store of each thread's micro-tile rows of the split's partial S'.
+fn pass1_store(t: &Pass1Tiles, (rf, cu): (usize, usize), vec4_rows: bool) -> String {
     let mut store = String::new();
     for a in 0..rf {
         let _ = writeln!(
@@ -127,8 +112,13 @@ pub fn pass1_source_with(t: &Pass1Tiles, count_io: bool, gated: bool) -> String 
         );
         store.push_str("        }\n    }\n");
     }
-    // The feature build: features fb + WG * c (the last may be past RC where WG does not divide
-    // it), their index decoding hoisted out of the key loop.
+    store
+}
+
+/// Pass 1's feature build (declarations, the build per key, the normaliser store): features
+/// fb + WG * c (the last may be past RC where WG does not divide it), their index decoding
+/// hoisted out of the key loop; `gated` weighs each key by its gate.
+fn pass1_feature_build(t: &Pass1Tiles, gated: bool) -> (String, String, String) {
     let (nf, wg) = (t.features_per_builder(), t.threads());
     let ragged = t.rc % wg != 0 && t.rc > wg;
     let key_weight = if gated { " * kw_t[j]" } else { "" };
@@ -162,6 +152,28 @@ pub fn pass1_source_with(t: &Pass1Tiles, count_io: bool, gated: bool) -> String 
             "    if (builds && {guard}) {{\n        phi_set(jg * RC + f_{c}, dk_{c});\n    }}"
         );
     }
+    (build_decl, build, d_store)
+}
+
+/// Pass 1; `gated`: each key's features are weighed by `key_w` (its gate decay to the end of its
+/// chunk; see src/poly/primitive.rs).
+pub fn pass1_source_with(t: &Pass1Tiles, count_io: bool, gated: bool) -> String {
+    let iw = index_words(t.g);
+    debug_assert_eq!(t.rc % t.tf, 0, "{t:?}: rows are whole micro-tiles");
+    let (rf, cu) = (t.rows_per_thread(), t.groups_per_thread());
+    let vec4_rows = t.vec4_rows();
+    let mut product = String::new();
+    product_step(
+        &mut product,
+        4,
+        (rf, cu, ("tf", t.tf)),
+        vec4_rows,
+        "j * RC",
+        |u| format!("v_tile[j * CW + tc + {}u]", u * t.tc),
+    );
+    let product = tile_loop(2, ("j", "kr", ("BK", t.bk)), &product);
+    let store = pass1_store(t, (rf, cu), vec4_rows);
+    let (build_decl, build, d_store) = pass1_feature_build(t, gated);
     let tiles = pass1_tile_loads(t);
     let [decl, add] = io_counter_slots(count_io, if gated { 7 } else { 6 });
     let (gate_decl, gate_load) = if gated {
@@ -222,14 +234,21 @@ fn micro_tile_row(a: usize, (trow, side): (&str, usize), vec4_rows: bool) -> Str
 
 /// A product loop over `i` < `count` rows of a tile of `full` rows: full tiles (all but the
 /// last, mostly) are written out by [`constant_loop`], the last tile loops.
-fn tile_loop(indent: &str, (i, count, full): (&str, &str, (&str, usize)), body: &str) -> String {
+fn tile_loop(depth: usize, (i, count, full): (&str, &str, (&str, usize)), body: &str) -> String {
     let body = body.trim_end();
-    let full_tile = constant_loop(&format!("{indent}    "), i, full, body);
-    let full_name = full.0;
-    format!(
-        "{indent}if ({count} == {full_name}) {{\n{full_tile}\n{indent}}} else {{\n\
-         {indent}    for (var {i} = 0u; {i} < {count}; {i}++) {{\n{body}\n{indent}    }}\n{indent}}}"
-    )
+    let mut e = Emitter::new(depth);
+    e.if_else(
+        format!("{count} == {}", full.0),
+        |e| {
+            e.code(&constant_loop(depth + 1, i, full, body));
+        },
+        |e| {
+            e.block(format!("for (var {i} = 0u; {i} < {count}; {i}++)"), |e| {
+                e.code(body);
+            });
+        },
+    );
+    e.finish()
 }
 
 /// The unrolled body of a micro-tile product step of both passes over a feature tile `phi` whose
@@ -397,6 +416,44 @@ pub(crate) fn pass2_source_with(t: &Pass2Tiles, count_io: bool, causal: bool) ->
     pass2_source_variant(t, count_io, causal, Variant::default())
 }
 
+/// Pass 2's output store: the output rows, or with feature ranges (`v.feature_range`) the sums of
+/// ranges before the last folded into `diag` and the last one storing the output from its sums
+/// and `diag`, as causal pass 2 does.
+fn pass2_output_store(
+    t: &Pass2Tiles,
+    (rb, cu): (usize, usize),
+    vec4_rows: bool,
+    causal: bool,
+    v: Variant,
+) -> String {
+    if v.feature_range {
+        format!(
+            "        if (params.chunks < {}u) {{\n{}        }} else {{\n{}        }}",
+            t.chunks(),
+            pass2_fold_store(t, (rb, cu), vec4_rows, causal, v),
+            pass2_store(t, (rb, cu), vec4_rows, true, v)
+        )
+    } else {
+        pass2_store(t, (rb, cu), vec4_rows, causal, v)
+    }
+}
+
+/// Pass 2's bindings beyond the common ones: `diag` (causal: the chunk's masked block; feature
+/// ranges: the running sums, written too) and, gated, each row's `q_factor`.
+fn pass2_diag_bindings(causal: bool, ranged: bool, gated: bool) -> String {
+    let diag_access = if ranged { "read_write" } else { "read" };
+    match (causal || ranged, gated) {
+        (true, true) => format!(
+            "@group(0) @binding(6) var<storage, {diag_access}> diag: array<f32>;\n\
+             @group(0) @binding(7) var<storage, read> q_factor: array<f32>;"
+        ),
+        (true, false) => {
+            format!("@group(0) @binding(6) var<storage, {diag_access}> diag: array<f32>;")
+        }
+        _ => String::new(),
+    }
+}
+
 /// Pass 2 with the primitive's [`Variant`]: gated (causal only), each row's prefix sums are
 /// scaled by its `q_factor`; unnormalized, the sums are written undivided.
 pub fn pass2_source_variant(t: &Pass2Tiles, count_io: bool, causal: bool, v: Variant) -> String {
@@ -422,7 +479,7 @@ pub fn pass2_source_variant(t: &Pass2Tiles, count_io: bool, causal: bool, v: Var
         "f * FS",
         |u| format!("s_tile[f * CW + tc + {}u]", u * t.tc),
     );
-    let product = tile_loop("            ", ("f", "rows_f", ("RC", t.rc)), &product);
+    let product = tile_loop(3, ("f", "rows_f", ("RC", t.rc)), &product);
     let build = pass2_feature_build(
         (rpt, t.g),
         ("q_tile", "dq"),
@@ -431,18 +488,7 @@ pub fn pass2_source_variant(t: &Pass2Tiles, count_io: bool, causal: bool, v: Var
     );
     let ranged = v.feature_range;
     debug_assert!(!ranged || !t.resident(), "{t:?}: a split S' is streamed");
-    let store = if ranged {
-        // Ranges before the last fold their sums into `diag`; the last one stores the output
-        // from its sums and `diag`, as causal pass 2 does.
-        format!(
-            "        if (params.chunks < {}u) {{\n{}        }} else {{\n{}        }}",
-            t.chunks(),
-            pass2_fold_store(t, (rb, cu), vec4_rows, causal, v),
-            pass2_store(t, (rb, cu), vec4_rows, true, v)
-        )
-    } else {
-        pass2_store(t, (rb, cu), vec4_rows, causal, v)
-    };
+    let store = pass2_output_store(t, (rb, cu), vec4_rows, causal, v);
     let state = if causal { "st" } else { "unit" };
     let first_row = if ranged { "params.chunk0 * RC" } else { "0u" };
     let chunk = (!t.resident()).then(|| pass2_chunk_prefetch(t, state, first_row));
@@ -463,17 +509,7 @@ pub fn pass2_source_variant(t: &Pass2Tiles, count_io: bool, causal: bool, v: Var
     let gated = causal && v.gated;
     let [decl, add] =
         io_counter_slots(count_io, 6 + u32::from(causal || ranged) + u32::from(gated));
-    let diag_access = if ranged { "read_write" } else { "read" };
-    let diag_decl = match (causal || ranged, gated) {
-        (true, true) => format!(
-            "@group(0) @binding(6) var<storage, {diag_access}> diag: array<f32>;\n\
-             @group(0) @binding(7) var<storage, read> q_factor: array<f32>;"
-        ),
-        (true, false) => {
-            format!("@group(0) @binding(6) var<storage, {diag_access}> diag: array<f32>;")
-        }
-        _ => String::new(),
-    };
+    let diag_decl = pass2_diag_bindings(causal, ranged, gated);
     let mut slots = vec![
         ("E", t.e.to_string()),
         ("QS", t.q_stride().to_string()),

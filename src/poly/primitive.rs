@@ -32,7 +32,7 @@ use super::kernel_common::Variant;
 use super::plan::plan_poly_rank;
 use super::prepass::Prepass;
 use super::run::run_with as poly_run;
-use crate::api::Problem;
+use crate::api::{Problem, Report};
 use crate::budget::Budget;
 use crate::config::Config;
 use crate::device;
@@ -75,6 +75,34 @@ pub struct PolyKernelRun {
     pub fast_memory_words: u64,
 }
 
+impl PolyKernelRun {
+    /// The [`Report`] of this run (`elapsed_s`: the call's time, as the caller measured it) and
+    /// the state where asked; the output stays with the caller.
+    pub fn into_report(self, elapsed_s: f64) -> (Report, Option<Vec<f32>>) {
+        let report = Report {
+            method: "poly_kernel",
+            adapter: self.adapter,
+            backend: self.backend,
+            fast_memory_words: self.fast_memory_words,
+            io_words: self.io.total(),
+            io_reads: self.io.reads(),
+            io_writes: self.io.writes(),
+            stats: self.stats,
+            elapsed_s,
+            plan: self.plan,
+            certificate: None,
+            predicted_exact_s: None,
+            predicted_poly_s: None,
+            reason: "the model's polynomial kernel, computed exactly (no certificate)".into(),
+            tensor_cores: false,
+            exact_f16: None,
+            storage: Default::default(),
+            input_rounding: None,
+        };
+        (report, self.state)
+    }
+}
+
 /// The kernel's degree: its last nonzero coefficient.
 fn degree(coeffs: &[f64]) -> Result<usize, Error> {
     if coeffs.iter().any(|c| !c.is_finite()) {
@@ -98,17 +126,9 @@ pub fn kernel_rank(e: usize, coeffs: &[f64]) -> Result<usize, Error> {
     Ok(kernel_features(e, coeffs)?.r)
 }
 
-/// Polynomial attention with the model's own kernel on the process's GPU; see the module docs.
-/// Arrays are contiguous, laid out as in [`Problem`] (its `scale` multiplies q.k inside P).
-pub fn poly_kernel_attention(
-    p: &Problem,
-    (q, k, v): (&[f32], &[f32], &[f32]),
-    kernel: &PolyKernel<'_>,
-    opts: &RunOptions,
-) -> Result<PolyKernelRun, Error> {
-    p.check_inputs(q, k, v)?;
-    let table = kernel_features(p.e, kernel.coeffs)?;
-    let (g, r) = (table.g, table.r);
+/// The gates and the state a call continues must match the problem's sizes (`r`: the kernel's
+/// features).
+fn check_gates_and_state(p: &Problem, kernel: &PolyKernel<'_>, r: usize) -> Result<(), Error> {
     let words = r * (p.ev + 1);
     if kernel.log_gates.is_some() && p.l != p.s {
         return Err(Error::InvalidInput(format!(
@@ -136,6 +156,47 @@ pub fn poly_kernel_attention(
             )));
         }
     }
+    Ok(())
+}
+
+/// G, the cumulative sums of the log gates, in float64 per KV unit.
+fn gate_sums(p: &Problem, log_gates: &[f32]) -> Vec<f64> {
+    log_gates
+        .chunks(p.s.max(1))
+        .flat_map(|row| {
+            row.iter().scan(0.0f64, |acc, &x| {
+                *acc += f64::from(x);
+                Some(*acc)
+            })
+        })
+        .collect()
+}
+
+/// The pre-pass the passes read, for a kernel that is not centred: keys shifted by 0, norms and
+/// value ranges 0 (the primitive has no certificate to scale).
+fn uncentred(p: &Problem) -> Prepass {
+    Prepass {
+        mu: vec![0.0; p.units * p.e],
+        q_max_norm: vec![0.0; p.units],
+        k_max_norm: vec![0.0; p.units],
+        v_min: vec![0.0; p.units * p.ev],
+        v_max: vec![0.0; p.units * p.ev],
+        nonfinite: [0; 3],
+    }
+}
+
+/// Polynomial attention with the model's own kernel on the process's GPU; see the module docs.
+/// Arrays are contiguous, laid out as in [`Problem`] (its `scale` multiplies q.k inside P).
+pub fn poly_kernel_attention(
+    p: &Problem,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    kernel: &PolyKernel<'_>,
+    opts: &RunOptions,
+) -> Result<PolyKernelRun, Error> {
+    p.check_inputs(q, k, v)?;
+    let table = kernel_features(p.e, kernel.coeffs)?;
+    let (g, r) = (table.g, table.r);
+    check_gates_and_state(p, kernel, r)?;
     let poly = Poly {
         degree: g,
         beta: 0.0,
@@ -143,17 +204,7 @@ pub fn poly_kernel_attention(
         certified_eps: 0.0,
         kind: FitKind::Given,
     };
-    // G in float64, per KV unit.
-    let gates: Option<Vec<f64>> = kernel.log_gates.map(|lg| {
-        lg.chunks(p.s.max(1))
-            .flat_map(|row| {
-                row.iter().scan(0.0f64, |acc, &x| {
-                    *acc += f64::from(x);
-                    Some(*acc)
-                })
-            })
-            .collect()
-    });
+    let gates = kernel.log_gates.map(|lg| gate_sums(p, lg));
     let variant = Variant {
         gated: gates.is_some(),
         unnormalized: !kernel.normalize,
@@ -175,14 +226,7 @@ pub fn poly_kernel_attention(
             .fast_memory_words
             .saturating_sub(GATE_FAST_MEMORY_WORDS);
     }
-    let pre = Prepass {
-        mu: vec![0.0; p.units * p.e],
-        q_max_norm: vec![0.0; p.units],
-        k_max_norm: vec![0.0; p.units],
-        v_min: vec![0.0; p.units * p.ev],
-        v_max: vec![0.0; p.units * p.ev],
-        nonfinite: [0; 3],
-    };
+    let pre = uncentred(p);
     let plan = plan_poly_rank(p, g, r as u64, &budget)?;
     let mut stats = RunStats::default();
     let uploads = Uploads::new(budget.streams(p));
