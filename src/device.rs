@@ -429,6 +429,16 @@ impl Gpu {
         let result = work();
         let val_err = pollster::block_on(val.pop());
         let oom_err = pollster::block_on(oom.pop());
+        // Work is submitted without waiting: a lost device may show only as a validation error
+        // here, before any wait found it. A poll tells.
+        if (val_err.is_some() || oom_err.is_some())
+            && self.device.poll(wgpu::PollType::Poll).is_err()
+        {
+            self.lost.store(true, Ordering::SeqCst);
+            return Err(Error::DeviceLost(
+                "the GPU device was lost; the next call creates a new one".into(),
+            ));
+        }
         if let Some(e) = oom_err {
             return Err(Error::OutOfMemory(format!(
                 "the GPU ran out of memory: {e}"
