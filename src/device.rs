@@ -60,6 +60,9 @@ pub struct Gpu {
     /// Host <-> device traffic since the device was created (see `transfer::Traffic`); a call
     /// reports the difference over its run, which holds `exclusive`.
     pub(crate) traffic: crate::transfer::Traffic,
+    /// Dispatches submitted without waiting whose timestamps and counters are read at the call's
+    /// next wait (see `launch::Launch::run`).
+    pub(crate) pending: Mutex<Vec<crate::launch::Pending>>,
 }
 
 /// Idle staging buffers of one direction, and the bytes of all buffers the pool created that
@@ -67,6 +70,8 @@ pub struct Gpu {
 #[derive(Default)]
 pub(crate) struct StagingPool {
     pub(crate) idle: Mutex<Vec<wgpu::Buffer>>,
+    /// Submissions of copies out of this pool's buffers not yet known to be done, oldest first.
+    pub(crate) in_flight: Mutex<std::collections::VecDeque<wgpu::SubmissionIndex>>,
     pub(crate) live_bytes: std::sync::atomic::AtomicU64,
 }
 
@@ -334,12 +339,16 @@ impl Gpu {
             upload_pool: Arc::default(),
             readback_pool: Arc::default(),
             traffic: Default::default(),
+            pending: Mutex::default(),
         })
     }
 
     /// Serializes GPU work of all threads; error scopes are per thread and must not interleave.
     pub fn exclusive(&self) -> MutexGuard<'_, ()> {
-        lock(&self.run_lock)
+        let guard = lock(&self.run_lock);
+        // Left by a call that failed: not this call's dispatches.
+        lock(&self.pending).clear();
+        guard
     }
 
     /// A compute pipeline for `source` (WGSL), compiled once per device and cached by `key`.
@@ -420,6 +429,16 @@ impl Gpu {
         let result = work();
         let val_err = pollster::block_on(val.pop());
         let oom_err = pollster::block_on(oom.pop());
+        // Work is submitted without waiting: a lost device may show only as a validation error
+        // here, before any wait found it. A poll tells.
+        if (val_err.is_some() || oom_err.is_some())
+            && self.device.poll(wgpu::PollType::Poll).is_err()
+        {
+            self.lost.store(true, Ordering::SeqCst);
+            return Err(Error::DeviceLost(
+                "the GPU device was lost; the next call creates a new one".into(),
+            ));
+        }
         if let Some(e) = oom_err {
             return Err(Error::OutOfMemory(format!(
                 "the GPU ran out of memory: {e}"
@@ -443,16 +462,44 @@ impl Gpu {
     /// [`crate::interrupt::CHECK_EVERY`] (the work already submitted then finishes in the
     /// background; the next call's first wait waits for it).
     pub fn wait(&self) -> Result<(), Error> {
+        self.wait_for(None)
+    }
+
+    /// [`Gpu::wait`] for the submission `index` and those before it only (all where None): later
+    /// submissions keep the device busy meanwhile.
+    pub fn wait_for(&self, index: Option<wgpu::SubmissionIndex>) -> Result<(), Error> {
+        crate::transfer::timed(self, crate::transfer::HostStage::Wait, || {
+            self.wait_untimed(index, true)
+        })
+    }
+
+    /// [`Gpu::wait_for`] that leaves a Ctrl-C to the call's next interruptible wait: for waits
+    /// that cannot return an error (an upload waiting for staging memory).
+    pub(crate) fn wait_for_quietly(&self, index: wgpu::SubmissionIndex) {
+        crate::transfer::timed(self, crate::transfer::HostStage::Wait, || {
+            let _ = self.wait_untimed(Some(index), false);
+        })
+    }
+
+    fn wait_untimed(
+        &self,
+        index: Option<wgpu::SubmissionIndex>,
+        interruptible: bool,
+    ) -> Result<(), Error> {
+        let check = || match interruptible {
+            true => crate::interrupt::check(),
+            false => Ok(()),
+        };
         // Also before waiting: a call of many short dispatches may never wait 100 ms at once.
-        crate::interrupt::check()?;
+        check()?;
         loop {
             let poll = self.device.poll(wgpu::PollType::Wait {
-                submission_index: None,
+                submission_index: index.clone(),
                 timeout: Some(crate::interrupt::CHECK_EVERY),
             });
             match poll {
                 Ok(_) => return Ok(()),
-                Err(wgpu::PollError::Timeout) => crate::interrupt::check()?,
+                Err(wgpu::PollError::Timeout) => check()?,
                 Err(e) => {
                     self.lost.store(true, Ordering::SeqCst);
                     return Err(Error::DeviceLost(format!(

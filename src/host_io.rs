@@ -121,8 +121,8 @@ fn input_words(units: usize, all: Words, readers: &[Reader], streams: bool) -> W
 /// The poly method: the pre-pass (over `pre`'s dispatches: K twice, V and Q once) and the passes
 /// (K and V once in pass 1, Q once in pass 2, over `rows` rows per key/query slice and `units`
 /// KV units per slice; causal: windows of `rows` rows over min(S, L) keys). The output crosses
-/// once. Streaming (`streams`) nothing stays on the device, so K crosses three times, Q and V
-/// twice; otherwise Q and K once where their slices are whole rows of the same units, and V
+/// once. Streaming (`streams`), or where the pre-pass's slices are not whole rows, the pre-pass
+/// runs on the host, so every input crosses once, for the passes; otherwise Q and K once where their slices are whole rows of the same units, and V
 /// twice (as it is, for the pre-pass's value range, then mapped per column for the passes).
 pub fn poly_host_io(
     p: &Problem,
@@ -148,6 +148,12 @@ pub fn poly_host_io(
         units_per_slice: units,
         words: w,
     };
+    if streams || pre.kv_rows < p.s || pre.q_rows < p.l {
+        // The pre-pass runs on the host (`poly::prepass`): each input crosses once, for the
+        // passes.
+        let down = u * g * words(p.l) * words(p.ev);
+        return checked(p, k_pass + v_pass + q_all, down);
+    }
     let k_up = input_words(
         p.units,
         k_all,
@@ -233,7 +239,7 @@ mod tests {
     }
 
     #[test]
-    fn poly_inputs_cross_once_on_the_device_v_twice_and_k_three_times_streaming() {
+    fn poly_inputs_cross_once_on_the_device_v_twice_and_once_streaming() {
         let p = Problem {
             units: 4,
             group: 2,
@@ -254,7 +260,22 @@ mod tests {
         let kept = poly_host_io(&p, &whole, (4, 80, 100), false).unwrap();
         assert_eq!((kept.to_device, kept.to_host), (q + k + 2 * v, o));
         let streamed = poly_host_io(&p, &whole, (4, 80, 100), true).unwrap();
-        assert_eq!(streamed.to_device, 2 * q + 3 * k + 2 * v);
+        assert_eq!((streamed.to_device, streamed.to_host), (q + k + v, o));
+        // Causal, streaming: the passes read keys 0..min(S, L).
+        let causal = Problem {
+            causal: true,
+            l: 50,
+            ..p
+        };
+        let streamed = poly_host_io(&causal, &whole, (4, 80, 50), true).unwrap();
+        assert_eq!(streamed.to_device, q / 2 + 4 * 50 * (8 + 6));
+        // Pre-pass slices of part of the rows are not kept: it runs on the host.
+        let cut = Chunking {
+            kv_rows: 40,
+            ..whole
+        };
+        let host = poly_host_io(&p, &cut, (4, 80, 100), false).unwrap();
+        assert_eq!(host.to_device, q + k + v);
         // Other units per slice in the passes: the pre-pass's uploads are not theirs.
         let other = poly_host_io(&p, &whole, (1, 80, 100), false).unwrap();
         assert_eq!(other.to_device, 2 * (q + k + v));

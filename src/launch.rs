@@ -1,12 +1,13 @@
 //! The dispatch path: bind, dispatch, timestamps, I/O counters, readback; what a run measured.
 
 use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 
 use crate::device::Gpu;
 use crate::error::Error;
 use crate::transfer::{
-    assign_parallel, read_mapped, readback_buffer, storage_buffer, uniform_buffer, PooledReadback,
-    TrafficCount,
+    assign_parallel, readback_buffer, storage_buffer, submit, timed, uniform_buffer, HostStage,
+    PooledReadback, TrafficCount,
 };
 
 /// What a run measured besides its output.
@@ -92,6 +93,78 @@ pub fn allocated_bytes(gpu: &Gpu) -> Option<u64> {
         .map(|r| r.total_allocated_bytes.saturating_sub(staging))
 }
 
+/// Whether dispatches overlap: only a result the host needs is waited for, and a readback is
+/// mapped while the next dispatch runs. `APPROX_ATTN_NO_OVERLAP=1` waits after every dispatch
+/// (the results are the same bit for bit; for comparisons).
+pub(crate) fn overlap() -> bool {
+    std::env::var_os("APPROX_ATTN_NO_OVERLAP").is_none_or(|v| v.is_empty() || v == "0")
+}
+
+/// A readback buffer whose mapping was requested with its submission.
+pub(crate) struct Mapping {
+    rx: mpsc::Receiver<Result<(), wgpu::BufferAsyncError>>,
+    got: Option<Result<(), wgpu::BufferAsyncError>>,
+}
+
+impl Mapping {
+    /// Requests the mapping of the first `bytes` of `buf` (after the work submitted so far).
+    pub(crate) fn request(buf: &wgpu::Buffer, bytes: u64) -> Mapping {
+        let (tx, rx) = mpsc::channel();
+        buf.slice(..bytes.max(4))
+            .map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
+        Mapping { rx, got: None }
+    }
+
+    /// Whether the mapping is done (without waiting).
+    fn ready(&mut self) -> bool {
+        if self.got.is_none() {
+            self.got = self.rx.try_recv().ok();
+        }
+        self.got.is_some()
+    }
+
+    /// Waits for submission `index` and the mapping, then hands the first `bytes` of `buf` to
+    /// `read` and unmaps it.
+    pub(crate) fn read<T>(
+        self,
+        gpu: &Gpu,
+        index: &wgpu::SubmissionIndex,
+        buf: &wgpu::Buffer,
+        bytes: u64,
+        read: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T, Error> {
+        let got = match self.got.map_or_else(|| self.rx.try_recv(), Ok) {
+            Ok(r) => Ok(r),
+            Err(_) => {
+                if let Err(e) = gpu.wait_for(Some(index.clone())) {
+                    // Interrupted or lost: the mapping is cancelled (the buffer may be pooled).
+                    buf.unmap();
+                    return Err(e);
+                }
+                self.rx.recv()
+            }
+        };
+        match got {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Error::Gpu(format!("reading results back failed: {e}"))),
+            Err(_) => {
+                return Err(Error::DeviceLost(
+                    "the GPU never returned the results".into(),
+                ))
+            }
+        }
+        gpu.traffic.count_to_host(bytes);
+        let out = buf
+            .slice(..bytes.max(4))
+            .get_mapped_range()
+            .map(|view| timed(gpu, HostStage::Readback, || read(&view[..bytes as usize])));
+        buf.unmap();
+        out.map_err(|e| Error::Gpu(format!("mapping results failed: {e}")))
+    }
+}
+
 /// GPU time of one compute pass, from timestamps written at its beginning and end (inside the
 /// pass, so uploads queued before it are not counted), where the adapter supports them.
 pub(crate) struct Timer {
@@ -147,12 +220,120 @@ impl Timer {
         enc.copy_buffer_to_buffer(&self.resolve, 0, &self.readback, 0, 16);
     }
 
-    /// Seconds between start and stop (after the submission finished).
-    pub fn seconds(&self, gpu: &Gpu) -> Result<f64, Error> {
-        read_mapped(gpu, &self.readback, 16, |b| {
-            let t: &[u64] = bytemuck::cast_slice(b);
-            t[1].saturating_sub(t[0]) as f64 * self.period_ns * 1e-9
+    /// Seconds between start and stop, from the mapped readback.
+    fn seconds_of(&self, b: &[u8]) -> f64 {
+        let t: &[u64] = bytemuck::cast_slice(b);
+        t[1].saturating_sub(t[0]) as f64 * self.period_ns * 1e-9
+    }
+}
+
+/// The timestamps and I/O counter of a submitted dispatch, read once its submission is done.
+pub(crate) struct Pending {
+    pass: &'static str,
+    index: wgpu::SubmissionIndex,
+    timer: Option<(Timer, Mapping)>,
+    counter: Option<(wgpu::Buffer, Mapping)>,
+}
+
+impl Pending {
+    /// Whether its readbacks are mapped (its submission is done), without waiting.
+    fn ready(&mut self) -> bool {
+        let timer = self.timer.as_mut().is_none_or(|(_, m)| m.ready());
+        timer && self.counter.as_mut().is_none_or(|(_, m)| m.ready())
+    }
+
+    /// Its kernel time and counted words (no dispatch counted: that was at submission).
+    fn resolve(self, gpu: &Gpu) -> Result<RunStats, Error> {
+        let counted = match self.counter {
+            Some((buf, m)) => Some(m.read(gpu, &self.index, &buf, 8, |b| {
+                let w: &[u32] = bytemuck::cast_slice(b);
+                (u64::from(w[0]), u64::from(w[1]))
+            })?),
+            None => None,
+        };
+        let kernel_s = match self.timer {
+            Some((tm, m)) => {
+                Some(m.read(gpu, &self.index, &tm.readback, 16, |b| tm.seconds_of(b))?)
+            }
+            None => None,
+        };
+        Ok(RunStats {
+            dispatches: 0,
+            gpu_allocated_bytes: None,
+            ..RunStats::dispatch(gpu, self.pass, counted, kernel_s)
         })
+    }
+}
+
+/// The stats of the dispatches submitted without waiting (`gpu.pending`) that are done, in
+/// order up to the first that is not (`wait`: all of them, waiting for them).
+pub(crate) fn settle_pending(gpu: &Gpu, wait: bool) -> Result<RunStats, Error> {
+    let done: Vec<Pending> = {
+        let mut pending = gpu.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let n = match wait {
+            true => pending.len(),
+            false => pending
+                .iter_mut()
+                .position(|p| !p.ready())
+                .unwrap_or(pending.len()),
+        };
+        pending.drain(..n).collect()
+    };
+    let mut stats = RunStats::default();
+    for p in done {
+        stats.absorb(&p.resolve(gpu)?);
+    }
+    Ok(stats)
+}
+
+/// A submitted dispatch whose readback is mapped once it is done ([`Submitted::finish`]).
+pub(crate) struct Submitted<'g> {
+    pending: Option<Pending>,
+    out: Option<(PooledReadback<'g>, Mapping, u64)>,
+    allocated: Option<u64>,
+}
+
+impl Submitted<'_> {
+    /// Waits for this dispatch (and those before it), hands the words read back to `read`
+    /// (empty where nothing was read) and returns its stats with those of the dispatches
+    /// submitted before it without waiting.
+    pub(crate) fn finish<T>(
+        mut self,
+        gpu: &Gpu,
+        read: impl FnOnce(&[f32]) -> T,
+    ) -> Result<(T, RunStats), Error> {
+        let index = match &self.pending {
+            Some(p) => p.index.clone(),
+            None => return Err(Error::Gpu("a dispatch was finished twice".into())),
+        };
+        let out = match self.out.take() {
+            Some((buf, m, bytes)) => m.read(gpu, &index, &buf, bytes, |b| {
+                read(bytemuck::cast_slice::<u8, f32>(b))
+            })?,
+            None => {
+                gpu.wait_for(Some(index))?;
+                read(&[])
+            }
+        };
+        // Those submitted before this one are done; later ones (overlapping) stay pending.
+        let mut stats = settle_pending(gpu, false)?;
+        let pending = self.pending.take().expect("present until finished");
+        stats.absorb(&RunStats {
+            dispatches: 1,
+            gpu_allocated_bytes: self.allocated,
+            ..pending.resolve(gpu)?
+        });
+        Ok((out, stats))
+    }
+}
+
+impl Drop for Submitted<'_> {
+    fn drop(&mut self) {
+        // Not finished (an error came first): cancel the mapping before the readback buffer
+        // goes back to its pool.
+        if let Some((buf, _, _)) = &self.out {
+            buf.unmap();
+        }
     }
 }
 
@@ -171,13 +352,28 @@ impl<P: bytemuck::Pod> Launch<'_, P> {
     /// The one dispatch path of every kernel: binds the parameters, the buffers and (when
     /// counting) the I/O counter after them, dispatches inside a timed pass, copies the first
     /// `words` floats of each of `reads` back into one host vector (in order), and waits. Returns
-    /// that vector and the dispatch's stats.
+    /// that vector and the dispatch's stats. Without `reads` (and with [`overlap`]) it does not
+    /// wait: its timestamps are read at the next dispatch that reads back.
     pub(crate) fn run(
         &self,
         gpu: &Gpu,
         opts: &RunOptions,
         reads: &[(&wgpu::Buffer, usize)],
     ) -> Result<(Vec<f32>, RunStats), Error> {
+        if reads.is_empty() && overlap() {
+            let mut sub = self.submit(gpu, opts, reads);
+            let pending = sub.pending.take().expect("present until finished");
+            gpu.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(pending);
+            let stats = RunStats {
+                dispatches: 1,
+                gpu_allocated_bytes: sub.allocated,
+                ..RunStats::default()
+            };
+            return Ok((Vec::new(), stats));
+        }
         self.run_reading(gpu, opts, reads, |words| {
             let mut out = Vec::new();
             assign_parallel(&mut out, words);
@@ -194,6 +390,17 @@ impl<P: bytemuck::Pod> Launch<'_, P> {
         reads: &[(&wgpu::Buffer, usize)],
         read: impl FnOnce(&[f32]) -> T,
     ) -> Result<(T, RunStats), Error> {
+        self.submit(gpu, opts, reads).finish(gpu, read)
+    }
+
+    /// Submits the dispatch and the copies of `reads` into one readback buffer, whose mapping
+    /// is requested at once; [`Submitted::finish`] reads it.
+    pub(crate) fn submit<'g>(
+        &self,
+        gpu: &'g Gpu,
+        opts: &RunOptions,
+        reads: &[(&wgpu::Buffer, usize)],
+    ) -> Submitted<'g> {
         let params = uniform_buffer(gpu, bytemuck::bytes_of(self.params));
         let counter = opts.count_io.then(|| storage_buffer(gpu, 2, "io_words"));
         let bound = std::iter::once(&params)
@@ -239,27 +446,26 @@ impl<P: bytemuck::Pod> Launch<'_, P> {
         if let (Some(cb), Some(cr)) = (&counter, &counter_read) {
             enc.copy_buffer_to_buffer(cb, 0, cr, 0, 8);
         }
-        gpu.queue.submit([enc.finish()]);
-        let out = match &buf {
-            Some(r) => read_mapped(gpu, r, (words * 4) as u64, |b| {
-                read(bytemuck::cast_slice::<u8, f32>(b))
-            })?,
-            None => {
-                gpu.wait()?;
-                read(&[])
-            }
-        };
-        let counted = match &counter_read {
-            Some(cr) => Some(read_mapped(gpu, cr, 8, |b| {
-                let w: &[u32] = bytemuck::cast_slice(b);
-                (u64::from(w[0]), u64::from(w[1]))
-            })?),
-            None => None,
-        };
-        let kernel_s = match &timer {
-            Some(tm) => Some(tm.seconds(gpu)?),
-            None => None,
-        };
-        Ok((out, RunStats::dispatch(gpu, self.pass, counted, kernel_s)))
+        let index = submit(gpu, enc);
+        let bytes = (words * 4) as u64;
+        Submitted {
+            out: buf.map(|r| {
+                let m = Mapping::request(&r, bytes);
+                (r, m, bytes)
+            }),
+            pending: Some(Pending {
+                pass: self.pass,
+                index,
+                timer: timer.map(|tm| {
+                    let m = Mapping::request(&tm.readback, 16);
+                    (tm, m)
+                }),
+                counter: counter_read.map(|cr| {
+                    let m = Mapping::request(&cr, 8);
+                    (cr, m)
+                }),
+            }),
+            allocated: allocated_bytes(gpu),
+        }
     }
 }

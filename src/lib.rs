@@ -59,7 +59,7 @@ use poly::io::{poly_io, prepass_io};
 use poly::plan::{plan_poly, Pass1Tiles, Pass2Tiles};
 use poly::prepass::{prepass, Prepass};
 use poly::run::run_into as poly_run_into;
-use transfer::{assign_slice, Uploads};
+use transfer::{assign_slice, timed, HostStage, Uploads};
 
 /// Attention on the process's GPU. Arrays are contiguous, laid out as in [`Problem`].
 pub fn attention(
@@ -186,6 +186,8 @@ pub fn attention_into(
         ));
     }
     drop(uploads);
+    // Timestamps of dispatches no readback waited for.
+    stats.absorb(&launch::settle_pending(&gpu, true)?);
     stats.traffic = traffic.until(gpu.traffic.now());
     Ok(Report {
         method: ran.method,
@@ -622,20 +624,18 @@ fn run_poly(
     // Non-finite values (check_finite=False) run as they are.
     let finite = |x: &[f64]| x.iter().all(|y| y.is_finite());
     let map = (finite(&pre.v_min) && finite(&pre.v_max))
-        .then(|| ValueMap::new(p, &pre.v_min, &pre.v_max));
+        .then(|| std::sync::Arc::new(ValueMap::new(p, &pre.v_min, &pre.v_max)));
+    // V is mapped slice by slice as it is uploaded: no mapped host copy.
     let mapped = map.as_ref().map(|map| {
+        uploads.map_input(v, map.clone());
         let (v_min, v_max) = map.mapped_range();
-        let pre = Prepass {
+        Prepass {
             v_min,
             v_max,
             ..pre.clone()
-        };
-        (map.apply(v), pre)
+        }
     });
-    let (v, pre) = match &mapped {
-        Some((v, pre)) => (&v[..], pre),
-        None => (v, pre),
-    };
+    let pre = mapped.as_ref().unwrap_or(pre);
     let xs = (q, k, v);
     let (io, plan) = match causal_plan {
         Some(cp) => {
@@ -656,7 +656,7 @@ fn run_poly(
         }
     };
     if let (Some(map), true) = (&map, all_finite(out)) {
-        map.restore(out);
+        timed(gpu, HostStage::Compute, || map.restore(out));
     }
     Ok(Ran {
         io,

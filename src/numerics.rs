@@ -392,6 +392,20 @@ impl ValueMap {
         out
     }
 
+    /// [`ValueMap::apply`] of `v`'s rows of `unit` into `dst`, element for element the same.
+    fn map_unit_rows(&self, unit: usize, v: &[f32], dst: &mut [f32]) {
+        let ev = self.ev.max(1);
+        let (shift, scale) = (
+            &self.shift[unit * ev..(unit + 1) * ev],
+            &self.scale[unit * ev..(unit + 1) * ev],
+        );
+        for (src, out) in v.chunks(ev).zip(dst.chunks_mut(ev)) {
+            for (c, (x, y)) in src.iter().zip(out).enumerate() {
+                *y = ((f64::from(*x) - shift[c]) / scale[c]) as f32;
+            }
+        }
+    }
+
     /// The extremes of the mapped columns, `(units, ev)` each.
     pub fn mapped_range(&self) -> (Vec<f64>, Vec<f64>) {
         let map = |x: &[f64]| -> Vec<f64> {
@@ -435,6 +449,16 @@ impl ValueMap {
                     .fold(0.0, f64::max)
             })
             .collect()
+    }
+}
+
+impl crate::transfer::RowMap for ValueMap {
+    fn width(&self) -> usize {
+        self.ev
+    }
+
+    fn map_rows(&self, unit: usize, src: &[f32], dst: &mut [f32]) {
+        self.map_unit_rows(unit, src, dst);
     }
 }
 

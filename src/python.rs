@@ -79,6 +79,7 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
     d.set_item("kernel_s", r.stats.kernel_s)?;
     d.set_item("dispatches", r.stats.dispatches)?;
     d.set_item("pass_s", r.stats.pass_s.clone())?;
+    d.set_item("host_s", r.stats.traffic.host_s())?;
     d.set_item("gpu_allocated_bytes", r.stats.gpu_allocated_bytes)?;
     d.set_item("slices", r.stats.traffic.input_slices)?;
     d.set_item("host_to_device_bytes", r.stats.traffic.to_device_bytes)?;

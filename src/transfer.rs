@@ -1,13 +1,13 @@
 //! Host <-> GPU: storage and uniform buffers, the staging pool, uploads, pooled readbacks, and the
 //! slicing (gather) of inputs into dispatch chunks.
 
-use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ptr::NonNull;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::sync::Arc;
 
 use crate::device::{Gpu, StagingPool};
 use crate::error::Error;
@@ -19,6 +19,52 @@ pub(crate) struct Traffic {
     to_device_bytes: AtomicU64,
     to_host_bytes: AtomicU64,
     input_slices: AtomicU64,
+    /// Host wall-clock nanoseconds per [`HostStage`].
+    host_ns: [AtomicU64; HostStage::ALL.len()],
+}
+
+/// Where the host spends a call's wall-clock time outside the kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostStage {
+    /// Copying input slices into staging memory and submitting their copies.
+    Upload,
+    /// Blocked until the device finished work a result needs.
+    Wait,
+    /// Handing command buffers to the driver.
+    Submit,
+    /// Copying results out of mapped readback memory into place.
+    Readback,
+    /// Host arithmetic on whole arrays: the value map and its inverse, merges.
+    Compute,
+}
+
+impl HostStage {
+    pub const ALL: [HostStage; 5] = [
+        HostStage::Upload,
+        HostStage::Wait,
+        HostStage::Submit,
+        HostStage::Readback,
+        HostStage::Compute,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HostStage::Upload => "upload",
+            HostStage::Wait => "wait",
+            HostStage::Submit => "submit",
+            HostStage::Readback => "readback",
+            HostStage::Compute => "compute",
+        }
+    }
+}
+
+/// Runs `work`, adding its wall-clock time to `stage` of `gpu`'s counters.
+pub(crate) fn timed<T>(gpu: &Gpu, stage: HostStage, work: impl FnOnce() -> T) -> T {
+    let t0 = std::time::Instant::now();
+    let out = work();
+    gpu.traffic.host_ns[stage as usize]
+        .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    out
 }
 
 /// What moved between host and device over a part of a call: a difference of [`Traffic`].
@@ -27,14 +73,21 @@ pub struct TrafficCount {
     pub to_device_bytes: u64,
     pub to_host_bytes: u64,
     pub input_slices: u64,
+    /// Host nanoseconds per [`HostStage`] (in `HostStage::ALL`'s order).
+    pub host_ns: [u64; HostStage::ALL.len()],
 }
 
 impl Traffic {
+    pub(crate) fn count_to_host(&self, bytes: u64) {
+        self.to_host_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     pub(crate) fn now(&self) -> TrafficCount {
         TrafficCount {
             to_device_bytes: self.to_device_bytes.load(Ordering::Relaxed),
             to_host_bytes: self.to_host_bytes.load(Ordering::Relaxed),
             input_slices: self.input_slices.load(Ordering::Relaxed),
+            host_ns: std::array::from_fn(|i| self.host_ns[i].load(Ordering::Relaxed)),
         }
     }
 }
@@ -46,7 +99,16 @@ impl TrafficCount {
             to_device_bytes: later.to_device_bytes.wrapping_sub(self.to_device_bytes),
             to_host_bytes: later.to_host_bytes.wrapping_sub(self.to_host_bytes),
             input_slices: later.input_slices.wrapping_sub(self.input_slices),
+            host_ns: std::array::from_fn(|i| later.host_ns[i].wrapping_sub(self.host_ns[i])),
         }
+    }
+
+    /// Host seconds per stage, named.
+    pub fn host_s(&self) -> Vec<(&'static str, f64)> {
+        HostStage::ALL
+            .iter()
+            .map(|&s| (s.name(), self.host_ns[s as usize] as f64 * 1e-9))
+            .collect()
     }
 }
 
@@ -174,33 +236,75 @@ impl StagingPool {
 /// `Queue::write_buffer`, which allocates fresh staging memory for every write: on the H100 that
 /// allocation of pinned host memory cost more than the copy itself.
 pub(crate) fn upload(gpu: &Gpu, dst: &wgpu::Buffer, data: &[u8]) {
-    let bytes = data.len() as u64;
-    count_to_device(gpu, data.len());
-    if bytes < POOLED_BYTES || bytes % wgpu::COPY_BUFFER_ALIGNMENT != 0 {
-        gpu.queue.write_buffer(dst, 0, data);
-        return;
-    }
-    let staging = gpu.upload_pool.take(bytes, || {
-        gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("upload staging"),
-            size: bytes,
-            usage: wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: true,
-        })
-    });
-    match staging.slice(..bytes).get_mapped_range_mut() {
-        Ok(mut view) => copy_to_mapped(&mut view, data),
-        Err(_) => {
-            // Not mapped after all: wgpu's own staging instead (the buffer is dropped).
-            gpu.upload_pool.forget(&staging);
-            gpu.queue.write_buffer(dst, 0, data);
-            return;
+    upload_parts(gpu, dst, &[Part::copy(data)]);
+}
+
+/// [`upload`] of the concatenation of `parts`, each copied straight into the staging memory.
+/// At most [`POOLED_UPLOADS`] copies are in flight: a further one waits for the oldest to finish
+/// (the device keeps running the work submitted after it), so the staging memory stays bounded
+/// however far the host runs ahead of the device.
+pub(crate) fn upload_parts(gpu: &Gpu, dst: &wgpu::Buffer, parts: &[Part<'_>]) {
+    let len: usize = parts.iter().map(|p| p.bytes.len()).sum();
+    let bytes = len as u64;
+    count_to_device(gpu, len);
+    let pooled = bytes >= POOLED_BYTES && bytes % wgpu::COPY_BUFFER_ALIGNMENT == 0;
+    if pooled {
+        loop {
+            let oldest = {
+                let mut in_flight = lock(&gpu.upload_pool.in_flight);
+                if in_flight.len() < POOLED_UPLOADS {
+                    break;
+                }
+                in_flight.pop_front()
+            };
+            // An error here (device lost, Ctrl-C) shows at the call's next wait.
+            if let Some(index) = oldest {
+                gpu.wait_for_quietly(index);
+            }
         }
     }
-    staging.unmap();
+    let staging = timed(gpu, HostStage::Upload, || {
+        let concat = || {
+            let mut all = Vec::with_capacity(len);
+            parts.iter().for_each(|p| p.append_to(&mut all));
+            all
+        };
+        if !pooled {
+            gpu.queue.write_buffer(dst, 0, &concat());
+            return None;
+        }
+        let staging = gpu.upload_pool.take(bytes, || {
+            gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("upload staging"),
+                size: bytes,
+                usage: wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: true,
+            })
+        });
+        match staging.slice(..bytes).get_mapped_range_mut() {
+            Ok(mut view) => {
+                let mut rest = view.slice(..);
+                for part in parts {
+                    let (d, tail) = rest.split_at(part.bytes.len());
+                    rest = tail;
+                    copy_to_mapped(d, part);
+                }
+            }
+            Err(_) => {
+                // Not mapped after all: wgpu's own staging instead (the buffer is dropped).
+                gpu.upload_pool.forget(&staging);
+                gpu.queue.write_buffer(dst, 0, &concat());
+                return None;
+            }
+        }
+        staging.unmap();
+        Some(staging)
+    });
+    let Some(staging) = staging else { return };
     let mut enc = gpu.device.create_command_encoder(&Default::default());
     enc.copy_buffer_to_buffer(&staging, 0, dst, 0, bytes);
-    gpu.queue.submit([enc.finish()]);
+    let index = submit(gpu, enc);
+    lock(&gpu.upload_pool.in_flight).push_back(index);
     // Mapped again once the copy is done (at a later poll), then idle in the pool.
     let pool = gpu.upload_pool.clone();
     let buf = staging.clone();
@@ -212,10 +316,34 @@ pub(crate) fn upload(gpu: &Gpu, dst: &wgpu::Buffer, data: &[u8]) {
         });
 }
 
-/// [`upload`] of one slice of an input (counted as one in the call's report).
-pub(crate) fn upload_slice(gpu: &Gpu, dst: &wgpu::Buffer, data: &[u8]) {
+/// Submits `enc`, timed as [`HostStage::Submit`] (a driver may block there while the device
+/// is busy).
+pub(crate) fn submit(gpu: &Gpu, enc: wgpu::CommandEncoder) -> wgpu::SubmissionIndex {
+    let commands = enc.finish();
+    timed(gpu, HostStage::Submit, || gpu.queue.submit([commands]))
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Uploads the rows of `rows` into `dst` (one slice of an input), without a host copy first.
+pub(crate) fn upload_rows(gpu: &Gpu, dst: &wgpu::Buffer, rows: &Rows<'_>) {
+    upload_rows_mapped(gpu, dst, rows, None);
+}
+
+/// [`upload_rows`] with the rows of each unit (matrix) mapped by `map` on the way.
+fn upload_rows_mapped(gpu: &Gpu, dst: &wgpu::Buffer, rows: &Rows<'_>, map: Option<&dyn RowMap>) {
     gpu.traffic.input_slices.fetch_add(1, Ordering::Relaxed);
-    upload(gpu, dst, data);
+    let parts: Vec<Part<'_>> = rows
+        .parts()
+        .zip(rows.h0..)
+        .map(|(x, unit)| Part {
+            bytes: bytemuck::cast_slice(x),
+            map: map.map(|m| (m, unit)),
+        })
+        .collect();
+    upload_parts(gpu, dst, &parts);
 }
 
 /// Frees the pooled staging buffers of `gpu` once its queue is idle; returns their bytes.
@@ -287,13 +415,11 @@ pub(crate) fn read_mapped<T>(
             ))
         }
     }
-    gpu.traffic
-        .to_host_bytes
-        .fetch_add(bytes, Ordering::Relaxed);
+    gpu.traffic.count_to_host(bytes);
     let out = buf
         .slice(..bytes.max(4))
         .get_mapped_range()
-        .map(|view| read(&view[..bytes as usize]));
+        .map(|view| timed(gpu, HostStage::Readback, || read(&view[..bytes as usize])));
     buf.unmap();
     out.map_err(|e| Error::Gpu(format!("mapping results failed: {e}")))
 }
@@ -310,40 +436,83 @@ pub(crate) fn copy_threads(bytes: usize) -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
 
+/// A map of an input's rows applied while a slice of it is copied to the device (the value map
+/// of the poly passes): no mapped host copy of the whole input.
+pub(crate) trait RowMap: Sync + Send {
+    /// Row width.
+    fn width(&self) -> usize;
+    /// Writes the map of `src`, whole rows of `unit`, into `dst` (the same length).
+    fn map_rows(&self, unit: usize, src: &[f32], dst: &mut [f32]);
+}
+
+/// One piece of an upload: bytes copied as they are, or rows of one unit of an f32 input mapped
+/// by a [`RowMap`].
+pub(crate) struct Part<'a> {
+    bytes: &'a [u8],
+    map: Option<(&'a dyn RowMap, usize)>,
+}
+
+impl<'a> Part<'a> {
+    pub(crate) fn copy(bytes: &'a [u8]) -> Self {
+        Part { bytes, map: None }
+    }
+
+    /// Into a host vector (small uploads).
+    fn append_to(&self, out: &mut Vec<u8>) {
+        match self.map {
+            None => out.extend_from_slice(self.bytes),
+            Some((m, unit)) => {
+                let mut mapped = vec![0f32; self.bytes.len() / 4];
+                m.map_rows(unit, bytemuck::cast_slice(self.bytes), &mut mapped);
+                out.extend_from_slice(bytemuck::cast_slice(&mapped));
+            }
+        }
+    }
+}
+
 /// Writes `src` into a mapped staging view of the same length, on several threads for large
 /// data.
-fn copy_to_mapped(view: &mut wgpu::BufferViewMut, src: &[u8]) {
+fn copy_to_mapped(view: wgpu::WriteOnly<'_, [u8]>, src: &Part<'_>) {
     /// A part of the mapped range handed to one thread (`WriteOnly<[u8]>` is not `Send`).
-    struct Part(NonNull<[u8]>);
+    struct Dst(NonNull<[u8]>);
     // SAFETY: the parts are disjoint and only written while `view` is borrowed, by one thread
     // each (see below).
-    unsafe impl Send for Part {}
+    unsafe impl Send for Dst {}
 
-    let threads = copy_threads(src.len());
+    let bytes = src.bytes;
+    let threads = copy_threads(bytes.len());
+    // Whole rows per thread where mapped.
+    let row = src.map.map_or(1, |(m, _)| 4 * m.width().max(1));
+    let chunk = bytes.len().div_ceil(threads).div_ceil(row).max(1) * row;
+    let write = move |d: Dst, s: &[u8]| {
+        match src.map {
+            // SAFETY: `d` is a mapped range of exactly `s.len()` bytes, valid for writes for as
+            // long as `view` is borrowed (the whole scope), written by this thread only; `s` is
+            // host memory that cannot overlap it.
+            None => unsafe {
+                std::ptr::copy_nonoverlapping(s.as_ptr(), d.0.as_ptr().cast::<u8>(), s.len());
+            },
+            Some((m, unit)) => {
+                // SAFETY: as above; staging memory is 4-byte aligned (mapped offsets are
+                // multiples of 4 and every part holds whole f32 words) and only written.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(d.0.as_ptr().cast::<f32>(), s.len() / 4)
+                };
+                m.map_rows(unit, bytemuck::cast_slice(s), dst);
+            }
+        }
+    };
+    let mut rest = view;
     if threads == 1 {
-        view.copy_from_slice(src);
+        write(Dst(rest.as_raw_ptr()), bytes);
         return;
     }
-    let chunk = src.len().div_ceil(threads);
-    let mut rest = view.slice(..);
     std::thread::scope(|scope| {
-        for s in src.chunks(chunk) {
+        for s in bytes.chunks(chunk) {
             let (mut d, tail) = rest.split_at(s.len());
             rest = tail;
-            let part = Part(d.as_raw_ptr());
-            scope.spawn(move || {
-                let part = part;
-                // SAFETY: `part` is a mapped range of exactly `s.len()` bytes, valid for writes
-                // for as long as `view` is borrowed (the whole scope), written by this thread
-                // only; `s` is host memory that cannot overlap it.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        s.as_ptr(),
-                        part.0.as_ptr().cast::<u8>(),
-                        s.len(),
-                    );
-                }
-            });
+            let d = Dst(d.as_raw_ptr());
+            scope.spawn(move || write(d, s));
         }
     });
 }
@@ -390,8 +559,18 @@ pub fn assign_slice<T: Copy + Send + Sync>(dst: &mut [T], src: &[T]) {
     });
 }
 
-/// Copies rows `r0..r0+rc` of each of `heads` consecutive `(rows, width)` matrices starting at
-/// matrix `h0` into one contiguous block.
+/// Rows `r0..r0+rc` of each of `heads` consecutive `(rows, width)` matrices of `x` starting at
+/// matrix `h0`: one slice of an input, gathered where it is copied to (no host copy first).
+pub(crate) struct Rows<'a> {
+    x: &'a [f32],
+    h0: usize,
+    heads: usize,
+    rows: usize,
+    r0: usize,
+    rc: usize,
+    width: usize,
+}
+
 pub(crate) fn gather(
     x: &[f32],
     h0: usize,
@@ -400,59 +579,146 @@ pub(crate) fn gather(
     r0: usize,
     rc: usize,
     width: usize,
-) -> Cow<'_, [f32]> {
-    // Whole rows of consecutive heads are already contiguous: no copy.
-    if r0 == 0 && rc == rows {
-        return Cow::Borrowed(&x[h0 * rows * width..(h0 + heads) * rows * width]);
+) -> Rows<'_> {
+    Rows {
+        x,
+        h0,
+        heads,
+        rows,
+        r0,
+        rc,
+        width,
     }
-    let mut out = Vec::with_capacity(heads * rc * width);
-    for h in h0..h0 + heads {
-        let start = (h * rows + r0) * width;
-        out.extend_from_slice(&x[start..start + rc * width]);
+}
+
+impl<'a> Rows<'a> {
+    /// Words in the slice.
+    pub fn len(&self) -> usize {
+        self.heads * self.rc * self.width
     }
-    Cow::Owned(out)
+
+    /// The slice where it is contiguous in `x` (whole rows of consecutive heads).
+    pub fn whole(&self) -> Option<&'a [f32]> {
+        let (rows, w) = (self.rows, self.width);
+        (self.r0 == 0 && self.rc == rows || self.heads <= 1).then(|| {
+            let start = (self.h0 * rows + self.r0) * w;
+            &self.x[start..start + self.len()]
+        })
+    }
+
+    /// Its contiguous pieces in order: one per head.
+    pub fn parts(&self) -> impl Iterator<Item = &'a [f32]> + '_ {
+        let x = self.x;
+        (self.h0..self.h0 + self.heads).map(move |h| {
+            let start = (h * self.rows + self.r0) * self.width;
+            &x[start..start + self.rc * self.width]
+        })
+    }
+
+    /// The slice as one host array.
+    pub fn to_vec(&self) -> Vec<f32> {
+        self.parts().flat_map(|p| p.iter().copied()).collect()
+    }
 }
 
 /// The caller's input arrays uploaded once per attention call: the pre-pass and both passes bind
-/// the same storage buffer wherever they take the same rows of an input (a borrowed slice of it;
-/// the inputs live and stay unchanged for the whole call). Copies gathered for a chunk are
-/// uploaded on their own, and so is everything where the call streams (inputs beyond the
-/// device memory it may use): each slice is freed once its dispatches are done.
+/// the same storage buffer wherever they take the same whole rows of an input (the inputs live
+/// and stay unchanged for the whole call). Other slices, and everything where the call streams
+/// (inputs beyond the device memory it may use), are uploaded into a few storage buffers per
+/// label reused slice after slice ([`Uploads::scratch`]): no fresh memory per slice.
 #[derive(Default)]
 pub struct Uploads {
-    buffers: RefCell<HashMap<(usize, usize), Rc<wgpu::Buffer>>>,
+    /// Whole rows kept for the call by (address, length, mapped).
+    buffers: RefCell<HashMap<(usize, usize, bool), Rc<wgpu::Buffer>>>,
+    /// Per label, least recently used first.
+    slots: RefCell<HashMap<String, Vec<Rc<wgpu::Buffer>>>>,
     streaming: bool,
+    /// An input (address, length) read through a map from some point of the call on.
+    mapped: RefCell<Option<MappedInput>>,
 }
+
+/// The address and length of an input and the map its slices go through.
+type MappedInput = (usize, usize, Arc<dyn RowMap>);
+
+/// Storage buffers kept per label: a slice is uploaded into one while a dispatch reads the other.
+const SLOTS: usize = 2;
 
 impl Uploads {
     /// Uploads kept for the whole call where `streaming` is false, else none.
     pub fn new(streaming: bool) -> Self {
         Uploads {
-            buffers: RefCell::default(),
             streaming,
+            ..Default::default()
         }
+    }
+
+    /// Whether the call streams its inputs (nothing kept on the device).
+    pub fn streams(&self) -> bool {
+        self.streaming
+    }
+
+    /// From now on the slices of `x` are uploaded mapped by `map` (the value map of the poly
+    /// passes), each as it is copied to the device.
+    pub(crate) fn map_input(&self, x: &[f32], map: Arc<dyn RowMap>) {
+        *self.mapped.borrow_mut() = Some((x.as_ptr() as usize, x.len(), map));
     }
 
     /// Frees the uploaded inputs (before a kernel that uploads its own).
     pub fn clear(&self) {
         self.buffers.borrow_mut().clear();
+        self.slots.borrow_mut().clear();
     }
 
-    pub(crate) fn buffer(&self, gpu: &Gpu, data: Cow<'_, [f32]>, label: &str) -> Rc<wgpu::Buffer> {
-        let upload = || {
-            let buf = storage_buffer(gpu, data.len(), label);
-            upload_slice(gpu, &buf, bytemuck::cast_slice(&data));
-            Rc::new(buf)
-        };
-        match &data {
-            Cow::Borrowed(rows) if !self.streaming => self
+    pub(crate) fn buffer(&self, gpu: &Gpu, data: Rows<'_>, label: &str) -> Rc<wgpu::Buffer> {
+        let map = self
+            .mapped
+            .borrow()
+            .as_ref()
+            .filter(|(at, len, _)| (*at, *len) == (data.x.as_ptr() as usize, data.x.len()))
+            .map(|(_, _, m)| m.clone());
+        let map = map.as_deref();
+        match data.whole() {
+            Some(rows) if !self.streaming && data.r0 == 0 && data.rc == data.rows => self
                 .buffers
                 .borrow_mut()
-                .entry((rows.as_ptr() as usize, rows.len()))
-                .or_insert_with(upload)
+                .entry((rows.as_ptr() as usize, rows.len(), map.is_some()))
+                .or_insert_with(|| {
+                    let buf = storage_buffer(gpu, rows.len(), label);
+                    upload_rows_mapped(gpu, &buf, &data, map);
+                    Rc::new(buf)
+                })
                 .clone(),
-            _ => upload(),
+            _ => {
+                let buf = self.scratch(gpu, data.len(), label);
+                upload_rows_mapped(gpu, &buf, &data, map);
+                buf
+            }
         }
+    }
+
+    /// A storage buffer of at least `words` words for one slice: the least recently used of this
+    /// label's that no caller holds any more (dispatches still reading it run first: the queue
+    /// orders the next write after them), else a new one.
+    pub(crate) fn scratch(&self, gpu: &Gpu, words: usize, label: &str) -> Rc<wgpu::Buffer> {
+        let bytes = (words.max(1) * 4) as u64;
+        let mut slots = self.slots.borrow_mut();
+        let list = slots.entry(label.to_string()).or_default();
+        let free = |b: &Rc<wgpu::Buffer>| Rc::strong_count(b) == 1;
+        let buf = match list.iter().position(|b| free(b) && b.size() >= bytes) {
+            Some(i) => list.remove(i),
+            None => {
+                if list.len() >= SLOTS {
+                    if let Some(i) = list.iter().position(free) {
+                        list.remove(i); // too small
+                    }
+                }
+                Rc::new(storage_buffer(gpu, words, label))
+            }
+        };
+        if list.len() < SLOTS {
+            list.push(buf.clone());
+        }
+        buf
     }
 }
 

@@ -109,17 +109,16 @@ def test_poly_streamed_in_slices_is_certified(is_causal, monkeypatch) -> None:
             check_causal_certificate(out, r, q, k, v, scale=scale, eps=1e-3, what=what)
         else:
             check_certificate(out, r, q, k, v, scale=scale, eps=1e-3, what=what)
-    if is_causal:
-        return
-    # Streamed, nothing stays on the device: K crosses three times (the pre-pass's mean and norms,
-    # pass 1), Q and V twice (pre-pass, one pass); kept there, Q and K once, V twice (as it is for
-    # the pre-pass, then centred and scaled per column for the passes).
-    streamed = io_words(q, k, v, method="poly", degree=rep.degree)
-    assert streamed["host_to_device"] == 2 * q.size + 3 * k.size + 2 * v.size
+    # Streamed, the pre-pass runs on the host: every input crosses once, for the passes (causal:
+    # the keys 0..min(S, L) = all of them here). Kept on the device, Q and K once, V twice (as it
+    # is for the pre-pass, then centred and scaled per column for the passes).
+    streamed = io_words(q, k, v, method="poly", degree=rep.degree, is_causal=is_causal)
+    assert streamed["host_to_device"] == q.size + k.size + v.size
     assert streamed["device_to_host"] == sliced.size
     monkeypatch.delenv(LIMIT)
-    kept = io_words(q, k, v, method="poly", degree=rep.degree)
-    assert kept["host_to_device"] == q.size + k.size + 2 * v.size
+    kept = io_words(q, k, v, method="poly", degree=rep.degree, is_causal=is_causal)
+    if not is_causal:
+        assert kept["host_to_device"] == q.size + k.size + 2 * v.size
     # The measured bytes: at least the model's; beyond it, per dispatch at most 64 bytes of
     # parameters, per call the feature tables (per feature ceil(g / 3) index words and a weight)
     # and the pre-pass's key means (2 heads x 8 words).
@@ -127,6 +126,38 @@ def test_poly_streamed_in_slices_is_certified(is_causal, monkeypatch) -> None:
         tables = 4 * (r.rank * (-(-r.degree // 3) + 1) + 2 * 8)
         assert 4 * m["host_to_device"] <= r.host_to_device_bytes
         assert r.host_to_device_bytes <= 4 * m["host_to_device"] + 64 * r.dispatches + tables
+
+
+@pytest.mark.parametrize(
+    ("method", "is_causal", "limit"),
+    [
+        ("exact", False, EXACT_LIMIT),
+        ("exact", True, EXACT_LIMIT),
+        ("poly", False, POLY_LIMIT),
+        ("poly", True, POLY_LIMIT),
+        ("poly", False, None),
+    ],
+)
+def test_overlap_changes_no_bit(method, is_causal, limit, monkeypatch) -> None:
+    # Overlapped, the next slice is uploaded into a buffer a dispatch may still read and outputs
+    # are placed while the next dispatch runs; APPROX_ATTN_NO_OVERLAP=1 waits after every
+    # dispatch. The same kernels run on the same slices in the same order: equal bit for bit.
+    q, k, v = qkv(np.random.default_rng(9), 2, 2048, 2048 if method == "poly" else 256, 8, f=0.3)
+    if limit is not None:
+        monkeypatch.setenv(LIMIT, str(limit))
+    kw = {"method": method, "is_causal": is_causal, "return_report": True}
+    overlapped, rep = approx_attn.attention(q, k, v, **kw)
+    monkeypatch.setenv("APPROX_ATTN_NO_OVERLAP", "1")
+    waited, rep1 = approx_attn.attention(q, k, v, **kw)
+    assert np.array_equal(overlapped, waited)
+    assert (rep.dispatches, rep.slices) == (rep1.dispatches, rep1.slices)
+    assert rep.host_to_device_bytes == rep1.host_to_device_bytes
+    # The timestamps of the dispatches no readback waited for are read too.
+    assert [n for n, _ in rep.pass_s] == [n for n, _ in rep1.pass_s]
+    assert (rep.kernel_s is None) == (rep1.kernel_s is None)
+    stages = dict(rep.host_s)
+    assert set(stages) == {"upload", "wait", "submit", "readback", "compute"}
+    assert all(0 <= t <= rep.elapsed_s for t in stages.values()), rep.host_s
 
 
 @pytest.mark.parametrize("is_causal", [False, True])

@@ -115,6 +115,13 @@ class Report:
     """Bytes the call wrote to the device: input slices, parameters, small host results."""
     device_to_host_bytes: int = 0
     """Bytes the call read back: output slices, split statistics, pre-pass results, timings."""
+    host_s: tuple[tuple[str, float], ...] = ()
+    """Host wall-clock seconds per stage: ``upload`` (input slices into staging memory, V mapped
+    on the way), ``wait`` (blocked on the device), ``submit`` (handing work to the driver, which
+    may block while the device is busy), ``readback`` (results out of mapped memory into place),
+    ``compute`` (host arithmetic over whole arrays: the streamed pre-pass, the value map's
+    inverse). With ``elapsed_s`` and ``kernel_s`` they say where a call's time went; the stages
+    overlap the kernels, not each other."""
 
 
 def device_info() -> dict[str, Any]:
@@ -842,6 +849,7 @@ def _report(rep: dict[str, Any]) -> Report:
         slices=int(rep.get("slices", 0)),
         host_to_device_bytes=int(rep.get("host_to_device_bytes", 0)),
         device_to_host_bytes=int(rep.get("device_to_host_bytes", 0)),
+        host_s=tuple((str(n), float(t)) for n, t in rep.get("host_s", [])),
     )
 
 

@@ -10,8 +10,8 @@ use crate::api::Problem;
 use crate::chunking::{chunks, Chunk, Chunking};
 use crate::device::Gpu;
 use crate::error::Error;
-use crate::launch::{Launch, RunOptions, RunStats};
-use crate::transfer::{assign_slice, gather, storage_buffer, upload_slice};
+use crate::launch::{overlap, Launch, RunOptions, RunStats, Submitted};
+use crate::transfer::{assign_slice, gather, storage_buffer, upload_rows};
 
 /// Runs exact attention. `q`, `k`, `v` are contiguous `(units*group, l, e)`, `(units, s, e)`,
 /// `(units, s, ev)`; the result is `(units*group, l, ev)`.
@@ -209,6 +209,20 @@ fn run_kernel_stats(
     // The key/value slice in the buffers: consecutive dispatches with the same one (one key
     // chunk, several query chunks) upload it once.
     let mut kv_in_place = None;
+    let mut place = |(sub, ch, o_words): (Submitted<'_>, Chunk, usize), stats: &mut RunStats| {
+        let ((), st) = sub.finish(gpu, |read| {
+            let (o_chunk, st_chunk) = read.split_at(o_words);
+            match &mut merge {
+                Some(m) => m.absorb(p, &ch, o_chunk, st_chunk, out),
+                // One dispatch for the whole output: one copy into place.
+                None if o_chunk.len() == out.len() => assign_slice(out, o_chunk),
+                None => place_rows(p, &ch, o_chunk, out),
+            }
+        })?;
+        stats.absorb(&st);
+        Ok::<(), Error>(())
+    };
+    let mut reading = None;
     for ch in chunks(p, c) {
         let qh = ch.units * p.group;
         let qc = gather(q, ch.unit0 * p.group, qh, p.l, ch.l0, ch.lc, qk_words);
@@ -232,35 +246,35 @@ fn run_kernel_stats(
         };
         let o_words = qh * ch.lc * p.ev;
         let s_words = if split_kv { qh * ch.lc * 2 } else { 0 };
-        let ((), st) = gpu.checked(|| {
-            upload_slice(gpu, &q_buf, bytemuck::cast_slice(&qc));
+        let sub = gpu.checked(|| {
+            upload_rows(gpu, &q_buf, &qc);
             if let Some((kc, vc)) = &kv {
-                upload_slice(gpu, &k_buf, bytemuck::cast_slice(kc));
-                upload_slice(gpu, &v_buf, bytemuck::cast_slice(vc));
+                upload_rows(gpu, &k_buf, kc);
+                upload_rows(gpu, &v_buf, vc);
             }
-            Launch {
+            Ok(Launch {
                 pass: kernel.pass,
                 pipeline: kernel.pipeline,
                 params: &params,
                 buffers: &[&q_buf, &k_buf, &v_buf, &o_buf, &stats_buf],
                 grid: (ch.lc.div_ceil(kernel.bq) as u32, qh as u32, 1),
             }
-            .run_reading(
-                gpu,
-                opts,
-                &[(&o_buf, o_words), (&stats_buf, s_words)],
-                |read| {
-                    let (o_chunk, st_chunk) = read.split_at(o_words);
-                    match &mut merge {
-                        Some(m) => m.absorb(p, &ch, o_chunk, st_chunk, out),
-                        // One dispatch for the whole output: one copy into place.
-                        None if o_chunk.len() == out.len() => assign_slice(out, o_chunk),
-                        None => place_rows(p, &ch, o_chunk, out),
-                    }
-                },
-            )
+            .submit(gpu, opts, &[(&o_buf, o_words), (&stats_buf, s_words)]))
         })?;
-        stats.absorb(&st);
+        // The previous dispatch's output is placed while this one runs (the next upload into
+        // the same buffers is queued after it).
+        if let Some(prev) = reading.take() {
+            place(prev, &mut stats)?;
+        }
+        reading = Some((sub, ch, o_words));
+        if !overlap() {
+            if let Some(this) = reading.take() {
+                place(this, &mut stats)?;
+            }
+        }
+    }
+    if let Some(last) = reading {
+        place(last, &mut stats)?;
     }
     let lse = merge.filter(|_| want_lse).map(|m| {
         m.run_m

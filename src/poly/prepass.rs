@@ -9,7 +9,7 @@ use crate::chunking::Chunking;
 use crate::device::Gpu;
 use crate::error::Error;
 use crate::launch::{Launch, RunOptions, RunStats};
-use crate::transfer::{gather, storage_buffer, Uploads};
+use crate::transfer::{gather, storage_buffer, timed, HostStage, Uploads};
 use crate::wgsl::{fill_template, io_counter_slots};
 
 pub(crate) const PREPASS: &str = include_str!("../../shaders/prepass.wgsl");
@@ -230,7 +230,80 @@ impl Prepass {
     }
 }
 
-/// The pre-pass: Q and V once, K twice (its mean first, then the norms around it).
+/// [`RowStats`] of every unit of a `(units, rows, width)` array, on the host in float64 (centred
+/// on `mu`, `(units, width)`, for the norms where given), on several threads for large arrays.
+pub(crate) fn host_row_stats(
+    x: &[f32],
+    (units, rows, width): (usize, usize, usize),
+    mu: Option<&[f32]>,
+) -> Vec<RowStats> {
+    let threads = crate::transfer::copy_threads(std::mem::size_of_val(x));
+    (0..units)
+        .map(|u| {
+            let xu = &x[u * rows * width..(u + 1) * rows * width];
+            let mu = mu.map(|m| &m[u * width..(u + 1) * width]);
+            let per = rows.div_ceil(threads).max(1) * width.max(1);
+            let mut all = RowStats::new(width);
+            if threads == 1 {
+                all.merge(&rows_of(xu, width, mu));
+            } else {
+                std::thread::scope(|scope| {
+                    let parts: Vec<_> = xu
+                        .chunks(per)
+                        .map(|part| scope.spawn(move || rows_of(part, width, mu)))
+                        .collect();
+                    for h in parts {
+                        match h.join() {
+                            Ok(st) => all.merge(&st),
+                            Err(e) => std::panic::resume_unwind(e),
+                        }
+                    }
+                });
+            }
+            all
+        })
+        .collect()
+}
+
+/// [`host_row_stats`] of consecutive rows of one unit.
+fn rows_of(x: &[f32], width: usize, mu: Option<&[f32]>) -> RowStats {
+    let mut st = RowStats::new(width);
+    for row in x.chunks(width.max(1)) {
+        let mut norm2 = 0f64;
+        for (c, &y) in row.iter().enumerate() {
+            let y = f64::from(y);
+            st.nonfinite += u64::from(!y.is_finite());
+            st.col_sum[c] += y;
+            st.col_min[c] = st.col_min[c].min(y);
+            st.col_max[c] = st.col_max[c].max(y);
+            let d = y - mu.map_or(0.0, |m| f64::from(m[c]));
+            norm2 += d * d;
+        }
+        st.max_norm2 = if norm2.is_nan() {
+            f64::INFINITY
+        } else {
+            st.max_norm2.max(norm2)
+        };
+    }
+    st
+}
+
+impl RowStats {
+    fn merge(&mut self, o: &RowStats) {
+        for c in 0..self.col_sum.len() {
+            self.col_sum[c] += o.col_sum[c];
+            self.col_min[c] = self.col_min[c].min(o.col_min[c]);
+            self.col_max[c] = self.col_max[c].max(o.col_max[c]);
+        }
+        self.max_norm2 = self.max_norm2.max(o.max_norm2);
+        self.nonfinite += o.nonfinite;
+    }
+}
+
+/// The pre-pass: Q and V once, K twice (its mean first, then the norms around it). Where the
+/// call streams (nothing stays on the device), or its slices are not whole rows (not kept for
+/// the passes), it runs on the host, in float64: the inputs then cross the bus once, for the
+/// passes only.
 #[allow(clippy::too_many_arguments)]
 pub fn prepass(
     gpu: &Gpu,
@@ -256,24 +329,26 @@ pub fn prepass(
         units_per_dispatch: plan_chunk.units * p.group,
         rows_per_dispatch: plan_chunk.q_rows,
     };
-    let ks = row_stats(gpu, k, None, kv_shape(p.e), budget, opts, uploads, stats)?;
+    // On the device only where its uploads stay there for the passes (whole rows, kept).
+    let host = uploads.streams() || plan_chunk.kv_rows < p.s || plan_chunk.q_rows < p.l;
+    let stats_of = |x: &[f32], mu: Option<&[f32]>, sh: PrepassShape, stats: &mut RunStats| {
+        if host {
+            let dims = (sh.units, sh.rows, sh.width);
+            return Ok(timed(gpu, HostStage::Compute, || {
+                host_row_stats(x, dims, mu)
+            }));
+        }
+        row_stats(gpu, x, mu, sh, budget, opts, uploads, stats)
+    };
+    let ks = stats_of(k, None, kv_shape(p.e), stats)?;
     let mu: Vec<f32> = ks
         .iter()
         .flat_map(|s| s.col_sum.iter().map(|x| (x / p.s as f64) as f32))
         .collect();
-    let kc = row_stats(
-        gpu,
-        k,
-        Some(&mu),
-        kv_shape(p.e),
-        budget,
-        opts,
-        uploads,
-        stats,
-    )?;
-    let vs = row_stats(gpu, v, None, kv_shape(p.ev), budget, opts, uploads, stats)?;
+    let kc = stats_of(k, Some(&mu), kv_shape(p.e), stats)?;
+    let vs = stats_of(v, None, kv_shape(p.ev), stats)?;
     let qs = if p.l > 0 {
-        row_stats(gpu, q, None, q_shape, budget, opts, uploads, stats)?
+        stats_of(q, None, q_shape, stats)?
     } else {
         vec![RowStats::new(p.e); p.units * p.group]
     };

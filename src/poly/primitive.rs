@@ -250,6 +250,8 @@ pub fn poly_kernel_attention(
         (out, state, io, format!("{plan:?}"))
     };
     drop(uploads);
+    // Timestamps of dispatches no readback waited for.
+    stats.absorb(&crate::launch::settle_pending(&gpu, true)?);
     stats.traffic = traffic.until(gpu.traffic.now());
     Ok(PolyKernelRun {
         out,

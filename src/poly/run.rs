@@ -16,7 +16,7 @@ use super::prepass::Prepass;
 use crate::api::Problem;
 use crate::device::Gpu;
 use crate::error::Error;
-use crate::launch::{Launch, RunOptions, RunStats};
+use crate::launch::{overlap, Launch, RunOptions, RunStats, Submitted};
 use crate::transfer::{
     assign_slice, gather, read_f32, storage_buffer, storage_buffer_with, upload, Uploads,
 };
@@ -314,7 +314,7 @@ impl PolyRun<'_> {
             let v_buf = self.uploads.buffer(gpu, vc, "v");
             let kw_buf = self.key_w.map(|w| {
                 let wc = gather(w, u0, nu, p.s, s0, sc, 1);
-                storage_buffer_with(gpu, bytemuck::cast_slice(&wc), "key weights")
+                storage_buffer_with(gpu, bytemuck::cast_slice(&wc.to_vec()), "key weights")
             });
             let keys_per_split = plan.keys_per_split.min(sc);
             let splits = sc.div_ceil(keys_per_split);
@@ -419,13 +419,14 @@ impl PolyRun<'_> {
     ) -> Result<(), Error> {
         let (gpu, p, plan) = (self.gpu, self.p, self.plan);
         let c = &plan.chunking;
+        let mut reading: Option<(Submitted<'_>, (usize, usize))> = None;
         for l0 in (0..p.l).step_by(c.q_rows) {
             let lc = c.q_rows.min(p.l - l0);
             let qh = nu * p.group;
             let qc = gather(q, u0 * p.group, qh, p.l, l0, lc, p.e);
             let q_buf = self.uploads.buffer(gpu, qc, "q");
             let o_words = qh * lc * p.ev;
-            let o_buf = storage_buffer(gpu, o_words, "o");
+            let o_buf = self.uploads.scratch(gpu, o_words, "o");
             let (b, chunks2) = match &plan.coop {
                 Some(t) => (t.b2(), t.chunks2()),
                 None => (plan.pass2.b, plan.pass2.chunks()),
@@ -453,9 +454,9 @@ impl PolyRun<'_> {
                 };
                 let mut bufs = match coop {
                     Some(((s16, z), vn2)) => {
-                        vec![&*q_buf, s16, z, &self.idx_buf, &self.w_buf, vn2, &o_buf]
+                        vec![&*q_buf, s16, z, &self.idx_buf, &self.w_buf, vn2, &*o_buf]
                     }
-                    None => vec![&*q_buf, &self.sp_buf, &self.idx_buf, &self.w_buf, &o_buf],
+                    None => vec![&*q_buf, &self.sp_buf, &self.idx_buf, &self.w_buf, &*o_buf],
                 };
                 bufs.extend(sums.as_ref());
                 let launch = Launch {
@@ -471,22 +472,49 @@ impl PolyRun<'_> {
                     stats.absorb(&st);
                     continue;
                 }
-                let ((), st) = launch.run_reading(gpu, self.opts, &[(&o_buf, o_words)], |oc| {
-                    if oc.len() == out.len() {
-                        // One dispatch for the whole output: one copy into place.
-                        assign_slice(out, oc);
-                        return;
+                // This chunk's output is read back while the next chunk runs.
+                let sub = launch.submit(gpu, self.opts, &[(&o_buf, o_words)]);
+                if let Some((prev, rows)) = reading.take() {
+                    self.place(prev, u0, rows, out, stats)?;
+                }
+                reading = Some((sub, (l0, lc)));
+                if !overlap() {
+                    if let Some((sub, rows)) = reading.take() {
+                        self.place(sub, u0, rows, out, stats)?;
                     }
-                    for h in 0..qh {
-                        // The chunk's rows of one head are consecutive rows of the output.
-                        let dst = ((u0 * p.group + h) * p.l + l0) * p.ev;
-                        out[dst..dst + lc * p.ev]
-                            .copy_from_slice(&oc[h * lc * p.ev..(h + 1) * lc * p.ev]);
-                    }
-                })?;
-                stats.absorb(&st);
+                }
             }
         }
+        if let Some((sub, rows)) = reading {
+            self.place(sub, u0, rows, out, stats)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for a pass-2 dispatch over query rows `l0..l0+lc` of units `u0..` and copies its
+    /// output into place.
+    fn place(
+        &self,
+        sub: Submitted<'_>,
+        u0: usize,
+        (l0, lc): (usize, usize),
+        out: &mut [f32],
+        stats: &mut RunStats,
+    ) -> Result<(), Error> {
+        let p = self.p;
+        let ((), st) = sub.finish(self.gpu, |oc| {
+            if oc.len() == out.len() {
+                // One dispatch for the whole output: one copy into place.
+                assign_slice(out, oc);
+                return;
+            }
+            for (h, rows) in oc.chunks(lc * p.ev).enumerate() {
+                // The chunk's rows of one head are consecutive rows of the output.
+                let dst = ((u0 * p.group + h) * p.l + l0) * p.ev;
+                out[dst..dst + lc * p.ev].copy_from_slice(rows);
+            }
+        })?;
+        stats.absorb(&st);
         Ok(())
     }
 }
