@@ -2,8 +2,6 @@
 //! reports. Defined once, filled in Rust, exposed to Python by `python.rs`.
 
 use crate::error::Error;
-use crate::io::IoCount;
-use crate::launch::RunStats;
 
 /// One attention problem, already flattened: `units` = batch x KV heads; each unit has `group`
 /// query heads (`enable_gqa`), so Q is `(units*group, l, e)`, K `(units, s, e)`, V `(units, s, ev)`.
@@ -149,6 +147,22 @@ pub struct PolyOptions {
     pub tensor_cores: Option<bool>,
 }
 
+/// Highest degree that may be forced: fitting degree g takes the fits of every degree below it
+/// (about 1.7 s for 100 and 29 s for 200 on one core), and far below 64 the fit's top
+/// coefficients vanish below float precision for any beta the float32 kernels can certify.
+pub const MAX_FORCED_DEGREE: usize = 64;
+
+/// A forced degree above [`MAX_FORCED_DEGREE`] is refused before anything is fitted.
+pub fn check_forced_degree(degree: usize) -> Result<(), Error> {
+    if degree > MAX_FORCED_DEGREE {
+        return Err(Error::InvalidInput(format!(
+            "degree={degree} is above the largest degree that can be forced \
+             ({MAX_FORCED_DEGREE})"
+        )));
+    }
+    Ok(())
+}
+
 impl PolyOptions {
     /// `eps` lies in (0, 1).
     pub fn check(&self) -> Result<(), Error> {
@@ -159,7 +173,7 @@ impl PolyOptions {
             )));
         }
         if let Some(g) = self.degree {
-            crate::poly::certificate::check_forced_degree(g)?;
+            check_forced_degree(g)?;
         }
         Ok(())
     }
@@ -194,51 +208,6 @@ pub struct Certificate {
     /// range; None on the f32 path.
     pub f16_rounding: Option<f64>,
     pub schedule: Schedule,
-}
-
-/// What ran and what it cost.
-#[derive(Clone, Debug)]
-pub struct Report {
-    pub method: &'static str,
-    pub adapter: String,
-    pub backend: String,
-    pub fast_memory_words: u64,
-    /// Words the plan that ran moves between storage buffers and workgroup memory.
-    pub io_words: u64,
-    pub io_reads: u64,
-    pub io_writes: u64,
-    pub stats: RunStats,
-    pub elapsed_s: f64,
-    pub plan: String,
-    pub certificate: Option<Certificate>,
-    /// Predicted seconds of (exact, poly) where computed.
-    pub predicted_exact_s: Option<f64>,
-    pub predicted_poly_s: Option<f64>,
-    /// Why `auto` chose what it chose.
-    pub reason: String,
-    /// Whether the kernels that ran used cooperative matrices (tensor cores, f16 operands).
-    pub tensor_cores: bool,
-    /// The exact kernel's f16 rounding bound, where it ran on cooperative matrices.
-    pub exact_f16: Option<crate::exact::coop::F16Bound>,
-    /// The format of the inputs in the storage buffers the kernels read.
-    pub storage: crate::exact::storage::Storage,
-    /// With f16 storage: bound on max |O - O*| that rounding the inputs to f16 adds (0 where
-    /// they were float16 already; `exact::storage::f16_input_rounding`).
-    pub input_rounding: Option<f64>,
-}
-
-/// The plan that would run and the words it moves, without touching the GPU when
-/// `fast_memory_words` is given (then the model has no binding limit: one dispatch).
-#[derive(Clone, Debug)]
-pub struct IoEstimate {
-    pub method: &'static str,
-    pub schedule: Option<Schedule>,
-    pub degree: Option<usize>,
-    pub rank: Option<usize>,
-    pub fast_memory_words: u64,
-    pub io: IoCount,
-    /// Words between host and device memory (the third level; see `host_io`).
-    pub host_device: crate::host_io::HostDeviceWords,
 }
 
 /// What [`poly_attention_with_tiles`] returns.

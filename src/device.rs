@@ -57,9 +57,9 @@ pub struct Gpu {
     /// buffers, mapped for writing, and idle readback buffers.
     pub(crate) upload_pool: Arc<StagingPool>,
     pub(crate) readback_pool: Arc<StagingPool>,
-    /// Host <-> device traffic since the device was created (see `transfer::Traffic`); a call
+    /// Host <-> device traffic since the device was created (see `traffic::Traffic`); a call
     /// reports the difference over its run, which holds `exclusive`.
-    pub(crate) traffic: crate::transfer::Traffic,
+    pub(crate) traffic: crate::traffic::Traffic,
     /// Dispatches submitted without waiting whose timestamps and counters are read at the call's
     /// next wait (see `launch::Launch::run`).
     pub(crate) pending: Mutex<Vec<crate::launch::Pending>>,
@@ -468,7 +468,7 @@ impl Gpu {
     /// [`Gpu::wait`] for the submission `index` and those before it only (all where None): later
     /// submissions keep the device busy meanwhile.
     pub fn wait_for(&self, index: Option<wgpu::SubmissionIndex>) -> Result<(), Error> {
-        crate::transfer::timed(self, crate::transfer::HostStage::Wait, || {
+        self.traffic.timed(crate::traffic::HostStage::Wait, || {
             self.wait_untimed(index, true)
         })
     }
@@ -476,7 +476,7 @@ impl Gpu {
     /// [`Gpu::wait_for`] that leaves a Ctrl-C to the call's next interruptible wait: for waits
     /// that cannot return an error (an upload waiting for staging memory).
     pub(crate) fn wait_for_quietly(&self, index: wgpu::SubmissionIndex) {
-        crate::transfer::timed(self, crate::transfer::HostStage::Wait, || {
+        self.traffic.timed(crate::traffic::HostStage::Wait, || {
             let _ = self.wait_untimed(Some(index), false);
         })
     }

@@ -21,6 +21,8 @@ pub mod launch;
 pub mod numerics;
 pub mod poly;
 mod progress;
+pub mod report;
+pub mod traffic;
 pub mod transfer;
 pub mod wgsl;
 
@@ -29,13 +31,12 @@ mod python;
 
 use std::time::Instant;
 
-pub use api::{
-    Certificate, IoEstimate, Method, PolyOptions, Problem, Report, Schedule, TiledPolyRun,
-};
+pub use api::{Certificate, Method, PolyOptions, Problem, Schedule, TiledPolyRun};
 pub use budget::{budget, Budget};
 pub use error::Error;
 pub use launch::{RunOptions, RunStats};
 pub use poly::certificate::MAX_DEGREE;
+pub use report::{IoEstimate, Report};
 
 use autotune::exact::{coop_exact_plan, exact_plan_for};
 use autotune::poly::{f32_poly, tune_coop_plan, tune_f32_poly_plan, F32Tiles};

@@ -485,7 +485,7 @@ fn fit_polynomial(
     }
     let poly = match (degree, eps) {
         (Some(g), _) => {
-            crate::poly::certificate::check_forced_degree(g).map_err(to_py)?;
+            crate::api::check_forced_degree(g).map_err(to_py)?;
             crate::poly::fit::Poly::fit(beta, g)
         }
         (None, Some(eps)) => crate::poly::fit::choose_degree(beta, eps, crate::MAX_DEGREE)

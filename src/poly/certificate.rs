@@ -15,22 +15,6 @@ use crate::error::Error;
 /// Highest degree the planner tries when choosing one from `eps`.
 pub const MAX_DEGREE: usize = 20;
 
-/// Highest degree that may be forced: fitting degree g takes the fits of every degree below it
-/// (about 1.7 s for 100 and 29 s for 200 on one core), and far below 64 the fit's top
-/// coefficients vanish below float precision for any beta the float32 kernels can certify.
-pub const MAX_FORCED_DEGREE: usize = 64;
-
-/// A forced degree above [`MAX_FORCED_DEGREE`] is refused before anything is fitted.
-pub fn check_forced_degree(degree: usize) -> Result<(), Error> {
-    if degree > MAX_FORCED_DEGREE {
-        return Err(Error::InvalidInput(format!(
-            "degree={degree} is above the largest degree that can be forced \
-             ({MAX_FORCED_DEGREE})"
-        )));
-    }
-    Ok(())
-}
-
 /// Unit roundoff of f16 (2^-11) and half its subnormal spacing (2^-25): an f16 rounding of x
 /// errs by at most `F16_U * |x| + F16_TINY`.
 pub const F16_U: f64 = 1.0 / 2048.0;

@@ -32,13 +32,14 @@ use super::kernel_common::Variant;
 use super::plan::plan_poly_rank;
 use super::prepass::Prepass;
 use super::run::run_with as poly_run;
-use crate::api::{Problem, Report};
+use crate::api::Problem;
 use crate::budget::Budget;
 use crate::config::Config;
 use crate::device;
 use crate::error::Error;
 use crate::io::IoCount;
 use crate::launch::{RunOptions, RunStats};
+use crate::report::Report;
 use crate::transfer::Uploads;
 
 /// Workgroup memory the gated kernels declare beyond their tiles' count: pass 1 a weight per key
