@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use crate::device::Gpu;
 use crate::error::Error;
 use crate::transfer::{
-    assign_parallel, readback_buffer, storage_buffer, submit, timed, uniform_buffer, HostStage,
+    assign_parallel, finish_mapped, readback_buffer, storage_buffer, submit, uniform_buffer,
     PooledReadback, TrafficCount,
 };
 
@@ -146,22 +146,7 @@ impl Mapping {
                 self.rx.recv()
             }
         };
-        match got {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(Error::Gpu(format!("reading results back failed: {e}"))),
-            Err(_) => {
-                return Err(Error::DeviceLost(
-                    "the GPU never returned the results".into(),
-                ))
-            }
-        }
-        gpu.traffic.count_to_host(bytes);
-        let out = buf
-            .slice(..bytes.max(4))
-            .get_mapped_range()
-            .map(|view| timed(gpu, HostStage::Readback, || read(&view[..bytes as usize])));
-        buf.unmap();
-        out.map_err(|e| Error::Gpu(format!("mapping results failed: {e}")))
+        finish_mapped(gpu, buf, bytes, got, read)
     }
 }
 

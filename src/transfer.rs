@@ -313,7 +313,19 @@ pub(crate) fn read_mapped<T>(
             let _ = tx.send(r);
         });
     gpu.wait()?;
-    match rx.recv() {
+    finish_mapped(gpu, buf, bytes, rx.recv(), read)
+}
+
+/// The end of every readback: the outcome of its mapping (`got`; `Err` where the callback never
+/// came), then the first `bytes` of `buf` handed to `read`; leaves `buf` unmapped.
+pub(crate) fn finish_mapped<T>(
+    gpu: &Gpu,
+    buf: &wgpu::Buffer,
+    bytes: u64,
+    got: Result<Result<(), wgpu::BufferAsyncError>, mpsc::RecvError>,
+    read: impl FnOnce(&[u8]) -> T,
+) -> Result<T, Error> {
+    match got {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(Error::Gpu(format!("reading results back failed: {e}"))),
         Err(_) => {

@@ -373,11 +373,29 @@ impl DeviceState {
         Ok(p)
     }
 
-    fn binding(buf: &wgpu::Buffer, offset: usize, bytes: usize) -> wgpu::BindingResource<'_> {
-        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-            buffer: buf,
-            offset: offset as u64,
-            size: NonZeroU64::new(bytes as u64),
+    /// A bind group of `layout` over these (buffer, offset, bytes) ranges, in binding order.
+    fn bind_group(
+        gpu: &Gpu,
+        label: &str,
+        layout: &wgpu::BindGroupLayout,
+        ranges: &[(&wgpu::Buffer, usize, usize)],
+    ) -> wgpu::BindGroup {
+        let entries: Vec<wgpu::BindGroupEntry> = ranges
+            .iter()
+            .enumerate()
+            .map(|(i, &(buffer, offset, bytes))| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer,
+                    offset: offset as u64,
+                    size: NonZeroU64::new(bytes as u64),
+                }),
+            })
+            .collect();
+        gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(label),
+            layout,
+            entries: &entries,
         })
     }
 
@@ -460,7 +478,7 @@ impl DeviceState {
             self.step_binds
                 .entry((gated, t, src, dst))
                 .or_insert_with(|| {
-                    let entries = [
+                    let ranges = [
                         (&self.tokens, t * self.token_stride, 4 * s.token_words()),
                         (&self.indices, 0, 4 * s.r * s.g),
                         (&self.weights, 0, 4 * s.r),
@@ -468,38 +486,16 @@ impl DeviceState {
                         (&self.states[dst], 0, state_bytes),
                         (&self.partial, 0, partial_bytes),
                     ];
-                    let entries: Vec<wgpu::BindGroupEntry> = entries
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, (b, off, bytes))| wgpu::BindGroupEntry {
-                            binding: i as u32,
-                            resource: Self::binding(b, off, bytes),
-                        })
-                        .collect();
-                    gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                        label: Some("poly_step"),
-                        layout: &step.get_bind_group_layout(0),
-                        entries: &entries,
-                    })
+                    let layout = step.get_bind_group_layout(0);
+                    Self::bind_group(&gpu, "poly_step", &layout, &ranges)
                 });
             self.reduce_binds.entry(t).or_insert_with(|| {
-                let entries = [
+                let ranges = [
                     (&self.partial, 0, partial_bytes),
                     (&self.out, t * self.out_stride, 4 * s.out_words()),
                 ];
-                let entries: Vec<wgpu::BindGroupEntry> = entries
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, (b, off, bytes))| wgpu::BindGroupEntry {
-                        binding: i as u32,
-                        resource: Self::binding(b, off, bytes),
-                    })
-                    .collect();
-                gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some("poly_step_reduce"),
-                    layout: &self.reduce_pipeline.get_bind_group_layout(0),
-                    entries: &entries,
-                })
+                let layout = self.reduce_pipeline.get_bind_group_layout(0);
+                Self::bind_group(&gpu, "poly_step_reduce", &layout, &ranges)
             });
         }
         let out_bytes = (n * self.out_stride) as u64;
