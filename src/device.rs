@@ -44,6 +44,15 @@ pub struct DeviceInfo {
     pub f16_storage: bool,
 }
 
+/// Calls that have taken `Gpu::exclusive`, on any device: work a call left pending is known by
+/// its number (`launch` drops what an earlier, failed call left).
+static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The number of the call that holds `Gpu::exclusive` now.
+pub(crate) fn current_call() -> u64 {
+    CALLS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The shared GPU: device, queue and compiled pipelines. All GPU work is serialized by `run_lock`.
 pub struct Gpu {
     pub device: wgpu::Device,
@@ -60,9 +69,6 @@ pub struct Gpu {
     /// Host <-> device traffic since the device was created (see `traffic::Traffic`); a call
     /// reports the difference over its run, which holds `exclusive`.
     pub(crate) traffic: crate::traffic::Traffic,
-    /// Dispatches submitted without waiting whose timestamps and counters are read at the call's
-    /// next wait (see `launch::Launch::run`).
-    pub(crate) pending: Mutex<Vec<crate::launch::Pending>>,
 }
 
 /// Idle staging buffers of one direction, and the bytes of all buffers the pool created that
@@ -339,15 +345,13 @@ impl Gpu {
             upload_pool: Arc::default(),
             readback_pool: Arc::default(),
             traffic: Default::default(),
-            pending: Mutex::default(),
         })
     }
 
     /// Serializes GPU work of all threads; error scopes are per thread and must not interleave.
     pub fn exclusive(&self) -> MutexGuard<'_, ()> {
         let guard = lock(&self.run_lock);
-        // Left by a call that failed: not this call's dispatches.
-        lock(&self.pending).clear();
+        CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         guard
     }
 

@@ -214,6 +214,8 @@ impl Timer {
 
 /// The timestamps and I/O counter of a submitted dispatch, read once its submission is done.
 pub(crate) struct Pending {
+    /// The call that submitted it (`device::current_call`).
+    call: u64,
     pass: &'static str,
     index: wgpu::SubmissionIndex,
     timer: Option<(Timer, Mapping)>,
@@ -250,11 +252,23 @@ impl Pending {
     }
 }
 
-/// The stats of the dispatches submitted without waiting (`gpu.pending`) that are done, in
-/// order up to the first that is not (`wait`: all of them, waiting for them).
+/// Dispatches submitted without waiting whose timestamps and counters are read at the call's
+/// next wait ([`Launch::run`]). Kept here, not on the device, which knows nothing of launches.
+static PENDING: std::sync::Mutex<Vec<Pending>> = std::sync::Mutex::new(Vec::new());
+
+fn pending() -> std::sync::MutexGuard<'static, Vec<Pending>> {
+    let mut pending = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+    // Left by an earlier call that failed (on this device or a lost one): not this call's.
+    let call = crate::device::current_call();
+    pending.retain(|p| p.call == call);
+    pending
+}
+
+/// The stats of the dispatches submitted without waiting that are done, in order up to the
+/// first that is not (`wait`: all of them, waiting for them).
 pub(crate) fn settle_pending(gpu: &Gpu, wait: bool) -> Result<RunStats, Error> {
     let done: Vec<Pending> = {
-        let mut pending = gpu.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pending = pending();
         let n = match wait {
             true => pending.len(),
             false => pending
@@ -348,10 +362,7 @@ impl<P: bytemuck::Pod> Launch<'_, P> {
         if reads.is_empty() && overlap() {
             let mut sub = self.submit(gpu, opts, reads);
             let pending = sub.pending.take().expect("present until finished");
-            gpu.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(pending);
+            self::pending().push(pending);
             let stats = RunStats {
                 dispatches: 1,
                 gpu_allocated_bytes: sub.allocated,
@@ -439,6 +450,7 @@ impl<P: bytemuck::Pod> Launch<'_, P> {
                 (r, m, bytes)
             }),
             pending: Some(Pending {
+                call: crate::device::current_call(),
                 pass: self.pass,
                 index,
                 timer: timer.map(|tm| {
