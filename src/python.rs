@@ -500,6 +500,21 @@ fn fit_polynomial(
     Ok((poly.degree, poly.coeffs.clone(), poly.certified_eps))
 }
 
+/// The polynomial the float32 kernels would run at `beta` for head dimension `e` (`degree`
+/// forced, else the least certifying `eps`), refused with the attention call's errors; returns
+/// (degree, coefficients, certified relative error).
+#[pyfunction]
+#[pyo3(signature = (beta, e, eps, degree=None))]
+fn certified_polynomial(
+    beta: f64,
+    e: usize,
+    eps: f64,
+    degree: Option<usize>,
+) -> PyResult<(usize, Vec<f64>, f64)> {
+    let poly = crate::poly::certificate::certified_f32_poly(beta, e, eps, degree).map_err(to_py)?;
+    Ok((poly.degree, poly.coeffs.clone(), poly.certified_eps))
+}
+
 #[pyfunction]
 fn device_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let gpu = detached(py, device::gpu)?;
@@ -589,6 +604,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(io_lower_bound, m)?)?;
     m.add_function(wrap_pyfunction!(num_features, m)?)?;
     m.add_function(wrap_pyfunction!(fit_polynomial, m)?)?;
+    m.add_function(wrap_pyfunction!(certified_polynomial, m)?)?;
     m.add_function(wrap_pyfunction!(_destroy_device, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
     m.add_function(wrap_pyfunction!(empty_cache, m)?)?;

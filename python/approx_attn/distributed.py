@@ -46,9 +46,6 @@ from .poly_kernel import PolyState, _coeffs, _nonnegative, _poly_attention
 
 __all__ = ["Report", "attention", "poly_attention", "shutdown", "traffic_model"]
 
-_MAX_DEGREE = 20
-_F32_U = 2.0**-24
-
 
 @dataclasses.dataclass(frozen=True)
 class Report:
@@ -611,13 +608,6 @@ def _finish(
     return out, rep
 
 
-def _horner(c: list[float], x: float) -> float:
-    acc = 0.0
-    for a in reversed(c):
-        acc = acc * x + a
-    return acc
-
-
 def attention(
     query: Any,
     key: Any,
@@ -694,35 +684,10 @@ def attention(
         driver_sent = w * mu.nbytes
         why_not = None
         fit = None
-        if not math.isfinite(beta):
-            why_not = f"beta = {beta} is not finite"
-        elif degree is not None:
-            fit = _core.fit_polynomial(beta, degree=degree)
-        else:
-            try:
-                fit = _core.fit_polynomial(beta, eps=eps / (1.0 + eps))
-            except ValueError:
-                why_not = (
-                    f"the polynomial method cannot certify eps={eps} at beta={beta:.4f} with "
-                    f"degree <= {_MAX_DEGREE} (beta = scale * max|q| * max|k - mean k|); use "
-                    "method='exact'"
-                )
-        if fit is not None:
-            g, coeffs, poly_eps = fit
-            if poly_eps >= 1.0:
-                why_not = (
-                    f"degree {g} certifies nothing at beta={beta:.4f} (relative error bound "
-                    f"{poly_eps:.3f} >= 1); use a higher degree or method='exact'"
-                )
-            else:
-                cond = _horner([abs(c) for c in coeffs], beta) * math.exp(beta) / (1.0 - poly_eps)
-                rounding = 2.0 * max(g, 1) * _F32_U * cond * (1.0 + 1e-12)
-                if rounding > 0.1 * max(eps, poly_eps):
-                    why_not = (
-                        f"the polynomial method cannot certify its result in float32 at "
-                        f"beta={beta:.4f}: the degree-{g} polynomial cancels, relative rounding up "
-                        f"to {rounding:.1e}; use method='exact'"
-                    )
+        try:  # the attention call's certification and refusals, on the gathered beta
+            fit = _core.certified_polynomial(beta, sh.E, eps, degree)
+        except ValueError as exc:
+            why_not = str(exc)
         if why_not is not None and method == "poly":
             raise ValueError(why_not)
         if why_not is None:

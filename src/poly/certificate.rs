@@ -65,6 +65,78 @@ pub fn poly_for_eps(beta: f64, eps: f64, f16: f64) -> Option<Poly> {
     choose_degree(beta, room / (1.0 + room), MAX_DEGREE)
 }
 
+/// `beta` must be finite for any polynomial to certify anything.
+fn check_beta(beta: f64) -> Result<(), Error> {
+    if beta.is_finite() {
+        return Ok(());
+    }
+    Err(Error::InvalidInput(format!(
+        "the polynomial method needs finite scores, but beta = scale * max|q| * max|k - mean k| \
+         is {beta} (non-finite or overflowing inputs)"
+    )))
+}
+
+/// No degree up to [`MAX_DEGREE`] certifies `eps` at `beta`.
+fn cannot_certify(eps: f64, beta: f64) -> Error {
+    Error::TooLarge(format!(
+        "the polynomial method cannot certify eps={eps} at beta={beta:.4} with degree <= \
+         {MAX_DEGREE} (beta = scale * max|q| * max|k - mean k|); use method='exact'"
+    ))
+}
+
+/// A (forced) degree whose relative error bound is 1 or more certifies nothing.
+fn check_certifies(poly: &Poly, beta: f64) -> Result<(), Error> {
+    if poly.certified_eps < 1.0 {
+        return Ok(());
+    }
+    Err(Error::TooLarge(format!(
+        "degree {} certifies nothing at beta={beta:.4} (relative error bound {:.3} >= 1); \
+         use a higher degree or method='exact'",
+        poly.degree, poly.certified_eps
+    )))
+}
+
+/// The kernels sum the monomials in float32: cancellation grows like e^(2 beta). Refuse when
+/// the rounding (~2g u32 times the monomial condition) could rival the certified error; `g`
+/// and `rank` are the features' degree and count (named in the message).
+fn check_cancellation(poly: &Poly, eps: f64, (g, rank): (usize, u64)) -> Result<(), Error> {
+    let f32_rel_error =
+        2.0 * poly.degree.max(1) as f64 * f64::from(f32::EPSILON / 2.0) * monomial_condition(poly);
+    if f32_rel_error <= 0.1 * eps.max(poly.certified_eps) {
+        return Ok(());
+    }
+    Err(Error::TooLarge(format!(
+        "the polynomial method cannot certify its result in float32 at beta={:.4}: the \
+         degree-{g} polynomial (rank {rank}) cancels, relative rounding up to \
+         {f32_rel_error:.1e}; use method='exact'",
+        poly.beta
+    )))
+}
+
+/// The polynomial the float32 kernels run for head dimension `e` at `beta`: `degree` where
+/// forced, else the least degree certifying `eps` ([`poly_for_eps`]), refused with the same
+/// errors as an attention call (for callers that compute beta themselves, e.g. the sharded
+/// method).
+pub fn certified_f32_poly(
+    beta: f64,
+    e: usize,
+    eps: f64,
+    degree: Option<usize>,
+) -> Result<Poly, Error> {
+    check_beta(beta)?;
+    let poly = match degree {
+        Some(g) => {
+            crate::api::check_forced_degree(g)?;
+            Poly::fit(beta, g)
+        }
+        None => poly_for_eps(beta, eps, 0.0).ok_or_else(|| cannot_certify(eps, beta))?,
+    };
+    check_certifies(&poly, beta)?;
+    let g = poly.feature_degree();
+    check_cancellation(&poly, eps, (g, num_features(e, g)))?;
+    Ok(poly)
+}
+
 pub(crate) struct PolyCandidate {
     pub(crate) plan: PolyPlan,
     pub(crate) poly: Poly,
@@ -100,17 +172,7 @@ pub(crate) fn poly_candidate(
         planned => (g, planned?),
     };
     let rank = num_features(p.e, g_plan);
-    // The kernels sum the monomials in float32: cancellation grows like e^(2 beta). Refuse when
-    // the rounding (~2g u32 times the monomial condition) could rival the certified error.
-    let f32_rel_error =
-        2.0 * poly.degree.max(1) as f64 * f64::from(f32::EPSILON / 2.0) * monomial_condition(poly);
-    if f32_rel_error > 0.1 * popts.eps.max(poly.certified_eps) {
-        return Err(Error::TooLarge(format!(
-            "the polynomial method cannot certify its result in float32 at beta={beta:.4}: the \
-             degree-{g} polynomial (rank {rank}) cancels, relative rounding up to \
-             {f32_rel_error:.1e}; use method='exact'"
-        )));
-    }
+    check_cancellation(poly, popts.eps, (g, rank))?;
     let table = try_feature_table(p.e, g_plan).map_err(Error::TooLarge)?;
     let f16_rounding = coop.map(|_| f16_bound(p, poly, fit.beta_scaled));
     let factor = poly.certified_eps / (1.0 - poly.certified_eps) + f16_rounding.unwrap_or(0.0);
@@ -302,12 +364,7 @@ fn fit(
     coop_sg: Option<usize>,
 ) -> Result<Fit, Error> {
     let beta = pre.beta(p.scale);
-    if !beta.is_finite() {
-        return Err(Error::InvalidInput(format!(
-            "the polynomial method needs finite scores, but beta = scale * max|q| * max|k - mean k| \
-             is {beta} (non-finite or overflowing inputs)"
-        )));
-    }
+    check_beta(beta)?;
     let coop_sg = match (popts.tensor_cores, coop_sg) {
         (Some(false), _) => None,
         (Some(true), None) => {
@@ -328,13 +385,7 @@ fn fit(
         Some(g) => Some(Poly::fit(beta, g)),
         None => poly_for_eps(beta, popts.eps, f16),
     };
-    let cannot = || {
-        Error::TooLarge(format!(
-            "the polynomial method cannot certify eps={} at beta={beta:.4} with degree <= \
-             {MAX_DEGREE} (beta = scale * max|q| * max|k - mean k|); use method='exact'",
-            popts.eps
-        ))
-    };
+    let cannot = || cannot_certify(popts.eps, beta);
     let f32_poly = choose(0.0).ok_or_else(cannot)?;
     let f16_est = f16_bound(p, &f32_poly, beta_scaled);
     let mut coop = coop_sg.and_then(|sg| {
@@ -360,13 +411,7 @@ fn fit(
         },
         None => f32_poly,
     };
-    if poly.certified_eps >= 1.0 {
-        return Err(Error::TooLarge(format!(
-            "degree {} certifies nothing at beta={beta:.4} (relative error bound {:.3} >= 1); \
-             use a higher degree or method='exact'",
-            poly.degree, poly.certified_eps
-        )));
-    }
+    check_certifies(&poly, beta)?;
     Ok(Fit {
         poly,
         coop,
