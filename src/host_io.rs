@@ -160,8 +160,8 @@ pub fn poly_host_io(
         &[prepass(k_all), prepass(k_all), pass(k_pass)],
         streams,
     );
-    // The passes read V centred and scaled per column (a new host array, `numerics::ValueMap`):
-    // it never shares the pre-pass's upload.
+    // The passes read V centred and scaled per column (`numerics::ValueMap`, mapped on its way
+    // to the device): it never shares the pre-pass's upload.
     let v_up = input_words(p.units, v_all, &[prepass(v_all)], streams)
         + input_words(p.units, v_all, &[pass(v_pass)], streams);
     let q_readers = [

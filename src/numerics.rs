@@ -383,10 +383,7 @@ impl ValueMap {
             let src = &v[row0 * ev..row0 * ev + part.len()];
             for (r, (row, x)) in part.chunks_mut(ev).zip(src.chunks(ev)).enumerate() {
                 // Rows of one unit are consecutive: per_unit is a multiple of ev.
-                let j0 = (row0 + r) * ev / per_unit * ev;
-                for (c, (y, &x)) in row.iter_mut().zip(x).enumerate() {
-                    *y = ((f64::from(x) - self.shift[j0 + c]) / self.scale[j0 + c]) as f32;
-                }
+                self.map_unit_rows((row0 + r) * ev / per_unit, x, row);
             }
         });
         out
