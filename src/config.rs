@@ -18,6 +18,7 @@
 //! | `APPROX_ATTN_EXACT_TILES` | "bq bk tq tk split_v": forced exact tiles |
 //! | `APPROX_ATTN_POLY_TILES` | "bk tf rc1 b tr rc2 prefetch": forced f32 poly tiles |
 //! | `APPROX_ATTN_COOP_EXACT_TILES` | "subgroups rt bk": forced tensor-core exact tiles |
+//! | `APPROX_ATTN_NO_OVERLAP` | 1: wait after every dispatch (no overlap; the same results) |
 //! | `APPROX_ATTN_COOP_EXACT_F16_STORAGE` | 1: tensor-core exact reads f16 storage (float16 inputs, `storage="float16"`) |
 //! | `APPROX_ATTN_COOP_EXACT_UNMASKED` | 1: tensor-core exact skips the mask on key tiles seen whole |
 //! | `APPROX_ATTN_COOP_EXACT_Q_PARTS` | tensor-core exact stages the Q block in this many parts |
@@ -83,6 +84,11 @@ fn var(name: &str) -> Option<String> {
 }
 
 /// A flag: set, non-empty and not "0".
+/// `APPROX_ATTN_NO_OVERLAP`, read at each dispatch (the launch layer has no call's config).
+pub(crate) fn no_overlap() -> bool {
+    flag("APPROX_ATTN_NO_OVERLAP")
+}
+
 fn flag(name: &str) -> bool {
     var(name).is_some_and(|v| !v.is_empty() && v != "0")
 }

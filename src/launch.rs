@@ -97,7 +97,7 @@ pub fn allocated_bytes(gpu: &Gpu) -> Option<u64> {
 /// mapped while the next dispatch runs. `APPROX_ATTN_NO_OVERLAP=1` waits after every dispatch
 /// (the results are the same bit for bit; for comparisons).
 pub(crate) fn overlap() -> bool {
-    std::env::var_os("APPROX_ATTN_NO_OVERLAP").is_none_or(|v| v.is_empty() || v == "0")
+    !crate::config::no_overlap()
 }
 
 /// A readback buffer whose mapping was requested with its submission.
