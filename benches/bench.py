@@ -48,6 +48,7 @@ except ImportError:
 Array = np.ndarray
 SDPA_FP32 = "torch_cuda_sdpa_fp32"
 SDPA_BF16 = "torch_cuda_sdpa_bf16"
+SDPA_FP16 = "torch_cuda_sdpa_fp16"
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,6 +187,7 @@ def bench_ours(
     degree: int | None,
     args: Any,
     tensor_cores: bool | None = None,
+    storage: Any = None,
 ) -> Measured:
     kw: dict[str, Any] = {
         "method": method,
@@ -198,6 +200,9 @@ def bench_ours(
     if tensor_cores is not None:
         kw["tensor_cores"] = tensor_cores
     q, k, v = inp["q"], inp["k"], inp["v"]
+    if storage is not None:
+        # Cast outside the timed calls, as a caller holding float16 arrays would.
+        q, k, v = (x.astype(storage) for x in (q, k, v))
 
     def once() -> tuple[Array, tuple[Any, float]]:
         t0 = time.perf_counter()
@@ -218,6 +223,7 @@ def bench_ours(
         "plan": rep.plan,
         "schedule": rep.schedule,
         "f16_rounding": rep.f16_rounding,
+        "storage": rep.storage,
         "pass_s": dict(rep.pass_s),
         "reason": rep.reason,
         "gpu_call_s": spread([r.elapsed_s for r, _ in runs]),
@@ -435,17 +441,19 @@ def build_methods(args: Any) -> tuple[list[Method], dict[str, str]]:
     ]
     if torch is not None and torch.cuda.is_available() and args.causal:
         # Causal: SDPA with is_causal=True; the Taylor and cuBLAS baselines are non-causal only.
-        f32, bf16 = torch.float32, torch.bfloat16
+        f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
         methods += [
             Method(SDPA_FP32, "torch_cuda", lambda i, a: bench_torch_cuda(i, sdpa_causal, f32, a)),
             Method(SDPA_BF16, "torch_cuda", lambda i, a: bench_torch_cuda(i, sdpa_causal, bf16, a)),
+            Method(SDPA_FP16, "torch_cuda", lambda i, a: bench_torch_cuda(i, sdpa_causal, f16, a)),
         ]
         unavailable.update({name: "non-causal only" for name in cuda_names[2:]})
     elif torch is not None and torch.cuda.is_available():
-        f32, bf16 = torch.float32, torch.bfloat16
+        f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
         methods += [
             Method(SDPA_FP32, "torch_cuda", lambda i, a: bench_torch_cuda(i, sdpa, f32, a)),
             Method(SDPA_BF16, "torch_cuda", lambda i, a: bench_torch_cuda(i, sdpa, bf16, a)),
+            Method(SDPA_FP16, "torch_cuda", lambda i, a: bench_torch_cuda(i, sdpa, f16, a)),
             Method(cuda_names[2], "torch_cuda", lambda i, a: bench_torch_cuda(i, taylor2, f32, a)),
             Method(cuda_names[3], "torch_cuda", lambda i, a: bench_torch_cuda(i, taylor2, bf16, a)),
             Method(
@@ -457,7 +465,7 @@ def build_methods(args: Any) -> tuple[list[Method], dict[str, str]]:
         ]
     else:
         why = "torch not installed" if torch is None else "torch.cuda not available"
-        unavailable.update({name: why for name in cuda_names})
+        unavailable.update({name: why for name in [*cuda_names, SDPA_FP16]})
     if torch is not None:
         methods.append(
             Method("torch_cpu_sdpa_fp32", "torch_cpu", bench_torch_cpu, args.torch_cpu_max_n)
@@ -487,8 +495,18 @@ def build_methods(args: Any) -> tuple[list[Method], dict[str, str]]:
                 args.exact_tc_max_n,
             )
         )
+        # The same kernel on float16 NumPy inputs: float16 storage (half the words up).
+        methods.append(
+            Method(
+                "ours_exact_f16",
+                "ours",
+                lambda i, a: bench_ours(i, "exact", None, a, storage=np.float16),
+                args.exact_tc_max_n,
+            )
+        )
     else:
         unavailable["ours_exact_tc"] = "no 16x16 f16 cooperative matrices"
+        unavailable["ours_exact_f16"] = "no 16x16 f16 cooperative matrices"
     for d in args.degree:
         methods.append(
             Method(
