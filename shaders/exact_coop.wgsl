@@ -29,7 +29,11 @@ const SG: u32 = {{SG}}u;   // subgroup size (the adapter has exactly one)
 const RT: u32 = {{RT}}u;   // 16-row tiles per subgroup
 const R16: u32 = 16u * RT; // query rows per subgroup
 const NP: u32 = SG / R16;  // lanes per query row in the softmax
-{{STORAGE_DECL}}
+{{STORAGE_NOTE}}
+alias T = {{ELEM}};
+const LANES: u32 = {{LANES}}u;
+const EW: u32 = {{EW}};
+const EVW: u32 = {{EVW}};
 // Row strides in workgroup memory: K/Q and V rows padded to 16 columns (zeros) plus 8 halves,
 // scores plus 4 floats, probabilities plus 8 halves: every row starts on 16 bytes (NVIDIA returns
 // garbage for cooperative loads from other addresses) and rows fall in different banks.
@@ -120,6 +124,7 @@ fn main(
     // The next K/V tile is loaded into registers (as f16) while this one is multiplied.
 {{PREFETCH_DECL}}
     if (kv_end > 0u) {
+        let kr = min(BK, kv_end - (0u));
 {{LOAD_FIRST}}
     }
     var tile = 0u;
@@ -130,6 +135,7 @@ fn main(
 {{TILE_STORE}}
         workgroupBarrier();
         if (j0 + BK < kv_end) {
+            let kr = min(BK, kv_end - (j0 + BK));
 {{LOAD_NEXT}}
         }
 
@@ -137,13 +143,39 @@ fn main(
 {{SCORES}}
         subgroupBarrier();
 
-{{SOFTMAX}}
+        let lim = max(jmax, j0) - j0; // visible keys of the tile
+{{READ_SCORES}}
+{{ROW_MAX}}
+        // A branch on subgroupAny, written as a loop that runs at most once: naga's uniformity
+        // analysis (workgroup scope) rejects cooperative operations under an `if` on a subgroup
+        // operation, though the condition is uniform over the subgroup, their scope.
+        let grow = subgroupAny(m > NEG && mt > m + TAU);
+        for (var once = grow; once; once = false) {
+            let m_new = max(m, mt);
+            let alpha = exp2(m - m_new);
+            m = m_new;
+            lsum *= alpha;
+{{ALPHA_ROWS}}
+            subgroupBarrier(); // every lane has read its scores
+{{RESCALE}}
+        }
+        m = select(m, mt, m == NEG); // first visible keys of the row: nothing to rescale
+        // exp2(NEG - mo) = 0 masks; a row with no visible key yet has m = NEG: mo = 0 then.
+        let mo = select(m - OFF, 0.0, m == NEG);
+{{PROBS}}
         subgroupBarrier();
 
 {{PV}}
         tile += 1u;
     }
 
-{{STORE}}
+{{ROW_INV}}
+{{STORE_TILES}}
+    if (params.write_stats != 0u && part == 0u && row0 + r < q_rows) {
+        let srow = (head * params.l + q0 + row0 + r) * 2u;
+        stats[srow] = m - OFF;
+        stats[srow + 1u] = lsum;
+        words_written += 2u;
+    }
 {{IO_COUNTER_ADD}}
 }

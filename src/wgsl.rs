@@ -33,15 +33,31 @@ pub(crate) fn fill_template(template: &str, slots: &[(&str, String)]) -> String 
     s
 }
 
-/// A fragment template (`shaders/*_store.wgsl`: a block that a kernel repeats once per unrolled
-/// register tile, barriers and guards included) filled like [`fill_template`]; its leading `//`
-/// lines describe it and are not part of the code.
+/// A fragment template (`shaders/*_store.wgsl`, `shaders/exact_coop_*.wgsl`: a block of a kernel,
+/// often repeated once per unrolled register tile, barriers and guards included) filled like
+/// [`fill_template`]; its leading `//` lines describe it and are not part of the code.
 pub(crate) fn fill_fragment(fragment: &str, slots: &[(&str, String)]) -> String {
     let mut code = fragment;
     while code.starts_with("//") {
         code = code.split_once('\n').map_or("", |(_, rest)| rest);
     }
     fill_template(code, slots)
+}
+
+/// `code` with each line `levels` levels (four spaces each) deeper: a fragment written at one
+/// depth, used where it sits deeper.
+pub(crate) fn indent(levels: usize, code: &str) -> String {
+    let pad = "    ".repeat(levels);
+    code.lines()
+        .map(|l| {
+            if l.is_empty() {
+                String::new()
+            } else {
+                format!("{pad}{l}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Writes generated WGSL line by line at a tracked depth (four spaces a level), so that generators
@@ -244,5 +260,6 @@ mod tests {
         let f = "// what it is\n// more\n    x_{{A}} = {{A}}u;\n    // kept\n";
         let filled = fill_fragment(f, &[("A", "3".into())]);
         assert_eq!(filled, "    x_3 = 3u;\n    // kept\n");
+        assert_eq!(indent(1, "a;\n\n    b;\n"), "    a;\n\n        b;");
     }
 }

@@ -1,6 +1,7 @@
 //! Exact attention on cooperative matrices (tensor cores): its tiles ([`CoopExactTiles`]), the
-//! WGSL generated from `shaders/exact_coop.wgsl`, the host loop (the f32 kernel's chunking and
-//! split-KV merge) and the f16 rounding bound that the `Report` gives ([`F16Bound`]).
+//! WGSL generated from `shaders/exact_coop.wgsl` and its fragments `shaders/exact_coop_*.wgsl`,
+//! the host loop (the f32 kernel's chunking and split-KV merge) and the f16 rounding bound that
+//! the `Report` gives ([`F16Bound`]).
 //!
 //! # Rescaling schedule
 //! Online softmax rescales each output row by exp2(m_old - m_new) when the row's running maximum
@@ -17,8 +18,6 @@
 //! no one reads it); the scores and probabilities of a subgroup live in its own slices, so their
 //! hand-over between the cooperative stores and the lanes needs only `subgroupBarrier`.
 
-use std::fmt::Write as _;
-
 use super::run::{run_kernel, ExactKernel};
 use super::storage::{F16Inputs, Storage};
 use crate::api::Problem;
@@ -28,9 +27,19 @@ use crate::device::Gpu;
 use crate::error::Error;
 use crate::launch::{RunOptions, RunStats};
 use crate::numerics::{row_norm_and_max, value_columns};
-use crate::wgsl::{fill_template, io_counter_slots, wgsl_element};
+use crate::wgsl::{fill_fragment, fill_template, indent, io_counter_slots, wgsl_element, Emitter};
 
 pub(crate) const TEMPLATE: &str = include_str!("../../shaders/exact_coop.wgsl");
+/// Fragments of the template (their first lines say where they go and what they are filled with).
+const Q_WHOLE: &str = include_str!("../../shaders/exact_coop_q_whole.wgsl");
+const Q_PARTS: &str = include_str!("../../shaders/exact_coop_q_parts.wgsl");
+const JFULL: &str = include_str!("../../shaders/exact_coop_jfull.wgsl");
+const LOAD: &str = include_str!("../../shaders/exact_coop_load.wgsl");
+const TILE_STORE: &str = include_str!("../../shaders/exact_coop_tile_store.wgsl");
+const READ_UNMASKED: &str = include_str!("../../shaders/exact_coop_read_unmasked.wgsl");
+const RESCALE: &str = include_str!("../../shaders/exact_coop_rescale.wgsl");
+const STORE: &str = include_str!("../../shaders/exact_coop_store.wgsl");
+const STORE_ELEMENT: &str = include_str!("../../shaders/exact_coop_store_element.wgsl");
 
 /// Side of the cooperative matrices.
 const COOP: usize = 16;
@@ -242,16 +251,35 @@ pub fn plan(p: &Problem, budget: &Budget, sg: usize) -> Result<CoopExactPlan, Er
     plan_with(p, budget, t)
 }
 
-/// Generated code that carries the next K/V tile from storage to workgroup memory in registers
-/// (as f16): declarations, loads of the tile at key `j0`, stores into the buffer at `kb`/`vb`.
-struct Prefetch {
-    decl: String,
-    first: String,
-    next: String,
-    store: String,
+/// The storage element (STORAGE_NOTE, ELEM, LANES) and the row widths in elements (EW, EVW).
+fn storage_slots(t: &CoopExactTiles, var: &CoopExactVariant) -> [(&'static str, String); 5] {
+    let lanes = var.lanes(t);
+    let (note, ew, evw) = match var.storage {
+        Storage::F32 => (
+            "// Storage elements (vec4 where E and Ev are multiples of 4) and row widths in them.",
+            "E / LANES".to_string(),
+            "EV / LANES".to_string(),
+        ),
+        Storage::F16 => (
+            "// Q, K and V are f16 in storage: vec4<f16> where E and Ev are multiples of 4, else\n\
+             // vec2<f16> (rows of odd width end in a zero half); row widths in elements.",
+            format!("{}u", var.row_elems(t, t.e)),
+            format!("{}u", var.row_elems(t, t.ev)),
+        ),
+    };
+    [
+        ("STORAGE_NOTE", note.to_string()),
+        ("ELEM", element(var.storage, lanes).0.to_string()),
+        ("LANES", lanes.to_string()),
+        ("EW", ew),
+        ("EVW", evw),
+    ]
 }
 
-fn prefetch(t: &CoopExactTiles, var: &CoopExactVariant) -> Prefetch {
+/// Slots that carry the next K/V tile from storage to workgroup memory in registers (as f16):
+/// their declarations (PREFETCH_DECL), their loads of the tile at key 0 and at j0 + BK
+/// (LOAD_FIRST, LOAD_NEXT) and their stores into the buffer at kb/vb (TILE_STORE).
+fn prefetch_slots(t: &CoopExactTiles, var: &CoopExactVariant) -> [(&'static str, String); 4] {
     let lanes = var.lanes(t);
     let wg = t.threads();
     let (ew, evw) = (var.row_elems(t, t.e), var.row_elems(t, t.ev));
@@ -261,55 +289,51 @@ fn prefetch(t: &CoopExactTiles, var: &CoopExactVariant) -> Prefetch {
         2 => "vec2<f16>",
         _ => "f16",
     };
-    let words = elem_words(var.storage);
-    let mut decl = String::new();
-    for (name, n) in [("kx", nk), ("vx", nv)] {
-        for u in 0..n {
-            let _ = writeln!(decl, "    var {name}_{u} = {half}();");
-        }
-    }
-    let load = |j0: &str, ind: &str| {
-        let mut s = format!("{ind}let kr = min(BK, kv_end - ({j0}));\n");
-        for (name, n, width, buf, base) in [
-            ("kx", nk, "EW", "k", "k_base"),
-            ("vx", nv, "EVW", "v", "v_base"),
-        ] {
-            for u in 0..n {
-                let _ = writeln!(
-                    s,
-                    "{ind}{name}_{u} = {half}();\n{ind}if (lid + {o}u < kr * {width}) {{\n\
-                     {ind}    {name}_{u} = {half}({buf}[{base} + ({j0}) * {width} + lid + {o}u]);\n\
-                     {ind}    words_read += {words};\n{ind}}}",
-                    o = wg * u
-                );
-            }
-        }
-        s.trim_end().to_string()
-    };
     let comps = element(var.storage, lanes).1;
-    let mut store = String::new();
-    for (name, n, width, base, stride) in
-        [("kx", nk, "EW", "kb", "KS"), ("vx", nv, "EVW", "vb", "VS")]
-    {
+    let mut decl = Emitter::new(1);
+    let (mut first, mut next, mut store) = (String::new(), String::new(), String::new());
+    for (name, n, width, buf, base, tile, stride) in [
+        ("kx", nk, "EW", "k", "k_base", "kb", "KS"),
+        ("vx", nv, "EVW", "v", "v_base", "vb", "VS"),
+    ] {
         for u in 0..n {
-            let _ = writeln!(
-                store,
-                "        if (lid + {o}u < BK * {width}) {{\n            let i = lid + {o}u;\n            \
-                 let at = {base} + (i / {width}) * {stride} + (i % {width}) * LANES;",
-                o = wg * u
-            );
+            let x = format!("{name}_{u}");
+            decl.line(format!("var {x} = {half}();"));
+            let load = |j0: &str| {
+                let slots = [
+                    ("X", x.clone()),
+                    ("HALF", half.to_string()),
+                    ("O", (wg * u).to_string()),
+                    ("WIDTH", width.to_string()),
+                    ("BUF", buf.to_string()),
+                    ("BASE", base.to_string()),
+                    ("J0", j0.to_string()),
+                    ("WORDS", elem_words(var.storage).to_string()),
+                ];
+                fill_fragment(LOAD, &slots)
+            };
+            first.push_str(&load("0u"));
+            next.push_str(&load("j0 + BK"));
+            let mut stores = Emitter::new(3);
             for (l, c) in comps.iter().enumerate() {
-                let _ = writeln!(store, "            kv_t[at + {l}u] = {name}_{u}{c};");
+                stores.line(format!("kv_t[at + {l}u] = {x}{c};"));
             }
-            store.push_str("        }\n");
+            let slots = [
+                ("O", (wg * u).to_string()),
+                ("WIDTH", width.to_string()),
+                ("TILE", tile.to_string()),
+                ("STRIDE", stride.to_string()),
+                ("STORES", stores.finish()),
+            ];
+            store.push_str(&fill_fragment(TILE_STORE, &slots));
         }
     }
-    Prefetch {
-        decl: decl.trim_end().to_string(),
-        first: load("0u", "        "),
-        next: load("j0 + BK", "            "),
-        store: store.trim_end().to_string(),
-    }
+    [
+        ("PREFETCH_DECL", decl.finish()),
+        ("LOAD_FIRST", first.trim_end().to_string()),
+        ("LOAD_NEXT", indent(1, &next)),
+        ("TILE_STORE", store.trim_end().to_string()),
+    ]
 }
 
 /// Words the I/O counter adds per storage element read (f16: a vec2<f16> is one word).
@@ -322,7 +346,7 @@ fn elem_words(storage: Storage) -> &'static str {
 
 /// The tensor-core exact kernel for these tiles on f32 storage, every tile masked: straight-line
 /// WGSL for every slot of `shaders/exact_coop.wgsl` (the schedule and its barriers are in the
-/// template).
+/// template and its `shaders/exact_coop_*.wgsl` fragments).
 pub fn shader_source(t: &CoopExactTiles, count_io: bool) -> String {
     shader_source_for(t, count_io, &CoopExactVariant::default())
 }
@@ -331,87 +355,39 @@ pub fn shader_source(t: &CoopExactTiles, count_io: bool) -> String {
 /// not rounded again; Q is scaled in f32 and rounded to f16 as with f32 storage), and/or the
 /// unmasked softmax on key tiles every row of the subgroup sees whole.
 pub fn shader_source_for(t: &CoopExactTiles, count_io: bool, var: &CoopExactVariant) -> String {
-    let lanes = var.lanes(t);
-    let (elem, _) = element(var.storage, lanes);
-    let storage_decl = match var.storage {
-        Storage::F32 => {
-            "// Storage elements (vec4 where E and Ev are multiples of 4) and row widths in them.\n\
-             alias T = {{ELEM}};\nconst LANES: u32 = {{LANES}}u;\nconst EW: u32 = E / LANES;\n\
-             const EVW: u32 = EV / LANES;"
-                .to_string()
-        }
-        Storage::F16 => format!(
-            "// Q, K and V are f16 in storage: vec4<f16> where E and Ev are multiples of 4, else\n\
-             // vec2<f16> (rows of odd width end in a zero half); row widths in elements.\n\
-             alias T = {{{{ELEM}}}};\nconst LANES: u32 = {{{{LANES}}}}u;\nconst EW: u32 = {}u;\n\
-             const EVW: u32 = {}u;",
-            var.row_elems(t, t.e),
-            var.row_elems(t, t.ev)
-        ),
-    };
-    let q_load = match var.storage {
-        Storage::F32 => "        var x = T();\n        if (row < q_rows) {\n            \
-             x = q[q_base + idx] * params.scale_log2;\n            words_read += LANES;\n        }"
-            .to_string(),
-        // Scaled in f32 (as the f32 storage path does), then rounded to f16 by the store.
-        Storage::F16 => format!(
-            "        var x = vec{lanes}<f32>();\n        if (row < q_rows) {{\n            \
-             x = vec{lanes}<f32>(q[q_base + idx]) * params.scale_log2;\n            \
-             words_read += {};\n        }}",
-            elem_words(var.storage)
-        ),
-    };
+    // The template has `}{{JFULL}}`: nothing, or the block on lines of its own.
     let jfull = if var.unmasked_tiles {
-        "\n    // Keys every row of this subgroup sees (its first row sees the fewest).\n    \
-         var jfull = kv_end;\n    if (params.causal != 0u) {\n        \
-         let g0 = params.q_offset + q0 + row0;\n        \
-         jfull = min(kv_end, max(g0 + 1u, params.kv_offset) - params.kv_offset);\n    }"
+        format!("\n{}", fill_fragment(JFULL, &[]).trim_end())
     } else {
-        ""
+        String::new()
     };
-    let (q_block, q_halves, o_decl) = query_slots(t, var, &q_load);
-    let sm = softmax_slot(t, var.unmasked_tiles);
-    let (scores, pv, store) = (scores_slot(t), pv_slot(t), store_slot(t));
-    let pre = prefetch(t, var);
-    let [decl, add] = io_counter_slots(count_io, 6);
-    // The storage declarations carry slots of their own: filled first.
-    let template = TEMPLATE
-        .replace("{{STORAGE_DECL}}", &storage_decl)
-        .replace("{{JFULL}}", jfull);
-    fill_template(
-        &template,
-        &[
-            ("E", t.e.to_string()),
-            ("EV", t.ev.to_string()),
-            ("BQ", t.bq().to_string()),
-            ("BK", t.bk.to_string()),
-            ("WG", t.threads().to_string()),
-            ("SG", t.sg.to_string()),
-            ("RT", t.rt.to_string()),
-            ("ELEM", elem.to_string()),
-            ("LANES", lanes.to_string()),
-            ("KS", t.k_stride().to_string()),
-            ("VS", t.v_stride().to_string()),
-            ("TAU", format!("{TAU:?}")),
-            ("OFF", format!("{OFF:?}")),
-            ("KV_T", t.kv_halves().to_string()),
-            ("S_T", t.score_words().to_string()),
-            ("P_T", t.prob_halves().to_string()),
-            ("Q_BLOCK", q_block),
-            ("Q_HALVES", q_halves),
-            ("O_DECL", o_decl.trim_end().to_string()),
-            ("PREFETCH_DECL", pre.decl),
-            ("LOAD_FIRST", pre.first),
-            ("LOAD_NEXT", pre.next),
-            ("TILE_STORE", pre.store),
-            ("SCORES", scores.trim_end().to_string()),
-            ("SOFTMAX", sm.trim_end().to_string()),
-            ("PV", pv.trim_end().to_string()),
-            ("STORE", store.trim_end().to_string()),
-            decl,
-            add,
-        ],
-    )
+    let mut slots = vec![
+        ("E", t.e.to_string()),
+        ("EV", t.ev.to_string()),
+        ("BQ", t.bq().to_string()),
+        ("BK", t.bk.to_string()),
+        ("WG", t.threads().to_string()),
+        ("SG", t.sg.to_string()),
+        ("RT", t.rt.to_string()),
+        ("KS", t.k_stride().to_string()),
+        ("VS", t.v_stride().to_string()),
+        ("TAU", format!("{TAU:?}")),
+        ("OFF", format!("{OFF:?}")),
+        ("KV_T", t.kv_halves().to_string()),
+        ("S_T", t.score_words().to_string()),
+        ("P_T", t.prob_halves().to_string()),
+        ("JFULL", jfull),
+        ("O_DECL", out_decl(t)),
+        ("SCORES", scores_slot(t)),
+        ("PV", pv_slot(t)),
+    ];
+    slots.extend(storage_slots(t, var));
+    slots.extend(query_slots(t, var));
+    slots.extend(prefetch_slots(t, var));
+    slots.extend(softmax_slots(t, var.unmasked_tiles));
+    slots.extend(store_slots(t));
+    slots.extend(io_counter_slots(count_io, 6));
+    fill_template(TEMPLATE, &slots)
 }
 
 /// Tile counts of the generated code: (depth tiles of Q K^T, key tiles, output column tiles,
@@ -428,332 +404,298 @@ fn tile_counts(t: &CoopExactTiles) -> (usize, usize, usize, usize, usize, usize)
     )
 }
 
-/// The Q block's trip through workgroup memory into the subgroups' fragments (`q_load`: the
-/// load of one storage element into `x`), the halves it occupies there, and the output
-/// accumulators' declarations.
-fn query_slots(
-    t: &CoopExactTiles,
-    var: &CoopExactVariant,
-    q_load: &str,
-) -> (String, String, String) {
-    let rt = t.rt;
-    let (dt, _, ct, _, _, _) = tile_counts(t);
-    let (_, comps) = element(var.storage, var.lanes(t));
-    let parts = t.q_parts.max(1);
-    let pr = t.q_part_rows();
-    let mut q = String::new();
-    if parts == 1 {
-        q.push_str(
-            "    for (var idx = lid; idx < BQ * EW; idx += WG) {\n        let row = idx / EW;\n        \
-             let c = (idx % EW) * LANES;\n",
-        );
-        let _ = writeln!(q, "{q_load}");
-        for (l, c) in comps.iter().enumerate() {
-            let _ = writeln!(q, "        kv_t[row * KS + c + {l}u] = f16(x{c});");
+/// The Q block's trip through workgroup memory into the subgroups' fragments, whole or in parts
+/// (Q_BLOCK), and the halves it occupies there (Q_HALVES).
+fn query_slots(t: &CoopExactTiles, var: &CoopExactVariant) -> [(&'static str, String); 2] {
+    let (parts, pr) = (t.q_parts.max(1), t.q_part_rows());
+    let (x_type, q_elem) = match var.storage {
+        Storage::F32 => ("T".to_string(), "q[q_base + idx]".to_string()),
+        // Scaled in f32 (as the f32 storage path does), then rounded to f16 by the store.
+        Storage::F16 => {
+            let x = format!("vec{}<f32>", var.lanes(t));
+            (x.clone(), format!("{x}(q[q_base + idx])"))
         }
-        q.push_str("    }\n    workgroupBarrier();\n");
-        for a in 0..rt {
-            for d in 0..dt {
-                let _ = writeln!(
-                    q,
-                    "    let qf_{a}_{d} = coopLoadT<coop_mat16x16<f16, A>>(&kv_t[(row0 + {}u) * KS + {}u], KS);",
-                    16 * a,
-                    16 * d
-                );
-            }
-        }
-        q.push_str("    workgroupBarrier();");
-    } else {
-        let spp = t.subgroups / parts;
-        let _ = writeln!(
-            q,
-            "    // The Q block in {parts} parts of {pr} rows, in the K/V buffers' memory: subgroup s takes\n    \
-             // its fragments from part s / {spp}, in a loop that runs at most once (naga's uniformity\n    \
-             // analysis rejects cooperative operations under an `if` on the subgroup id)."
-        );
-        for a in 0..rt {
-            for d in 0..dt {
-                let _ = writeln!(q, "    var qf_{a}_{d}: coop_mat16x16<f16, A>;");
-            }
-        }
-        let _ = writeln!(
-            q,
-            "    for (var qp = 0u; qp < {parts}u; qp += 1u) {{\n        \
-             for (var pidx = lid; pidx < {pr}u * EW; pidx += WG) {{\n            \
-             let idx = qp * {pr}u * EW + pidx;\n            let row = idx / EW;\n            \
-             let c = (idx % EW) * LANES;"
-        );
-        for line in q_load.lines() {
-            let _ = writeln!(q, "    {line}");
-        }
-        for (l, c) in comps.iter().enumerate() {
-            let _ = writeln!(
-                q,
-                "            kv_t[(row - qp * {pr}u) * KS + c + {l}u] = f16(x{c});"
-            );
-        }
-        let _ = writeln!(
-            q,
-            "        }}\n        workgroupBarrier();\n        \
-             for (var once = sg / {spp}u == qp; once; once = false) {{"
-        );
-        for a in 0..rt {
-            for d in 0..dt {
-                let _ = writeln!(
-                    q,
-                    "            qf_{a}_{d} = coopLoadT<coop_mat16x16<f16, A>>(&kv_t[(row0 - qp * {pr}u + {}u) * KS + {}u], KS);",
-                    16 * a,
-                    16 * d
-                );
-            }
-        }
-        q.push_str("        }\n        workgroupBarrier();\n    }");
-    }
-    let q_halves = if parts == 1 {
-        "BQ * KS".to_string()
-    } else {
-        format!("{pr}u * KS")
     };
-    let mut o_decl = String::new();
-    for a in 0..rt {
-        for c in 0..ct {
-            let _ = writeln!(o_decl, "    var o_{a}_{c} = zero_acc;");
+    let mut slots = vec![
+        ("X_TYPE", x_type),
+        ("Q_ELEM", q_elem),
+        ("WORDS", elem_words(var.storage).to_string()),
+    ];
+    let (block, q_halves) = if parts == 1 {
+        slots.push(("Q_STORE", q_store(t, var, "row", 2)));
+        slots.push(("Q_FRAGMENTS", q_fragments(t, "let ", "row0", 1)));
+        (fill_fragment(Q_WHOLE, &slots), "BQ * KS".to_string())
+    } else {
+        let mut decl = Emitter::new(1);
+        for (a, d) in q_tiles(t) {
+            decl.line(format!("var qf_{a}_{d}: coop_mat16x16<f16, A>;"));
+        }
+        let row0 = format!("row0 - qp * {pr}u");
+        slots.extend([
+            ("PARTS", parts.to_string()),
+            ("PART_ROWS", pr.to_string()),
+            ("SPP", (t.subgroups / parts).to_string()),
+            ("Q_DECL", decl.finish()),
+            (
+                "Q_STORE",
+                q_store(t, var, &format!("(row - qp * {pr}u)"), 3),
+            ),
+            ("Q_FRAGMENTS", q_fragments(t, "", &row0, 3)),
+        ]);
+        (fill_fragment(Q_PARTS, &slots), format!("{pr}u * KS"))
+    };
+    [
+        ("Q_BLOCK", block.trim_end().to_string()),
+        ("Q_HALVES", q_halves),
+    ]
+}
+
+/// The (row tile, depth tile) pairs of a subgroup's Q fragments, in their order in the code.
+fn q_tiles(t: &CoopExactTiles) -> impl Iterator<Item = (usize, usize)> {
+    let (rt, dt) = (t.rt, tile_counts(t).0);
+    (0..rt).flat_map(move |a| (0..dt).map(move |d| (a, d)))
+}
+
+/// The store of the Q element x into the staged row `row` (an expression) as f16.
+fn q_store(t: &CoopExactTiles, var: &CoopExactVariant, row: &str, depth: usize) -> String {
+    let mut e = Emitter::new(depth);
+    for (l, c) in element(var.storage, var.lanes(t)).1.iter().enumerate() {
+        e.line(format!("kv_t[{row} * KS + c + {l}u] = f16(x{c});"));
+    }
+    e.finish()
+}
+
+/// The loads of the subgroup's Q fragments (`head`: "let " where they are declared) from the
+/// staged rows, its first row at `row0` (an expression).
+fn q_fragments(t: &CoopExactTiles, head: &str, row0: &str, depth: usize) -> String {
+    let mut e = Emitter::new(depth);
+    for (a, d) in q_tiles(t) {
+        e.line(format!(
+            "{head}qf_{a}_{d} = coopLoadT<coop_mat16x16<f16, A>>(&kv_t[({row0} + {}u) * KS + {}u], KS);",
+            16 * a,
+            16 * d
+        ));
+    }
+    e.finish()
+}
+
+/// The output accumulators o_A_C, zero (O_DECL).
+fn out_decl(t: &CoopExactTiles) -> String {
+    let mut e = Emitter::new(1);
+    for a in 0..t.rt {
+        for c in 0..tile_counts(t).2 {
+            e.line(format!("var o_{a}_{c} = zero_acc;"));
         }
     }
-
-    (q, q_halves, o_decl)
+    e.finish()
 }
 
 /// S = Q K^T one 16-key column tile at a time (RT accumulators live), staged row-major.
 fn scores_slot(t: &CoopExactTiles) -> String {
-    let rt = t.rt;
     let (dt, kt, _, _, _, _) = tile_counts(t);
-    let mut scores = String::new();
+    let mut e = Emitter::new(2);
     for b in 0..kt {
-        scores.push_str("        {\n");
-        for a in 0..rt {
-            let _ = writeln!(scores, "            var s_{a} = zero_acc;");
-        }
-        for d in 0..dt {
-            let _ = writeln!(
-                scores,
-                "            let kf_{d} = coopLoad<coop_mat16x16<f16, B>>(&kv_t[kb + {}u * KS + {}u], KS);",
-                16 * b,
-                16 * d
-            );
-            for a in 0..rt {
-                let _ = writeln!(
-                    scores,
-                    "            s_{a} = coopMultiplyAdd(qf_{a}_{d}, kf_{d}, s_{a});"
-                );
+        e.scope(|e| {
+            for a in 0..t.rt {
+                e.line(format!("var s_{a} = zero_acc;"));
             }
-        }
-        for a in 0..rt {
-            let _ = writeln!(
-                scores,
-                "            coopStoreT(s_{a}, &s_t[sb + {}u * SS + {}u], SS);",
-                16 * a,
-                16 * b
-            );
-        }
-        scores.push_str("        }\n");
+            for d in 0..dt {
+                e.line(format!(
+                    "let kf_{d} = coopLoad<coop_mat16x16<f16, B>>(&kv_t[kb + {}u * KS + {}u], KS);",
+                    16 * b,
+                    16 * d
+                ));
+                for a in 0..t.rt {
+                    e.line(format!(
+                        "s_{a} = coopMultiplyAdd(qf_{a}_{d}, kf_{d}, s_{a});"
+                    ));
+                }
+            }
+            for a in 0..t.rt {
+                e.line(format!(
+                    "coopStoreT(s_{a}, &s_t[sb + {}u * SS + {}u], SS);",
+                    16 * a,
+                    16 * b
+                ));
+            }
+        });
     }
-
-    scores
+    e.finish()
 }
 
-/// The online softmax of one key tile, with the lazy rescale of the output accumulators.
-fn softmax_slot(t: &CoopExactTiles, unmasked_tiles: bool) -> String {
-    let rt = t.rt;
+/// The online softmax of one key tile: this lane's scores (READ_SCORES), the tile's row maximum
+/// (ROW_MAX), the lazy rescale of the output accumulators (ALPHA_ROWS, RESCALE) and the
+/// probabilities (PROBS).
+fn softmax_slots(t: &CoopExactTiles, unmasked_tiles: bool) -> [(&'static str, String); 5] {
     let (_, _, ct, _, per_lane, stage_elems) = tile_counts(t);
-    // Softmax: lane (r, part) takes columns NP * (i + r) + part (mod BK), a rotation that puts
-    // the lanes of one read into different banks; scores of masked keys become NEG.
-    let mut sm =
-        String::from("        let lim = max(jmax, j0) - j0; // visible keys of the tile\n");
-    if unmasked_tiles {
-        // Tiles that every row of the subgroup sees whole (all but the causal diagonal and the
-        // ragged last tile) read their scores without the mask: a branch uniform over the
-        // subgroup, with no subgroup or cooperative operation inside.
-        for i in 0..per_lane {
-            let _ = writeln!(
-                sm,
-                "        let c_{i} = (NP * ({i}u + r) + part) % BK;\n        var x_{i} = NEG;"
-            );
-        }
-        sm.push_str("        if (j0 + BK <= jfull) {\n");
-        for i in 0..per_lane {
-            let _ = writeln!(sm, "            x_{i} = s_t[sb + r * SS + c_{i}];");
-        }
-        sm.push_str("        } else {\n");
-        for i in 0..per_lane {
-            let _ = writeln!(
-                sm,
-                "            x_{i} = select(NEG, s_t[sb + r * SS + c_{i}], c_{i} < lim);"
-            );
-        }
-        sm.push_str("        }\n");
-    } else {
-        for i in 0..per_lane {
-            let _ = writeln!(
-                sm,
-                "        let c_{i} = (NP * ({i}u + r) + part) % BK;\n        \
-                 let x_{i} = select(NEG, s_t[sb + r * SS + c_{i}], c_{i} < lim);"
-            );
-        }
-    }
+    let mut row_max = Emitter::new(2);
     let mx = (1..per_lane).fold("x_0".to_string(), |acc, i| format!("max({acc}, x_{i})"));
-    let _ = writeln!(sm, "        var mt = {mx};");
-    let mut o = COOP * rt;
-    while o < t.sg {
-        let _ = writeln!(sm, "        mt = max(mt, subgroupShuffleXor(mt, {o}u));");
-        o *= 2;
+    row_max.line(format!("var mt = {mx};"));
+    for o in row_lane_offsets(t) {
+        row_max.line(format!("mt = max(mt, subgroupShuffleXor(mt, {o}u));"));
     }
-    // The rescale: every accumulator through the staging slice, rows scaled by alpha of their
-    // lane (row rr's alpha lives in lane rr).
-    let mut rescale = String::new();
+    // Every accumulator through the staging slice, its rows scaled by alpha of their lane (row
+    // rr's alpha lives in lane rr).
+    let mut scale = Emitter::new(3);
     for u in 0..stage_elems {
-        let _ = writeln!(
-            rescale,
-            "            let ar_{u} = subgroupShuffle(alpha, (lane + {}u) / 16u);",
-            t.sg * u
-        );
+        scale.line(format!("s_t[sb + lane + {}u] *= ar_{u};", t.sg * u));
     }
-    rescale.push_str("            subgroupBarrier(); // every lane has read its scores\n");
+    let scale = scale.finish();
+    let mut rescale = String::new();
     for c in 0..ct {
-        for a in 0..rt {
-            let _ = writeln!(
-                rescale,
-                "            coopStoreT(o_{a}_{c}, &s_t[sb + {}u], 16u);",
+        let reload = accumulators(t, 3, |a| {
+            format!(
+                "o_{a}_{c} = coopLoadT<coop_mat16x16<f32, C>>(&s_t[sb + {}u], 16u);",
                 256 * a
-            );
-        }
-        rescale.push_str("            subgroupBarrier();\n");
-        for u in 0..stage_elems {
-            let _ = writeln!(
-                rescale,
-                "            s_t[sb + lane + {}u] *= ar_{u};",
-                t.sg * u
-            );
-        }
-        rescale.push_str("            subgroupBarrier();\n");
-        for a in 0..rt {
-            let _ = writeln!(
-                rescale,
-                "            o_{a}_{c} = coopLoadT<coop_mat16x16<f32, C>>(&s_t[sb + {}u], 16u);",
-                256 * a
-            );
-        }
-        rescale.push_str("            subgroupBarrier();\n");
+            )
+        });
+        let slots = [
+            ("STAGE", stage_accumulators(t, c, 3)),
+            ("SCALE", scale.clone()),
+            ("RELOAD", reload),
+        ];
+        rescale.push_str(&fill_fragment(RESCALE, &slots));
     }
-    let _ = write!(
-        sm,
-        "        // A branch on subgroupAny, written as a loop that runs at most once: naga's uniformity\n        \
-         // analysis (workgroup scope) rejects cooperative operations under an `if` on a subgroup\n        \
-         // operation, though the condition is uniform over the subgroup, their scope.\n        \
-         let grow = subgroupAny(m > NEG && mt > m + TAU);\n        \
-         for (var once = grow; once; once = false) {{\n            \
-         let m_new = max(m, mt);\n            let alpha = exp2(m - m_new);\n            \
-         m = m_new;\n            lsum *= alpha;\n{rescale}        }}\n        \
-         m = select(m, mt, m == NEG); // first visible keys of the row: nothing to rescale\n        \
-         // exp2(NEG - mo) = 0 masks; a row with no visible key yet has m = NEG: mo = 0 then.\n        \
-         let mo = select(m - OFF, 0.0, m == NEG);\n"
-    );
+    let mut alpha = Emitter::new(3);
+    row_values(&mut alpha, t, "ar", "alpha");
+    let mut probs = Emitter::new(2);
     for i in 0..per_lane {
-        let _ = writeln!(
-            sm,
-            "        let p_{i} = f16(exp2(x_{i} - mo));\n        \
-             p_t[pb + r * PS + c_{i}] = p_{i};\n        lsum += f32(p_{i});"
-        );
+        probs
+            .line(format!("let p_{i} = f16(exp2(x_{i} - mo));"))
+            .line(format!("p_t[pb + r * PS + c_{i}] = p_{i};"))
+            .line(format!("lsum += f32(p_{i});"));
     }
+    [
+        ("READ_SCORES", read_scores(t, unmasked_tiles)),
+        ("ROW_MAX", row_max.finish()),
+        ("ALPHA_ROWS", alpha.finish()),
+        ("RESCALE", rescale.trim_end().to_string()),
+        ("PROBS", probs.finish()),
+    ]
+}
 
-    sm
+/// This lane's scores x_i of the tile: lane (r, part) takes columns NP * (i + r) + part (mod BK),
+/// a rotation that puts the lanes of one read into different banks; scores of masked keys
+/// become NEG.
+fn read_scores(t: &CoopExactTiles, unmasked_tiles: bool) -> String {
+    let per_lane = tile_counts(t).4;
+    let column = |i: usize| format!("let c_{i} = (NP * ({i}u + r) + part) % BK;");
+    let masked = |i: usize| format!("select(NEG, s_t[sb + r * SS + c_{i}], c_{i} < lim)");
+    if !unmasked_tiles {
+        let mut e = Emitter::new(2);
+        for i in 0..per_lane {
+            e.line(column(i))
+                .line(format!("let x_{i} = {};", masked(i)));
+        }
+        return e.finish();
+    }
+    let (mut columns, mut whole, mut partial) = (Emitter::new(2), Emitter::new(3), Emitter::new(3));
+    for i in 0..per_lane {
+        columns.line(column(i)).line(format!("var x_{i} = NEG;"));
+        whole.line(format!("x_{i} = s_t[sb + r * SS + c_{i}];"));
+        partial.line(format!("x_{i} = {};", masked(i)));
+    }
+    let slots = [
+        ("COLUMNS", columns.finish()),
+        ("WHOLE", whole.finish()),
+        ("MASKED", partial.finish()),
+    ];
+    fill_fragment(READ_UNMASKED, &slots).trim_end().to_string()
+}
+
+/// Lane offsets of the shuffles that combine the NP lanes of a row.
+fn row_lane_offsets(t: &CoopExactTiles) -> impl Iterator<Item = usize> {
+    let sg = t.sg;
+    std::iter::successors(Some(COOP * t.rt), |o| Some(o * 2)).take_while(move |&o| o < sg)
+}
+
+/// `name_u`: the `value` of the row of each staged element u of this lane (row rr's value lives
+/// in lane rr).
+fn row_values(e: &mut Emitter, t: &CoopExactTiles, name: &str, value: &str) {
+    for u in 0..tile_counts(t).5 {
+        e.line(format!(
+            "let {name}_{u} = subgroupShuffle({value}, (lane + {}u) / 16u);",
+            t.sg * u
+        ));
+    }
+}
+
+/// One line per accumulator row tile a.
+fn accumulators(t: &CoopExactTiles, depth: usize, line: impl Fn(usize) -> String) -> String {
+    let mut e = Emitter::new(depth);
+    for a in 0..t.rt {
+        e.line(line(a));
+    }
+    e.finish()
+}
+
+/// The accumulators of output column tile c into the subgroup's staging slice.
+fn stage_accumulators(t: &CoopExactTiles, c: usize, depth: usize) -> String {
+    accumulators(t, depth, |a| {
+        format!("coopStoreT(o_{a}_{c}, &s_t[sb + {}u], 16u);", 256 * a)
+    })
 }
 
 /// O += P V, 16 keys at a time.
 fn pv_slot(t: &CoopExactTiles) -> String {
-    let rt = t.rt;
     let (_, kt, ct, _, _, _) = tile_counts(t);
-    let mut pv = String::new();
+    let mut e = Emitter::new(2);
     for kk in 0..kt {
-        pv.push_str("        {\n");
-        for a in 0..rt {
-            let _ = writeln!(
-                pv,
-                "            let pf_{a} = coopLoadT<coop_mat16x16<f16, A>>(&p_t[pb + {}u * PS + {}u], PS);",
-                16 * a,
-                16 * kk
-            );
-        }
-        for c in 0..ct {
-            let _ = writeln!(
-                pv,
-                "            let vf_{c} = coopLoadT<coop_mat16x16<f16, B>>(&kv_t[vb + {}u * VS + {}u], VS);",
-                16 * kk,
-                16 * c
-            );
-            for a in 0..rt {
-                let _ = writeln!(
-                    pv,
-                    "            o_{a}_{c} = coopMultiplyAdd(pf_{a}, vf_{c}, o_{a}_{c});"
-                );
+        e.scope(|e| {
+            for a in 0..t.rt {
+                e.line(format!(
+                    "let pf_{a} = coopLoadT<coop_mat16x16<f16, A>>(&p_t[pb + {}u * PS + {}u], PS);",
+                    16 * a,
+                    16 * kk
+                ));
             }
-        }
-        pv.push_str("        }\n");
+            for c in 0..ct {
+                e.line(format!(
+                    "let vf_{c} = coopLoadT<coop_mat16x16<f16, B>>(&kv_t[vb + {}u * VS + {}u], VS);",
+                    16 * kk,
+                    16 * c
+                ));
+                for a in 0..t.rt {
+                    e.line(format!("o_{a}_{c} = coopMultiplyAdd(pf_{a}, vf_{c}, o_{a}_{c});"));
+                }
+            }
+        });
     }
-
-    pv
+    e.finish()
 }
 
-/// The output rows, normalised, and the split-KV statistics.
-fn store_slot(t: &CoopExactTiles) -> String {
-    let rt = t.rt;
+/// The output rows: the row sums over the NP lanes of a row and their inverses per staged element
+/// (ROW_INV), then each accumulator through the staging slice, divided by its row's sum
+/// (STORE_TILES).
+fn store_slots(t: &CoopExactTiles) -> [(&'static str, String); 2] {
     let (_, _, ct, _, _, stage_elems) = tile_counts(t);
-    // Output: row sums over the NP lanes of a row, then each accumulator through the staging
-    // slice, divided by its row's sum; split-KV dispatches also store (m, l) per row.
-    let mut store = String::new();
-    let mut o = COOP * rt;
-    while o < t.sg {
-        let _ = writeln!(store, "    lsum += subgroupShuffleXor(lsum, {o}u);");
-        o *= 2;
+    let mut inv = Emitter::new(1);
+    for o in row_lane_offsets(t) {
+        inv.line(format!("lsum += subgroupShuffleXor(lsum, {o}u);"));
     }
-    store.push_str("    let inv = select(0.0, 1.0 / lsum, lsum > 0.0);\n");
-    for u in 0..stage_elems {
-        let _ = writeln!(
-            store,
-            "    let inv_{u} = subgroupShuffle(inv, (lane + {}u) / 16u);",
-            t.sg * u
-        );
-    }
+    inv.line("let inv = select(0.0, 1.0 / lsum, lsum > 0.0);");
+    row_values(&mut inv, t, "inv", "inv");
+    let mut tiles = String::new();
     for c in 0..ct {
-        for a in 0..rt {
-            let _ = writeln!(
-                store,
-                "    coopStoreT(o_{a}_{c}, &s_t[sb + {}u], 16u);",
-                256 * a
-            );
-        }
-        store.push_str("    subgroupBarrier();\n");
+        let mut writes = String::new();
         for u in 0..stage_elems {
-            let _ = writeln!(
-                store,
-                "    {{\n        let i = lane + {o}u;\n        let row = row0 + i / 16u;\n        \
-                 let col = {c16}u + i % 16u;\n        if (row < q_rows && col < EV) {{\n            \
-                 o[(head * params.l + q0 + row) * EV + col] = s_t[sb + i] * inv_{u};\n            \
-                 words_written += 1u;\n        }}\n    }}",
-                o = t.sg * u,
-                c16 = 16 * c
-            );
+            let slots = [
+                ("O", (t.sg * u).to_string()),
+                ("COL", (16 * c).to_string()),
+                ("U", u.to_string()),
+            ];
+            writes.push_str(&fill_fragment(STORE_ELEMENT, &slots));
         }
-        store.push_str("    subgroupBarrier();\n");
+        let slots = [
+            ("STAGE", stage_accumulators(t, c, 1)),
+            ("WRITES", writes.trim_end().to_string()),
+        ];
+        tiles.push_str(&fill_fragment(STORE, &slots));
     }
-    let _ = write!(
-        store,
-        "    if (params.write_stats != 0u && part == 0u && row0 + r < q_rows) {{\n        \
-         let srow = (head * params.l + q0 + row0 + r) * 2u;\n        stats[srow] = m - OFF;\n        \
-         stats[srow + 1u] = lsum;\n        words_written += 2u;\n    }}"
-    );
-
-    store
+    [
+        ("ROW_INV", inv.finish()),
+        ("STORE_TILES", tiles.trim_end().to_string()),
+    ]
 }
 
 /// Whether this adapter runs the kernel: 16 x 16 f16 cooperative matrices with one subgroup size
