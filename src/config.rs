@@ -19,7 +19,6 @@
 //! | `APPROX_ATTN_POLY_TILES` | "bk tf rc1 b tr rc2 prefetch": forced f32 poly tiles |
 //! | `APPROX_ATTN_COOP_EXACT_TILES` | "subgroups rt bk": forced tensor-core exact tiles |
 //! | `APPROX_ATTN_NO_OVERLAP` | 1: wait after every dispatch (no overlap; the same results) |
-//! | `APPROX_ATTN_COOP_EXACT_F16_STORAGE` | 1: tensor-core exact reads f16 storage (float16 inputs, `storage="float16"`) |
 //! | `APPROX_ATTN_COOP_EXACT_UNMASKED` | 1: tensor-core exact skips the mask on key tiles seen whole |
 //! | `APPROX_ATTN_COOP_EXACT_Q_PARTS` | tensor-core exact stages the Q block in this many parts |
 //! | `APPROX_ATTN_CAUSAL_CHUNK` | rows per chunk of causal poly (rounded up to what the tiles need) |
@@ -64,8 +63,6 @@ pub struct Config {
     pub poly_tiles: Option<String>,
     /// `APPROX_ATTN_COOP_EXACT_TILES`, unparsed.
     pub coop_exact_tiles: Option<String>,
-    /// `APPROX_ATTN_COOP_EXACT_F16_STORAGE` (off until checked on a GPU).
-    pub coop_exact_f16_storage: bool,
     /// `APPROX_ATTN_COOP_EXACT_UNMASKED` (off until measured on a GPU).
     pub coop_exact_unmasked: bool,
     /// `APPROX_ATTN_COOP_EXACT_Q_PARTS` (1 where unset: the whole block at once).
@@ -175,7 +172,6 @@ impl Config {
             exact_tiles: var("APPROX_ATTN_EXACT_TILES"),
             poly_tiles: var("APPROX_ATTN_POLY_TILES"),
             coop_exact_tiles: var("APPROX_ATTN_COOP_EXACT_TILES"),
-            coop_exact_f16_storage: flag("APPROX_ATTN_COOP_EXACT_F16_STORAGE"),
             coop_exact_unmasked: flag("APPROX_ATTN_COOP_EXACT_UNMASKED"),
             coop_exact_q_parts: count("APPROX_ATTN_COOP_EXACT_Q_PARTS"),
             causal_chunk: count("APPROX_ATTN_CAUSAL_CHUNK"),

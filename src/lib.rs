@@ -687,10 +687,6 @@ fn run_exact(
     out: &mut [f32],
 ) -> Result<Ran, Error> {
     let (gpu, budget, opts) = (tuner.gpu, tuner.budget, &tuner.opts);
-    // Tensor cores on f16 storage are opt-in until their shaders have run on a GPU with
-    // cooperative matrices (the CPU driver has none); without it they read float32 storage.
-    let f16_storage =
-        f16_storage.filter(|_| coop_exact.is_none() || tuner.cfg.coop_exact_f16_storage);
     uploads.clear();
     let (st, mut io, plan, exact_f16) = match coop_exact {
         Some(cplan) => {

@@ -43,26 +43,17 @@ needs_coop = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def _f16_storage_on_tensor_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    """This module checks the f16-storage reads of the tensor-core kernel, which are opt-in
-    (APPROX_ATTN_COOP_EXACT_F16_STORAGE) until they have run on a GPU."""
-    monkeypatch.setenv("APPROX_ATTN_COOP_EXACT_F16_STORAGE", "1")
-
-
 @needs_coop
-def test_without_the_switch_float16_inputs_read_float32_storage(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_float16_inputs_read_float16_storage_unless_float32_is_asked() -> None:
     q, k, v = (x.astype(np.float16) for x in inputs(3, 1, 2, 2, 70, 90, 64, 64))
-    monkeypatch.delenv("APPROX_ATTN_COOP_EXACT_F16_STORAGE")
-    out, rep = approx_attn.attention(q, k, v, method="exact", return_report=True)
-    assert (rep.tensor_cores, rep.storage, rep.input_rounding) == (True, "float32", None), rep
-    monkeypatch.setenv("APPROX_ATTN_COOP_EXACT_F16_STORAGE", "1")
+    out32, rep32 = approx_attn.attention(
+        q, k, v, method="exact", storage="float32", return_report=True
+    )
+    assert (rep32.tensor_cores, rep32.storage, rep32.input_rounding) == (True, "float32", None)
     out16, rep16 = approx_attn.attention(q, k, v, method="exact", return_report=True)
-    assert rep16.storage == "float16", rep16
+    assert (rep16.tensor_cores, rep16.storage) == (True, "float16"), rep16
     # The same float16 values either way: the same kernel arithmetic, bit for bit.
-    np.testing.assert_array_equal(out16, out)
+    np.testing.assert_array_equal(out16, out32)
 
 
 def inputs(seed: int, b: int, h: int, hkv: int, L: int, S: int, E: int, Ev: int):
