@@ -155,6 +155,7 @@ def end_to_end(args: Any) -> list[dict[str, Any]]:
                     "bus_bytes": nin + nout,
                     "bus_s": bus,
                     "ratio_to_bus": float(np.median(times)) / bus["median"],
+                    "host_s_last_run": dict(rep.host_s),  # where the host time went
                 }
             )
             print(rows[-1], flush=True)
