@@ -187,16 +187,8 @@ fn run_kernel_stats(
 ) -> Result<KernelRun, Error> {
     // With want_lse the rows go through the split-KV merge even in one dispatch.
     let split_kv = c.kv_rows < p.s || want_lse;
-    let q_buf = storage_buffer(gpu, c.units * p.group * c.q_rows * qk_words, "q");
-    let k_buf = storage_buffer(gpu, c.units * c.kv_rows * qk_words, "k");
-    let v_buf = storage_buffer(gpu, c.units * c.kv_rows * v_words, "v");
-    let o_buf = storage_buffer(gpu, c.units * p.group * c.q_rows * p.ev, "o");
-    let stats_words = if split_kv {
-        c.units * p.group * c.q_rows * 2
-    } else {
-        1
-    };
-    let stats_buf = storage_buffer(gpu, stats_words, "stats");
+    let [q_buf, k_buf, v_buf, o_buf, stats_buf] =
+        kernel_buffers(gpu, p, c, (qk_words, v_words), split_kv);
 
     debug_assert_eq!(out.len(), p.query_heads() * p.l * p.ev);
     if split_kv {
@@ -234,16 +226,7 @@ fn run_kernel_stats(
             )
         });
         kv_in_place = Some(kv_slice);
-        let params = Params {
-            l: ch.lc as u32,
-            s: ch.sc as u32,
-            group: p.group as u32,
-            causal: u32::from(p.causal),
-            q_offset: ch.l0 as u32,
-            kv_offset: ch.s0 as u32,
-            write_stats: u32::from(split_kv),
-            scale_log2: p.scale * std::f32::consts::LOG2_E,
-        };
+        let params = dispatch_params(p, &ch, split_kv);
         let o_words = qh * ch.lc * p.ev;
         let s_words = if split_kv { qh * ch.lc * 2 } else { 0 };
         let sub = gpu.checked(|| {
@@ -276,14 +259,44 @@ fn run_kernel_stats(
     if let Some(last) = reading {
         place(last, &mut stats)?;
     }
-    let lse = merge.filter(|_| want_lse).map(|m| {
-        m.run_m
-            .iter()
-            .zip(&m.run_l)
-            .map(|(&m, &l)| ((m + l.log2()) * std::f64::consts::LN_2) as f32)
-            .collect()
-    });
-    Ok((lse, stats))
+    Ok((merge.filter(|_| want_lse).map(|m| m.lse()), stats))
+}
+
+/// The storage buffers of one exact call (q, k, v, o, stats), sized for its largest dispatch;
+/// stats holds (m, l) per row only where the keys are split.
+fn kernel_buffers(
+    gpu: &Gpu,
+    p: &Problem,
+    c: &Chunking,
+    (qk_words, v_words): (usize, usize),
+    split_kv: bool,
+) -> [wgpu::Buffer; 5] {
+    let stats_words = if split_kv {
+        c.units * p.group * c.q_rows * 2
+    } else {
+        1
+    };
+    [
+        storage_buffer(gpu, c.units * p.group * c.q_rows * qk_words, "q"),
+        storage_buffer(gpu, c.units * c.kv_rows * qk_words, "k"),
+        storage_buffer(gpu, c.units * c.kv_rows * v_words, "v"),
+        storage_buffer(gpu, c.units * p.group * c.q_rows * p.ev, "o"),
+        storage_buffer(gpu, stats_words, "stats"),
+    ]
+}
+
+/// The kernel's parameters for one dispatch.
+fn dispatch_params(p: &Problem, ch: &Chunk, split_kv: bool) -> Params {
+    Params {
+        l: ch.lc as u32,
+        s: ch.sc as u32,
+        group: p.group as u32,
+        causal: u32::from(p.causal),
+        q_offset: ch.l0 as u32,
+        kv_offset: ch.s0 as u32,
+        write_stats: u32::from(split_kv),
+        scale_log2: p.scale * std::f32::consts::LOG2_E,
+    }
 }
 
 /// Copies a chunk's output rows `(heads, lc, ev)` to their places in the whole output.
@@ -305,6 +318,15 @@ struct SplitMerge {
 }
 
 impl SplitMerge {
+    /// Each merged row's natural log-sum-exp.
+    fn lse(&self) -> Vec<f32> {
+        self.run_m
+            .iter()
+            .zip(&self.run_l)
+            .map(|(&m, &l)| ((m + l.log2()) * std::f64::consts::LN_2) as f32)
+            .collect()
+    }
+
     fn new(p: &Problem) -> Self {
         let rows = p.query_heads() * p.l;
         SplitMerge {

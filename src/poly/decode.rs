@@ -24,7 +24,7 @@ use std::sync::Arc;
 use super::features::query_weights;
 use super::fit::{FitKind, Poly};
 use super::primitive::kernel_features;
-use crate::device::{self, Gpu};
+use crate::device::{self, DeviceInfo, Gpu};
 use crate::error::Error;
 use crate::transfer::{
     read_f32, read_mapped, readback_buffer, storage_buffer, storage_buffer_with,
@@ -212,6 +212,85 @@ pub struct DeviceState {
     reduce_binds: HashMap<usize, wgpu::BindGroup>,
 }
 
+/// The lengths of one step's inputs: n tokens of every head (queries), unit (keys, values) and
+/// gate.
+fn check_step_inputs(
+    s: &StepShape,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    log_gates: Option<&[f32]>,
+    n: usize,
+) -> Result<(), Error> {
+    if n == 0 || n > MAX_STEP_TOKENS {
+        return Err(Error::InvalidInput(format!(
+            "a device step takes 1 to {MAX_STEP_TOKENS} tokens, got {n}"
+        )));
+    }
+    let heads = s.units * s.group;
+    let want = [
+        ("query", q.len(), heads * n * s.e),
+        ("key", k.len(), s.units * n * s.e),
+        ("value", v.len(), s.units * n * s.ev),
+        (
+            "log_gates",
+            log_gates.map_or(s.units * n, <[f32]>::len),
+            s.units * n,
+        ),
+    ];
+    for (name, got, want) in want {
+        if got != want {
+            return Err(Error::InvalidInput(format!(
+                "{name} holds {got} values, expected {want} for {n} token(s)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The arguments of [`DeviceState::new`] that no adapter could take.
+fn check_state_args(
+    units: usize,
+    group: usize,
+    e: usize,
+    ev: usize,
+    scale: f64,
+) -> Result<(), Error> {
+    if units == 0 || group == 0 || e == 0 || ev == 0 {
+        return Err(Error::InvalidInput(format!(
+            "a decoding state needs at least one unit, query head, E and Ev, got units={units}, \
+             group={group}, E={e}, Ev={ev}"
+        )));
+    }
+    if !scale.is_finite() {
+        return Err(Error::InvalidInput(format!(
+            "scale must be finite, got {scale}"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether this adapter's workgroup grid and storage bindings hold the state and its dispatches.
+fn check_state_fits(info: &DeviceInfo, shape: &StepShape, blocks: usize) -> Result<(), Error> {
+    let too_large = |what: String| Err(Error::TooLarge(format!("decoding on the GPU: {what}")));
+    let StepShape {
+        units, group, ev, ..
+    } = *shape;
+    let grid = info.max_compute_workgroups_per_dimension as usize;
+    if blocks > grid || units > grid || units * group > grid || ev > grid {
+        return too_large(format!(
+            "{blocks} feature blocks, {units} units of {group} heads or Ev = {ev} exceed the \
+             workgroup grid ({grid} per dimension)"
+        ));
+    }
+    let bytes = 4 * shape.state_words() as u64;
+    if bytes > info.max_storage_buffer_binding_size || bytes > info.max_buffer_size {
+        return too_large(format!(
+            "a state of {bytes} bytes exceeds one storage binding ({} bytes)",
+            info.max_storage_buffer_binding_size
+        ));
+    }
+    Ok(())
+}
+
 impl DeviceState {
     /// Uploads `state` (units x r x (Ev + 1) floats, the host layout) for the kernel with these
     /// coefficients and scale (`scale` multiplies q.k inside P, on the query side). `unrolled`:
@@ -228,17 +307,7 @@ impl DeviceState {
         normalize: bool,
         unrolled: Option<bool>,
     ) -> Result<Self, Error> {
-        if units == 0 || group == 0 || e == 0 || ev == 0 {
-            return Err(Error::InvalidInput(format!(
-                "a decoding state needs at least one unit, query head, E and Ev, got units={units}, \
-                 group={group}, E={e}, Ev={ev}"
-            )));
-        }
-        if !scale.is_finite() {
-            return Err(Error::InvalidInput(format!(
-                "scale must be finite, got {scale}"
-            )));
-        }
+        check_state_args(units, group, e, ev, scale)?;
         let table = kernel_features(e, coeffs)?;
         let shape = StepShape {
             units,
@@ -266,21 +335,7 @@ impl DeviceState {
             .min(blocks.next_power_of_two())
             .min(gpu.info.max_compute_invocations_per_workgroup as usize);
         let info = &gpu.info;
-        let too_large = |what: String| Err(Error::TooLarge(format!("decoding on the GPU: {what}")));
-        let grid = info.max_compute_workgroups_per_dimension as usize;
-        if blocks > grid || units > grid || units * group > grid || ev > grid {
-            return too_large(format!(
-                "{blocks} feature blocks, {units} units of {group} heads or Ev = {ev} exceed the \
-                 workgroup grid ({grid} per dimension)"
-            ));
-        }
-        let bytes = 4 * shape.state_words() as u64;
-        if bytes > info.max_storage_buffer_binding_size || bytes > info.max_buffer_size {
-            return too_large(format!(
-                "a state of {bytes} bytes exceeds one storage binding ({} bytes)",
-                info.max_storage_buffer_binding_size
-            ));
-        }
+        check_state_fits(info, &shape, blocks)?;
         let poly = Poly {
             degree: table.g,
             beta: 0.0,
@@ -329,6 +384,34 @@ impl DeviceState {
                 reduce_binds: HashMap::new(),
             })
         })
+    }
+
+    /// Each token's slab: queries, keys, values, gates (the layout the shader reads).
+    fn token_slab(
+        &self,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        log_gates: Option<&[f32]>,
+        n: usize,
+    ) -> Vec<f32> {
+        let s = self.shape;
+        let heads = s.units * s.group;
+        let mut slab = vec![0f32; n * self.token_stride / 4];
+        for t in 0..n {
+            let mut w = t * self.token_stride / 4;
+            for (x, rows, width) in [(q, heads, s.e), (k, s.units, s.e), (v, s.units, s.ev)] {
+                for row in 0..rows {
+                    let from = (row * n + t) * width;
+                    slab[w..w + width].copy_from_slice(&x[from..from + width]);
+                    w += width;
+                }
+            }
+            if let Some(g) = log_gates {
+                for u in 0..s.units {
+                    slab[w + u] = g[u * n + t];
+                }
+            }
+        }
+        slab
     }
 
     pub fn shape(&self) -> StepShape {
@@ -411,48 +494,10 @@ impl DeviceState {
     ) -> Result<(Vec<f32>, bool), Error> {
         let s = self.shape;
         let heads = s.units * s.group;
-        if n == 0 || n > MAX_STEP_TOKENS {
-            return Err(Error::InvalidInput(format!(
-                "a device step takes 1 to {MAX_STEP_TOKENS} tokens, got {n}"
-            )));
-        }
-        let want = [
-            ("query", q.len(), heads * n * s.e),
-            ("key", k.len(), s.units * n * s.e),
-            ("value", v.len(), s.units * n * s.ev),
-            (
-                "log_gates",
-                log_gates.map_or(s.units * n, <[f32]>::len),
-                s.units * n,
-            ),
-        ];
-        for (name, got, want) in want {
-            if got != want {
-                return Err(Error::InvalidInput(format!(
-                    "{name} holds {got} values, expected {want} for {n} token(s)"
-                )));
-            }
-        }
+        check_step_inputs(&s, (q, k, v), log_gates, n)?;
         let gpu = self.live_gpu()?;
         let _guard = gpu.exclusive();
-        // Each token's slab: queries, keys, values, gates (the layout the shader reads).
-        let mut slab = vec![0f32; n * self.token_stride / 4];
-        for t in 0..n {
-            let at = t * self.token_stride / 4;
-            let mut w = at;
-            for (x, rows, width) in [(q, heads, s.e), (k, s.units, s.e), (v, s.units, s.ev)] {
-                for row in 0..rows {
-                    let from = (row * n + t) * width;
-                    slab[w..w + width].copy_from_slice(&x[from..from + width]);
-                    w += width;
-                }
-            }
-            if let Some(g) = log_gates {
-                for u in 0..s.units {
-                    slab[w + u] = g[u * n + t];
-                }
-            }
-        }
+        let slab = self.token_slab((q, k, v), log_gates, n);
         let gated = log_gates.is_some();
         let step = self.step_pipeline(gated)?;
         if n > 1 && self.states.len() < 3 {
