@@ -10,11 +10,7 @@
             let idx = qp * {{PART_ROWS}}u * EW + pidx;
             let row = idx / EW;
             let c = (idx % EW) * LANES;
-            var x = {{X_TYPE}}();
-            if (row < q_rows) {
-                x = {{Q_ELEM}} * params.scale_log2;
-                words_read += {{WORDS}};
-            }
+{{Q_LOAD}}
 {{Q_STORE}}
         }
         workgroupBarrier();

@@ -33,6 +33,7 @@ pub(crate) const TEMPLATE: &str = include_str!("../../shaders/exact_coop.wgsl");
 /// Fragments of the template (their first lines say where they go and what they are filled with).
 const Q_WHOLE: &str = include_str!("../../shaders/exact_coop_q_whole.wgsl");
 const Q_PARTS: &str = include_str!("../../shaders/exact_coop_q_parts.wgsl");
+const Q_LOAD: &str = include_str!("../../shaders/exact_coop_q_load.wgsl");
 const JFULL: &str = include_str!("../../shaders/exact_coop_jfull.wgsl");
 const LOAD: &str = include_str!("../../shaders/exact_coop_load.wgsl");
 const TILE_STORE: &str = include_str!("../../shaders/exact_coop_tile_store.wgsl");
@@ -416,11 +417,15 @@ fn query_slots(t: &CoopExactTiles, var: &CoopExactVariant) -> [(&'static str, St
             (x.clone(), format!("{x}(q[q_base + idx])"))
         }
     };
-    let mut slots = vec![
-        ("X_TYPE", x_type),
-        ("Q_ELEM", q_elem),
-        ("WORDS", elem_words(var.storage).to_string()),
-    ];
+    let q_load = fill_fragment(
+        Q_LOAD,
+        &[
+            ("X_TYPE", x_type),
+            ("Q_ELEM", q_elem),
+            ("WORDS", elem_words(var.storage).to_string()),
+        ],
+    );
+    let mut slots = vec![("Q_LOAD", indent(if parts == 1 { 2 } else { 3 }, &q_load))];
     let (block, q_halves) = if parts == 1 {
         slots.push(("Q_STORE", q_store(t, var, "row", 2)));
         slots.push(("Q_FRAGMENTS", q_fragments(t, "let ", "row0", 1)));
