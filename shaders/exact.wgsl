@@ -70,7 +70,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var words_read = 0u;
     var words_written = 0u;
 
-{{Q_LOAD}}
+    for (var idx = lid; idx < BQ * {{IN_EW}}; idx += WG) {
+        var x = {{Q_ZERO}};
+        if (idx / {{IN_EW}} < q_rows) {
+            x = {{Q_READ}} * params.scale_log2;
+            words_read += {{IN_WORDS}};
+        }
+{{Q_STORE}}
+    }
     // Every thread keeps the running maximum m and its own partial sum l of its rows (the TK
     // threads of a row hold the same m), and the output accumulators.
 {{O_DECL}}
