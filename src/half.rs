@@ -1,6 +1,7 @@
-//! float16 <-> float32 conversions of whole arrays on the host, on several threads, bit for bit
-//! as NumPy converts (its software routines: round to nearest even, NaN payloads kept and never
-//! turned into Inf), so that routing a conversion through here changes no result.
+//! float16 <-> float32 conversions of whole arrays on the host, on several threads (with the
+//! CPU's F16C instructions where it has them), bit for bit as NumPy converts (its software
+//! routines: round to nearest even, NaN payloads kept, signalling ones too, and never turned
+//! into Inf), so that routing a conversion through here changes no result.
 
 use std::sync::OnceLock;
 
@@ -101,15 +102,52 @@ fn par_zip<S: Sync, D: Send>(
 /// Writes the float32 values of the float16 bits `src` into `dst`; returns how many are NaN or
 /// Inf.
 pub fn f16_to_f32(src: &[u16], dst: &mut [f32]) -> usize {
-    let table = f16_table();
     par_zip(src, dst, |s, d| {
-        let mut nonfinite = 0;
-        for (x, y) in s.iter().zip(d.iter_mut()) {
-            *y = table[usize::from(*x)];
-            nonfinite += usize::from(*x & 0x7c00 == 0x7c00);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has F16C (checked just above).
+            return unsafe { f16_to_f32_f16c(s, d) };
         }
-        nonfinite
+        f16_to_f32_table(s, d)
     })
+}
+
+fn f16_to_f32_table(src: &[u16], dst: &mut [f32]) -> usize {
+    let table = f16_table();
+    let mut nonfinite = 0;
+    for (x, y) in src.iter().zip(dst.iter_mut()) {
+        *y = table[usize::from(*x)];
+        nonfinite += usize::from(*x & 0x7c00 == 0x7c00);
+    }
+    nonfinite
+}
+
+/// [`f16_to_f32_table`] eight at a time with the CPU's conversion (exact, as the table), except
+/// for blocks holding a NaN or Inf: the CPU would quiet a signalling NaN.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn f16_to_f32_f16c(src: &[u16], dst: &mut [f32]) -> usize {
+    use std::arch::x86_64::{
+        __m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_and_si128, _mm_cmpeq_epi16,
+        _mm_loadu_si128, _mm_movemask_epi8, _mm_set1_epi16,
+    };
+    let mut nonfinite = 0;
+    let mut blocks = src.chunks_exact(8).zip(dst.chunks_exact_mut(8));
+    for (s, d) in blocks.by_ref() {
+        // SAFETY: `s` holds 8 halves and `d` 8 floats; unaligned loads and stores.
+        unsafe {
+            let h = _mm_loadu_si128(s.as_ptr().cast::<__m128i>());
+            let exp = _mm_set1_epi16(0x7c00);
+            let special = _mm_cmpeq_epi16(_mm_and_si128(h, exp), exp);
+            if _mm_movemask_epi8(special) != 0 {
+                nonfinite += f16_to_f32_table(s, d);
+                continue;
+            }
+            _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(h));
+        }
+    }
+    let rest = src.len() / 8 * 8;
+    nonfinite + f16_to_f32_table(&src[rest..], &mut dst[rest..])
 }
 
 /// How many of the float16 bits `src` are NaN or Inf.
@@ -136,11 +174,47 @@ pub fn f16_nonfinite(src: &[u16]) -> usize {
 /// Writes the float16 bits nearest the float32 values `src` into `dst`.
 pub fn f32_to_f16(src: &[f32], dst: &mut [u16]) {
     par_zip(src, dst, |s, d| {
-        for (x, y) in s.iter().zip(d.iter_mut()) {
-            *y = f32_bits_to_f16_bits(x.to_bits());
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has F16C (checked just above).
+            unsafe { f32_to_f16_f16c(s, d) };
+            return 0;
         }
+        f32_to_f16_scalar(s, d);
         0
     });
+}
+
+fn f32_to_f16_scalar(src: &[f32], dst: &mut [u16]) {
+    for (x, y) in src.iter().zip(dst.iter_mut()) {
+        *y = f32_bits_to_f16_bits(x.to_bits());
+    }
+}
+
+/// [`f32_to_f16_scalar`] eight at a time with the CPU's conversion (round to nearest even, as
+/// the scalar routine), except for blocks holding a NaN: the CPU would quiet a signalling one.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn f32_to_f16_f16c(src: &[f32], dst: &mut [u16]) {
+    use std::arch::x86_64::{
+        __m128i, _mm256_cmp_ps, _mm256_cvtps_ph, _mm256_loadu_ps, _mm256_movemask_ps,
+        _mm_storeu_si128, _CMP_UNORD_Q, _MM_FROUND_TO_NEAREST_INT,
+    };
+    let mut blocks = src.chunks_exact(8).zip(dst.chunks_exact_mut(8));
+    for (s, d) in blocks.by_ref() {
+        // SAFETY: `s` holds 8 floats and `d` 8 halves; unaligned loads and stores.
+        unsafe {
+            let x = _mm256_loadu_ps(s.as_ptr());
+            if _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x)) != 0 {
+                f32_to_f16_scalar(s, d);
+                continue;
+            }
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x);
+            _mm_storeu_si128(d.as_mut_ptr().cast::<__m128i>(), h);
+        }
+    }
+    let rest = src.len() / 8 * 8;
+    f32_to_f16_scalar(&src[rest..], &mut dst[rest..]);
 }
 
 #[cfg(test)]
@@ -186,6 +260,33 @@ mod tests {
         assert_eq!(h(-0.0), 0x8000);
         assert_eq!(h(f32::from_bits(0x7f80_0001)), 0x7c01); // NaN stays NaN
         assert_eq!(h(f32::from_bits(0x7fc0_0000)), 0x7e00);
+    }
+
+    #[test]
+    fn array_conversion_matches_the_scalar_one_on_ties_nans_and_extremes() {
+        // Blocks of 8 with and without NaN, ties at both ends of the range, a tail.
+        let mut bits: Vec<u32> = (0..200_003u32)
+            .map(|i| i.wrapping_mul(2_654_435_761))
+            .collect();
+        bits.extend([
+            0x7f80_0001,
+            0x7fa0_0000,
+            0xff80_0001,
+            0x3f80_1000,
+            0x3f80_3000,
+        ]);
+        bits.extend([
+            0x477f_f000,
+            0x477f_efff,
+            0x3300_0000,
+            0x3380_0000,
+            0x0000_0001,
+        ]);
+        let src: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let mut got = vec![0u16; src.len()];
+        f32_to_f16(&src, &mut got);
+        let want: Vec<u16> = bits.iter().map(|&b| f32_bits_to_f16_bits(b)).collect();
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -584,7 +584,9 @@ fn _f16_to_f32(
     mut dst: PyReadwriteArray1<'_, f32>,
 ) -> PyResult<usize> {
     let src = src.as_slice()?;
-    let dst = output(&mut dst)?;
+    let dst = dst
+        .as_slice_mut()
+        .map_err(|_| PyValueError::new_err("dst must be C-contiguous"))?;
     if src.len() != dst.len() {
         return Err(PyValueError::new_err(format!(
             "float16 source has {} elements, float32 destination {}",
