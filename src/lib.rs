@@ -14,6 +14,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod exact;
+pub mod half;
 pub mod host_io;
 pub mod interrupt;
 pub mod io;

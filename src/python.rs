@@ -207,7 +207,8 @@ fn attention<'py>(
         tensor_cores,
     };
     let opts = RunOptions { trusted, count_io };
-    // The float16 bits, packed for f16 storage (a copy, made while holding the GIL).
+    // The float16 bits, packed for f16 storage (in place where they already are the packed
+    // words, else a copy made while holding the GIL).
     let halves = match &f16_storage {
         Some([a, b, c]) => {
             let xs = (a.as_slice()?, b.as_slice()?, c.as_slice()?);
@@ -574,6 +575,60 @@ fn empty_cache(py: Python<'_>) -> PyResult<u64> {
     Ok(staging)
 }
 
+/// Writes the float32 values of the float16 bits `src` into `dst` (exact, as NumPy's cast, on
+/// several threads); returns how many are NaN or Inf.
+#[pyfunction]
+fn _f16_to_f32(
+    py: Python<'_>,
+    src: PyReadonlyArray1<'_, u16>,
+    mut dst: PyReadwriteArray1<'_, f32>,
+) -> PyResult<usize> {
+    let src = src.as_slice()?;
+    let dst = dst
+        .as_slice_mut()
+        .map_err(|_| PyValueError::new_err("dst must be C-contiguous"))?;
+    if src.len() != dst.len() {
+        return Err(PyValueError::new_err(format!(
+            "float16 source has {} elements, float32 destination {}",
+            src.len(),
+            dst.len()
+        )));
+    }
+    detached(py, || Ok(crate::half::f16_to_f32(src, dst)))
+}
+
+/// How many of the float16 bits `src` are NaN or Inf (on several threads).
+#[pyfunction]
+fn _f16_nonfinite(py: Python<'_>, src: PyReadonlyArray1<'_, u16>) -> PyResult<usize> {
+    let src = src.as_slice()?;
+    detached(py, || Ok(crate::half::f16_nonfinite(src)))
+}
+
+/// Writes the float16 bits nearest the float32 values `src` into `dst` (ties to even, as
+/// NumPy's cast, on several threads).
+#[pyfunction]
+fn _f32_to_f16(
+    py: Python<'_>,
+    src: PyReadonlyArray1<'_, f32>,
+    mut dst: PyReadwriteArray1<'_, u16>,
+) -> PyResult<()> {
+    let src = src.as_slice()?;
+    let dst = dst
+        .as_slice_mut()
+        .map_err(|_| PyValueError::new_err("dst must be C-contiguous"))?;
+    if src.len() != dst.len() {
+        return Err(PyValueError::new_err(format!(
+            "float32 source has {} elements, float16 destination {}",
+            src.len(),
+            dst.len()
+        )));
+    }
+    detached(py, || {
+        crate::half::f32_to_f16(src, dst);
+        Ok(())
+    })
+}
+
 /// Destroys the current device, as a driver reset would; the next call must create a new one.
 #[pyfunction]
 fn _destroy_device(py: Python<'_>) -> PyResult<()> {
@@ -606,6 +661,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fit_polynomial, m)?)?;
     m.add_function(wrap_pyfunction!(certified_polynomial, m)?)?;
     m.add_function(wrap_pyfunction!(_destroy_device, m)?)?;
+    m.add_function(wrap_pyfunction!(_f16_to_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(_f16_nonfinite, m)?)?;
+    m.add_function(wrap_pyfunction!(_f32_to_f16, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
     m.add_function(wrap_pyfunction!(empty_cache, m)?)?;
     m.add_class::<DeviceState>()?;

@@ -288,3 +288,104 @@ def test_rescaled_operands_fall_back_to_float32_storage() -> None:
     ref = exact_attention(q, k, v, scale=1e30)
     assert rep.storage == "float32" and "not float16" in rep.reason, rep.reason
     assert_close(out, ref, f16_output_tolerance(ref, 0.0), "huge scale")
+
+
+def test_host_conversions_match_numpy_bit_for_bit() -> None:
+    from approx_attn import _core
+
+    # float16 -> float32: every bit pattern (exact values, NaN payloads as NumPy moves them).
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    f = np.empty(h.size, dtype=np.float32)
+    bad = _core._f16_to_f32(h, f)
+    np.testing.assert_array_equal(
+        f.view(np.uint32), h.view(np.float16).astype(np.float32).view(np.uint32)
+    )
+    assert bad == _core._f16_nonfinite(h) == 2 * 1024  # exponent 31, both signs
+    # float32 -> float16: a stride through all bit patterns (NaN payloads, both signs), and for
+    # every pair of neighbouring float16 values their float32 midpoint (a tie) and the float32
+    # values next to it, which only correct ties-to-even rounding gets right.
+    sample = np.arange(0, 1 << 32, 997, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    lo = np.arange(0x7BFF, dtype=np.uint16).view(np.float16).astype(np.float64)
+    hi = np.arange(1, 0x7C00, dtype=np.uint16).view(np.float16).astype(np.float64)
+    mid = ((lo + hi) / 2).astype(np.float32)  # 12 significant bits: exact in float32
+    top = np.array([65520.0], dtype=np.float32)  # the tie above 65504: Inf
+    ties = np.concatenate([mid, np.nextafter(mid, 0), np.nextafter(mid, np.inf), top])
+    x = np.concatenate([sample, ties, -ties])
+    out = np.empty(x.size, dtype=np.uint16)
+    _core._f32_to_f16(x, out)
+    with np.errstate(over="ignore", under="ignore"):
+        np.testing.assert_array_equal(out, x.astype(np.float16).view(np.uint16))
+
+
+def old_route(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool, check: bool) -> np.ndarray:
+    """`attention` on float16 inputs as it ran before the binding converted them: NumPy's
+    float32 copies, float16 bits packed by a copy (bits at an odd address cannot be read in
+    place), NumPy's cast of the output."""
+    from approx_attn import _core
+
+    def odd_address(x: np.ndarray) -> np.ndarray:
+        buf = np.empty(x.size + 1, dtype=np.uint16)[1:]
+        buf[...] = x.reshape(-1).view(np.uint16)
+        return buf
+
+    units, L, E = q.shape
+    S, Ev = v.shape[-2:]
+    flat = [np.ascontiguousarray(x, dtype=np.float32).reshape(-1) for x in (q, k, v)]
+    out = np.empty((units, L, Ev), dtype=np.float32)
+    bits = [odd_address(x) for x in (q, k, v)]
+    assert all(b.ctypes.data % 4 == 2 for b in bits)
+    _core.attention(
+        *flat,
+        out.reshape(-1),
+        units,
+        1,
+        L,
+        S,
+        E,
+        Ev,
+        causal,
+        1 / math.sqrt(E),
+        "exact",
+        1e-3,
+        None,
+        check,
+        False,
+        False,
+        False,
+        True,
+        bits,
+        False,
+    )
+    return out.astype(np.float16)
+
+
+@pytest.mark.needs_feature("f16_storage")
+@pytest.mark.parametrize(("E", "Ev", "causal"), [(64, 64, False), (24, 80, True), (3, 5, False)])
+def test_float16_inputs_give_the_old_routes_bits(E: int, Ev: int, causal: bool) -> None:
+    q, k, v = f16_inputs(E + Ev, (2,), (2,), 70, 90, E, Ev)
+    v[1, 3, 0] = np.nan  # runs as it is with check_finite=False: the NaN goes through too
+    new = attention(q, k, v, is_causal=causal, check_finite=False)
+    np.testing.assert_array_equal(
+        new.view(np.uint16), old_route(q, k, v, causal, False).view(np.uint16)
+    )
+    # Contiguous (read in place where E is even) and strided float16 inputs alike.
+    qt = np.ascontiguousarray(np.swapaxes(q, 0, 1)).swapaxes(0, 1)
+    new = attention(qt, k[:, :, :], np.asfortranarray(v), is_causal=causal, check_finite=False)
+    np.testing.assert_array_equal(
+        new.view(np.uint16), old_route(q, k, v, causal, False).view(np.uint16)
+    )
+
+
+def test_float16_nonfinite_values_are_counted_with_the_usual_message() -> None:
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((2, 8, 16)).astype(np.float16)
+    k = q.copy()
+    k[0, 1, 2], k[1, 0, 0], k[1, 7, 15] = np.nan, np.inf, -np.inf
+    with pytest.raises(
+        ValueError, match=r"^key contains 3 NaN or Inf value\(s\) \(after conversion"
+    ):
+        attention(q, k, q)
+    # A broadcast view counts each repeat, as for other dtypes.
+    row = np.array([1.0, np.inf] * 8, dtype=np.float16)  # 8 of 16, repeated 16 times
+    with pytest.raises(ValueError, match=r"^value contains 128 NaN or Inf value\(s\)"):
+        attention(q, q, np.broadcast_to(row, q.shape))

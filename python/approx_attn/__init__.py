@@ -259,13 +259,23 @@ def _slices(arr: np.ndarray):
         yield from np.nditer(arr, flags=flags, order="K", buffersize=_FINITE_CHECK_SLICE)
 
 
+def _native_f16(x: np.ndarray) -> bool:
+    """Whether `x` is C-contiguous float16 in native byte order: its bits go to the binding."""
+    return x.dtype == np.float16 and x.dtype.isnative and x.flags.c_contiguous
+
+
 def _check_finite(arr: np.ndarray, name: str) -> None:
     rest, repeats = _distinct(arr)
-    if all(_finite_in_float32(part).all() for part in _slices(rest)):
+    if _native_f16(rest):  # counted on the bits on several threads (NumPy's isfinite is slow)
+        bad = repeats * _core._f16_nonfinite(rest.reshape(-1).view(np.uint16))
+        if bad == 0:
+            return
+    elif all(_finite_in_float32(part).all() for part in _slices(rest)):
         return
-    bad = repeats * sum(
-        part.size - int(np.count_nonzero(_finite_in_float32(part))) for part in _slices(rest)
-    )
+    else:
+        bad = repeats * sum(
+            part.size - int(np.count_nonzero(_finite_in_float32(part))) for part in _slices(rest)
+        )
     # The wording of the GPU pre-pass's check (src/lib.rs): float64 values beyond float32's
     # range become Inf in the conversion.
     raise ValueError(
@@ -491,9 +501,28 @@ def _in_place(x: np.ndarray) -> bool:
 def _float32_flat(*arrays: np.ndarray) -> list[np.ndarray]:
     """Contiguous flat float32 copies (views where they already are: the binding reads those in
     place) in (B, H, L, E) order, as the binding takes them; any strides are accepted. float64
-    values beyond float32's range become Inf here; the finiteness checks report them."""
-    with np.errstate(over="ignore"):
-        return [np.ascontiguousarray(x, dtype=np.float32).reshape(-1) for x in arrays]
+    values beyond float32's range become Inf here; the finiteness checks report them.
+    Contiguous float16 is converted by the binding, on several threads (the same values)."""
+    out = []
+    for x in arrays:
+        if _native_f16(x):
+            xf = np.empty(x.size, dtype=np.float32)
+            _core._f16_to_f32(x.reshape(-1).view(np.uint16), xf)
+        else:
+            with np.errstate(over="ignore"):
+                xf = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+        out.append(xf)
+    return out
+
+
+def _to_out_dtype(result: np.ndarray, out_dtype: np.dtype) -> np.ndarray:
+    """The float32 `result` in the output's dtype; to float16 by the binding, on several threads
+    (the same bits as NumPy's cast: ties to even)."""
+    if out_dtype != np.float16:
+        return result.astype(out_dtype, copy=False)
+    h = np.empty(result.shape, dtype=np.float16)
+    _core._f32_to_f16(result.reshape(-1), h.reshape(-1).view(np.uint16))
+    return h
 
 
 def _check_out(out: Any, shape: tuple[int, ...], inputs: tuple[np.ndarray, ...]) -> np.ndarray:
@@ -699,7 +728,7 @@ def attention(
                 f"{scale!r} with its power of two folded into the query and key)"
             ) from None
         raise
-    result = result.astype(out_dtype, copy=False)
+    result = _to_out_dtype(result, out_dtype)
     if not return_report:
         return result
     report = _report(rep)

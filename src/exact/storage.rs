@@ -5,9 +5,12 @@
 //! halves the words uploaded and read. Here: the packing, the words a row takes, and the bound on
 //! what rounding f32 inputs to f16 does to the output.
 
+use std::borrow::Cow;
+
 use crate::api::Problem;
 use crate::error::Error;
 use crate::numerics::{row_norm_and_max, value_columns};
+use crate::transfer::copy_threads;
 
 /// Unit roundoff of f16 (2^-11) and half the spacing of its subnormals (2^-25): the largest
 /// absolute rounding error of a value below f16's smallest normal.
@@ -48,23 +51,24 @@ impl Storage {
     }
 }
 
-/// Q, K and V as the f16 kernel reads them: rows packed by [`pack_f16_rows`].
-pub struct F16Inputs {
-    pub q: Vec<u32>,
-    pub k: Vec<u32>,
-    pub v: Vec<u32>,
+/// Q, K and V as the f16 kernel reads them: rows packed by [`pack_f16_rows`], borrowed from the
+/// caller's bits where those already are the packed words.
+pub struct F16Inputs<'a> {
+    pub q: Cow<'a, [u32]>,
+    pub k: Cow<'a, [u32]>,
+    pub v: Cow<'a, [u32]>,
     /// Whether these are float32 inputs rounded to f16 (then the report bounds what that
     /// rounding does); false where the inputs were float16.
     pub rounded: bool,
 }
 
-impl F16Inputs {
+impl<'a> F16Inputs<'a> {
     /// Packs the f16 bits of Q, K and V (laid out as in [`Problem`]), checking their lengths.
     pub fn pack(
         p: &Problem,
-        (q, k, v): (&[u16], &[u16], &[u16]),
+        (q, k, v): (&'a [u16], &'a [u16], &'a [u16]),
         rounded: bool,
-    ) -> Result<F16Inputs, Error> {
+    ) -> Result<F16Inputs<'a>, Error> {
         let want = [
             ("query", q.len(), p.units * p.group * p.l * p.e),
             ("key", k.len(), p.units * p.s * p.e),
@@ -78,31 +82,58 @@ impl F16Inputs {
             }
         }
         Ok(F16Inputs {
-            q: pack_f16_rows(q, p.e),
-            k: pack_f16_rows(k, p.e),
-            v: pack_f16_rows(v, p.ev),
+            q: packed_rows(q, p.e),
+            k: packed_rows(k, p.e),
+            v: packed_rows(v, p.ev),
             rounded,
         })
     }
 }
 
+/// [`pack_f16_rows`] without the copy where it would change no bit: rows of even width on a
+/// little-endian host are their own packing (the lower half first), if 4-byte aligned.
+fn packed_rows(halves: &[u16], width: usize) -> Cow<'_, [u32]> {
+    if cfg!(target_endian = "little") && width % 2 == 0 {
+        if let Ok(words) = bytemuck::try_cast_slice::<u16, u32>(halves) {
+            return Cow::Borrowed(words);
+        }
+    }
+    Cow::Owned(pack_f16_rows(halves, width))
+}
+
 /// Rows of `width` f16 values (their bits) packed two to a u32 word, the lower half first, each
-/// row padded with a zero half to whole words where `width` is odd.
+/// row padded with a zero half to whole words where `width` is odd; large inputs on several
+/// threads, whole rows each.
 pub fn pack_f16_rows(halves: &[u16], width: usize) -> Vec<u32> {
     let width = width.max(1);
     let words = Storage::F16.row_words(width);
-    let mut out = Vec::with_capacity(halves.len() / width * words);
-    for row in halves.chunks(width) {
-        let mut pairs = row.chunks_exact(2);
-        out.extend(
-            pairs
-                .by_ref()
-                .map(|p| u32::from(p[0]) | (u32::from(p[1]) << 16)),
-        );
-        if let [last] = pairs.remainder() {
-            out.push(u32::from(*last));
+    let rows = halves.len() / width;
+    let mut out = vec![0u32; rows * words];
+    let threads = copy_threads(halves.len() * 2);
+    let rows_per = rows.div_ceil(threads).max(1);
+    let pack = |src: &[u16], dst: &mut [u32]| {
+        for (row, dst) in src.chunks(width).zip(dst.chunks_mut(words)) {
+            let mut pairs = row.chunks_exact(2);
+            for (d, p) in dst.iter_mut().zip(pairs.by_ref()) {
+                *d = u32::from(p[0]) | (u32::from(p[1]) << 16);
+            }
+            if let [last] = pairs.remainder() {
+                dst[words - 1] = u32::from(*last);
+            }
         }
+    };
+    if threads == 1 {
+        pack(halves, &mut out);
+        return out;
     }
+    std::thread::scope(|scope| {
+        for (src, dst) in halves
+            .chunks(rows_per * width)
+            .zip(out.chunks_mut(rows_per * words))
+        {
+            scope.spawn(move || pack(src, dst));
+        }
+    });
     out
 }
 
@@ -158,6 +189,35 @@ mod tests {
         assert_eq!(Storage::F16.row_words(3), 2);
         assert_eq!(Storage::F16.row_words(64), 32);
         assert_eq!(Storage::F32.row_words(3), 3);
+    }
+
+    #[test]
+    fn even_rows_are_read_in_place_others_packed_on_threads_alike() {
+        // One row at a time, one word at a time.
+        fn serial(rows: &[u16], width: usize) -> Vec<u32> {
+            let word = |p: &[u16]| u32::from(p[0]) | p.get(1).map_or(0, |&h| u32::from(h) << 16);
+            rows.chunks(width)
+                .flat_map(|r| r.chunks(2).map(word))
+                .collect()
+        }
+        // Over the threshold of copy_threads: several threads, whole rows each.
+        let n: usize = (32 << 20) / 2 + 3 * 1000;
+        let halves: Vec<u16> = (0..n).map(|i| (i * 7919 % 65_521) as u16).collect();
+        for width in [3, 64] {
+            let rows = &halves[..n / width * width];
+            let want = serial(rows, width);
+            assert_eq!(pack_f16_rows(rows, width), want, "width {width}");
+            let packed = packed_rows(rows, width);
+            assert_eq!(&packed[..], &want[..], "width {width}");
+            // In place for even rows at a 4-byte address (a Vec<u16>'s is, on every allocator
+            // of a 64-bit host), copied otherwise.
+            let in_place = matches!(packed, Cow::Borrowed(_));
+            assert_eq!(in_place, width % 2 == 0 && cfg!(target_endian = "little"));
+            let shifted = &rows[1..=rows.len() - width]; // whole rows at an odd address
+            let odd = packed_rows(shifted, width);
+            assert!(matches!(odd, Cow::Owned(_)));
+            assert_eq!(&odd[..], &serial(shifted, width)[..], "width {width}");
+        }
     }
 
     #[test]
