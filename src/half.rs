@@ -104,7 +104,8 @@ fn par_zip<S: Sync, D: Send>(
 pub fn f16_to_f32(src: &[u16], dst: &mut [f32]) -> usize {
     par_zip(src, dst, |s, d| {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("f16c") {
+        if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx")
+        {
             // SAFETY: the CPU has F16C (checked just above).
             return unsafe { f16_to_f32_f16c(s, d) };
         }
@@ -175,7 +176,8 @@ pub fn f16_nonfinite(src: &[u16]) -> usize {
 pub fn f32_to_f16(src: &[f32], dst: &mut [u16]) {
     par_zip(src, dst, |s, d| {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("f16c") {
+        if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx")
+        {
             // SAFETY: the CPU has F16C (checked just above).
             unsafe { f32_to_f16_f16c(s, d) };
             return 0;
