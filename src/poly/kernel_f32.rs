@@ -203,6 +203,7 @@ pub fn pass1_source_with(t: &Pass1Tiles, count_io: bool, gated: bool) -> String 
         ("PREFETCH_LOAD_FIRST", tiles.first),
         ("PREFETCH_STORE", tiles.store),
         ("PREFETCH_LOAD_NEXT", tiles.next),
+        // A full key tile's product written out; the template loops over a partial one.
         (
             "PRODUCT_FULL",
             constant_loop(3, "j", ("BK", t.bk), &product),
@@ -496,6 +497,7 @@ pub fn pass2_source_variant(t: &Pass2Tiles, count_io: bool, causal: bool, v: Var
         ("CHUNK_STORE", chunk_store),
         ("FEATURE_INDEX", build.index),
         ("FEATURE", build.feature),
+        // A full chunk's product written out; the template loops over a partial one.
         (
             "PRODUCT_FULL",
             constant_loop(4, "f", ("RC", t.rc), &product),
