@@ -111,7 +111,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         workgroupBarrier();
         // The product stops at kr too.
+        if (kr == BK) {
+{{PRODUCT_FULL}}
+        } else {
+            for (var j = 0u; j < kr; j++) {
 {{PRODUCT}}
+            }
+        }
         workgroupBarrier();
     }
 

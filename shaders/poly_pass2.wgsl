@@ -177,7 +177,13 @@ fn main(
             workgroupBarrier();
             // The product stops at the chunk's last real feature row.
             let rows_f = min(RC, R - f0);
+            if (rows_f == RC) {
+{{PRODUCT_FULL}}
+            } else {
+                for (var f = 0u; f < rows_f; f++) {
 {{PRODUCT}}
+                }
+            }
         }
         // The normaliser partials go into the feature tile once every thread is past the
         // product; the next block rewrites the tiles only after further barriers.

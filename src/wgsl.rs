@@ -108,21 +108,17 @@ impl Emitter {
         self.line("}")
     }
 
-    /// `if (cond) {`, the lines of `then` one level deeper, `} else {`, those of `otherwise`,
-    /// and `}`.
-    pub(crate) fn if_else(
-        &mut self,
-        cond: impl AsRef<str>,
-        then: impl FnOnce(&mut Self),
-        otherwise: impl FnOnce(&mut Self),
-    ) -> &mut Self {
-        self.block(format!("if ({})", cond.as_ref()), then);
-        self.out.truncate(self.out.len() - "}\n".len());
-        self.out.push_str("} else {\n");
-        self.depth += 1;
-        otherwise(self);
-        self.depth -= 1;
-        self.line("}")
+    /// The lines of a fragment written at depth 0, at the current depth (empty lines stay
+    /// empty).
+    pub(crate) fn lines(&mut self, text: &str) -> &mut Self {
+        for l in text.lines() {
+            if l.is_empty() {
+                self.out.push('\n');
+            } else {
+                self.line(l);
+            }
+        }
+        self
     }
 
     /// Code generated elsewhere at this depth (its lines indented already), as one more line.
@@ -239,20 +235,6 @@ mod tests {
             "        for (var i = 0u; i < N; i++) {\n            x += y[i];\n        }"
         );
         assert_eq!(constant_loop(2, "i", ("N", 0), body), "");
-        let mut e = Emitter::new(1);
-        e.if_else(
-            "a",
-            |e| {
-                e.line("b();");
-            },
-            |e| {
-                e.line("c();");
-            },
-        );
-        assert_eq!(
-            e.finish(),
-            "    if (a) {\n        b();\n    } else {\n        c();\n    }"
-        );
     }
 
     #[test]
@@ -261,5 +243,8 @@ mod tests {
         let filled = fill_fragment(f, &[("A", "3".into())]);
         assert_eq!(filled, "    x_3 = 3u;\n    // kept\n");
         assert_eq!(indent(1, "a;\n\n    b;\n"), "    a;\n\n        b;");
+        let mut e = Emitter::new(1);
+        e.line("{").lines("a;\n\n    b;\n").line("}");
+        assert_eq!(e.finish(), "    {\n    a;\n\n        b;\n    }");
     }
 }

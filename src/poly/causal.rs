@@ -63,7 +63,6 @@
 //! that balance at C*, each about `n·sqrt(r·d·(3(d+1) + iw)/BQ)`, so it stays O(n·d + n·r·d²/M)
 //! (at fixed M: linear in n). [`causal_io`] counts it exactly as the shaders do.
 
-use std::fmt::Write as _;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -84,10 +83,12 @@ use crate::error::Error;
 use crate::io::{checked_io, floor_sum, triangle, words, IoCount, PassIo, Words};
 use crate::launch::{Launch, RunOptions, RunStats};
 use crate::transfer::{gather, read_f32, storage_buffer, storage_buffer_with, Uploads};
-use crate::wgsl::{fill_template, io_counter_slots};
+use crate::wgsl::{fill_fragment, fill_template, io_counter_slots, Emitter};
 
 pub(crate) const SCAN: &str = include_str!("../../shaders/poly_scan.wgsl");
 pub(crate) const DIAG: &str = include_str!("../../shaders/poly_causal_diag.wgsl");
+const DIAG_GATE_Q_LOAD: &str = include_str!("../../shaders/poly_causal_diag_gate_q_load.wgsl");
+const DIAG_GATE_K_LOAD: &str = include_str!("../../shaders/poly_causal_diag_gate_k_load.wgsl");
 
 /// Threads of the diagonal kernel.
 const DIAG_THREADS: usize = 128;
@@ -498,19 +499,19 @@ pub fn scan_source_with(count_io: bool, gated: bool) -> String {
 /// [`word_slices`]).
 pub fn scan_source_sliced(count_io: bool, gated: bool, sliced: bool) -> String {
     let [decl, add] = io_counter_slots(count_io, 3 + u32::from(gated));
-    let (decay_decl, step) = if gated {
-        (
-            "\n@group(0) @binding(3) var<storage, read> decay: array<f32>;",
-            "            running = fma(running, decay[unit * params.states + sp], x);\n            \
-             words_read += 1u;",
-        )
+    let mut step = Emitter::new(3);
+    let decay_decl = if gated {
+        step.line("running = fma(running, decay[unit * params.states + sp], x);");
+        step.line("words_read += 1u;");
+        "\n@group(0) @binding(3) var<storage, read> decay: array<f32>;"
     } else {
-        ("", "            running += x;")
+        step.line("running += x;");
+        ""
     };
     let mut slots = vec![
         ("WG", AUX_THREADS.to_string()),
         ("DECAY_DECL", decay_decl.to_string()),
-        ("SCAN_STEP", step.to_string()),
+        ("SCAN_STEP", step.finish()),
         decl,
         add,
     ];
@@ -529,44 +530,50 @@ pub fn diag_source(t: &DiagTiles, count_io: bool) -> String {
 /// and keys share it).
 pub fn diag_source_with(t: &DiagTiles, count_io: bool, gated: bool) -> String {
     let (n, wg) = (t.accumulators(), t.threads);
-    let mut acc = String::new();
-    let mut accumulate = String::new();
-    let mut store = String::new();
+    let (mut acc, mut accumulate, mut store) = (Emitter::new(1), Emitter::new(3), Emitter::new(1));
     for a in 0..n {
-        let _ = writeln!(
-            acc,
-            "    let o_{a} = lid + {}u;\n    let row_{a} = min(o_{a} / EV4, BQ - 1u);\n    \
-             let col_{a} = o_{a} % EV4;\n    var acc_{a} = vec4<f32>();",
-            wg * a
-        );
-        let _ = writeln!(
-            accumulate,
-            "            acc_{a} = fma(vec4<f32>(p_t[row_{a} * BK + j]), v_t[j * EV4 + col_{a}], acc_{a});"
-        );
-        let _ = writeln!(
-            store,
-            "    if (o_{a} < BQ * EV4 && row_{a} < rows) {{\n        \
-             let at_{a} = (head * params.l + q0 + row_{a}) * EV1 + 4u * col_{a};"
-        );
-        for (k, comp) in ["x", "y", "z", "w"].iter().enumerate() {
-            let _ = writeln!(
-                store,
-                "        if (4u * col_{a} + {k}u < EV1) {{\n            \
-                 diag[at_{a} + {k}u] = acc_{a}.{comp};\n            words_written += 1u;\n        }}"
-            );
-        }
-        store.push_str("    }\n");
+        acc.line(format!("let o_{a} = lid + {}u;", wg * a));
+        acc.line(format!("let row_{a} = min(o_{a} / EV4, BQ - 1u);"));
+        acc.line(format!("let col_{a} = o_{a} % EV4;"));
+        acc.line(format!("var acc_{a} = vec4<f32>();"));
+        accumulate.line(format!(
+            "acc_{a} = fma(vec4<f32>(p_t[row_{a} * BK + j]), v_t[j * EV4 + col_{a}], acc_{a});"
+        ));
+        store.block(format!("if (o_{a} < BQ * EV4 && row_{a} < rows)"), |e| {
+            e.line(format!(
+                "let at_{a} = (head * params.l + q0 + row_{a}) * EV1 + 4u * col_{a};"
+            ));
+            for (k, comp) in ["x", "y", "z", "w"].iter().enumerate() {
+                e.block(format!("if (4u * col_{a} + {k}u < EV1)"), |e| {
+                    e.line(format!("diag[at_{a} + {k}u] = acc_{a}.{comp};"));
+                    e.line("words_written += 1u;");
+                });
+            }
+        });
     }
-    let mut horner = String::from("            var p = c_t[G];\n");
+    let mut horner = Emitter::new(3);
+    horner.line("var p = c_t[G];");
     for m in (0..t.g).rev() {
-        let _ = writeln!(horner, "            p = fma(p, x, c_t[{m}u]);");
+        horner.line(format!("p = fma(p, x, c_t[{m}u]);"));
     }
-    let gate = |on: &str| if gated { on.to_string() } else { String::new() };
     if gated {
-        horner.push_str(
-            "            p = p * exp((gq_t[r].x - gk_t[j].x) + (gq_t[r].y - gk_t[j].y));\n",
-        );
+        horner.line("p = p * exp((gq_t[r].x - gk_t[j].x) + (gq_t[r].y - gk_t[j].y));");
     }
+    // The gate's declarations and loads follow code on the template's lines.
+    let (gate_decl, gate_tiles, gate_q_load, gate_k_load) = if gated {
+        let mut tiles = Emitter::new(0);
+        tiles.line("");
+        tiles.line("var<workgroup> gq_t: array<vec2<f32>, BQ>;");
+        tiles.line("var<workgroup> gk_t: array<vec2<f32>, BK>;");
+        (
+            "\n@group(0) @binding(7) var<storage, read> gate: array<f32>;".to_string(),
+            tiles.finish(),
+            fill_fragment(DIAG_GATE_Q_LOAD, &[]),
+            format!("\n{}", fill_fragment(DIAG_GATE_K_LOAD, &[]).trim_end()),
+        )
+    } else {
+        Default::default()
+    };
     let [decl, add] = io_counter_slots(count_io, 7 + u32::from(gated));
     fill_template(
         DIAG,
@@ -584,39 +591,14 @@ pub fn diag_source_with(t: &DiagTiles, count_io: bool, gated: bool) -> String {
             ("V_TILE", (t.bk * t.ev4()).to_string()),
             ("P_TILE", (t.bq * t.bk).to_string()),
             ("C_TILE", (t.g + 1).to_string()),
-            ("ACC_DECL", acc.trim_end().to_string()),
-            ("ACCUMULATE", accumulate.trim_end().to_string()),
-            ("HORNER", horner.trim_end().to_string()),
-            ("STORE", store.trim_end().to_string()),
-            (
-                "GATE_DECL",
-                gate("\n@group(0) @binding(7) var<storage, read> gate: array<f32>;"),
-            ),
-            (
-                "GATE_TILES",
-                gate(
-                    "\nvar<workgroup> gq_t: array<vec2<f32>, BQ>;\n\
-                     var<workgroup> gk_t: array<vec2<f32>, BK>;",
-                ),
-            ),
-            (
-                "GATE_Q_LOAD",
-                gate(
-                    "    for (var i = lid; i < BQ; i += WG) {\n        var x = vec2<f32>();\n        \
-                     if (i < rows) {\n            let at = 2u * (unit * params.s + q0 + i);\n            \
-                     x = vec2<f32>(gate[at], gate[at + 1u]);\n            \
-                     words_read += 2u;\n        }\n        gq_t[i] = x;\n    }\n",
-                ),
-            ),
-            (
-                "GATE_K_LOAD",
-                gate(
-                    "\n            if (c == 0u && j < kr) {\n                \
-                     let at = 2u * (unit * params.s + j0 + j);\n                \
-                     gk_t[j] = vec2<f32>(gate[at], gate[at + 1u]);\n                \
-                     words_read += 2u;\n            }",
-                ),
-            ),
+            ("ACC_DECL", acc.finish()),
+            ("ACCUMULATE", accumulate.finish()),
+            ("HORNER", horner.finish()),
+            ("STORE", store.finish()),
+            ("GATE_DECL", gate_decl),
+            ("GATE_TILES", gate_tiles),
+            ("GATE_Q_LOAD", gate_q_load),
+            ("GATE_K_LOAD", gate_k_load),
             decl,
             add,
         ],

@@ -29,10 +29,12 @@ use crate::error::Error;
 use crate::transfer::{
     read_f32, read_mapped, readback_buffer, storage_buffer, storage_buffer_with,
 };
-use crate::wgsl::fill_template;
+use crate::wgsl::{fill_fragment, fill_template, Emitter};
 
 const STEP: &str = include_str!("../../shaders/poly_step.wgsl");
 const REDUCE: &str = include_str!("../../shaders/poly_step_reduce.wgsl");
+const STEP_COLUMN_UNROLLED: &str = include_str!("../../shaders/poly_step_column_unrolled.wgsl");
+const STEP_COLUMN_LOOP: &str = include_str!("../../shaders/poly_step_column_loop.wgsl");
 
 /// Most tokens one step submits at once (their inputs and outputs have a slot each); callers
 /// split longer inputs or take the chunked path.
@@ -143,40 +145,40 @@ pub fn step_reduce_source(ev: usize, blocks: usize, wg: usize, normalize: bool) 
 /// BR live values spill: lavapipe ran a step in half the time this way) a loop over the rows,
 /// the query heads after the first reading back what it stored.
 fn column_code(br: usize, unrolled: bool) -> String {
-    let rows = |line: &dyn Fn(usize) -> String| -> String {
-        (0..br)
-            .map(|f| format!("        {}\n", line(f)))
-            .collect::<String>()
-    };
-    if unrolled {
-        format!(
-            "        let last = rows - 1u;\n{}{}        for (var h = 0u; h < GROUP; h++) {{\n            \
-             let p = h * BR;\n            var acc = 0.0;\n{}            \
-             partial[((unit * GROUP + h) * BLOCKS + block) * EV1 + c] = acc;\n        }}",
-            rows(&|f| format!(
-                "let x{f} = src[col0 + min({f}u, last) * EV1] * decay + phik[{f}] * vc;"
-            )),
-            rows(&|f| format!("if ({f}u < rows) {{ dst[col0 + {f}u * EV1] = x{f}; }}")),
-            rows(&|f| format!("    acc += phiq[p + {f}u] * x{f};")),
-        )
-    } else {
-        "        for (var h = 0u; h < GROUP; h++) {
-            var acc = 0.0;
-            for (var f = 0u; f < rows; f++) {
-                let at = col0 + f * EV1;
-                var x: f32;
-                if (h == 0u) {
-                    x = src[at] * decay + phik[f] * vc;
-                    dst[at] = x;
-                } else {
-                    x = dst[at];
-                }
-                acc += phiq[h * BR + f] * x;
-            }
-            partial[((unit * GROUP + h) * BLOCKS + block) * EV1 + c] = acc;
-        }"
-        .to_string()
+    if !unrolled {
+        return fill_fragment(STEP_COLUMN_LOOP, &[]).trim_end().to_string();
     }
+    let rows = |depth: usize, line: &dyn Fn(usize) -> String| {
+        let mut e = Emitter::new(depth);
+        for f in 0..br {
+            e.line(line(f));
+        }
+        e.finish()
+    };
+    let code = fill_fragment(
+        STEP_COLUMN_UNROLLED,
+        &[
+            (
+                "LOADS",
+                rows(2, &|f| {
+                    format!(
+                        "let x{f} = src[col0 + min({f}u, last) * EV1] * decay + phik[{f}] * vc;"
+                    )
+                }),
+            ),
+            (
+                "STORES",
+                rows(2, &|f| {
+                    format!("if ({f}u < rows) {{ dst[col0 + {f}u * EV1] = x{f}; }}")
+                }),
+            ),
+            (
+                "DOTS",
+                rows(3, &|f| format!("acc += phiq[p + {f}u] * x{f};")),
+            ),
+        ],
+    );
+    code.trim_end().to_string()
 }
 
 fn aligned(bytes: usize, align: usize) -> usize {

@@ -1,18 +1,32 @@
 //! WGSL of the f32 poly passes, generated from `shaders/poly_pass{1,2}.wgsl` and their tiles.
 
-use std::fmt::Write as _;
-
 use super::features::index_words;
 use super::kernel_common::{
     element_registers, feature_product, pass1_prefetch, pass2_feature_build, table_prefetch_from,
     Prefetch, Variant,
 };
 use super::plan::{align4, Pass1Tiles, Pass2Tiles};
-use crate::wgsl::{constant_loop, fill_template, io_counter_slots, wgsl_element, Emitter};
+use crate::wgsl::{
+    constant_loop, fill_fragment, fill_template, io_counter_slots, wgsl_element, Emitter,
+};
 
 pub(crate) const PASS1: &str = include_str!("../../shaders/poly_pass1.wgsl");
 
 pub(crate) const PASS2: &str = include_str!("../../shaders/poly_pass2.wgsl");
+
+const PASS1_LOAD: &str = include_str!("../../shaders/poly_pass1_load.wgsl");
+
+const PASS1_GATE_LOAD: &str = include_str!("../../shaders/poly_pass1_gate_load.wgsl");
+
+const PASS2_CHUNK_STORE: &str = include_str!("../../shaders/poly_pass2_chunk_store.wgsl");
+
+const PASS2_RANGES_STORE: &str = include_str!("../../shaders/poly_pass2_ranges_store.wgsl");
+
+const PASS2_ROW: &str = include_str!("../../shaders/poly_pass2_row.wgsl");
+
+const PASS2_FOLD_NORM: &str = include_str!("../../shaders/poly_pass2_fold_norm.wgsl");
+
+const PASS2_FOLD_READ: &str = include_str!("../../shaders/poly_pass2_fold_read.wgsl");
 
 /// Named registers of one thread's micro-tile: `acc_a_u` (4 value columns each) for each of its
 /// `rows` rows and `groups` column groups.
@@ -29,13 +43,11 @@ fn accumulator_decls(rows: usize, groups: usize, depth: usize) -> String {
 /// Stores row `a` of a micro-tile: component k of `acc_a_u` is value column 4*(tc + TC*u) + k,
 /// stored as `value(register)` at `dest(column)` where the column is < EV.
 fn store_row(
-    s: &mut String,
-    depth: usize,
+    e: &mut Emitter,
     (a, groups, tc): (usize, usize, usize),
     dest: impl Fn(&str) -> String,
     value: impl Fn(&str) -> String,
 ) {
-    let mut e = Emitter::new(depth);
     for u in 0..groups {
         e.line(format!("let c_{u} = 4u * (tc + {}u);", u * tc));
         for (k, comp) in wgsl_element(4).1.iter().enumerate() {
@@ -49,19 +61,12 @@ fn store_row(
             });
         }
     }
-    s.push_str(&e.finish());
-    s.push('\n');
 }
 
 /// Causal pass 2's [`store_row`]: each output adds the chunk's masked block from `diag`
 /// (row `drow`) to the prefix state's sum (times the row's gate factor `qf_a`, gated) before
 /// dividing by the normaliser `d_a` (unless unnormalized).
-fn causal_store_row(
-    s: &mut String,
-    depth: usize,
-    (a, groups, tc): (usize, usize, usize),
-    v: Variant,
-) {
+fn causal_store_row(e: &mut Emitter, (a, groups, tc): (usize, usize, usize), v: Variant) {
     let prefix = if v.gated {
         format!(" * qf_{a}")
     } else {
@@ -72,7 +77,6 @@ fn causal_store_row(
     } else {
         format!(" / d_{a}")
     };
-    let mut e = Emitter::new(depth);
     for u in 0..groups {
         e.line(format!("let c_{u} = 4u * (tc + {}u);", u * tc));
         for (k, comp) in wgsl_element(4).1.iter().enumerate() {
@@ -85,8 +89,6 @@ fn causal_store_row(
             });
         }
     }
-    s.push_str(&e.finish());
-    s.push('\n');
 }
 
 /// Pass 1 for these tiles, the (rc x Ev) micro-tiles unrolled into named registers.
@@ -96,23 +98,24 @@ pub fn pass1_source(t: &Pass1Tiles, count_io: bool) -> String {
 
 /// Pass 1's store of each thread's micro-tile rows of the split's partial S'.
 fn pass1_store(t: &Pass1Tiles, (rf, cu): (usize, usize), vec4_rows: bool) -> String {
-    let mut store = String::new();
+    let mut e = Emitter::new(1);
     for a in 0..rf {
-        let _ = writeln!(
-            store,
-            "    {{\n        let f = {};\n        if (f < rows_f) {{",
-            micro_tile_row(a, ("tf", t.tf), vec4_rows)
-        );
-        store_row(
-            &mut store,
-            3,
-            (a, cu, t.tc),
-            |c| format!("partial[o + f * EV1 + {c}]"),
-            str::to_string,
-        );
-        store.push_str("        }\n    }\n");
+        e.scope(|e| {
+            e.line(format!(
+                "let f = {};",
+                micro_tile_row(a, ("tf", t.tf), vec4_rows)
+            ));
+            e.block("if (f < rows_f)", |e| {
+                store_row(
+                    e,
+                    (a, cu, t.tc),
+                    |c| format!("partial[o + f * EV1 + {c}]"),
+                    str::to_string,
+                );
+            });
+        });
     }
-    store
+    e.finish()
 }
 
 /// Pass 1's feature build (declarations, the build per key, the normaliser store): features
@@ -122,37 +125,33 @@ fn pass1_feature_build(t: &Pass1Tiles, gated: bool) -> (String, String, String) 
     let (nf, wg) = (t.features_per_builder(), t.threads());
     let ragged = t.rc % wg != 0 && t.rc > wg;
     let key_weight = if gated { " * kw_t[j]" } else { "" };
-    let (mut build_decl, mut build, mut d_store) = (String::new(), String::new(), String::new());
-    let _ = writeln!(build, "                let kb = j * E1;");
+    let (mut build_decl, mut build, mut d_store) =
+        (Emitter::new(1), Emitter::new(4), Emitter::new(1));
+    build.line("let kb = j * E1;");
     for c in 0..nf {
         let guard = if ragged && c + 1 == nf {
             format!("f_{c} < RC")
         } else {
             "true".to_string()
         };
-        let _ = writeln!(
-            build_decl,
-            "    let f_{c} = fb + {}u;\n    var dk_{c} = 0.0;",
-            wg * c
-        );
+        build_decl.line(format!("let f_{c} = fb + {}u;", wg * c));
+        build_decl.line(format!("var dk_{c} = 0.0;"));
         for i in 0..t.g {
-            let _ = writeln!(
-                build_decl,
-                "    let fo_{c}_{i} = feature_index(min(f_{c}, RC - 1u), {i}u);"
-            );
+            build_decl.line(format!(
+                "let fo_{c}_{i} = feature_index(min(f_{c}, RC - 1u), {i}u);"
+            ));
         }
-        let _ = writeln!(
-            build,
-            "                if ({guard}) {{\n                    let p_{c} = {}{key_weight};\n                    \
-             phi_set(j * RC + f_{c}, p_{c});\n                    dk_{c} += p_{c};\n                }}",
-            feature_product(t.g, |i| format!("k_tile[kb + fo_{c}_{i}]"), "1.0"),
-        );
-        let _ = writeln!(
-            d_store,
-            "    if (builds && {guard}) {{\n        phi_set(jg * RC + f_{c}, dk_{c});\n    }}"
-        );
+        build.block(format!("if ({guard})"), |e| {
+            let p = feature_product(t.g, |i| format!("k_tile[kb + fo_{c}_{i}]"), "1.0");
+            e.line(format!("let p_{c} = {p}{key_weight};"));
+            e.line(format!("phi_set(j * RC + f_{c}, p_{c});"));
+            e.line(format!("dk_{c} += p_{c};"));
+        });
+        d_store.block(format!("if (builds && {guard})"), |e| {
+            e.line(format!("phi_set(jg * RC + f_{c}, dk_{c});"));
+        });
     }
-    (build_decl, build, d_store)
+    (build_decl.finish(), build.finish(), d_store.finish())
 }
 
 /// Pass 1; `gated`: each key's features are weighed by `key_w` (its gate decay to the end of its
@@ -162,29 +161,23 @@ pub fn pass1_source_with(t: &Pass1Tiles, count_io: bool, gated: bool) -> String 
     debug_assert_eq!(t.rc % t.tf, 0, "{t:?}: rows are whole micro-tiles");
     let (rf, cu) = (t.rows_per_thread(), t.groups_per_thread());
     let vec4_rows = t.vec4_rows();
-    let mut product = String::new();
-    product_step(
-        &mut product,
-        4,
-        (rf, cu, ("tf", t.tf)),
-        vec4_rows,
-        "j * RC",
-        |u| format!("v_tile[j * CW + tc + {}u]", u * t.tc),
-    );
-    let product = tile_loop(2, ("j", "kr", ("BK", t.bk)), &product);
+    let product = product_step(4, (rf, cu, ("tf", t.tf)), vec4_rows, "j * RC", |u| {
+        format!("v_tile[j * CW + tc + {}u]", u * t.tc)
+    });
     let store = pass1_store(t, (rf, cu), vec4_rows);
     let (build_decl, build, d_store) = pass1_feature_build(t, gated);
     let tiles = pass1_tile_loads(t);
     let [decl, add] = io_counter_slots(count_io, if gated { 7 } else { 6 });
+    // Both follow code on the template's line.
     let (gate_decl, gate_load) = if gated {
-        (
-            "\n@group(0) @binding(6) var<storage, read> key_w: array<f32>;\n\
-             var<workgroup> kw_t: array<f32, BK>;",
-            "\n        for (var i = lid; i < kr; i += WG) {\n            \
-             kw_t[i] = key_w[unit * params.s + j0 + i];\n            words_read += 1u;\n        }",
-        )
+        let mut e = Emitter::new(0);
+        e.line("");
+        e.line("@group(0) @binding(6) var<storage, read> key_w: array<f32>;");
+        e.line("var<workgroup> kw_t: array<f32, BK>;");
+        let load = fill_fragment(PASS1_GATE_LOAD, &[]);
+        (e.finish(), format!("\n{}", load.trim_end()))
     } else {
-        ("", "")
+        (String::new(), String::new())
     };
     let mut slots = vec![
         ("E", t.e.to_string()),
@@ -202,18 +195,23 @@ pub fn pass1_source_with(t: &Pass1Tiles, count_io: bool, gated: bool) -> String 
         ("K_TILE", (t.bk * (t.e + 1)).to_string()),
         ("V_TILE", (t.bk * t.padded_ev() / 4).to_string()),
         ("IDX", (t.rc * iw).to_string()),
-        ("BUILD_DECL", build_decl.trim_end().to_string()),
-        ("BUILD", build.trim_end().to_string()),
-        ("D_STORE", d_store.trim_end().to_string()),
+        ("BUILD_DECL", build_decl),
+        ("BUILD", build),
+        ("D_STORE", d_store),
         ("ACC_DECL", accumulator_decls(rf, cu, 1)),
         ("PREFETCH_DECL", tiles.decl),
         ("PREFETCH_LOAD_FIRST", tiles.first),
         ("PREFETCH_STORE", tiles.store),
         ("PREFETCH_LOAD_NEXT", tiles.next),
+        // A full key tile's product written out; the template loops over a partial one.
+        (
+            "PRODUCT_FULL",
+            constant_loop(3, "j", ("BK", t.bk), &product),
+        ),
         ("PRODUCT", product),
-        ("STORE", store.trim_end().to_string()),
-        ("GATE_DECL", gate_decl.to_string()),
-        ("GATE_LOAD", gate_load.to_string()),
+        ("STORE", store),
+        ("GATE_DECL", gate_decl),
+        ("GATE_LOAD", gate_load),
         decl,
         add,
     ];
@@ -232,37 +230,17 @@ fn micro_tile_row(a: usize, (trow, side): (&str, usize), vec4_rows: bool) -> Str
     }
 }
 
-/// A product loop over `i` < `count` rows of a tile of `full` rows: full tiles (all but the
-/// last, mostly) are written out by [`constant_loop`], the last tile loops.
-fn tile_loop(depth: usize, (i, count, full): (&str, &str, (&str, usize)), body: &str) -> String {
-    let body = body.trim_end();
-    let mut e = Emitter::new(depth);
-    e.if_else(
-        format!("{count} == {}", full.0),
-        |e| {
-            e.code(&constant_loop(depth + 1, i, full, body));
-        },
-        |e| {
-            e.block(format!("for (var {i} = 0u; {i} < {count}; {i}++)"), |e| {
-                e.code(body);
-            });
-        },
-    );
-    e.finish()
-}
-
 /// The unrolled body of a micro-tile product step of both passes over a feature tile `phi` whose
 /// rows for this step start at `row0` (features of consecutive rows adjacent): the features of
 /// the thread's rows (one vec4 per four rows with `vec4_rows`, else one float per row), one vec4
 /// of `tile_at(u)` per column group, and the FMAs.
 fn product_step(
-    s: &mut String,
     depth: usize,
     (rows, groups, thread_row): (usize, usize, (&str, usize)),
     vec4_rows: bool,
     row0: &str,
     tile_at: impl Fn(usize) -> String,
-) {
+) -> String {
     let (trow, side) = thread_row;
     let comps = wgsl_element(4).1;
     let mut e = Emitter::new(depth);
@@ -290,8 +268,7 @@ fn product_step(
             ));
         }
     }
-    s.push_str(&e.finish());
-    s.push('\n');
+    e.finish()
 }
 
 /// The feature tile's slots: its element type and length for `words` floats, and its scalar
@@ -321,34 +298,11 @@ fn feature_tile_slots(words: usize, vec4_rows: bool) -> [(&'static str, String);
 /// multiplied, and stored at the top of the next iteration.
 fn pass1_tile_loads(t: &Pass1Tiles) -> Prefetch {
     if !t.prefetch {
-        let direct = "        for (var i = lid; i < BK * E1; i += WG) {
-            let r = i / E1;
-            let c = i % E1;
-            var x = 1.0;
-            if (c < E) {
-                x = 0.0;
-                if (r < kr) {
-                    x = k[(unit * params.s + j0 + r) * E + c] - mu_t[c];
-                    words_read += 1u;
-                }
-            }
-            k_tile[i] = x;
-        }
-        for (var i = lid; i < BK * EV; i += WG) {
-            let r = i / EV;
-            let c = i % EV;
-            var x = 0.0;
-            if (r < kr) {
-                x = v[(unit * params.s + j0 + r) * EV + c];
-                words_read += 1u;
-            }
-            v_tile[r * CW + c / 4u][c % 4u] = x;
-        }";
         return Prefetch {
             decl: String::new(),
             first: String::new(),
             next: String::new(),
-            store: direct.to_string(),
+            store: fill_fragment(PASS1_LOAD, &[]).trim_end().to_string(),
         };
     }
     let wg = t.threads();
@@ -384,20 +338,20 @@ fn pass1_tile_loads(t: &Pass1Tiles) -> Prefetch {
         });
         e.finish()
     };
-    let mut store = String::new();
+    let mut store = Emitter::new(2);
     for u in 0..nk {
-        let _ = writeln!(
-            store,
-            "        if (ki_{u} < BK * E1) {{\n            k_tile[ki_{u}] = kx_{u};\n        }}"
-        );
+        store.block(format!("if (ki_{u} < BK * E1)"), |e| {
+            e.line(format!("k_tile[ki_{u}] = kx_{u};"));
+        });
     }
     for u in 0..nv {
-        let _ = writeln!(
-            store,
-            "        if (vi_{u} < BK * EV) {{\n            v_tile[vrow_{u} * CW + vcol_{u} / 4u][vcol_{u} % 4u] = vx_{u};\n        }}"
-        );
+        store.block(format!("if (vi_{u} < BK * EV)"), |e| {
+            e.line(format!(
+                "v_tile[vrow_{u} * CW + vcol_{u} / 4u][vcol_{u} % 4u] = vx_{u};"
+            ));
+        });
     }
-    pass1_prefetch(&decl, load, &store)
+    pass1_prefetch(&decl, load, &store.finish())
 }
 
 /// Pass 2 for these tiles, the (b x Ev+1) output micro-tiles unrolled into named registers.
@@ -427,12 +381,15 @@ fn pass2_output_store(
     v: Variant,
 ) -> String {
     if v.feature_range {
-        format!(
-            "        if (params.chunks < {}u) {{\n{}        }} else {{\n{}        }}",
-            t.chunks(),
-            pass2_fold_store(t, (rb, cu), vec4_rows, causal, v),
-            pass2_store(t, (rb, cu), vec4_rows, true, v)
-        )
+        let filled = fill_fragment(
+            PASS2_RANGES_STORE,
+            &[
+                ("CHUNKS", t.chunks().to_string()),
+                ("FOLD", pass2_fold_store(t, (rb, cu), vec4_rows, causal, v)),
+                ("LAST", pass2_store(t, (rb, cu), vec4_rows, true, v)),
+            ],
+        );
+        filled.trim_end().to_string()
     } else {
         pass2_store(t, (rb, cu), vec4_rows, causal, v)
     }
@@ -442,16 +399,16 @@ fn pass2_output_store(
 /// ranges: the running sums, written too) and, gated, each row's `q_factor`.
 fn pass2_diag_bindings(causal: bool, ranged: bool, gated: bool) -> String {
     let diag_access = if ranged { "read_write" } else { "read" };
-    match (causal || ranged, gated) {
-        (true, true) => format!(
-            "@group(0) @binding(6) var<storage, {diag_access}> diag: array<f32>;\n\
-             @group(0) @binding(7) var<storage, read> q_factor: array<f32>;"
-        ),
-        (true, false) => {
-            format!("@group(0) @binding(6) var<storage, {diag_access}> diag: array<f32>;")
+    let mut e = Emitter::new(0);
+    if causal || ranged {
+        e.line(format!(
+            "@group(0) @binding(6) var<storage, {diag_access}> diag: array<f32>;"
+        ));
+        if gated {
+            e.line("@group(0) @binding(7) var<storage, read> q_factor: array<f32>;");
         }
-        _ => String::new(),
     }
+    e.finish()
 }
 
 /// Pass 2 with the primitive's [`Variant`]: gated (causal only), each row's prefix sums are
@@ -470,16 +427,9 @@ pub fn pass2_source_variant(t: &Pass2Tiles, count_io: bool, causal: bool, v: Var
         "{t:?}: the normaliser partials fit the feature tile"
     );
     let vec4_rows = t.vec4_rows();
-    let mut product = String::new();
-    product_step(
-        &mut product,
-        5,
-        (rb, cu, ("tr", t.tr)),
-        vec4_rows,
-        "f * FS",
-        |u| format!("s_tile[f * CW + tc + {}u]", u * t.tc),
-    );
-    let product = tile_loop(3, ("f", "rows_f", ("RC", t.rc)), &product);
+    let product = product_step(5, (rb, cu, ("tr", t.tr)), vec4_rows, "f * FS", |u| {
+        format!("s_tile[f * CW + tc + {}u]", u * t.tc)
+    });
     let build = pass2_feature_build(
         (rpt, t.g),
         ("q_tile", "dq"),
@@ -547,9 +497,14 @@ pub fn pass2_source_variant(t: &Pass2Tiles, count_io: bool, causal: bool, v: Var
         ("CHUNK_STORE", chunk_store),
         ("FEATURE_INDEX", build.index),
         ("FEATURE", build.feature),
+        // A full chunk's product written out; the template loops over a partial one.
+        (
+            "PRODUCT_FULL",
+            constant_loop(4, "f", ("RC", t.rc), &product),
+        ),
         ("PRODUCT", product),
         ("D_STORE", build.d_store),
-        ("STORE", store.trim_end().to_string()),
+        ("STORE", store),
         decl,
         add,
     ];
@@ -581,15 +536,9 @@ fn pass2_chunk_prefetch(t: &Pass2Tiles, state: &str, first_row: &str) -> Prefetc
         });
         e.finish()
     };
-    let mut store = String::new();
-    for u in 0..n {
-        let _ = writeln!(
-            store,
-            "            if (si_{u} < RC * EV1) {{\n                if (sc_{u} < EV) {{\n                    \
-             s_tile[sf_{u} * CW + sc_{u} / 4u][sc_{u} % 4u] = sx_{u};\n                }} else {{\n                    \
-             wz_t[sf_{u}].y = sx_{u};\n                }}\n            }}"
-        );
-    }
+    let store: String = (0..n)
+        .map(|u| fill_fragment(PASS2_CHUNK_STORE, &[("U", u.to_string())]))
+        .collect();
     Prefetch {
         decl: decl.trim_end().to_string(),
         first: load(first_row, 2),
@@ -609,54 +558,59 @@ fn pass2_fold_store(
     v: Variant,
 ) -> String {
     let gated = causal && v.gated;
-    let mut e = Emitter::new(3);
     let add = |e: &mut Emitter, at: &str| {
-        let read = |e: &mut Emitter| {
+        if causal {
             e.line(format!("x += diag[{at}];"));
             e.line("words_read += 1u;");
-        };
-        if causal {
-            read(e);
         } else {
-            e.block("if (params.chunk0 > 0u)", read);
+            e.lines(&fill_fragment(PASS2_FOLD_READ, &[("AT", at.to_string())]));
         }
         e.line(format!("diag[{at}] = x;"));
         e.line("words_written += 1u;");
     };
+    let mut e = Emitter::new(3);
     for a in 0..rb {
-        let row = micro_tile_row(a, ("tr", t.tr), vec4_rows);
-        e.scope(|e| {
-            e.line(format!("let r = {row};"));
-            e.block("if (r < rows)", |e| {
-                e.line(format!("var d_{a} = 0.0;"));
-                e.block("for (var h = 0u; h < TPR; h++)", |e| {
-                    e.line(format!("d_{a} += phi_get(h * B + r);"));
+        let mut body = Emitter::new(2);
+        body.line("let drow = (head * params.l + q0 + r) * EV1;");
+        let factor = if gated {
+            body.line(format!("let qf_{a} = q_factor[unit * params.l + q0 + r];"));
+            body.line("words_read += 1u;");
+            format!(" * qf_{a}")
+        } else {
+            String::new()
+        };
+        let mut fold = Emitter::new(1);
+        add(&mut fold, "drow + EV");
+        body.lines(&fill_fragment(
+            PASS2_FOLD_NORM,
+            &[
+                ("A", a.to_string()),
+                ("FACTOR", factor.clone()),
+                ("FOLD", fold.finish()),
+            ],
+        ));
+        for u in 0..cu {
+            body.line(format!("let c_{u} = 4u * (tc + {}u);", u * t.tc));
+            for (k, comp) in wgsl_element(4).1.iter().enumerate() {
+                body.block(format!("if (c_{u} + {k}u < EV)"), |e| {
+                    e.line(format!("var x = acc_{a}_{u}{comp}{factor};"));
+                    add(e, &format!("drow + c_{u} + {k}u"));
                 });
-                e.line("let drow = (head * params.l + q0 + r) * EV1;");
-                let factor = if gated {
-                    e.line(format!("let qf_{a} = q_factor[unit * params.l + q0 + r];"));
-                    e.line("words_read += 1u;");
-                    format!(" * qf_{a}")
-                } else {
-                    String::new()
-                };
-                e.block("if (tc == 0u)", |e| {
-                    e.line(format!("var x = d_{a}{factor};"));
-                    add(e, "drow + EV");
-                });
-                for u in 0..cu {
-                    e.line(format!("let c_{u} = 4u * (tc + {}u);", u * t.tc));
-                    for (k, comp) in wgsl_element(4).1.iter().enumerate() {
-                        e.block(format!("if (c_{u} + {k}u < EV)"), |e| {
-                            e.line(format!("var x = acc_{a}_{u}{comp}{factor};"));
-                            add(e, &format!("drow + c_{u} + {k}u"));
-                        });
-                    }
-                }
-            });
-        });
+            }
+        }
+        e.lines(&pass2_row(t, a, vec4_rows, body.finish()));
     }
-    e.finish() + "\n"
+    e.finish()
+}
+
+/// Row `a` of a thread's micro-tile in pass 2 (see `shaders/poly_pass2_row.wgsl`), its store
+/// `body` written at depth 2.
+fn pass2_row(t: &Pass2Tiles, a: usize, vec4_rows: bool, body: String) -> String {
+    let row = micro_tile_row(a, ("tr", t.tr), vec4_rows);
+    fill_fragment(
+        PASS2_ROW,
+        &[("ROW", row), ("A", a.to_string()), ("BODY", body)],
+    )
 }
 
 /// Pass 2's output: each of the thread's rows, divided by its normaliser (the sum of the TPR
@@ -668,36 +622,25 @@ fn pass2_store(
     causal: bool,
     v: Variant,
 ) -> String {
-    let mut store = String::new();
+    let mut e = Emitter::new(2);
     for a in 0..rb {
-        let _ = writeln!(
-            store,
-            "        {{\n            let r = {};\n            if (r < rows) {{\n                \
-             var d_{a} = 0.0;\n                for (var h = 0u; h < TPR; h++) {{\n                    \
-             d_{a} += phi_get(h * B + r);\n                }}\n                \
-             let row = (head * params.l + q0 + r) * EV;",
-            micro_tile_row(a, ("tr", t.tr), vec4_rows)
-        );
+        let mut body = Emitter::new(2);
+        body.line("let row = (head * params.l + q0 + r) * EV;");
         if causal && v.gated {
             // The row's gate factor scales the prefix sums, not the masked block.
-            let _ = writeln!(
-                store,
-                "                let qf_{a} = q_factor[unit * params.l + q0 + r];\n                \
-                 words_read += 1u;\n                d_{a} = d_{a} * qf_{a};"
-            );
+            body.line(format!("let qf_{a} = q_factor[unit * params.l + q0 + r];"));
+            body.line("words_read += 1u;");
+            body.line(format!("d_{a} = d_{a} * qf_{a};"));
         }
         if causal {
             // The chunk's masked block: its normaliser, then each value column beside the store.
-            let _ = writeln!(
-                store,
-                "                let drow = (head * params.l + q0 + r) * EV1;\n                \
-                 d_{a} += diag[drow + EV];\n                words_read += 1u;"
-            );
-            causal_store_row(&mut store, 4, (a, cu, t.tc), v);
+            body.line("let drow = (head * params.l + q0 + r) * EV1;");
+            body.line(format!("d_{a} += diag[drow + EV];"));
+            body.line("words_read += 1u;");
+            causal_store_row(&mut body, (a, cu, t.tc), v);
         } else {
             store_row(
-                &mut store,
-                4,
+                &mut body,
                 (a, cu, t.tc),
                 |c| format!("o[row + {c}]"),
                 |x| {
@@ -709,7 +652,7 @@ fn pass2_store(
                 },
             );
         }
-        store.push_str("            }\n        }\n");
+        e.lines(&pass2_row(t, a, vec4_rows, body.finish()));
     }
-    store
+    e.finish()
 }
