@@ -575,6 +575,26 @@ fn empty_cache(py: Python<'_>) -> PyResult<u64> {
     Ok(staging)
 }
 
+/// The slices of a conversion's source and (C-contiguous) destination, of one length.
+fn conversion_slices<'a, A: numpy::Element, B: numpy::Element>(
+    src: &'a PyReadonlyArray1<'_, A>,
+    dst: &'a mut PyReadwriteArray1<'_, B>,
+    (from, to): (&str, &str),
+) -> PyResult<(&'a [A], &'a mut [B])> {
+    let src = src.as_slice()?;
+    let dst = dst
+        .as_slice_mut()
+        .map_err(|_| PyValueError::new_err("dst must be C-contiguous"))?;
+    if src.len() != dst.len() {
+        return Err(PyValueError::new_err(format!(
+            "{from} source has {} elements, {to} destination {}",
+            src.len(),
+            dst.len()
+        )));
+    }
+    Ok((src, dst))
+}
+
 /// Writes the float32 values of the float16 bits `src` into `dst` (exact, as NumPy's cast, on
 /// several threads); returns how many are NaN or Inf.
 #[pyfunction]
@@ -583,17 +603,7 @@ fn _f16_to_f32(
     src: PyReadonlyArray1<'_, u16>,
     mut dst: PyReadwriteArray1<'_, f32>,
 ) -> PyResult<usize> {
-    let src = src.as_slice()?;
-    let dst = dst
-        .as_slice_mut()
-        .map_err(|_| PyValueError::new_err("dst must be C-contiguous"))?;
-    if src.len() != dst.len() {
-        return Err(PyValueError::new_err(format!(
-            "float16 source has {} elements, float32 destination {}",
-            src.len(),
-            dst.len()
-        )));
-    }
+    let (src, dst) = conversion_slices(&src, &mut dst, ("float16", "float32"))?;
     detached(py, || Ok(crate::half::f16_to_f32(src, dst)))
 }
 
@@ -612,17 +622,7 @@ fn _f32_to_f16(
     src: PyReadonlyArray1<'_, f32>,
     mut dst: PyReadwriteArray1<'_, u16>,
 ) -> PyResult<()> {
-    let src = src.as_slice()?;
-    let dst = dst
-        .as_slice_mut()
-        .map_err(|_| PyValueError::new_err("dst must be C-contiguous"))?;
-    if src.len() != dst.len() {
-        return Err(PyValueError::new_err(format!(
-            "float32 source has {} elements, float16 destination {}",
-            src.len(),
-            dst.len()
-        )));
-    }
+    let (src, dst) = conversion_slices(&src, &mut dst, ("float32", "float16"))?;
     detached(py, || {
         crate::half::f32_to_f16(src, dst);
         Ok(())
