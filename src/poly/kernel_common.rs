@@ -5,9 +5,10 @@ use std::fmt::Write as _;
 
 use super::features::index_words;
 use super::plan::AUX_THREADS;
-use crate::wgsl::{fill_template, io_counter_slots, Emitter};
+use crate::wgsl::{fill_fragment, fill_template, io_counter_slots, Emitter};
 
 pub(crate) const REDUCE: &str = include_str!("../../shaders/poly_reduce.wgsl");
+const LOAD_FIRST: &str = include_str!("../../shaders/poly_pass1_load_first.wgsl");
 
 pub fn reduce_source(count_io: bool) -> String {
     reduce_source_with(count_io, false)
@@ -137,10 +138,9 @@ pub(crate) fn pass1_prefetch(
 ) -> Prefetch {
     Prefetch {
         decl: decl.trim_end().to_string(),
-        first: format!(
-            "    if (j_begin < j_end) {{\n{}\n    }}",
-            load("j_begin", 2)
-        ),
+        first: fill_fragment(LOAD_FIRST, &[("LOAD", load("j_begin", 2))])
+            .trim_end()
+            .to_string(),
         next: load("j0 + BK", 3),
         store: store.trim_end().to_string(),
     }

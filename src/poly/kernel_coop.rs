@@ -11,6 +11,8 @@ use super::kernel_common::{
 use super::plan::{align4, CoopTiles, AUX_THREADS, COOP_PASS2_ROWS_PER_THREAD};
 use crate::wgsl::{fill_fragment, fill_template, io_counter_slots, wgsl_element, Emitter};
 
+const STORE_VEC4: &str = include_str!("../../shaders/poly_coop_pass1_store_vec4.wgsl");
+
 pub(crate) const COOP_PASS1: &str = include_str!("../../shaders/poly_coop_pass1.wgsl");
 
 pub(crate) const COOP_PASS2: &str = include_str!("../../shaders/poly_coop_pass2.wgsl");
@@ -211,32 +213,24 @@ fn coop_prefetch_vec4(t: &CoopTiles) -> Prefetch {
         });
         e.finish()
     };
-    let mut store = String::from(
-        "        for (var j = lid; j < BK; j += WG) {\n            k_t[E * KS + j] = select(0.0, 1.0, j < kr_t);\n        }\n",
-    );
+    let mut stores = Emitter::new(2);
     for u in 0..nk {
-        let _ = write!(
-            store,
-            "        if (ki_{u} < BK * {e4}u) {{\n            let c = 4u * kc_{u};\n"
-        );
-        for (l, x) in wgsl_element(4).1.iter().enumerate() {
-            let _ = writeln!(
-                store,
-                "            k_t[(c + {l}u) * KS + krow_{u}] = kx_{u}{x};"
-            );
-        }
-        store.push_str("        }\n");
+        stores.block(format!("if (ki_{u} < BK * {e4}u)"), |e| {
+            e.line(format!("let c = 4u * kc_{u};"));
+            for (l, x) in wgsl_element(4).1.iter().enumerate() {
+                e.line(format!("k_t[(c + {l}u) * KS + krow_{u}] = kx_{u}{x};"));
+            }
+        });
     }
     for u in 0..nv {
-        let _ = write!(
-            store,
-            "        if (vi_{u} < BK * {ev4}u) {{\n            let c = vrow_{u} * VS + 4u * vc_{u};\n"
-        );
-        for (l, x) in wgsl_element(4).1.iter().enumerate() {
-            let _ = writeln!(store, "            v_t[c + {l}u] = f16(vx_{u}{x});");
-        }
-        store.push_str("        }\n");
+        stores.block(format!("if (vi_{u} < BK * {ev4}u)"), |e| {
+            e.line(format!("let c = vrow_{u} * VS + 4u * vc_{u};"));
+            for (l, x) in wgsl_element(4).1.iter().enumerate() {
+                e.line(format!("v_t[c + {l}u] = f16(vx_{u}{x});"));
+            }
+        });
     }
+    let store = fill_fragment(STORE_VEC4, &[("STORES", stores.finish())]);
     pass1_prefetch(&decl, load, &store)
 }
 
