@@ -9,6 +9,7 @@ use crate::wgsl::{fill_fragment, fill_template, io_counter_slots, Emitter};
 
 pub(crate) const REDUCE: &str = include_str!("../../shaders/poly_reduce.wgsl");
 const LOAD_FIRST: &str = include_str!("../../shaders/poly_pass1_load_first.wgsl");
+const TABLE_STORE: &str = include_str!("../../shaders/poly_table_store.wgsl");
 
 pub fn reduce_source(count_io: bool) -> String {
     reduce_source_with(count_io, false)
@@ -202,24 +203,24 @@ pub(crate) fn table_prefetch_from(
         });
         e.finish()
     };
-    let mut store = String::new();
+    let mut store = Emitter::new(3);
     for u in 0..ni {
-        let _ = writeln!(
-            store,
-            "            if (lid + {o}u < RC * IW) {{\n                let i = lid + {o}u;\n                \
-             for (var t = 3u * (i % IW); t < min(G, 3u * (i % IW) + 3u); t++) {{\n                    \
-             idx_t[(i / IW) * G + t] = (tix_{u} >> (10u * (t % 3u))) & 1023u;\n                }}\n            }}",
-            o = wg * u
-        );
+        let o = (wg * u).to_string();
+        store.lines(&fill_fragment(
+            TABLE_STORE,
+            &[("O", o), ("U", u.to_string())],
+        ));
     }
     let target = if z { "" } else { ".x" };
     for u in 0..nw {
-        let _ = writeln!(
-            store,
-            "            if (lid + {o}u < RC) {{\n                wz_t[lid + {o}u]{target} = twz_{u}{target};\n            }}",
-            o = wg * u
-        );
+        store.block(format!("if (lid + {o}u < RC)", o = wg * u), |e| {
+            e.line(format!(
+                "wz_t[lid + {o}u]{target} = twz_{u}{target};",
+                o = wg * u
+            ));
+        });
     }
+    let store = store.finish();
     Prefetch {
         decl: decl.trim_end().to_string(),
         first: load(first_row, 2),

@@ -132,20 +132,18 @@ fn coop_prefetch(t: &CoopTiles) -> Prefetch {
         });
         e.finish()
     };
-    let mut store = String::new();
+    let mut store = Emitter::new(2);
     for u in 0..nk {
-        let _ = writeln!(
-            store,
-            "        if (ki_{u} < BK * E1) {{\n            k_t[kcol_{u} * KS + krow_{u}] = kx_{u};\n        }}"
-        );
+        store.block(format!("if (ki_{u} < BK * E1)"), |e| {
+            e.line(format!("k_t[kcol_{u} * KS + krow_{u}] = kx_{u};"));
+        });
     }
     for u in 0..nv {
-        let _ = writeln!(
-            store,
-            "        if (vi_{u} < BK * EV) {{\n            v_t[vrow_{u} * VS + vcol_{u}] = f16(vx_{u});\n        }}"
-        );
+        store.block(format!("if (vi_{u} < BK * EV)"), |e| {
+            e.line(format!("v_t[vrow_{u} * VS + vcol_{u}] = f16(vx_{u});"));
+        });
     }
-    pass1_prefetch(&decl, load, &store)
+    pass1_prefetch(&decl, load, &store.finish())
 }
 
 /// Pass 1's key tile read as vec4: element u of each thread is vec4 `lid + WG * u` of the BK x E
@@ -305,13 +303,10 @@ pub fn coop_pass1_source(t: &CoopTiles, count_io: bool) -> String {
 fn coop_chunk_prefetch(t: &CoopTiles) -> Prefetch {
     let wg = t.threads2();
     let n4 = (t.rc2 * t.padded_ev() / 4).div_ceil(wg);
-    let mut decl = String::new();
+    let mut decl = Emitter::new(2);
     for u in 0..n4 {
-        let _ = writeln!(
-            decl,
-            "        let si_{u} = lid + {}u;\n        var sx_{u} = vec4<f16>();",
-            wg * u
-        );
+        decl.line(format!("let si_{u} = lid + {}u;", wg * u));
+        decl.line(format!("var sx_{u} = vec4<f16>();"));
     }
     let load = |f0: &str, depth: usize| {
         let mut e = Emitter::new(depth);
@@ -325,20 +320,27 @@ fn coop_chunk_prefetch(t: &CoopTiles) -> Prefetch {
         }
         e.finish()
     };
-    let mut store = String::new();
+    let mut store = Emitter::new(3);
     for u in 0..n4 {
-        let _ = writeln!(
-            store,
-            "            if (si_{u} < RC * EVP / 4u) {{\n                let so = (si_{u} * 4u) / EVP * SS + (si_{u} * 4u) % EVP;\n                \
-             s_t[so] = sx_{u}.x;\n                s_t[so + 1u] = sx_{u}.y;\n                \
-             s_t[so + 2u] = sx_{u}.z;\n                s_t[so + 3u] = sx_{u}.w;\n            }}"
-        );
+        store.block(format!("if (si_{u} < RC * EVP / 4u)"), |e| {
+            e.line(format!(
+                "let so = (si_{u} * 4u) / EVP * SS + (si_{u} * 4u) % EVP;"
+            ));
+            for (l, c) in ["x", "y", "z", "w"].iter().enumerate() {
+                let at = if l == 0 {
+                    String::new()
+                } else {
+                    format!(" + {l}u")
+                };
+                e.line(format!("s_t[so{at}] = sx_{u}.{c};"));
+            }
+        });
     }
     Prefetch {
-        decl: decl.trim_end().to_string(),
+        decl: decl.finish(),
         first: load("0u", 2),
         next: load("f0 + RC", 4),
-        store: store.trim_end().to_string(),
+        store: store.finish(),
     }
 }
 
