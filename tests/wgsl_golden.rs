@@ -1,5 +1,6 @@
 //! Every generated WGSL source over a grid of budgets, shapes, degrees and paths (exact, f32 poly
-//! with its autotune candidates, tensor-core poly, pre-pass, reduction) hashes to the value
+//! with its autotune candidates, tensor-core poly, causal poly, the polynomial primitive's gated,
+//! unnormalised and feature-range variants, the decode step, pre-pass, reduction) hashes to the value
 //! recorded in `tests/golden/wgsl.hashes`, and a few whole shaders match the files beside it.
 //! A change to any kernel's text shows here and in review. After an intended change, rewrite the
 //! records with `UPDATE_GOLDEN=1 cargo test --release --test wgsl_golden` and review the diff.
@@ -21,11 +22,16 @@ mod poly {
     pub use approx_attn::poly::kernel_coop::{
         coop_pack_source, coop_pass1_source, coop_pass2_source,
     };
-    pub use approx_attn::poly::kernel_f32::{pass1_source, pass2_source, pass2_source_causal};
+    pub use approx_attn::poly::kernel_f32::{
+        pass1_source, pass1_source_with, pass2_source, pass2_source_causal, pass2_source_variant,
+    };
     pub use approx_attn::poly::prepass::prepass_source;
 }
 use approx_attn::poly::causal as poly_causal;
 use approx_attn::poly::causal_coop as poly_causal_coop;
+use approx_attn::poly::decode::{step_reduce_source, step_source, StepShape};
+use approx_attn::poly::features::num_features;
+use approx_attn::poly::kernel_common::Variant;
 
 /// FNV-1a, 64 bits: stable across Rust versions and platforms (std's hasher is not).
 fn fnv1a(text: &str) -> u64 {
@@ -121,6 +127,30 @@ fn sources() -> BTreeMap<String, String> {
                             format!("pass2 planned g{g} {at}"),
                             poly::pass2_source(&t2, io),
                         );
+                        // The polynomial primitive's variants of the f32 passes.
+                        add(
+                            format!("pass1 gated g{g} {at}"),
+                            poly::pass1_source_with(&t1, io, true),
+                        );
+                        for causal in [false, true] {
+                            for bits in 1u8..8 {
+                                let v = Variant {
+                                    gated: bits & 1 != 0,
+                                    unnormalized: bits & 2 != 0,
+                                    feature_range: bits & 4 != 0,
+                                };
+                                if (v.gated && !causal) || (v.feature_range && t2.resident()) {
+                                    continue; // gates are causal only; ranges stream S'
+                                }
+                                add(
+                                    format!(
+                                        "pass2 variant{bits} causal{} g{g} {at}",
+                                        u8::from(causal)
+                                    ),
+                                    poly::pass2_source_variant(&t2, io, causal, v),
+                                );
+                            }
+                        }
                         // --- causal poly: its pass 2 and diagonal kernel ---
                         let pc = Problem { causal: true, ..p };
                         if let Ok(cp) = poly_causal::plan_causal(&pc, &plan, &b) {
@@ -131,6 +161,10 @@ fn sources() -> BTreeMap<String, String> {
                             add(
                                 format!("causal diag g{g} {at}"),
                                 poly_causal::diag_source(&cp.diag, io),
+                            );
+                            add(
+                                format!("causal diag gated g{g} {at}"),
+                                poly_causal::diag_source_with(&cp.diag, io, true),
                             );
                         }
                         // --- end causal poly ---
@@ -245,6 +279,61 @@ fn sources() -> BTreeMap<String, String> {
             format!("causal scan io{}", u8::from(io)),
             poly_causal::scan_source(io),
         );
+        for (gated, sliced) in [(true, false), (false, true), (true, true)] {
+            add(
+                format!(
+                    "causal scan gated{} sliced{} io{}",
+                    u8::from(gated),
+                    u8::from(sliced),
+                    u8::from(io)
+                ),
+                poly_causal::scan_source_sliced(io, gated, sliced),
+            );
+        }
+    }
+    // The decode step of the recurrent state and its reduction (no I/O counter).
+    for (e, ev, g) in [
+        (1usize, 1usize, 2usize),
+        (3, 7, 1),
+        (16, 16, 2),
+        (64, 64, 2),
+        (16, 100, 3),
+    ] {
+        for group in [1usize, 3] {
+            let s = StepShape {
+                units: 2,
+                group,
+                e,
+                ev,
+                r: num_features(e, g) as usize,
+                g,
+            };
+            for (br, wg) in [(1usize, 32usize), (8, 64), (64, 64)] {
+                for (gated, unrolled) in
+                    [(false, false), (false, true), (true, false), (true, true)]
+                {
+                    add(
+                        format!(
+                            "decode step e{e} ev{ev} g{g} group{group} br{br} wg{wg} gated{} unrolled{}",
+                            u8::from(gated),
+                            u8::from(unrolled)
+                        ),
+                        step_source(&s, br, wg, gated, unrolled),
+                    );
+                }
+            }
+        }
+        for (blocks, wg) in [(1usize, 1usize), (7, 8), (100, 64)] {
+            for normalize in [false, true] {
+                add(
+                    format!(
+                        "decode reduce ev{ev} blocks{blocks} wg{wg} normalize{}",
+                        u8::from(normalize)
+                    ),
+                    step_reduce_source(ev, blocks, wg, normalize),
+                );
+            }
+        }
     }
     out
 }
