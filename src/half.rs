@@ -5,9 +5,7 @@
 
 use std::sync::OnceLock;
 
-/// Elements from which a conversion is split over threads (below, a thread costs more than it
-/// saves).
-const PARALLEL_ELEMENTS: usize = 1 << 20;
+use crate::parallel::{map_chunks, threads_for, PARALLEL_ELEMENTS};
 
 /// The float32 bits of a float16 (exact: every float16 is a float32); NaN payloads shift into
 /// the top of the float32 significand, as NumPy's `npy_halfbits_to_floatbits`.
@@ -80,11 +78,7 @@ fn par_zip<S: Sync, D: Send>(
     work: impl Fn(&[S], &mut [D]) -> usize + Sync,
 ) -> usize {
     assert_eq!(src.len(), dst.len(), "conversion lengths differ");
-    let threads = if src.len() < PARALLEL_ELEMENTS {
-        1
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
-    };
+    let threads = threads_for(src.len(), PARALLEL_ELEMENTS);
     if threads == 1 {
         return work(src, dst);
     }
@@ -153,23 +147,12 @@ unsafe fn f16_to_f32_f16c(src: &[u16], dst: &mut [f32]) -> usize {
 
 /// How many of the float16 bits `src` are NaN or Inf.
 pub fn f16_nonfinite(src: &[u16]) -> usize {
-    let threads = if src.len() < PARALLEL_ELEMENTS {
-        1
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
-    };
-    let count = |s: &[u16]| s.iter().filter(|&&x| x & 0x7c00 == 0x7c00).count();
-    if threads == 1 {
-        return count(src);
-    }
-    let chunk = src.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = src
-            .chunks(chunk)
-            .map(|s| scope.spawn(move || count(s)))
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    map_chunks(src, 1, |s| {
+        s.iter().filter(|&&x| x & 0x7c00 == 0x7c00).count()
     })
+    .into_iter()
+    .map(|r| r.expect("a float16 check thread panicked"))
+    .sum()
 }
 
 /// Writes the float16 bits nearest the float32 values `src` into `dst`.

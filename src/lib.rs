@@ -20,6 +20,7 @@ pub mod interrupt;
 pub mod io;
 pub mod launch;
 pub mod numerics;
+mod parallel;
 pub mod poly;
 mod progress;
 pub mod report;

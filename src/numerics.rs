@@ -27,6 +27,7 @@ use std::fmt;
 
 use crate::api::Problem;
 use crate::error::Error;
+use crate::parallel::map_chunks;
 
 /// Scores (in log2 units, `c B`) at or above this are refused: float32's largest value is
 /// 2^128 (1 - 2^-24) and the exact kernel's mask value -3e38 ~ -2^127.8.
@@ -67,18 +68,10 @@ pub fn row_norm_and_max(x: &[f32], w: usize) -> (f64, f64) {
             if a2 > a || a2.is_nan() { a2 } else { a },
         )
     };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-    let rows = x.len() / w.max(1);
-    if threads == 1 || x.len() < (1 << 20) {
-        return fold(x);
-    }
-    let per = rows.div_ceil(threads) * w;
-    std::thread::scope(|s| {
-        let hs: Vec<_> = x.chunks(per).map(|c| s.spawn(move || fold(c))).collect();
-        hs.into_iter()
-            .map(|h| h.join().unwrap_or((f64::NAN, f64::NAN)))
-            .fold((0f64, 0f64), merge)
-    })
+    map_chunks(x, w, fold)
+        .into_iter()
+        .map(|r| r.unwrap_or((f64::NAN, f64::NAN)))
+        .fold((0f64, 0f64), merge)
 }
 
 /// Largest |element| of `x` (+Inf where one is not finite), on several threads for large inputs:
@@ -89,18 +82,10 @@ pub fn abs_max(x: &[f32]) -> f64 {
         part.iter()
             .fold(0u32, |m, y| m.max(y.to_bits() & 0x7fff_ffff))
     };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-    let bits = if threads == 1 || x.len() < (1 << 20) {
-        fold(x)
-    } else {
-        let per = x.len().div_ceil(threads);
-        std::thread::scope(|s| {
-            let hs: Vec<_> = x.chunks(per).map(|c| s.spawn(move || fold(c))).collect();
-            hs.into_iter()
-                .map(|h| h.join().unwrap_or(u32::MAX))
-                .fold(0, u32::max)
-        })
-    };
+    let bits = map_chunks(x, 1, fold)
+        .into_iter()
+        .map(|r| r.unwrap_or(u32::MAX))
+        .fold(0, u32::max);
     let a = f32::from_bits(bits.min(0x7f80_0000));
     f64::from(a)
 }
@@ -108,15 +93,9 @@ pub fn abs_max(x: &[f32]) -> f64 {
 /// Whether every element of `x` is finite, on several threads for large outputs.
 pub fn all_finite(x: &[f32]) -> bool {
     let check = |part: &[f32]| part.iter().all(|y| y.is_finite());
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-    if threads == 1 || x.len() < (1 << 20) {
-        return check(x);
-    }
-    let per = x.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        let hs: Vec<_> = x.chunks(per).map(|c| s.spawn(move || check(c))).collect();
-        hs.into_iter().all(|h| h.join().unwrap_or(false))
-    })
+    map_chunks(x, 1, check)
+        .into_iter()
+        .all(|r| r.unwrap_or(false))
 }
 
 /// Per KV unit and value column, `(units, ev)` each: min, max and max |v|, and the number of

@@ -349,10 +349,7 @@ pub(crate) fn finish_mapped<T>(
 const PARALLEL_COPY_BYTES: usize = 32 << 20;
 
 pub(crate) fn copy_threads(bytes: usize) -> usize {
-    if bytes < PARALLEL_COPY_BYTES {
-        return 1;
-    }
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+    crate::parallel::threads_for(bytes, PARALLEL_COPY_BYTES)
 }
 
 /// A map of an input's rows applied while a slice of it is copied to the device (the value map
