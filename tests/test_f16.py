@@ -389,3 +389,20 @@ def test_float16_nonfinite_values_are_counted_with_the_usual_message() -> None:
     row = np.array([1.0, np.inf] * 8, dtype=np.float16)  # 8 of 16, repeated 16 times
     with pytest.raises(ValueError, match=r"^value contains 128 NaN or Inf value\(s\)"):
         attention(q, q, np.broadcast_to(row, q.shape))
+
+
+def test_poly_float16_outputs_are_numpys_cast_of_the_float32_ones() -> None:
+    """poly_attention and PolyState.step cast their float32 results to float16 through the
+    binding's conversion: the bits of NumPy's astype, bit for bit."""
+    rng = np.random.default_rng(11)
+    q, k, v = (rng.standard_normal((1, 2, 64, 16)).astype(np.float16) for _ in range(3))
+    f32 = [x.astype(np.float32) for x in (q, k, v)]
+    kw = {"coeffs": [1.0, 1.0, 0.5], "is_causal": True}
+    out16, state16 = approx_attn.poly_attention(q, k, v, return_state=True, **kw)
+    out32, state32 = approx_attn.poly_attention(*f32, return_state=True, **kw)
+    assert out16.dtype == np.float16
+    np.testing.assert_array_equal(out16.view(np.uint16), out32.astype(np.float16).view(np.uint16))
+    tok16 = state16.step(q[..., :1, :], k[..., :1, :], v[..., :1, :])
+    tok32 = state32.step(*(x[..., :1, :] for x in f32))
+    assert tok16.dtype == np.float16
+    np.testing.assert_array_equal(tok16.view(np.uint16), tok32.astype(np.float16).view(np.uint16))

@@ -516,9 +516,9 @@ def _float32_flat(*arrays: np.ndarray) -> list[np.ndarray]:
 
 
 def _to_out_dtype(result: np.ndarray, out_dtype: np.dtype) -> np.ndarray:
-    """The float32 `result` in the output's dtype; to float16 by the binding, on several threads
-    (the same bits as NumPy's cast: ties to even)."""
-    if out_dtype != np.float16:
+    """The float32 `result` in the output's dtype; contiguous float32 to float16 by the binding,
+    on several threads (the same bits as NumPy's cast: ties to even)."""
+    if out_dtype != np.float16 or not (result.dtype == np.float32 and result.flags.c_contiguous):
         return result.astype(out_dtype, copy=False)
     h = np.empty(result.shape, dtype=np.float16)
     _core._f32_to_f16(result.reshape(-1), h.reshape(-1).view(np.uint16))

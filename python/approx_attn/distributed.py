@@ -40,6 +40,7 @@ from . import (
     _check_number,
     _core,
     _shapes,
+    _to_out_dtype,
 )
 from . import Report as _LocalReport
 from .poly_kernel import PolyState, _coeffs, _nonnegative, _poly_attention
@@ -586,7 +587,7 @@ def _finish(
     **cert: Any,
 ) -> tuple[np.ndarray, Report]:
     sent, received, reports = _traffic(call, actors)
-    out = np.concatenate([np.asarray(o) for o in outs], axis=-2).astype(out_dtype, copy=False)
+    out = _to_out_dtype(np.concatenate([np.asarray(o) for o in outs], axis=-2), out_dtype)
     rep = Report(
         method=method,
         num_workers=len(actors),

@@ -26,6 +26,7 @@ from . import (
     _report,
     _shapes,
     _slices,
+    _to_out_dtype,
     _type_error,
 )
 
@@ -320,7 +321,7 @@ class PolyState:
         flat, took = self._device.step(q, k, v, n, gates)
         if not took:
             return None
-        return flat.reshape(out_shape).astype(out_dtype, copy=False)
+        return _to_out_dtype(flat.reshape(out_shape), out_dtype)
 
     def __repr__(self) -> str:
         return (
@@ -502,7 +503,7 @@ def _poly_attention(
             else "the weighted sums exceed float32's range"
         )
         raise ValueError(f"poly_attention: {rows} output row(s) are not finite: {why}")
-    out = out.astype(out_dtype, copy=False)
+    out = _to_out_dtype(out, out_dtype)
     result: list[Any] = [out]
     if return_state:
         result.append(
