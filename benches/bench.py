@@ -187,7 +187,7 @@ def bench_ours(
     degree: int | None,
     args: Any,
     tensor_cores: bool | None = None,
-    storage: Any = None,
+    input_dtype: Any = None,
 ) -> Measured:
     kw: dict[str, Any] = {
         "method": method,
@@ -200,9 +200,9 @@ def bench_ours(
     if tensor_cores is not None:
         kw["tensor_cores"] = tensor_cores
     q, k, v = inp["q"], inp["k"], inp["v"]
-    if storage is not None:
+    if input_dtype is not None:
         # Cast outside the timed calls, as a caller holding float16 arrays would.
-        q, k, v = (x.astype(storage) for x in (q, k, v))
+        q, k, v = (x.astype(input_dtype) for x in (q, k, v))
 
     def once() -> tuple[Array, tuple[Any, float]]:
         t0 = time.perf_counter()
@@ -500,7 +500,7 @@ def build_methods(args: Any) -> tuple[list[Method], dict[str, str]]:
             Method(
                 "ours_exact_f16",
                 "ours",
-                lambda i, a: bench_ours(i, "exact", None, a, storage=np.float16),
+                lambda i, a: bench_ours(i, "exact", None, a, input_dtype=np.float16),
                 args.exact_tc_max_n,
             )
         )
