@@ -406,3 +406,15 @@ def test_poly_float16_outputs_are_numpys_cast_of_the_float32_ones() -> None:
     tok32 = state32.step(*(x[..., :1, :] for x in f32))
     assert tok16.dtype == np.float16
     np.testing.assert_array_equal(tok16.view(np.uint16), tok32.astype(np.float16).view(np.uint16))
+
+
+def test_conversion_bindings_refuse_mismatched_or_strided_arrays() -> None:
+    from approx_attn import _core
+
+    h = np.zeros(4, dtype=np.uint16)
+    with pytest.raises(ValueError, match="float16 source has 4 elements, float32 destination 3"):
+        _core._f16_to_f32(h, np.zeros(3, dtype=np.float32))
+    with pytest.raises(ValueError, match="float32 source has 3 elements, float16 destination 4"):
+        _core._f32_to_f16(np.zeros(3, dtype=np.float32), h)
+    with pytest.raises(ValueError, match="dst must be C-contiguous"):
+        _core._f16_to_f32(h[:2], np.zeros(4, dtype=np.float32)[::2])
